@@ -1,0 +1,1 @@
+"""The Cython core, built from engine/*.pyx: key directory, lock table, vector clocks, WAL."""

@@ -1,0 +1,1 @@
+"""Sync and asyncio clients for a cluster: routing, redirects and retries."""

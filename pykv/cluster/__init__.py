@@ -1,0 +1,1 @@
+"""Placement: the hash ring, the shard map and rebalancing decisions."""

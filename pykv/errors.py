@@ -1,0 +1,78 @@
+"""The exception hierarchy every layer raises; a leaf module that imports nothing of pykv."""
+
+
+class Error(Exception):
+    """Base class of every error pykv raises on purpose."""
+
+
+# --- limits (DESIGN §1): raised before anything is written -------------------------------
+
+
+class LimitError(Error, ValueError):
+    """A key, value or transaction breaks one of the store's limits."""
+
+
+class KeyTooLarge(LimitError):
+    """A key is empty or longer than 256 bytes as UTF-8."""
+
+
+class ValueTooLarge(LimitError):
+    """A value encodes to more than the maximum value size (1 MiB by default)."""
+
+
+class TransactionTooLarge(LimitError):
+    """A transaction holds more operations than ``max_txn_ops``."""
+
+
+class InvalidKey(LimitError, TypeError):
+    """A key is not a ``str``."""
+
+
+class InvalidValue(LimitError, TypeError):
+    """A value is not a str, a signed 64-bit int, bytes, or a list of those scalars."""
+
+
+# --- transactions (DESIGN §3) ------------------------------------------------------------
+
+
+class TransactionConflict(Error):
+    """Validation failed because of a concurrent transaction; retrying may succeed."""
+
+
+class NonResolvableConflict(TransactionConflict):
+    """A write-write conflict that the key's resolver refused to merge."""
+
+
+class TransactionAborted(Error):
+    """The transaction id is unknown, already committed, or already aborted."""
+
+
+class InvalidOperation(Error):
+    """An operation that cannot apply to the stored value (e.g. incr on a str)."""
+
+
+# --- availability --------------------------------------------------------------------------
+
+
+class Unavailable(Error):
+    """No quorum (or no reachable node) for the shard that owns a key."""
+
+
+class Timeout(Error):
+    """An operation did not finish within its deadline; its outcome may be unknown."""
+
+
+class StoreClosed(Error):
+    """The store was closed; open it again to continue."""
+
+
+class StoreLocked(Error):
+    """Another process holds the data directory open."""
+
+
+class CorruptData(Error):
+    """Durable state failed a checksum or format check outside a recoverable torn tail."""
+
+
+class ProtocolError(Error):
+    """A peer sent a malformed, oversized or unexpected frame."""

@@ -1,0 +1,1 @@
+"""Networking: sans-I/O framing, the uvloop protocol and the peer pool."""

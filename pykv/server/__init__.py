@@ -1,0 +1,1 @@
+"""Composition root: builds a node from config, and the pykv command line."""

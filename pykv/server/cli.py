@@ -1,0 +1,49 @@
+"""The `pykv` command line: one subcommand per module in pykv/server/cmd_*.py."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# name -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("pykv.server.cmd_bench", "run a transactional workload and print tps and latency"),
+    "sim": ("pykv.server.cmd_sim", "run the deterministic simulator over many seeds"),
+    "serve": ("pykv.server.cmd_serve", "run one cluster node"),
+    "cluster": ("pykv.server.cmd_cluster", "start or stop a local cluster of node processes"),
+    "status": ("pykv.server.cmd_status", "print a table of nodes and shards"),
+    "get": ("pykv.server.cmd_kv", "read a key"),
+    "put": ("pykv.server.cmd_kv", "write a key"),
+    "txn": ("pykv.server.cmd_kv", "run a transaction of reads and writes"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    found = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            found[name] = (module, help_text)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pykv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in _available().items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text)
+        adder = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
+        adder(p)
+        p.set_defaults(_run=getattr(module, f"run_{name}", None) or module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Deterministic simulation of the real code under seeded faults, and history checkers."""

@@ -1,0 +1,93 @@
+"""Keys, values, transaction ids and mutations, with the limit checks of DESIGN §1 (a leaf)."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import threading
+from dataclasses import dataclass
+from typing import Union
+
+from pykv.errors import InvalidKey, InvalidValue, KeyTooLarge, ValueTooLarge
+
+MAX_KEY_BYTES = 256
+MAX_VALUE_BYTES = 1 << 20
+MAX_TXN_OPS = 10_000
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+
+Scalar = Union[str, int, bytes]
+Value = Union[str, int, bytes, list]
+
+
+def check_key(key: object) -> bytes:
+    """Return the key as UTF-8 bytes, or raise InvalidKey/KeyTooLarge."""
+    if not isinstance(key, str):
+        raise InvalidKey(f"keys must be str, not {type(key).__name__}")
+    raw = key.encode("utf-8")
+    if not raw:
+        raise KeyTooLarge("keys must be 1 to 256 bytes as UTF-8; got an empty key")
+    if len(raw) > MAX_KEY_BYTES:
+        raise KeyTooLarge(f"key is {len(raw)} bytes as UTF-8; the limit is {MAX_KEY_BYTES}")
+    return raw
+
+
+def _check_scalar(value: object, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (str, int, bytes)):
+        raise InvalidValue(
+            f"{where} must be str, int, bytes or a list of those; got {type(value).__name__}"
+        )
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidValue(f"{where} int {value} is outside the signed 64-bit range")
+
+
+def check_value(value: object) -> None:
+    """Raise InvalidValue unless value is one of the types of DESIGN §1."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_scalar(item, f"list item {i}")
+    else:
+        _check_scalar(value, "value")
+
+
+def check_encoded_size(encoded: bytes, limit: int = MAX_VALUE_BYTES) -> None:
+    """Raise ValueTooLarge when an encoded value exceeds the limit."""
+    if len(encoded) > limit:
+        raise ValueTooLarge(f"value encodes to {len(encoded)} bytes; the limit is {limit}")
+
+
+class OpKind(enum.IntEnum):
+    """What a buffered mutation does to its key when the transaction commits."""
+
+    PUT = 1
+    DELETE = 2
+    INCR = 3
+    APPEND = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """One buffered write of a transaction: the key, what to do, and its argument."""
+
+    key: str
+    kind: OpKind
+    arg: Value | None = None
+
+
+class TxnIdSource:
+    """Makes transaction ids unique across processes without a round trip.
+
+    An id is a 64-bit int: 24 random bits chosen at start-up (a process/node tag) and a
+    40-bit counter. Collisions need two processes with the same tag alive at once.
+    """
+
+    def __init__(self, tag: int | None = None) -> None:
+        self._tag = (tag if tag is not None else int.from_bytes(os.urandom(3), "big")) & 0xFFFFFF
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def next_id(self) -> int:
+        with self._lock:
+            n = next(self._counter)
+        return (self._tag << 40) | (n & ((1 << 40) - 1))

@@ -1,0 +1,45 @@
+"""Build the Cython engine (engine/*.pyx) into extension modules under pykv._engine.
+
+Knobs (environment variables):
+  PYKV_DEBUG=1     compile with -O0 -g and Cython line tracing (for profilers/gdb)
+  PYKV_ANNOTATE=1  write cython -a HTML next to each .pyx (inspect the hot paths)
+"""
+
+import os
+from pathlib import Path
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+HERE = Path(__file__).parent
+DEBUG = os.environ.get("PYKV_DEBUG") == "1"
+ANNOTATE = os.environ.get("PYKV_ANNOTATE") == "1"
+
+
+def engine_extensions() -> list[Extension]:
+    compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
+    macros = [("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []
+    return [
+        Extension(
+            f"pykv._engine.{pyx.stem}",
+            [str(pyx.relative_to(HERE))],
+            extra_compile_args=compile_args,
+            define_macros=macros,
+        )
+        for pyx in sorted((HERE / "engine").glob("*.pyx"))
+    ]
+
+
+setup(
+    ext_modules=cythonize(
+        engine_extensions(),
+        language_level="3",
+        annotate=ANNOTATE,
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "linetrace": DEBUG,
+        },
+    ),
+)
