@@ -1,0 +1,57 @@
+"""Byte encodings shared by the log, the snapshots and the wire (msgpack, zstd for big values)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import zstandard
+
+from pykv.errors import CorruptData
+from pykv.types import MAX_VALUE_BYTES, Value, check_encoded_size, check_value
+
+# Values at least this large are zstd-compressed when that saves space.
+COMPRESS_THRESHOLD = 4096
+_RAW = b"\x00"
+_ZSTD = b"\x01"
+
+_compressor = zstandard.ZstdCompressor(level=1)
+_decompressor = zstandard.ZstdDecompressor()
+
+
+def pack(obj: Any) -> bytes:
+    """Encode a structure of dicts, lists, ints, str and bytes (msgpack, bin type for bytes)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    """Decode what pack() produced; raise CorruptData on garbage."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise CorruptData(f"undecodable msgpack ({len(data)} bytes): {exc}") from exc
+
+
+def encode_value(value: Value, limit: int = MAX_VALUE_BYTES) -> bytes:
+    """Check a user value against DESIGN §1 and encode it; raises InvalidValue/ValueTooLarge."""
+    check_value(value)
+    body = pack(value)
+    check_encoded_size(body, limit)
+    if len(body) >= COMPRESS_THRESHOLD:
+        small = _compressor.compress(body)
+        if len(small) < len(body):
+            return _ZSTD + small
+    return _RAW + body
+
+
+def decode_value(data: bytes) -> Value:
+    """Decode what encode_value() produced."""
+    tag, body = data[:1], data[1:]
+    if tag == _RAW:
+        return unpack(body)
+    if tag == _ZSTD:
+        try:
+            return unpack(_decompressor.decompress(body))
+        except zstandard.ZstdError as exc:
+            raise CorruptData(f"bad zstd value: {exc}") from exc
+    raise CorruptData(f"unknown value encoding tag {tag!r}")
