@@ -7,7 +7,6 @@ import itertools
 import os
 import threading
 from dataclasses import dataclass
-from typing import Union
 
 from pykv.errors import InvalidKey, InvalidValue, KeyTooLarge, ValueTooLarge
 
@@ -17,8 +16,8 @@ MAX_TXN_OPS = 10_000
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 
-Scalar = Union[str, int, bytes]
-Value = Union[str, int, bytes, list]
+Scalar = str | int | bytes
+Value = str | int | bytes | list
 
 
 def check_key(key: object) -> bytes:
