@@ -31,9 +31,13 @@ def engine_extensions() -> list[Extension]:
 
 
 setup(
+    # Ship the .pxd contracts and .pyi stubs so that other Cython code and type checkers see them.
+    package_data={"pykv._engine": ["*.pxd", "*.pyi", "py.typed"]},
     ext_modules=cythonize(
         engine_extensions(),
         language_level="3",
+        # The modules' contracts, pykv/_engine/*.pxd, are found as pykv._engine.<name>.pxd.
+        include_path=[str(HERE)],
         annotate=ANNOTATE,
         compiler_directives={
             "boundscheck": False,
