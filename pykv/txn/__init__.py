@@ -1,1 +1,54 @@
-"""Transaction semantics as pure code: OCC validation, vector-clock conflicts, resolvers, 2PC."""
+"""Transaction semantics as pure code: OCC validation, vector-clock conflicts, resolvers, 2PC.
+
+One piece of code shared by the embedded store and every cluster replica (DESIGN §3):
+
+- ``model``: ``Versioned``, ``WriteOp``, ``CommitRequest`` (with ``to_wire``/``from_wire``),
+  ``KeyUpdate``, the ``StateView`` protocol and a dict-backed ``DictState``;
+- ``occ``: ``validate(request, state, resolvers) -> list[KeyUpdate]``, the rules of §3;
+- ``resolvers``: the built-in resolvers and the per-prefix ``ResolverRegistry``;
+- ``twopc``: the multi-shard commit as pure state machines (``Participant``,
+  ``CoordinatorLog``) that return effects instead of doing I/O.
+
+Nothing here reads a clock, touches a file or a socket, or starts a thread: timestamps and
+times are passed in, so the simulator can drive it deterministically.
+"""
+
+from pykv.txn.model import (
+    ABSENT,
+    MISSING,
+    CommitRequest,
+    DictState,
+    Isolation,
+    KeyUpdate,
+    StateView,
+    Versioned,
+    WriteOp,
+)
+from pykv.txn.occ import MAX_CLOCK_ENTRIES, next_clock, validate
+from pykv.txn.resolvers import (
+    BUILTIN,
+    Resolver,
+    ResolverRegistry,
+    canonical_key,
+    canonical_order,
+)
+
+__all__ = [
+    "ABSENT",
+    "BUILTIN",
+    "MAX_CLOCK_ENTRIES",
+    "MISSING",
+    "CommitRequest",
+    "DictState",
+    "Isolation",
+    "KeyUpdate",
+    "Resolver",
+    "ResolverRegistry",
+    "StateView",
+    "Versioned",
+    "WriteOp",
+    "canonical_key",
+    "canonical_order",
+    "next_clock",
+    "validate",
+]

@@ -1,0 +1,240 @@
+"""The data a commit carries and produces: versions, write ops, commit requests, key updates."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from pykv.errors import ProtocolError
+from pykv.types import OpKind, Value
+
+
+class _Missing:
+    """The type of MISSING: a key that is absent (never written, or deleted)."""
+
+    _instance: _Missing | None = None
+
+    def __new__(cls) -> _Missing:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final = _Missing()
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned:
+    """A value with the vector clock (encoded) and hybrid logical timestamp it was stored with.
+
+    ``clock == b""`` means the key was never written. A deleted key is ``value is MISSING``
+    with the tombstone's clock, so that a read of an absent key still conflicts with a
+    later write. ``timestamp`` is what ``lww`` compares; 0 when unknown.
+    """
+
+    value: Value | _Missing
+    clock: bytes
+    timestamp: int = 0
+
+    @property
+    def exists(self) -> bool:
+        return self.value is not MISSING
+
+    def to_wire(self) -> list:
+        """[clock, timestamp] for an absent key, [clock, timestamp, value] otherwise."""
+        if self.value is MISSING:
+            return [self.clock, self.timestamp]
+        return [self.clock, self.timestamp, self.value]
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Versioned:
+        if not isinstance(data, (list, tuple)) or len(data) not in (2, 3):
+            raise ProtocolError(f"a version must be [clock, timestamp(, value)], got {data!r:.80}")
+        clock, timestamp = data[0], data[1]
+        if not isinstance(clock, bytes) or not _is_int(timestamp):
+            raise ProtocolError("a version's clock must be bytes and its timestamp an int")
+        return cls(data[2] if len(data) == 3 else MISSING, clock, timestamp)
+
+
+ABSENT: Final = Versioned(MISSING, b"", 0)
+"""The version of a key that was never written (what a StateView returns for it)."""
+
+
+class Isolation(str, enum.Enum):
+    """How a commit treats a written key that changed concurrently (DESIGN §3 rule 2).
+
+    SERIALIZABLE: every conflict aborts with TransactionConflict (strict serializability).
+    MERGE: a write-write conflict goes to the key's resolver; keys only read still validate.
+    """
+
+    SERIALIZABLE = "serializable"
+    MERGE = "merge"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOp:
+    """One buffered mutation, with the version the transaction observed for its key.
+
+    ``observed is None`` is a blind write: the transaction neither read the key nor passed
+    a context clock for it.
+    """
+
+    key: str
+    kind: OpKind
+    arg: Value | None = None
+    observed: Versioned | None = None
+
+    def to_wire(self) -> list:
+        observed = None if self.observed is None else self.observed.to_wire()
+        return [self.key, int(self.kind), self.arg, observed]
+
+    @classmethod
+    def from_wire(cls, data: Any) -> WriteOp:
+        if not isinstance(data, (list, tuple)) or len(data) != 4:
+            raise ProtocolError(f"a write op must be [key, kind, arg, observed], got {data!r:.80}")
+        key, kind, arg, observed = data
+        if not isinstance(key, str):
+            raise ProtocolError("a write op's key must be a str")
+        try:
+            op_kind = OpKind(kind)
+        except ValueError:
+            raise ProtocolError(f"unknown write op kind {kind!r}") from None
+        return cls(key, op_kind, arg, None if observed is None else Versioned.from_wire(observed))
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """Everything a replica needs to validate and apply one transaction (or one shard's part).
+
+    ``reads`` holds every key read with the version observed, including keys also written.
+    ``writes`` is in program order; several ops on one key fold in that order.
+    ``coordinator`` is the node id whose clock entry the commit increments; ``timestamp``
+    is the hybrid logical timestamp the coordinator chose (what ``lww`` compares).
+    """
+
+    txid: int
+    coordinator: int
+    reads: Mapping[str, Versioned]
+    writes: tuple[WriteOp, ...]
+    isolation: Isolation = Isolation.SERIALIZABLE
+    timestamp: int = 0
+
+    def written_keys(self) -> list[str]:
+        """The written keys, each once, in order of first write."""
+        return list(dict.fromkeys(op.key for op in self.writes))
+
+    def restricted_to(self, keys: set[str] | frozenset[str]) -> CommitRequest:
+        """The part of this request that touches only ``keys`` (one shard's part for 2PC)."""
+        return CommitRequest(
+            self.txid,
+            self.coordinator,
+            {k: v for k, v in self.reads.items() if k in keys},
+            tuple(op for op in self.writes if op.key in keys),
+            self.isolation,
+            self.timestamp,
+        )
+
+    def to_wire(self) -> dict:
+        """A msgpack-able dict (pykv.codec.pack) for the Raft log and the network."""
+        return {
+            "txid": self.txid,
+            "coord": self.coordinator,
+            "iso": self.isolation.value,
+            "ts": self.timestamp,
+            "reads": [[key, version.to_wire()] for key, version in self.reads.items()],
+            "writes": [op.to_wire() for op in self.writes],
+        }
+
+    @classmethod
+    def from_wire(cls, data: Any) -> CommitRequest:
+        """Rebuild from to_wire(); raise ProtocolError on a malformed structure."""
+        if not isinstance(data, dict):
+            raise ProtocolError("a commit request must be a map")
+        try:
+            txid, coordinator, timestamp = data["txid"], data["coord"], data["ts"]
+            isolation = Isolation(data["iso"])
+            reads_wire, writes_wire = data["reads"], data["writes"]
+        except (KeyError, ValueError) as exc:
+            raise ProtocolError(f"malformed commit request: {exc}") from None
+        if not (_is_int(txid) and _is_int(coordinator) and _is_int(timestamp)):
+            raise ProtocolError("a commit request's txid, coordinator and timestamp must be ints")
+        if not isinstance(reads_wire, (list, tuple)) or not isinstance(writes_wire, (list, tuple)):
+            raise ProtocolError("a commit request's reads and writes must be arrays")
+        reads: dict[str, Versioned] = {}
+        for item in reads_wire:
+            if (
+                not isinstance(item, (list, tuple))
+                or len(item) != 2
+                or not isinstance(item[0], str)
+            ):
+                raise ProtocolError("a read must be [key, version]")
+            reads[item[0]] = Versioned.from_wire(item[1])
+        writes = tuple(WriteOp.from_wire(op) for op in writes_wire)
+        return cls(txid, coordinator, reads, writes, isolation, timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUpdate:
+    """What a commit stores for one key: value (MISSING = tombstone), clock and timestamp."""
+
+    key: str
+    value: Value | _Missing
+    clock: bytes
+    timestamp: int
+
+    @property
+    def version(self) -> Versioned:
+        return Versioned(self.value, self.clock, self.timestamp)
+
+    def to_wire(self) -> list:
+        return [self.key, *self.version.to_wire()]
+
+    @classmethod
+    def from_wire(cls, data: Any) -> KeyUpdate:
+        if not isinstance(data, (list, tuple)) or len(data) not in (3, 4):
+            raise ProtocolError("a key update must be [key, clock, timestamp(, value)]")
+        if not isinstance(data[0], str):
+            raise ProtocolError("a key update's key must be a str")
+        version = Versioned.from_wire(list(data[1:]))
+        return cls(data[0], version.value, version.clock, version.timestamp)
+
+
+class StateView(Protocol):
+    """Read access to the committed state that validation runs against."""
+
+    def get(self, key: str) -> Versioned:
+        """The current committed version; ABSENT (MISSING, b"") if the key was never written."""
+        ...
+
+
+class DictState:
+    """A StateView over a dict (key -> Versioned), with apply(); tests, benchmarks, models."""
+
+    def __init__(self, versions: Mapping[str, Versioned] | None = None) -> None:
+        self.versions: dict[str, Versioned] = dict(versions or {})
+
+    def get(self, key: str) -> Versioned:
+        return self.versions.get(key, ABSENT)
+
+    def apply(self, updates: list[KeyUpdate] | tuple[KeyUpdate, ...]) -> None:
+        """Store each update (a tombstone keeps its clock, so later reads still validate)."""
+        for update in updates:
+            self.versions[update.key] = Versioned(update.value, update.clock, update.timestamp)
+
+    def value(self, key: str) -> Value | _Missing:
+        return self.get(key).value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

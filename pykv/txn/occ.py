@@ -1,0 +1,288 @@
+"""OCC validation: turn a commit request and the committed state into key updates, or refuse.
+
+``validate`` is the one place the rules of DESIGN §3 live; the embedded store and every
+cluster replica call it in commit (log) order, so it must be deterministic and pure.
+
+1. A key only read whose clock changed since it was read -> ``TransactionConflict``,
+   under every isolation level.
+2. A written key the transaction observed (read it, or passed a context clock) whose
+   current clock is not <= the observed one changed concurrently:
+   - ``SERIALIZABLE`` (the default): ``TransactionConflict``, whatever resolver the key
+     has; merging would not be serializable.
+   - ``MERGE``: the key's resolver decides (``ResolverRegistry.resolver_for``, default
+     ``abort``): it gets (base = observed, current = stored, mine = the value the
+     transaction computed from base) and returns the value to store, or raises
+     ``NonResolvableConflict``. Keys only read still validate as in rule 1.
+   Two different observed clocks for one key (a read and a context that disagree) mean
+   the key changed between them: ``TransactionConflict``.
+3. A key written without being observed (a blind write) is not checked: its ops fold
+   onto the current value in commit order. So ``incr``/``append`` on keys the transaction
+   did not read commute with every other commit and never conflict.
+4. Each written key's clock becomes the pointwise max of the current and observed clocks
+   with the coordinator's entry incremented, pruned to ``MAX_CLOCK_ENTRIES`` entries
+   (keeping the coordinator's entry, then the highest counters, then the lowest node ids).
+   Its timestamp becomes max(current timestamp, request timestamp), so per-key timestamps
+   never go back and ``lww`` agrees with commit order when there is no conflict.
+
+Ops on one key fold in program order, each of them checked:
+- ``put`` stores its argument (a valid value, else ``InvalidValue``); ``delete`` stores MISSING.
+- ``incr`` by an int: an absent key starts at 0; a non-int stored value raises
+  ``InvalidOperation``; leaving the signed 64-bit range raises ``InvalidValue``.
+- ``append`` of a scalar (str, int or bytes): an absent key becomes ``[x]``; a list gets
+  ``x`` at its end; a str gets a str ``x`` concatenated, bytes get bytes ``x``
+  concatenated; any other pairing raises ``InvalidOperation``.
+Each stored value must encode within the value limit (``ValueTooLarge``).
+
+Any error aborts the whole transaction: ``validate`` returns updates only when every key
+passed, and never changes the state.
+"""
+
+from __future__ import annotations
+
+from pykv._engine.vclock import BEFORE, EQUAL, VClock, compare_encoded, merge_encoded
+from pykv.codec import encode_value
+from pykv.errors import (
+    Error,
+    InvalidOperation,
+    InvalidValue,
+    NonResolvableConflict,
+    TransactionConflict,
+    TransactionTooLarge,
+)
+from pykv.txn.model import (
+    MISSING,
+    CommitRequest,
+    Isolation,
+    KeyUpdate,
+    StateView,
+    Versioned,
+    WriteOp,
+    _Missing,
+)
+from pykv.txn.resolvers import ResolverRegistry
+from pykv.types import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_TXN_OPS,
+    MAX_VALUE_BYTES,
+    OpKind,
+    Value,
+    check_key,
+    check_value,
+)
+
+MAX_CLOCK_ENTRIES = 16
+"""Clocks keep at most this many node entries (one per node that coordinated a write)."""
+
+
+def validate(
+    request: CommitRequest,
+    state: StateView,
+    resolvers: ResolverRegistry,
+    *,
+    max_ops: int = MAX_TXN_OPS,
+) -> list[KeyUpdate]:
+    """The updates that committing ``request`` against ``state`` stores, one per written key.
+
+    Raises TransactionConflict, NonResolvableConflict, InvalidOperation or a limit error
+    (see the module docstring); then nothing of the transaction may be applied.
+    """
+    if len(request.reads) + len(request.writes) > max_ops:
+        raise TransactionTooLarge(
+            f"transaction has {len(request.reads)} reads and {len(request.writes)} writes;"
+            f" the limit is {max_ops} operations"
+        )
+    ops_by_key: dict[str, list[WriteOp]] = {}
+    for op in request.writes:
+        ops = ops_by_key.get(op.key)
+        if ops is None:
+            ops_by_key[op.key] = [op]
+        else:
+            ops.append(op)
+
+    reads = request.reads
+    for key, seen in reads.items():  # rule 1
+        if key in ops_by_key:
+            continue
+        check_key(key)
+        if state.get(key).clock != seen.clock:  # canonical encodings: equal clocks, equal bytes
+            raise TransactionConflict(f"key {key!r} changed since the transaction read it")
+
+    return [
+        _update_key(key, ops, reads.get(key), state.get(key), request, resolvers)
+        for key, ops in ops_by_key.items()
+    ]
+
+
+def _update_key(
+    key: str,
+    ops: list[WriteOp],
+    read: Versioned | None,
+    current: Versioned,
+    request: CommitRequest,
+    resolvers: ResolverRegistry,
+) -> KeyUpdate:
+    check_key(key)
+    observed = _observed(key, ops, read)
+    coordinator = request.coordinator
+    if observed is None:  # rule 3: blind write, commutative incr/append
+        value = _fold(ops, current.value)
+        clock = next_clock(current.clock, b"", coordinator)
+    else:
+        relation = compare_encoded(current.clock, observed.clock)
+        if relation == EQUAL or relation == BEFORE:
+            value = _fold(ops, current.value)
+        elif request.isolation is Isolation.MERGE:
+            mine = Versioned(
+                _fold(ops, observed.value),
+                next_clock(observed.clock, b"", coordinator),
+                request.timestamp,
+            )
+            value = _resolve(key, resolvers, observed, current, mine)
+        else:
+            raise TransactionConflict(
+                f"key {key!r} was written concurrently since the transaction observed it"
+            )
+        clock = next_clock(current.clock, observed.clock, coordinator)
+    _check_fits(value)
+    return KeyUpdate(key, value, clock, max(current.timestamp, request.timestamp))
+
+
+def _observed(key: str, ops: list[WriteOp], read: Versioned | None) -> Versioned | None:
+    """The one version the transaction observed for a written key (None: a blind write)."""
+    observed = read
+    for op in ops:
+        seen = op.observed
+        if seen is None:
+            continue
+        if observed is None:
+            observed = seen
+        elif seen.clock != observed.clock:
+            raise TransactionConflict(
+                f"key {key!r} was observed at two different versions: it changed in between"
+            )
+    return observed
+
+
+def _resolve(
+    key: str,
+    resolvers: ResolverRegistry,
+    base: Versioned,
+    current: Versioned,
+    mine: Versioned,
+) -> Value | _Missing:
+    resolver = resolvers.resolver_for(key)
+    try:
+        merged = resolver(base, current, mine)
+    except NonResolvableConflict as exc:
+        raise NonResolvableConflict(f"key {key!r}: {exc}") from exc
+    except TransactionConflict as exc:
+        raise TransactionConflict(f"key {key!r}: {exc}") from exc
+    except Error:
+        raise
+    except Exception as exc:
+        # A failing user resolver fails alike on every replica (it is pure), so turning
+        # its error into an abort keeps replicas in step instead of stopping the apply loop.
+        name = resolvers.name_for(key)
+        raise NonResolvableConflict(f"key {key!r}: resolver {name} failed: {exc!r}") from exc
+    if merged is not MISSING:
+        check_value(merged)
+    return merged
+
+
+# --- folding ops ---------------------------------------------------------------------------
+
+
+def _fold(ops: list[WriteOp], value: Value | _Missing) -> Value | _Missing:
+    """Apply the ops of one key in program order to ``value``."""
+    owned = False  # whether ``value`` is a list this fold made (and may append to in place)
+    for op in ops:
+        kind = op.kind
+        if kind is OpKind.PUT:
+            check_value(op.arg)
+            value, owned = op.arg, False  # type: ignore[assignment]
+        elif kind is OpKind.DELETE:
+            value, owned = MISSING, False
+        elif kind is OpKind.INCR:
+            value, owned = _incr(value, op.arg), False
+        elif kind is OpKind.APPEND:
+            value, owned = _append(value, op.arg, owned), True
+        else:
+            raise InvalidOperation(f"unknown operation {kind!r} on key {op.key!r}")
+    return value
+
+
+def _incr(value: Value | _Missing, amount: object) -> int:
+    if type(amount) is not int:
+        raise InvalidValue(f"incr needs an int amount, not {type(amount).__name__}")
+    if value is MISSING:
+        value = 0
+    elif type(value) is not int:
+        raise InvalidOperation(
+            f"incr applies to int values; the key holds a {type(value).__name__}"
+        )
+    result = value + amount
+    if not INT64_MIN <= result <= INT64_MAX:
+        raise InvalidValue(f"incr result {result} is outside the signed 64-bit range")
+    return result
+
+
+def _append(value: Value | _Missing, item: object, owned: bool) -> Value:
+    if isinstance(item, list):
+        raise InvalidValue("append takes one scalar (str, int or bytes), not a list")
+    check_value(item)
+    if value is MISSING:
+        return [item]
+    if type(value) is list:
+        if not owned:
+            value = list(value)  # never mutate the stored (or the caller's) list
+        value.append(item)
+        return value
+    if type(value) is type(item) and type(value) in (str, bytes):
+        return value + item  # type: ignore[operator]
+    raise InvalidOperation(
+        f"cannot append a {type(item).__name__} to a stored {type(value).__name__}"
+    )
+
+
+def _check_fits(value: Value | _Missing) -> None:
+    """Raise ValueTooLarge when value would encode past the limit (exact only when close)."""
+    if value is MISSING or _size_bound(value) <= MAX_VALUE_BYTES:
+        return
+    encode_value(value)  # type: ignore[arg-type]  # raises ValueTooLarge
+
+
+def _size_bound(value: object) -> int:
+    """An upper bound of value's msgpack size, without encoding it."""
+    if type(value) is str:
+        return 5 + 4 * len(value)  # type: ignore[arg-type]
+    if type(value) is bytes:
+        return 5 + len(value)  # type: ignore[arg-type]
+    if type(value) is list:
+        return 5 + sum(_size_bound(item) for item in value)  # type: ignore[union-attr]
+    return 9
+
+
+# --- clocks (rule 4) -----------------------------------------------------------------------
+
+
+def next_clock(current: bytes, observed: bytes, coordinator: int) -> bytes:
+    """max(current, observed) with the coordinator's entry incremented, pruned (encoded)."""
+    merged = current if not observed or observed == current else merge_encoded(current, observed)
+    clock = VClock.decode(merged).increment(coordinator)
+    if len(clock) > MAX_CLOCK_ENTRIES:
+        clock = _prune(clock, coordinator)
+    return clock.encode()
+
+
+def _prune(clock: VClock, keep: int) -> VClock:
+    """Drop entries past MAX_CLOCK_ENTRIES, never the entry just incremented.
+
+    Keeping it guarantees the new clock is not <= the one it replaces, so the write
+    stays visible to every later validation.
+    """
+    entries = clock.to_dict()
+    kept = entries.pop(keep)
+    rest = VClock(entries).prune(MAX_CLOCK_ENTRIES - 1).to_dict()
+    rest[keep] = kept
+    return VClock(rest)
