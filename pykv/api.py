@@ -1,0 +1,612 @@
+"""The public transactional API (KeyValueStore, Transaction) over a Backend: embedded or cluster.
+
+Everything that needs no backend round trip happens here, on the client side: transaction
+ids, buffering writes, read-your-writes, recording the versions a transaction observed, the
+limit checks of DESIGN §1 (before anything is sent) and the hybrid logical timestamps that the
+``lww`` resolver orders by. The backend only reads, scans and commits (validate + apply).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
+
+from pykv._engine.vclock import VClock
+from pykv.codec import encode_value
+from pykv.errors import (
+    InvalidOperation,
+    InvalidValue,
+    StoreClosed,
+    TransactionAborted,
+    TransactionConflict,
+    TransactionTooLarge,
+)
+from pykv.txn.model import MISSING, CommitRequest, Isolation, Versioned, WriteOp
+from pykv.txn.resolvers import ResolverRegistry
+from pykv.types import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_TXN_OPS,
+    MAX_VALUE_BYTES,
+    OpKind,
+    TxnIdSource,
+    Value,
+    check_key,
+)
+
+T = TypeVar("T")
+
+# How many finished transaction ids the by-id API remembers, to say "already committed"
+# rather than "unknown" when a caller reuses one.
+_REMEMBERED_OUTCOMES = 65_536
+
+
+class Backend(Protocol):
+    """What a KeyValueStore needs from the store behind it (embedded storage or a cluster)."""
+
+    node_id: int
+    resolvers: ResolverRegistry
+
+    def read(self, key: str) -> Versioned:
+        """The latest committed and durable version of key (a linearizable read)."""
+        ...
+
+    def commit(self, request: CommitRequest) -> None:
+        """Validate and apply atomically; return once durable. Raises TransactionConflict,
+        NonResolvableConflict, InvalidOperation or a limit error, with nothing applied."""
+        ...
+
+    def scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None
+    ) -> Iterator[tuple[str, Versioned]]:
+        """Live (non-deleted) keys with the prefix in [start, end), in key order, at most limit."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class HybridClock:
+    """A hybrid logical clock: wall time in ms << 16 | a logical counter, strictly increasing.
+
+    ``lww`` picks the write with the highest timestamp, so timestamps follow real time where
+    the wall clock allows and never repeat or go backwards within one process.
+    """
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def now(self) -> int:
+        wall = (time.time_ns() // 1_000_000) << 16
+        with self._lock:
+            self._last = max(wall, self._last + 1)
+            return self._last
+
+
+def _parse_isolation(isolation: str | Isolation) -> Isolation:
+    try:
+        return Isolation(isolation)
+    except ValueError:
+        choices = ", ".join(repr(i.value) for i in Isolation)
+        raise InvalidOperation(f"unknown isolation {isolation!r}; use one of {choices}") from None
+
+
+def _context_isolation(context: object) -> Isolation:
+    """A single write with a context clock resolves a concurrent change with the key's
+    resolver (merge); the default resolver ``abort`` turns it into TransactionConflict."""
+    return Isolation.SERIALIZABLE if context is None else Isolation.MERGE
+
+
+def _check_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidValue(f"{what} must be an int, not {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidValue(f"{what} {value} is outside the signed 64-bit range")
+    return value
+
+
+def _clock_bytes(context: VClock | bytes) -> bytes:
+    if isinstance(context, VClock):
+        return context.encode()
+    if isinstance(context, (bytes, bytearray)):
+        VClock.decode(bytes(context))  # raise on garbage before it reaches the backend
+        return bytes(context)
+    raise InvalidValue(f"context must be a VClock from get_versioned, not {type(context).__name__}")
+
+
+class _Pending:
+    """What a transaction buffered for one key.
+
+    After a put or delete the value is known (``absolute``): later incr/append fold into it
+    at once, so a type error shows at the call. Otherwise ``deltas`` holds the incr/append
+    calls in order, applied at commit onto whatever is stored then (they commute).
+    """
+
+    __slots__ = ("absolute", "value", "deltas")
+
+    def __init__(self, absolute: bool, value: Any, deltas: list[tuple[OpKind, Any]]) -> None:
+        self.absolute = absolute
+        self.value = value  # when absolute: the value, or MISSING after a delete
+        self.deltas = deltas
+
+
+def _apply_delta(value: Any, kind: OpKind, arg: Any, key: str) -> Any:
+    """value after one incr or append, with the rules pykv.txn.occ applies at commit."""
+    if kind == OpKind.INCR:
+        if value is MISSING:
+            value = 0
+        elif type(value) is not int:
+            raise InvalidOperation(f"incr on {key!r}, which holds a {type(value).__name__}")
+        return _check_int(value + arg, f"{key!r} after incr")
+    if value is MISSING:
+        return [arg]
+    if type(value) is list:
+        value.append(arg)  # only ever called on lists this transaction owns
+        return value
+    if type(value) is type(arg) and type(value) in (str, bytes):
+        return value + arg
+    raise InvalidOperation(
+        f"cannot append a {type(arg).__name__} to {key!r}, which holds a {type(value).__name__}"
+    )
+
+
+def _own(value: Any) -> Any:
+    """A copy of a list (so folding appends never touches a caller's or a stored list)."""
+    return list(value) if type(value) is list else value
+
+
+_OPEN, _COMMITTING, _COMMITTED, _ABORTED = "open", "committing", "committed", "aborted"
+
+
+class Transaction:
+    """A transaction: reads go to the store (and see this transaction's writes), writes are
+    buffered until commit, which validates everything the transaction observed.
+
+    Use it as a context manager (``with db.transaction() as tx:``): it commits on a normal
+    exit and aborts on an exception. Safe to share between threads, though one thread per
+    transaction is the usual way.
+    """
+
+    def __init__(self, store: KeyValueStore, txid: int, isolation: Isolation) -> None:
+        self._store = store
+        self.id = txid
+        self.isolation = isolation
+        self._state = _OPEN
+        self._lock = threading.Lock()
+        self._reads: dict[str, Versioned] = {}
+        self._writes: dict[str, _Pending] = {}
+        self._contexts: dict[str, bytes] = {}  # explicit clocks given with put(context=...)
+        self._ops = 0
+
+    # --- state ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """'open', 'committing', 'committed' or 'aborted'."""
+        return self._state
+
+    def _ensure_open(self) -> None:
+        self._store._ensure_open()
+        if self._state != _OPEN:
+            raise TransactionAborted(
+                f"transaction {self.id} is already {self._state}; begin a new one"
+            )
+
+    def _count_op(self) -> None:
+        limit = self._store.max_txn_ops
+        if self._ops >= limit:
+            raise TransactionTooLarge(
+                f"transaction {self.id} already holds {self._ops} operations; "
+                f"the limit (max_txn_ops) is {limit}"
+            )
+        self._ops += 1
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def _observe(self, key: str) -> Versioned:
+        """The version this transaction read for key, reading it from the backend once."""
+        seen = self._reads.get(key)
+        if seen is None:
+            self._count_op()
+            try:
+                seen = self._store._backend.read(key)
+            except BaseException:
+                self._ops -= 1
+                raise
+            self._reads[key] = seen
+        return seen
+
+    def _current(self, key: str) -> tuple[Any, Versioned | None]:
+        check_key(key)
+        pending = self._writes.get(key)
+        if pending is not None and pending.absolute:
+            return _own(pending.value), self._reads.get(key)
+        seen = self._observe(key)
+        if pending is None:
+            return seen.value, seen
+        value = _own(seen.value)
+        for kind, arg in pending.deltas:
+            value = _apply_delta(value, kind, arg, key)
+        return value, seen
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of key as this transaction sees it, or default when absent."""
+        with self._lock:
+            self._ensure_open()
+            value, _ = self._current(key)
+        return default if value is MISSING else _own(value)
+
+    def get_versioned(self, key: str) -> tuple[Any, VClock]:
+        """(value or None, the vector clock of the version this transaction read)."""
+        with self._lock:
+            self._ensure_open()
+            value, seen = self._current(key)
+            if seen is None:
+                seen = self._observe(key)
+        return (None if value is MISSING else value), VClock.decode(seen.clock)
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, MISSING)
+        if value is MISSING:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key, MISSING) is not MISSING
+
+    # --- writes (buffered) --------------------------------------------------------------
+
+    def _buffer(self, key: str, kind: OpKind, arg: Any, context: VClock | bytes | None) -> None:
+        with self._lock:
+            self._ensure_open()
+            check_key(key)
+            clock = None if context is None else _clock_bytes(context)
+            pending = self._writes.get(key)
+            # Work out the new state first: a failing call must leave the transaction as it was.
+            if kind == OpKind.PUT:
+                new = _Pending(True, _own(arg), [])
+            elif kind == OpKind.DELETE:
+                new = _Pending(True, MISSING, [])
+            elif pending is None:
+                new = _Pending(False, None, [(kind, arg)])
+            elif pending.absolute:
+                new = _Pending(True, _apply_delta(_own(pending.value), kind, arg, key), [])
+            else:
+                new = pending
+            self._count_op()
+            if new is pending:
+                pending.deltas.append((kind, arg))
+            self._writes[key] = new
+            if clock is not None:
+                self._contexts[key] = clock
+
+    def put(self, key: str, value: Value, *, context: VClock | bytes | None = None) -> None:
+        """Buffer a write. With ``context`` (a clock from get_versioned) the write is
+        validated against that version: a concurrent change goes to the key's resolver."""
+        encode_value(value, self._store.max_value_bytes)  # InvalidValue / ValueTooLarge now
+        self._buffer(key, OpKind.PUT, value, context)
+
+    def __setitem__(self, key: str, value: Value) -> None:
+        self.put(key, value)
+
+    def delete(self, key: str, *, context: VClock | bytes | None = None) -> None:
+        """Buffer a delete (deleting an absent key is not an error)."""
+        self._buffer(key, OpKind.DELETE, None, context)
+
+    def __delitem__(self, key: str) -> None:
+        self.delete(key)
+
+    def incr(self, key: str, amount: int = 1) -> None:
+        """Add amount to an int (an absent key counts as 0). Commutes with other incrs."""
+        self._buffer(key, OpKind.INCR, _check_int(amount, "increment"), None)
+
+    def append(self, key: str, item: str | int | bytes) -> None:
+        """Append one scalar to a list (an absent key becomes [item]); a str or bytes value
+        gets a str or bytes item concatenated. Commutes with other appends and incrs."""
+        if isinstance(item, list):
+            raise InvalidValue("append takes one str, int or bytes item, not a list")
+        encode_value([item], self._store.max_value_bytes)
+        self._buffer(key, OpKind.APPEND, item, None)
+
+    # --- outcome ------------------------------------------------------------------------
+
+    def _request(self) -> CommitRequest:
+        writes = []
+        for key, pending in self._writes.items():
+            observed = self._context_version(key)
+            if pending.absolute:
+                if pending.value is MISSING:
+                    writes.append(WriteOp(key, OpKind.DELETE, None, observed))
+                else:
+                    writes.append(WriteOp(key, OpKind.PUT, pending.value, observed))
+                continue
+            for kind, arg in pending.deltas:
+                writes.append(WriteOp(key, kind, arg, observed))
+                observed = None  # one observed version per key is enough
+        return CommitRequest(
+            txid=self.id,
+            coordinator=self._store._backend.node_id,
+            reads=dict(self._reads),  # written keys too: that is their observed version
+            writes=tuple(writes),
+            isolation=self.isolation,
+            timestamp=self._store._clock.now(),
+        )
+
+    def _context_version(self, key: str) -> Versioned | None:
+        """The version an explicit context clock stands for (None: no context given).
+
+        Only the clock is known for a context, not the value it had, unless this
+        transaction read that very version; resolvers then see ``base.value`` as MISSING.
+        """
+        clock = self._contexts.get(key)
+        if clock is None:
+            return None
+        read = self._reads.get(key)
+        if read is not None and read.clock == clock:
+            return read
+        return Versioned(MISSING, clock)
+
+    def commit(self) -> None:
+        """Validate and apply every buffered write atomically; return once durable.
+
+        Raises TransactionConflict (retry), NonResolvableConflict or InvalidOperation; on
+        any error nothing of the transaction is applied and it is finished (aborted).
+        """
+        with self._lock:
+            self._ensure_open()
+            self._state = _COMMITTING
+        outcome = _ABORTED
+        try:
+            # A transaction with no writes that read at most one key is linearized at that
+            # read and needs no validation; every other one goes to the backend.
+            if self._writes or len(self._reads) > 1:
+                self._store._backend.commit(self._request())
+            outcome = _COMMITTED
+        finally:
+            self._state = outcome
+            self._store._finished(self.id, outcome)
+
+    def abort(self) -> None:
+        """Drop the buffered writes. Aborting a finished transaction raises TransactionAborted."""
+        with self._lock:
+            self._ensure_open()
+            self._state = _ABORTED
+        self._store._finished(self.id, _ABORTED)
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._state != _OPEN:
+            return  # the body committed or aborted it explicitly
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def __repr__(self) -> str:
+        return f"<Transaction {self.id} {self.isolation.value} {self._state}>"
+
+
+class KeyValueStore:
+    """A transactional key-value store: the class both ``pykv.open`` and ``pykv.connect`` return.
+
+    Thread-safe: many threads may run transactions at once.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_txn_ops: int = MAX_TXN_OPS,
+        max_value_bytes: int = MAX_VALUE_BYTES,
+    ) -> None:
+        if max_txn_ops < 1:
+            raise InvalidValue(f"max_txn_ops must be at least 1, not {max_txn_ops}")
+        if not 1 <= max_value_bytes <= MAX_VALUE_BYTES:
+            raise InvalidValue(f"max_value_bytes must be in 1..{MAX_VALUE_BYTES}")
+        self._backend = backend
+        self.max_txn_ops = max_txn_ops
+        self.max_value_bytes = max_value_bytes
+        self._ids = TxnIdSource()
+        self._clock = HybridClock()
+        self._lock = threading.Lock()
+        self._by_id: dict[int, Transaction] = {}
+        self._outcomes: OrderedDict[int, str] = OrderedDict()
+        self._closed = False
+
+    @property
+    def backend(self) -> Backend:
+        """The store behind this API (embedded storage or a cluster client)."""
+        return self._backend
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the store is closed; open it again to continue")
+
+    # --- transactions -------------------------------------------------------------------
+
+    def transaction(self, isolation: str | Isolation = "serializable") -> Transaction:
+        """A new transaction; ``with db.transaction() as tx:`` commits it on exit."""
+        self._ensure_open()
+        return Transaction(self, self._ids.next_id(), _parse_isolation(isolation))
+
+    def transact(
+        self,
+        fn: Callable[[Transaction], T],
+        *,
+        retries: int = 16,
+        backoff: float = 0.001,
+        max_backoff: float = 0.1,
+        isolation: str | Isolation = "serializable",
+    ) -> T:
+        """Run fn(tx) in a transaction and commit, rerunning it on TransactionConflict.
+
+        Retries up to ``retries`` times with exponential backoff and full jitter
+        (a random sleep in [0, min(max_backoff, backoff * 2**attempt)]); the last conflict
+        is raised when they run out. Returns what fn returned in the attempt that committed.
+        """
+        attempt = 0
+        while True:
+            tx = self.transaction(isolation)
+            try:
+                result = fn(tx)
+                tx.commit()
+                return result
+            except TransactionConflict:
+                if attempt >= retries:
+                    raise
+            finally:
+                if tx.state == _OPEN:
+                    tx.abort()
+            time.sleep(random.uniform(0.0, min(max_backoff, backoff * (2**attempt))))
+            attempt += 1
+
+    # --- transactions by id (DESIGN §2) -----------------------------------------------
+
+    def begin_transaction(self, isolation: str | Isolation = "serializable") -> int:
+        """Start a transaction and return its id (made locally, no round trip)."""
+        tx = self.transaction(isolation)
+        with self._lock:
+            self._by_id[tx.id] = tx
+        return tx.id
+
+    def _lookup(self, txid: int) -> Transaction:
+        self._ensure_open()
+        with self._lock:
+            tx = self._by_id.get(txid)
+            if tx is not None:
+                return tx
+            outcome = self._outcomes.get(txid)
+        if outcome is not None:
+            raise TransactionAborted(f"transaction {txid} is already {outcome}; begin a new one")
+        raise TransactionAborted(f"unknown transaction id {txid!r}")
+
+    def _finished(self, txid: int, outcome: str) -> None:
+        with self._lock:
+            if self._by_id.pop(txid, None) is None:
+                return  # not a by-id transaction: nothing to remember
+            self._outcomes[txid] = outcome
+            if len(self._outcomes) > _REMEMBERED_OUTCOMES:
+                self._outcomes.popitem(last=False)
+
+    def read(self, txid: int, key: str, default: Any = None) -> Any:
+        return self._lookup(txid).get(key, default)
+
+    def write(self, txid: int, key: str, value: Value) -> None:
+        self._lookup(txid).put(key, value)
+
+    def commit_transaction(self, txid: int) -> None:
+        self._lookup(txid).commit()
+
+    def abort_transaction(self, txid: int) -> None:
+        self._lookup(txid).abort()
+
+    # --- single-operation transactions -------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The latest committed value of key (a linearizable read), or default."""
+        value, _ = self._read_versioned(key)
+        return default if value is MISSING else value
+
+    def get_versioned(self, key: str) -> tuple[Any, VClock]:
+        """(value or None, its vector clock): pass the clock to put(..., context=clock) later."""
+        value, clock = self._read_versioned(key)
+        return (None if value is MISSING else value), VClock.decode(clock)
+
+    def _read_versioned(self, key: str) -> tuple[Value | object, bytes]:
+        self._ensure_open()
+        check_key(key)
+        seen = self._backend.read(key)
+        return seen.value, seen.clock
+
+    def _single(self, fill: Callable[[Transaction], None], isolation: Isolation) -> None:
+        tx = self.transaction(isolation)
+        fill(tx)
+        tx.commit()
+
+    def put(self, key: str, value: Value, *, context: VClock | bytes | None = None) -> None:
+        """Write one key. With ``context`` from get_versioned, a concurrent change since that
+        version goes to the key's resolver (default: TransactionConflict)."""
+        self._single(lambda tx: tx.put(key, value, context=context), _context_isolation(context))
+
+    def delete(
+        self, key: str | int, by_id_key: str | None = None, *, context: VClock | bytes | None = None
+    ) -> None:
+        """Delete one key: ``delete(key)`` as its own transaction, or ``delete(txid, key)``
+        inside the transaction begin_transaction() returned (the by-id API)."""
+        if by_id_key is not None:
+            self._lookup(key).delete(by_id_key, context=context)  # type: ignore[arg-type]
+            return
+        self._single(
+            lambda tx: tx.delete(key, context=context),  # type: ignore[arg-type]
+            _context_isolation(context),
+        )
+
+    def incr(self, key: str, amount: int = 1) -> None:
+        self._single(lambda tx: tx.incr(key, amount), Isolation.SERIALIZABLE)
+
+    def append(self, key: str, item: str | int | bytes) -> None:
+        self._single(lambda tx: tx.append(key, item), Isolation.SERIALIZABLE)
+
+    def scan(
+        self,
+        prefix: str = "",
+        *,
+        start: str | None = None,
+        end: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[tuple[str, Any]]:
+        """(key, value) of live keys with the prefix in [start, end), in key order.
+
+        Each value is a committed, durable version; the scan is not one atomic snapshot
+        (read the keys in a transaction for that).
+        """
+        self._ensure_open()
+        for bound in (start, end):
+            if bound is not None:
+                check_key(bound)
+        if prefix:
+            check_key(prefix)
+        if limit is not None and limit < 0:
+            raise InvalidValue(f"limit must be >= 0, not {limit}")
+        items = self._backend.scan(prefix, start, end, limit)
+        return ((key, seen.value) for key, seen in items)
+
+    # --- resolvers ----------------------------------------------------------------------
+
+    def register_resolver(
+        self, prefix: str, resolver: str | Callable[[Versioned, Versioned, Versioned], Value]
+    ) -> None:
+        """Use resolver (a built-in name or a pure function) for keys starting with prefix."""
+        self._ensure_open()
+        self._backend.resolvers.register(prefix, resolver)
+
+    # --- lifetime -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the store (idempotent); open transactions can no longer commit."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._by_id.clear()
+        self._backend.close()
+
+    def __enter__(self) -> KeyValueStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<KeyValueStore {type(self._backend).__name__} {state}>"
