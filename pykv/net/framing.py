@@ -1,0 +1,195 @@
+"""Wire framing, sans-I/O: frame encoding, an incremental decoder, and the version handshake.
+
+A frame on the wire::
+
+    [u32 length, big-endian][u8 kind | 0x80 if zstd][payload: `length` bytes]
+
+The payload is msgpack of ``[request_id, body]`` (zstd-compressed when the flag is set),
+so one connection carries many requests at once: a response carries the id of its
+request. Request id 0 means "no reply expected" (a one-way message). Kinds 0-15 are the
+protocol's own (HELLO, RESPONSE, ERROR); applications use 16-127.
+
+The first frame each side sends is HELLO with body ``[b"PYKV", protocol_version]``.
+
+Every malformed input raises :class:`pykv.errors.ProtocolError` with a message that says
+what was wrong; after one, a decoder refuses further input (the stream lost sync).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zstandard
+
+from pykv.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAGIC = b"PYKV"
+
+# Kinds reserved by the protocol; applications use FIRST_APP_KIND..MAX_KIND.
+HELLO = 0
+RESPONSE = 1
+ERROR = 2
+FIRST_APP_KIND = 16
+MAX_KIND = 0x7F
+_ZSTD_FLAG = 0x80
+
+HEADER = struct.Struct(">IB")
+DEFAULT_MAX_FRAME = 16 << 20
+# Payloads at least this large are compressed, when that makes them smaller.
+DEFAULT_COMPRESS_THRESHOLD = 8 << 10
+
+_compressor = zstandard.ZstdCompressor(level=1)
+_decompressor = zstandard.ZstdDecompressor()
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame: its kind, the id that pairs a response with its request, a body."""
+
+    kind: int
+    request_id: int
+    body: Any
+
+
+def encode_frame(
+    kind: int,
+    body: Any,
+    *,
+    request_id: int = 0,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+) -> bytes:
+    """The bytes of one frame. Raises ProtocolError for a bad kind or an oversized frame."""
+    if not (isinstance(kind, int) and 0 <= kind <= MAX_KIND):
+        raise ProtocolError(f"frame kind must be an int in 0..{MAX_KIND}, got {kind!r}")
+    try:
+        payload = msgpack.packb([request_id, body], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"frame body of kind {kind} cannot be encoded: {exc}") from exc
+    flags = 0
+    if len(payload) >= compress_threshold:
+        small = _compressor.compress(payload)
+        if len(small) < len(payload):
+            payload, flags = small, _ZSTD_FLAG
+    if len(payload) > max_frame:
+        raise ProtocolError(
+            f"frame of kind {kind} has a {len(payload)}-byte payload; max_frame is {max_frame}"
+        )
+    return HEADER.pack(len(payload), kind | flags) + payload
+
+
+def hello_frame(version: int = PROTOCOL_VERSION) -> bytes:
+    """The handshake frame each side sends first."""
+    return encode_frame(HELLO, [MAGIC, version])
+
+
+def check_hello(frame: Frame, version: int = PROTOCOL_VERSION) -> None:
+    """Raise ProtocolError unless the frame is a HELLO for the same protocol version."""
+    if frame.kind != HELLO:
+        raise ProtocolError(f"expected a HELLO frame first, got kind {frame.kind}")
+    body = frame.body
+    if not (isinstance(body, list) and len(body) == 2 and body[0] == MAGIC):
+        raise ProtocolError(f"HELLO frame without the {MAGIC!r} magic: {body!r:.80}")
+    if body[1] != version:
+        raise ProtocolError(
+            f"protocol version mismatch: peer speaks {body[1]!r}, this side speaks {version}"
+        )
+
+
+class FrameDecoder:
+    """Turns a byte stream, split or coalesced anyhow, into frames.
+
+    ``feed(data)`` returns every frame completed by ``data``. A frame longer than
+    ``max_frame`` is refused as soon as its header arrives, before its payload is
+    buffered; a decompressed payload is bounded by ``max_frame`` too.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not yet form a whole frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Frames completed by data. Raises ProtocolError on malformed input (and after)."""
+        if self._error is not None:
+            raise ProtocolError(f"decoder already failed: {self._error}")
+        buf = self._buffer
+        buf += data
+        frames = []
+        pos = 0
+        end_of_data = len(buf)
+        while end_of_data - pos >= HEADER.size:
+            length, kind_byte = HEADER.unpack_from(buf, pos)
+            if length > self.max_frame:
+                self._fail(
+                    f"frame length {length} exceeds max_frame {self.max_frame} "
+                    f"(kind byte {kind_byte:#04x})"
+                )
+            end = pos + HEADER.size + length
+            if end > end_of_data:
+                break
+            frames.append(self._decode(kind_byte, bytes(buf[pos + HEADER.size : end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return frames
+
+    def check_eof(self) -> None:
+        """Call when the stream ends: raises ProtocolError if it ended inside a frame."""
+        if self._buffer:
+            detail = ""
+            if len(self._buffer) >= HEADER.size:
+                length, _ = HEADER.unpack_from(self._buffer)
+                detail = f" of {HEADER.size + length}"
+            self._fail(f"stream ended inside a frame: {len(self._buffer)}{detail} bytes received")
+
+    def _fail(self, message: str) -> None:
+        self._error = ProtocolError(message)
+        self._buffer.clear()
+        raise self._error
+
+    def _decode(self, kind_byte: int, payload: bytes) -> Frame:
+        kind = kind_byte & MAX_KIND
+        if kind_byte & _ZSTD_FLAG:
+            payload = self._decompress(kind, payload)
+        try:
+            envelope = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        except Exception as exc:  # msgpack raises many types on garbage; all mean the same
+            self._fail(
+                f"frame of kind {kind}: undecodable msgpack payload ({type(exc).__name__}: {exc})"
+            )
+        if not (
+            isinstance(envelope, list)
+            and len(envelope) == 2
+            and isinstance(envelope[0], int)
+            and not isinstance(envelope[0], bool)
+            and 0 <= envelope[0] < 1 << 64
+        ):
+            self._fail(f"frame of kind {kind}: payload is not [request_id, body]: {envelope!r:.80}")
+        return Frame(kind, envelope[0], envelope[1])
+
+    def _decompress(self, kind: int, payload: bytes) -> bytes:
+        # zstandard honours max_output_size only for frames that do not declare their
+        # size, so a declared size is checked first (a zip bomb must not be allocated).
+        try:
+            declared = zstandard.frame_content_size(payload)
+            if declared > self.max_frame:
+                self._fail(
+                    f"frame of kind {kind} declares {declared} bytes uncompressed; "
+                    f"max_frame is {self.max_frame}"
+                )
+            data = _decompressor.decompress(payload, max_output_size=self.max_frame)
+        except zstandard.ZstdError as exc:
+            self._fail(f"frame of kind {kind}: bad zstd payload: {exc}")
+        if len(data) > self.max_frame:
+            self._fail(f"frame of kind {kind} decompresses past max_frame {self.max_frame}")
+        return data
