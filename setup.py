@@ -23,6 +23,8 @@ def engine_extensions() -> list[Extension]:
         Extension(
             f"pykv._engine.{pyx.stem}",
             [str(pyx.relative_to(HERE))],
+            include_dirs=[str(HERE / "engine")],  # C headers such as crc32c.h
+            depends=[str(h.relative_to(HERE)) for h in (HERE / "engine").glob("*.h")],
             extra_compile_args=compile_args,
             define_macros=macros,
         )

@@ -1,0 +1,981 @@
+# cython: boundscheck=True, wraparound=True
+# (Python-level list indexing here must stay checked; the hot loops use raw C pointers.)
+"""Group-commit write-ahead log: one background writer, one write() and one fdatasync() per batch.
+
+On-disk format
+==============
+
+A log is a directory of segment files named ``f"{first_lsn:020d}.wal"``; a segment's id is
+the log sequence number (lsn) of its first record. Lsns are contiguous across segments, so
+a record's lsn is implicit: the segment's first lsn plus the record's index in the segment.
+All integers are little-endian.
+
+Segment header (32 bytes)::
+
+    magic      8 bytes  b"PYKVWAL\\n"
+    version    u32      1
+    reserved   u32      0
+    first_lsn  u64      equal to the number in the file name
+    crc        u32      crc32c of the 24 bytes above
+    pad        u32      0
+
+then records, back to back, up to about ``segment_bytes`` per file::
+
+    length     u32      payload length in bits 0..30; bit 31 = CONTINUED
+    crc        u32      crc32c of the 4 length bytes followed by the payload
+    payload    length bytes
+
+CONTINUED marks a record of an ``append_many`` batch that is followed by more records of
+the same batch: a batch is all or nothing, so recovery cuts a batch whose last record is
+missing. A batch never spans two segments (segments roll between batches; a batch larger
+than ``segment_bytes`` gets a segment of its own).
+
+Recovery (``WalWriter`` on open, ``read_wal``) reads the segments in order. In the last
+segment the first record that is short, has a bad CRC, or belongs to an unfinished batch
+starts the *tail*: it and everything after it is cut (truncated with ``repair=True``). A
+record can be cut only if its append was never acknowledged, because an append is
+acknowledged after the fdatasync that covers it (policy ``always``), and every earlier
+segment was fdatasync'd before the next one was created. The same defects in an earlier
+segment, a bad header, or a gap in the lsns raise ``pykv.errors.CorruptData``. A last
+segment shorter than its header (torn while it was being created) is given a fresh header.
+
+Group commit
+============
+
+``submit`` frames a payload into the pending buffer under a mutex and returns its lsn at
+once. One writer thread swaps the pending buffer for an empty one, computes the CRCs, does
+one ``write()`` per segment touched and one ``fdatasync()``, all without the GIL (C calls
+that return error codes; the exception is raised by the waiting Python caller), then
+advances the durable lsn and wakes every waiter. ``append`` is ``submit`` + ``wait``.
+Policies: ``always`` acknowledges after fdatasync; ``interval`` acknowledges after write()
+and fdatasyncs at most every ``interval_ms`` (and when idle); ``off`` never fdatasyncs
+unless ``sync()`` is called.
+
+Failpoints
+==========
+
+``PYKV_FAILPOINT=wal.before_fsync`` or ``wal.after_fsync`` (optionally ``:N`` to fire at
+the Nth time that point is reached, default 1) makes the writer thread end the process
+with ``_exit(137)`` right before or after the fdatasync of a batch, as a crash would. The
+variable is read once when a ``WalWriter`` is created; the check is one integer compare.
+"""
+
+import os
+from collections import namedtuple
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memmove, memset
+from posix.fcntl cimport O_APPEND, O_CREAT, O_EXCL, O_RDONLY, O_WRONLY, open as c_open
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport _exit, close as c_close, fdatasync, fsync, write as c_write
+
+from pykv.errors import CorruptData, StoreClosed, ValueTooLarge
+
+
+cdef extern from "crc32c.h" nogil:
+    void pykv_crc32c_init()
+    uint32_t pykv_crc32c(uint32_t crc, const uint8_t* data, size_t length)
+    void pykv_crc32c_allow_hw(int allow)
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    ctypedef struct pthread_condattr_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t*, void*)
+    int pthread_mutex_destroy(pthread_mutex_t*)
+    int pthread_mutex_lock(pthread_mutex_t*)
+    int pthread_mutex_trylock(pthread_mutex_t*)
+    int pthread_mutex_unlock(pthread_mutex_t*)
+    int pthread_condattr_init(pthread_condattr_t*)
+    int pthread_condattr_setclock(pthread_condattr_t*, int)
+    int pthread_condattr_destroy(pthread_condattr_t*)
+    int pthread_cond_init(pthread_cond_t*, pthread_condattr_t*)
+    int pthread_cond_destroy(pthread_cond_t*)
+    int pthread_cond_wait(pthread_cond_t*, pthread_mutex_t*)
+    int pthread_cond_timedwait(pthread_cond_t*, pthread_mutex_t*, const timespec*)
+    int pthread_cond_broadcast(pthread_cond_t*)
+    int pthread_cond_signal(pthread_cond_t*)
+
+
+pykv_crc32c_init()
+
+HEADER_SIZE = 32
+RECORD_OVERHEAD = 8
+MAGIC = b"PYKVWAL\n"
+FORMAT_VERSION = 1
+
+cdef enum:
+    C_HEADER_SIZE = 32
+    C_RECORD_OVERHEAD = 8
+    POLICY_ALWAYS = 0
+    POLICY_INTERVAL = 1
+    POLICY_OFF = 2
+    FP_NONE = 0
+    FP_BEFORE_FSYNC = 1
+    FP_AFTER_FSYNC = 2
+
+cdef uint32_t CONTINUED = <uint32_t>0x80000000
+cdef uint32_t LENGTH_MASK = <uint32_t>0x7FFFFFFF
+# Payloads and batches stay well below 2 GiB so that offsets fit in 32 bits.
+cdef uint64_t MAX_PAYLOAD = 0x7FFFFFFF - C_RECORD_OVERHEAD
+cdef uint64_t MAX_SEGMENT_BYTES = <uint64_t>1 << 31
+# submit() blocks (GIL released) while this much is waiting for the writer.
+cdef size_t MAX_PENDING_BYTES = <size_t>64 << 20
+
+POLICIES = {"always": POLICY_ALWAYS, "interval": POLICY_INTERVAL, "off": POLICY_OFF}
+
+WalRecord = namedtuple("WalRecord", ["lsn", "segment_id", "offset", "payload"])
+WalRecord.__doc__ = "One record: its lsn, segment id, payload offset in the segment file, payload."
+
+
+def crc32c(data, uint32_t value=0) -> int:
+    """CRC32C of data, continuing from value (the crc32c package's convention)."""
+    cdef const uint8_t[::1] view = data
+    cdef uint32_t crc
+    with nogil:
+        crc = pykv_crc32c(value, &view[0] if view.shape[0] else NULL, view.shape[0])
+    return crc
+
+
+def _use_hardware_crc(bint allow) -> None:
+    """Tests only: switch between the hardware and the table implementation."""
+    pykv_crc32c_allow_hw(allow)
+
+
+def segment_path(directory: str, segment_id: int) -> str:
+    """The file of the segment whose first lsn is segment_id."""
+    return os.path.join(directory, f"{segment_id:020d}.wal")
+
+
+# --- little-endian helpers ---------------------------------------------------------------------
+
+cdef inline uint32_t load_u32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0]) | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef inline void store_u32(uint8_t* p, uint32_t v) noexcept nogil:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+    p[2] = (v >> 16) & 0xFF
+    p[3] = (v >> 24) & 0xFF
+
+
+cdef inline uint64_t load_u64(const uint8_t* p) noexcept nogil:
+    return (<uint64_t>load_u32(p)) | ((<uint64_t>load_u32(p + 4)) << 32)
+
+
+cdef inline void store_u64(uint8_t* p, uint64_t v) noexcept nogil:
+    store_u32(p, <uint32_t>(v & 0xFFFFFFFFu))
+    store_u32(p + 4, <uint32_t>(v >> 32))
+
+
+cdef void build_header(uint8_t* out, uint64_t first_lsn) noexcept nogil:
+    memset(out, 0, C_HEADER_SIZE)
+    memcpy(out, b"PYKVWAL\n", 8)
+    store_u32(out + 8, 1)
+    store_u64(out + 16, first_lsn)
+    store_u32(out + 24, pykv_crc32c(0, out, 24))
+
+
+def _header(uint64_t first_lsn) -> bytes:
+    cdef uint8_t buf[32]
+    build_header(buf, first_lsn)
+    return PyBytes_FromStringAndSize(<char*>buf, C_HEADER_SIZE)
+
+
+# --- reading and recovery ----------------------------------------------------------------------
+
+cdef class SegmentScan:
+    """What one pass over a segment's bytes found (see the format in the module docstring)."""
+    cdef public object path
+    cdef public uint64_t first_lsn
+    cdef public list offsets          # payload offsets of the complete records
+    cdef public list lengths
+    cdef public Py_ssize_t good_end   # byte offset just after the last complete batch
+    cdef public Py_ssize_t file_size
+    cdef public object data
+
+    @property
+    def clean(self) -> bool:
+        return self.good_end == self.file_size
+
+    @property
+    def next_lsn(self) -> int:
+        return self.first_lsn + len(self.offsets)
+
+
+def _check_header(bytes data, uint64_t expected_lsn, str path) -> None:
+    if len(data) < C_HEADER_SIZE:
+        raise CorruptData(f"{path}: segment shorter than its header")
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(data)
+    if data[:8] != MAGIC:
+        raise CorruptData(f"{path}: not a pykv WAL segment (bad magic)")
+    if load_u32(p + 24) != pykv_crc32c(0, p, 24):
+        raise CorruptData(f"{path}: segment header checksum mismatch")
+    if load_u32(p + 8) != FORMAT_VERSION:
+        raise CorruptData(f"{path}: unsupported WAL format version {load_u32(p + 8)}")
+    if load_u64(p + 16) != expected_lsn:
+        raise CorruptData(f"{path}: header says first lsn {load_u64(p + 16)}, name says {expected_lsn}")
+
+
+cdef SegmentScan scan_bytes(bytes data, uint64_t first_lsn, str path):
+    """Find the complete records of a segment whose header is already checked."""
+    cdef const uint8_t* base = <const uint8_t*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t size = len(data), pos = C_HEADER_SIZE, batch_start_count = 0
+    cdef uint32_t word, length
+    cdef SegmentScan scan = SegmentScan.__new__(SegmentScan)
+    scan.path = path
+    scan.first_lsn = first_lsn
+    scan.offsets = []
+    scan.lengths = []
+    scan.file_size = size
+    scan.data = data
+    scan.good_end = C_HEADER_SIZE
+    while pos + C_RECORD_OVERHEAD <= size:
+        word = load_u32(base + pos)
+        length = word & LENGTH_MASK
+        if <Py_ssize_t>length > size - pos - C_RECORD_OVERHEAD:
+            break
+        if pykv_crc32c(pykv_crc32c(0, base + pos, 4), base + pos + 8, length) != load_u32(base + pos + 4):
+            break
+        scan.offsets.append(pos + C_RECORD_OVERHEAD)
+        scan.lengths.append(length)
+        pos += C_RECORD_OVERHEAD + length
+        if not (word & CONTINUED):
+            scan.good_end = pos
+            batch_start_count = len(scan.offsets)
+    # Drop the records of an unfinished batch.
+    del scan.offsets[batch_start_count:]
+    del scan.lengths[batch_start_count:]
+    return scan
+
+
+def _list_segments(directory: str) -> list[int]:
+    ids = []
+    for name in os.listdir(directory):
+        stem, dot, ext = name.partition(".")
+        if ext == "wal" and len(stem) == 20 and stem.isdigit():
+            ids.append(int(stem))
+    ids.sort()
+    return ids
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rewrite_header(path: str, first_lsn: int) -> None:
+    """Give a segment torn during its creation (shorter than a header) a fresh header."""
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        f.write(_header(first_lsn))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate(path: str, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _scan_segment(directory: str, segment_id: int, is_last: bool, repair: bool) -> SegmentScan:
+    path = segment_path(directory, segment_id)
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < C_HEADER_SIZE:
+        if not is_last:
+            raise CorruptData(f"{path}: segment shorter than its header")
+        if repair:
+            _rewrite_header(path, segment_id)
+        data = _header(segment_id)
+    _check_header(data[:C_HEADER_SIZE], segment_id, path)
+    scan = scan_bytes(data, segment_id, path)
+    if not scan.clean:
+        if not is_last:
+            raise CorruptData(
+                f"{path}: bad record at byte {scan.good_end} in a segment that is not the last"
+            )
+        if repair:
+            _truncate(path, scan.good_end)
+    return scan
+
+
+def read_wal(directory: str, *, repair: bool = True, from_lsn: int = 1):
+    """Yield the records with lsn >= from_lsn in lsn order, stopping at a torn or corrupt tail.
+
+    With repair=True the tail is truncated away (do not repair a log a WalWriter has open).
+    """
+    ids = _list_segments(directory)
+    expected = None
+    for index, segment_id in enumerate(ids):
+        is_last = index == len(ids) - 1
+        if expected is not None and segment_id != expected:
+            raise CorruptData(f"{directory}: lsn gap, expected segment {expected}, found {segment_id}")
+        if not is_last and ids[index + 1] <= from_lsn:
+            expected = ids[index + 1]
+            continue
+        scan = _scan_segment(directory, segment_id, is_last, repair)
+        expected = scan.next_lsn
+        if not is_last and expected != ids[index + 1]:
+            raise CorruptData(f"{scan.path}: ends at lsn {expected - 1}, next segment starts at {ids[index + 1]}")
+        yield from _records_of(scan, from_lsn)
+
+
+def _records_of(SegmentScan scan, from_lsn: int):
+    data = scan.data
+    lsn = scan.first_lsn
+    for offset, length in zip(scan.offsets, scan.lengths):
+        if lsn >= from_lsn:
+            yield WalRecord(lsn, scan.first_lsn, offset, data[offset:offset + length])
+        lsn += 1
+
+
+# --- the writer --------------------------------------------------------------------------------
+
+cdef struct chunk:
+    uint64_t segment_id    # the segment these bytes go to
+    size_t start           # where they start in the batch buffer
+
+
+cdef struct batch:
+    uint8_t* buf
+    size_t size
+    size_t cap
+    chunk* chunks
+    Py_ssize_t nchunks
+    Py_ssize_t chunk_cap
+    uint64_t last_lsn
+
+
+cdef int batch_reserve(batch* b, size_t extra) noexcept nogil:
+    cdef size_t cap = b.cap if b.cap else 4096
+    cdef uint8_t* grown
+    while cap < b.size + extra:
+        cap *= 2
+    if cap != b.cap:
+        grown = <uint8_t*>realloc(b.buf, cap)
+        if grown == NULL:
+            return -1
+        b.buf = grown
+        b.cap = cap
+    return 0
+
+
+cdef int batch_add_chunk(batch* b, uint64_t segment_id) noexcept nogil:
+    cdef chunk* grown
+    if b.nchunks == b.chunk_cap:
+        grown = <chunk*>realloc(b.chunks, (b.chunk_cap * 2 + 4) * sizeof(chunk))
+        if grown == NULL:
+            return -1
+        b.chunks = grown
+        b.chunk_cap = b.chunk_cap * 2 + 4
+    b.chunks[b.nchunks].segment_id = segment_id
+    b.chunks[b.nchunks].start = b.size
+    b.nchunks += 1
+    return 0
+
+
+cdef void batch_free(batch* b) noexcept nogil:
+    free(b.buf)
+    free(b.chunks)
+    memset(b, 0, sizeof(batch))
+
+
+cdef inline double now_seconds() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef int write_all(int fd, const uint8_t* data, size_t length) noexcept nogil:
+    cdef ssize_t n
+    while length:
+        n = c_write(fd, data, length)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        data += n
+        length -= n
+    return 0
+
+
+cdef int fsync_dir(const char* path) noexcept nogil:
+    cdef int fd = c_open(path, O_RDONLY)
+    cdef int rc = 0
+    if fd < 0:
+        return errno
+    if fsync(fd) != 0:
+        rc = errno
+    c_close(fd)
+    return rc
+
+
+cdef class WalWriter:
+    """A group-commit WAL writer over a directory of segments (format: module docstring)."""
+
+    cdef pthread_mutex_t mu
+    cdef pthread_cond_t work_cv       # the writer waits here for work
+    cdef pthread_cond_t done_cv       # submitters wait here for durability or room
+    cdef bint sync_primitives_ready
+    cdef batch pending
+    cdef batch inflight
+    # lsns: assigned <= last; written <= last; synced <= written
+    cdef uint64_t next_lsn
+    cdef uint64_t written_lsn
+    cdef uint64_t synced_upto
+    cdef uint64_t durable_target      # durable_lsn under the policy
+    # where the next record goes (assigned at submit time, so locate() is exact)
+    cdef uint64_t tail_segment
+    cdef uint64_t tail_pos
+    cdef uint64_t segment_bytes
+    # the file the writer thread has open
+    cdef int fd
+    cdef uint64_t fd_segment
+    cdef int policy
+    cdef double interval
+    cdef double last_sync_time
+    cdef bint sync_requested
+    cdef bint closing
+    cdef bint closed
+    cdef int error                    # errno of a failed write/fsync: the log is then unusable
+    cdef int failpoint
+    cdef long failpoint_countdown
+    # locate(): payload offset of every lsn from index_base on; the segment ids in order
+    cdef uint32_t* offsets
+    cdef size_t offsets_len
+    cdef size_t offsets_cap
+    cdef uint64_t index_base
+    cdef uint64_t* seg_ids
+    cdef size_t seg_len
+    cdef size_t seg_cap
+    cdef bytes directory_c
+    cdef const char* dir_cstr          # points into directory_c, for the writer thread
+    cdef object thread
+    cdef readonly str directory
+
+    def __cinit__(self):
+        self.fd = -1
+        self.offsets = NULL
+        self.seg_ids = NULL
+        memset(&self.pending, 0, sizeof(batch))
+        memset(&self.inflight, 0, sizeof(batch))
+
+    def __init__(self, directory: str, *, segment_bytes: int = 64 << 20, fsync: str = "always",
+                 interval_ms: int = 5, start_lsn: int | None = None):
+        if fsync not in POLICIES:
+            raise ValueError(f"fsync must be one of {sorted(POLICIES)}, not {fsync!r}")
+        if not C_HEADER_SIZE + C_RECORD_OVERHEAD < segment_bytes <= MAX_SEGMENT_BYTES:
+            raise ValueError(f"segment_bytes must be in (40, 2**31], not {segment_bytes}")
+        if interval_ms < 0:
+            raise ValueError("interval_ms must be >= 0")
+        if start_lsn is not None and start_lsn < 1:
+            raise ValueError("start_lsn must be >= 1")
+        self.directory = os.fspath(directory)
+        self.directory_c = os.fsencode(self.directory)
+        self.dir_cstr = self.directory_c
+        self.policy = POLICIES[fsync]
+        self.interval = interval_ms / 1000.0
+        self.segment_bytes = segment_bytes
+        self._arm_failpoint(os.environ.get("PYKV_FAILPOINT", ""))
+        os.makedirs(self.directory, exist_ok=True)
+        self._recover(start_lsn)
+        self._init_sync_primitives()
+        import threading
+        self.thread = threading.Thread(target=self._run, name="pykv-wal-writer", daemon=True)
+        self.thread.start()
+
+    cdef _arm_failpoint(self, str spec):
+        name, _, count = spec.partition(":")
+        self.failpoint = {"wal.before_fsync": FP_BEFORE_FSYNC,
+                          "wal.after_fsync": FP_AFTER_FSYNC}.get(name, FP_NONE)
+        self.failpoint_countdown = int(count) if count else 1
+
+    cdef _recover(self, start_lsn):
+        """Cut the torn tail of the last segment and continue after its last good record."""
+        ids = _list_segments(self.directory)
+        for segment_id in ids[:-1]:
+            with open(segment_path(self.directory, segment_id), "rb") as f:
+                _check_header(f.read(C_HEADER_SIZE), segment_id, f.name)
+        if ids:
+            last = _scan_segment(self.directory, ids[-1], True, True)
+            next_lsn = last.next_lsn
+            if start_lsn is not None and start_lsn != next_lsn:
+                if next_lsn != last.first_lsn or len(ids) > 1:
+                    raise ValueError(f"start_lsn {start_lsn} does not continue the log at {next_lsn}")
+                # Only an empty segment: start over at start_lsn.
+                os.unlink(last.path)
+                _fsync_path(self.directory, directory=True)
+                ids = []
+        if not ids:
+            next_lsn = start_lsn or 1
+            path = segment_path(self.directory, next_lsn)
+            with open(path, "xb") as f:
+                f.write(_header(next_lsn))
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_path(self.directory, directory=True)
+            ids = [next_lsn]
+            offsets, tail_pos = [], C_HEADER_SIZE
+        else:
+            offsets, tail_pos = last.offsets, last.good_end
+        self.next_lsn = next_lsn
+        self.written_lsn = self.synced_upto = self.durable_target = next_lsn - 1
+        self.tail_segment = ids[-1]
+        self.tail_pos = tail_pos
+        cdef bytes tail_path = os.fsencode(segment_path(self.directory, ids[-1]))
+        self.fd = c_open(tail_path, O_WRONLY | O_APPEND)
+        if self.fd < 0:
+            raise OSError(errno, os.strerror(errno), segment_path(self.directory, ids[-1]))
+        self.fd_segment = ids[-1]
+        for segment_id in ids:
+            self._push_segment(segment_id)
+        self.index_base = ids[-1]
+        for offset in offsets:
+            self._push_offset(offset)
+
+    cdef _init_sync_primitives(self):
+        cdef pthread_condattr_t attr
+        pthread_mutex_init(&self.mu, NULL)
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(&self.work_cv, &attr)
+        pthread_cond_init(&self.done_cv, &attr)
+        pthread_condattr_destroy(&attr)
+        self.last_sync_time = now_seconds()
+        self.sync_primitives_ready = True
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            c_close(self.fd)
+        batch_free(&self.pending)
+        batch_free(&self.inflight)
+        free(self.offsets)
+        free(self.seg_ids)
+        if self.sync_primitives_ready:
+            pthread_cond_destroy(&self.work_cv)
+            pthread_cond_destroy(&self.done_cv)
+            pthread_mutex_destroy(&self.mu)
+
+    # -- index (called with the mutex held or before the thread starts) --
+
+    cdef int _push_offset(self, uint32_t offset) except -1:
+        cdef uint32_t* grown
+        if self.offsets_len == self.offsets_cap:
+            grown = <uint32_t*>realloc(self.offsets, (self.offsets_cap * 2 + 1024) * sizeof(uint32_t))
+            if grown == NULL:
+                raise MemoryError()
+            self.offsets = grown
+            self.offsets_cap = self.offsets_cap * 2 + 1024
+        self.offsets[self.offsets_len] = offset
+        self.offsets_len += 1
+        return 0
+
+    cdef int _push_segment(self, uint64_t segment_id) except -1:
+        cdef uint64_t* grown
+        if self.seg_len == self.seg_cap:
+            grown = <uint64_t*>realloc(self.seg_ids, (self.seg_cap * 2 + 16) * sizeof(uint64_t))
+            if grown == NULL:
+                raise MemoryError()
+            self.seg_ids = grown
+            self.seg_cap = self.seg_cap * 2 + 16
+        self.seg_ids[self.seg_len] = segment_id
+        self.seg_len += 1
+        return 0
+
+    # -- submitting --
+
+    cdef int _check_usable(self) except -1:
+        if self.closing or self.closed:
+            raise StoreClosed(f"the WAL in {self.directory} is closed")
+        if self.error:
+            raise OSError(self.error, f"the WAL in {self.directory} failed: {os.strerror(self.error)}")
+        return 0
+
+    cdef void _lock(self) noexcept:
+        """Take the mutex from a thread holding the GIL.
+
+        Never block on the mutex while holding the GIL: the holder may need the GIL back (a
+        Python allocation inside its critical section can switch threads), so a contended
+        lock is taken with the GIL released. The writer thread never touches the GIL.
+        """
+        if pthread_mutex_trylock(&self.mu) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.mu)
+
+    cdef uint64_t _enqueue(self, list payloads) except 0:
+        """Frame payloads as one batch into the pending buffer; return the last lsn."""
+        cdef Py_ssize_t count = len(payloads), got = 0, i
+        cdef uint64_t total = 0, length, last = 0
+        cdef uint8_t* dst
+        cdef Py_buffer* views = <Py_buffer*>malloc(count * sizeof(Py_buffer))
+        if views == NULL:
+            raise MemoryError()
+        try:
+            for got in range(count):
+                PyObject_GetBuffer(payloads[got], &views[got], PyBUF_SIMPLE)
+                if <uint64_t>views[got].len > MAX_PAYLOAD:
+                    got += 1
+                    raise ValueTooLarge(f"WAL payload of {views[got - 1].len} bytes is too large")
+                total += C_RECORD_OVERHEAD + views[got].len
+            got = count
+            if total > MAX_PAYLOAD:
+                raise ValueTooLarge(f"WAL batch of {total} bytes is too large")
+            self._wait_for_room(total)
+            self._lock()
+            try:
+                self._check_usable()
+                if batch_reserve(&self.pending, total) < 0:
+                    raise MemoryError()
+                # Roll to a new segment before the batch if it does not fit (never inside it).
+                if self.tail_pos + total > self.segment_bytes and self.tail_pos > C_HEADER_SIZE:
+                    self._push_segment(self.next_lsn)
+                    self.tail_segment = self.next_lsn
+                    self.tail_pos = C_HEADER_SIZE
+                    if batch_add_chunk(&self.pending, self.tail_segment) < 0:
+                        raise MemoryError()
+                elif self.pending.nchunks == 0:
+                    if batch_add_chunk(&self.pending, self.tail_segment) < 0:
+                        raise MemoryError()
+                for i in range(count):
+                    length = views[i].len
+                    dst = self.pending.buf + self.pending.size
+                    store_u32(dst, <uint32_t>length | (CONTINUED if i < count - 1 else 0))
+                    if length:
+                        memcpy(dst + C_RECORD_OVERHEAD, views[i].buf, length)
+                    self.pending.size += C_RECORD_OVERHEAD + length
+                    self._push_offset(<uint32_t>(self.tail_pos + C_RECORD_OVERHEAD))
+                    self.tail_pos += C_RECORD_OVERHEAD + length
+                    self.next_lsn += 1
+                last = self.next_lsn - 1
+                self.pending.last_lsn = last
+                pthread_cond_signal(&self.work_cv)
+            finally:
+                pthread_mutex_unlock(&self.mu)
+        finally:
+            for i in range(got):
+                PyBuffer_Release(&views[i])
+            free(views)
+        return last
+
+    cdef int _wait_for_room(self, uint64_t total) except -1:
+        """Back-pressure: wait (GIL released) while too much is queued for the writer."""
+        cdef bint full = True
+        while full:
+            with nogil:
+                pthread_mutex_lock(&self.mu)
+                while (self.pending.size > 0 and self.pending.size + total > MAX_PENDING_BYTES
+                       and not self.closing and not self.error):
+                    pthread_cond_wait(&self.done_cv, &self.mu)
+                full = False
+                pthread_mutex_unlock(&self.mu)
+        return 0
+
+    def submit(self, payload) -> int:
+        """Queue one record and return its lsn at once (not yet durable; see wait)."""
+        return self._enqueue([payload])
+
+    def append(self, payload) -> int:
+        """Append one record and return its lsn once it is durable under the fsync policy."""
+        cdef uint64_t lsn = self._enqueue([payload])
+        self._wait(lsn)
+        return lsn
+
+    def append_many(self, payloads) -> int:
+        """Append records as one all-or-nothing batch; return the last lsn once durable."""
+        payloads = list(payloads)
+        if not payloads:
+            raise ValueError("append_many needs at least one payload")
+        cdef uint64_t lsn = self._enqueue(payloads)
+        self._wait(lsn)
+        return lsn
+
+    def wait(self, lsn: int) -> None:
+        """Block (GIL released) until lsn is durable under the fsync policy."""
+        self._wait(lsn)
+
+    cdef int _wait(self, uint64_t lsn) except -1:
+        cdef int err = 0
+        cdef bint stopped = False
+        if lsn >= self.next_lsn:
+            raise ValueError(f"lsn {lsn} has not been assigned (last is {self.next_lsn - 1})")
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            while self.durable_target < lsn and not self.error and not self.closed:
+                pthread_cond_wait(&self.done_cv, &self.mu)
+            if self.durable_target < lsn:
+                err = self.error
+                stopped = True
+            pthread_mutex_unlock(&self.mu)
+        if stopped:
+            if err:
+                raise OSError(err, f"the WAL in {self.directory} failed: {os.strerror(err)}")
+            raise StoreClosed(f"the WAL in {self.directory} closed before lsn {lsn} was durable")
+        return 0
+
+    def sync(self) -> None:
+        """fdatasync everything submitted so far (under any policy) and wait for it."""
+        cdef uint64_t target
+        cdef int err = 0
+        self._check_usable()
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            target = self.next_lsn - 1
+            self.sync_requested = True
+            pthread_cond_signal(&self.work_cv)
+            while self.synced_upto < target and not self.error and not self.closed:
+                pthread_cond_wait(&self.done_cv, &self.mu)
+            err = self.error
+            pthread_mutex_unlock(&self.mu)
+        if err:
+            raise OSError(err, f"the WAL in {self.directory} failed: {os.strerror(err)}")
+
+    # -- queries --
+
+    @property
+    def durable_lsn(self) -> int:
+        """The highest lsn durable under the fsync policy (written, and fdatasync'd for always)."""
+        return self.durable_target
+
+    @property
+    def synced_lsn(self) -> int:
+        """The highest lsn covered by an fdatasync."""
+        return self.synced_upto
+
+    @property
+    def last_lsn(self) -> int:
+        """The last lsn assigned (0 before any record)."""
+        return self.next_lsn - 1
+
+    def locate(self, lsn: int) -> tuple:
+        """(segment_id, payload offset) of a record appended or recovered by this writer."""
+        cdef uint64_t n
+        cdef size_t lo, hi, mid
+        if not isinstance(lsn, int) or lsn < <object>self.index_base or lsn >= <object>self.next_lsn:
+            raise KeyError(lsn)
+        n = lsn
+        self._lock()
+        lo, hi = 0, self.seg_len
+        while hi - lo > 1:   # the last segment whose id is <= n
+            mid = (lo + hi) // 2
+            if self.seg_ids[mid] <= n:
+                lo = mid
+            else:
+                hi = mid
+        result = (self.seg_ids[lo], self.offsets[n - self.index_base])
+        pthread_mutex_unlock(&self.mu)
+        return result
+
+    def segments(self) -> list:
+        """The ids (first lsns) of the segments, in order."""
+        self._lock()
+        ids = [self.seg_ids[i] for i in range(self.seg_len)]
+        pthread_mutex_unlock(&self.mu)
+        return ids
+
+    def truncate_before(self, lsn: int) -> int:
+        """Delete whole segments whose records are all < lsn (and written); return how many."""
+        cdef size_t drop = 0, i
+        cdef uint64_t keep_from
+        self._lock()
+        # Segment i holds [seg_ids[i], seg_ids[i+1]); the last segment is never deleted, and a
+        # segment whose records are not all written yet may still be reopened by the writer.
+        while (drop + 1 < self.seg_len and self.seg_ids[drop + 1] <= lsn
+               and self.seg_ids[drop + 1] - 1 <= self.written_lsn):
+            drop += 1
+        doomed = [self.seg_ids[i] for i in range(drop)]
+        if drop:
+            keep_from = self.seg_ids[drop]
+            memmove(self.seg_ids, self.seg_ids + drop, (self.seg_len - drop) * sizeof(uint64_t))
+            self.seg_len -= drop
+            if keep_from > self.index_base:
+                memmove(self.offsets, self.offsets + (keep_from - self.index_base),
+                        (self.offsets_len - (keep_from - self.index_base)) * sizeof(uint32_t))
+                self.offsets_len -= keep_from - self.index_base
+                self.index_base = keep_from
+        pthread_mutex_unlock(&self.mu)
+        for segment_id in doomed:
+            os.unlink(segment_path(self.directory, segment_id))
+        if doomed and self.policy != POLICY_OFF:
+            _fsync_path(self.directory, directory=True)
+        return len(doomed)
+
+    # -- shutting down --
+
+    def close(self) -> None:
+        """Write and sync everything queued, stop the writer thread, close the file. Idempotent."""
+        if self.thread is None:
+            return
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.closing = True
+            pthread_cond_signal(&self.work_cv)
+            pthread_mutex_unlock(&self.mu)
+        self.thread.join()
+        self.thread = None
+        if self.fd >= 0:
+            c_close(self.fd)
+            self.fd = -1
+        err = self.error
+        if err:
+            raise OSError(err, f"the WAL in {self.directory} failed: {os.strerror(err)}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -- the writer thread --
+
+    def _run(self) -> None:
+        with nogil:
+            self._loop()
+
+    cdef void _loop(self) noexcept nogil:
+        cdef batch tmp
+        cdef bint want_sync, synced, sync_req, closing
+        cdef uint64_t target
+        cdef double deadline
+        cdef int rc
+        pthread_mutex_lock(&self.mu)
+        while True:
+            # Wait for records, a sync request, closing, or (interval) the next sync deadline.
+            while (self.pending.size == 0 and not self.sync_requested and not self.closing
+                   and not self.error):
+                if self.policy == POLICY_INTERVAL and self.synced_upto < self.written_lsn:
+                    deadline = self.last_sync_time + self.interval
+                    if now_seconds() >= deadline:
+                        break
+                    self._timed_wait(deadline)
+                else:
+                    pthread_cond_wait(&self.work_cv, &self.mu)
+            if self.error:
+                break
+            tmp = self.inflight
+            self.inflight = self.pending
+            self.pending = tmp
+            self.pending.size = 0
+            self.pending.nchunks = 0
+            target = self.inflight.last_lsn if self.inflight.size else self.written_lsn
+            sync_req = self.sync_requested
+            self.sync_requested = False
+            closing = self.closing
+            pthread_cond_broadcast(&self.done_cv)   # room in the pending buffer again
+            pthread_mutex_unlock(&self.mu)
+
+            rc = self._write_batch(&self.inflight)
+            want_sync = (self.policy == POLICY_ALWAYS or sync_req
+                         or (self.policy == POLICY_INTERVAL
+                             and (closing or now_seconds() - self.last_sync_time >= self.interval)))
+            synced = False
+            if rc == 0 and want_sync and self.synced_upto < target:
+                self._failpoint(FP_BEFORE_FSYNC)
+                if fdatasync(self.fd) != 0:
+                    rc = errno
+                else:
+                    synced = True
+                    self._failpoint(FP_AFTER_FSYNC)
+            if want_sync:
+                self.last_sync_time = now_seconds()
+
+            pthread_mutex_lock(&self.mu)
+            self.inflight.size = 0
+            self.inflight.nchunks = 0
+            if rc != 0:
+                self.error = rc
+            else:
+                self.written_lsn = target
+                if synced or (want_sync and self.synced_upto >= target):
+                    self.synced_upto = target
+                if self.policy == POLICY_ALWAYS:
+                    self.durable_target = self.synced_upto
+                else:
+                    self.durable_target = self.written_lsn
+            pthread_cond_broadcast(&self.done_cv)
+            if self.error or (closing and self.pending.size == 0):
+                break
+        if not self.error and self.policy != POLICY_OFF and self.synced_upto < self.written_lsn:
+            if fdatasync(self.fd) == 0:
+                self.synced_upto = self.written_lsn
+        self.closed = True
+        pthread_cond_broadcast(&self.done_cv)
+        pthread_mutex_unlock(&self.mu)
+
+    cdef void _timed_wait(self, double deadline) noexcept nogil:
+        cdef timespec ts
+        ts.tv_sec = <long>deadline
+        ts.tv_nsec = <long>((deadline - ts.tv_sec) * 1e9)
+        pthread_cond_timedwait(&self.work_cv, &self.mu, &ts)
+
+    cdef void _failpoint(self, int point) noexcept nogil:
+        if self.failpoint == point:
+            self.failpoint_countdown -= 1
+            if self.failpoint_countdown <= 0:
+                _exit(137)
+
+    cdef int _write_batch(self, batch* b) noexcept nogil:
+        """CRC the records, write each chunk to its segment (creating new ones); errno or 0."""
+        cdef Py_ssize_t c
+        cdef size_t pos = 0, end
+        cdef uint32_t length
+        cdef int rc
+        while pos < b.size:
+            length = load_u32(b.buf + pos) & LENGTH_MASK
+            store_u32(b.buf + pos + 4, pykv_crc32c(pykv_crc32c(0, b.buf + pos, 4),
+                                                   b.buf + pos + 8, length))
+            pos += C_RECORD_OVERHEAD + length
+        for c in range(b.nchunks):
+            end = b.chunks[c + 1].start if c + 1 < b.nchunks else b.size
+            if b.chunks[c].segment_id != self.fd_segment:
+                rc = self._roll(b.chunks[c].segment_id)
+                if rc != 0:
+                    return rc
+            rc = write_all(self.fd, b.buf + b.chunks[c].start, end - b.chunks[c].start)
+            if rc != 0:
+                return rc
+        return 0
+
+    cdef int _roll(self, uint64_t segment_id) noexcept nogil:
+        """Finish the current segment (fdatasync unless off) and create the next one."""
+        cdef char path[4096]
+        cdef uint8_t header[32]
+        cdef int fd, rc
+        if self.policy != POLICY_OFF and fdatasync(self.fd) != 0:
+            return errno
+        c_close(self.fd)
+        self.fd = -1
+        snprintf(path, sizeof(path), "%s/%020llu.wal", self.dir_cstr,
+                 <unsigned long long>segment_id)
+        fd = c_open(path, O_WRONLY | O_CREAT | O_EXCL | O_APPEND, 0o644)
+        if fd < 0:
+            return errno
+        self.fd = fd
+        self.fd_segment = segment_id
+        build_header(header, segment_id)
+        rc = write_all(fd, header, C_HEADER_SIZE)
+        if rc != 0:
+            return rc
+        if self.policy != POLICY_OFF:
+            if fdatasync(fd) != 0:
+                return errno
+            rc = fsync_dir(self.dir_cstr)
+        return rc
+
+
+cdef extern from "<stdio.h>" nogil:
+    int snprintf(char* buf, size_t size, const char* fmt, ...)
