@@ -118,13 +118,30 @@ class FrameDecoder:
         """Bytes received that do not yet form a whole frame."""
         return len(self._buffer)
 
+    @property
+    def error(self) -> ProtocolError | None:
+        """The error that stopped this decoder, if any."""
+        return self._error
+
     def feed(self, data: bytes) -> list[Frame]:
-        """Frames completed by data. Raises ProtocolError on malformed input (and after)."""
+        """Frames completed by data. Raises ProtocolError on malformed input.
+
+        Whole frames that precede the bad input in ``data`` are still returned; the error
+        is then raised by the next call (check ``error`` to learn of it at once).
+        """
         if self._error is not None:
             raise ProtocolError(f"decoder already failed: {self._error}")
+        frames: list[Frame] = []
+        try:
+            self._parse(data, frames)
+        except ProtocolError:
+            if not frames:
+                raise
+        return frames
+
+    def _parse(self, data: bytes, frames: list[Frame]) -> None:
         buf = self._buffer
         buf += data
-        frames = []
         pos = 0
         end_of_data = len(buf)
         while end_of_data - pos >= HEADER.size:
@@ -141,7 +158,6 @@ class FrameDecoder:
             pos = end
         if pos:
             del buf[:pos]
-        return frames
 
     def check_eof(self) -> None:
         """Call when the stream ends: raises ProtocolError if it ended inside a frame."""

@@ -170,3 +170,12 @@ def test_http_request_is_not_mistaken_for_frames():
     with pytest.raises(ProtocolError, match="exceeds max_frame"):
         FrameDecoder().feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert struct.unpack(">I", b"GET ")[0] > 1 << 30
+
+
+def test_frames_before_garbage_are_delivered_then_the_error():
+    decoder = FrameDecoder()
+    good = encode_frame(20, "first", request_id=1)
+    assert decoder.feed(good + HEADER.pack(1, 20) + b"\xc1") == [Frame(20, 1, "first")]
+    assert isinstance(decoder.error, ProtocolError)
+    with pytest.raises(ProtocolError, match="undecodable msgpack"):
+        decoder.feed(b"")
