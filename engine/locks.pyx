@@ -1,0 +1,482 @@
+# cython: boundscheck=True, wraparound=True
+# (Python-level indexing stays checked; the tables are walked with raw C pointers.)
+"""Lock table: per-key shared/exclusive locks owned by transaction ids, try-lock only.
+
+Nothing here ever waits for a lock: ``try_lock`` and ``try_lock_all`` answer at once, so a
+caller that cannot get its locks aborts or retries later, and no cycle of waiting
+transactions (a deadlock) can form. A transaction takes all its locks with one
+``try_lock_all`` (all or nothing) and drops them with ``release_all``.
+
+Rules: any number of transactions may share a key; an exclusive lock excludes everyone
+else. Locking again a key one already holds succeeds (re-entrant); a sole shared holder may
+upgrade to exclusive; an exclusive holder asking for shared keeps its exclusive lock.
+
+Locks and the per-transaction lists of held locks are C structures in two open-addressing
+hash tables. Each method holds the table's mutex for its whole run (taken with the GIL
+released when contended), so the table is safe to use from several threads.
+"""
+
+import os
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy
+
+from pykv.errors import KeyTooLarge
+
+SHARED = LOCK_SHARED
+EXCLUSIVE = LOCK_EXCLUSIVE
+
+cdef enum:
+    C_MAX_KEY = 256
+    MIN_CAPACITY = 16
+
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_mutex_init(pthread_mutex_t*, void*)
+    int pthread_mutex_destroy(pthread_mutex_t*)
+    int pthread_mutex_lock(pthread_mutex_t*)
+    int pthread_mutex_trylock(pthread_mutex_t*)
+    int pthread_mutex_unlock(pthread_mutex_t*)
+
+
+cdef inline uint64_t mix(uint64_t x) noexcept nogil:
+    x ^= x >> 30
+    x *= <uint64_t>0xBF58476D1CE4E5B9
+    x ^= x >> 27
+    x *= <uint64_t>0x94D049BB133111EB
+    x ^= x >> 31
+    return x
+
+
+cdef inline uint64_t hash_bytes(const uint8_t* key, Py_ssize_t length, uint64_t seed) noexcept nogil:
+    cdef uint64_t h = seed ^ (<uint64_t>length * <uint64_t>0x9E3779B97F4A7C15)
+    cdef uint64_t word
+    cdef Py_ssize_t i = 0
+    while i + 8 <= length:
+        memcpy(&word, key + i, 8)
+        h = mix(h ^ word) + <uint64_t>0x9E3779B97F4A7C15
+        i += 8
+    word = 0
+    if i < length:
+        memcpy(&word, key + i, length - i)
+        h = mix(h ^ word ^ (<uint64_t>(length - i) << 56))
+    return mix(h)
+
+
+cdef inline uint8_t* lock_key(lk_lock* lock) noexcept nogil:
+    return (<uint8_t*>lock) + sizeof(lk_lock)
+
+
+# --- key -> lock table -----------------------------------------------------------------------
+
+cdef Py_ssize_t lock_find(lk_lock_table* t, const uint8_t* key, Py_ssize_t key_len,
+                          uint64_t h) noexcept nogil:
+    """The slot of key's lock, or -(free slot) - 1."""
+    cdef size_t mask = t.capacity - 1, i = h & mask
+    cdef lk_lock* lock
+    while True:
+        lock = t.slots[i]
+        if lock == NULL:
+            return -<Py_ssize_t>i - 1
+        if lock.hash == h and lock.key_len == key_len and memcmp(lock_key(lock), key, key_len) == 0:
+            return i
+        i = (i + 1) & mask
+
+
+cdef int lock_table_resize(lk_lock_table* t, size_t capacity) noexcept nogil:
+    cdef lk_lock** fresh = <lk_lock**>calloc(capacity, sizeof(lk_lock*))
+    cdef size_t i, j, mask = capacity - 1
+    if fresh == NULL:
+        return -1
+    for i in range(t.capacity):
+        if t.slots[i] != NULL:
+            j = t.slots[i].hash & mask
+            while fresh[j] != NULL:
+                j = (j + 1) & mask
+            fresh[j] = t.slots[i]
+    free(t.slots)
+    t.slots = fresh
+    t.capacity = capacity
+    return 0
+
+
+cdef void lock_table_remove(lk_lock_table* t, size_t hole) noexcept nogil:
+    """Empty slot hole and shift its cluster back (no tombstones)."""
+    cdef size_t mask = t.capacity - 1, j = hole, home
+    t.slots[hole] = NULL
+    while True:
+        j = (j + 1) & mask
+        if t.slots[j] == NULL:
+            break
+        home = t.slots[j].hash & mask
+        if hole <= j:
+            if hole < home <= j:
+                continue
+        elif home > hole or home <= j:
+            continue
+        t.slots[hole] = t.slots[j]
+        t.slots[j] = NULL
+        hole = j
+    t.count -= 1
+
+
+# --- txid -> held locks table ----------------------------------------------------------------
+
+cdef Py_ssize_t txn_find(lk_txn_table* t, uint64_t txid) noexcept nogil:
+    cdef size_t mask = t.capacity - 1, i = mix(txid) & mask
+    while True:
+        if t.slots[i] == NULL:
+            return -<Py_ssize_t>i - 1
+        if t.slots[i].txid == txid:
+            return i
+        i = (i + 1) & mask
+
+
+cdef int txn_table_resize(lk_txn_table* t, size_t capacity) noexcept nogil:
+    cdef lk_txn** fresh = <lk_txn**>calloc(capacity, sizeof(lk_txn*))
+    cdef size_t i, j, mask = capacity - 1
+    if fresh == NULL:
+        return -1
+    for i in range(t.capacity):
+        if t.slots[i] != NULL:
+            j = mix(t.slots[i].txid) & mask
+            while fresh[j] != NULL:
+                j = (j + 1) & mask
+            fresh[j] = t.slots[i]
+    free(t.slots)
+    t.slots = fresh
+    t.capacity = capacity
+    return 0
+
+
+cdef void txn_table_remove(lk_txn_table* t, size_t hole) noexcept nogil:
+    cdef size_t mask = t.capacity - 1, j = hole, home
+    t.slots[hole] = NULL
+    while True:
+        j = (j + 1) & mask
+        if t.slots[j] == NULL:
+            break
+        home = mix(t.slots[j].txid) & mask
+        if hole <= j:
+            if hole < home <= j:
+                continue
+        elif home > hole or home <= j:
+            continue
+        t.slots[hole] = t.slots[j]
+        t.slots[j] = NULL
+        hole = j
+    t.count -= 1
+
+
+cdef lk_txn* txn_get_or_add(lk_txn_table* t, uint64_t txid) noexcept nogil:
+    cdef Py_ssize_t slot = txn_find(t, txid)
+    cdef lk_txn* txn
+    if slot >= 0:
+        return t.slots[slot]
+    if (t.count + 1) * 4 > t.capacity * 3:
+        if txn_table_resize(t, t.capacity * 2) < 0:
+            return NULL
+        slot = txn_find(t, txid)
+    txn = <lk_txn*>calloc(1, sizeof(lk_txn))
+    if txn == NULL:
+        return NULL
+    txn.txid = txid
+    t.slots[-slot - 1] = txn
+    t.count += 1
+    return txn
+
+
+cdef int txn_push(lk_txn* txn, lk_lock* lock) noexcept nogil:
+    cdef lk_lock** grown
+    if txn.nlocks == txn.cap:
+        grown = <lk_lock**>realloc(txn.locks, (txn.cap * 2 + 4) * sizeof(lk_lock*))
+        if grown == NULL:
+            return -1
+        txn.locks = grown
+        txn.cap = txn.cap * 2 + 4
+    txn.locks[txn.nlocks] = lock
+    txn.nlocks += 1
+    return 0
+
+
+# --- holders ---------------------------------------------------------------------------------
+
+cdef inline bint holds(lk_lock* lock, uint64_t txid) noexcept nogil:
+    cdef uint32_t i
+    for i in range(lock.nholders):
+        if lock.holders[i] == txid:
+            return True
+    return False
+
+
+cdef int add_holder(lk_lock* lock, uint64_t txid) noexcept nogil:
+    cdef uint64_t* grown
+    if lock.nholders == lock.cap:
+        if lock.holders == &lock.one:
+            grown = <uint64_t*>malloc(4 * sizeof(uint64_t))
+            if grown == NULL:
+                return -1
+            grown[0] = lock.one
+            lock.cap = 4
+        else:
+            grown = <uint64_t*>realloc(lock.holders, lock.cap * 2 * sizeof(uint64_t))
+            if grown == NULL:
+                return -1
+            lock.cap *= 2
+        lock.holders = grown
+    lock.holders[lock.nholders] = txid
+    lock.nholders += 1
+    return 0
+
+
+cdef void remove_holder(lk_lock* lock, uint64_t txid) noexcept nogil:
+    cdef uint32_t i
+    for i in range(lock.nholders):
+        if lock.holders[i] == txid:
+            lock.holders[i] = lock.holders[lock.nholders - 1]
+            lock.nholders -= 1
+            return
+
+
+cdef void free_lock(lk_lock* lock) noexcept nogil:
+    if lock.holders != &lock.one:
+        free(lock.holders)
+    free(lock)
+
+
+# --- one request -----------------------------------------------------------------------------
+
+cdef struct request:
+    const uint8_t* key
+    Py_ssize_t key_len
+    uint64_t hash
+    int mode
+
+
+cdef bint grantable(lk_lock_table* t, request* r, uint64_t txid) noexcept nogil:
+    cdef Py_ssize_t slot = lock_find(t, r.key, r.key_len, r.hash)
+    cdef lk_lock* lock
+    if slot < 0:
+        return True
+    lock = t.slots[slot]
+    if holds(lock, txid):
+        return r.mode <= lock.mode or lock.nholders == 1
+    return r.mode == LOCK_SHARED and lock.mode == LOCK_SHARED
+
+
+cdef int grant(LockTable self, request* r, uint64_t txid) noexcept nogil:
+    """Take a lock that grantable() allowed; -1 when out of memory."""
+    cdef lk_lock_table* t = &self.locks
+    cdef Py_ssize_t slot = lock_find(t, r.key, r.key_len, r.hash)
+    cdef lk_lock* lock
+    cdef lk_txn* txn
+    if slot >= 0:
+        lock = t.slots[slot]
+        if holds(lock, txid):
+            if r.mode > lock.mode:
+                lock.mode = r.mode   # upgrade of a sole shared holder
+            return 0
+        if add_holder(lock, txid) < 0:
+            return -1
+    else:
+        if (t.count + 1) * 4 > t.capacity * 3:
+            if lock_table_resize(t, t.capacity * 2) < 0:
+                return -1
+            slot = lock_find(t, r.key, r.key_len, r.hash)
+        lock = <lk_lock*>malloc(sizeof(lk_lock) + r.key_len)
+        if lock == NULL:
+            return -1
+        lock.hash = r.hash
+        lock.holders = &lock.one
+        lock.one = txid
+        lock.nholders = 1
+        lock.cap = 1
+        lock.key_len = <uint16_t>r.key_len
+        lock.mode = <uint8_t>r.mode
+        memcpy(lock_key(lock), r.key, r.key_len)
+        t.slots[-slot - 1] = lock
+        t.count += 1
+    txn = txn_get_or_add(&self.txns, txid)
+    if txn == NULL or txn_push(txn, lock) < 0:
+        return -1
+    return 0
+
+
+cdef int check_mode(int mode) except -1:
+    if mode != LOCK_SHARED and mode != LOCK_EXCLUSIVE:
+        raise ValueError(f"lock mode must be SHARED (1) or EXCLUSIVE (2), not {mode}")
+    return 0
+
+
+cdef int fill_request(request* r, object key, uint64_t seed, int mode) except -1:
+    if not isinstance(key, bytes):
+        raise TypeError(f"keys must be bytes, not {type(key).__name__}")
+    r.key_len = PyBytes_GET_SIZE(key)
+    if r.key_len > C_MAX_KEY:
+        raise KeyTooLarge(f"key of {r.key_len} bytes is longer than {C_MAX_KEY}")
+    r.key = <const uint8_t*>PyBytes_AS_STRING(key)
+    r.hash = hash_bytes(r.key, r.key_len, seed)
+    r.mode = mode
+    return 0
+
+
+cdef class LockTable:
+    """Per-key shared/exclusive locks owned by transaction ids (uint64); never blocks."""
+
+    def __cinit__(self):
+        self.locks.slots = <lk_lock**>calloc(MIN_CAPACITY, sizeof(lk_lock*))
+        self.txns.slots = <lk_txn**>calloc(MIN_CAPACITY, sizeof(lk_txn*))
+        if self.locks.slots == NULL or self.txns.slots == NULL:
+            raise MemoryError()
+        self.locks.capacity = self.txns.capacity = MIN_CAPACITY
+        pthread_mutex_init(&self.mu, NULL)
+        self.mu_ready = True
+        self.seed = int.from_bytes(os.urandom(8), "little")
+
+    def __dealloc__(self):
+        cdef size_t i
+        if self.locks.slots != NULL:
+            for i in range(self.locks.capacity):
+                if self.locks.slots[i] != NULL:
+                    free_lock(self.locks.slots[i])
+            free(self.locks.slots)
+        if self.txns.slots != NULL:
+            for i in range(self.txns.capacity):
+                if self.txns.slots[i] != NULL:
+                    free(self.txns.slots[i].locks)
+                    free(self.txns.slots[i])
+            free(self.txns.slots)
+        if self.mu_ready:
+            pthread_mutex_destroy(&self.mu)
+
+    cdef void _lock(self) noexcept:
+        # Block on the mutex only with the GIL released: its holder may need the GIL.
+        if pthread_mutex_trylock(&self.mu) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.mu)
+
+    def try_lock(self, key, txid, int mode) -> bool:
+        """Take key in mode for txid if compatible with the other holders; never waits."""
+        cdef request r
+        cdef uint64_t tx = txid
+        cdef bint ok
+        cdef int rc = 0
+        check_mode(mode)
+        fill_request(&r, key, self.seed, mode)
+        self._lock()
+        ok = grantable(&self.locks, &r, tx)
+        if ok:
+            rc = grant(self, &r, tx)
+        pthread_mutex_unlock(&self.mu)
+        if rc < 0:
+            raise MemoryError()
+        return ok
+
+    def try_lock_all(self, shared, exclusive, txid) -> bool:
+        """Take every key (shared or exclusive) for txid, or none of them."""
+        cdef uint64_t tx = txid
+        cdef Py_ssize_t n, i
+        cdef bint ok = True
+        cdef int rc = 0
+        # Hold references to the keys while C pointers into them are in use; a key listed
+        # in both lists is taken exclusive.
+        exclusive_keys = tuple(exclusive)
+        wanted = {key: LOCK_SHARED for key in shared}
+        wanted.update({key: LOCK_EXCLUSIVE for key in exclusive_keys})
+        keys = tuple(wanted)
+        n = len(keys)
+        cdef request* requests = <request*>malloc((n if n else 1) * sizeof(request))
+        if requests == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                fill_request(&requests[i], keys[i], self.seed, wanted[keys[i]])
+            self._lock()
+            for i in range(n):
+                if not grantable(&self.locks, &requests[i], tx):
+                    ok = False
+                    break
+            if ok:
+                for i in range(n):
+                    rc = grant(self, &requests[i], tx)
+                    if rc < 0:
+                        break
+            pthread_mutex_unlock(&self.mu)
+        finally:
+            free(requests)
+        if rc < 0:
+            raise MemoryError()
+        return ok
+
+    def release_all(self, txid) -> int:
+        """Drop every lock txid holds; return how many keys it held."""
+        cdef uint64_t tx = txid
+        cdef Py_ssize_t slot
+        cdef lk_txn* txn
+        cdef lk_lock* lock
+        cdef uint32_t i, released = 0
+        self._lock()
+        slot = txn_find(&self.txns, tx)
+        if slot >= 0:
+            txn = self.txns.slots[slot]
+            for i in range(txn.nlocks):
+                lock = txn.locks[i]
+                remove_holder(lock, tx)
+                if lock.nholders == 0:
+                    lock_table_remove(&self.locks,
+                                      lock_find(&self.locks, lock_key(lock), lock.key_len, lock.hash))
+                    free_lock(lock)
+            released = txn.nlocks
+            txn_table_remove(&self.txns, slot)
+            free(txn.locks)
+            free(txn)
+            self._shrink()
+        pthread_mutex_unlock(&self.mu)
+        return released
+
+    cdef void _shrink(self) noexcept:
+        # Give memory back after a burst of locks; failure to shrink is harmless.
+        if self.locks.capacity > MIN_CAPACITY and self.locks.count * 8 < self.locks.capacity:
+            lock_table_resize(&self.locks, self.locks.capacity // 2)
+        if self.txns.capacity > MIN_CAPACITY and self.txns.count * 8 < self.txns.capacity:
+            txn_table_resize(&self.txns, self.txns.capacity // 2)
+
+    def holders(self, key) -> tuple:
+        """(mode, frozenset of txids) of key; (0, frozenset()) when nobody holds it."""
+        cdef request r
+        cdef Py_ssize_t slot
+        cdef lk_lock* lock
+        fill_request(&r, key, self.seed, LOCK_SHARED)
+        self._lock()
+        try:
+            slot = lock_find(&self.locks, r.key, r.key_len, r.hash)
+            if slot < 0:
+                return (LOCK_FREE, frozenset())
+            lock = self.locks.slots[slot]
+            return (lock.mode, frozenset([lock.holders[i] for i in range(lock.nholders)]))
+        finally:
+            pthread_mutex_unlock(&self.mu)
+
+    def held_by(self, txid) -> list:
+        """The keys txid holds a lock on, in the order it took them."""
+        cdef uint64_t tx = txid
+        cdef Py_ssize_t slot
+        cdef lk_txn* txn
+        self._lock()
+        try:
+            slot = txn_find(&self.txns, tx)
+            if slot < 0:
+                return []
+            txn = self.txns.slots[slot]
+            return [PyBytes_FromStringAndSize(<char*>lock_key(txn.locks[i]), txn.locks[i].key_len)
+                    for i in range(txn.nlocks)]
+        finally:
+            pthread_mutex_unlock(&self.mu)
+
+    def __len__(self):
+        return self.locks.count
+
+    def __repr__(self):
+        return f"<LockTable keys={self.locks.count} transactions={self.txns.count}>"
