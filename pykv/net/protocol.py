@@ -47,6 +47,19 @@ Handler = Callable[[int, Any], Awaitable[Any]]
 DEFAULT_MAX_IN_FLIGHT = 4096
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop event loop where uvloop is installed (not on Windows), else asyncio's.
+
+    Use as ``asyncio.Runner(loop_factory=new_event_loop)`` or ``asyncio.run(...,
+    loop_factory=new_event_loop)`` (3.12+); everything here also runs on plain asyncio.
+    """
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def log_event(level: int, event: str, **fields: Any) -> None:
     """Log one structured event: ``event=name key=value ...`` (also on the record as
     ``record.event`` and ``record.fields`` for handlers that want the structure)."""

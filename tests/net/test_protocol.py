@@ -7,7 +7,6 @@ import logging
 import socket
 
 import pytest
-import uvloop
 
 from pykv.errors import Error, ProtocolError, Timeout, TransactionConflict, Unavailable
 from pykv.net.framing import (
@@ -20,13 +19,16 @@ from pykv.net.framing import (
     encode_frame,
     hello_frame,
 )
-from pykv.net.protocol import Connection, PeerPool, serve
+from pykv.net.protocol import Connection, PeerPool, new_event_loop, serve
 
 ECHO, SLOW_ECHO, CONFLICT, BUG, SLEEP, RECORD = 16, 17, 18, 19, 20, 21
 
 
 def run(coro):
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    loop = new_event_loop()
+    assert type(loop).__module__.startswith("uvloop")  # the loop pykv runs on
+    loop.close()
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(coro)
 
 
