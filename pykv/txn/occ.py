@@ -63,6 +63,7 @@ from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import (
     INT64_MAX,
     INT64_MIN,
+    MAX_KEY_BYTES,
     MAX_TXN_OPS,
     MAX_VALUE_BYTES,
     OpKind,
@@ -73,6 +74,9 @@ from pykv.types import (
 
 MAX_CLOCK_ENTRIES = 16
 """Clocks keep at most this many node entries (one per node that coordinated a write)."""
+
+# A str of at most this many chars encodes within the value limit (4 bytes a char + header).
+_SAFE_STR_CHARS = (MAX_VALUE_BYTES - 5) // 4
 
 
 def validate(
@@ -104,7 +108,7 @@ def validate(
     for key, seen in reads.items():  # rule 1
         if key in ops_by_key:
             continue
-        check_key(key)
+        _check_key(key)
         if state.get(key).clock != seen.clock:  # canonical encodings: equal clocks, equal bytes
             raise TransactionConflict(f"key {key!r} changed since the transaction read it")
 
@@ -122,7 +126,7 @@ def _update_key(
     request: CommitRequest,
     resolvers: ResolverRegistry,
 ) -> KeyUpdate:
-    check_key(key)
+    _check_key(key)
     observed = _observed(key, ops, read)
     coordinator = request.coordinator
     if observed is None:  # rule 3: blind write, commutative incr/append
@@ -199,8 +203,10 @@ def _fold(ops: list[WriteOp], value: Value | _Missing) -> Value | _Missing:
     for op in ops:
         kind = op.kind
         if kind is OpKind.PUT:
-            check_value(op.arg)
-            value, owned = op.arg, False  # type: ignore[assignment]
+            arg = op.arg
+            if type(arg) is not str and type(arg) is not bytes:  # those need no check
+                check_value(arg)
+            value, owned = arg, False
         elif kind is OpKind.DELETE:
             value, owned = MISSING, False
         elif kind is OpKind.INCR:
@@ -245,8 +251,16 @@ def _append(value: Value | _Missing, item: object, owned: bool) -> Value:
     )
 
 
+def _check_key(key: str) -> None:
+    """check_key() without encoding short keys: 64 chars are at most 256 bytes as UTF-8."""
+    if type(key) is not str or not 0 < len(key) <= MAX_KEY_BYTES // 4:
+        check_key(key)
+
+
 def _check_fits(value: Value | _Missing) -> None:
     """Raise ValueTooLarge when value would encode past the limit (exact only when close)."""
+    if type(value) is str and len(value) <= _SAFE_STR_CHARS:
+        return
     if value is MISSING or _size_bound(value) <= MAX_VALUE_BYTES:
         return
     encode_value(value)  # type: ignore[arg-type]  # raises ValueTooLarge
