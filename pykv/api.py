@@ -274,7 +274,8 @@ class Transaction:
             elif pending is None:
                 new = _Pending(False, None, [(kind, arg)])
             elif pending.absolute:
-                new = _Pending(True, _apply_delta(_own(pending.value), kind, arg, key), [])
+                # pending.value is this transaction's own copy: folding may extend it in place.
+                new = _Pending(True, _apply_delta(pending.value, kind, arg, key), [])
             else:
                 new = pending
             self._count_op()

@@ -1,0 +1,212 @@
+"""The standard benchmark workload of DESIGN §7, driven over any pykv.KeyValueStore.
+
+A "4-op transaction" reads 2 keys and writes 2: a read-modify-write of the first key read
+and a blind write of another key; keys are uniform over 100,000, values are 100 bytes.
+``clients`` threads each keep one transaction in flight; a conflict is retried at once and
+counted, and a transaction's latency runs from its first attempt to its successful commit.
+The driver only uses the public API, so the same code measures the embedded store and a
+cluster (``pykv.connect``).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pykv.api import KeyValueStore, Transaction
+from pykv.errors import Error, TransactionConflict
+from pykv.types import MAX_TXN_OPS
+
+PRELOAD_BATCH = 2_000  # keys per preload transaction (well under max_txn_ops)
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """What to run: key space, value size, ops per transaction, clients and how long."""
+
+    keys: int = 100_000
+    value_bytes: int = 100
+    ops: int = 4
+    clients: int = 8
+    duration: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.keys < 2:
+            raise ValueError("the workload needs at least 2 keys")
+        if not 2 <= self.ops <= MAX_TXN_OPS:
+            raise ValueError(f"ops must be between 2 and {MAX_TXN_OPS}")
+        if self.value_bytes < 1 or self.clients < 1 or self.duration <= 0:
+            raise ValueError("value_bytes, clients and duration must be positive")
+
+    @property
+    def reads(self) -> int:
+        return self.ops // 2
+
+    @property
+    def writes(self) -> int:
+        return self.ops - self.reads
+
+
+def key_name(index: int) -> str:
+    return f"bench/{index:08d}"
+
+
+@dataclass
+class _ClientStats:
+    committed: int = 0
+    conflicts: int = 0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds, one per committed txn
+
+
+@dataclass
+class WorkloadResult:
+    """Counts and latencies of one run; ``to_dict`` is what ``pykv bench --json`` prints."""
+
+    config: WorkloadConfig
+    elapsed: float
+    committed: int
+    conflicts: int
+    errors: int
+    latencies_ms: list[float]  # sorted
+
+    @property
+    def tps(self) -> float:
+        return self.committed / self.elapsed if self.elapsed > 0 else 0.0
+
+    def percentile_ms(self, p: float) -> float:
+        if not self.latencies_ms:
+            return 0.0
+        index = min(len(self.latencies_ms) - 1, int(p / 100 * len(self.latencies_ms)))
+        return self.latencies_ms[index]
+
+    @property
+    def abort_rate(self) -> float:
+        """Conflicted attempts over all attempts."""
+        attempts = self.committed + self.conflicts
+        return self.conflicts / attempts if attempts else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "tps": round(self.tps, 1),
+            "p50_ms": round(self.percentile_ms(50), 3),
+            "p99_ms": round(self.percentile_ms(99), 3),
+            "committed": self.committed,
+            "aborts": self.conflicts,
+            "abort_rate": round(self.abort_rate, 5),
+            "errors": self.errors,
+            "duration_s": round(self.elapsed, 3),
+            "clients": self.config.clients,
+            "ops_per_txn": self.config.ops,
+            "keys": self.config.keys,
+            "value_bytes": self.config.value_bytes,
+        }
+
+
+def preload(
+    store: KeyValueStore,
+    config: WorkloadConfig,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Write every key once (blind puts in batches), so reads find 100-byte values."""
+    rng = random.Random(config.seed)
+    for first in range(0, config.keys, PRELOAD_BATCH):
+        last = min(config.keys, first + PRELOAD_BATCH)
+        with store.transaction() as tx:
+            for i in range(first, last):
+                tx.put(key_name(i), rng.randbytes(config.value_bytes))
+        if progress is not None:
+            progress(last - first)
+
+
+def _modify(old: object, rng: random.Random, size: int) -> bytes:
+    """The read-modify-write: derive the new value from the old one (rotate its bytes)."""
+    if isinstance(old, bytes) and old:
+        return old[1:] + old[:1]
+    return rng.randbytes(size)
+
+
+def _one_transaction(tx: Transaction, keys: list[str], blind: list[str], value: bytes,
+                     rng: random.Random, size: int) -> None:
+    values = [tx.get(key) for key in keys]
+    tx.put(keys[0], _modify(values[0], rng, size))
+    for key in blind:
+        tx.put(key, value)
+
+
+def _client(store: KeyValueStore, config: WorkloadConfig, index: int, deadline: float,
+            stats: _ClientStats) -> None:
+    rng = random.Random(config.seed * 1_000_003 + index)
+    size = config.value_bytes
+    while time.perf_counter() < deadline:
+        picked = rng.sample(range(config.keys), config.reads + config.writes - 1)
+        keys = [key_name(i) for i in picked[: config.reads]]
+        blind = [key_name(i) for i in picked[config.reads :]]
+        value = rng.randbytes(size)
+        started = time.perf_counter()
+        while True:
+            tx = store.transaction()
+            try:
+                _one_transaction(tx, keys, blind, value, rng, size)
+                tx.commit()
+            except TransactionConflict:
+                stats.conflicts += 1
+                if time.perf_counter() >= deadline:
+                    return
+                continue
+            except Error:
+                stats.errors += 1  # e.g. Unavailable or Timeout on a cluster
+                if tx.state == "open":
+                    tx.abort()
+                break
+            stats.committed += 1
+            stats.latencies.append(time.perf_counter() - started)
+            break
+
+
+def run_workload(
+    store: KeyValueStore,
+    config: WorkloadConfig,
+    progress: Callable[[float, int], None] | None = None,
+) -> WorkloadResult:
+    """Run config.clients threads for config.duration seconds; progress(elapsed, committed)
+    is called from this thread about ten times a second."""
+    stats = [_ClientStats() for _ in range(config.clients)]
+    failures: list[BaseException] = []
+    start = time.perf_counter()
+    deadline = start + config.duration
+
+    def guarded(index: int) -> None:
+        try:
+            _client(store, config, index, deadline, stats[index])
+        except BaseException as exc:  # a bug, not a conflict: re-raised below
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=guarded, args=(i,), name=f"pykv-bench-{i}", daemon=True)
+        for i in range(config.clients)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.1)
+            if progress is not None:
+                progress(min(time.perf_counter() - start, config.duration),
+                         sum(s.committed for s in stats))
+    elapsed = time.perf_counter() - start
+    if failures:
+        raise failures[0]
+    latencies = sorted(ms * 1000.0 for s in stats for ms in s.latencies)
+    return WorkloadResult(
+        config=config,
+        elapsed=elapsed,
+        committed=sum(s.committed for s in stats),
+        conflicts=sum(s.conflicts for s in stats),
+        errors=sum(s.errors for s in stats),
+        latencies_ms=latencies,
+    )
