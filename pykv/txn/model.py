@@ -32,6 +32,7 @@ class _Missing:
 
 
 MISSING: Final = _Missing()
+MissingType = _Missing  # for type hints: ``Value | MissingType``
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,12 @@
 
 Both machines are replicated state: the driver feeds them in Raft log order on every
 replica of a shard, passing ``now`` (a time the log entry carries, in the unit the
-timeouts use), and they return effects instead of doing I/O. The driver performs the
-effects on the leader only (``Send``), and on every replica (``Apply``), after the entry
-that produced them is committed, so that a decision is durable before anyone hears of it.
+timeouts use), and they return effects instead of doing I/O. The driver performs ``Apply``
+on every replica and ``Send``/``Decided`` on the leader only, always after the entry that
+produced them is committed, so that a decision is durable before anyone hears of it.
+Queries that change nothing (``expired``, ``unacknowledged``) are for the leader's timer;
+``collect_garbage`` changes state, so it runs when a log entry (e.g. a periodic tick entry
+carrying ``now``) is applied, alike on every replica.
 
 Protocol (presumed abort, the coordinator shard being the decision point):
 
