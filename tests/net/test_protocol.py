@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 
 import pytest
@@ -278,5 +279,51 @@ def test_peer_pool_backs_off_after_failures():
         await server.close()
         with pytest.raises(Unavailable, match="closed"):
             await pool.get(address)
+
+    run(main())
+
+
+def test_many_garbage_clients_at_once_do_not_disturb_a_busy_good_client():
+    rng = random.Random(1234)
+    garbage = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) for _ in range(20)]
+
+    async def vandal(port, junk):
+        reader, writer = await raw_client(port)
+        writer.write(hello_frame() + junk if rng.random() < 0.5 else junk)
+        writer.write_eof()
+        await read_frames(reader, FrameDecoder(max_frame=1 << 30))
+        writer.close()
+
+    async def main():
+        async with await serve(App()) as server:
+            async with await Connection.open("127.0.0.1", server.port) as good:
+                work = asyncio.gather(*(good.request(ECHO, i) for i in range(500)))
+                await asyncio.gather(*(vandal(server.port, junk) for junk in garbage))
+                assert await work == list(range(500))
+                assert len(server.connections) == 1
+
+    run(main())
+
+
+def test_backpressure_limits_requests_in_flight_without_deadlock():
+    async def main():
+        async with await serve(App(), max_in_flight=4) as server:
+            async with await Connection.open("127.0.0.1", server.port) as conn:
+                bodies = [{"i": i, "delay": 0.001} for i in range(200)]
+                assert await asyncio.gather(*(conn.request(SLOW_ECHO, b) for b in bodies)) == bodies
+
+    run(main())
+
+
+def test_an_unencodable_reply_becomes_an_error_for_that_request_only():
+    async def handler(kind, body):
+        return object() if body == "bad" else body
+
+    async def main():
+        async with await serve(handler) as server:
+            async with await Connection.open("127.0.0.1", server.port) as conn:
+                with pytest.raises(ProtocolError, match="cannot be encoded"):
+                    await conn.request(ECHO, "bad")
+                assert await conn.request(ECHO, "good") == "good"
 
     run(main())
