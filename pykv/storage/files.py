@@ -1,0 +1,100 @@
+"""Small durable-file primitives: the data directory lock, atomic replace, the node id file."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+
+from pykv.errors import CorruptData, StoreLocked
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory so that the names created, renamed or deleted in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durably(path: str) -> None:
+    """Create path (and parents) and fsync each new directory's parent."""
+    path = os.path.abspath(path)
+    missing = []
+    probe = path
+    while not os.path.isdir(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            pass
+        fsync_dir(os.path.dirname(directory))
+
+
+def replace_atomically(path: str, data: bytes) -> None:
+    """Write data to path so that a crash leaves either the old file or the new one, whole.
+
+    Temp file, write, fsync, rename over path, fsync the directory (the rename is durable only
+    once the directory entry is).
+    """
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+class DirectoryLock:
+    """An exclusive flock on ``<dir>/LOCK``, held while a Storage is open.
+
+    flock locks belong to the open file description, so a second open in the same process
+    conflicts too, and the kernel drops the lock when the process dies (no stale lock files).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, "LOCK")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreLocked(
+                    f"{directory} is already open (lock {self.path} held by pid {holder}); "
+                    "close the other store or use another directory"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the last descriptor drops the flock
+
+
+def load_or_create_node_id(directory: str) -> int:
+    """A stable random 63-bit node id, created at the first open and kept in ``NODE_ID``."""
+    path = os.path.join(directory, "NODE_ID")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        node_id = secrets.randbits(63) | 1  # never 0: 0 reads as "no node" in clocks
+        replace_atomically(path, f"{node_id}\n".encode())
+        return node_id
+    if not text.isdigit() or int(text) <= 0:
+        raise CorruptData(f"{path} does not hold a node id: {text[:40]!r}")
+    return int(text)

@@ -1,0 +1,683 @@
+"""Storage: a node's durable key-value state, bitcask on the group-commit WAL (DESIGN §5).
+
+The WAL IS the value log. A commit is one WAL record (see record.py) holding every update of
+a transaction, so it is atomic by construction and costs one write plus a share of one
+fdatasync (group commit in the Cython writer). The key directory (the Cython KeyDir) maps each
+live key to where its value bytes sit in a segment file, with the version's clock, timestamp
+and lsn, so a read is a cache hit or one ``os.pread``. A SortedList of the keys next to it
+makes ordered scans cheap. A hint file (hint.py) checkpoints the key directory so restart
+replays only the WAL after it; compaction (compaction.py) rewrites the oldest segments.
+
+Ordering contract — read this before building on Storage:
+- ``submit`` appends the record and applies it to the key directory at once, under one lock:
+  the new version is visible to ``get`` BEFORE it is durable. A caller that must not expose
+  undurable data (the embedded store, a Raft apply loop) waits with ``wait_durable(lsn)``
+  before acknowledging, and decides itself what readers may see meanwhile.
+- lsns are assigned in submit order under that lock, so the key directory reflects the WAL in
+  lsn order, and recovery (replay in lsn order) rebuilds exactly the same state.
+- A version that was submitted but not yet written to its segment is served from memory
+  (``_pending``) until its record is durable, so a read never touches unwritten file bytes.
+
+Recovery and truncation invariant: WAL records with lsn > the hint's checkpoint lsn are never
+deleted, and a hint is renamed into place only after every record its entries point at is
+durable. Hence hint + WAL replay always rebuilds every acknowledged update.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+from sortedcontainers import SortedList
+
+from pykv._engine.keydir import KeyDir
+from pykv._engine.wal import WalWriter, crc32c, read_wal, segment_path
+from pykv.errors import (
+    CorruptData,
+    InvalidKey,
+    InvalidValue,
+    KeyTooLarge,
+    LimitError,
+    StoreClosed,
+)
+from pykv.storage import record
+from pykv.storage.cache import ByteLRU
+from pykv.storage.compaction import CompactionStats, SegmentUsage, choose_prefix
+from pykv.storage.failpoints import failpoint
+from pykv.storage.files import DirectoryLock, load_or_create_node_id, make_dirs_durably
+from pykv.storage.hint import read_hint, write_hint
+from pykv.types import MAX_KEY_BYTES
+
+Progress = Callable[[str, int, int], None]
+
+FRAME_BYTES = 8  # [u32 len][u32 crc] before every WAL payload
+MAX_TIMESTAMP = (1 << 64) - 1
+# The key directory keeps at most 1024 clock bytes per key; meta takes 12 of them.
+MAX_CLOCK_BYTES = 1024 - record.META_FIXED_BYTES
+SCAN_BATCH = 256  # keys fetched from the sorted index per lock acquisition
+CHECKPOINT_BATCH = 4096  # key directory entries copied per lock acquisition
+RELOCATE_BATCH_BYTES = 4 << 20  # live bytes copied forward per relocation record
+# Bytes of one key in the SortedList beyond its length: the bytes object header (33), the
+# list slot (8) and SortedList's per-sublist index share; see stats()["key_index_bytes"].
+KEY_INDEX_OVERHEAD = 48
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """One version of a key as stored: encoded value (None = absent), clock, timestamp, lsn."""
+
+    value: bytes | None
+    clock: bytes
+    timestamp: int
+    lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One key update of a commit; value None deletes the key."""
+
+    key: bytes
+    value: bytes | None
+    clock: bytes
+    timestamp: int
+
+
+ABSENT = StoredVersion(None, b"", 0, 0)
+
+
+class Storage:
+    """The durable, node-local key-value state: get/submit/commit, scan, checkpoint, compact.
+
+    Thread-safe. Build it with ``Storage.open(path)``; the constructor is internal.
+    """
+
+    def __init__(self, path: str, dir_lock: DirectoryLock, *, cache_bytes: int, fsync: str,
+                 segment_bytes: int, compaction: bool, compaction_interval: float,
+                 compaction_min_dead_ratio: float) -> None:
+        self.path = path
+        self._wal_dir = os.path.join(path, "wal")
+        self._hint_path = os.path.join(path, "hint")
+        self._dir_lock = dir_lock
+        self._node_id = load_or_create_node_id(path)
+        self._fsync = fsync
+        self._segment_bytes = segment_bytes
+        self._lock = threading.Lock()  # key directory, index, cache, pending, segment tables
+        self._maintenance = threading.Lock()  # one checkpoint or compaction at a time
+        self._keydir = KeyDir()
+        self._keys = SortedList()
+        self._key_bytes = 0  # sum of key lengths in the index
+        self._cache = ByteLRU(cache_bytes)
+        # key -> (version lsn, value, record lsn) for versions whose record may be unwritten
+        self._pending: dict[bytes, tuple[int, bytes, int]] = {}
+        self._pending_order: deque[tuple[int, list[bytes]]] = deque()
+        self._seg_live: defaultdict[int, int] = defaultdict(int)
+        self._seg_total: defaultdict[int, int] = defaultdict(int)
+        self._fds: dict[int, int] = {}
+        self._epoch = 0  # bumped whenever segment files are deleted and their fds closed
+        self._checkpoint_lsn = 0
+        self._bytes_since_checkpoint = 0
+        self._compactions = 0
+        self._background_error: BaseException | None = None
+        self._closed = False
+        self._wal: WalWriter | None = None
+        self._compaction_interval = compaction_interval
+        self._compaction_min_dead_ratio = compaction_min_dead_ratio
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if compaction:
+            self._thread = threading.Thread(target=self._background, name=f"pykv-storage-bg {path}",
+                                            daemon=True)
+
+    # --- opening and recovery -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str, *, cache_bytes: int = 64 << 20, fsync: str = "always",
+             segment_bytes: int = 64 << 20, compaction: bool = True,
+             progress: Progress | None = None, compaction_interval: float = 1.0,
+             compaction_min_dead_ratio: float = 0.5) -> Storage:
+        """Open (creating if needed) the store at path, recovering from the hint and the WAL.
+
+        Takes an exclusive lock on ``path/LOCK`` (StoreLocked if another Storage holds it),
+        loads the latest hint file, replays the WAL records after it and cuts a torn tail.
+        ``progress(phase, done, total)`` is called during recovery ("hint", "replay") and
+        compaction ("compact"). ``fsync`` is the WAL policy: "always", "interval" or "off".
+        """
+        if fsync not in ("always", "interval", "off"):
+            raise ValueError(f"fsync must be 'always', 'interval' or 'off', not {fsync!r}")
+        make_dirs_durably(path)
+        dir_lock = DirectoryLock(path)
+        try:
+            store = cls(path, dir_lock, cache_bytes=cache_bytes, fsync=fsync,
+                        segment_bytes=segment_bytes, compaction=compaction,
+                        compaction_interval=compaction_interval,
+                        compaction_min_dead_ratio=compaction_min_dead_ratio)
+            store._recover(progress)
+        except BaseException:
+            dir_lock.release()
+            raise
+        if store._thread is not None:
+            store._thread.start()
+        return store
+
+    def _recover(self, progress: Progress | None) -> None:
+        make_dirs_durably(self._wal_dir)
+        replay_from = 1
+        hint = read_hint(self._hint_path)
+        if hint is not None:
+            self._checkpoint_lsn, entries = hint
+            self._load_hint_entries(entries, progress)
+            replay_from = self._checkpoint_lsn + 1
+        self._replay(replay_from, progress)
+        next_lsn = max(self._checkpoint_lsn, self._replayed_lsn) + 1
+        try:
+            self._wal = WalWriter(self._wal_dir, segment_bytes=self._segment_bytes,
+                                  fsync=self._fsync, start_lsn=next_lsn)
+        except ValueError as exc:  # the log does not continue where the hint + replay ended
+            raise CorruptData(f"{self._wal_dir}: {exc}") from exc
+        if self._wal.last_lsn < self._checkpoint_lsn:
+            raise CorruptData(f"the WAL ends at lsn {self._wal.last_lsn} but the hint covers "
+                              f"up to {self._checkpoint_lsn}: acknowledged records are missing")
+        segments = set(self._wal.segments())
+        missing = sorted(s for s, live in self._seg_live.items() if live and s not in segments)
+        if missing:
+            raise CorruptData(f"live values point into missing WAL segments {missing}")
+        for seg in segments:
+            self._seg_total[seg] = os.path.getsize(segment_path(self._wal_dir, seg))
+
+    def _load_hint_entries(self, entries, progress: Progress | None) -> None:
+        keys = []
+        put = self._keydir.put
+        for n, (key, seg, off, size, meta, lsn) in enumerate(entries, 1):
+            put(key, seg, off, size, meta, lsn)
+            keys.append(key)
+            self._seg_live[seg] += size
+            self._key_bytes += len(key)
+            if progress is not None and n % 65536 == 0:
+                progress("hint", n, 0)
+        self._keys = SortedList(keys)  # the hint is in key order, so this sort is linear
+        if progress is not None:
+            progress("hint", len(keys), len(keys))
+
+    def _replay(self, from_lsn: int, progress: Progress | None) -> None:
+        expected = from_lsn
+        done = 0
+        for rec in read_wal(self._wal_dir, repair=True, from_lsn=from_lsn):
+            if rec.lsn != expected:
+                raise CorruptData(f"WAL replay expected lsn {expected} but found {rec.lsn}")
+            expected += 1
+            kind, entries = record.decode(rec.payload)
+            self._note_record(rec.segment_id, len(rec.payload))
+            self._apply(kind, entries, rec.segment_id, rec.offset, rec.lsn)
+            done += 1
+            if progress is not None and done % 4096 == 0:
+                progress("replay", done, 0)
+        self._replayed_lsn = expected - 1
+        if progress is not None:
+            progress("replay", done, done)
+
+    # --- applying records (recovery and runtime share this; caller holds _lock) --------------
+
+    def _note_record(self, seg: int, payload_len: int) -> None:
+        self._seg_total[seg] += payload_len + FRAME_BYTES
+        self._bytes_since_checkpoint += payload_len + FRAME_BYTES
+
+    def _apply(self, kind: int, entries: list[record.Entry], seg: int, payload_off: int,
+               lsn: int) -> list[tuple[int, int]]:
+        """Apply a record to the key directory; returns (entry index, version lsn) now live.
+
+        A relocation entry applies only if the key still holds the version it copied (same
+        lsn): a commit that overwrote or deleted the key in between wins, at runtime and at
+        replay alike, because both see records in lsn order.
+        """
+        applied = []
+        keydir = self._keydir
+        for index, entry in enumerate(entries):
+            key = entry.key
+            old = keydir.get(key)
+            if kind == record.KIND_RELOCATE:
+                if old is None or old[4] != entry.orig_lsn:
+                    continue
+                version = entry.orig_lsn
+            else:
+                version = lsn
+            if old is not None:
+                self._seg_live[old[0]] -= old[2]
+            if entry.size < 0:
+                if old is not None:
+                    keydir.delete(key)
+                    self._keys.remove(key)
+                    self._key_bytes -= len(key)
+                    self._cache.discard(key)
+                    self._pending.pop(key, None)
+                continue
+            keydir.put(key, seg, payload_off + entry.value_pos, entry.size, entry.meta, version)
+            self._seg_live[seg] += entry.size
+            if old is None:
+                self._keys.add(key)
+                self._key_bytes += len(key)
+            applied.append((index, version))
+        return applied
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def submit(self, updates: list[Update]) -> int:
+        """Append ONE atomic record with every update, apply it (visible to get), return its lsn.
+
+        The record is not yet durable: call wait_durable(lsn) before acknowledging it. An empty
+        list writes nothing and returns the last lsn.
+        """
+        rows = [_check_update(u) for u in updates]
+        if not rows:
+            with self._lock:
+                return self._open_wal().last_lsn
+        payload, entries = record.encode_commit(rows)
+        with self._lock:
+            lsn, _ = self._append_and_apply(record.KIND_COMMIT, payload, entries,
+                                            [row[1] for row in rows])
+        return lsn
+
+    def _append_and_apply(self, kind: int, payload: bytes, entries: list[record.Entry],
+                          values: list[bytes | None]) -> tuple[int, int]:
+        """Append a record and apply it (caller holds _lock): (lsn, number of values now live)."""
+        wal = self._open_wal()
+        lsn = wal.submit(payload)
+        seg, off = wal.locate(lsn)
+        self._note_record(seg, len(payload))
+        applied = self._apply(kind, entries, seg, off, lsn)
+        if applied:
+            # Until the record is written, these versions exist only in memory.
+            pending = self._pending
+            for index, version in applied:
+                pending[entries[index].key] = (version, values[index], lsn)
+            self._pending_order.append((lsn, [entries[index].key for index, _ in applied]))
+        self._release_pending(wal.durable_lsn)
+        return lsn, len(applied)
+
+    def _release_pending(self, durable_lsn: int) -> None:
+        """Move values whose records are durable (hence written) from _pending to the cache."""
+        order = self._pending_order
+        pending = self._pending
+        while order and order[0][0] <= durable_lsn:
+            record_lsn, keys = order.popleft()
+            for key in keys:
+                held = pending.get(key)
+                if held is not None and held[2] == record_lsn:
+                    del pending[key]
+                    self._cache.put(key, held[0], held[1])
+
+    def wait_durable(self, lsn: int) -> None:
+        """Block until every record up to lsn is fsync'd (shares the fsync with other threads)."""
+        wal = self._open_wal()
+        wal.wait(lsn)
+        with self._lock:
+            if self._wal is not None:
+                self._release_pending(self._wal.durable_lsn)
+
+    def commit(self, updates: list[Update]) -> int:
+        """submit + wait_durable: returns the lsn once the commit is durable."""
+        lsn = self.submit(updates)
+        self.wait_durable(lsn)
+        return lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        return self._open_wal().durable_lsn
+
+    @property
+    def last_lsn(self) -> int:
+        return self._open_wal().last_lsn
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> StoredVersion:
+        """The current version of key (visible from submit on), or ABSENT."""
+        while True:
+            with self._lock:
+                self._open_wal()
+                entry = self._keydir.get(key)
+                if entry is None:
+                    return ABSENT
+                seg, off, size, meta, lsn = entry
+                held = self._pending.get(key)
+                if held is not None and held[0] == lsn:
+                    value = held[1]
+                else:
+                    value = self._cache.get(key, lsn)
+                if value is None:
+                    fd = self._segment_fd(seg)
+                    epoch = self._epoch
+            if value is None:
+                value = self._read_value(fd, off, size, meta, epoch)
+                if value is None:
+                    continue  # the segment was compacted away under us; the key moved
+                with self._lock:
+                    self._cache.put(key, lsn, value)
+            timestamp, _, clock = record.split_meta(meta)
+            return StoredVersion(value, clock, timestamp, lsn)
+
+    def _read_value(self, fd: int, off: int, size: int, meta: bytes, epoch: int) -> bytes | None:
+        """pread a value outside the lock; None if compaction deleted its segment meanwhile."""
+        try:
+            value = os.pread(fd, size, off)
+        except OSError:
+            value = b""
+        if self._epoch != epoch:
+            return None  # fd may have been closed (or even reused): retry from the key directory
+        if len(value) != size:
+            raise CorruptData(f"short read: {len(value)} of {size} bytes at offset {off}")
+        _, crc, _ = record.split_meta(meta)
+        if crc32c(value) != crc:
+            raise CorruptData(f"value of {size} bytes at offset {off} failed its checksum")
+        return value
+
+    def _segment_fd(self, seg: int) -> int:
+        fd = self._fds.get(seg)
+        if fd is None:
+            fd = os.open(segment_path(self._wal_dir, seg), os.O_RDONLY)
+            self._fds[seg] = fd
+        return fd
+
+    def scan(self, prefix: bytes = b"", start: bytes | None = None, end: bytes | None = None,
+             limit: int | None = None) -> Iterator[tuple[bytes, StoredVersion]]:
+        """Live keys with the prefix, in key order, from start (inclusive) to end (exclusive).
+
+        Walks the sorted key index a batch at a time, so concurrent commits proceed; a key
+        written during the scan may or may not appear (no snapshot isolation here).
+        """
+        low = prefix if start is None or start < prefix else start
+        include_low = True
+        produced = 0
+        while limit is None or produced < limit:
+            with self._lock:
+                self._open_wal()
+                batch = list(islice(self._keys.irange(low, end, inclusive=(include_low, False)),
+                                    SCAN_BATCH))
+            if not batch:
+                return
+            for key in batch:
+                if not key.startswith(prefix):
+                    return
+                version = self.get(key)
+                if version.value is None:
+                    continue  # deleted since the batch was taken
+                yield key, version
+                produced += 1
+                if limit is not None and produced >= limit:
+                    return
+            low, include_low = batch[-1], False
+
+    def node_id(self) -> int:
+        """A stable random id made at the first open (``path/NODE_ID``): this node's clock entry."""
+        return self._node_id
+
+    # --- checkpoint -----------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Write a hint file of the key directory, then delete WAL segments no longer needed.
+
+        Commits continue meanwhile: the key directory is copied a batch at a time and the hint
+        records the lsn at the START, so replay from there fixes whatever changed during the
+        copy (applying records is idempotent in lsn order).
+        """
+        with self._maintenance:
+            self._open_wal()
+            self._write_checkpoint()
+            self._truncate_dead_prefix()
+
+    def _write_checkpoint(self) -> None:
+        with self._lock:
+            wal = self._open_wal()
+            checkpoint_lsn = wal.last_lsn
+            self._bytes_since_checkpoint = 0
+
+        def records_durable() -> None:
+            # Entries copied after checkpoint_lsn may point at records not yet fsync'd; the hint
+            # must not name a location a crash could still tear.
+            wal.wait(wal.last_lsn)
+
+        write_hint(self._hint_path, checkpoint_lsn, self._snapshot_entries(),
+                   before_rename=records_durable)
+        with self._lock:
+            self._checkpoint_lsn = checkpoint_lsn
+
+    def _snapshot_entries(self) -> Iterator[tuple[bytes, int, int, int, bytes, int]]:
+        low = None
+        while True:
+            with self._lock:
+                self._open_wal()
+                keys = self._keys.irange(low, None, inclusive=(False, False)) if low is not None else iter(self._keys)
+                batch = [(key, *self._keydir.get(key)) for key in islice(keys, CHECKPOINT_BATCH)]
+            if not batch:
+                return
+            yield from batch
+            low = batch[-1][0]
+
+    def _truncate_dead_prefix(self) -> list[int]:
+        """Delete the oldest segments holding no live value and only records <= the checkpoint."""
+        wal = self._open_wal()
+        with self._lock:
+            segments = sorted(self._wal.segments())
+            doomed = []
+            # A segment's id is its first lsn, so segment seg holds lsns [seg, following).
+            for seg, following in zip(segments, segments[1:], strict=False):
+                if self._seg_live.get(seg, 0) != 0 or following > self._checkpoint_lsn + 1:
+                    break
+                doomed.append((seg, following))
+        if not doomed:
+            return []
+        wal.truncate_before(doomed[-1][1])
+        failpoint("storage.compact.after_truncate")
+        gone = [seg for seg, _ in doomed if not os.path.exists(segment_path(self._wal_dir, seg))]
+        with self._lock:
+            self._epoch += 1  # readers holding an fd of a deleted segment retry
+            for seg in gone:
+                fd = self._fds.pop(seg, None)
+                if fd is not None:
+                    os.close(fd)
+                self._seg_live.pop(seg, None)
+                self._seg_total.pop(seg, None)
+        return gone
+
+    # --- compaction -----------------------------------------------------------------------
+
+    def compact(self, progress: Progress | None = None) -> CompactionStats:
+        """Rewrite the live values of every sealed WAL segment at the head, delete the segments.
+
+        Crash-safe at every point: relocations are ordinary WAL records (replay re-applies
+        them only to keys still at the copied version), segments are deleted only after a
+        hint that no longer points into them is durable.
+        """
+        with self._maintenance:
+            with self._lock:
+                segments = sorted(self._open_wal().segments())
+            if len(segments) < 2:
+                return CompactionStats()
+            return self._compact_through(segments[-2], progress)
+
+    def _compact_through(self, last_victim: int, progress: Progress | None) -> CompactionStats:
+        with self._lock:
+            wal = self._open_wal()
+            victims = {s for s in wal.segments() if s <= last_victim}
+            victims.discard(max(wal.segments()))  # never the active segment
+            live_total = sum(self._seg_live.get(s, 0) for s in victims)
+            seg_sizes = {s: self._seg_total.get(s, 0) for s in victims}
+        if not victims:
+            return CompactionStats()
+        # A sealed segment may still have records waiting in the group-commit buffer; read
+        # only what is on disk.
+        wal.wait(wal.last_lsn)
+        moved_keys = moved_bytes = 0
+        batch: list[tuple[bytes, bytes, bytes, int]] = []
+        batch_bytes = 0
+        last_lsn = 0
+        for key, seg, off, size, meta, lsn in self._live_entries_in(victims):
+            if self._stop.is_set():
+                return CompactionStats(sorted(victims), moved_keys, moved_bytes, 0, aborted=True)
+            value = self._read_victim(seg, off, size, meta)
+            batch.append((key, value, meta, lsn))
+            batch_bytes += size
+            if batch_bytes >= RELOCATE_BATCH_BYTES:
+                last_lsn, n = self._relocate(batch)
+                moved_keys += n
+                moved_bytes += batch_bytes
+                batch, batch_bytes = [], 0
+                failpoint("storage.compact.mid_copy")
+                if progress is not None:
+                    progress("compact", moved_bytes, live_total)
+        if batch:
+            last_lsn, n = self._relocate(batch)
+            moved_keys += n
+            moved_bytes += batch_bytes
+        if last_lsn:
+            wal.wait(last_lsn)
+        failpoint("storage.compact.after_copy")
+        self._write_checkpoint()
+        failpoint("storage.compact.after_checkpoint")
+        gone = self._truncate_dead_prefix()
+        self._compactions += 1
+        if progress is not None:
+            progress("compact", moved_bytes, moved_bytes)
+        reclaimed = sum(seg_sizes.get(seg, 0) for seg in gone)
+        return CompactionStats(sorted(victims), moved_keys, moved_bytes, reclaimed)
+
+    def _live_entries_in(self, victims: set[int]) -> Iterator[tuple[bytes, int, int, int, bytes, int]]:
+        """Key directory entries located in the victim segments, a batch at a time."""
+        for batch in _batched(self._snapshot_entries(), CHECKPOINT_BATCH):
+            live = [entry for entry in batch if entry[1] in victims]
+            live.sort(key=lambda entry: (entry[1], entry[2]))  # read each segment sequentially
+            yield from live
+
+    def _read_victim(self, seg: int, off: int, size: int, meta: bytes) -> bytes:
+        # Victim segments are deleted only by this (maintenance-locked) compaction: no epoch race.
+        with self._lock:
+            fd = self._segment_fd(seg)
+        value = self._read_value(fd, off, size, meta, self._epoch)
+        assert value is not None
+        return value
+
+    def _relocate(self, moves: list[tuple[bytes, bytes, bytes, int]]) -> tuple[int, int]:
+        payload, entries = record.encode_relocation(moves)
+        with self._lock:
+            return self._append_and_apply(record.KIND_RELOCATE, payload, entries,
+                                          [move[1] for move in moves])
+
+    def _segment_usage(self) -> list[SegmentUsage]:
+        with self._lock:
+            segments = sorted(self._open_wal().segments())
+            return [SegmentUsage(s, self._seg_total.get(s, 0), self._seg_live.get(s, 0))
+                    for s in segments]
+
+    def _background(self) -> None:
+        """Compact when the oldest segments are mostly dead; checkpoint when the tail grows."""
+        while not self._stop.wait(self._compaction_interval):
+            try:
+                with self._maintenance:
+                    if self._closed:
+                        return
+                    sealed = self._segment_usage()[:-1]
+                    last = choose_prefix(sealed, min_dead_ratio=self._compaction_min_dead_ratio,
+                                         min_dead_bytes=self._segment_bytes // 2)
+                    if last is not None:
+                        self._compact_through(last, None)
+                    elif self._bytes_since_checkpoint >= self._segment_bytes:
+                        self._write_checkpoint()
+                        self._truncate_dead_prefix()
+            except StoreClosed:
+                return
+            except BaseException as exc:  # keep serving; stats() reports it
+                self._background_error = exc
+
+    # --- introspection and lifecycle -------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Counters: keys, per-segment live/dead bytes, cache hits/misses, memory estimates."""
+        usage = self._segment_usage()
+        with self._lock:
+            wal = self._open_wal()
+            keys = len(self._keydir)
+            return {
+                "keys": keys,
+                "segments": {u.segment_id: {"bytes": u.total_bytes, "live_bytes": u.live_bytes,
+                                            "dead_bytes": u.dead_bytes} for u in usage},
+                "live_bytes": sum(u.live_bytes for u in usage),
+                "dead_bytes": sum(u.dead_bytes for u in usage),
+                "cache_entries": len(self._cache),
+                "cache_bytes": self._cache.bytes,
+                "cache_hits": self._cache.hits,
+                "cache_misses": self._cache.misses,
+                "pending_values": len(self._pending),
+                "keydir_bytes": self._keydir.memory_bytes(),
+                "key_index_bytes": self._key_bytes + KEY_INDEX_OVERHEAD * keys,
+                "last_lsn": wal.last_lsn,
+                "durable_lsn": wal.durable_lsn,
+                "checkpoint_lsn": self._checkpoint_lsn,
+                "compactions": self._compactions,
+                "background_error": repr(self._background_error) if self._background_error else None,
+            }
+
+    def _open_wal(self) -> WalWriter:
+        wal = self._wal
+        if wal is None or self._closed:
+            raise StoreClosed(f"storage at {self.path} is closed")
+        return wal
+
+    def close(self) -> None:
+        """Stop background work, checkpoint if anything changed, close the WAL; idempotent."""
+        if self._closed:
+            return
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join()
+        try:
+            with self._maintenance:
+                if self._wal is not None and not self._closed and self._bytes_since_checkpoint:
+                    self._write_checkpoint()
+        finally:
+            with self._lock:
+                self._closed = True
+                wal, self._wal = self._wal, None
+                fds, self._fds = self._fds, {}
+                self._pending.clear()
+                self._pending_order.clear()
+                self._cache.clear()
+            for fd in fds.values():
+                os.close(fd)
+            if wal is not None:
+                wal.close()
+            self._dir_lock.release()
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _check_update(update: Update) -> tuple[bytes, bytes | None, bytes, int]:
+    """Validate one update; bad input raises InvalidKey/KeyTooLarge/InvalidValue."""
+    if not isinstance(update, Update):
+        raise InvalidValue(f"updates must be storage.Update, not {type(update).__name__}")
+    key, value, clock, timestamp = update.key, update.value, update.clock, update.timestamp
+    if not isinstance(key, bytes):
+        raise InvalidKey(f"storage keys must be bytes, not {type(key).__name__}")
+    if not 0 < len(key) <= MAX_KEY_BYTES:
+        raise KeyTooLarge(f"storage keys must be 1 to {MAX_KEY_BYTES} bytes; got {len(key)}")
+    if value is not None and not isinstance(value, bytes):
+        raise InvalidValue(f"an encoded value must be bytes or None, not {type(value).__name__}")
+    if not isinstance(clock, bytes):
+        raise InvalidValue(f"a clock must be bytes, not {type(clock).__name__}")
+    if len(clock) > MAX_CLOCK_BYTES:
+        raise LimitError(f"a clock of {len(clock)} bytes is over the {MAX_CLOCK_BYTES}-byte limit")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int) or not 0 <= timestamp <= MAX_TIMESTAMP:
+        raise InvalidValue(f"a timestamp must be an int in [0, 2**64), not {timestamp!r}")
+    return key, value, clock, timestamp
+
+
+def _batched(iterable, n: int):
+    it = iter(iterable)
+    while batch := list(islice(it, n)):
+        yield batch
