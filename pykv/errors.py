@@ -24,6 +24,10 @@ class TransactionTooLarge(LimitError):
     """A transaction holds more operations than ``max_txn_ops``."""
 
 
+class InvalidArgument(Error, ValueError):
+    """A configuration value, address, or other argument that is not a key or value is bad."""
+
+
 class InvalidKey(LimitError, TypeError):
     """A key is not a ``str``."""
 
