@@ -1,0 +1,255 @@
+"""The cluster backends of pykv.api: reads, commits (single-shard or 2PC) and scans over the network.
+
+``AsyncCluster`` is the asyncio core. ``ClusterBackend`` is the synchronous ``Backend`` of
+``pykv.api.KeyValueStore``: it runs an ``AsyncCluster`` on an event loop in a background
+thread, so one client serves any number of threads at once (each call blocks only its
+caller; the requests of all threads are pipelined over the same connections).
+
+Commit protocol, as the client drives it:
+
+- every key of the transaction maps to a shard (hash ring partition); a transaction whose
+  keys all live in one shard is ONE ``COMMIT`` proposal on that shard's leader, validated
+  when every replica applies it;
+- otherwise two-phase commit over the shards' Raft groups: ``PREPARE`` each shard's part
+  (validate + lock, replicated) -> ``DECIDE`` on the coordinator shard (the commit record;
+  the first decision recorded wins) -> ``FINISH`` on every participant. The commit is
+  acknowledged once the decision is commit. Should the client die at any point, each
+  participant's leader settles its prepared part with the coordinator shard (see
+  pykv.server.node), so no transaction stays in doubt; keys of a prepared transaction
+  stay locked until then, and reads of them wait, so nobody sees half a transaction.
+
+Every call is retried across leader changes until the timeout; that is safe because the
+replicas remember each transaction id's outcome (a retried commit never applies twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import threading
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+from pykv.client.router import Router
+from pykv.client.transport import COMMIT, DECIDE, FINISH, PREPARE, READ, RESOLVER, SCAN
+from pykv.errors import (
+    Error,
+    InvalidOperation,
+    StoreClosed,
+    Timeout,
+    TransactionConflict,
+    Unavailable,
+)
+from pykv.replica.failpoints import failpoint
+from pykv.txn.model import CommitRequest, Versioned
+from pykv.txn.resolvers import BUILTIN, ResolverRegistry
+
+T = TypeVar("T")
+
+ALREADY_COMMITTED = "Committed"  # a prepare's answer when a retry finds the txn committed
+
+
+class AsyncCluster:
+    """The asyncio operations of a cluster client (one event loop)."""
+
+    def __init__(self, addresses: list[str], *, timeout: float = 10.0) -> None:
+        self.router = Router(list(addresses), timeout=timeout)
+        self.timeout = timeout
+
+    async def start(self) -> None:
+        await self.router.refresh_map()
+
+    def shard_of(self, key: str) -> int:
+        return self.router.shard_of(key)
+
+    async def read(self, key: str) -> Versioned:
+        await self.router.ensure_map()
+        shard = self.shard_of(key)
+        versions = await self.router.call(shard, READ, [shard, [key]])
+        return Versioned.from_wire(versions[0])
+
+    async def read_many(self, keys: list[str]) -> dict[str, Versioned]:
+        """Linearizable reads of many keys, one request per shard (not one atomic snapshot)."""
+        await self.router.ensure_map()
+        by_shard: dict[int, list[str]] = {}
+        for key in keys:
+            by_shard.setdefault(self.shard_of(key), []).append(key)
+        replies = await asyncio.gather(
+            *(self.router.call(s, READ, [s, ks]) for s, ks in by_shard.items())
+        )
+        out = {}
+        for (_, ks), versions in zip(by_shard.items(), replies, strict=True):
+            for key, wire in zip(ks, versions, strict=True):
+                out[key] = Versioned.from_wire(wire)
+        return out
+
+    async def commit(self, request: CommitRequest) -> None:
+        await self.router.ensure_map()
+        keys = list(request.reads) + request.written_keys()
+        by_shard: dict[int, set[str]] = {}
+        for key in keys:
+            by_shard.setdefault(self.shard_of(key), set()).add(key)
+        if not by_shard:
+            return
+        if len(by_shard) == 1:
+            (shard,) = by_shard
+            await self.router.call(shard, COMMIT, [shard, request.to_wire()])
+            return
+        await self._two_phase(request, by_shard)
+
+    async def _two_phase(self, request: CommitRequest, by_shard: dict[int, set[str]]) -> None:
+        shards = sorted(by_shard)
+        # Spread coordinator duty over the shards, deterministically per transaction.
+        coordinator = shards[request.txid % len(shards)]
+        votes = await asyncio.gather(
+            *(
+                self.router.call(
+                    s, PREPARE,
+                    [s, request.restricted_to(by_shard[s]).to_wire(), coordinator, shards],
+                )
+                for s in shards
+            ),
+            return_exceptions=True,
+        )
+        failpoint("txn.2pc.after_prepare")
+        refusal: BaseException | None = None
+        for vote in votes:
+            if isinstance(vote, BaseException):
+                refusal = refusal or vote
+            elif vote is not None and vote[0] != ALREADY_COMMITTED:
+                refusal = refusal or _vote_error(vote)
+        decision = await self.router.call(
+            coordinator, DECIDE, [coordinator, request.txid, refusal is None]
+        )
+        failpoint("txn.2pc.after_decide")
+        finishes = await asyncio.gather(
+            *(self.router.call(s, FINISH, [s, request.txid, bool(decision)]) for s in shards),
+            return_exceptions=True,
+        )
+        if decision:
+            # Durable and decided. A participant that did not hear FINISH keeps its keys
+            # locked (reads of them wait) until it settles with the coordinator shard.
+            return
+        if refusal is not None and not isinstance(refusal, (Timeout, Unavailable)):
+            raise refusal
+        if refusal is None:
+            refusal = next((f for f in finishes if isinstance(f, BaseException)), None)
+        raise TransactionConflict(
+            f"transaction {request.txid} was aborted by its coordinator shard"
+            + (f" ({refusal})" if refusal else "")
+        )
+
+    async def scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None
+    ) -> list[tuple[str, Versioned]]:
+        view = await self.router.ensure_map()
+        replies = await asyncio.gather(
+            *(self.router.call(s, SCAN, [s, prefix, start, end, limit]) for s in range(view.partitions))
+        )
+        runs = [[(k, Versioned.from_wire(v)) for k, v in reply] for reply in replies]
+        merged = list(heapq.merge(*runs, key=lambda item: item[0]))
+        return merged if limit is None else merged[:limit]
+
+    async def register_resolver(self, prefix: str, name: str) -> None:
+        view = await self.router.ensure_map()
+        await asyncio.gather(
+            *(self.router.call(s, RESOLVER, [s, prefix, name]) for s in range(view.partitions))
+        )
+
+    async def close(self) -> None:
+        await self.router.close()
+
+
+def _vote_error(vote: list) -> Error:
+    from pykv.client.transport import error_from_reply
+
+    return error_from_reply(vote[0], vote[1])
+
+
+class ClusterResolvers(ResolverRegistry):
+    """Resolver registrations that every replica of every shard applies in its log order.
+
+    Only built-in resolvers can run on the servers, so a function is refused with
+    InvalidOperation; a name is replicated to every shard before register() returns.
+    """
+
+    def __init__(self, backend: ClusterBackend) -> None:
+        super().__init__()
+        self._backend = backend
+
+    def register(self, prefix: str, resolver: Any) -> None:
+        if not isinstance(resolver, str):
+            raise InvalidOperation(
+                "a cluster runs resolvers on its servers: register a built-in name "
+                f"({', '.join(sorted(BUILTIN))}), not {resolver!r}"
+            )
+        super().register(prefix, resolver)  # validates the name and the prefix
+        self._backend._run(self._backend.core.register_resolver(prefix, resolver))
+
+
+class ClusterBackend:
+    """The ``pykv.api.Backend`` of a cluster (thread-safe; see the module docstring)."""
+
+    def __init__(self, addresses: list[str], *, timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        self.node_id = 0  # the node that proposes a commit stamps its own id as coordinator
+        self._loop = _new_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pykv-client", daemon=True)
+        self._thread.start()
+        self._closed = False
+        self.core: AsyncCluster = self._run(_make_core(addresses, timeout))
+        try:
+            self._run(self.core.start())
+        except BaseException:
+            self.close()
+            raise
+        self.resolvers = ClusterResolvers(self)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise StoreClosed("the cluster client is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            # The coroutine has its own deadline; this one only guards against a stuck loop.
+            return future.result(self.timeout * 3 + 5)
+        except TimeoutError:
+            future.cancel()
+            raise Timeout(f"the cluster did not answer within {self.timeout}s") from None
+
+    def read(self, key: str) -> Versioned:
+        return self._run(self.core.read(key))
+
+    def commit(self, request: CommitRequest) -> None:
+        self._run(self.core.commit(request))
+
+    def scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None
+    ) -> Iterator[tuple[str, Versioned]]:
+        return iter(self._run(self.core.scan(prefix, start, end, limit)))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if hasattr(self, "core"):
+            try:
+                asyncio.run_coroutine_threadsafe(self.core.close(), self._loop).result(5)
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+async def _make_core(addresses: list[str], timeout: float) -> AsyncCluster:
+    return AsyncCluster(addresses, timeout=timeout)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()

@@ -1,0 +1,209 @@
+"""Routing requests to shard leaders: the shard map, leader hints, redirects and safe retries.
+
+``Router`` is asyncio code shared by the clients and by nodes (a node asks a coordinator
+shard for a 2PC decision through one). It learns the shard map from any reachable address,
+then sends each request to the node it believes leads the shard. A ``[REDIRECT, hint]``
+reply updates the belief and the request goes again; an unreachable node or a redirect
+without a hint makes it try the shard's other replicas, with a short backoff, until the
+deadline. Retrying is safe because every command is idempotent by transaction id on the
+replicas (pykv.replica.shard): a commit that did apply returns its first outcome again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from pykv.client.transport import (
+    SHARD_MAP,
+    Connection,
+    Redirect,
+    unwrap,
+)
+from pykv.cluster.ring import HashRing
+from pykv.errors import Timeout, Unavailable
+
+
+@dataclass
+class ShardMapView:
+    """What a node tells clients: ring parameters, replica sets, addresses, leader hints."""
+
+    version: int
+    partitions: int
+    vnodes: int
+    replicas: int
+    nodes: dict[int, str]
+    shards: list[list[int]]
+    leaders: list[int | None] = field(default_factory=list)
+
+    @classmethod
+    def from_wire(cls, raw: dict) -> ShardMapView:
+        return cls(
+            version=raw["version"],
+            partitions=raw["partitions"],
+            vnodes=raw["vnodes"],
+            replicas=raw["replicas"],
+            nodes={int(k): v for k, v in raw["nodes"].items()},
+            shards=[list(s) for s in raw["shards"]],
+            leaders=list(raw.get("leaders") or [None] * raw["partitions"]),
+        )
+
+    def ring_for_keys(self) -> HashRing:
+        """A ring that maps keys to partitions (placement of partitions comes from ``shards``)."""
+        return HashRing([0], partitions=self.partitions, vnodes=1, replicas=1)
+
+
+class Router:
+    """Leader-aware request routing for one cluster (runs on one event loop)."""
+
+    def __init__(self, seeds: list[str], *, timeout: float = 10.0, connect_timeout: float = 2.0) -> None:
+        if not seeds:
+            raise ValueError("connect needs at least one address")
+        self.seeds = list(seeds)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.map: ShardMapView | None = None
+        self._ring: HashRing | None = None
+        self._leaders: dict[int, int] = {}
+        self._conns: dict[str, Connection] = {}
+        self._connecting: dict[str, asyncio.Future] = {}
+        self._map_lock: asyncio.Lock | None = None
+        self.closed = False
+
+    # --- connections ------------------------------------------------------------------------
+
+    async def connection(self, address: str) -> Connection:
+        conn = self._conns.get(address)
+        if conn is not None and not conn.closed:
+            return conn
+        pending = self._connecting.get(address)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut = asyncio.get_running_loop().create_future()
+        self._connecting[address] = fut
+        try:
+            conn = await Connection.open(address, timeout=self.connect_timeout)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._connecting.pop(address, None)
+        self._conns[address] = conn
+        fut.set_result(conn)
+        return conn
+
+    async def call_address(self, address: str, kind: int, body: Any, timeout: float) -> Any:
+        conn = await self.connection(address)
+        return unwrap(await conn.request(kind, body, timeout))
+
+    # --- the shard map ------------------------------------------------------------------------
+
+    async def refresh_map(self) -> ShardMapView:
+        """Fetch the shard map from the first address that answers (seeds, then known nodes)."""
+        if self._map_lock is None:
+            self._map_lock = asyncio.Lock()
+        async with self._map_lock:
+            candidates = list(dict.fromkeys(
+                self.seeds + (list(self.map.nodes.values()) if self.map else [])
+            ))
+            errors = []
+            for address in candidates:
+                try:
+                    raw = await self.call_address(address, SHARD_MAP, None, self.connect_timeout)
+                except (Unavailable, Timeout, OSError) as exc:
+                    errors.append(f"{address}: {exc}")
+                    continue
+                view = ShardMapView.from_wire(raw)
+                if self.map is None or view.version >= self.map.version:
+                    self.map = view
+                    self._ring = view.ring_for_keys()
+                    for shard, leader in enumerate(view.leaders):
+                        if leader is not None:
+                            self._leaders.setdefault(shard, leader)
+                return self.map
+            raise Unavailable("no node answered for the shard map: " + "; ".join(errors))
+
+    async def ensure_map(self) -> ShardMapView:
+        return self.map if self.map is not None else await self.refresh_map()
+
+    def shard_of(self, key: str) -> int:
+        assert self._ring is not None, "ensure_map() first"
+        return self._ring.partition_of(key)
+
+    # --- calls to a shard's leader ------------------------------------------------------------
+
+    def _candidates(self, shard: int) -> list[int]:
+        assert self.map is not None
+        replicas = list(self.map.shards[shard])
+        leader = self._leaders.get(shard)
+        if leader in replicas:
+            replicas.remove(leader)
+            replicas.insert(0, leader)
+        return replicas
+
+    async def call(self, shard: int, kind: int, body: Any, *, timeout: float | None = None) -> Any:
+        """Send ``body`` to the leader of ``shard``, following redirects until the deadline.
+
+        Raises Timeout when the deadline passes with a request possibly applied, Unavailable
+        when no replica could be reached at all, or the pykv error the shard returned.
+        """
+        await self.ensure_map()
+        loop = asyncio.get_running_loop()
+        total = self.timeout if timeout is None else timeout
+        deadline = loop.time() + total
+        attempt = 0
+        maybe_applied = False
+        last_error: Exception | None = None
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            assert self.map is not None
+            candidates = self._candidates(shard)
+            node = candidates[attempt % len(candidates)]
+            address = self.map.nodes.get(node)
+            if address is None:
+                await self.refresh_map()
+                attempt += 1
+                continue
+            try:
+                return await self.call_address(address, kind, body, min(remaining, total))
+            except Redirect as exc:
+                last_error = exc
+                if exc.leader is not None and exc.leader != node and exc.leader in self.map.nodes:
+                    self._leaders[shard] = exc.leader
+                    if exc.leader not in self.map.shards[shard]:
+                        await self.refresh_map()
+                    continue  # straight to the hinted leader, no backoff
+                self._leaders.pop(shard, None)
+            except Unavailable as exc:
+                # Leadership changed under a proposal, or the node is unreachable.
+                last_error = exc
+                maybe_applied = maybe_applied or "leadership" in str(exc) or "lost" in str(exc)
+                if self._leaders.get(shard) == node:
+                    del self._leaders[shard]
+            except Timeout as exc:
+                last_error = exc
+                maybe_applied = True
+                if self._leaders.get(shard) == node:
+                    del self._leaders[shard]
+            attempt += 1
+            await asyncio.sleep(min(0.2, 0.005 * (2 ** min(attempt, 6))) * random.uniform(0.5, 1.0))
+        if maybe_applied or isinstance(last_error, Timeout):
+            raise Timeout(
+                f"shard {shard}: no leader answered within {total:.3g}s; the outcome is unknown "
+                f"(last error: {last_error})"
+            )
+        raise Unavailable(f"shard {shard}: no reachable leader within {total:.3g}s ({last_error})")
+
+    def leader_hint(self, shard: int) -> int | None:
+        return self._leaders.get(shard)
+
+    async def close(self) -> None:
+        self.closed = True
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()

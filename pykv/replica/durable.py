@@ -1,0 +1,190 @@
+"""The Raft log of every group a node hosts, in ONE group-commit WAL, plus snapshot files.
+
+Layout of a node's data directory::
+
+    wal/                 the node's WAL (pykv._engine.wal): one record per Ready batch
+    snap/g{group}.snap   the latest state-machine snapshot of each group
+
+A WAL record is one persisted batch of Ready work for many groups:
+``pack([[group, hard_state|None, [entry...], snapshot_meta|None], ...])``. Because one
+record (one fdatasync) covers every group that had work in a tick, a node hosting many
+shards pays one fsync per tick, not one per shard (DESIGN §5).
+
+Recovery replays the records in lsn order. Per group: a snapshot marker resets the log to
+the snapshot (the snapshot file itself is written and fsync'd *before* the marker, so a
+marker never points at a missing file); entries overwrite the stored log from their first
+index on (a new leader may have truncated a conflicting suffix); the last hard state wins.
+
+Compaction: after a group snapshots at index i, records that only hold that group's entries
+<= i are garbage. ``NodeLog`` tracks, per group, the lsn of the oldest record it still
+needs; whole WAL segments older than every group's need are deleted, after a checkpoint
+record restates every group's hard state (so the hard states survive the deletion).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pykv._engine.wal import WalWriter, read_wal
+from pykv.codec import pack, unpack
+from pykv.raft.messages import Entry, HardState, PersistentState, Snapshot, SnapshotMeta
+
+
+@dataclass
+class GroupWork:
+    """What one group's Ready asks to persist."""
+
+    group: int
+    hard_state: HardState | None
+    entries: tuple[Entry, ...]
+    snapshot: Snapshot | None
+
+
+@dataclass
+class _Recovered:
+    hard_state: HardState = field(default_factory=HardState)
+    entries: list[Entry] = field(default_factory=list)
+    snapshot: Snapshot | None = None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class NodeLog:
+    """One node's durable Raft state for all its groups (not thread-safe: one writer)."""
+
+    def __init__(self, data_dir: Path, *, fsync: str = "always") -> None:
+        self.data_dir = Path(data_dir)
+        self.snap_dir = self.data_dir / "snap"
+        self.snap_dir.mkdir(parents=True, exist_ok=True)
+        self.wal_dir = self.data_dir / "wal"
+        self._fsync = fsync
+        # group -> [(last entry index in the record, lsn)] of the records it may still need
+        self._records: dict[int, deque[tuple[int, int]]] = {}
+        self.recovered = self._recover()
+        self.wal = WalWriter(str(self.wal_dir), fsync=fsync)
+        self._latest_hard: dict[int, HardState] = {
+            g: r.hard_state for g, r in self.recovered.items()
+        }
+
+    # --- recovery ---------------------------------------------------------------------------
+
+    def _recover(self) -> dict[int, _Recovered]:
+        groups: dict[int, _Recovered] = {}
+        for path in self.snap_dir.glob("g*.snap"):
+            group = int(path.stem[1:])
+            meta_wire, data = unpack(path.read_bytes())
+            groups[group] = _Recovered(snapshot=Snapshot(SnapshotMeta.from_wire(meta_wire), data))
+        if not self.wal_dir.exists():
+            return groups
+        for record in read_wal(str(self.wal_dir)):
+            for group, hs, entries, snap_meta in unpack(record.payload):
+                rec = groups.setdefault(group, _Recovered())
+                if snap_meta is not None:
+                    # The snapshot file was fsync'd before this marker was written, and a
+                    # file is only ever replaced by a newer snapshot: the log restarts here.
+                    meta = SnapshotMeta.from_wire(snap_meta)
+                    rec.entries = [e for e in rec.entries if e.index > meta.index]
+                if entries:
+                    self._records.setdefault(group, deque()).append((entries[-1][1], record.lsn))
+                    first = entries[0][1]
+                    rec.entries = [e for e in rec.entries if e.index < first]
+                    rec.entries.extend(Entry.from_wire(e) for e in entries)
+                if hs is not None:
+                    rec.hard_state = HardState.from_wire(hs)
+        for group, rec in groups.items():
+            if rec.snapshot is not None:
+                offset = rec.snapshot.meta.index
+                self.compacted(group, offset)
+                rec.entries = [e for e in rec.entries if e.index > offset]
+            # Keep only a contiguous run after the snapshot (older records may be deleted).
+            start = rec.snapshot.meta.index + 1 if rec.snapshot else 1
+            if rec.entries and rec.entries[0].index != start:
+                rec.entries = [e for e in rec.entries if e.index >= start]
+                if rec.entries and rec.entries[0].index != start:
+                    rec.entries = []
+        return groups
+
+    def persistent_state(self, group: int) -> PersistentState | None:
+        """What group ``group`` restarts from, or None when this node never persisted it."""
+        rec = self.recovered.get(group)
+        if rec is None:
+            return None
+        return PersistentState(rec.hard_state, tuple(rec.entries), rec.snapshot)
+
+    def groups(self) -> list[int]:
+        return sorted(self.recovered)
+
+    # --- persisting -------------------------------------------------------------------------
+
+    def save_snapshot(self, group: int, snapshot: Snapshot) -> None:
+        """Write a snapshot file durably (temp file, fsync, rename, fsync the directory)."""
+        path = self.snap_dir / f"g{group}.snap"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(pack([snapshot.meta.to_wire(), snapshot.data]))
+            f.flush()
+            if self._fsync != "off":
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if self._fsync != "off":
+            _fsync_dir(self.snap_dir)
+
+    def persist(self, work: Iterable[GroupWork], *, wait: bool = True) -> int:
+        """Write a batch: snapshot files first, then one WAL record. Returns its lsn.
+
+        With ``wait`` it blocks until fsync'd (the WAL writer releases the GIL), so callers
+        run it off the event loop thread; without, the record rides on the next group commit.
+        """
+        rows = []
+        for w in work:
+            if w.snapshot is not None:
+                self.save_snapshot(w.group, w.snapshot)
+            if w.hard_state is None and not w.entries and w.snapshot is None:
+                continue
+            rows.append(
+                [
+                    w.group,
+                    None if w.hard_state is None else w.hard_state.to_wire(),
+                    [e.to_wire() for e in w.entries],
+                    None if w.snapshot is None else w.snapshot.meta.to_wire(),
+                ]
+            )
+            if w.hard_state is not None:
+                self._latest_hard[w.group] = w.hard_state
+        if not rows:
+            return self.wal.last_lsn
+        lsn = self.wal.append(pack(rows)) if wait else self.wal.submit(pack(rows))
+        for w in work:
+            if w.entries:
+                self._records.setdefault(w.group, deque()).append((w.entries[-1].index, lsn))
+        return lsn
+
+    def compacted(self, group: int, index: int) -> None:
+        """Group ``group`` holds a durable snapshot at ``index``: older entries are garbage."""
+        records = self._records.get(group)
+        while records and records[0][0] <= index:
+            records.popleft()
+
+    def truncate(self) -> int:
+        """Delete WAL segments no group needs any more; return how many were deleted."""
+        needed = [r[0][1] for r in self._records.values() if r]
+        floor = min(needed, default=self.wal.last_lsn + 1)
+        if floor <= 1 or len(self.wal.segments()) < 2:
+            return 0
+        # Restate every hard state first, so deleting old records loses none of them.
+        rows = [[g, hs.to_wire(), [], None] for g, hs in self._latest_hard.items()]
+        self.wal.append(pack(rows))
+        return self.wal.truncate_before(floor)
+
+    def close(self) -> None:
+        self.wal.close()

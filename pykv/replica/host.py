@@ -1,0 +1,389 @@
+"""ReplicaHost: every Raft group a node hosts, driven through one persist/send/apply/advance cycle.
+
+The host is synchronous and owns no socket and no thread: the server's event loop calls
+
+1. ``tick()`` every tick and ``step(msg)`` for every message that arrives;
+2. ``collect()`` to take one Ready from every group that has work;
+3. ``batch.early``: messages a *leader* may send before its own entries are
+   durable (Raft thesis §10.2.1; pykv.raft.node explains why that is safe). Never a
+   message of a group whose term or vote changed in this batch: those wait for step 4;
+4. ``persist(batch)`` (blocking: run it off the loop) — snapshot files, then ONE WAL record
+   for all groups, one fdatasync. Raft safety needs this before step 5: a vote or an append
+   acknowledgement must never come from a node that could forget it in a crash;
+5. ``batch.late``: every other message, sent only now (persist before send);
+6. ``apply(batch)``: restore snapshots, apply committed entries to the shard state machines
+   in log order, complete waiting proposals and reads, then ``advance`` every group.
+
+Requests complete through callbacks ``done(result, error)``, called on the loop thread.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pykv.errors import Unavailable
+from pykv.raft.errors import NotLeader
+from pykv.raft.messages import (
+    EntryKind,
+    Message,
+    PersistentState,
+    Ready,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+)
+from pykv.raft.node import RaftConfig, RaftNode, bootstrap_state
+from pykv.replica.durable import GroupWork, NodeLog
+from pykv.replica.failpoints import failpoint
+from pykv.replica.shard import ShardState, encode_command
+
+Done = Callable[[Any, BaseException | None], None]
+
+
+@dataclass
+class _Read:
+    """A linearizable read waiting for its ReadIndex, then for the apply index to reach it."""
+
+    fn: Callable[[ShardState], Any]  # runs against the state; returns the result
+    keys: tuple[str, ...]  # keys that must not be locked by a prepared transaction
+    done: Done
+    index: int = 0
+
+
+@dataclass
+class Group:
+    """One Raft group member and its shard state machine."""
+
+    gid: int
+    raft: RaftNode
+    state: ShardState
+    pending: dict[int, tuple[int, Done]] = field(default_factory=dict)  # seq -> (index, done)
+    by_index: dict[int, int] = field(default_factory=dict)  # log index -> seq
+    read_queue: list[_Read] = field(default_factory=list)  # not yet asked for a read index
+    read_waiting: dict[int, list[_Read]] = field(default_factory=dict)  # ctx -> reads
+    read_ready: list[_Read] = field(default_factory=list)  # index known; wait for apply/locks
+    snapshot_index: int = 0
+
+    def status(self) -> dict:
+        raft = self.raft
+        info = {
+            "leader": raft.leader_id,
+            "role": Role(raft.role).name.lower(),
+            "term": raft.term,
+            "commit": raft.commit_index,
+            "applied": self.state.applied_index,
+            "last_index": raft.last_index(),
+            "voters": sorted(raft.conf.voters),
+            "learners": sorted(raft.conf.learners),
+            "prepared": len(self.state.prepared),
+            "keys": len(self.state.versions),
+        }
+        if raft.is_leader():
+            info["match"] = {
+                str(n): raft.progress(n).match for n in raft.conf.members() if raft.progress(n)
+            }
+        return info
+
+
+@dataclass
+class Batch:
+    """One collected round of Readies, its messages split once at collect time."""
+
+    readies: list[tuple[Group, Ready]]
+    early: list[Message] = field(default_factory=list)  # may go out before persist
+    late: list[Message] = field(default_factory=list)  # only after persist
+
+    def must_sync(self) -> bool:
+        """Something to write to the WAL."""
+        return any(rd.must_sync() for _, rd in self.readies)
+
+    def must_wait(self) -> bool:
+        """Something whose fsync must finish before sending and applying: entries, a
+        snapshot, or a new term or vote. A hard state that only moves the commit index is
+        written without waiting: a commit index lost in a crash is learnt again from the
+        leader, and nothing a peer relies on depends on it.
+        """
+        return any(
+            rd.entries or rd.snapshot is not None or not _term_unchanged(group, rd)
+            for group, rd in self.readies
+        )
+
+
+class ReplicaHost:
+    """All the groups of one node (see the module docstring for the cycle)."""
+
+    def __init__(
+        self,
+        node_id: int,
+        log: NodeLog,
+        *,
+        raft_config: RaftConfig | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = lambda: 0.0,
+        snapshot_every: int = 50_000,
+    ) -> None:
+        self.node_id = node_id
+        self.log = log
+        self.raft_config = raft_config or RaftConfig()
+        self.rng = rng or random.Random(node_id)
+        self.clock = clock
+        self.snapshot_every = snapshot_every
+        self.groups: dict[int, Group] = {}
+        # Proposal ids are [incarnation, seq]: a restarted node never mistakes an old
+        # entry for one of its new proposals.
+        self.incarnation = self.rng.getrandbits(48)
+        self._seq = 0
+        self._read_ctx = 0
+        self.on_role_change: Callable[[int, Role, int | None], None] | None = None
+
+    # --- groups -----------------------------------------------------------------------------
+
+    def add_group(self, gid: int, voters: list[int] | None) -> Group:
+        """Host group ``gid``: restart it from the WAL, or found it with ``voters``.
+
+        ``voters=None`` joins an existing group empty, to be filled by the leader (a new
+        replica during a rebalance: it catches up from a snapshot or the log).
+        """
+        state = self.log.persistent_state(gid)
+        if state is None:
+            state = bootstrap_state(voters) if voters else PersistentState()
+            if voters:
+                # Raft takes the founding configuration as already durable: make it so
+                # before the group says anything, or a restart would find no members.
+                self.log.persist([GroupWork(gid, state.hard_state, state.entries, None)])
+        raft = RaftNode(self.node_id, state=state, config=self.raft_config, rng=self.rng, group=gid)
+        sm = ShardState(gid)
+        sm.clock = self.clock
+        if state.snapshot is not None and state.snapshot.data is not None:
+            sm.restore(state.snapshot.data)
+        group = Group(gid, raft, sm, snapshot_index=raft.log.offset)
+        self.groups[gid] = group
+        return group
+
+    def remove_group(self, gid: int) -> None:
+        group = self.groups.pop(gid, None)
+        if group is not None:
+            self._fail_all(group, Unavailable(f"shard group {gid} left this node"))
+
+    # --- inputs -----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        for group in self.groups.values():
+            group.raft.tick()
+
+    def step(self, msg: Message) -> bool:
+        """Deliver a message to its group; False when this node does not host the group."""
+        group = self.groups.get(msg.group)
+        if group is None:
+            return False
+        group.raft.step(msg)
+        return True
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def propose(self, gid: int, tag: str, args: list, done: Done) -> None:
+        """Propose a shard command; ``done(result, None)`` once applied, or an error.
+
+        Raises NotLeader (with a hint) when this node does not lead the group, and
+        Unavailable when it does not host it.
+        """
+        group = self._group(gid)
+        seq = self._next_seq()
+        data = encode_command(tag, [self.incarnation, seq], *args)
+        _, index = group.raft.propose(data)
+        group.pending[seq] = (index, done)
+        group.by_index[index] = seq
+
+    def read(self, gid: int, fn: Callable[[ShardState], Any], keys: tuple[str, ...], done: Done) -> None:
+        """Run ``fn(state)`` as a linearizable read on the leader (ReadIndex), then ``done``."""
+        group = self._group(gid)
+        if not group.raft.is_leader():
+            raise NotLeader(group.raft.leader_id)
+        group.read_queue.append(_Read(fn, keys, done))
+
+    def _group(self, gid: int) -> Group:
+        group = self.groups.get(gid)
+        if group is None:
+            raise Unavailable(f"node {self.node_id} does not host shard group {gid}")
+        return group
+
+    def leader_of(self, gid: int) -> int | None:
+        group = self.groups.get(gid)
+        return None if group is None else group.raft.leader_id
+
+    # --- the cycle --------------------------------------------------------------------------
+
+    def _flush_reads(self) -> None:
+        """Ask one read index per group for every read queued since the last round."""
+        for group in self.groups.values():
+            if not group.read_queue:
+                continue
+            reads, group.read_queue = group.read_queue, []
+            self._read_ctx += 1
+            ctx = self._read_ctx
+            try:
+                group.raft.read_index(ctx)
+            except NotLeader as exc:
+                for r in reads:
+                    r.done(None, exc)
+                continue
+            group.read_waiting[ctx] = reads
+
+    def collect(self) -> Batch:
+        self._flush_reads()
+        batch = Batch([])
+        for group in self.groups.values():
+            if not group.raft.has_ready():
+                continue
+            rd = group.raft.ready()
+            batch.readies.append((group, rd))
+            # Only a leader in a term (and vote) that is already durable may send before
+            # persisting (thesis §10.2.1); decided now, since the role may change while
+            # the batch is being persisted.
+            if group.raft.role == Role.LEADER and _term_unchanged(group, rd) and rd.snapshot is None:
+                batch.early.extend(rd.messages)
+            else:
+                batch.late.extend(rd.messages)
+        return batch
+
+    def persist(self, batch: Batch, *, wait: bool = True) -> None:
+        """Write the batch to the WAL; with ``wait``, block until it is fsync'd.
+
+        Touches no Raft node, so it may run on a worker thread while the loop goes on.
+        """
+        work = [
+            GroupWork(group.gid, rd.hard_state, rd.entries, rd.snapshot)
+            for group, rd in batch.readies
+            if rd.must_sync()
+        ]
+        if work:
+            self.log.persist(work, wait=wait)
+        if wait:
+            failpoint("replica.after_persist")
+
+    def apply(self, batch: Batch) -> None:
+        """Apply every group's committed entries and reads, then advance every group."""
+        for group, rd in batch.readies:
+            try:
+                self._apply_group(group, rd)
+            finally:
+                group.raft.advance(rd)
+            self._maybe_snapshot(group)
+
+    def _apply_group(self, group: Group, rd: Ready) -> None:
+        if rd.snapshot is not None and rd.snapshot.data is not None:
+            group.state.restore(rd.snapshot.data)
+            group.snapshot_index = rd.snapshot.meta.index
+            self.log.compacted(group.gid, rd.snapshot.meta.index)
+            failpoint("replica.after_snapshot_install")
+        state = group.state
+        for entry in rd.committed_entries:
+            if entry.index <= state.applied_index:
+                continue  # already in the restored snapshot
+            if entry.kind != EntryKind.NORMAL or entry.data is None:
+                state.applied_index = entry.index
+                self._complete_index(group, entry.index, None, None)
+                continue
+            proposal, result = state.apply(entry.index, entry.data)
+            seq = None
+            if isinstance(proposal, list) and len(proposal) == 2 and proposal[0] == self.incarnation:
+                seq = proposal[1]
+            self._complete_index(group, entry.index, seq, result)
+        for rs in rd.read_states:
+            reads = group.read_waiting.pop(rs.context, None)
+            if reads:
+                for r in reads:
+                    r.index = rs.index
+                group.read_ready.extend(reads)
+        if group.read_ready:
+            self._serve_reads(group)
+        if rd.soft_state is not None:
+            if rd.soft_state.role != Role.LEADER:
+                self._fail_all(group, NotLeader(rd.soft_state.leader, "leadership changed"))
+            if self.on_role_change is not None:
+                self.on_role_change(group.gid, rd.soft_state.role, rd.soft_state.leader)
+
+    def _complete_index(self, group: Group, index: int, seq: int | None, result: Any) -> None:
+        expected = group.by_index.pop(index, None)
+        if expected is not None and expected != seq:
+            # Another leader's entry took this index: our proposal was lost.
+            lost = group.pending.pop(expected, None)
+            if lost is not None:
+                lost[1](None, NotLeader(group.raft.leader_id, "the proposal was lost"))
+        if seq is not None:
+            waiting = group.pending.pop(seq, None)
+            if waiting is not None:
+                waiting[1](result, None)
+
+    def _serve_reads(self, group: Group) -> None:
+        applied = group.state.applied_index
+        still = []
+        for r in group.read_ready:
+            if r.index > applied or any(group.state.locked(k) for k in r.keys):
+                still.append(r)  # wait for the apply index, or for a prepared txn to finish
+                continue
+            try:
+                result = r.fn(group.state)
+            except Exception as exc:  # noqa: BLE001 - reported to the requester
+                r.done(None, exc)
+            else:
+                r.done(result, None)
+        group.read_ready = still
+
+    def _fail_all(self, group: Group, exc: BaseException) -> None:
+        pending, group.pending, group.by_index = group.pending, {}, {}
+        for _, done in pending.values():
+            done(None, exc)
+        waiting = [r for reads in group.read_waiting.values() for r in reads]
+        waiting += group.read_queue + group.read_ready
+        group.read_waiting, group.read_queue, group.read_ready = {}, [], []
+        for r in waiting:
+            r.done(None, exc)
+
+    def _maybe_snapshot(self, group: Group) -> None:
+        applied = group.state.applied_index
+        if applied - group.snapshot_index < self.snapshot_every or group.raft.applied_index < applied:
+            return
+        self.snapshot_group(group)
+
+    def snapshot_group(self, group: Group) -> None:
+        """Snapshot the state machine durably, then let Raft drop the log before it."""
+        index = group.state.applied_index
+        term = group.raft.log.term(index)
+        if term is None or index <= group.raft.log.offset:
+            return
+        data = group.state.snapshot()
+        meta = SnapshotMeta(index, term, group.raft._conf_at(index))
+        self.log.save_snapshot(group.gid, Snapshot(meta, data))
+        group.raft.compact(index, data)
+        group.snapshot_index = index
+        self.log.compacted(group.gid, index)
+        self.log.truncate()
+
+    # --- diagnostics --------------------------------------------------------------------------
+
+    def status(self) -> dict[int, dict]:
+        return {gid: g.status() for gid, g in sorted(self.groups.items())}
+
+    def reads_value(self, key: str) -> Callable[[ShardState], Any]:
+        """A read function returning the Versioned wire form of ``key``."""
+
+        def fn(state: ShardState) -> Any:
+            version = state.get(key)
+            return version.to_wire()
+
+        return fn
+
+
+def _term_unchanged(group: Group, rd: Ready) -> bool:
+    hs = rd.hard_state
+    if hs is None:
+        return True
+    prev = group.raft._prev_hard  # the hard state already durable before this Ready
+    return hs.term == prev.term and hs.vote == prev.vote
+

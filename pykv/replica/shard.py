@@ -1,0 +1,339 @@
+"""One shard's replicated state machine: committed versions, 2PC locks, decisions, dedup by txid.
+
+Every replica of a shard applies the same commands in the same (Raft log) order, and
+``apply`` is deterministic, so all replicas hold the same state and return the same result
+for each command. Commands (``Command`` below, packed with msgpack into Raft entries):
+
+- ``commit``: a single-shard transaction. Validated (pykv.txn.occ.validate) against the
+  current state, applied atomically, or refused with the validation error.
+- ``prepare``: this shard's part of a multi-shard transaction. Validated, then its keys are
+  locked and its updates kept aside; the result is the vote (None = yes, else the error).
+- ``decide``: the decision record of a multi-shard transaction, kept on its coordinator
+  shard. The first decision recorded wins; later ones get the recorded one back. A
+  participant whose prepared transaction waits too long proposes ``decide(abort)`` here,
+  so a coordinator or client that crashed never leaves the transaction in doubt.
+- ``finish``: apply (commit) or drop (abort) what ``prepare`` kept, and unlock.
+- ``resolver``: register a built-in resolver for a key prefix, at the same log position
+  on every replica.
+
+Retries are safe: the outcome of every finished transaction id is remembered (the last
+``REMEMBERED_TXIDS`` of them), so a retried commit or prepare returns the first outcome
+instead of applying twice. A single-shard commit that touches a key locked by a prepared
+transaction is refused with TransactionConflict (retryable), which keeps prepared
+transactions atomic without blocking the log.
+
+Locks come in two modes. A key a transaction reads, or writes with a plain put/delete or
+after observing it, is locked *exclusively*. A key it only changes by blind ``incr`` or
+``append`` is locked *shared*: such operations commute (DESIGN §3), so any number of
+transactions may hold a shared lock on a key at once, and a FINISH re-validates the
+prepared request against the state at that point, folding the increments onto whatever
+the others committed meanwhile. Exclusive locks exclude every other lock.
+
+Values live in memory (a sorted dict, for scans), and the shard is made durable by the
+Raft log in the node's WAL plus snapshots of this state (``snapshot``/``restore``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from pykv import errors
+from pykv.codec import pack, unpack
+from pykv.errors import ProtocolError, TransactionAborted, TransactionConflict
+from pykv.txn.model import ABSENT, MISSING, CommitRequest, KeyUpdate, Versioned
+from pykv.txn.occ import validate
+from pykv.txn.resolvers import ResolverRegistry
+from pykv.types import OpKind
+
+REMEMBERED_TXIDS = 200_000
+
+# Command tags (the first element of a packed command).
+COMMIT, PREPARE, DECIDE, FINISH, RESOLVER, NOOP = "c", "p", "d", "f", "r", "n"
+
+Outcome = list | None
+"""None when a command succeeded; [error class name, message] when it was refused."""
+
+
+def error_outcome(exc: BaseException) -> list:
+    return [type(exc).__name__, str(exc)]
+
+
+def raise_outcome(outcome: Outcome) -> None:
+    """Raise the pykv error an outcome names (the inverse of error_outcome)."""
+    if outcome is None:
+        return
+    name, message = outcome[0], outcome[1]
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.Error)):
+        cls = errors.Error
+    raise cls(message)
+
+
+def encode_command(tag: str, proposal: Any, *args: Any) -> bytes:
+    """Pack a command; ``proposal`` identifies the proposer's waiting request (or None)."""
+    return pack([tag, proposal, *args])
+
+
+def decode_command(data: bytes) -> list:
+    cmd = unpack(data)
+    if not isinstance(cmd, list) or len(cmd) < 2 or not isinstance(cmd[0], str):
+        raise ProtocolError(f"malformed shard command {cmd!r:.80}")
+    return cmd
+
+
+@dataclass
+class Prepared:
+    """A transaction this shard voted yes for: its locked keys and the updates kept aside."""
+
+    txid: int
+    coordinator_shard: int
+    participants: list[int]
+    updates: list[KeyUpdate]
+    keys: list[str]  # exclusively locked
+    shared: list[str]  # locked in the commutative (shared) mode
+    request: CommitRequest
+    # Node-local (not replicated): when this replica applied the prepare, for recovery.
+    since: float = field(default=0.0, compare=False)
+
+
+class ShardState:
+    """The deterministic state of one shard, and the StateView that validation reads."""
+
+    def __init__(self, shard: int, resolvers: ResolverRegistry | None = None) -> None:
+        self.shard = shard
+        self.versions: SortedDict = SortedDict()  # key -> Versioned
+        self.resolvers = resolvers if resolvers is not None else ResolverRegistry()
+        self.resolver_names: dict[str, str] = {}
+        self.outcomes: OrderedDict[int, Outcome] = OrderedDict()  # finished txid -> outcome
+        self.prepared: dict[int, Prepared] = {}
+        self.locks: dict[str, int] = {}  # key -> txid of the prepared txn holding it exclusively
+        self.shared: dict[str, set[int]] = {}  # key -> txids holding it in the commutative mode
+        self.decisions: OrderedDict[int, bool] = OrderedDict()  # coordinator records
+        self.applied_index = 0
+        self.clock = lambda: 0.0  # node-local time source for Prepared.since (set by the host)
+
+    # --- StateView --------------------------------------------------------------------------
+
+    def get(self, key: str) -> Versioned:
+        return self.versions.get(key, ABSENT)
+
+    def locked(self, key: str) -> bool:
+        """Whether a prepared transaction may still change the key (reads of it wait)."""
+        return key in self.locks or key in self.shared
+
+    # --- applying commands ------------------------------------------------------------------
+
+    def apply(self, index: int, data: bytes) -> tuple[Any, Any]:
+        """Apply the command at log ``index``; return (proposal id, result)."""
+        self.applied_index = index
+        cmd = decode_command(data)
+        tag, proposal = cmd[0], cmd[1]
+        if tag == COMMIT:
+            return proposal, self._commit(CommitRequest.from_wire(cmd[2]))
+        if tag == PREPARE:
+            return proposal, self._prepare(CommitRequest.from_wire(cmd[2]), cmd[3], list(cmd[4]))
+        if tag == DECIDE:
+            return proposal, self._decide(cmd[2], bool(cmd[3]))
+        if tag == FINISH:
+            return proposal, self._finish(cmd[2], bool(cmd[3]))
+        if tag == RESOLVER:
+            return proposal, self._register(cmd[2], cmd[3])
+        if tag == NOOP:
+            return proposal, None
+        raise ProtocolError(f"unknown shard command {tag!r}")
+
+    def _remember(self, txid: int, outcome: Outcome) -> Outcome:
+        self.outcomes[txid] = outcome
+        if len(self.outcomes) > REMEMBERED_TXIDS:
+            self.outcomes.popitem(last=False)
+        return outcome
+
+    def _store(self, updates: list[KeyUpdate]) -> None:
+        for u in updates:
+            self.versions[u.key] = Versioned(u.value, u.clock, u.timestamp)
+
+    def _lock_modes(self, request: CommitRequest) -> tuple[list[str], list[str]]:
+        """(exclusive keys, shared keys) of a request: blind incr/append-only keys are shared."""
+        commutative: dict[str, bool] = {}
+        for op in request.writes:
+            ok = op.observed is None and op.kind in (OpKind.INCR, OpKind.APPEND)
+            commutative[op.key] = commutative.get(op.key, True) and ok
+        shared = [k for k, ok in commutative.items() if ok and k not in request.reads]
+        exclusive = list(dict.fromkeys(
+            [*request.reads, *(k for k in commutative if k not in shared)]
+        ))
+        return exclusive, shared
+
+    def _locked_keys(self, request: CommitRequest) -> list[str]:
+        """The keys of request that a prepared transaction holds in a conflicting mode."""
+        exclusive, shared = self._lock_modes(request)
+        txid = request.txid
+        busy = [
+            k for k in exclusive
+            if self.locks.get(k, txid) != txid or self.shared.get(k, {txid}) - {txid}
+        ]
+        busy += [k for k in shared if self.locks.get(k, txid) != txid]
+        return busy
+
+    def _commit(self, request: CommitRequest) -> Outcome:
+        if request.txid in self.outcomes:
+            return self.outcomes[request.txid]  # a retry: the first outcome stands
+        busy = self._locked_keys(request)
+        if busy:
+            return error_outcome(
+                TransactionConflict(f"key {busy[0]!r} is locked by a prepared transaction")
+            )
+        try:
+            updates = validate(request, self, self.resolvers)
+        except errors.Error as exc:
+            return self._remember(request.txid, error_outcome(exc))
+        self._store(updates)
+        return self._remember(request.txid, None)
+
+    def _prepare(self, request: CommitRequest, coordinator_shard: int, participants: list[int]) -> Outcome:
+        txid = request.txid
+        if txid in self.prepared:
+            return None  # a retried prepare: already voted yes
+        if txid in self.outcomes:
+            outcome = self.outcomes[txid]
+            if outcome is None:
+                return ["Committed", f"transaction {txid} already committed"]
+            return outcome
+        busy = self._locked_keys(request)
+        if busy:
+            return error_outcome(
+                TransactionConflict(f"key {busy[0]!r} is locked by another prepared transaction")
+            )
+        try:
+            updates = validate(request, self, self.resolvers)
+        except errors.Error as exc:
+            # A no vote finishes the transaction here: a later prepare must not vote yes.
+            return self._remember(txid, error_outcome(exc))
+        self._lock(Prepared(txid, coordinator_shard, participants, updates, *self._lock_modes(request),
+                            request, since=self.clock()))
+        return None
+
+    def _lock(self, prepared: Prepared) -> None:
+        self.prepared[prepared.txid] = prepared
+        for key in prepared.keys:
+            self.locks[key] = prepared.txid
+        for key in prepared.shared:
+            self.shared.setdefault(key, set()).add(prepared.txid)
+
+    def _unlock(self, prepared: Prepared) -> None:
+        for key in prepared.keys:
+            if self.locks.get(key) == prepared.txid:
+                del self.locks[key]
+        for key in prepared.shared:
+            holders = self.shared.get(key)
+            if holders is not None:
+                holders.discard(prepared.txid)
+                if not holders:
+                    del self.shared[key]
+
+    def _decide(self, txid: int, commit: bool) -> bool:
+        recorded = self.decisions.get(txid)
+        if recorded is None:
+            recorded = self.decisions[txid] = commit
+            if len(self.decisions) > REMEMBERED_TXIDS:
+                self.decisions.popitem(last=False)
+        return recorded
+
+    def _finish(self, txid: int, commit: bool) -> Outcome:
+        prepared = self.prepared.pop(txid, None)
+        if prepared is None:
+            if txid not in self.outcomes:
+                # Finished before this shard ever prepared (an abort): refuse a late prepare.
+                outcome = None if commit else error_outcome(
+                    TransactionAborted(f"transaction {txid} was aborted")
+                )
+                self._remember(txid, outcome)
+            return self.outcomes.get(txid)
+        self._unlock(prepared)
+        if commit:
+            updates = prepared.updates
+            if prepared.shared:
+                # Fold the commutative ops onto what other transactions committed since the
+                # prepare; exclusive keys were locked, so they validate exactly as then. A
+                # failure here (an incr leaving the int64 range meanwhile) keeps the
+                # prepare-time values: the decision to commit is final.
+                try:
+                    updates = validate(prepared.request, self, self.resolvers)
+                except errors.Error:
+                    updates = prepared.updates
+            self._store(updates)
+            return self._remember(txid, None)
+        return self._remember(
+            txid, error_outcome(TransactionAborted(f"transaction {txid} was aborted"))
+        )
+
+    def _register(self, prefix: str, name: str) -> Outcome:
+        try:
+            self.resolvers.register(prefix, name)
+        except errors.Error as exc:
+            return error_outcome(exc)
+        self.resolver_names[prefix] = name
+        return None
+
+    # --- reads and scans (served by the leader after a ReadIndex) ---------------------------
+
+    def scan(self, prefix: str, start: str | None, end: str | None, limit: int | None) -> list:
+        """[(key, Versioned)] of live keys with the prefix in [start, end), in key order."""
+        lo = max(prefix, start) if start is not None else prefix
+        out = []
+        for key in self.versions.irange(minimum=lo or None, maximum=end, inclusive=(True, False)):
+            if not key.startswith(prefix):
+                if key > prefix:
+                    break
+                continue
+            version = self.versions[key]
+            if version.value is MISSING:
+                continue
+            out.append((key, version))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The whole state as bytes (what InstallSnapshot carries and what restart loads)."""
+        return pack(
+            {
+                "shard": self.shard,
+                "applied": self.applied_index,
+                "versions": [[k, v.to_wire()] for k, v in self.versions.items()],
+                "resolvers": self.resolver_names,
+                "outcomes": [[t, o] for t, o in self.outcomes.items()],
+                "decisions": [[t, d] for t, d in self.decisions.items()],
+                "prepared": [
+                    [p.txid, p.coordinator_shard, p.participants, [u.to_wire() for u in p.updates],
+                     p.request.to_wire()]
+                    for p in self.prepared.values()
+                ],
+            }
+        )
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state with a snapshot()."""
+        raw = unpack(data)
+        self.applied_index = raw["applied"]
+        self.versions = SortedDict((k, Versioned.from_wire(v)) for k, v in raw["versions"])
+        self.resolvers = ResolverRegistry()
+        self.resolver_names = {}
+        for prefix, name in raw["resolvers"].items():
+            self._register(prefix, name)
+        self.outcomes = OrderedDict((t, o) for t, o in raw["outcomes"])
+        self.decisions = OrderedDict((t, bool(d)) for t, d in raw["decisions"])
+        self.prepared = {}
+        self.locks = {}
+        self.shared = {}
+        now = self.clock()
+        for txid, coord, parts, updates, request_wire in raw["prepared"]:
+            request = CommitRequest.from_wire(request_wire)
+            self._lock(Prepared(txid, coord, list(parts), [KeyUpdate.from_wire(u) for u in updates],
+                                *self._lock_modes(request), request, since=now))

@@ -1,0 +1,298 @@
+"""`pykv cluster up|down`: start, restart, grow or stop a local cluster of node processes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pykv.client.admin import fetch_status
+
+CONFIG_NAME = "cluster.json"
+DEFAULT_PARTITIONS = 16
+DEFAULT_REPLICAS = 3
+DEFAULT_VNODES = 64
+
+
+@dataclass
+class ClusterConfig:
+    """What `cluster up` wrote into DIR/cluster.json, so that a re-`up` starts the same nodes."""
+
+    nodes: dict[int, str] = field(default_factory=dict)  # node id -> "host:port"
+    partitions: int = DEFAULT_PARTITIONS
+    replicas: int = DEFAULT_REPLICAS
+    vnodes: int = DEFAULT_VNODES
+    initial: list[int] = field(default_factory=list)  # the members that bootstrapped it
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "nodes": {str(k): v for k, v in sorted(self.nodes.items())},
+                "partitions": self.partitions,
+                "replicas": self.replicas,
+                "vnodes": self.vnodes,
+                "initial": self.initial,
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ClusterConfig:
+        raw = json.loads(text)
+        return cls(
+            nodes={int(k): v for k, v in raw["nodes"].items()},
+            partitions=raw["partitions"],
+            replicas=raw["replicas"],
+            vnodes=raw["vnodes"],
+            initial=list(raw["initial"]),
+        )
+
+
+def load_config(data_dir: Path) -> ClusterConfig | None:
+    path = data_dir / CONFIG_NAME
+    return ClusterConfig.from_json(path.read_text()) if path.exists() else None
+
+
+def save_config(data_dir: Path, config: ClusterConfig) -> None:
+    tmp = data_dir / (CONFIG_NAME + ".tmp")
+    tmp.write_text(config.to_json())
+    os.replace(tmp, data_dir / CONFIG_NAME)
+
+
+def pid_path(data_dir: Path, node_id: int) -> Path:
+    return data_dir / f"node-{node_id}.pid"
+
+
+def read_pid(data_dir: Path, node_id: int) -> int | None:
+    try:
+        return int(pid_path(data_dir, node_id).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still answers kill(0); reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return _not_zombie(pid)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def serve_command(config: ClusterConfig, node_id: int, data_dir: Path) -> list[str]:
+    """The argv that runs one node of this cluster."""
+    peers = ",".join(f"{nid}={addr}" for nid, addr in sorted(config.nodes.items()))
+    argv = [
+        sys.executable, "-m", "pykv.server.cli", "serve",
+        "--id", str(node_id),
+        "--listen", config.nodes[node_id],
+        "--peers", peers,
+        "--initial", ",".join(str(n) for n in config.initial),
+        "--data-dir", str(data_dir / f"node-{node_id}"),
+        "--partitions", str(config.partitions),
+        "--replicas", str(config.replicas),
+        "--vnodes", str(config.vnodes),
+    ]
+    return argv
+
+
+def start_node(config: ClusterConfig, node_id: int, data_dir: Path, env: dict | None = None) -> int:
+    """Start one node detached (its own session), logging to DIR/node-ID.log; return its pid."""
+    log = open(data_dir / f"node-{node_id}.log", "ab")
+    try:
+        proc = subprocess.Popen(
+            serve_command(config, node_id, data_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    finally:
+        log.close()
+    pid_path(data_dir, node_id).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def running_nodes(config: ClusterConfig, data_dir: Path) -> dict[int, int]:
+    """node id -> pid for every node whose recorded process is alive."""
+    alive = {}
+    for node_id in config.nodes:
+        pid = read_pid(data_dir, node_id)
+        if pid is not None and pid_alive(pid):
+            alive[node_id] = pid
+    return alive
+
+
+def _status_table(rows: dict[int, str]) -> Table:
+    table = Table(title="pykv cluster")
+    table.add_column("node")
+    table.add_column("state")
+    for node_id, state in sorted(rows.items()):
+        table.add_row(str(node_id), state)
+    return table
+
+
+def wait_until_ready(
+    config: ClusterConfig, timeout: float, console: Console | None = None
+) -> bool:
+    """Poll every node until every shard it knows of has a leader; True when all are ready."""
+    deadline = time.monotonic() + timeout
+    rows = {nid: "starting" for nid in config.nodes}
+    live = Live(_status_table(rows), console=console, transient=False) if console else None
+    if live:
+        live.start()
+    try:
+        while time.monotonic() < deadline:
+            ready = True
+            for node_id, addr in config.nodes.items():
+                try:
+                    status = fetch_status(addr, timeout=1.0)
+                except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+                    rows[node_id] = f"waiting ({type(exc).__name__})"
+                    ready = False
+                    continue
+                groups = status["groups"]
+                led = sum(1 for g in groups.values() if g["leader"])
+                rows[node_id] = f"{led}/{len(groups)} groups have a leader"
+                if led < len(groups) or status.get("pending_moves"):
+                    ready = False
+            if live:
+                live.update(_status_table(rows))
+            if ready:
+                return True
+            time.sleep(0.1)
+        return False
+    finally:
+        if live:
+            live.stop()
+
+
+def cluster_up(
+    data_dir: Path,
+    nodes: int,
+    base_port: int,
+    *,
+    partitions: int = DEFAULT_PARTITIONS,
+    replicas: int = DEFAULT_REPLICAS,
+    vnodes: int = DEFAULT_VNODES,
+    host: str = "127.0.0.1",
+    timeout: float = 60.0,
+    console: Console | None = None,
+    env: dict | None = None,
+) -> ClusterConfig:
+    """Start (or restart, or grow) the cluster in data_dir; raise TimeoutError if not ready."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = load_config(data_dir)
+    if config is None:
+        ids = list(range(1, nodes + 1))
+        config = ClusterConfig(
+            nodes={i: f"{host}:{base_port + i - 1}" for i in ids},
+            partitions=partitions,
+            replicas=replicas,
+            vnodes=vnodes,
+            initial=ids,
+        )
+    else:
+        # Growing: new ids join the existing cluster; their ports continue the sequence.
+        for node_id in range(len(config.nodes) + 1, nodes + 1):
+            config.nodes[node_id] = f"{host}:{base_port + node_id - 1}"
+    save_config(data_dir, config)
+    alive = running_nodes(config, data_dir)
+    for node_id in sorted(config.nodes):
+        if node_id not in alive:
+            start_node(config, node_id, data_dir, env=env)
+    if not wait_until_ready(config, timeout, console):
+        raise TimeoutError(f"the cluster in {data_dir} did not elect every leader in {timeout}s")
+    return config
+
+
+def cluster_down(data_dir: Path, timeout: float = 10.0) -> list[int]:
+    """Stop every node (SIGTERM, then SIGKILL after timeout); return the ids that were running."""
+    config = load_config(data_dir)
+    if config is None:
+        return []
+    alive = running_nodes(config, data_dir)
+    for pid in alive.values():
+        _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(pid_alive(p) for p in alive.values()):
+        time.sleep(0.05)
+    for pid in alive.values():
+        if pid_alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+    for node_id in alive:
+        pid_path(data_dir, node_id).unlink(missing_ok=True)
+    return sorted(alive)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    up = sub.add_parser("up", help="start N nodes (or restart the missing ones) and wait for leaders")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--data-dir", required=True, type=Path)
+    up.add_argument("--base-port", type=int, default=7401)
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
+    up.add_argument("--replicas", type=int, default=DEFAULT_REPLICAS)
+    up.add_argument("--vnodes", type=int, default=DEFAULT_VNODES)
+    up.add_argument("--timeout", type=float, default=60.0)
+    down = sub.add_parser("down", help="stop every node of the cluster in DIR")
+    down.add_argument("--data-dir", required=True, type=Path)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    if args.action == "down":
+        stopped = cluster_down(args.data_dir)
+        console.print(f"stopped nodes {stopped}" if stopped else "no node was running")
+        return 0
+    try:
+        config = cluster_up(
+            args.data_dir,
+            args.nodes,
+            args.base_port,
+            partitions=args.partitions,
+            replicas=args.replicas,
+            vnodes=args.vnodes,
+            host=args.host,
+            timeout=args.timeout,
+            console=console,
+        )
+    except TimeoutError as exc:
+        console.print(f"[red]{exc}[/red]; see the node-*.log files in {args.data_dir}")
+        return 1
+    addrs = " ".join(config.nodes[n] for n in sorted(config.nodes))
+    console.print(f"cluster ready: {addrs}")
+    return 0

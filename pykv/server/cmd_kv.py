@@ -1,0 +1,159 @@
+"""`pykv get|put|txn`: read, write and run small transactions against a cluster from the shell.
+
+    pykv get user:1 --addresses 127.0.0.1:7401
+    pykv put user:1 alice --addresses 127.0.0.1:7401          (--type int|str|json)
+    pykv txn --addresses 127.0.0.1:7401 get:a put:b=2 incr:c=5 append:log=x delete:d
+
+Values print as JSON (strings too, so that "1" and 1 differ); bytes as base64 in
+{"base64": ...}. ``get`` of an absent key prints nothing and exits 1. ``txn`` runs all its
+operations in one transaction (reads see the transaction's own writes) and prints one
+JSON object: the value each ``get`` saw, keyed by position and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from typing import Any
+
+from pykv.client import connect
+from pykv.errors import Error, InvalidValue
+
+_MISSING = object()
+
+
+def _connect_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--addresses", nargs="+", required=True, metavar="HOST:PORT")
+    parser.add_argument("--timeout", type=float, default=10.0)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"base64": base64.b64encode(value).decode()}
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def parse_value(text: str, kind: str) -> Any:
+    if kind == "str":
+        return text
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise InvalidValue(f"{text!r} is not an int") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidValue(f"{text!r} is not JSON: {exc}") from None
+
+
+def _fail(exc: Error) -> int:
+    print(f"pykv: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 2
+
+
+# --- get -------------------------------------------------------------------------------------
+
+
+def add_get_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("key")
+    _connect_args(parser)
+
+
+def run_get(args: argparse.Namespace) -> int:
+    try:
+        with connect(args.addresses, timeout=args.timeout) as db:
+            value = db.get(args.key, _MISSING)
+    except Error as exc:
+        return _fail(exc)
+    if value is _MISSING:
+        return 1
+    print(json.dumps(_to_json(value)))
+    return 0
+
+
+# --- put -------------------------------------------------------------------------------------
+
+
+def add_put_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("key")
+    parser.add_argument("value")
+    parser.add_argument("--type", choices=["str", "int", "json"], default="str")
+    _connect_args(parser)
+
+
+def run_put(args: argparse.Namespace) -> int:
+    try:
+        value = parse_value(args.value, args.type)
+        with connect(args.addresses, timeout=args.timeout) as db:
+            db.put(args.key, value)
+    except Error as exc:
+        return _fail(exc)
+    return 0
+
+
+# --- txn -------------------------------------------------------------------------------------
+
+OPS = ("get", "put", "incr", "append", "delete")
+
+
+def parse_op(text: str) -> tuple[str, str, str | None]:
+    """``put:key=value`` -> ("put", "key", "value"); the value part is optional for some."""
+    op, sep, rest = text.partition(":")
+    if not sep or op not in OPS:
+        raise argparse.ArgumentTypeError(f"an operation is OP:KEY[=VALUE] with OP in {OPS}: {text!r}")
+    key, eq, value = rest.partition("=")
+    if not key:
+        raise argparse.ArgumentTypeError(f"operation {text!r} has no key")
+    if op in ("put", "append") and not eq:
+        raise argparse.ArgumentTypeError(f"{op} needs KEY=VALUE: {text!r}")
+    return op, key, value if eq else None
+
+
+def add_txn_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ops", nargs="*", type=parse_op, metavar="OP:KEY[=VALUE]")
+    parser.add_argument("--type", choices=["str", "int", "json"], default="str",
+                        help="how put/append values are parsed")
+    parser.add_argument("--isolation", default="serializable")
+    _connect_args(parser)
+
+
+def run_txn(args: argparse.Namespace) -> int:
+    # `--addresses A B get:x` makes argparse hand the operations to --addresses: take them back.
+    ops = list(args.ops)
+    addresses = []
+    for item in args.addresses:
+        if item.partition(":")[0] in OPS:
+            ops.append(parse_op(item))
+        else:
+            addresses.append(item)
+    if not ops or not addresses:
+        print("pykv txn: needs at least one OP:KEY[=VALUE] and one address", file=sys.stderr)
+        return 2
+    args.ops, args.addresses = ops, addresses
+    results: dict[str, Any] = {}
+    try:
+        with connect(args.addresses, timeout=args.timeout) as db:
+            with db.transaction(args.isolation) as tx:
+                for position, (op, key, raw) in enumerate(args.ops):
+                    if op == "get":
+                        results[f"{position}:{key}"] = _to_json(tx.get(key))
+                    elif op == "put":
+                        tx.put(key, parse_value(raw, args.type))
+                    elif op == "incr":
+                        tx.incr(key, int(raw) if raw is not None else 1)
+                    elif op == "append":
+                        tx.append(key, parse_value(raw, args.type))
+                    else:
+                        tx.delete(key)
+    except Error as exc:
+        return _fail(exc)
+    except ValueError as exc:
+        print(f"pykv: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(results))
+    return 0

@@ -1,0 +1,92 @@
+"""`pykv serve`: run one cluster node in the foreground (uvloop) until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from pykv.server.node import NodeConfig, serve_forever
+
+
+def parse_peers(text: str) -> dict[int, str]:
+    """``1=127.0.0.1:7401,2=127.0.0.1:7402`` -> {1: "127.0.0.1:7401", 2: ...}."""
+    peers = {}
+    for item in text.replace(" ", ",").split(","):
+        if not item:
+            continue
+        node_id, sep, address = item.partition("=")
+        if not sep or not node_id.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"a peer must be ID=HOST:PORT, not {item!r}")
+        peers[int(node_id)] = address.strip()
+    return peers
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--id", type=int, required=True, help="this node's id (a positive int)")
+    parser.add_argument("--listen", default="127.0.0.1:7401", help="HOST:PORT to bind")
+    parser.add_argument("--peers", type=parse_peers, default={},
+                        help="every node of the cluster as ID=HOST:PORT,... (this one included)")
+    parser.add_argument("--initial", default="",
+                        help="comma-separated ids of the founding members (default: all peers)")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--vnodes", type=int, default=64)
+    parser.add_argument("--tick-ms", type=float, default=10.0)
+    parser.add_argument("--election-ticks", type=int, default=30)
+    parser.add_argument("--fsync", choices=["always", "interval", "off"], default="always")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    peers = dict(args.peers)
+    peers.setdefault(args.id, args.listen)
+    initial = [int(x) for x in args.initial.split(",") if x.strip()] or sorted(peers)
+    return NodeConfig(
+        node_id=args.id,
+        listen=args.listen,
+        peers=peers,
+        data_dir=args.data_dir,
+        initial=initial,
+        partitions=args.partitions,
+        replicas=args.replicas,
+        vnodes=args.vnodes,
+        tick_ms=args.tick_ms,
+        election_ticks=args.election_ticks,
+        fsync=args.fsync,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format=f"%(asctime)s node{args.id} %(levelname)s %(name)s: %(message)s",
+    )
+    config = config_from_args(args)
+    # PYKV_PROFILE=DIR: profile this node with cProfile, written to DIR/node-ID.prof at exit.
+    profile_dir = os.environ.get("PYKV_PROFILE")
+    profiler = None
+    if profile_dir:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    try:
+        _run_loop(config)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"node-{args.id}.prof"))
+    return 0
+
+
+def _run_loop(config: NodeConfig) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve_forever(config))
+        return
+    uvloop.run(serve_forever(config))

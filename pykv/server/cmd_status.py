@@ -1,0 +1,66 @@
+"""`pykv status`: a table of every node and shard (role, leader, term, commit, applied, lag)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from pykv.client.admin import fetch_status
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--addresses", nargs="+", required=True, metavar="HOST:PORT")
+    parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--json", action="store_true", help="print the raw status as JSON")
+
+
+def collect(addresses: list[str], timeout: float) -> dict[str, dict | str]:
+    """address -> the node's status, or the error text when it did not answer."""
+    found: dict[str, dict | str] = {}
+    for address in addresses:
+        try:
+            found[address] = fetch_status(address, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - a down node is a row, not a crash
+            found[address] = f"{type(exc).__name__}: {exc}"
+    return found
+
+
+def build_table(statuses: dict[str, dict | str]) -> Table:
+    # Lag of a replica = the highest commit index any replica of the shard reports - its applied.
+    best_commit: dict[str, int] = {}
+    for status in statuses.values():
+        if isinstance(status, dict):
+            for shard, group in status["groups"].items():
+                best_commit[shard] = max(best_commit.get(shard, 0), group["commit"])
+    table = Table(title="pykv status")
+    for column in ("node", "address", "shard", "role", "leader", "term", "commit", "applied", "lag", "keys"):
+        table.add_column(column, justify="right" if column not in ("address", "role") else "left")
+    for address, status in statuses.items():
+        if not isinstance(status, dict):
+            table.add_row("?", address, "-", f"[red]down[/red] ({status})", *["-"] * 6)
+            continue
+        for shard, group in sorted(status["groups"].items(), key=lambda kv: int(kv[0])):
+            role = group["role"]
+            style = "bold green" if role == "leader" else ""
+            table.add_row(
+                str(status["node_id"]), address, shard,
+                f"[{style}]{role}[/{style}]" if style else role,
+                str(group["leader"]), str(group["term"]), str(group["commit"]),
+                str(group["applied"]), str(best_commit[shard] - group["applied"]), str(group["keys"]),
+            )
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    statuses = collect(args.addresses, args.timeout)
+    if args.json:
+        print(json.dumps(statuses, indent=2, sort_keys=True))
+    else:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=160)
+        console.print(build_table(statuses))
+    return 0 if all(isinstance(s, dict) for s in statuses.values()) else 1

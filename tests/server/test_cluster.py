@@ -1,0 +1,235 @@
+"""A real 3-node cluster on 127.0.0.1: transactions over the network, routing, CLI, bad frames."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster_harness import local_cluster  # noqa: E402
+
+import pykv.client  # noqa: E402
+from pykv.client.admin import fetch_shard_map, fetch_status  # noqa: E402
+from pykv.errors import InvalidOperation, TransactionConflict  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with local_cluster(tmp_path_factory.mktemp("c3"), nodes=3, partitions=8) as c:
+        yield c
+
+
+@pytest.fixture
+def db(cluster):
+    store = pykv.client.connect([cluster.addresses[1]], timeout=10)
+    yield store
+    store.close()
+
+
+def _keys_over_every_shard(db, prefix: str) -> list[str]:
+    """One key per shard of the cluster."""
+    core = db.backend.core
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < core.router.map.partitions:
+        key = f"{prefix}{i}"
+        found.setdefault(core.shard_of(key), key)
+        i += 1
+    return [found[s] for s in sorted(found)]
+
+
+def test_one_address_is_enough_to_learn_every_node_and_shard(cluster, db):
+    view = db.backend.core.router.map
+    assert sorted(view.nodes.values()) == sorted(cluster.addresses)
+    assert view.partitions == 8
+    assert all(len(replicas) == 3 for replicas in view.shards)
+    for key in _keys_over_every_shard(db, "any-"):
+        db.put(key, key.upper())
+    for key in _keys_over_every_shard(db, "any-"):
+        assert db.get(key) == key.upper()
+
+
+def test_every_node_serves_the_same_committed_data(cluster, db):
+    db.put("shared", [1, "two", b"3"])
+    for address in cluster.addresses:
+        with pykv.client.connect([address]) as other:
+            assert other.get("shared") == [1, "two", b"3"]
+
+
+def test_multi_shard_transaction_commits_all_or_nothing(db):
+    keys = _keys_over_every_shard(db, "atomic-")
+    with db.transaction() as tx:
+        for key in keys:
+            tx.put(key, "v1")
+    assert [db.get(k) for k in keys] == ["v1"] * len(keys)
+
+    # A conflicting transaction over the same shards aborts entirely.
+    tx = db.transaction()
+    for key in keys:
+        assert tx.get(key) == "v1"
+    db.put(keys[-1], "changed")
+    for key in keys:
+        tx.put(key, "v2")
+    with pytest.raises(TransactionConflict):
+        tx.commit()
+    assert [db.get(k) for k in keys[:-1]] == ["v1"] * (len(keys) - 1)
+    assert db.get(keys[-1]) == "changed"
+
+
+def test_single_shard_conflict_and_transact_retry(db):
+    db.put("counter", 0)
+    first, second = db.transaction(), db.transaction()
+    first.put("counter", first.get("counter") + 1)
+    second.put("counter", second.get("counter") + 1)
+    first.commit()
+    with pytest.raises(TransactionConflict):
+        second.commit()
+    db.transact(lambda tx: tx.put("counter", tx.get("counter") + 10))
+    assert db.get("counter") == 11
+
+
+def test_commutative_increments_from_many_threads_all_count(db):
+    import threading
+
+    keys = _keys_over_every_shard(db, "hits-")[:3]
+
+    def bump() -> None:
+        for _ in range(10):
+            with db.transaction() as tx:
+                for key in keys:
+                    tx.incr(key, 1)
+
+    threads = [threading.Thread(target=bump) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [db.get(k) for k in keys] == [60, 60, 60]
+
+
+def test_scan_merges_every_shard_in_key_order(db):
+    for i in range(30):
+        db.put(f"scan/{i:02d}", i)
+    db.delete("scan/05")
+    items = list(db.scan("scan/"))
+    assert [k for k, _ in items] == [f"scan/{i:02d}" for i in range(30) if i != 5]
+    assert list(db.scan("scan/", start="scan/10", end="scan/13")) == [
+        ("scan/10", 10), ("scan/11", 11), ("scan/12", 12)
+    ]
+    assert len(list(db.scan("scan/", limit=4))) == 4
+
+
+def test_resolvers_registered_by_name_run_on_every_replica(db):
+    db.register_resolver("max:", "max")
+    db.put("max:score", 5)
+    tx = db.transaction("merge")
+    assert tx.get("max:score") == 5
+    tx.put("max:score", 7)
+    db.put("max:score", 9)  # a concurrent write: the resolver keeps the larger
+    tx.commit()
+    assert db.get("max:score") == 9
+    with pytest.raises(InvalidOperation):
+        db.register_resolver("fn:", lambda base, current, mine: mine.value)
+
+
+def test_versioned_put_with_an_old_context_conflicts(db):
+    db.put("etag", "a")
+    _, clock = db.get_versioned("etag")
+    db.put("etag", "b")
+    with pytest.raises(TransactionConflict):
+        db.put("etag", "c", context=clock)
+    assert db.get("etag") == "b"
+
+
+def test_status_and_shard_map_report_one_leader_per_shard(cluster):
+    statuses = [fetch_status(a) for a in cluster.addresses]
+    for shard in range(8):
+        leaders = [s["node_id"] for s in statuses if s["groups"][str(shard)]["role"] == "leader"]
+        assert len(leaders) == 1
+    shard_map = fetch_shard_map(cluster.addresses[0])
+    assert len(shard_map["shards"]) == 8
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pykv.server.cli", *args],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_cli_put_get_txn_and_status(cluster):
+    addr = cluster.addresses[0]
+    assert _cli("put", "cli:n", "41", "--type", "int", "--addresses", addr).returncode == 0
+    done = _cli("txn", "get:cli:n", "incr:cli:n=1", "get:cli:n", "put:cli:s=hi", "--addresses", addr)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"0:cli:n": 41, "2:cli:n": 42}
+    got = _cli("get", "cli:s", "--addresses", cluster.addresses[2])
+    assert (got.returncode, got.stdout.strip()) == (0, '"hi"')
+    assert _cli("get", "cli:absent", "--addresses", addr).returncode == 1
+    status = _cli("status", "--json", "--addresses", *cluster.addresses)
+    assert status.returncode == 0
+    assert len(json.loads(status.stdout)) == 3
+
+
+def _raw_connection(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\n\r\n" * 4,  # not a HELLO frame at all
+        struct.pack(">IB", 1 << 30, 16),  # a frame far larger than the maximum
+        struct.pack(">IB", 5, 16) + b"\xc1\xc1\xc1\xc1\xc1",  # undecodable msgpack
+    ],
+    ids=["not-pykv", "oversized", "malformed"],
+)
+def test_a_bad_frame_closes_only_its_connection(cluster, db, garbage):
+    from pykv.net.framing import hello_frame
+
+    sock = _raw_connection(cluster.addresses[0])
+    try:
+        if not garbage.startswith(b"GET"):
+            sock.sendall(hello_frame())
+        sock.sendall(garbage)
+        assert _closed_by_peer(sock)
+    finally:
+        sock.close()
+    db.put("after-garbage", 1)  # the node and every other connection carry on
+    assert db.get("after-garbage") == 1
+    assert "closing connection" in cluster.log_text(1)
+
+
+def test_a_truncated_frame_is_logged_and_harms_nothing(cluster, db):
+    from pykv.net.framing import encode_frame, hello_frame
+
+    sock = _raw_connection(cluster.addresses[2])
+    sock.sendall(hello_frame() + encode_frame(17, None, request_id=1)[:-1])
+    sock.close()
+    deadline = time.monotonic() + 10
+    while "ended badly" not in cluster.log_text(3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "ended badly" in cluster.log_text(3)
+    assert db.get("after-garbage", "gone") in (1, "gone")
