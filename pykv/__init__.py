@@ -5,6 +5,7 @@ import importlib
 from pykv.errors import (
     CorruptData,
     Error,
+    InvalidArgument,
     InvalidKey,
     InvalidOperation,
     InvalidValue,
@@ -46,6 +47,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "CorruptData",
     "Error",
+    "InvalidArgument",
     "InvalidKey",
     "InvalidOperation",
     "InvalidValue",

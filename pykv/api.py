@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 from pykv._engine.vclock import VClock
 from pykv.codec import encode_value
 from pykv.errors import (
+    InvalidArgument,
     InvalidOperation,
     InvalidValue,
     StoreClosed,
@@ -92,7 +93,7 @@ def _parse_isolation(isolation: str | Isolation) -> Isolation:
         return Isolation(isolation)
     except ValueError:
         choices = ", ".join(repr(i.value) for i in Isolation)
-        raise InvalidOperation(f"unknown isolation {isolation!r}; use one of {choices}") from None
+        raise InvalidArgument(f"unknown isolation {isolation!r}; use one of {choices}") from None
 
 
 def _context_isolation(context: object) -> Isolation:
@@ -115,7 +116,7 @@ def _clock_bytes(context: VClock | bytes) -> bytes:
     if isinstance(context, (bytes, bytearray)):
         VClock.decode(bytes(context))  # raise on garbage before it reaches the backend
         return bytes(context)
-    raise InvalidValue(f"context must be a VClock from get_versioned, not {type(context).__name__}")
+    raise InvalidArgument(f"context must be a VClock from get_versioned, not {type(context).__name__}")
 
 
 class _Pending:
@@ -407,9 +408,9 @@ class KeyValueStore:
         max_value_bytes: int = MAX_VALUE_BYTES,
     ) -> None:
         if max_txn_ops < 1:
-            raise InvalidValue(f"max_txn_ops must be at least 1, not {max_txn_ops}")
+            raise InvalidArgument(f"max_txn_ops must be at least 1, not {max_txn_ops}")
         if not 1 <= max_value_bytes <= MAX_VALUE_BYTES:
-            raise InvalidValue(f"max_value_bytes must be in 1..{MAX_VALUE_BYTES}")
+            raise InvalidArgument(f"max_value_bytes must be in 1..{MAX_VALUE_BYTES}")
         self._backend = backend
         self.max_txn_ops = max_txn_ops
         self.max_value_bytes = max_value_bytes
@@ -578,7 +579,7 @@ class KeyValueStore:
         if prefix:
             check_key(prefix)
         if limit is not None and limit < 0:
-            raise InvalidValue(f"limit must be >= 0, not {limit}")
+            raise InvalidArgument(f"limit must be >= 0, not {limit}")
         items = self._backend.scan(prefix, start, end, limit)
         return ((key, seen.value) for key, seen in items)
 

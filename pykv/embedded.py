@@ -1,0 +1,222 @@
+"""The embedded store: pykv.open(path), where storage, OCC validation and the public API meet.
+
+Commit pipeline (group commit with strict serializability):
+
+1. Lock the transaction's keys in the engine's LockTable: shared for keys only read,
+   exclusive for keys written, all-or-nothing (a commit whose keys are busy waits, holding
+   nothing, so there is no deadlock). Commits with disjoint keys proceed side by side.
+2. Validate against the current state (DESIGN §3 rules 1–4, pykv.txn.occ.validate), encode
+   the new versions, ``storage.submit`` them (one atomic WAL record, visible at once), and
+   unlock. While the keys are locked no other commit can change them, so what validation
+   saw is still current when the record gets its lsn: each transaction is serialized at
+   its submit, and any two that share a key are submitted in the order they validated.
+3. ``storage.wait_durable(lsn)`` with nothing locked: every thread waiting there is made
+   durable by the same fdatasync (the WAL writer batches them), so N committers share one
+   fsync instead of queueing for N.
+
+Submitted versions are visible before they are durable. A reader must never return such a
+version (a crash could still lose it), so ``read`` waits until the version it found is
+durable; that costs nothing when it already is, which is almost always. A transaction that
+validated against a visible-but-not-durable version lands later in the log, so when it is
+durable, so is everything it saw.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pykv._engine.locks import LockTable
+from pykv.api import KeyValueStore
+from pykv.codec import decode_value, encode_value
+from pykv.errors import InvalidArgument
+from pykv.storage.store import Storage, StoredVersion, Update
+from pykv.txn.model import MISSING, CommitRequest, Versioned
+from pykv.txn.occ import validate
+from pykv.txn.resolvers import ResolverRegistry
+from pykv.types import MAX_TXN_OPS, MAX_VALUE_BYTES
+
+_STORAGE_OPTIONS = (
+    "cache_bytes", "fsync", "segment_bytes", "compaction", "progress",
+    "compaction_interval", "compaction_min_dead_ratio",
+)
+
+# "always": a commit returns once fsync'd (the default and the only policy that keeps every
+# acknowledged commit across a power cut); "interval"/"off" trade that for speed.
+FSYNC_POLICIES = ("always", "interval", "off")
+
+# A deleted key keeps its clock (the model of pykv.txn: "a deleted key is MISSING with the
+# tombstone's clock"). Storage forgets a key entirely when its value is None, clock included,
+# so a re-created key would restart from the empty clock and could repeat a clock that some
+# transaction (or a get_versioned context) observed before the delete: validation would then
+# accept a stale read (an ABA). So a delete is stored as this marker value, which keeps the
+# clock; it is no valid encode_value() output (those start with 0x00 or 0x01).
+TOMBSTONE = b"\xfe"
+
+
+def clock_node_id(storage_node_id: int) -> int:
+    """The node's entry in vector clocks: clocks hold uint32 node ids, storage makes a 63-bit
+    one, so fold it (stable across restarts; never 0, which clocks read as "no node")."""
+    folded = (storage_node_id ^ (storage_node_id >> 32)) & 0xFFFFFFFF
+    return folded or 1
+
+
+def _versioned(stored: StoredVersion) -> Versioned:
+    raw = stored.value
+    value = MISSING if raw is None or raw == TOMBSTONE else decode_value(raw)
+    return Versioned(value, stored.clock, stored.timestamp)
+
+
+class _CurrentState:
+    """The StateView validation reads: the latest applied version of each key, decoded."""
+
+    __slots__ = ("_storage",)
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    def get(self, key: str) -> Versioned:
+        return _versioned(self._storage.get(key.encode("utf-8")))
+
+
+class _KeyLocks:
+    """The keys of in-flight commits, in the engine's LockTable; a busy key makes the commit wait.
+
+    A committing transaction holds every key it read (shared) and wrote (exclusive) from
+    validation until its versions are submitted, all-or-nothing (no hold-and-wait, so no
+    deadlock). Commits with disjoint keys then validate and submit side by side, e.g. one
+    reading a value from disk while another fills the WAL buffer.
+    """
+
+    def __init__(self) -> None:
+        self._table = LockTable()
+        self._changed = threading.Condition(threading.Lock())
+        self._owners = itertools.count(1)
+
+    def acquire(self, shared: list[bytes], exclusive: list[bytes]) -> int:
+        owner = next(self._owners)
+        with self._changed:
+            while not self._table.try_lock_all(shared, exclusive, owner):
+                self._changed.wait()
+        return owner
+
+    def release(self, owner: int) -> None:
+        with self._changed:
+            self._table.release_all(owner)
+            self._changed.notify_all()
+
+
+class EmbeddedBackend:
+    """The Backend of pykv.api over one local Storage directory."""
+
+    def __init__(self, storage: Storage, *, max_value_bytes: int = MAX_VALUE_BYTES,
+                 max_txn_ops: int = MAX_TXN_OPS) -> None:
+        self._storage = storage
+        self._max_txn_ops = max_txn_ops
+        self._state = _CurrentState(storage)
+        self._locks = _KeyLocks()
+        self._max_value_bytes = max_value_bytes
+        self.node_id: int = clock_node_id(storage.node_id())
+        self.resolvers = ResolverRegistry()
+
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
+    def read(self, key: str) -> Versioned:
+        storage = self._storage
+        stored = storage.get(key.encode("utf-8"))
+        if stored.lsn > storage.durable_lsn:
+            storage.wait_durable(stored.lsn)  # never show a version a crash could undo
+        return _versioned(stored)
+
+    def commit(self, request: CommitRequest) -> None:
+        written = request.written_keys()
+        exclusive = [key.encode("utf-8") for key in written]
+        shared = [key.encode("utf-8") for key in request.reads if key not in written]
+        owner = self._locks.acquire(shared, exclusive)
+        try:
+            lsn = self._validate_and_submit(request)
+        finally:
+            self._locks.release(owner)  # the new versions are visible: later commits see them
+        if lsn:
+            self._storage.wait_durable(lsn)  # no lock held: the waiters share one fsync
+
+    def _validate_and_submit(self, request: CommitRequest) -> int:
+        updates = validate(request, self._state, self.resolvers, max_ops=self._max_txn_ops)
+        # Encode everything before submitting anything: a value that breaks a limit
+        # (e.g. an append that grows a list past 1 MiB) fails the whole transaction.
+        batch = [
+            Update(
+                key=u.key.encode("utf-8"),
+                value=TOMBSTONE if u.value is MISSING else encode_value(u.value, self._max_value_bytes),
+                clock=u.clock,
+                timestamp=u.timestamp,
+            )
+            for u in updates
+        ]
+        if not batch:
+            return 0  # a read-only transaction: validated, nothing to make durable
+        return self._storage.submit(batch)
+
+    def scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None
+    ) -> Iterator[tuple[str, Versioned]]:
+        if limit == 0:
+            return
+        found = 0
+        for raw, stored in self._storage.scan(
+            prefix=prefix.encode("utf-8"),
+            start=None if start is None else start.encode("utf-8"),
+            end=None if end is None else end.encode("utf-8"),
+        ):
+            if stored.value is None or stored.value == TOMBSTONE:
+                continue  # deleted keys are not part of a scan
+            if stored.lsn > self._storage.durable_lsn:
+                self._storage.wait_durable(stored.lsn)
+            yield raw.decode("utf-8"), _versioned(stored)
+            found += 1
+            if limit is not None and found >= limit:
+                return
+
+    def stats(self) -> dict[str, Any]:
+        return self._storage.stats()
+
+    def close(self) -> None:
+        # A commit racing with close fails with StoreClosed from storage; submit is atomic,
+        # so it never leaves half a transaction behind.
+        self._storage.close()
+
+
+def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3.connect/lmdb.open
+    path: str | Path,
+    *,
+    max_txn_ops: int = MAX_TXN_OPS,
+    max_value_bytes: int = MAX_VALUE_BYTES,
+    **storage_options: Any,
+) -> KeyValueStore:
+    """Open (creating if needed) the embedded store in directory ``path``.
+
+    Options: ``cache_bytes`` (read cache size, default 64 MiB), ``fsync`` ("always": a commit
+    returns only once fsync'd), ``segment_bytes`` (value-log file size), ``compaction``
+    (background compaction on/off), ``progress`` (callback during recovery), ``max_txn_ops``
+    and ``max_value_bytes`` (limits). Raises StoreLocked when another process has it open.
+    """
+    unknown = sorted(set(storage_options) - set(_STORAGE_OPTIONS))
+    if unknown:
+        known = ", ".join(("max_txn_ops", "max_value_bytes", *_STORAGE_OPTIONS))
+        raise InvalidArgument(f"unknown option(s) {', '.join(unknown)} for pykv.open; known: {known}")
+    fsync = storage_options.get("fsync", "always")
+    if fsync not in FSYNC_POLICIES:
+        raise InvalidArgument(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
+    storage = Storage.open(str(path), **storage_options)
+    try:
+        backend = EmbeddedBackend(storage, max_value_bytes=max_value_bytes,
+                                  max_txn_ops=max_txn_ops)
+        return KeyValueStore(backend, max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes)
+    except BaseException:
+        storage.close()
+        raise

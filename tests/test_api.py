@@ -1,0 +1,815 @@
+"""The public API of DESIGN §2 and the transaction rules of DESIGN §3, on every backend.
+
+Everything here goes through pykv.KeyValueStore only (the ``store`` fixture), so the same
+suite proves the embedded store today and the cluster client later.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import pykv
+from pykv import VClock
+from pykv._engine.vclock import AFTER, BEFORE, EQUAL
+
+# --- the by-id API ------------------------------------------------------------------------
+
+
+def test_by_id_transaction_reads_its_own_writes_and_commits(store):
+    txid = store.begin_transaction()
+    store.write(txid, "a", "1")
+    assert store.read(txid, "a") == "1"
+    assert store.get("a") is None  # buffered, not yet visible
+    store.commit_transaction(txid)
+    assert store.get("a") == "1"
+
+
+def test_by_id_abort_discards_writes(store):
+    txid = store.begin_transaction()
+    store.write(txid, "a", "1")
+    store.delete(txid, "b")
+    store.abort_transaction(txid)
+    assert store.get("a") is None
+
+
+def test_by_id_read_default_and_delete(store):
+    store.put("gone", 1)
+    txid = store.begin_transaction()
+    assert store.read(txid, "absent", "dflt") == "dflt"
+    store.delete(txid, "gone")
+    assert store.read(txid, "gone") is None
+    store.commit_transaction(txid)
+    assert store.get("gone", "missing") == "missing"
+
+
+def test_unknown_transaction_id_raises_transaction_aborted(store):
+    with pytest.raises(pykv.TransactionAborted, match="unknown transaction id"):
+        store.read(12345, "a")
+    with pytest.raises(pykv.TransactionAborted):
+        store.commit_transaction(12345)
+
+
+def test_finished_transaction_ids_cannot_be_reused(store):
+    txid = store.begin_transaction()
+    store.write(txid, "a", 1)
+    store.commit_transaction(txid)
+    with pytest.raises(pykv.TransactionAborted, match="already committed"):
+        store.write(txid, "a", 2)
+    with pytest.raises(pykv.TransactionAborted, match="already committed"):
+        store.commit_transaction(txid)
+    aborted = store.begin_transaction()
+    store.abort_transaction(aborted)
+    with pytest.raises(pykv.TransactionAborted, match="already aborted"):
+        store.write(aborted, "a", 3)
+    assert store.get("a") == 1
+
+
+def test_transaction_ids_are_unique(store):
+    ids = {store.begin_transaction() for _ in range(1000)}
+    assert len(ids) == 1000
+
+
+def test_conflicted_commit_finishes_the_transaction(store):
+    store.put("k", 0)
+    txid = store.begin_transaction()
+    store.read(txid, "k")
+    store.write(txid, "k", 1)
+    store.put("k", 5)
+    with pytest.raises(pykv.TransactionConflict):
+        store.commit_transaction(txid)
+    with pytest.raises(pykv.TransactionAborted, match="already aborted"):
+        store.write(txid, "k", 2)
+    assert store.get("k") == 5
+
+
+# --- the Pythonic forms -------------------------------------------------------------------
+
+
+def test_with_block_commits_on_exit(store):
+    store.put("a", "x")
+    with store.transaction() as tx:
+        tx["b"] = tx.get("a", "0") + "!"
+        assert tx["b"] == "x!"
+    assert store.get("b") == "x!"
+    assert tx.state == "committed"
+
+
+def test_with_block_aborts_on_exception(store):
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        tx["a"] = 1
+        raise RuntimeError("boom")
+    assert store.get("a") is None
+    assert tx.state == "aborted"
+
+
+def test_transaction_used_after_commit_cannot_write_or_read(store):
+    with store.transaction() as tx:
+        tx.put("a", 1)
+    for use in (lambda: tx.put("a", 2), lambda: tx.incr("a"), lambda: tx.get("a"), tx.commit):
+        with pytest.raises(pykv.TransactionAborted, match="already committed"):
+            use()
+    assert store.get("a") == 1
+
+
+def test_getitem_raises_key_error_and_contains(store):
+    store.put("there", 0)
+    with store.transaction() as tx:
+        with pytest.raises(KeyError):
+            tx["absent"]
+        assert "there" in tx
+        assert "absent" not in tx
+        del tx["there"]
+        assert "there" not in tx
+    assert store.get("there") is None
+
+
+def test_explicit_commit_inside_with_block(store):
+    with store.transaction() as tx:
+        tx.put("a", 1)
+        tx.commit()
+    assert store.get("a") == 1
+
+
+def test_transact_returns_the_function_result(store):
+    assert store.transact(lambda tx: tx.incr("n", 2) or "done") == "done"
+    assert store.get("n") == 2
+
+
+def test_transact_reruns_the_function_on_conflict(store):
+    store.put("k", 1)
+    attempts = []
+
+    def bump(tx):
+        value = tx.get("k")
+        if not attempts:
+            store.put("k", 100)  # a concurrent writer sneaks in during the first attempt
+        attempts.append(value)
+        tx.put("k", value + 1)
+
+    store.transact(bump)
+    assert attempts == [1, 100]
+    assert store.get("k") == 101
+
+
+def test_transact_gives_up_after_the_retries(store):
+    calls = []
+
+    def always_conflicts(tx):
+        calls.append(1)
+        tx.get("k")
+        store.put("k", len(calls))
+        tx.put("k", "mine")
+
+    with pytest.raises(pykv.TransactionConflict):
+        store.transact(always_conflicts, retries=3, backoff=0.0001)
+    assert len(calls) == 4
+    assert store.get("k") == 4
+
+
+def test_transact_does_not_retry_other_errors(store):
+    calls = []
+
+    def fails(tx):
+        calls.append(1)
+        tx.put("a", 1)
+        raise ValueError("not a conflict")
+
+    with pytest.raises(ValueError):
+        store.transact(fails)
+    assert calls == [1]
+    assert store.get("a") is None
+
+
+def test_single_operations(store):
+    store.put("k", "v")
+    assert store.get("k") == "v"
+    store.incr("n", 5)
+    store.incr("n", -2)
+    assert store.get("n") == 3
+    store.append("l", "x")
+    store.append("l", 2)
+    assert store.get("l") == ["x", 2]
+    store.delete("k")
+    assert store.get("k") is None
+    assert store.get("k", 7) == 7
+    store.delete("never-existed")
+
+
+def test_unknown_isolation_is_rejected(store):
+    with pytest.raises(pykv.InvalidArgument, match="unknown isolation"):
+        store.transaction(isolation="snapshot")
+
+
+# --- typed values and limits (DESIGN §1) --------------------------------------------------
+
+VALUES = [
+    "",
+    "héllo ✓",
+    0,
+    -1,
+    2**63 - 1,
+    -(2**63),
+    b"",
+    b"\x00\xff" * 10,
+    [],
+    ["a", 1, b"b"],
+    "x" * 10_000,  # big enough to be compressed on disk
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=repr)
+def test_typed_values_round_trip(store, value):
+    store.put("k", value)
+    got = store.get("k")
+    assert got == value and type(got) is type(value)
+
+
+def test_keys_are_unicode_strings_up_to_256_bytes(store):
+    key = "é" * 128  # 256 bytes as UTF-8
+    store.put(key, 1)
+    assert store.get(key) == 1
+
+
+def _assert_untouched(store, tx):
+    """The failed call wrote nothing and the transaction and store still work."""
+    tx.put("ok", "yes")
+    tx.commit()
+    assert store.get("ok") == "yes"
+    assert store.get("k") is None
+
+
+@pytest.mark.parametrize(
+    "bad_key, error",
+    [("x" * 257, pykv.KeyTooLarge), ("é" * 129, pykv.KeyTooLarge), ("", pykv.KeyTooLarge),
+     (b"bytes", pykv.InvalidKey), (1, pykv.InvalidKey), (None, pykv.InvalidKey)],
+    ids=["257-ascii", "258-utf8", "empty", "bytes", "int", "none"],
+)
+def test_bad_keys_raise_their_own_error(store, bad_key, error):
+    tx = store.transaction()
+    for call in (lambda: tx.put(bad_key, 1), lambda: tx.get(bad_key), lambda: tx.incr(bad_key)):
+        with pytest.raises(error):
+            call()
+    with pytest.raises(error):
+        store.put(bad_key, 1)
+    with pytest.raises(error):
+        store.get(bad_key)
+    _assert_untouched(store, tx)
+
+
+@pytest.mark.parametrize(
+    "bad_value",
+    [1.5, True, None, {"a": 1}, [[1]], [1.0], 2**63, -(2**63) - 1, bytearray(b"x"), ("t",)],
+    ids=repr,
+)
+def test_bad_values_raise_invalid_value(store, bad_value):
+    tx = store.transaction()
+    with pytest.raises(pykv.InvalidValue):
+        tx.put("k", bad_value)
+    with pytest.raises(pykv.InvalidValue):
+        store.put("k", bad_value)
+    _assert_untouched(store, tx)
+
+
+def test_bad_incr_and_append_arguments(store):
+    tx = store.transaction()
+    for call in (lambda: tx.incr("k", 1.5), lambda: tx.incr("k", 2**63), lambda: tx.incr("k", True),
+                 lambda: tx.append("k", [1]), lambda: tx.append("k", None)):
+        with pytest.raises(pykv.InvalidValue):
+            call()
+    _assert_untouched(store, tx)
+
+
+def test_value_over_one_mib_raises_value_too_large(store):
+    tx = store.transaction()
+    with pytest.raises(pykv.ValueTooLarge):
+        tx.put("k", b"x" * (1 << 20))
+    with pytest.raises(pykv.ValueTooLarge):
+        store.put("k", ["y" * 1000] * 1100)
+    store.put("big", b"z" * ((1 << 20) - 16))  # just under the limit is fine
+    assert len(store.get("big")) == (1 << 20) - 16
+    _assert_untouched(store, tx)
+
+
+def test_append_that_grows_a_list_past_the_limit_fails_atomically(store):
+    store.put("l", [b"x" * ((1 << 20) - 100)])
+    with store.transaction() as tx:
+        tx.put("other", 1)
+        tx.append("l", b"y" * 200)
+        with pytest.raises(pykv.ValueTooLarge):
+            tx.commit()
+    assert store.get("other") is None
+    assert len(store.get("l")) == 1
+
+
+def test_too_many_operations_raise_transaction_too_large(store_factory):
+    store = store_factory(max_txn_ops=5)
+    tx = store.transaction()
+    for i in range(5):
+        tx.put(f"k{i}", i)
+    with pytest.raises(pykv.TransactionTooLarge):
+        tx.put("k5", 5)
+    with pytest.raises(pykv.TransactionTooLarge):
+        tx.get("unread")
+    tx.commit()  # the transaction stayed usable: the five writes commit
+    assert [store.get(f"k{i}") for i in range(6)] == [0, 1, 2, 3, 4, None]
+
+
+def test_default_transaction_limit_is_ten_thousand(store):
+    tx = store.transaction()
+    for i in range(10_000):
+        tx.put(f"k{i}", i)
+    with pytest.raises(pykv.TransactionTooLarge):
+        tx.put("one-more", 1)
+    tx.commit()
+    assert store.get("k9999") == 9999
+
+
+# --- commutative operations and read-your-writes -----------------------------------------
+
+
+def test_reads_see_buffered_incr_and_append(store):
+    store.put("n", 10)
+    store.put("l", ["a"])
+    with store.transaction() as tx:
+        tx.incr("n", 5)
+        tx.incr("n", 1)
+        assert tx.get("n") == 16
+        tx.append("l", "b")
+        assert tx.get("l") == ["a", "b"]
+        tx.incr("fresh", 3)
+        assert tx.get("fresh") == 3
+    assert store.get("n") == 16
+    assert store.get("l") == ["a", "b"]
+
+
+def test_operations_fold_in_order_within_a_transaction(store):
+    with store.transaction() as tx:
+        tx.put("a", 1)
+        tx.incr("a", 2)
+        tx.delete("b")
+        tx.append("b", "x")
+        tx.append("b", "y")
+        tx.put("c", "gone")
+        tx.delete("c")
+    assert store.get("a") == 3
+    assert store.get("b") == ["x", "y"]
+    assert store.get("c") is None
+
+
+def test_append_concatenates_str_and_bytes(store):
+    store.put("s", "ab")
+    store.put("b", b"ab")
+    with store.transaction() as tx:
+        tx.append("s", "c")
+        tx.append("b", b"c")
+        assert (tx.get("s"), tx.get("b")) == ("abc", b"abc")
+    assert (store.get("s"), store.get("b")) == ("abc", b"abc")
+    with pytest.raises(pykv.InvalidOperation):
+        store.append("s", b"bytes onto str")
+
+
+def test_incr_on_a_non_int_aborts_the_whole_transaction(store):
+    store.put("s", "text")
+    tx = store.transaction()
+    tx.put("other", 1)
+    tx.incr("s", 1)
+    with pytest.raises(pykv.InvalidOperation):
+        tx.commit()
+    assert store.get("other") is None
+    assert store.get("s") == "text"
+
+
+def test_type_mismatch_inside_a_transaction_is_caught_early(store):
+    tx = store.transaction()
+    tx.put("a", "text")
+    with pytest.raises(pykv.InvalidOperation):
+        tx.incr("a")
+    tx.put("b", 1)
+    with pytest.raises(pykv.InvalidOperation):
+        tx.append("b", "x")
+    tx.commit()
+    assert (store.get("a"), store.get("b")) == ("text", 1)
+
+
+# --- DESIGN §3: the four rules, with concurrent transactions ------------------------------
+
+
+def test_rule1_a_read_key_that_changed_aborts_the_writer(store):
+    store.put("a", 1)
+    t1 = store.transaction()
+    assert t1.get("a") == 1
+    t1.put("b", "derived from a")
+    with store.transaction() as t2:
+        t2.put("a", 2)
+    with pytest.raises(pykv.TransactionConflict):
+        t1.commit()
+    assert store.get("b") is None
+
+
+def test_rule1_a_read_only_transaction_validates_its_reads(store):
+    store.put("x", 0)
+    store.put("y", 0)
+    reader = store.transaction()
+    assert reader.get("x") == 0
+    with store.transaction() as writer:  # moves x and y together
+        writer.put("x", 1)
+        writer.put("y", 1)
+    assert reader.get("y") == 1
+    with pytest.raises(pykv.TransactionConflict):
+        reader.commit()  # it saw x before and y after the writer: not serializable
+
+
+def test_rule1_unchanged_reads_commit(store):
+    store.put("a", 1)
+    t1 = store.transaction()
+    t1.get("a")
+    t1.get("unrelated-absent")
+    store.put("other", 1)
+    t1.put("b", 2)
+    t1.commit()
+    assert store.get("b") == 2
+
+
+def test_rule1_creating_a_key_that_was_read_absent_is_a_change(store):
+    t1 = store.transaction()
+    assert t1.get("a") is None
+    t1.put("b", 1)
+    store.put("a", "created")
+    with pytest.raises(pykv.TransactionConflict):
+        t1.commit()
+
+
+def test_a_key_deleted_and_recreated_counts_as_changed(store):
+    store.put("k", "a")
+    tx = store.transaction()
+    tx.put("k", tx.get("k") + "!")
+    store.delete("k")
+    store.put("k", "b")  # blind: must not come back with the clock tx observed
+    with pytest.raises(pykv.TransactionConflict):
+        tx.commit()
+    assert store.get("k") == "b"
+
+
+def test_write_skew_is_prevented(store):
+    store.put("on_call_alice", 1)
+    store.put("on_call_bob", 1)
+    t1, t2 = store.transaction(), store.transaction()
+    for tx, me in ((t1, "alice"), (t2, "bob")):
+        if tx.get("on_call_alice") + tx.get("on_call_bob") == 2:
+            tx.put(f"on_call_{me}", 0)
+    t1.commit()
+    with pytest.raises(pykv.TransactionConflict):
+        t2.commit()
+    assert store.get("on_call_alice") + store.get("on_call_bob") == 1
+
+
+def test_rule2_write_write_conflict_aborts_under_the_default_resolver(store):
+    store.put("k", 10)
+    t1, t2 = store.transaction(), store.transaction()
+    t1.put("k", t1.get("k") + 1)
+    t2.put("k", t2.get("k") + 5)
+    t2.commit()
+    with pytest.raises(pykv.TransactionConflict):
+        t1.commit()
+    assert store.get("k") == 15
+
+
+def test_rule2_conflict_merged_by_a_registered_resolver(store):
+    store.register_resolver("ctr/", "counter")
+    store.put("ctr/x", 10)
+    t1, t2 = store.transaction(isolation="merge"), store.transaction(isolation="merge")
+    t1.put("ctr/x", t1.get("ctr/x") + 1)
+    t2.put("ctr/x", t2.get("ctr/x") + 5)
+    t2.commit()
+    t1.commit()  # counter: current + mine - base = 15 + 11 - 10
+    assert store.get("ctr/x") == 16
+
+
+def test_rule2_union_resolver_merges_lists(store):
+    store.register_resolver("set/", "union")
+    store.put("set/s", ["a"])
+    t1, t2 = store.transaction(isolation="merge"), store.transaction(isolation="merge")
+    t1.put("set/s", t1.get("set/s") + ["b"])
+    t2.put("set/s", t2.get("set/s") + ["c"])
+    t1.commit()
+    t2.commit()
+    assert sorted(store.get("set/s")) == ["a", "b", "c"]
+
+
+def test_rule2_non_resolvable_conflict_aborts_the_whole_transaction(store):
+    store.register_resolver("m/", "max")
+    store.put("m/x", 1)
+    store.put("plain", "before")
+    t1 = store.transaction(isolation="merge")
+    t1.put("m/x", t1.get("m/x") + 1)
+    t1.put("plain", "after")
+    t1.incr("counter", 1)
+    store.put("m/x", "now a string")  # max cannot merge an int with a str
+    with pytest.raises(pykv.NonResolvableConflict):
+        t1.commit()
+    assert store.get("m/x") == "now a string"
+    assert store.get("plain") == "before"
+    assert store.get("counter") is None
+
+
+def test_a_custom_resolver_gets_base_current_and_mine(store):
+    seen = []
+
+    def keep_longest(base, current, mine):
+        seen.append((base.value, current.value, mine.value))
+        return max(current.value, mine.value, key=len)
+
+    store.register_resolver("doc/", keep_longest)
+    store.put("doc/1", "v0")
+    t1 = store.transaction(isolation="merge")
+    t1.put("doc/1", t1.get("doc/1") + " edited at length")
+    store.put("doc/1", "v0 short")
+    t1.commit()
+    assert seen == [("v0", "v0 short", "v0 edited at length")]
+    assert store.get("doc/1") == "v0 edited at length"
+
+
+def test_a_resolver_that_raises_makes_the_conflict_non_resolvable(store):
+    def refuse(base, current, mine):
+        raise pykv.NonResolvableConflict("no merge for documents")
+
+    store.register_resolver("doc/", refuse)
+    store.put("doc/1", "v0")
+    t1 = store.transaction(isolation="merge")
+    t1.put("doc/1", t1.get("doc/1") + "!")
+    store.put("doc/1", "other")
+    with pytest.raises(pykv.NonResolvableConflict):
+        t1.commit()
+    assert store.get("doc/1") == "other"
+
+
+def test_the_longest_prefix_resolver_wins(store):
+    store.register_resolver("a/", "max")
+    store.register_resolver("a/b/", "min")
+    for key in ("a/x", "a/b/x"):
+        store.put(key, 5)
+        tx = store.transaction(isolation="merge")
+        tx.put(key, tx.get(key) + 1)  # 6
+        store.put(key, 3)
+        tx.commit()
+    assert store.get("a/x") == 6
+    assert store.get("a/b/x") == 3
+
+
+def test_serializable_transactions_abort_even_with_a_resolver(store):
+    store.register_resolver("ctr/", "counter")
+    store.put("ctr/x", 10)
+    t1, t2 = store.transaction(), store.transaction()
+    t1.put("ctr/x", t1.get("ctr/x") + 1)
+    t2.put("ctr/x", t2.get("ctr/x") + 5)
+    t2.commit()
+    with pytest.raises(pykv.TransactionConflict):
+        t1.commit()  # merging would not be serializable: only isolation="merge" merges
+    assert store.get("ctr/x") == 15
+
+
+def test_merge_isolation_without_a_resolver_aborts(store):
+    store.put("k", 1)
+    t1 = store.transaction(isolation="merge")
+    t1.put("k", t1.get("k") + 1)
+    store.put("k", 10)
+    with pytest.raises(pykv.TransactionConflict):
+        t1.commit()  # the default resolver is "abort"
+    assert store.get("k") == 10
+
+
+def test_merge_isolation_still_validates_keys_only_read(store):
+    store.register_resolver("", "lww")
+    store.put("r", 1)
+    t1 = store.transaction(isolation="merge")
+    t1.get("r")
+    t1.put("w", 1)
+    store.put("r", 2)
+    with pytest.raises(pykv.TransactionConflict):
+        t1.commit()
+    assert store.get("w") is None
+
+
+def test_a_resolver_that_fails_aborts_the_transaction(store):
+    store.register_resolver("bug/", lambda base, current, mine: 1 / 0)
+    store.put("bug/k", 1)
+    t1 = store.transaction(isolation="merge")
+    t1.put("bug/k", 2 + t1.get("bug/k"))
+    store.put("bug/k", 5)
+    with pytest.raises(pykv.NonResolvableConflict, match="ZeroDivisionError"):
+        t1.commit()
+    assert store.get("bug/k") == 5
+
+def test_rule3_blind_writes_apply_in_commit_order(store):
+    store.put("k", "old")
+    t1, t2 = store.transaction(), store.transaction()
+    t1.put("k", "first")
+    t2.put("k", "second")
+    t2.commit()
+    t1.commit()  # blind: no conflict, and it commits last
+    assert store.get("k") == "first"
+
+
+def test_rule3_commutative_operations_never_conflict(store):
+    store.put("n", 0)
+    store.put("log", [])
+    txs = [store.transaction() for _ in range(5)]
+    for i, tx in enumerate(txs):
+        tx.incr("n", i + 1)
+        tx.append("log", i)
+    for tx in reversed(txs):
+        tx.commit()
+    assert store.get("n") == 15
+    assert sorted(store.get("log")) == [0, 1, 2, 3, 4]
+
+
+def test_rule4_the_new_clock_dominates_both_versions(store):
+    store.register_resolver("ctr/", "counter")
+    store.put("ctr/k", 0)
+    _, base = store.get_versioned("ctr/k")
+    t1 = store.transaction(isolation="merge")
+    t1.put("ctr/k", t1.get("ctr/k") + 1)
+    store.put("ctr/k", 7)
+    _, concurrent = store.get_versioned("ctr/k")
+    t1.commit()
+    value, merged = store.get_versioned("ctr/k")
+    assert value == 8
+    assert concurrent.compare(base) == AFTER
+    assert merged.compare(concurrent) == AFTER
+    assert merged.compare(base) == AFTER
+    assert merged == merged.merge(concurrent)
+
+
+def test_every_commit_advances_the_clock(store):
+    clocks = []
+    for i in range(3):
+        store.put("k", i)
+        clocks.append(store.get_versioned("k")[1])
+    assert clocks[0].compare(clocks[1]) == BEFORE
+    assert clocks[2].compare(clocks[1]) == AFTER
+    assert clocks[2].compare(clocks[2]) == EQUAL
+
+
+# --- the versioned form (get_versioned / put with context) ----------------------------
+
+
+def test_put_with_a_fresh_context_succeeds(store):
+    store.put("doc", "v1")
+    value, clock = store.get_versioned("doc")
+    assert value == "v1" and isinstance(clock, VClock) and len(clock) >= 1
+    store.put("doc", "v2", context=clock)
+    assert store.get("doc") == "v2"
+
+
+def test_put_with_a_stale_context_conflicts(store):
+    store.put("doc", "v1")
+    _, clock = store.get_versioned("doc")
+    store.put("doc", "someone else")
+    with pytest.raises(pykv.TransactionConflict):
+        store.put("doc", "mine", context=clock)
+    assert store.get("doc") == "someone else"
+
+
+def test_stale_context_goes_to_the_resolver(store):
+    store.register_resolver("cfg/", "lww")
+    store.put("cfg/a", "v1")
+    _, clock = store.get_versioned("cfg/a")
+    store.put("cfg/a", "theirs")
+    store.put("cfg/a", "mine", context=clock)  # lww: the later timestamp (mine) wins
+    assert store.get("cfg/a") == "mine"
+
+
+def test_context_of_an_absent_key_means_create_only_if_absent(store):
+    value, empty = store.get_versioned("new")
+    assert value is None and len(empty) == 0
+    store.put("new", "first", context=empty)
+    with pytest.raises(pykv.TransactionConflict):
+        store.put("new", "second", context=empty)
+    assert store.get("new") == "first"
+
+
+def test_delete_with_a_stale_context_conflicts(store):
+    store.put("doc", 1)
+    _, clock = store.get_versioned("doc")
+    store.put("doc", 2)
+    with pytest.raises(pykv.TransactionConflict):
+        store.delete("doc", context=clock)
+    assert store.get("doc") == 2
+
+
+def test_context_survives_encoding(store):
+    store.put("doc", "v1")
+    _, clock = store.get_versioned("doc")
+    saved = clock.encode()  # e.g. kept in a web form between two requests
+    store.put("doc", "v2", context=VClock.decode(saved))
+    with pytest.raises(pykv.TransactionConflict):
+        store.put("doc", "v3", context=saved)
+    with pytest.raises(pykv.InvalidArgument):
+        store.put("doc", "v3", context="not a clock")
+
+
+def test_get_versioned_inside_a_transaction_records_the_read(store):
+    store.put("k", 1)
+    tx = store.transaction()
+    value, clock = tx.get_versioned("k")
+    assert value == 1 and clock == store.get_versioned("k")[1]
+    tx.put("other", 1)
+    store.put("k", 2)
+    with pytest.raises(pykv.TransactionConflict):
+        tx.commit()
+
+
+# --- scans ------------------------------------------------------------------------------
+
+
+def test_scan_returns_live_keys_in_key_order(store):
+    for key in ["b/2", "a/1", "b/1", "c", "b/3", "b/10"]:
+        store.put(key, key.upper())
+    store.delete("b/3")
+    assert list(store.scan("b/")) == [("b/1", "B/1"), ("b/10", "B/10"), ("b/2", "B/2")]
+    assert [k for k, _ in store.scan()] == ["a/1", "b/1", "b/10", "b/2", "c"]
+    assert [k for k, _ in store.scan(start="b/10", end="c")] == ["b/10", "b/2"]
+    assert [k for k, _ in store.scan(limit=2)] == ["a/1", "b/1"]
+    assert list(store.scan("zzz")) == []
+
+
+def test_scan_orders_by_utf8_bytes(store):
+    for key in ["é", "z", "a", "Z"]:
+        store.put(key, 0)
+    assert [k for k, _ in store.scan()] == sorted(["é", "z", "a", "Z"], key=str.encode)
+
+
+# --- threads ------------------------------------------------------------------------------
+
+
+def test_many_threads_transfer_without_losing_money(store):
+    accounts = [f"acct/{i}" for i in range(6)]
+    with store.transaction() as tx:
+        for key in accounts:
+            tx.put(key, 100)
+    errors = []
+
+    def worker(seed: int) -> None:
+        import random
+
+        rng = random.Random(seed)
+        try:
+            for _ in range(25):
+                src, dst = rng.sample(accounts, 2)
+                amount = rng.randint(1, 10)
+
+                def transfer(tx, src=src, dst=dst, amount=amount):
+                    tx.put(src, tx.get(src) - amount)
+                    tx.put(dst, tx.get(dst) + amount)
+                    tx.incr("transfers", 1)
+
+                store.transact(transfer, retries=200)
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(value for _, value in store.scan("acct/")) == 600
+    assert store.get("transfers") == 8 * 25
+
+
+def test_concurrent_incrs_from_threads_all_count(store):
+    def worker():
+        for _ in range(30):
+            store.incr("hits", 1)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.get("hits") == 180
+
+
+# --- lifetime -------------------------------------------------------------------------
+
+
+def test_closed_store_raises_store_closed(store):
+    txid = store.begin_transaction()
+    tx = store.transaction()
+    store.close()
+    store.close()  # idempotent
+    assert store.closed
+    for call in (lambda: store.get("a"), lambda: store.put("a", 1), store.begin_transaction,
+                 lambda: store.read(txid, "a"), lambda: tx.put("a", 1), lambda: list(store.scan())):
+        with pytest.raises(pykv.StoreClosed):
+            call()
+
+
+def test_context_manager_closes_and_data_persists(store_factory):
+    with store_factory() as db:
+        db.put("k", "kept")
+    assert db.closed
+    with store_factory() as db:
+        assert db.get("k") == "kept"

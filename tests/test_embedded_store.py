@@ -1,0 +1,157 @@
+"""pykv.open specifics: reopening, the directory lock, options, the read cache, compaction."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import pykv
+
+
+def test_everything_committed_survives_a_reopen(tmp_path):
+    path = tmp_path / "db"
+    with pykv.open(path) as db:
+        db.put("s", "text")
+        db.put("i", -42)
+        db.put("b", b"\x00\x01")
+        db.put("l", ["x", 1, b"y"])
+        db.put("big", "z" * 50_000)
+        db.put("gone", 1)
+        db.delete("gone")
+        db.incr("n", 7)
+        db.append("log", "first")
+    with pykv.open(path) as db:
+        assert db.get("s") == "text"
+        assert db.get("i") == -42
+        assert db.get("b") == b"\x00\x01"
+        assert db.get("l") == ["x", 1, b"y"]
+        assert db.get("big") == "z" * 50_000
+        assert db.get("gone") is None
+        assert db.get("n") == 7
+        assert db.get("log") == ["first"]
+        assert [k for k, _ in db.scan()] == ["b", "big", "i", "l", "log", "n", "s"]
+
+
+def test_a_second_process_gets_store_locked(tmp_path):
+    path = tmp_path / "db"
+    probe = textwrap.dedent(
+        """
+        import sys, pykv
+        try:
+            pykv.open(sys.argv[1])
+        except pykv.StoreLocked as exc:
+            print("StoreLocked:", exc)
+            sys.exit(3)
+        print("opened")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with pykv.open(path) as db:
+        db.put("k", "mine")
+        child = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
+                               text=True, env=env, timeout=60)
+        assert child.returncode == 3, child.stdout + child.stderr
+        assert "StoreLocked" in child.stdout
+        assert db.get("k") == "mine"  # the holder is unaffected
+    child = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
+                           text=True, env=env, timeout=60)
+    assert child.stdout.strip() == "opened", child.stderr
+
+
+def test_a_second_open_in_the_same_process_is_refused_too(tmp_path):
+    with pykv.open(tmp_path / "db"), pytest.raises(pykv.StoreLocked):
+        pykv.open(tmp_path / "db")
+
+
+def test_unknown_options_and_bad_policies_are_rejected(tmp_path):
+    with pytest.raises(pykv.InvalidArgument, match="unknown option"):
+        pykv.open(tmp_path / "db", cache_size=10)
+    with pytest.raises(pykv.InvalidArgument, match="fsync"):
+        pykv.open(tmp_path / "db", fsync="sometimes")
+    with pykv.open(tmp_path / "db") as db:  # nothing was left locked by the failures
+        db.put("k", 1)
+
+
+def test_a_larger_max_txn_ops_is_honoured_end_to_end(tmp_path):
+    with pykv.open(tmp_path / "db", max_txn_ops=12_000) as db:
+        with db.transaction() as tx:
+            for i in range(12_000):
+                tx.put(f"k{i}", i)
+        assert db.get("k11999") == 11_999
+
+
+def test_a_small_read_cache_still_serves_every_value(tmp_path):
+    with pykv.open(tmp_path / "db", cache_bytes=4096) as db:
+        for batch in range(5):
+            with db.transaction() as tx:
+                for i in range(100):
+                    tx.put(f"k{batch * 100 + i:04d}", os.urandom(8) + bytes([i]) * 1000)
+        for i in range(500):
+            assert db.get(f"k{i:04d}")[8:] == bytes([i % 100]) * 1000
+        stats = db.backend.stats()
+        assert stats["cache_bytes"] <= 4096
+        assert stats["cache_misses"] > 0  # values came from disk, not from memory
+
+
+def test_background_compaction_keeps_the_latest_values(tmp_path):
+    path = tmp_path / "db"
+    options = dict(segment_bytes=64 << 10, compaction_interval=0.05)
+    with pykv.open(path, **options) as db:
+        for rnd in range(40):
+            with db.transaction() as tx:
+                for i in range(20):
+                    tx.put(f"k{i}", [rnd, os.urandom(500)])
+        deadline = time.monotonic() + 30
+        while db.backend.stats()["compactions"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert db.backend.stats()["compactions"] >= 1
+        assert [db.get(f"k{i}")[0] for i in range(20)] == [39] * 20
+    with pykv.open(path, **options) as db:
+        assert [db.get(f"k{i}")[0] for i in range(20)] == [39] * 20
+
+
+def test_recovery_reports_progress(tmp_path):
+    path = tmp_path / "db"
+    with pykv.open(path) as db:
+        db.put("k", 1)
+    phases = []
+    with pykv.open(path, progress=lambda phase, done, total: phases.append(phase)) as db:
+        assert db.get("k") == 1
+    assert phases  # a caller can show a bar while a large store starts
+
+
+def test_a_context_from_before_a_delete_and_reopen_stays_stale(tmp_path):
+    path = tmp_path / "db"
+    with pykv.open(path) as db:
+        db.put("doc", "v1")
+        _, clock = db.get_versioned("doc")
+        db.delete("doc")
+    with pykv.open(path) as db:
+        db.put("doc", "recreated")  # blind: starts from the tombstone's clock, not from zero
+        with pytest.raises(pykv.TransactionConflict):
+            db.put("doc", "edit of v1", context=clock)
+        assert db.get("doc") == "recreated"
+
+
+def test_group_commit_many_threads_all_durable(tmp_path):
+    path = tmp_path / "db"
+    with pykv.open(path) as db:
+        def worker(index: int) -> None:
+            for n in range(40):
+                db.put(f"t{index}/{n}", n)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = db.backend.stats()
+        assert stats["durable_lsn"] == stats["last_lsn"]
+    with pykv.open(path) as db:
+        assert len(list(db.scan())) == 8 * 40
