@@ -454,12 +454,15 @@ cdef class WalWriter:
     cdef bint closed
     cdef int error                    # errno of a failed write/fsync: the log is then unusable
     cdef int failpoint
+    cdef uint64_t fsyncs              # counters for stats()
+    cdef uint64_t batches
     cdef long failpoint_countdown
     # locate(): payload offset of every lsn from index_base on; the segment ids in order
     cdef uint32_t* offsets
     cdef size_t offsets_len
     cdef size_t offsets_cap
     cdef uint64_t index_base
+    cdef uint64_t index_base_at_open
     cdef uint64_t* seg_ids
     cdef size_t seg_len
     cdef size_t seg_cap
@@ -534,6 +537,7 @@ cdef class WalWriter:
         else:
             offsets, tail_pos = last.offsets, last.good_end
         self.next_lsn = next_lsn
+        self.index_base_at_open = next_lsn - 1
         self.written_lsn = self.synced_upto = self.durable_target = next_lsn - 1
         self.tail_segment = ids[-1]
         self.tail_pos = tail_pos
@@ -761,6 +765,11 @@ cdef class WalWriter:
         """The last lsn assigned (0 before any record)."""
         return self.next_lsn - 1
 
+    def stats(self) -> dict:
+        """Counters since open: records appended, write batches, fdatasyncs of batches."""
+        return {"records": self.next_lsn - 1 - self.index_base_at_open, "batches": self.batches,
+                "fsyncs": self.fsyncs}
+
     def locate(self, lsn: int) -> tuple:
         """(segment_id, payload offset) of a record appended or recovered by this writer."""
         cdef uint64_t n
@@ -878,6 +887,8 @@ cdef class WalWriter:
             pthread_cond_broadcast(&self.done_cv)   # room in the pending buffer again
             pthread_mutex_unlock(&self.mu)
 
+            if self.inflight.size:
+                self.batches += 1
             rc = self._write_batch(&self.inflight)
             want_sync = (self.policy == POLICY_ALWAYS or sync_req
                          or (self.policy == POLICY_INTERVAL
@@ -885,6 +896,7 @@ cdef class WalWriter:
             synced = False
             if rc == 0 and want_sync and self.synced_upto < target:
                 self._failpoint(FP_BEFORE_FSYNC)
+                self.fsyncs += 1
                 if fdatasync(self.fd) != 0:
                     rc = errno
                 else:

@@ -54,7 +54,7 @@ def test_compare_and_merge_match_the_dict_model(a: dict, b: dict) -> None:
 
 
 @settings(deadline=None, max_examples=100)
-@given(clock_dicts, st.integers(0, U32))
+@given(clock_dicts.filter(lambda d: U64 not in d.values()), st.integers(0, U32))
 def test_increment_adds_one_to_that_node_only(a: dict, node: int) -> None:
     bumped = VClock(a).increment(node)
     assert bumped.to_dict() == {**a, node: a.get(node, 0) + 1}

@@ -271,6 +271,12 @@ def test_concurrent_appenders_get_distinct_contiguous_lsns(tmp_path: Path, polic
     assert {r.lsn: r.payload for r in read_wal(str(tmp_path))} == results
 
 
+def test_one_batch_is_one_write_and_one_fsync(tmp_path: Path) -> None:
+    with WalWriter(str(tmp_path)) as writer:
+        writer.append_many([b"r%d" % i for i in range(50)])
+        assert writer.stats() == {"records": 50, "batches": 1, "fsyncs": 1}
+
+
 def test_submit_then_wait(tmp_path: Path) -> None:
     with WalWriter(str(tmp_path)) as writer:
         lsns = [writer.submit(b"%d" % i) for i in range(100)]
