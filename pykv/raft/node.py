@@ -200,6 +200,10 @@ class RaftNode:
     def progress(self, node_id: int) -> Progress | None:
         return self.prs.get(node_id)
 
+    def conf_committed(self) -> bool:
+        """Whether the latest configuration in the log is committed."""
+        return self._conf_log_committed()
+
     def promotable(self) -> bool:
         return self.id in self.conf.voters
 
