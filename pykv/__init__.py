@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 # storage engine until a store is used, so layers below it import pykv without cycles.
 _LAZY = {
     "open": ("pykv.embedded", "open"),
+    "connect": ("pykv.client", "connect"),
     "KeyValueStore": ("pykv.api", "KeyValueStore"),
     "Transaction": ("pykv.api", "Transaction"),
     "VClock": ("pykv._engine.vclock", "VClock"),
@@ -65,5 +66,6 @@ __all__ = [
     "Unavailable",
     "VClock",
     "ValueTooLarge",
+    "connect",
     "open",
 ]

@@ -16,11 +16,6 @@ from rich.table import Table
 from pykv.api import KeyValueStore
 from pykv.server.workload import WorkloadConfig, WorkloadResult, preload, run_workload
 
-CLUSTER_NOT_AVAILABLE = (
-    "cluster client not available yet: pykv.connect() lands with the cluster; "
-    "run `pykv bench --embedded` meanwhile"
-)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
@@ -48,9 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
-    if args.addresses:
-        err.print(f"[red]error:[/red] {CLUSTER_NOT_AVAILABLE}")
-        return 2
     clients = args.clients if args.clients is not None else args.threads
     try:
         config = WorkloadConfig(keys=args.keys, value_bytes=args.value_bytes, ops=args.ops,
@@ -58,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 2
+    if args.addresses:
+        return _run_cluster(args, config, err)
     data_dir = args.data_dir
     temporary = data_dir is None
     if temporary:
@@ -71,15 +65,33 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if temporary:
             shutil.rmtree(data_dir, ignore_errors=True)
-    if args.json:
-        out = result.to_dict()
-        out["target"] = "embedded"
-        if stats:
-            out["storage"] = stats
-        print(json.dumps(out))
-    else:
-        _print_table(Console(), result, f"embedded store ({'temporary dir' if temporary else data_dir})")
+    _report(args, result, "embedded", f"embedded store ({'temporary dir' if temporary else data_dir})",
+            {"storage": stats} if stats else {})
     return 0
+
+
+def _run_cluster(args: argparse.Namespace, config: WorkloadConfig, err: Console) -> int:
+    from pykv.client import connect
+    from pykv.errors import Error
+
+    try:
+        store = connect(args.addresses)
+    except Error as exc:
+        err.print(f"[red]error:[/red] cannot reach the cluster at {' '.join(args.addresses)}: {exc}")
+        return 2
+    with store:
+        result = _measure(store, config, preload_keys=not args.no_preload, quiet=args.json)
+    _report(args, result, "cluster", f"cluster at {' '.join(args.addresses)}",
+            {"addresses": list(args.addresses)})
+    return 0
+
+
+def _report(args: argparse.Namespace, result: WorkloadResult, target: str, title: str,
+            extra: dict) -> None:
+    if args.json:
+        print(json.dumps({**result.to_dict(), "target": target, **extra}))
+    else:
+        _print_table(Console(), result, title)
 
 
 def _storage_stats(store: KeyValueStore) -> dict:
