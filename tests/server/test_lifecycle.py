@@ -1,0 +1,56 @@
+"""`pykv cluster up/down` on real processes: pids in DIR, restart with data, only missing nodes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster_harness import free_port_range  # noqa: E402
+
+import pykv.client  # noqa: E402
+from pykv.server.cmd_cluster import load_config, read_pid, running_nodes  # noqa: E402
+
+
+def _pykv(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pykv.server.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_up_down_up_keeps_data_and_restarts_only_missing_nodes(tmp_path):
+    data = tmp_path / "c"
+    base = free_port_range(3)
+    try:
+        up = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base),
+                   "--partitions", "4")
+        assert up.returncode == 0, up.stderr
+        config = load_config(data)
+        assert sorted(config.nodes.values()) == [f"127.0.0.1:{base + i}" for i in range(3)]
+        pids = {n: read_pid(data, n) for n in (1, 2, 3)}
+        assert running_nodes(config, data) == pids
+
+        with pykv.client.connect([f"127.0.0.1:{base + 2}"]) as db:
+            for i in range(20):
+                db.put(f"k{i}", i)
+
+        # Kill one node: a second `up` starts it and leaves the others alone.
+        subprocess.run(["kill", "-9", str(pids[2])], check=True)
+        again = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base))
+        assert again.returncode == 0, again.stderr
+        now = running_nodes(config, data)
+        assert now[1] == pids[1] and now[3] == pids[3] and now[2] != pids[2]
+
+        down = _pykv("cluster", "down", "--data-dir", str(data))
+        assert down.returncode == 0
+        assert running_nodes(config, data) == {}
+
+        # Up again: the same cluster with its data.
+        assert _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port",
+                     str(base)).returncode == 0
+        with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
+            assert [db.get(f"k{i}") for i in range(20)] == list(range(20))
+    finally:
+        _pykv("cluster", "down", "--data-dir", str(data))

@@ -1,0 +1,86 @@
+"""A client coordinating a multi-shard commit dies between its phases: the shards settle it.
+
+The client process is armed with a failpoint (PYKV_FAILPOINT) and exits with status 137 in
+the middle of two-phase commit. After prepare and before the decision record, every shard
+must end up aborting; after the decision record, every shard must end up committing. Until
+then the prepared keys are locked and reads of them wait, so no reader sees half of it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster_harness import local_cluster  # noqa: E402
+
+import pykv.client  # noqa: E402
+
+CLIENT = textwrap.dedent(
+    """
+    import sys
+    import pykv.client
+    db = pykv.client.connect(sys.argv[1].split(","))
+    with db.transaction() as tx:
+        for key in sys.argv[2].split(","):
+            tx.put(key, "new")
+    print("committed")
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with local_cluster(tmp_path_factory.mktemp("c2pc"), nodes=3, partitions=8) as c:
+        yield c
+
+
+def _keys_on_every_shard(db, prefix: str) -> list[str]:
+    core = db.backend.core
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < core.router.map.partitions:
+        found.setdefault(core.shard_of(f"{prefix}{i}"), f"{prefix}{i}")
+        i += 1
+    return sorted(found.values())
+
+
+@pytest.mark.parametrize(
+    ("failpoint", "expected"),
+    [("txn.2pc.after_prepare", "old"), ("txn.2pc.after_decide", "new")],
+)
+def test_coordinator_crash_leaves_no_transaction_in_doubt(cluster, failpoint, expected):
+    with pykv.client.connect(cluster.addresses) as db:
+        keys = _keys_on_every_shard(db, f"{failpoint}/")
+        with db.transaction() as tx:
+            for key in keys:
+                tx.put(key, "old")
+        env = dict(os.environ, PYKV_FAILPOINT=failpoint)
+        crashed = subprocess.run(
+            [sys.executable, "-c", CLIENT, ",".join(cluster.addresses), ",".join(keys)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert crashed.returncode == 137, crashed.stderr
+        assert "committed" not in crashed.stdout
+        # Reads wait for the prepared keys to be settled, then all agree.
+        assert [db.get(k) for k in keys] == [expected] * len(keys)
+        # Every replica (followers learn the commit index a heartbeat later) unlocks.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            statuses = [cluster.status(n) for n in (1, 2, 3)]
+            if all(g["prepared"] == 0 for s in statuses for g in s["groups"].values()):
+                break
+            time.sleep(0.05)
+        assert all(g["prepared"] == 0 for s in statuses for g in s["groups"].values())
+        # And the keys are writable again.
+        with db.transaction() as tx:
+            for key in keys:
+                tx.put(key, "after")
+        assert [db.get(k) for k in keys] == ["after"] * len(keys)
