@@ -6,9 +6,12 @@ suite proves the embedded store today and the cluster client later.
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import pykv
 from pykv import VClock
@@ -813,3 +816,58 @@ def test_context_manager_closes_and_data_persists(store_factory):
     assert db.closed
     with store_factory() as db:
         assert db.get("k") == "kept"
+
+
+# --- read-your-writes agrees with what commit stores (client fold vs. validation fold) ----
+
+_scalars = st.one_of(st.text(max_size=3), st.integers(-(2**62), 2**62), st.binary(max_size=3))
+_values = st.one_of(_scalars, st.lists(_scalars, max_size=3))
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "delete", "incr", "append", "get"]),
+        st.sampled_from(["a", "b"]),
+        _values,
+        st.integers(-5, 5),
+    ),
+    max_size=8,
+)
+_examples = itertools.count()
+
+
+@settings(deadline=None, max_examples=60,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(initial=st.tuples(st.none() | _values, st.none() | _values), ops=_ops)
+def test_what_a_transaction_reads_is_what_its_commit_stores(store, initial, ops):
+    ns = f"fold{next(_examples)}/"
+    with store.transaction() as tx:
+        for name, value in zip("ab", initial, strict=True):
+            if value is not None:
+                tx.put(ns + name, value)
+    tx = store.transaction()
+    for kind, name, value, amount in ops:
+        key = ns + name
+        try:
+            if kind == "put":
+                tx.put(key, value)
+            elif kind == "delete":
+                tx.delete(key)
+            elif kind == "incr":
+                tx.incr(key, amount)
+            elif kind == "append":
+                tx.append(key, value if not isinstance(value, list) else amount)
+            else:
+                tx.get(key)
+        except (pykv.InvalidOperation, pykv.InvalidValue):
+            pass  # refused at the call: the transaction is unchanged and goes on
+    expected, failed = {}, False
+    for name in "ab":
+        try:
+            expected[name] = tx.get(ns + name)
+        except (pykv.InvalidOperation, pykv.InvalidValue):
+            failed = True
+    if failed:
+        with pytest.raises((pykv.InvalidOperation, pykv.InvalidValue)):
+            tx.commit()
+        return
+    tx.commit()
+    assert {name: store.get(ns + name) for name in "ab"} == expected
