@@ -165,6 +165,10 @@ class Storage:
 
     def _recover(self, progress: Progress | None) -> None:
         make_dirs_durably(self._wal_dir)
+        try:  # a checkpoint that crashed before its rename; the hint it would replace is intact
+            os.unlink(self._hint_path + ".tmp")
+        except FileNotFoundError:
+            pass
         replay_from = 1
         hint = read_hint(self._hint_path)
         if hint is not None:

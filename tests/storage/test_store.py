@@ -116,7 +116,9 @@ def test_reopen_without_checkpoint_replays_the_wal(tmp_path: Path) -> None:
     )
     subprocess.run([sys.executable, "-c", code], check=True, env=_env())
     assert not os.path.exists(os.path.join(path, "hint"))
-    with Storage.open(path, compaction=False) as store:
+    calls = []
+    with Storage.open(path, compaction=False, progress=lambda *call: calls.append(call)) as store:
+        assert calls == [("replay", 100, 100)]
         assert store.last_lsn == 100
         assert [v.value for _, v in store.scan()] == sorted(b"v%d" % i for i in range(100))
         assert store.get(b"k42") == StoredVersion(b"v42", b"c", 42, 43)
@@ -255,3 +257,18 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
+
+
+def test_close_checkpoints_so_restart_replays_nothing(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    with Storage.open(path, compaction=False) as store:
+        store.commit([Update(b"k%d" % i, b"v", b"", 0) for i in range(10)])
+        store.checkpoint()
+        store.commit([Update(b"after", b"v", b"", 0)])
+        store.submit([Update(b"unwaited", b"v", b"", 0)])
+    calls = []
+    with Storage.open(path, compaction=False,
+                      progress=lambda phase, done, total: calls.append((phase, done, total))) as store:
+        assert store.get(b"unwaited").value == b"v"  # close() flushed the submitted record
+    # close() checkpointed everything, so restart loads the hint and replays nothing.
+    assert calls == [("hint", 12, 12), ("replay", 0, 0)]
