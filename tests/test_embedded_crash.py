@@ -4,7 +4,9 @@ A child process runs transfer transactions from several threads (each moves mone
 two accounts, bumps a counter and writes a marker key) and prints every marker once its
 commit returned. The parent kills it with SIGKILL at a random moment, reopens the store and
 checks: every acknowledged commit is there, no transaction is partly visible (the money sum
-is constant and the counter equals the number of markers), and new transactions commit.
+is constant and the counter equals the number of markers), no read returned a commit that
+the crash then lost (a reader thread prints every counter value it sees), and new
+transactions commit.
 """
 
 from __future__ import annotations
@@ -56,10 +58,22 @@ CHILD = textwrap.dedent(
                 sys.stdout.flush()
             n += 1
 
+    def reader():
+        # Reads must never show a commit a crash could still undo: print every new count seen.
+        last = -1
+        while True:
+            seen = db.get("count", 0)
+            if seen > last:
+                with out:
+                    sys.stdout.write(f"seen {seen}\\n")
+                    sys.stdout.flush()
+                last = seen
+
     with out:
         sys.stdout.write("ready\\n")
         sys.stdout.flush()
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(4)]
+    threads.append(threading.Thread(target=reader, daemon=True))
     for t in threads:
         t.start()
     for t in threads:
@@ -68,8 +82,9 @@ CHILD = textwrap.dedent(
 ) % {"accounts": ACCOUNTS}
 
 
-def _run_and_kill(path: Path, run: int, rng: random.Random) -> list[str]:
-    """Start a child, SIGKILL it at a random moment, return the markers it acknowledged."""
+def _run_and_kill(path: Path, run: int, rng: random.Random) -> tuple[list[str], int]:
+    """Start a child, SIGKILL it at a random moment; return the markers it acknowledged
+    and the highest transfer count one of its reads returned."""
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(path), str(run)],
         stdout=subprocess.PIPE,
@@ -77,6 +92,7 @@ def _run_and_kill(path: Path, run: int, rng: random.Random) -> list[str]:
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     lines: list[str] = []
+    seen: list[int] = [0]
     ready = threading.Event()
 
     def read() -> None:
@@ -85,6 +101,8 @@ def _run_and_kill(path: Path, run: int, rng: random.Random) -> list[str]:
                 line = raw.decode().strip()
                 if line == "ready":
                     ready.set()
+                elif line.startswith("seen "):
+                    seen.append(int(line.split()[1]))
                 else:
                     lines.append(line)
         ready.set()
@@ -103,10 +121,10 @@ def _run_and_kill(path: Path, run: int, rng: random.Random) -> list[str]:
     child.stderr.close()
     child.stdout.close()
     assert child.returncode == -signal.SIGKILL, f"the child failed on its own:\n{stderr}"
-    return lines
+    return lines, max(seen)
 
 
-def _check(path: Path, acknowledged: list[str]) -> int:
+def _check(path: Path, acknowledged: list[str], highest_read: int) -> int:
     with pykv.open(path) as db:
         with db.transaction() as tx:
             balances = [tx.get(f"acct/{i}") for i in range(ACCOUNTS)]
@@ -116,6 +134,7 @@ def _check(path: Path, acknowledged: list[str]) -> int:
         assert not missing, f"{len(missing)} acknowledged commits lost, e.g. {missing[:3]}"
         assert sum(balances) == ACCOUNTS * START_BALANCE, f"a partial transfer: {balances}"
         assert count == len(markers), "the counter and the markers disagree: a partial commit"
+        assert count >= highest_read, f"a read returned count {highest_read}, now lost ({count})"
         # The store still accepts new transactions.
         db.transact(lambda tx: tx.put("acct/0", tx.get("acct/0") + 0))
         db.put("after-crash", count)
@@ -134,8 +153,9 @@ def test_sigkill_never_loses_an_acknowledged_commit(tmp_path):
     deadline = time.monotonic() + 50
     rounds = 0
     while rounds < ROUNDS and time.monotonic() < deadline:
-        acknowledged += _run_and_kill(path, rounds, rng)
-        committed = _check(path, acknowledged)
+        acked, highest_read = _run_and_kill(path, rounds, rng)
+        acknowledged += acked
+        committed = _check(path, acknowledged, highest_read)
         assert committed >= len(acknowledged)
         rounds += 1
     assert rounds == ROUNDS, f"only {rounds} rounds fitted in the time budget"
