@@ -440,8 +440,10 @@ class Storage:
 
         def records_durable() -> None:
             # Entries copied after checkpoint_lsn may point at records not yet fsync'd; the hint
-            # must not name a location a crash could still tear.
-            wal.wait(wal.last_lsn)
+            # must not name a location a crash could still tear. sync(), not wait(): under the
+            # "interval" and "off" policies durable means written, and a hint pointing past the
+            # end of a segment after a power cut would make the store unopenable.
+            wal.sync()
 
         write_hint(self._hint_path, checkpoint_lsn, self._snapshot_entries(),
                    before_rename=records_durable)
