@@ -398,17 +398,17 @@ class Participant:
             return [self._vote(message, True)]
         if request.timestamp <= self.watermark:
             reason = "the prepare is older than this shard's memory of decided transactions"
-            return [self._vote(message, False, "TransactionConflict", reason)]
+            return [self._refuse(message, now, "TransactionConflict", reason)]
         shared, exclusive = _lock_sets(request)
         if not self._try_lock(txid, shared, exclusive):
             self.locks.release_all(txid)
             reason = "keys are locked by another in-doubt transaction"
-            return [self._vote(message, False, "TransactionConflict", reason)]
+            return [self._refuse(message, now, "TransactionConflict", reason)]
         try:
             updates = validate(request, state, self.resolvers)
         except Error as exc:
             self.locks.release_all(txid)
-            return [self._vote(message, False, type(exc).__name__, str(exc))]
+            return [self._refuse(message, now, type(exc).__name__, str(exc))]
         self.prepared[txid] = PreparedTxn(
             txid,
             message.coordinator_shard,
@@ -464,6 +464,12 @@ class Participant:
         """True/False once this shard knows the decision, None while prepared or unknown."""
         decided = self._decided.get(txid)
         return None if decided is None else decided.commit
+
+    def _refuse(self, message: Prepare, now: int, error: str, reason: str) -> Send:
+        """Vote NO. That is a unilateral abort, so remember it: a re-delivered Prepare
+        (once the locks in its way are gone) must not vote YES for an aborted transaction."""
+        self._decided[message.txid] = _DecidedTxn(False, message.request.timestamp, now)
+        return self._vote(message, False, error, reason)
 
     def _vote(self, message: Prepare, yes: bool, error: str = "", reason: str = "") -> Send:
         vote = Vote(

@@ -365,6 +365,21 @@ def test_an_abort_that_overtakes_its_prepare_keeps_the_prepare_out():
     assert vote.message.yes is False and not p1.prepared
 
 
+def test_a_no_vote_stays_no_when_its_prepare_is_delivered_again():
+    net = Net()
+    net.begin(request(1, net, writes=(("1/x", OpKind.PUT, 1), ("2/y", OpKind.PUT, 1))))
+    net.run(keep=lambda send: isinstance(send.message, Prepare))  # 1 is in doubt, holding 1/x
+    net.begin(request(2, net, writes=(("1/x", OpKind.PUT, 2),)))
+    (prepare_2,) = net.queue
+    net.run(keep=lambda send: isinstance(send.message, Prepare))  # 2 votes NO: 1/x is locked
+    net.tick(TIMEOUT)
+    net.run()  # 1 is presumed aborted and releases 1/x
+    assert no_locks_left(net)
+    p1 = net.shards[1].participant
+    (vote,) = p1.on_prepare(prepare_2.message, net.shards[1].state, net.now)
+    assert vote.message.yes is False and not p1.prepared and len(p1.locks) == 0
+
+
 def test_forgotten_transactions_leave_a_watermark_that_refuses_late_messages():
     net = Net()
     req = request(1, net, writes=(("1/x", OpKind.PUT, 1), ("2/y", OpKind.PUT, 1)))
