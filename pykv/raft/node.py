@@ -399,18 +399,23 @@ class RaftNode:
 
     # ===== the Ready cycle =================================================================
     def has_ready(self) -> bool:
+        """Whether ready() would return work (False while a Ready is outstanding)."""
         if self._outstanding is not None:
             return False
-        if self._bcast_pending and self.role == Role.LEADER:
-            return True
-        return bool(
+        log = self.log
+        if (
             self.msgs
             or self.read_states
-            or self.log.unstable_snapshot is not None
-            or self.log.stabled < self.log.last_index()
-            or self.log.committed > self.log.applying
-            or self.hard_state() != self._prev_hard
-            or self._soft_state() != self._prev_soft
+            or log.unstable_snapshot is not None
+            or log.stabled < log.offset + len(log.entries)
+            or log.committed > log.applying
+            or (self._bcast_pending and self.role == Role.LEADER)
+        ):
+            return True
+        hard, soft = self._prev_hard, self._prev_soft
+        return (
+            hard.term != self.term or hard.vote != self.vote or hard.commit != log.committed
+            or soft.leader != self.lead or soft.role != self.role
         )
 
     def ready(self) -> Ready:
