@@ -160,3 +160,34 @@ def test_memory_per_key(tmp_path: Path, note) -> None:
          f"key objects {key_objects / N_KEYS:.0f} B; stats() estimate "
          f"{stats['key_index_bytes'] / N_KEYS:.0f} B)")
     assert len(index) == N_KEYS
+
+
+# --- restart -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["wal-replay", "hint"])
+def test_restart(benchmark, record, tmp_path: Path, source: str) -> None:
+    """Open time for 100,000 keys: from the hint file close() wrote, or replaying the whole WAL
+    (the hint deleted; nothing was compacted, so every record is still there)."""
+    path = str(tmp_path / "pykv")
+    with Storage.open(path, compaction=False) as store:
+        for start in range(0, N_KEYS, 100):  # 1,000 records of 100 keys
+            store.commit([Update(k, VALUE, b"\x01\x01", 1) for k in KEYS[start:start + 100]])
+    hint = Path(path) / "hint"
+    opened: list[Storage] = []
+
+    def setup() -> None:  # untimed: close the last round's store, drop the hint for replay
+        while opened:
+            opened.pop().close()
+        if source == "wal-replay" and hint.exists():
+            hint.unlink()
+
+    def reopen() -> None:
+        opened.append(Storage.open(path, compaction=False))
+
+    benchmark.group = "restart with 100k keys"
+    benchmark.pedantic(reopen, setup=setup, rounds=3, iterations=1)
+    assert opened[0].stats()["keys"] == N_KEYS
+    setup()
+    record("restart (keys loaded)", source, benchmark.stats.stats.median, N_KEYS,
+           subject=source == "hint")

@@ -62,8 +62,9 @@ SCAN_BATCH = 256  # keys fetched from the sorted index per lock acquisition
 CHECKPOINT_BATCH = 4096  # key directory entries copied per lock acquisition
 RELOCATE_BATCH_BYTES = 4 << 20  # live bytes copied forward per relocation record
 # Bytes of one key in the SortedList beyond its length: the bytes object header (33), the
-# list slot (8) and SortedList's per-sublist index share; see stats()["key_index_bytes"].
-KEY_INDEX_OVERHEAD = 48
+# list slot (8) and SortedList's index share (<1); measured by benchmarks/bench_storage.py
+# (54 B per 13-byte key). Reported as stats()["key_index_bytes"].
+KEY_INDEX_OVERHEAD = 42
 
 
 @dataclass(frozen=True, slots=True)
