@@ -84,6 +84,21 @@ def test_sigkill_under_load_loses_no_acknowledged_commit(tmp_path: Path) -> None
     assert sum(seq + 1 for seq in acked.values()) > 100  # the rounds did real work
 
 
+@pytest.mark.parametrize("point", ["wal.before_fsync:40", "wal.after_fsync:40"])
+def test_crash_around_the_wal_fsync_loses_no_acknowledged_commit(tmp_path: Path, point: str) -> None:
+    path = str(tmp_path / "db")
+    proc = subprocess.run([sys.executable, str(CHILD), "load", path, "3"], capture_output=True,
+                          text=True, env=child_env(PYKV_FAILPOINT=point), timeout=60)
+    assert proc.returncode == 137, proc.stderr
+    acked: dict[int, int] = {}
+    for line in proc.stdout.splitlines():
+        _, thread, seq = line.split()
+        acked[int(thread)] = max(acked.get(int(thread), -1), int(seq))
+    assert acked  # the first 39 fsyncs acknowledged commits before the crash
+    with Storage.open(path, compaction=False) as store:
+        assert child.verify_load(store, 3, acked) >= sum(seq + 1 for seq in acked.values())
+
+
 # --- failpoints in compaction and checkpoint -----------------------------------------------
 
 
