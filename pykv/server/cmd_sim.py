@@ -106,6 +106,13 @@ def run(args: argparse.Namespace) -> int:
                     task, advance=1,
                     status=f"{len(failures)} failed, {virtual / max(elapsed, 1e-9):,.0f} vs/s",
                 )
+                if not console.is_terminal and progress.tasks[0].completed % 500 == 0:
+                    # No live bar in a log file: leave a line every 500 seeds instead.
+                    console.print(
+                        f"{int(progress.tasks[0].completed)}/{len(jobs)} seeds, "
+                        f"{len(failures)} failed, {virtual:,.0f} virtual s in {elapsed:,.0f} s",
+                        highlight=False,
+                    )
                 if failures and args.fail_fast:
                     break
     finally:
