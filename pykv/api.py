@@ -288,7 +288,8 @@ class Transaction:
 
     def put(self, key: str, value: Value, *, context: VClock | bytes | None = None) -> None:
         """Buffer a write. With ``context`` (a clock from get_versioned) the write is
-        validated against that version: a concurrent change goes to the key's resolver."""
+        validated against that version: a change since then is a conflict, which under
+        isolation="merge" the key's resolver may merge."""
         encode_value(value, self._store.max_value_bytes)  # InvalidValue / ValueTooLarge now
         self._buffer(key, OpKind.PUT, value, context)
 
@@ -397,7 +398,17 @@ class Transaction:
 class KeyValueStore:
     """A transactional key-value store: the class both ``pykv.open`` and ``pykv.connect`` return.
 
-    Thread-safe: many threads may run transactions at once.
+    Thread-safe: many threads may run transactions at once. At a glance::
+
+        with db.transaction() as tx:           # commits on exit, aborts on an exception
+            tx["b"] = tx.get("a", "0") + "!"
+        db.transact(lambda tx: tx.incr("n"))   # reruns the function on TransactionConflict
+        txid = db.begin_transaction()          # by id: read/write/delete(txid, ...),
+        db.write(txid, "a", 1)                 # commit_transaction / abort_transaction
+        db.commit_transaction(txid)
+        db.put("k", "v"); db.get("k")          # one-operation transactions
+        value, clock = db.get_versioned("k")   # ... later: put("k", v2, context=clock)
+        db.scan("prefix/")                     # (key, value) in key order
     """
 
     def __init__(
@@ -428,6 +439,7 @@ class KeyValueStore:
 
     @property
     def closed(self) -> bool:
+        """Whether close() was called."""
         return self._closed
 
     def _ensure_open(self) -> None:
@@ -501,15 +513,19 @@ class KeyValueStore:
                 self._outcomes.popitem(last=False)
 
     def read(self, txid: int, key: str, default: Any = None) -> Any:
+        """Read key in transaction txid (sees its own writes); default when absent."""
         return self._lookup(txid).get(key, default)
 
     def write(self, txid: int, key: str, value: Value) -> None:
+        """Buffer a write of key in transaction txid."""
         self._lookup(txid).put(key, value)
 
     def commit_transaction(self, txid: int) -> None:
+        """Commit transaction txid (see Transaction.commit); the id is finished afterwards."""
         self._lookup(txid).commit()
 
     def abort_transaction(self, txid: int) -> None:
+        """Abort transaction txid; the id is finished afterwards."""
         self._lookup(txid).abort()
 
     # --- single-operation transactions -------------------------------------------------
@@ -554,9 +570,11 @@ class KeyValueStore:
         )
 
     def incr(self, key: str, amount: int = 1) -> None:
+        """Add amount to an int key (absent counts as 0) in its own transaction; never conflicts."""
         self._single(lambda tx: tx.incr(key, amount), Isolation.SERIALIZABLE)
 
     def append(self, key: str, item: str | int | bytes) -> None:
+        """Append one item to a list key in its own transaction; never conflicts."""
         self._single(lambda tx: tx.append(key, item), Isolation.SERIALIZABLE)
 
     def scan(
