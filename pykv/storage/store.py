@@ -128,6 +128,7 @@ class Storage:
         self._compaction_interval = compaction_interval
         self._compaction_min_dead_ratio = compaction_min_dead_ratio
         self._stop = threading.Event()
+        self._progress: Progress | None = None
         self._thread: threading.Thread | None = None
         if compaction:
             self._thread = threading.Thread(target=self._background, name=f"pykv-storage-bg {path}",
@@ -145,7 +146,8 @@ class Storage:
         Takes an exclusive lock on ``path/LOCK`` (StoreLocked if another Storage holds it),
         loads the latest hint file, replays the WAL records after it and cuts a torn tail.
         ``progress(phase, done, total)`` is called during recovery ("hint", "replay") and
-        compaction ("compact"). ``fsync`` is the WAL policy: "always", "interval" or "off".
+        background compactions ("compact", bytes copied, live bytes to copy; called from the
+        compaction thread); total is 0 while unknown. ``fsync`` is the WAL policy: "always", "interval" or "off".
         """
         if fsync not in ("always", "interval", "off"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'off', not {fsync!r}")
@@ -156,6 +158,7 @@ class Storage:
                         segment_bytes=segment_bytes, compaction=compaction,
                         compaction_interval=compaction_interval,
                         compaction_min_dead_ratio=compaction_min_dead_ratio)
+            store._progress = progress
             store._recover(progress)
         except BaseException:
             dir_lock.release()
@@ -589,7 +592,7 @@ class Storage:
                     last = choose_prefix(sealed, min_dead_ratio=self._compaction_min_dead_ratio,
                                          min_dead_bytes=self._segment_bytes // 2)
                     if last is not None:
-                        self._compact_through(last, None)
+                        self._compact_through(last, self._progress)
                     elif self._bytes_since_checkpoint >= self._segment_bytes:
                         self._write_checkpoint()
                         self._truncate_dead_prefix()

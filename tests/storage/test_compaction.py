@@ -111,14 +111,16 @@ def test_commits_and_reads_during_compaction_are_never_lost(tmp_path: Path) -> N
 
 def test_background_compaction_runs_on_its_own(tmp_path: Path) -> None:
     path = str(tmp_path / "db")
-    with Storage.open(path, segment_bytes=8 << 10, compaction=True,
-                      compaction_interval=0.01) as store:
+    calls = []
+    with Storage.open(path, segment_bytes=8 << 10, compaction=True, compaction_interval=0.01,
+                      progress=lambda *call: calls.append(call)) as store:
         latest = overwrite_rounds(store, keys=20, rounds=60)
         deadline = time.monotonic() + 30
         while store.stats()["compactions"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         stats = store.stats()
         assert stats["compactions"] >= 1 and stats["background_error"] is None
+        assert any(phase == "compact" for phase, _, _ in calls)
         assert min(stats["segments"]) > 1
         assert {k: v.value for k, v in store.scan()} == latest
     with Storage.open(path, compaction=False) as store:
