@@ -31,7 +31,7 @@ from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from pykv.client.router import Router
-from pykv.client.transport import COMMIT, DECIDE, FINISH, PREPARE, READ, RESOLVER, SCAN
+from pykv.client.transport import COMMIT, COMMIT_DECIDE, FINISH, PREPARE, READ, RESOLVER, SCAN
 from pykv.errors import (
     Error,
     InvalidOperation,
@@ -55,6 +55,7 @@ class AsyncCluster:
     def __init__(self, addresses: list[str], *, timeout: float = 10.0) -> None:
         self.router = Router(list(addresses), timeout=timeout)
         self.timeout = timeout
+        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self.router.refresh_map()
@@ -101,13 +102,14 @@ class AsyncCluster:
         shards = sorted(by_shard)
         # Spread coordinator duty over the shards, deterministically per transaction.
         coordinator = shards[request.txid % len(shards)]
+        others = [s for s in shards if s != coordinator]
         votes = await asyncio.gather(
             *(
                 self.router.call(
                     s, PREPARE,
                     [s, request.restricted_to(by_shard[s]).to_wire(), coordinator, shards],
                 )
-                for s in shards
+                for s in others
             ),
             return_exceptions=True,
         )
@@ -118,26 +120,43 @@ class AsyncCluster:
                 refusal = refusal or vote
             elif vote is not None and vote[0] != ALREADY_COMMITTED:
                 refusal = refusal or _vote_error(vote)
-        decision = await self.router.call(
-            coordinator, DECIDE, [coordinator, request.txid, refusal is None]
-        )
-        failpoint("txn.2pc.after_decide")
-        finishes = await asyncio.gather(
-            *(self.router.call(s, FINISH, [s, request.txid, bool(decision)]) for s in shards),
-            return_exceptions=True,
-        )
-        if decision:
-            # Durable and decided. A participant that did not hear FINISH keeps its keys
-            # locked (reads of them wait) until it settles with the coordinator shard.
-            return
-        if refusal is not None and not isinstance(refusal, (Timeout, Unavailable)):
+        if refusal is not None:
+            # No decision record is needed for an abort: a participant that never hears
+            # FINISH asks the coordinator shard, which (with nothing recorded) records abort.
+            self._finish_later(others, request.txid, False)
+            if isinstance(refusal, (Timeout, Unavailable)):
+                raise TransactionConflict(
+                    f"transaction {request.txid} aborted: a participant did not vote ({refusal})"
+                )
             raise refusal
-        if refusal is None:
-            refusal = next((f for f in finishes if isinstance(f, BaseException)), None)
-        raise TransactionConflict(
-            f"transaction {request.txid} was aborted by its coordinator shard"
-            + (f" ({refusal})" if refusal else "")
-        )
+        # The coordinator's own part and the decision record: one proposal, one round.
+        try:
+            await self.router.call(
+                coordinator, COMMIT_DECIDE,
+                [coordinator, request.restricted_to(by_shard[coordinator]).to_wire()],
+            )
+        except (Timeout, Unavailable):
+            raise  # outcome unknown: the participants settle it with the coordinator shard
+        except Error:
+            self._finish_later(others, request.txid, False)
+            raise
+        failpoint("txn.2pc.after_decide")
+        # Decided and durable. The participants apply it in the background; until they do,
+        # their prepared keys stay locked and reads of them wait, so nobody sees half of it.
+        self._finish_later(others, request.txid, True)
+
+    def _finish_later(self, shards: list[int], txid: int, commit: bool) -> None:
+        for s in shards:
+            task = asyncio.get_running_loop().create_task(
+                self.router.call(s, FINISH, [s, txid, commit])
+            )
+            self._background.add(task)
+            task.add_done_callback(self._finished_task)
+
+    def _finished_task(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # a lost FINISH is settled by the participant's recovery
 
     async def scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None
@@ -157,6 +176,8 @@ class AsyncCluster:
         )
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.timeout)
         await self.router.close()
 
 

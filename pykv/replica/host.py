@@ -137,6 +137,9 @@ class ReplicaHost:
         self.incarnation = self.rng.getrandbits(48)
         self._seq = 0
         self._read_ctx = 0
+        # Groups that may have a Ready: stepped, proposed to, ticked or advanced since the
+        # last collect. Asking only them keeps an idle node with many shards cheap.
+        self._dirty: set[int] = set()
         self.on_role_change: Callable[[int, Role, int | None], None] | None = None
 
     # --- groups -----------------------------------------------------------------------------
@@ -161,6 +164,7 @@ class ReplicaHost:
             sm.restore(state.snapshot.data)
         group = Group(gid, raft, sm, snapshot_index=raft.log.offset)
         self.groups[gid] = group
+        self._dirty.add(gid)
         return group
 
     def remove_group(self, gid: int) -> None:
@@ -173,6 +177,7 @@ class ReplicaHost:
     def tick(self) -> None:
         for group in self.groups.values():
             group.raft.tick()
+        self._dirty.update(self.groups)
 
     def step(self, msg: Message) -> bool:
         """Deliver a message to its group; False when this node does not host the group."""
@@ -180,6 +185,7 @@ class ReplicaHost:
         if group is None:
             return False
         group.raft.step(msg)
+        self._dirty.add(msg.group)
         return True
 
     def _next_seq(self) -> int:
@@ -196,6 +202,7 @@ class ReplicaHost:
         seq = self._next_seq()
         data = encode_command(tag, [self.incarnation, seq], *args)
         _, index = group.raft.propose(data)
+        self._dirty.add(gid)
         group.pending[seq] = (index, done)
         group.by_index[index] = seq
 
@@ -205,6 +212,7 @@ class ReplicaHost:
         if not group.raft.is_leader():
             raise NotLeader(group.raft.leader_id)
         group.read_queue.append(_Read(fn, keys, done))
+        self._dirty.add(gid)
 
     def _group(self, gid: int) -> Group:
         group = self.groups.get(gid)
@@ -220,8 +228,9 @@ class ReplicaHost:
 
     def _flush_reads(self) -> None:
         """Ask one read index per group for every read queued since the last round."""
-        for group in self.groups.values():
-            if not group.read_queue:
+        for gid in self._dirty:
+            group = self.groups.get(gid)
+            if group is None or not group.read_queue:
                 continue
             reads, group.read_queue = group.read_queue, []
             self._read_ctx += 1
@@ -237,8 +246,10 @@ class ReplicaHost:
     def collect(self) -> Batch:
         self._flush_reads()
         batch = Batch([])
-        for group in self.groups.values():
-            if not group.raft.has_ready():
+        dirty, self._dirty = self._dirty, set()
+        for gid in dirty:
+            group = self.groups.get(gid)
+            if group is None or not group.raft.has_ready():
                 continue
             rd = group.raft.ready()
             batch.readies.append((group, rd))
@@ -273,6 +284,7 @@ class ReplicaHost:
                 self._apply_group(group, rd)
             finally:
                 group.raft.advance(rd)
+                self._dirty.add(group.gid)  # advancing may commit more, or apply more
             self._maybe_snapshot(group)
 
     def _apply_group(self, group: Group, rd: Ready) -> None:

@@ -12,6 +12,12 @@ for each command. Commands (``Command`` below, packed with msgpack into Raft ent
   shard. The first decision recorded wins; later ones get the recorded one back. A
   participant whose prepared transaction waits too long proposes ``decide(abort)`` here,
   so a coordinator or client that crashed never leaves the transaction in doubt.
+- ``commit_decide``: the coordinator shard's own part of a multi-shard transaction and
+  its decision record in one proposal, sent once every other participant voted yes:
+  validated and applied like ``commit``, recording decision commit when it passes and
+  abort when it fails. If a decision is already recorded (a participant gave up waiting
+  and recorded abort), that decision stands. This saves the separate prepare and decide
+  rounds on the coordinator shard.
 - ``finish``: apply (commit) or drop (abort) what ``prepare`` kept, and unlock.
 - ``resolver``: register a built-in resolver for a key prefix, at the same log position
   on every replica.
@@ -43,7 +49,7 @@ from sortedcontainers import SortedDict
 
 from pykv import errors
 from pykv.codec import pack, unpack
-from pykv.errors import ProtocolError, TransactionAborted, TransactionConflict
+from pykv.errors import ProtocolError, TransactionConflict
 from pykv.txn.model import ABSENT, MISSING, CommitRequest, KeyUpdate, Versioned
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
@@ -53,6 +59,7 @@ REMEMBERED_TXIDS = 200_000
 
 # Command tags (the first element of a packed command).
 COMMIT, PREPARE, DECIDE, FINISH, RESOLVER, NOOP = "c", "p", "d", "f", "r", "n"
+COMMIT_DECIDE = "x"
 
 Outcome = list | None
 """None when a command succeeded; [error class name, message] when it was refused."""
@@ -138,6 +145,8 @@ class ShardState:
             return proposal, self._prepare(CommitRequest.from_wire(cmd[2]), cmd[3], list(cmd[4]))
         if tag == DECIDE:
             return proposal, self._decide(cmd[2], bool(cmd[3]))
+        if tag == COMMIT_DECIDE:
+            return proposal, self._commit_decide(CommitRequest.from_wire(cmd[2]))
         if tag == FINISH:
             return proposal, self._finish(cmd[2], bool(cmd[3]))
         if tag == RESOLVER:
@@ -243,13 +252,26 @@ class ShardState:
                 self.decisions.popitem(last=False)
         return recorded
 
+    def _commit_decide(self, request: CommitRequest) -> Outcome:
+        txid = request.txid
+        recorded = self.decisions.get(txid)
+        if recorded is not None:
+            if recorded:
+                return None
+            return self.outcomes.get(txid) or error_outcome(
+                TransactionConflict(f"transaction {txid} was aborted: a participant gave up waiting for its coordinator")
+            )
+        outcome = self._commit(request)
+        self._decide(txid, outcome is None)
+        return outcome
+
     def _finish(self, txid: int, commit: bool) -> Outcome:
         prepared = self.prepared.pop(txid, None)
         if prepared is None:
             if txid not in self.outcomes:
                 # Finished before this shard ever prepared (an abort): refuse a late prepare.
                 outcome = None if commit else error_outcome(
-                    TransactionAborted(f"transaction {txid} was aborted")
+                    TransactionConflict(f"transaction {txid} was aborted")
                 )
                 self._remember(txid, outcome)
             return self.outcomes.get(txid)
@@ -268,7 +290,7 @@ class ShardState:
             self._store(updates)
             return self._remember(txid, None)
         return self._remember(
-            txid, error_outcome(TransactionAborted(f"transaction {txid} was aborted"))
+            txid, error_outcome(TransactionConflict(f"transaction {txid} was aborted"))
         )
 
     def _register(self, prefix: str, name: str) -> Outcome:

@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--vnodes", type=int, default=64)
     parser.add_argument("--tick-ms", type=float, default=10.0)
-    parser.add_argument("--election-ticks", type=int, default=30)
+    parser.add_argument("--election-ticks", type=int, default=40)
+    parser.add_argument("--heartbeat-ticks", type=int, default=5)
     parser.add_argument("--fsync", choices=["always", "interval", "off"], default="always")
     parser.add_argument("--log-level", default="INFO")
 
@@ -56,6 +57,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         vnodes=args.vnodes,
         tick_ms=args.tick_ms,
         election_ticks=args.election_ticks,
+        heartbeat_ticks=args.heartbeat_ticks,
         fsync=args.fsync,
     )
 
@@ -71,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     profiler = None
     if profile_dir:
         import cProfile
+        import time
 
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile(time.process_time)  # CPU time: not time spent preempted
         profiler.enable()
     try:
         _run_loop(config)
