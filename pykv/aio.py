@@ -1,0 +1,305 @@
+"""The asyncio client of a cluster: ``await pykv.aio.connect([...])``, the embedded API as coroutines.
+
+    db = await pykv.aio.connect(["127.0.0.1:7401"])
+    async with db.transaction() as tx:
+        tx["b"] = (await tx.get("a", "0")) + "!"
+    await db.transact(lambda tx: tx.incr("n", 1))
+    await db.put("k", "v"); await db.get("k")
+
+Everything that may talk to the cluster is a coroutine (reads, commits, single-operation
+writes, scans); the buffered writes of a transaction (``put``, ``delete``, ``incr``,
+``append``, ``tx[k] = v``) are plain methods, since they only record the mutation.
+
+A transaction's bookkeeping (read-your-writes, folding several writes of one key, the
+versions it observed, the limit checks) is pykv.api.Transaction itself, run over a backend
+that never blocks: a read is fetched with ``await`` first and then handed to it, and its
+commit request is captured and sent with ``await``. So the semantics are exactly those of
+the sync API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+from pykv._engine.vclock import VClock
+from pykv.api import KeyValueStore, Transaction
+from pykv.client.cluster import AsyncCluster
+from pykv.errors import InvalidOperation, StoreClosed, TransactionAborted, TransactionConflict
+from pykv.txn.model import CommitRequest, Versioned
+from pykv.txn.resolvers import BUILTIN, ResolverRegistry
+from pykv.types import MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+class _Prefetched:
+    """A Backend for pykv.api.Transaction that answers reads from what was fetched already
+    and captures the commit request instead of sending it."""
+
+    node_id = 0
+
+    def __init__(self) -> None:
+        self.versions: dict[str, Versioned] = {}
+        self.request: CommitRequest | None = None
+        self.resolvers = ResolverRegistry()
+
+    def read(self, key: str) -> Versioned:
+        return self.versions[key]
+
+    def commit(self, request: CommitRequest) -> None:
+        self.request = request
+
+    def scan(self, prefix: str, start: str | None, end: str | None, limit: int | None) -> Iterator:
+        raise InvalidOperation("scan is not part of a transaction")
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncTransaction:
+    """One transaction of an AsyncKeyValueStore (``async with db.transaction() as tx``)."""
+
+    def __init__(self, store: AsyncKeyValueStore, isolation: str) -> None:
+        self._store = store
+        self._backend = _Prefetched()
+        self._tx: Transaction = KeyValueStore(
+            self._backend, max_txn_ops=store.max_txn_ops, max_value_bytes=store.max_value_bytes
+        ).transaction(isolation)
+        self.id = self._tx.id
+        self._outcome: str | None = None
+
+    @property
+    def state(self) -> str:
+        return self._outcome or self._tx.state
+
+    async def _fetch(self, key: str) -> None:
+        check_key(key)
+        if key not in self._backend.versions:
+            self._backend.versions[key] = await self._store._core.read(key)
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        """The value as this transaction sees it (its own writes included), or default."""
+        self._store._ensure_open()
+        await self._fetch(key)
+        return self._tx.get(key, default)
+
+    async def get_versioned(self, key: str) -> tuple[Any, VClock]:
+        await self._fetch(key)
+        return self._tx.get_versioned(key)
+
+    async def contains(self, key: str) -> bool:
+        return await self.get(key, _MISSING) is not _MISSING
+
+    def put(self, key: str, value: Value, *, context: VClock | bytes | None = None) -> None:
+        self._tx.put(key, value, context=context)
+
+    def __setitem__(self, key: str, value: Value) -> None:
+        self._tx.put(key, value)
+
+    def delete(self, key: str, *, context: VClock | bytes | None = None) -> None:
+        self._tx.delete(key, context=context)
+
+    def __delitem__(self, key: str) -> None:
+        self._tx.delete(key)
+
+    def incr(self, key: str, amount: int = 1) -> None:
+        self._tx.incr(key, amount)
+
+    def append(self, key: str, item: str | int | bytes) -> None:
+        self._tx.append(key, item)
+
+    async def commit(self) -> None:
+        """Validate and apply atomically; raises TransactionConflict etc. with nothing applied."""
+        self._store._ensure_open()
+        self._tx.commit()  # local checks; captures the request when validation is needed
+        request, self._backend.request = self._backend.request, None
+        try:
+            if request is not None:
+                await self._store._core.commit(request)
+        except BaseException:
+            self._outcome = "aborted"
+            raise
+        finally:
+            self._store._finished(self.id)
+
+    async def abort(self) -> None:
+        self._tx.abort()
+        self._store._finished(self.id)
+
+    async def __aenter__(self) -> AsyncTransaction:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.state != "open":
+            return
+        if exc_type is None:
+            await self.commit()
+        else:
+            await self.abort()
+
+
+class AsyncKeyValueStore:
+    """The asyncio counterpart of pykv.KeyValueStore over a cluster (one event loop)."""
+
+    def __init__(self, core: AsyncCluster, *, max_txn_ops: int, max_value_bytes: int) -> None:
+        self._core = core
+        self.max_txn_ops = max_txn_ops
+        self.max_value_bytes = max_value_bytes
+        self._by_id: dict[int, AsyncTransaction] = {}
+        self._closed = False
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the store is closed; connect again to continue")
+
+    def _finished(self, txid: int) -> None:
+        self._by_id.pop(txid, None)
+
+    # --- transactions --------------------------------------------------------------------
+
+    def transaction(self, isolation: str = "serializable") -> AsyncTransaction:
+        self._ensure_open()
+        return AsyncTransaction(self, isolation)
+
+    async def transact(
+        self,
+        fn: Callable[[AsyncTransaction], Awaitable[T] | T],
+        *,
+        retries: int = 16,
+        backoff: float = 0.001,
+        max_backoff: float = 0.1,
+        isolation: str = "serializable",
+    ) -> T:
+        """Run fn(tx) (a coroutine function or a plain one) and commit; rerun on conflict."""
+        attempt = 0
+        while True:
+            tx = self.transaction(isolation)
+            try:
+                result = fn(tx)
+                if inspect.isawaitable(result):
+                    result = await result
+                await tx.commit()
+                return result  # type: ignore[return-value]
+            except TransactionConflict:
+                if attempt >= retries:
+                    raise
+            finally:
+                if tx.state == "open":
+                    await tx.abort()
+            await asyncio.sleep(random.uniform(0.0, min(max_backoff, backoff * (2**attempt))))
+            attempt += 1
+
+    def begin_transaction(self, isolation: str = "serializable") -> int:
+        tx = self.transaction(isolation)
+        self._by_id[tx.id] = tx
+        return tx.id
+
+    def _lookup(self, txid: int) -> AsyncTransaction:
+        self._ensure_open()
+        tx = self._by_id.get(txid)
+        if tx is None:
+            raise TransactionAborted(f"unknown or finished transaction id {txid!r}")
+        return tx
+
+    async def read(self, txid: int, key: str, default: Any = None) -> Any:
+        return await self._lookup(txid).get(key, default)
+
+    async def write(self, txid: int, key: str, value: Value) -> None:
+        self._lookup(txid).put(key, value)
+
+    async def commit_transaction(self, txid: int) -> None:
+        await self._lookup(txid).commit()
+
+    async def abort_transaction(self, txid: int) -> None:
+        await self._lookup(txid).abort()
+
+    # --- single operations -------------------------------------------------------------------
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        self._ensure_open()
+        check_key(key)
+        seen = await self._core.read(key)
+        return default if not seen.exists else seen.value
+
+    async def get_versioned(self, key: str) -> tuple[Any, VClock]:
+        self._ensure_open()
+        check_key(key)
+        seen = await self._core.read(key)
+        return (seen.value if seen.exists else None), VClock.decode(seen.clock)
+
+    async def _single(self, fill: Callable[[AsyncTransaction], None]) -> None:
+        tx = self.transaction()
+        fill(tx)
+        await tx.commit()
+
+    async def put(self, key: str, value: Value, *, context: VClock | bytes | None = None) -> None:
+        await self._single(lambda tx: tx.put(key, value, context=context))
+
+    async def delete(self, key: str, *, context: VClock | bytes | None = None) -> None:
+        await self._single(lambda tx: tx.delete(key, context=context))
+
+    async def incr(self, key: str, amount: int = 1) -> None:
+        await self._single(lambda tx: tx.incr(key, amount))
+
+    async def append(self, key: str, item: str | int | bytes) -> None:
+        await self._single(lambda tx: tx.append(key, item))
+
+    async def scan(
+        self, prefix: str = "", *, start: str | None = None, end: str | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[str, Any]]:
+        """(key, value) of live keys with the prefix in [start, end), in key order."""
+        self._ensure_open()
+        for bound in (start, end, prefix or None):
+            if bound is not None:
+                check_key(bound)
+        items = await self._core.scan(prefix, start, end, limit)
+        return [(k, v.value) for k, v in items]
+
+    async def register_resolver(self, prefix: str, resolver: str) -> None:
+        """Use a built-in resolver (by name) for keys with the prefix, on every replica."""
+        self._ensure_open()
+        if not isinstance(resolver, str) or resolver not in BUILTIN:
+            raise InvalidOperation(
+                f"a cluster runs resolvers on its servers: use a built-in name ({', '.join(sorted(BUILTIN))})"
+            )
+        await self._core.register_resolver(prefix, resolver)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._core.close()
+
+    async def __aenter__(self) -> AsyncKeyValueStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def connect(
+    addresses: list[str] | str,
+    *,
+    timeout: float = 10.0,
+    max_txn_ops: int = MAX_TXN_OPS,
+    max_value_bytes: int = MAX_VALUE_BYTES,
+) -> AsyncKeyValueStore:
+    """Connect to a cluster through any subset of its node addresses (see pykv.client.connect)."""
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    core = AsyncCluster(list(addresses), timeout=timeout)
+    try:
+        await core.start()
+    except BaseException:
+        await core.close()
+        raise
+    return AsyncKeyValueStore(core, max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes)
+
+
+__all__ = ["AsyncKeyValueStore", "AsyncTransaction", "connect"]

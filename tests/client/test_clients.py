@@ -1,0 +1,126 @@
+"""The sync and asyncio clients against a real cluster: same API, errors that say what happened."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster_harness import free_port_range, local_cluster  # noqa: E402
+
+import pykv.aio  # noqa: E402
+import pykv.client  # noqa: E402
+from pykv.errors import (  # noqa: E402
+    InvalidOperation,
+    KeyTooLarge,
+    Timeout,
+    TransactionConflict,
+    Unavailable,
+)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with local_cluster(tmp_path_factory.mktemp("clients"), nodes=3, partitions=4) as c:
+        yield c
+
+
+def test_asyncio_client_offers_the_same_api(cluster):
+    async def main() -> None:
+        db = await pykv.aio.connect(cluster.addresses[2:])
+        try:
+            await db.put("aio:a", "1")
+            assert await db.get("aio:a") == "1"
+            assert await db.get("aio:none", "dflt") == "dflt"
+            async with db.transaction() as tx:
+                tx["aio:b"] = (await tx.get("aio:a")) + "!"
+                tx.incr("aio:n", 2)
+                assert await tx.get("aio:n") == 2  # reads see the transaction's own writes
+            assert await db.get("aio:b") == "1!"
+            txid = db.begin_transaction()
+            await db.write(txid, "aio:c", [1, 2])
+            assert await db.read(txid, "aio:c") == [1, 2]
+            await db.commit_transaction(txid)
+            assert await db.get("aio:c") == [1, 2]
+            await db.append("aio:c", 3)
+            assert await db.get("aio:c") == [1, 2, 3]
+            await db.delete("aio:c")
+            assert await db.get("aio:c") is None
+            assert [k for k, _ in await db.scan("aio:")] == ["aio:a", "aio:b", "aio:n"]
+
+            # Many coroutines on one client at once; transact reruns on conflict.
+            await db.put("aio:counter", 0)
+
+            async def bump(tx):
+                tx["aio:counter"] = await tx.get("aio:counter") + 1
+
+            await asyncio.gather(*(db.transact(bump) for _ in range(10)))
+            assert await db.get("aio:counter") == 10
+
+            stale = db.transaction()
+            await stale.get("aio:counter")
+            stale["aio:counter"] = -1
+            await db.put("aio:counter", 99)
+            with pytest.raises(TransactionConflict):
+                await stale.commit()
+            with pytest.raises(KeyTooLarge):
+                await db.get("")
+            with pytest.raises(InvalidOperation):
+                await db.register_resolver("x", "no-such-resolver")
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def test_sync_client_serves_many_threads(cluster):
+    import threading
+
+    db = pykv.client.connect(cluster.addresses[:1])
+    try:
+        errors = []
+
+        def work(i: int) -> None:
+            try:
+                for j in range(5):
+                    db.put(f"thr:{i}:{j}", j)
+                    assert db.get(f"thr:{i}:{j}") == j
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len(list(db.scan("thr:"))) == 80
+    finally:
+        db.close()
+
+
+def test_no_reachable_node_raises_unavailable():
+    base = free_port_range(2)
+    start = time.monotonic()
+    with pytest.raises(Unavailable):
+        pykv.client.connect([f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"], timeout=2)
+    assert time.monotonic() - start < 30
+
+
+def test_without_a_quorum_operations_time_out_clearly(tmp_path):
+    with local_cluster(tmp_path, nodes=3, partitions=2) as cluster:
+        db = pykv.client.connect(cluster.addresses, timeout=2)
+        try:
+            db.put("q", 1)
+            cluster.kill(2)
+            cluster.kill(3)
+            with pytest.raises((Timeout, Unavailable)) as info:
+                db.put("q", 2)
+            assert "shard" in str(info.value)
+        finally:
+            db.close()
