@@ -10,6 +10,7 @@ from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.sdist import sdist
 
 HERE = Path(__file__).parent
 DEBUG = os.environ.get("PYKV_DEBUG") == "1"
@@ -17,6 +18,9 @@ ANNOTATE = os.environ.get("PYKV_ANNOTATE") == "1"
 
 
 def engine_extensions() -> list[Extension]:
+    sources = sorted((HERE / "engine").glob("*.pyx"))
+    if not sources:
+        raise SystemExit("engine/*.pyx not found: pykv cannot be built without its engine")
     compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
     macros = [("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []
     return [
@@ -28,11 +32,20 @@ def engine_extensions() -> list[Extension]:
             extra_compile_args=compile_args,
             define_macros=macros,
         )
-        for pyx in sorted((HERE / "engine").glob("*.pyx"))
+        for pyx in sources
     ]
 
 
+class SdistWithEngineSources(sdist):
+    """Put engine/*.pyx and *.h in the sdist (setuptools would ship only the generated .c)."""
+
+    def make_release_tree(self, base_dir, files) -> None:
+        engine = [str(p.relative_to(HERE)) for p in sorted((HERE / "engine").glob("*.[ph]*"))]
+        super().make_release_tree(base_dir, sorted(set(files) | set(engine)))
+
+
 setup(
+    cmdclass={"sdist": SdistWithEngineSources},
     # Ship the .pxd contracts and .pyi stubs so that other Cython code and type checkers see them.
     package_data={"pykv._engine": ["*.pxd", "*.pyi", "py.typed"]},
     ext_modules=cythonize(
