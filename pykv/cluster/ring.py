@@ -19,6 +19,8 @@ from collections.abc import Iterable
 
 import xxhash
 
+from pykv.errors import InvalidArgument
+
 Node = int | str
 
 _RING = 1 << 64
@@ -27,7 +29,7 @@ _RING = 1 << 64
 def node_token(node: Node) -> bytes:
     """The canonical bytes of a node id, so that 7 and "7" are different nodes."""
     if isinstance(node, bool) or not isinstance(node, (int, str)):
-        raise ValueError(f"node ids are int or str, not {type(node).__name__}: {node!r}")
+        raise InvalidArgument(f"node ids are int or str, not {type(node).__name__}: {node!r}")
     if isinstance(node, int):
         return b"i:" + str(node).encode()
     return b"s:" + node.encode("utf-8")
@@ -59,12 +61,12 @@ class HashRing:
         node_list = list(nodes)
         for name, value in (("partitions", partitions), ("vnodes", vnodes), ("replicas", replicas)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise InvalidArgument(f"{name} must be a positive int, got {value!r}")
         if not node_list:
-            raise ValueError("a ring needs at least one node")
+            raise InvalidArgument("a ring needs at least one node")
         tokens = [node_token(n) for n in node_list]
         if len(set(tokens)) != len(tokens):
-            raise ValueError(f"duplicate node ids in {node_list!r}")
+            raise InvalidArgument(f"duplicate node ids in {node_list!r}")
         self.partitions = partitions
         self.vnodes = vnodes
         self.replication = replicas
@@ -105,7 +107,7 @@ class HashRing:
     def replicas(self, partition: int) -> tuple[Node, ...]:
         """The partition's replica set, clockwise order; the first is the preferred leader."""
         if not 0 <= partition < self.partitions:
-            raise ValueError(f"partition {partition} is outside 0..{self.partitions - 1}")
+            raise InvalidArgument(f"partition {partition} is outside 0..{self.partitions - 1}")
         return self._table[partition]
 
     def owners(self, key: bytes | str) -> tuple[Node, ...]:
@@ -115,13 +117,13 @@ class HashRing:
     def with_node(self, node: Node) -> HashRing:
         """The same ring with one more node."""
         if node in self.nodes:
-            raise ValueError(f"node {node!r} is already on the ring")
+            raise InvalidArgument(f"node {node!r} is already on the ring")
         return self._rebuilt(self.nodes + (node,))
 
     def without_node(self, node: Node) -> HashRing:
         """The same ring without a node (at least one node must remain)."""
         if node not in self.nodes:
-            raise ValueError(f"node {node!r} is not on the ring")
+            raise InvalidArgument(f"node {node!r} is not on the ring")
         return self._rebuilt(tuple(n for n in self.nodes if n != node))
 
     def _rebuilt(self, nodes: tuple[Node, ...]) -> HashRing:
@@ -132,7 +134,7 @@ class HashRing:
     def moved_partitions(self, other: HashRing) -> set[int]:
         """Partitions whose replica set (as a set) differs between the two rings."""
         if other.partitions != self.partitions:
-            raise ValueError(
+            raise InvalidArgument(
                 f"rings with {self.partitions} and {other.partitions} partitions do not compare"
             )
         return {

@@ -17,7 +17,7 @@ from typing import Any
 
 from pykv.cluster.ring import HashRing, Node, node_token
 from pykv.codec import pack, unpack
-from pykv.errors import CorruptData
+from pykv.errors import CorruptData, InvalidArgument
 
 _FORMAT = 1
 
@@ -36,22 +36,22 @@ class ShardMap:
 
     def __post_init__(self) -> None:
         if not isinstance(self.version, int) or self.version < 0:
-            raise ValueError(f"version must be a non-negative int, got {self.version!r}")
+            raise InvalidArgument(f"version must be a non-negative int, got {self.version!r}")
         # Own copies, so that a caller mutating its dicts cannot change a published map.
         object.__setattr__(self, "nodes", tuple(self.nodes))
         object.__setattr__(self, "addresses", dict(self.addresses))
         object.__setattr__(self, "leaders", dict(self.leaders))
         for node, address in self.addresses.items():
             if node not in self.nodes:
-                raise ValueError(f"address given for {node!r}, which is not a member")
+                raise InvalidArgument(f"address given for {node!r}, which is not a member")
             _check_address(address)
         for partition, node in self.leaders.items():
             if not (isinstance(partition, int) and 0 <= partition < self.partitions):
-                raise ValueError(
+                raise InvalidArgument(
                     f"leader hint for partition {partition!r} outside 0..{self.partitions - 1}"
                 )
             if node not in self.nodes:
-                raise ValueError(f"leader hint {node!r} for partition {partition} is not a member")
+                raise InvalidArgument(f"leader hint {node!r} for partition {partition} is not a member")
         self.ring  # noqa: B018 (builds the ring now, so bad parameters fail here)
 
     @cached_property
@@ -77,13 +77,13 @@ class ShardMap:
         try:
             return self.addresses[node]
         except KeyError:
-            raise ValueError(f"no address known for node {node!r}") from None
+            raise InvalidArgument(f"no address known for node {node!r}") from None
 
     # --- changes: each makes the next version -----------------------------------------
 
     def with_node(self, node: Node, address: str | None = None) -> ShardMap:
         if node in self.nodes:
-            raise ValueError(f"node {node!r} is already a member")
+            raise InvalidArgument(f"node {node!r} is already a member")
         addresses = dict(self.addresses)
         if address is not None:
             addresses[node] = address
@@ -91,7 +91,7 @@ class ShardMap:
 
     def without_node(self, node: Node) -> ShardMap:
         if node not in self.nodes:
-            raise ValueError(f"node {node!r} is not a member")
+            raise InvalidArgument(f"node {node!r} is not a member")
         return self._next(
             nodes=tuple(n for n in self.nodes if n != node),
             addresses={n: a for n, a in self.addresses.items() if n != node},
@@ -144,10 +144,10 @@ class ShardMap:
 
 def _check_address(address: object) -> None:
     if not isinstance(address, str):
-        raise ValueError(f"addresses are 'host:port' strings, got {address!r}")
+        raise InvalidArgument(f"addresses are 'host:port' strings, got {address!r}")
     host, sep, port = address.rpartition(":")
     if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
-        raise ValueError(f"address {address!r} is not 'host:port'")
+        raise InvalidArgument(f"address {address!r} is not 'host:port'")
 
 
 # --- rebalancing ---------------------------------------------------------------------------
@@ -189,11 +189,11 @@ def plan_rebalance(old: ShardMap, new: ShardMap) -> list[Move]:
     replica) leaves last, after a leadership transfer to a node that stays.
     """
     if new.partitions != old.partitions:
-        raise ValueError(
+        raise InvalidArgument(
             f"cannot rebalance between {old.partitions} and {new.partitions} partitions"
         )
     if new.version <= old.version:
-        raise ValueError(f"new map version {new.version} is not after {old.version}")
+        raise InvalidArgument(f"new map version {new.version} is not after {old.version}")
     moves = []
     for partition in range(old.partitions):
         before, after = old.replicas_of(partition), new.replicas_of(partition)

@@ -21,6 +21,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from pykv.errors import InvalidArgument
+
 READ, WRITE, CAS = "read", "write", "cas"
 _KINDS = (READ, WRITE, CAS)
 # How many search steps run between two looks at the clock.
@@ -66,7 +68,7 @@ def check_linearizable(
     Returns ``LinResult(ok=True)`` when it is; otherwise the first failing key (in sorted
     order) with a readable explanation. If the search for one key runs past
     ``time_limit_s`` (counted over the whole call) the result is ``ok=False,
-    timed_out=True``: not proven either way. Raises ValueError on a malformed operation.
+    timed_out=True``: not proven either way. Raises InvalidArgument on a malformed operation.
     """
     for op in ops:
         _validate(op)
@@ -85,14 +87,14 @@ def check_linearizable(
 
 def _validate(op: Op) -> None:
     if op.kind not in _KINDS:
-        raise ValueError(f"op kind must be one of {_KINDS}, got {op.kind!r}: {op}")
+        raise InvalidArgument(f"op kind must be one of {_KINDS}, got {op.kind!r}: {op}")
     if op.ret is not None and op.ret < op.call:
-        raise ValueError(f"op returns before it is called: {op}")
+        raise InvalidArgument(f"op returns before it is called: {op}")
     if op.kind == CAS:
         if not (isinstance(op.value, (tuple, list)) and len(op.value) == 2):
-            raise ValueError(f"a cas value must be (expected, new): {op}")
+            raise InvalidArgument(f"a cas value must be (expected, new): {op}")
         if op.ret is not None and not isinstance(op.output, bool):
-            raise ValueError(f"a completed cas must have a bool output: {op}")
+            raise InvalidArgument(f"a completed cas must have a bool output: {op}")
 
 
 def _drop_unobservable(ops: list[Op]) -> list[Op]:

@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pykv.errors import InvalidArgument
+
 WW, WR, RW, RT = "ww", "wr", "rw", "rt"
 _EDGE_RANK = {WW: 0, WR: 1, RW: 2, RT: 3}
 # Edge sets tried in turn when extracting a cycle, so the weakest anomaly is reported.
@@ -95,7 +97,7 @@ class _Graph:
 def check_serializable(txns: list[Txn], *, strict: bool = False) -> ListAppendResult:
     """Check a list-append history for serializability (strict serializability if asked).
 
-    Raises ValueError on a malformed transaction (unknown op, duplicate txn id).
+    Raises InvalidArgument on a malformed transaction (unknown op, duplicate txn id).
     """
     checker = _Checker(txns)
     checker.infer_orders()
@@ -108,10 +110,10 @@ class _Checker:
         self.txns: dict[int, Txn] = {}
         for txn in txns:
             if txn.id in self.txns:
-                raise ValueError(f"duplicate transaction id {txn.id}")
+                raise InvalidArgument(f"duplicate transaction id {txn.id}")
             for op in txn.ops:
                 if len(op) != 3 or op[0] not in ("append", "r"):
-                    raise ValueError(
+                    raise InvalidArgument(
                         f"txn {txn.id}: ops are ('append', k, e) or ('r', k, v): {op!r}"
                     )
             self.txns[txn.id] = txn
