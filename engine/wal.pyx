@@ -60,7 +60,9 @@ with ``_exit(137)`` right before or after the fdatasync of a batch, as a crash w
 variable is read once when a ``WalWriter`` is created; the check is one integer compare.
 """
 
+import atexit
 import os
+import weakref
 from collections import namedtuple
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -80,29 +82,6 @@ cdef extern from "crc32c.h" nogil:
     void pykv_crc32c_init()
     uint32_t pykv_crc32c(uint32_t crc, const uint8_t* data, size_t length)
     void pykv_crc32c_allow_hw(int allow)
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_cond_t:
-        pass
-    ctypedef struct pthread_condattr_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t*, void*)
-    int pthread_mutex_destroy(pthread_mutex_t*)
-    int pthread_mutex_lock(pthread_mutex_t*)
-    int pthread_mutex_trylock(pthread_mutex_t*)
-    int pthread_mutex_unlock(pthread_mutex_t*)
-    int pthread_condattr_init(pthread_condattr_t*)
-    int pthread_condattr_setclock(pthread_condattr_t*, int)
-    int pthread_condattr_destroy(pthread_condattr_t*)
-    int pthread_cond_init(pthread_cond_t*, pthread_condattr_t*)
-    int pthread_cond_destroy(pthread_cond_t*)
-    int pthread_cond_wait(pthread_cond_t*, pthread_mutex_t*)
-    int pthread_cond_timedwait(pthread_cond_t*, pthread_mutex_t*, const timespec*)
-    int pthread_cond_broadcast(pthread_cond_t*)
-    int pthread_cond_signal(pthread_cond_t*)
 
 
 pykv_crc32c_init()
@@ -129,6 +108,19 @@ cdef uint64_t MAX_PAYLOAD = 0x7FFFFFFF - C_RECORD_OVERHEAD
 cdef uint64_t MAX_SEGMENT_BYTES = <uint64_t>1 << 31
 # submit() blocks (GIL released) while this much is waiting for the writer.
 cdef size_t MAX_PENDING_BYTES = <size_t>64 << 20
+
+# Writers still open at interpreter exit are closed, so that what they acknowledged under the
+# interval policy gets its fdatasync (the writer thread is a daemon and would just stop).
+_OPEN_WRITERS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_writers() -> None:
+    for writer in list(_OPEN_WRITERS):
+        try:
+            writer.close()
+        except OSError:
+            pass  # the failure was already reported to the writer's callers
 
 POLICIES = {"always": POLICY_ALWAYS, "interval": POLICY_INTERVAL, "off": POLICY_OFF}
 
@@ -195,13 +187,6 @@ def _header(uint64_t first_lsn) -> bytes:
 
 cdef class SegmentScan:
     """What one pass over a segment's bytes found (see the format in the module docstring)."""
-    cdef public object path
-    cdef public uint64_t first_lsn
-    cdef public list offsets          # payload offsets of the complete records
-    cdef public list lengths
-    cdef public Py_ssize_t good_end   # byte offset just after the last complete batch
-    cdef public Py_ssize_t file_size
-    cdef public object data
 
     @property
     def clean(self) -> bool:
@@ -346,21 +331,6 @@ def _records_of(SegmentScan scan, from_lsn: int):
 
 # --- the writer --------------------------------------------------------------------------------
 
-cdef struct chunk:
-    uint64_t segment_id    # the segment these bytes go to
-    size_t start           # where they start in the batch buffer
-
-
-cdef struct batch:
-    uint8_t* buf
-    size_t size
-    size_t cap
-    chunk* chunks
-    Py_ssize_t nchunks
-    Py_ssize_t chunk_cap
-    uint64_t last_lsn
-
-
 cdef int batch_reserve(batch* b, size_t extra) noexcept nogil:
     cdef size_t cap = b.cap if b.cap else 4096
     cdef uint8_t* grown
@@ -428,49 +398,6 @@ cdef int fsync_dir(const char* path) noexcept nogil:
 cdef class WalWriter:
     """A group-commit WAL writer over a directory of segments (format: module docstring)."""
 
-    cdef pthread_mutex_t mu
-    cdef pthread_cond_t work_cv       # the writer waits here for work
-    cdef pthread_cond_t done_cv       # submitters wait here for durability or room
-    cdef bint sync_primitives_ready
-    cdef batch pending
-    cdef batch inflight
-    # lsns: assigned <= last; written <= last; synced <= written
-    cdef uint64_t next_lsn
-    cdef uint64_t written_lsn
-    cdef uint64_t synced_upto
-    cdef uint64_t durable_target      # durable_lsn under the policy
-    # where the next record goes (assigned at submit time, so locate() is exact)
-    cdef uint64_t tail_segment
-    cdef uint64_t tail_pos
-    cdef uint64_t segment_bytes
-    # the file the writer thread has open
-    cdef int fd
-    cdef uint64_t fd_segment
-    cdef int policy
-    cdef double interval
-    cdef double last_sync_time
-    cdef bint sync_requested
-    cdef bint closing
-    cdef bint closed
-    cdef int error                    # errno of a failed write/fsync: the log is then unusable
-    cdef int failpoint
-    cdef uint64_t fsyncs              # counters for stats()
-    cdef uint64_t batches
-    cdef long failpoint_countdown
-    # locate(): payload offset of every lsn from index_base on; the segment ids in order
-    cdef uint32_t* offsets
-    cdef size_t offsets_len
-    cdef size_t offsets_cap
-    cdef uint64_t index_base
-    cdef uint64_t index_base_at_open
-    cdef uint64_t* seg_ids
-    cdef size_t seg_len
-    cdef size_t seg_cap
-    cdef bytes directory_c
-    cdef const char* dir_cstr          # points into directory_c, for the writer thread
-    cdef object thread
-    cdef readonly str directory
-
     def __cinit__(self):
         self.fd = -1
         self.offsets = NULL
@@ -501,6 +428,7 @@ cdef class WalWriter:
         import threading
         self.thread = threading.Thread(target=self._run, name="pykv-wal-writer", daemon=True)
         self.thread.start()
+        _OPEN_WRITERS.add(self)
 
     cdef _arm_failpoint(self, str spec):
         name, _, count = spec.partition(":")
@@ -677,16 +605,17 @@ cdef class WalWriter:
         return last
 
     cdef int _wait_for_room(self, uint64_t total) except -1:
-        """Back-pressure: wait (GIL released) while too much is queued for the writer."""
-        cdef bint full = True
-        while full:
-            with nogil:
-                pthread_mutex_lock(&self.mu)
-                while (self.pending.size > 0 and self.pending.size + total > MAX_PENDING_BYTES
-                       and not self.closing and not self.error):
-                    pthread_cond_wait(&self.done_cv, &self.mu)
-                full = False
-                pthread_mutex_unlock(&self.mu)
+        """Back-pressure: wait (GIL released) while too much is queued for the writer.
+
+        Another submitter may fill the buffer again before this one enqueues; the limit is a
+        soft one that keeps memory bounded, not an exact cap.
+        """
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            while (self.pending.size > 0 and self.pending.size + total > MAX_PENDING_BYTES
+                   and not self.closing and not self.error):
+                pthread_cond_wait(&self.done_cv, &self.mu)
+            pthread_mutex_unlock(&self.mu)
         return 0
 
     def submit(self, payload) -> int:
@@ -836,6 +765,7 @@ cdef class WalWriter:
             pthread_mutex_unlock(&self.mu)
         self.thread.join()
         self.thread = None
+        _OPEN_WRITERS.discard(self)
         if self.fd >= 0:
             c_close(self.fd)
             self.fd = -1

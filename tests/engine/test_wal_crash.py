@@ -118,3 +118,18 @@ def test_crash_at_an_fsync_failpoint_loses_no_acknowledged_record(tmp_path: Path
     if failpoint.endswith(":1"):
         assert acks == {}  # nothing is acknowledged before the first fsync
     check_log_holds(tmp_path, acks)
+
+
+def test_a_process_that_never_closes_its_writer_exits_and_keeps_its_records(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        from pykv._engine.wal import WalWriter
+        writer = WalWriter(sys.argv[1], fsync="interval", interval_ms=60_000)
+        for i in range(100):
+            writer.submit(b"%d" % i)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], timeout=60)
+    assert done.returncode == 0
+    assert [r.payload for r in read_wal(str(tmp_path))] == [b"%d" % i for i in range(100)]
