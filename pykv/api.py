@@ -19,7 +19,6 @@ from pykv._engine.vclock import VClock
 from pykv.codec import encode_value
 from pykv.errors import (
     InvalidArgument,
-    InvalidOperation,
     InvalidValue,
     StoreClosed,
     TransactionAborted,
@@ -27,6 +26,7 @@ from pykv.errors import (
     TransactionTooLarge,
 )
 from pykv.txn.model import MISSING, CommitRequest, Isolation, Versioned, WriteOp
+from pykv.txn.ops import fold_writes
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import (
     INT64_MAX,
@@ -124,35 +124,15 @@ class _Pending:
 
     After a put or delete the value is known (``absolute``): later incr/append fold into it
     at once, so a type error shows at the call. Otherwise ``deltas`` holds the incr/append
-    calls in order, applied at commit onto whatever is stored then (they commute).
+    ops in order, folded at commit onto whatever is stored then (they commute).
     """
 
     __slots__ = ("absolute", "value", "deltas")
 
-    def __init__(self, absolute: bool, value: Any, deltas: list[tuple[OpKind, Any]]) -> None:
+    def __init__(self, absolute: bool, value: Any, deltas: list[WriteOp]) -> None:
         self.absolute = absolute
         self.value = value  # when absolute: the value, or MISSING after a delete
         self.deltas = deltas
-
-
-def _apply_delta(value: Any, kind: OpKind, arg: Any, key: str) -> Any:
-    """value after one incr or append, with the rules pykv.txn.occ applies at commit."""
-    if kind == OpKind.INCR:
-        if value is MISSING:
-            value = 0
-        elif type(value) is not int:
-            raise InvalidOperation(f"incr on {key!r}, which holds a {type(value).__name__}")
-        return _check_int(value + arg, f"{key!r} after incr")
-    if value is MISSING:
-        return [arg]
-    if type(value) is list:
-        value.append(arg)  # only ever called on lists this transaction owns
-        return value
-    if type(value) is type(arg) and type(value) in (str, bytes):
-        return value + arg
-    raise InvalidOperation(
-        f"cannot append a {type(arg).__name__} to {key!r}, which holds a {type(value).__name__}"
-    )
 
 
 def _own(value: Any) -> Any:
@@ -197,13 +177,17 @@ class Transaction:
                 f"transaction {self.id} is already {self._state}; begin a new one"
             )
 
-    def _count_op(self) -> None:
+    def _check_room(self) -> None:
+        """Raise TransactionTooLarge when one more operation would pass max_txn_ops."""
         limit = self._store.max_txn_ops
         if self._ops >= limit:
             raise TransactionTooLarge(
                 f"transaction {self.id} already holds {self._ops} operations; "
                 f"the limit (max_txn_ops) is {limit}"
             )
+
+    def _count_op(self) -> None:
+        self._check_room()
         self._ops += 1
 
     # --- reads ------------------------------------------------------------------------------
@@ -229,10 +213,7 @@ class Transaction:
         seen = self._observe(key)
         if pending is None:
             return seen.value, seen
-        value = _own(seen.value)
-        for kind, arg in pending.deltas:
-            value = _apply_delta(value, kind, arg, key)
-        return value, seen
+        return fold_writes(seen.value, pending.deltas), seen
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of key as this transaction sees it, or default when absent."""
@@ -267,21 +248,24 @@ class Transaction:
             check_key(key)
             clock = None if context is None else _clock_bytes(context)
             pending = self._writes.get(key)
-            # Work out the new state first: a failing call must leave the transaction as it was.
+            op = WriteOp(key, kind, arg)
+            # Check everything before changing anything: a failing call must leave the
+            # transaction as it was. The op limit goes first because the fold below may
+            # extend pending.value in place (it fails, if at all, before touching it).
+            self._check_room()
             if kind == OpKind.PUT:
                 new = _Pending(True, _own(arg), [])
             elif kind == OpKind.DELETE:
                 new = _Pending(True, MISSING, [])
             elif pending is None:
-                new = _Pending(False, None, [(kind, arg)])
+                new = _Pending(False, None, [op])
             elif pending.absolute:
                 # pending.value is this transaction's own copy: folding may extend it in place.
-                new = _Pending(True, _apply_delta(pending.value, kind, arg, key), [])
+                new = _Pending(True, fold_writes(pending.value, (op,), owned=True), [])
             else:
                 new = pending
-            self._count_op()
-            if new is pending:
-                pending.deltas.append((kind, arg))
+                pending.deltas.append(op)
+            self._ops += 1
             self._writes[key] = new
             if clock is not None:
                 self._contexts[key] = clock
@@ -327,8 +311,8 @@ class Transaction:
                 else:
                     writes.append(WriteOp(key, OpKind.PUT, pending.value, observed))
                 continue
-            for kind, arg in pending.deltas:
-                writes.append(WriteOp(key, kind, arg, observed))
+            for op in pending.deltas:
+                writes.append(op if observed is None else WriteOp(key, op.kind, op.arg, observed))
                 observed = None  # one observed version per key is enough
         return CommitRequest(
             txid=self.id,

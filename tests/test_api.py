@@ -319,6 +319,22 @@ def test_too_many_operations_raise_transaction_too_large(store_factory):
     assert [store.get(f"k{i}") for i in range(6)] == [0, 1, 2, 3, 4, None]
 
 
+def test_an_append_refused_by_the_limit_leaves_the_buffered_list_unchanged(store_factory):
+    store = store_factory(max_txn_ops=4)
+    tx = store.transaction()
+    tx.put("l", ["a"])
+    tx.append("l", "b")
+    tx.put("n", 0)
+    tx.incr("n")
+    with pytest.raises(pykv.TransactionTooLarge):
+        tx.append("l", "c")  # folds into the list it already owns: must not before refusing
+    with pytest.raises(pykv.TransactionTooLarge):
+        tx.incr("n")
+    assert (tx.get("l"), tx.get("n")) == (["a", "b"], 1)
+    tx.commit()
+    assert (store.get("l"), store.get("n")) == (["a", "b"], 1)
+
+
 def test_default_transaction_limit_is_ten_thousand(store):
     tx = store.transaction()
     for i in range(10_000):

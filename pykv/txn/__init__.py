@@ -5,6 +5,8 @@ One piece of code shared by the embedded store and every cluster replica (DESIGN
 - ``model``: ``Versioned``, ``WriteOp``, ``CommitRequest`` (with ``to_wire``/``from_wire``),
   ``KeyUpdate``, the ``StateView`` protocol and a dict-backed ``DictState``;
 - ``occ``: ``validate(request, state, resolvers) -> list[KeyUpdate]``, the rules of §3;
+- ``ops``: ``fold_writes(value, ops) -> value``, what put/delete/incr/append do to a value
+  (validation and a transaction's read-your-writes both fold with it);
 - ``resolvers``: the built-in resolvers and the per-prefix ``ResolverRegistry``;
 - ``twopc``: the multi-shard commit as pure state machines (``Participant``,
   ``CoordinatorLog``) that return effects instead of doing I/O.
@@ -26,6 +28,7 @@ from pykv.txn.model import (
     WriteOp,
 )
 from pykv.txn.occ import MAX_CLOCK_ENTRIES, next_clock, validate
+from pykv.txn.ops import fold_writes
 from pykv.txn.resolvers import (
     BUILTIN,
     Resolver,
@@ -81,6 +84,7 @@ __all__ = [
     "canonical_key",
     "canonical_order",
     "error_from",
+    "fold_writes",
     "message_from_wire",
     "message_to_wire",
     "next_clock",

@@ -24,13 +24,8 @@ cluster replica call it in commit (log) order, so it must be deterministic and p
    Its timestamp becomes max(current timestamp, request timestamp), so per-key timestamps
    never go back and ``lww`` agrees with commit order when there is no conflict.
 
-Ops on one key fold in program order, each of them checked:
-- ``put`` stores its argument (a valid value, else ``InvalidValue``); ``delete`` stores MISSING.
-- ``incr`` by an int: an absent key starts at 0; a non-int stored value raises
-  ``InvalidOperation``; leaving the signed 64-bit range raises ``InvalidValue``.
-- ``append`` of a scalar (str, int or bytes): an absent key becomes ``[x]``; a list gets
-  ``x`` at its end; a str gets a str ``x`` concatenated, bytes get bytes ``x``
-  concatenated; any other pairing raises ``InvalidOperation``.
+Ops on one key fold in program order with ``pykv.txn.ops.fold_writes`` (its docstring
+has the rules of put, delete, incr and append), the same fold a transaction's reads use.
 Each stored value must encode within the value limit (``ValueTooLarge``).
 
 Any error aborts the whole transaction: ``validate`` returns updates only when every key
@@ -43,8 +38,6 @@ from pykv._engine.vclock import BEFORE, EQUAL, VClock, compare_encoded, merge_en
 from pykv.codec import encode_value
 from pykv.errors import (
     Error,
-    InvalidOperation,
-    InvalidValue,
     NonResolvableConflict,
     TransactionConflict,
     TransactionTooLarge,
@@ -59,14 +52,12 @@ from pykv.txn.model import (
     WriteOp,
     _Missing,
 )
+from pykv.txn.ops import fold_writes
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import (
-    INT64_MAX,
-    INT64_MIN,
     MAX_KEY_BYTES,
     MAX_TXN_OPS,
     MAX_VALUE_BYTES,
-    OpKind,
     Value,
     check_key,
     check_value,
@@ -130,15 +121,15 @@ def _update_key(
     observed = _observed(key, ops, read)
     coordinator = request.coordinator
     if observed is None:  # rule 3: blind write, commutative incr/append
-        value = _fold(ops, current.value)
+        value = fold_writes(current.value, ops)
         clock = next_clock(current.clock, b"", coordinator)
     else:
         relation = compare_encoded(current.clock, observed.clock)
         if relation == EQUAL or relation == BEFORE:
-            value = _fold(ops, current.value)
+            value = fold_writes(current.value, ops)
         elif request.isolation is Isolation.MERGE:
             mine = Versioned(
-                _fold(ops, observed.value),
+                fold_writes(observed.value, ops),
                 next_clock(observed.clock, b"", coordinator),
                 request.timestamp,
             )
@@ -194,61 +185,7 @@ def _resolve(
     return merged
 
 
-# --- folding ops ---------------------------------------------------------------------------
-
-
-def _fold(ops: list[WriteOp], value: Value | _Missing) -> Value | _Missing:
-    """Apply the ops of one key in program order to ``value``."""
-    owned = False  # whether ``value`` is a list this fold made (and may append to in place)
-    for op in ops:
-        kind = op.kind
-        if kind is OpKind.PUT:
-            arg = op.arg
-            if type(arg) is not str and type(arg) is not bytes:  # those need no check
-                check_value(arg)
-            value, owned = arg, False
-        elif kind is OpKind.DELETE:
-            value, owned = MISSING, False
-        elif kind is OpKind.INCR:
-            value, owned = _incr(value, op.arg), False
-        elif kind is OpKind.APPEND:
-            value, owned = _append(value, op.arg, owned), True
-        else:
-            raise InvalidOperation(f"unknown operation {kind!r} on key {op.key!r}")
-    return value
-
-
-def _incr(value: Value | _Missing, amount: object) -> int:
-    if type(amount) is not int:
-        raise InvalidValue(f"incr needs an int amount, not {type(amount).__name__}")
-    if value is MISSING:
-        value = 0
-    elif type(value) is not int:
-        raise InvalidOperation(
-            f"incr applies to int values; the key holds a {type(value).__name__}"
-        )
-    result = value + amount
-    if not INT64_MIN <= result <= INT64_MAX:
-        raise InvalidValue(f"incr result {result} is outside the signed 64-bit range")
-    return result
-
-
-def _append(value: Value | _Missing, item: object, owned: bool) -> Value:
-    if isinstance(item, list):
-        raise InvalidValue("append takes one scalar (str, int or bytes), not a list")
-    check_value(item)
-    if value is MISSING:
-        return [item]
-    if type(value) is list:
-        if not owned:
-            value = list(value)  # never mutate the stored (or the caller's) list
-        value.append(item)
-        return value
-    if type(value) is type(item) and type(value) in (str, bytes):
-        return value + item  # type: ignore[operator]
-    raise InvalidOperation(
-        f"cannot append a {type(item).__name__} to a stored {type(value).__name__}"
-    )
+# --- limits --------------------------------------------------------------------------------
 
 
 def _check_key(key: str) -> None:
