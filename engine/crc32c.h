@@ -13,7 +13,8 @@
 
 static uint32_t pykv_crc32c_table[8][256];
 static int pykv_crc32c_ready = 0;
-static int pykv_crc32c_hw = 0;
+static int pykv_crc32c_hw = 0;        /* use the crc32 instruction */
+static int pykv_crc32c_hw_found = 0;  /* the CPU has it */
 
 static void pykv_crc32c_init(void) {
     for (uint32_t n = 0; n < 256; n++) {
@@ -31,8 +32,9 @@ static void pykv_crc32c_init(void) {
     }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
-    pykv_crc32c_hw = __builtin_cpu_supports("sse4.2");
+    pykv_crc32c_hw_found = __builtin_cpu_supports("sse4.2");
 #endif
+    pykv_crc32c_hw = pykv_crc32c_hw_found;
     pykv_crc32c_ready = 1;
 }
 
@@ -81,7 +83,7 @@ static uint32_t pykv_crc32c_hw_impl(uint32_t crc, const uint8_t *p, size_t len) 
 }
 #endif
 
-/* Thread safe once pykv_crc32c_init() has run (the module does it at import time). */
+/* Thread safe once pykv_crc32c_init() has run (the module does it once, at import time). */
 static uint32_t pykv_crc32c(uint32_t crc, const uint8_t *data, size_t len) {
     crc = ~crc;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -93,9 +95,7 @@ static uint32_t pykv_crc32c(uint32_t crc, const uint8_t *data, size_t len) {
 
 /* For tests: force the portable table path (0) or allow the hardware path again (1). */
 static void pykv_crc32c_allow_hw(int allow) {
-    pykv_crc32c_init();
-    if (!allow)
-        pykv_crc32c_hw = 0;
+    pykv_crc32c_hw = allow && pykv_crc32c_hw_found;
 }
 
 #endif
