@@ -170,6 +170,26 @@ def test_a_flipped_bit_in_the_last_record_is_detected(tmp_path_factory, payloads
     assert payloads_of(directory, repair=False) == payloads[:-1]
 
 
+@settings(deadline=None, max_examples=30)
+@given(st.lists(st.lists(st.binary(max_size=20), min_size=1, max_size=4), min_size=1, max_size=6),
+       st.data())
+def test_a_cut_anywhere_keeps_exactly_the_complete_batches(tmp_path_factory, batches, data) -> None:
+    directory = tmp_path_factory.mktemp("wal")
+    with WalWriter(str(directory), fsync="off") as writer:
+        for batch in batches:
+            writer.append_many(batch)
+    segment = last_segment(directory)
+    cut = data.draw(st.integers(wal.HEADER_SIZE, segment.stat().st_size))
+    os.truncate(segment, cut)
+    kept, end = [], wal.HEADER_SIZE
+    for batch in batches:
+        end += sum(wal.RECORD_OVERHEAD + len(p) for p in batch)
+        if end > cut:
+            break
+        kept.extend(batch)
+    assert payloads_of(directory) == kept
+
+
 def test_repair_false_leaves_the_file_alone(tmp_path: Path) -> None:
     write_log(tmp_path, [b"one", b"two"])
     segment = last_segment(tmp_path)
