@@ -18,9 +18,11 @@ Ordering contract — read this before building on Storage:
 - A version that was submitted but not yet written to its segment is served from memory
   (``_pending``) until its record is durable, so a read never touches unwritten file bytes.
 
-Recovery and truncation invariant: WAL records with lsn > the hint's checkpoint lsn are never
+Recovery and truncation invariant: WAL records with lsn >= the hint's checkpoint lsn are never
 deleted, and a hint is renamed into place only after every record its entries point at is
-durable. Hence hint + WAL replay always rebuilds every acknowledged update.
+durable. Hence hint + WAL replay always rebuilds every acknowledged update, and recovery can
+tell a torn tail (records after the checkpoint cut) from lost data (the checkpoint's own
+record gone), which raises CorruptData instead of opening a store that silently forgot.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from pykv.storage.compaction import CompactionStats, SegmentUsage, choose_prefix
 from pykv.storage.failpoints import failpoint
 from pykv.storage.files import DirectoryLock, load_or_create_node_id, make_dirs_durably
 from pykv.storage.hint import read_hint, write_hint
+from pykv.storage.segfiles import SegmentFiles
 from pykv.types import MAX_KEY_BYTES
 
 Progress = Callable[[str, int, int], None]
@@ -117,8 +120,7 @@ class Storage:
         self._pending_order: deque[tuple[int, list[bytes]]] = deque()
         self._seg_live: defaultdict[int, int] = defaultdict(int)
         self._seg_total: defaultdict[int, int] = defaultdict(int)
-        self._fds: dict[int, int] = {}
-        self._epoch = 0  # bumped whenever segment files are deleted and their fds closed
+        self._files = SegmentFiles(lambda seg: segment_path(self._wal_dir, seg))
         self._checkpoint_lsn = 0
         self._bytes_since_checkpoint = 0
         self._compactions = 0
@@ -173,13 +175,11 @@ class Storage:
             os.unlink(self._hint_path + ".tmp")
         except FileNotFoundError:
             pass
-        replay_from = 1
         hint = read_hint(self._hint_path)
         if hint is not None:
             self._checkpoint_lsn, entries = hint
             self._load_hint_entries(entries, progress)
-            replay_from = self._checkpoint_lsn + 1
-        self._replay(replay_from, progress)
+        self._replay(self._checkpoint_lsn, progress)
         next_lsn = max(self._checkpoint_lsn, self._replayed_lsn) + 1
         try:
             self._wal = WalWriter(self._wal_dir, segment_bytes=self._segment_bytes,
@@ -210,19 +210,31 @@ class Storage:
         if progress is not None:
             progress("hint", len(keys), len(keys))
 
-    def _replay(self, from_lsn: int, progress: Progress | None) -> None:
-        expected = from_lsn
+    def _replay(self, checkpoint_lsn: int, progress: Progress | None) -> None:
+        """Apply the WAL records after the checkpoint, reading without repairing anything.
+
+        The record AT the checkpoint lsn must still be there: a torn tail may only cut
+        records after it (they were never acknowledged if the tail is torn), and a log that
+        ends before it lost acknowledged, checkpointed data. That is checked before the
+        WalWriter opens, because opening it repairs (truncates) the tail.
+        """
+        expected = max(checkpoint_lsn, 1)
         done = 0
-        for rec in read_wal(self._wal_dir, repair=True, from_lsn=from_lsn):
+        for rec in read_wal(self._wal_dir, repair=False, from_lsn=expected):
             if rec.lsn != expected:
                 raise CorruptData(f"WAL replay expected lsn {expected} but found {rec.lsn}")
             expected += 1
+            if rec.lsn <= checkpoint_lsn:
+                continue  # the hint already holds it
             kind, entries = record.decode(rec.payload)
             self._note_record(rec.segment_id, len(rec.payload))
             self._apply(kind, entries, rec.segment_id, rec.offset, rec.lsn)
             done += 1
             if progress is not None and done % 4096 == 0:
                 progress("replay", done, 0)
+        if expected <= checkpoint_lsn:
+            raise CorruptData(f"the WAL in {self._wal_dir} ends before lsn {checkpoint_lsn}, "
+                              "which the hint file covers: acknowledged records are missing")
         self._replayed_lsn = expected - 1
         if progress is not None:
             progress("replay", done, done)
@@ -343,51 +355,41 @@ class Storage:
 
     def get(self, key: bytes) -> StoredVersion:
         """The current version of key (visible from submit on), or ABSENT."""
-        while True:
-            with self._lock:
-                self._open_wal()
-                entry = self._keydir.get(key)
-                if entry is None:
-                    return ABSENT
-                seg, off, size, meta, lsn = entry
-                held = self._pending.get(key)
-                if held is not None and held[0] == lsn:
-                    value = held[1]
-                else:
-                    value = self._cache.get(key, lsn)
-                if value is None:
-                    fd = self._segment_fd(seg)
-                    epoch = self._epoch
+        with self._lock:
+            self._open_wal()
+            entry = self._keydir.get(key)
+            if entry is None:
+                return ABSENT
+            seg, off, size, meta, lsn = entry
+            held = self._pending.get(key)
+            if held is not None and held[0] == lsn:
+                value = held[1]
+            else:
+                value = self._cache.get(key, lsn)
             if value is None:
-                value = self._read_value(fd, off, size, meta, epoch)
-                if value is None:
-                    continue  # the segment was compacted away under us; the key moved
-                with self._lock:
-                    self._cache.put(key, lsn, value)
-            timestamp, _, clock = record.split_meta(meta)
-            return StoredVersion(value, clock, timestamp, lsn)
+                fd = self._files.acquire(seg)
+        if value is None:
+            value = self._read_value(fd, seg, off, size, meta, key=key, lsn=lsn)
+        timestamp, _, clock = record.split_meta(meta)
+        return StoredVersion(value, clock, timestamp, lsn)
 
-    def _read_value(self, fd: int, off: int, size: int, meta: bytes, epoch: int) -> bytes | None:
-        """pread a value outside the lock; None if compaction deleted its segment meanwhile."""
+    def _read_value(self, fd: int, seg: int, off: int, size: int, meta: bytes, *,
+                    key: bytes | None = None, lsn: int = 0) -> bytes:
+        """pread a value without the lock (the fd stays open until released), check its CRC,
+        give the fd back and, given the key, keep the value in the cache."""
+        value = b""
+        problem: str | None = "unread"
         try:
             value = os.pread(fd, size, off)
-        except OSError:
-            value = b""
-        if self._epoch != epoch:
-            return None  # fd may have been closed (or even reused): retry from the key directory
-        if len(value) != size:
-            raise CorruptData(f"short read: {len(value)} of {size} bytes at offset {off}")
-        _, crc, _ = record.split_meta(meta)
-        if crc32c(value) != crc:
-            raise CorruptData(f"value of {size} bytes at offset {off} failed its checksum")
+            problem = _value_problem(value, size, meta)
+        finally:
+            with self._lock:
+                self._files.release(fd)
+                if key is not None and problem is None:
+                    self._cache.put(key, lsn, value)
+        if problem is not None:
+            raise CorruptData(f"value of {size} bytes at offset {off} of segment {seg}: {problem}")
         return value
-
-    def _segment_fd(self, seg: int) -> int:
-        fd = self._fds.get(seg)
-        if fd is None:
-            fd = os.open(segment_path(self._wal_dir, seg), os.O_RDONLY)
-            self._fds[seg] = fd
-        return fd
 
     def scan(self, prefix: bytes = b"", start: bytes | None = None, end: bytes | None = None,
              limit: int | None = None) -> Iterator[tuple[bytes, StoredVersion]]:
@@ -467,14 +469,18 @@ class Storage:
             low = batch[-1][0]
 
     def _truncate_dead_prefix(self) -> list[int]:
-        """Delete the oldest segments holding no live value and only records <= the checkpoint."""
+        """Delete the oldest segments holding no live value and only records < the checkpoint.
+
+        The segment holding the checkpoint's own record is kept: recovery checks that record
+        is still there to tell a torn tail from lost checkpointed data.
+        """
         wal = self._open_wal()
         with self._lock:
             segments = sorted(self._wal.segments())
             doomed = []
             # A segment's id is its first lsn, so segment seg holds lsns [seg, following).
             for seg, following in zip(segments, segments[1:], strict=False):
-                if self._seg_live.get(seg, 0) != 0 or following > self._checkpoint_lsn + 1:
+                if self._seg_live.get(seg, 0) != 0 or following > self._checkpoint_lsn:
                     break
                 doomed.append((seg, following))
         if not doomed:
@@ -483,11 +489,8 @@ class Storage:
         failpoint("storage.compact.after_truncate")
         gone = [seg for seg, _ in doomed if not os.path.exists(segment_path(self._wal_dir, seg))]
         with self._lock:
-            self._epoch += 1  # readers holding an fd of a deleted segment retry
             for seg in gone:
-                fd = self._fds.pop(seg, None)
-                if fd is not None:
-                    os.close(fd)
+                self._files.forget(seg)  # a reader mid-pread keeps the unlinked file readable
                 self._seg_live.pop(seg, None)
                 self._seg_total.pop(seg, None)
         return gone
@@ -562,12 +565,9 @@ class Storage:
             yield from live
 
     def _read_victim(self, seg: int, off: int, size: int, meta: bytes) -> bytes:
-        # Victim segments are deleted only by this (maintenance-locked) compaction: no epoch race.
         with self._lock:
-            fd = self._segment_fd(seg)
-        value = self._read_value(fd, off, size, meta, self._epoch)
-        assert value is not None
-        return value
+            fd = self._files.acquire(seg)
+        return self._read_value(fd, seg, off, size, meta)
 
     def _relocate(self, moves: list[tuple[bytes, bytes, bytes, int]]) -> tuple[int, int]:
         payload, entries = record.encode_relocation(moves)
@@ -650,12 +650,10 @@ class Storage:
             with self._lock:
                 self._closed = True
                 wal, self._wal = self._wal, None
-                fds, self._fds = self._fds, {}
+                self._files.close_all()
                 self._pending.clear()
                 self._pending_order.clear()
                 self._cache.clear()
-            for fd in fds.values():
-                os.close(fd)
             if wal is not None:
                 wal.close()
             self._dir_lock.release()
@@ -685,6 +683,14 @@ def _check_update(update: Update) -> tuple[bytes, bytes | None, bytes, int]:
     if isinstance(timestamp, bool) or not isinstance(timestamp, int) or not 0 <= timestamp <= MAX_TIMESTAMP:
         raise InvalidValue(f"a timestamp must be an int in [0, 2**64), not {timestamp!r}")
     return key, value, clock, timestamp
+
+
+def _value_problem(value: bytes, size: int, meta: bytes) -> str | None:
+    if len(value) != size:
+        return f"short read ({len(value)} bytes)"
+    if crc32c(value) != record.split_meta(meta)[1]:
+        return "checksum mismatch"
+    return None
 
 
 def _batched(iterable, n: int):

@@ -203,3 +203,5 @@ def test_corrupt_last_record_is_cut_but_a_lost_checkpointed_record_is_an_error(t
     os.truncate(lost / "wal" / segment.name, ends[3])
     with pytest.raises(CorruptData):
         Storage.open(str(lost), compaction=False)
+    # ... and refusing must not "repair" the evidence away.
+    assert (lost / "wal" / segment.name).stat().st_size == ends[3]

@@ -272,3 +272,19 @@ def test_close_checkpoints_so_restart_replays_nothing(tmp_path: Path) -> None:
         assert store.get(b"unwaited").value == b"v"  # close() flushed the submitted record
     # close() checkpointed everything, so restart loads the hint and replays nothing.
     assert calls == [("hint", 12, 12), ("replay", 0, 0)]
+
+
+def test_deleting_everything_then_checkpointing_reopens_empty(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    with Storage.open(path, segment_bytes=1024, compaction=False) as store:
+        for i in range(20):
+            store.commit([Update(b"k%d" % i, b"x" * 300, b"", 0)])
+        store.commit([Update(b"k%d" % i, None, b"", 0) for i in range(20)])
+        store.checkpoint()
+        store.compact()
+        assert store.stats()["live_bytes"] == 0
+    with Storage.open(path, compaction=False) as store:
+        assert list(store.scan()) == []
+        lsn = store.commit([Update(b"again", b"v", b"", 0)])
+    with Storage.open(path, compaction=False) as store:
+        assert store.get(b"again").lsn == lsn
