@@ -12,11 +12,13 @@ replicas (pykv.replica.shard): a commit that did apply returns its first outcome
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 from pykv.client.transport import (
+    META_GROUP,
     SHARD_MAP,
     Connection,
     Redirect,
@@ -37,6 +39,8 @@ class ShardMapView:
     nodes: dict[int, str]
     shards: list[list[int]]
     leaders: list[int | None] = field(default_factory=list)
+    meta: list[int] = field(default_factory=list)  # the metadata group's members
+    encoded: bytes | None = None  # the pykv.cluster.shardmap.ShardMap, encoded
 
     @classmethod
     def from_wire(cls, raw: dict) -> ShardMapView:
@@ -48,6 +52,8 @@ class ShardMapView:
             nodes={int(k): v for k, v in raw["nodes"].items()},
             shards=[list(s) for s in raw["shards"]],
             leaders=list(raw.get("leaders") or [None] * raw["partitions"]),
+            meta=list(raw.get("meta") or []),
+            encoded=raw.get("map"),
         )
 
     def ring_for_keys(self) -> HashRing:
@@ -137,10 +143,16 @@ class Router:
 
     def _candidates(self, shard: int) -> list[int]:
         assert self.map is not None
-        replicas = list(self.map.shards[shard])
+        if shard == META_GROUP:
+            replicas = list(self.map.meta)
+        else:
+            replicas = list(self.map.shards[shard])
         leader = self._leaders.get(shard)
-        if leader in replicas:
-            replicas.remove(leader)
+        if leader is not None and leader in self.map.nodes:
+            # A redirect's hint wins even when the map does not list that node (yet, or any
+            # more): during a move the group's members and the map's placement differ.
+            if leader in replicas:
+                replicas.remove(leader)
             replicas.insert(0, leader)
         return replicas
 
@@ -155,6 +167,8 @@ class Router:
         total = self.timeout if timeout is None else timeout
         deadline = loop.time() + total
         attempt = 0
+        redirected = False
+        hops = 0  # redirects followed in a row (stale hints can point in a circle)
         maybe_applied = False
         last_error: Exception | None = None
         while True:
@@ -163,7 +177,9 @@ class Router:
                 break
             assert self.map is not None
             candidates = self._candidates(shard)
-            node = candidates[attempt % len(candidates)]
+            # Right after a redirect the hinted leader is first in line; otherwise rotate.
+            node = candidates[0] if redirected else candidates[attempt % len(candidates)]
+            redirected = False
             address = self.map.nodes.get(node)
             if address is None:
                 await self.refresh_map()
@@ -175,9 +191,11 @@ class Router:
                 last_error = exc
                 if exc.leader is not None and exc.leader != node and exc.leader in self.map.nodes:
                     self._leaders[shard] = exc.leader
-                    if exc.leader not in self.map.shards[shard]:
-                        await self.refresh_map()
-                    continue  # straight to the hinted leader, no backoff
+                    redirected = True
+                    hops += 1
+                    if hops <= 3:
+                        continue  # straight to the hinted leader, no backoff
+                    hops = 0
                 self._leaders.pop(shard, None)
             except Unavailable as exc:
                 # Leadership changed under a proposal, or the node is unreachable.
@@ -191,6 +209,10 @@ class Router:
                 if self._leaders.get(shard) == node:
                     del self._leaders[shard]
             attempt += 1
+            if attempt % len(candidates) == 0:
+                # Every replica we know of said no: the placement may have moved on.
+                with contextlib.suppress(Unavailable):
+                    await self.refresh_map()
             await asyncio.sleep(min(0.2, 0.005 * (2 ** min(attempt, 6))) * random.uniform(0.5, 1.0))
         if maybe_applied or isinstance(last_error, Timeout):
             raise Timeout(

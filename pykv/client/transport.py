@@ -43,6 +43,13 @@ FINISH = 23  # [shard, txid, commit?] -> outcome
 SCAN = 24  # [shard, prefix, start, end, limit] -> [[key, version wire]...]
 RESOLVER = 25  # [shard, prefix, builtin name] -> outcome
 COMMIT_DECIDE = 26  # [shard, request wire] -> outcome: the coordinator's part + decision
+JOIN = 27  # [META_GROUP, node id, address] -> map version: add a node to the shard map
+MEMBERS = 28  # [shard] -> {leader, voters, learners, commit, match} from the shard's leader
+CONF = 29  # [shard, step, node] -> None: add_learner / promote / remove / transfer
+HOST = 30  # [shard] -> None: start hosting an empty replica (a learner-to-be)
+DROP = 31  # [shard] -> None: stop hosting a replica this node was removed from
+
+META_GROUP = 1 << 20  # the Raft group id of the metadata group (shard groups are 0..Q-1)
 
 OK, REDIRECT, FAILED = 0, 1, 2
 
@@ -230,7 +237,8 @@ class Connection(asyncio.Protocol):
 
 
 __all__ = [
-    "COMMIT", "COMMIT_DECIDE", "CoalescingWriter", "Connection", "DECIDE", "FAILED", "FINISH", "OK", "PREPARE", "RAFT", "READ",
+    "COMMIT", "COMMIT_DECIDE", "CONF", "CoalescingWriter", "Connection", "DROP", "HOST", "JOIN",
+    "MEMBERS", "META_GROUP", "DECIDE", "FAILED", "FINISH", "OK", "PREPARE", "RAFT", "READ",
     "REDIRECT", "RESOLVER", "RESPONSE", "Redirect", "SCAN", "SHARD_MAP", "STATUS",
     "error_from_reply", "parse_address", "unwrap",
 ]

@@ -79,15 +79,27 @@ class NodeLog:
     # --- recovery ---------------------------------------------------------------------------
 
     def _recover(self) -> dict[int, _Recovered]:
+        # A dropped group (this node left it) has a tombstone holding the WAL lsn of the drop:
+        # records and snapshot files of the group from before it are ignored, so the group
+        # can come back later from a clean slate.
+        dropped = {
+            int(path.stem[1:]): int(path.read_text() or 0)
+            for path in self.snap_dir.glob("g*.dropped")
+        }
+        self.dropped = dict(dropped)
         groups: dict[int, _Recovered] = {}
         for path in self.snap_dir.glob("g*.snap"):
             group = int(path.stem[1:])
-            meta_wire, data = unpack(path.read_bytes())
+            meta_wire, data, written_at = unpack(path.read_bytes())
+            if written_at < dropped.get(group, 0):
+                continue
             groups[group] = _Recovered(snapshot=Snapshot(SnapshotMeta.from_wire(meta_wire), data))
         if not self.wal_dir.exists():
             return groups
         for record in read_wal(str(self.wal_dir)):
             for group, hs, entries, snap_meta in unpack(record.payload):
+                if record.lsn <= dropped.get(group, 0):
+                    continue
                 rec = groups.setdefault(group, _Recovered())
                 if snap_meta is not None:
                     # The snapshot file was fsync'd before this marker was written, and a
@@ -130,8 +142,9 @@ class NodeLog:
         """Write a snapshot file durably (temp file, fsync, rename, fsync the directory)."""
         path = self.snap_dir / f"g{group}.snap"
         tmp = path.with_suffix(".tmp")
+        written_at = self.wal.last_lsn if hasattr(self, "wal") else 0
         with open(tmp, "wb") as f:
-            f.write(pack([snapshot.meta.to_wire(), snapshot.data]))
+            f.write(pack([snapshot.meta.to_wire(), snapshot.data, written_at]))
             f.flush()
             if self._fsync != "off":
                 os.fsync(f.fileno())
@@ -168,6 +181,24 @@ class NodeLog:
             if w.entries:
                 self._records.setdefault(w.group, deque()).append((w.entries[-1].index, lsn))
         return lsn
+
+    def drop(self, group: int) -> None:
+        """This node left the group: forget its log and snapshot (durably, tombstone first)."""
+        lsn = self.wal.append(pack([[group, None, [], None]]))  # a marker to date the drop
+        path = self.snap_dir / f"g{group}.dropped"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(lsn))
+        if self._fsync != "off":
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        (self.snap_dir / f"g{group}.snap").unlink(missing_ok=True)
+        if self._fsync != "off":
+            _fsync_dir(self.snap_dir)
+        self.dropped[group] = lsn
+        self._records.pop(group, None)
+        self._latest_hard.pop(group, None)
+        self.recovered.pop(group, None)
 
     def compacted(self, group: int, index: int) -> None:
         """Group ``group`` holds a durable snapshot at ``index``: older entries are garbage."""

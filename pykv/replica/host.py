@@ -27,6 +27,8 @@ from typing import Any
 from pykv.errors import Unavailable
 from pykv.raft.errors import NotLeader
 from pykv.raft.messages import (
+    ConfChange,
+    ConfChangeKind,
     EntryKind,
     Message,
     PersistentState,
@@ -65,6 +67,7 @@ class Group:
     read_queue: list[_Read] = field(default_factory=list)  # not yet asked for a read index
     read_waiting: dict[int, list[_Read]] = field(default_factory=dict)  # ctx -> reads
     read_ready: list[_Read] = field(default_factory=list)  # index known; wait for apply/locks
+    conf_pending: dict[int, tuple[int, Done]] = field(default_factory=dict)  # index -> (term, done)
     snapshot_index: int = 0
 
     def status(self) -> dict:
@@ -144,7 +147,9 @@ class ReplicaHost:
 
     # --- groups -----------------------------------------------------------------------------
 
-    def add_group(self, gid: int, voters: list[int] | None) -> Group:
+    def add_group(
+        self, gid: int, voters: list[int] | None, state_type: type[ShardState] = ShardState
+    ) -> Group:
         """Host group ``gid``: restart it from the WAL, or found it with ``voters``.
 
         ``voters=None`` joins an existing group empty, to be filled by the leader (a new
@@ -158,7 +163,7 @@ class ReplicaHost:
                 # before the group says anything, or a restart would find no members.
                 self.log.persist([GroupWork(gid, state.hard_state, state.entries, None)])
         raft = RaftNode(self.node_id, state=state, config=self.raft_config, rng=self.rng, group=gid)
-        sm = ShardState(gid)
+        sm = state_type(gid)
         sm.clock = self.clock
         if state.snapshot is not None and state.snapshot.data is not None:
             sm.restore(state.snapshot.data)
@@ -168,9 +173,22 @@ class ReplicaHost:
         return group
 
     def remove_group(self, gid: int) -> None:
+        """This node is no longer a member of ``gid``: stop hosting it and forget its data."""
         group = self.groups.pop(gid, None)
         if group is not None:
             self._fail_all(group, Unavailable(f"shard group {gid} left this node"))
+            self.log.drop(gid)
+
+    def propose_conf_change(self, gid: int, kind: ConfChangeKind, node: int, done: Done) -> None:
+        """Propose one membership step; ``done`` once it is applied (raises NotLeader etc.)."""
+        group = self._group(gid)
+        term, index = group.raft.propose_conf_change(ConfChange.single(kind, node))
+        group.conf_pending[index] = (term, done)
+        self._dirty.add(gid)
+
+    def transfer_leadership(self, gid: int, to: int) -> None:
+        self._group(gid).raft.transfer_leadership(to)
+        self._dirty.add(gid)
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -300,6 +318,12 @@ class ReplicaHost:
             if entry.kind != EntryKind.NORMAL or entry.data is None:
                 state.applied_index = entry.index
                 self._complete_index(group, entry.index, None, None)
+                waiting = group.conf_pending.pop(entry.index, None)
+                if waiting is not None:
+                    if waiting[0] == entry.term:
+                        waiting[1](None, None)
+                    else:
+                        waiting[1](None, NotLeader(group.raft.leader_id, "the change was lost"))
                 continue
             proposal, result = state.apply(entry.index, entry.data)
             seq = None
@@ -350,6 +374,9 @@ class ReplicaHost:
     def _fail_all(self, group: Group, exc: BaseException) -> None:
         pending, group.pending, group.by_index = group.pending, {}, {}
         for _, done in pending.values():
+            done(None, exc)
+        conf, group.conf_pending = group.conf_pending, {}
+        for _, done in conf.values():
             done(None, exc)
         waiting = [r for reads in group.read_waiting.values() for r in reads]
         waiting += group.read_queue + group.read_ready

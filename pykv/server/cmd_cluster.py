@@ -178,8 +178,12 @@ def wait_until_ready(
                     continue
                 groups = status["groups"]
                 led = sum(1 for g in groups.values() if g["leader"])
-                rows[node_id] = f"{led}/{len(groups)} groups have a leader"
-                if led < len(groups) or status.get("pending_moves"):
+                moves = status.get("pending_moves", 0)
+                joined = set(config.nodes) <= set(status.get("map_nodes", config.nodes))
+                rows[node_id] = f"{led}/{len(groups)} groups have a leader" + (
+                    f", {moves} shards moving" if moves else ""
+                ) + ("" if joined else ", joining")
+                if led < len(groups) or moves or not joined or not groups:
                     ready = False
             if live:
                 live.update(_status_table(rows))

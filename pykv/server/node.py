@@ -22,6 +22,7 @@ decision (the first recorded decision wins, normally the client's), then finishi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -34,13 +35,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pykv.client.router import Router
+from pykv.client.router import Router, ShardMapView
 from pykv.client.transport import (
     COMMIT,
     COMMIT_DECIDE,
+    CONF,
     DECIDE,
+    DROP,
     FAILED,
     FINISH,
+    HOST,
+    JOIN,
+    MEMBERS,
+    META_GROUP,
     OK,
     PREPARE,
     RAFT,
@@ -55,7 +62,7 @@ from pykv.client.transport import (
     parse_address,
     set_nodelay,
 )
-from pykv.cluster.ring import HashRing
+from pykv.cluster.shardmap import ShardMap
 from pykv.errors import Error, ProtocolError, Timeout, Unavailable
 from pykv.net.framing import (
     DEFAULT_MAX_FRAME,
@@ -66,11 +73,12 @@ from pykv.net.framing import (
     encode_frame,
     hello_frame,
 )
-from pykv.raft.errors import NotLeader
-from pykv.raft.messages import Message
+from pykv.raft.errors import ConfChangeRejected, NotLeader
+from pykv.raft.messages import ConfChangeKind, Message
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
 from pykv.replica.host import ReplicaHost
+from pykv.replica.meta import SET_MAP, MetaState
 from pykv.replica.shard import COMMIT as CMD_COMMIT
 from pykv.replica.shard import COMMIT_DECIDE as CMD_COMMIT_DECIDE
 from pykv.replica.shard import DECIDE as CMD_DECIDE
@@ -219,6 +227,13 @@ def _error_reply(exc: BaseException) -> list:
     return [FAILED, "Error", f"{type(exc).__name__}: {exc}"]
 
 
+def _outcome_or_version(proposed: ShardMap) -> Any:
+    def convert(outcome: Any) -> list:
+        return [OK, proposed.version] if outcome is None else [FAILED, outcome[0], outcome[1]]
+
+    return convert
+
+
 def _outcome_reply(outcome: Any) -> list:
     """A shard outcome (None or [error name, message]) as a reply."""
     if outcome is None:
@@ -231,18 +246,24 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.ring = HashRing(
-            config.initial or sorted(config.peers),
+        founders = config.initial or sorted(config.peers)
+        # The founding map: every founding member computes exactly this one from its
+        # configuration; later versions come from the metadata group's log.
+        self.founding_map = ShardMap(
+            version=1,
+            nodes=tuple(founders),
+            addresses={n: config.peers[n] for n in founders if n in config.peers},
             partitions=config.partitions,
             vnodes=config.vnodes,
             replicas=config.replicas,
         )
-        self.shard_map_version = 1
+        self.meta_voters = list(founders)
+        self._learned_map: ShardMap | None = None  # for nodes outside the metadata group
+        self.pending_moves = 0
+        self._balanced_version = 0
         self.host: ReplicaHost | None = None
         self.nodelog: NodeLog | None = None
-        self.peers = {
-            pid: _Peer(self, pid, addr) for pid, addr in config.peers.items() if pid != config.node_id
-        }
+        self.peers: dict[int, _Peer] = {}
         self._server: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pykv-persist")
@@ -271,15 +292,22 @@ class Node:
             clock=time.monotonic,
             snapshot_every=cfg.snapshot_every,
         )
+        recovered = set(self.nodelog.groups())
+        if cfg.node_id in self.meta_voters:
+            self.host.add_group(META_GROUP, self.meta_voters, MetaState)
+        for gid in sorted(recovered - {META_GROUP}):
+            self.host.add_group(gid, None)  # restart from the WAL and snapshots
+        fresh = not recovered and not self.nodelog.dropped
         for shard in range(cfg.partitions):
-            replicas = list(self.ring.replicas(shard))
-            if cfg.node_id in replicas:
-                self.host.add_group(shard, replicas)
+            replicas = list(self.founding_map.replicas_of(shard))
+            if fresh and cfg.node_id in replicas:
+                self.host.add_group(shard, replicas)  # found the group (first start only)
         host, port = parse_address(cfg.listen)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _ServerProtocol(self), host, port, reuse_address=True)
         self._tasks.append(loop.create_task(self._drive()))
         self._tasks.append(loop.create_task(self._recover_prepared()))
+        self._tasks.append(loop.create_task(self._membership()))
         log.info("node %d listening on %s with %d groups", cfg.node_id, cfg.listen, len(self.host.groups))
 
     async def stop(self) -> None:
@@ -345,9 +373,21 @@ class Node:
         for msg in messages:
             by_peer[msg.to].append(msg.to_wire())
         for peer_id, wires in by_peer.items():
-            peer = self.peers.get(peer_id)
+            peer = self._peer(peer_id)
             if peer is not None:
                 peer.send(wires)
+
+    def _peer(self, peer_id: int) -> _Peer | None:
+        peer = self.peers.get(peer_id)
+        if peer is None and peer_id != self.config.node_id:
+            address = self.address_of(peer_id)
+            if address is not None:
+                peer = self.peers[peer_id] = _Peer(self, peer_id, address)
+        return peer
+
+    def address_of(self, node_id: int) -> str | None:
+        found = self.config.peers.get(node_id)
+        return found if found is not None else self.current_map().addresses.get(node_id)
 
     def on_raft(self, body: Any) -> None:
         """A batch of Raft messages from a peer (one-way)."""
@@ -395,6 +435,22 @@ class Node:
                 return self._propose(shard, CMD_FINISH, [int(body[1]), bool(body[2])], _outcome_reply)
             if kind == SCAN:
                 return self._scan(shard, *body[1:5])
+            if kind == JOIN:
+                return self._join(int(body[1]), str(body[2]))
+            if kind == MEMBERS:
+                return self._members(shard)
+            if kind == CONF:
+                return self._conf(shard, str(body[1]), int(body[2]))
+            if kind == HOST:
+                if shard not in self.host.groups:
+                    self.host.add_group(shard, None)
+                    log.info("hosting an empty replica of shard %d, to be filled by its leader", shard)
+                return [OK, None]
+            if kind == DROP:
+                if shard in self.host.groups:
+                    self.host.remove_group(shard)
+                    log.info("dropped shard %d: this node was removed from its group", shard)
+                return [OK, None]
             if kind == RESOLVER:
                 return self._propose(shard, CMD_RESOLVER, [str(body[1]), str(body[2])], _outcome_reply)
             raise ProtocolError(f"unknown request kind {kind}")
@@ -497,24 +553,180 @@ class Node:
             "node_id": self.config.node_id,
             "address": self.config.listen,
             "pid": os.getpid(),
-            "groups": {str(g): s for g, s in host.status().items()},
+            "groups": {str(g): s for g, s in host.status().items() if g != META_GROUP},
+            "map_version": self.current_map().version,
+            "map_nodes": list(self.current_map().nodes),
+            "pending_moves": self.moves_pending(),
         }
 
+    def current_map(self) -> ShardMap:
+        """The newest shard map this node knows: the metadata group's, or a learned one."""
+        host = self.host
+        meta = host.groups.get(META_GROUP) if host is not None else None
+        found = meta.state.shard_map if meta is not None else None
+        learned = self._learned_map
+        best = found or self.founding_map
+        if learned is not None and learned.version > best.version:
+            best = learned
+        return best
+
     def shard_map(self) -> dict:
+        """The map clients route by: placement per the current map, plus the members this
+        node sees in the groups it hosts (a group in the middle of a move has both)."""
         host = self.host
         assert host is not None
-        leaders = []
-        for shard in range(self.config.partitions):
+        current = self.current_map()
+        shards, leaders = [], []
+        for shard in range(current.partitions):
+            members = list(current.replicas_of(shard))
+            group = host.groups.get(shard)
+            if group is not None:
+                members += [n for n in sorted(group.raft.conf.members()) if n not in members]
+            shards.append(members)
             leaders.append(host.leader_of(shard))
+        nodes = {**self.config.peers, **current.addresses}
         return {
-            "version": self.shard_map_version,
-            "partitions": self.config.partitions,
-            "vnodes": self.config.vnodes,
-            "replicas": self.config.replicas,
-            "nodes": {str(k): v for k, v in self.config.peers.items()},
-            "shards": [list(self.ring.replicas(p)) for p in range(self.config.partitions)],
+            "version": current.version,
+            "partitions": current.partitions,
+            "vnodes": current.vnodes,
+            "replicas": current.replicas,
+            "nodes": {str(k): v for k, v in nodes.items()},
+            "shards": shards,
             "leaders": leaders,
+            "meta": self.meta_voters,
+            "map": current.encode(),
         }
+
+    # --- membership: joining, and moving replicas to where the map places them -----------------
+
+    def _join(self, node_id: int, address: str) -> Any:
+        current = self.current_map()
+        if node_id in current.nodes:
+            return [OK, current.version]
+        proposed = current.with_node(node_id, address)
+        return self._propose(META_GROUP, SET_MAP, [proposed.encode()], _outcome_or_version(proposed))
+
+    def _members(self, shard: int) -> list:
+        host = self.host
+        assert host is not None
+        group = host.groups.get(shard)
+        if group is None:
+            raise Unavailable(f"node {self.config.node_id} does not host shard {shard}")
+        raft = group.raft
+        if not raft.is_leader():
+            raise NotLeader(raft.leader_id)
+        match = {str(n): raft.progress(n).match for n in raft.conf.members() if raft.progress(n)}
+        return [OK, {
+            "leader": raft.leader_id, "voters": sorted(raft.conf.voters),
+            "learners": sorted(raft.conf.learners), "commit": raft.commit_index, "match": match,
+        }]
+
+    def _conf(self, shard: int, step: str, node: int) -> Any:
+        host = self.host
+        assert host is not None
+        group = host.groups.get(shard)
+        if group is None:
+            raise Unavailable(f"node {self.config.node_id} does not host shard {shard}")
+        if not group.raft.is_leader():
+            raise NotLeader(group.raft.leader_id)
+        if step == "transfer":
+            host.transfer_leadership(shard, node)
+            self._wakeup()
+            return [OK, None]
+        kinds = {"add_learner": ConfChangeKind.ADD_LEARNER, "promote": ConfChangeKind.ADD_NODE,
+                 "remove": ConfChangeKind.REMOVE_NODE}
+        if step not in kinds:
+            raise ProtocolError(f"unknown membership step {step!r}")
+        if step == "add_learner":
+            # Snapshot first, so the learner catches up from a snapshot, not the whole log.
+            host.snapshot_group(group)
+        fut, done = self._future(lambda _: [OK, None])
+        try:
+            host.propose_conf_change(shard, kinds[step], node, done)
+        except ConfChangeRejected as exc:
+            raise Unavailable(f"membership change refused for now: {exc}") from None
+        self._wakeup()
+        return fut
+
+    async def _membership(self) -> None:
+        """Join the map if this node is new; on the metadata leader, move replicas."""
+        while not self._stopping:
+            await asyncio.sleep(0.3)
+            try:
+                await self._refresh_learned_map()
+                if self.config.node_id not in self.current_map().nodes:
+                    await self.router.call(
+                        META_GROUP, JOIN, [META_GROUP, self.config.node_id, self.config.listen]
+                    )
+                    continue
+                meta = self.host.groups.get(META_GROUP) if self.host else None
+                if meta is not None and meta.raft.is_leader():
+                    await self._rebalance_round()
+                else:
+                    self.pending_moves = 0
+            except (Error, OSError, asyncio.TimeoutError) as exc:
+                log.debug("membership round failed: %s", exc)
+
+    async def _refresh_learned_map(self) -> None:
+        if self.config.node_id in self.meta_voters:
+            return
+        view = await self.router.refresh_map()
+        if view.encoded is not None:
+            learned = ShardMap.decode(view.encoded)
+            if self._learned_map is None or learned.version > self._learned_map.version:
+                self._learned_map = learned
+
+    async def _rebalance_round(self) -> None:
+        current = self.current_map()
+        self.router.map = ShardMapView.from_wire(self.shard_map())
+        self.router.seeds = [a for a in current.addresses.values()]
+        results = await asyncio.gather(
+            *(self._reconcile(p, current) for p in range(current.partitions)),
+            return_exceptions=True,
+        )
+        self.pending_moves = sum(1 for r in results if r is not True)
+        if not self.pending_moves:
+            self._balanced_version = current.version
+
+    def moves_pending(self) -> int:
+        """Shards not yet where the map places them (known on the metadata leader only)."""
+        meta = self.host.groups.get(META_GROUP) if self.host else None
+        if meta is None or not meta.raft.is_leader():
+            return 0
+        if self._balanced_version != self.current_map().version:
+            return max(1, self.pending_moves)
+        return self.pending_moves
+
+    async def _reconcile(self, shard: int, current: ShardMap) -> bool:
+        """One membership step towards the map's replica set for a shard; True when there."""
+        target = list(current.replicas_of(shard))
+        info = await self.router.call(shard, MEMBERS, [shard], timeout=2.0)
+        voters, learners = set(info["voters"]), set(info["learners"])
+        missing = [n for n in target if n not in voters | learners]
+        if missing:
+            node = missing[0]
+            await self.router.call_address(self.address_of(node), HOST, [shard], 2.0)
+            await self.router.call(shard, CONF, [shard, "add_learner", node], timeout=5.0)
+            log.info("shard %d: added node %d as a learner", shard, node)
+            return False
+        for node in sorted(learners):
+            await self.router.call(shard, CONF, [shard, "promote", node], timeout=5.0)
+            log.info("shard %d: promoted node %d to voter", shard, node)
+            return False
+        extra = sorted((voters | learners) - set(target))
+        if extra:
+            node = extra[0]
+            if node == info["leader"]:
+                await self.router.call(shard, CONF, [shard, "transfer", target[0]], timeout=2.0)
+                return False
+            await self.router.call(shard, CONF, [shard, "remove", node], timeout=5.0)
+            log.info("shard %d: removed node %d", shard, node)
+            address = self.address_of(node)
+            if address is not None:
+                with contextlib.suppress(Error, OSError):
+                    await self.router.call_address(address, DROP, [shard], 2.0)
+            return False
+        return True
 
 
 async def serve_forever(config: NodeConfig) -> None:

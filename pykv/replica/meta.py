@@ -1,0 +1,51 @@
+"""The metadata group's state machine: the cluster's shard map, versioned and agreed through Raft.
+
+The metadata group is a Raft group like a shard's (hosted by the founding members), whose
+log holds shard-map changes. A change is a compare-and-set on the version: it applies only
+when it is exactly the next version, so two concurrent joins cannot both build on the same
+map; the loser sees the new version and retries on top of it. Until the first change the
+map is the founding map, which every founding member computes identically from its
+configuration (``initial``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pykv.cluster.shardmap import ShardMap
+from pykv.codec import pack, unpack
+from pykv.replica.shard import ShardState, decode_command
+
+SET_MAP = "m"
+
+
+class MetaState(ShardState):
+    """A ShardState whose one extra command sets the shard map (other commands unused)."""
+
+    def __init__(self, shard: int, resolvers: Any = None) -> None:
+        super().__init__(shard, resolvers)
+        self.map_bytes: bytes | None = None
+
+    @property
+    def shard_map(self) -> ShardMap | None:
+        return None if self.map_bytes is None else ShardMap.decode(self.map_bytes)
+
+    def apply(self, index: int, data: bytes) -> tuple[Any, Any]:
+        cmd = decode_command(data)
+        if cmd[0] != SET_MAP:
+            return super().apply(index, data)
+        self.applied_index = index
+        proposed = ShardMap.decode(cmd[2])
+        current = self.shard_map
+        current_version = current.version if current is not None else 1
+        if proposed.version != current_version + 1:
+            return cmd[1], ["TransactionConflict", f"shard map is at version {current_version}"]
+        self.map_bytes = cmd[2]
+        return cmd[1], None
+
+    def snapshot(self) -> bytes:
+        return pack([super().snapshot(), self.map_bytes])
+
+    def restore(self, data: bytes) -> None:
+        inner, self.map_bytes = unpack(data)
+        super().restore(inner)
