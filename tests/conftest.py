@@ -1,7 +1,8 @@
-"""Shared fixtures: ``store`` runs the API suite against every backend of pykv.KeyValueStore."""
+"""Shared fixtures: ``store`` (the API suite on every backend of KeyValueStore), ``run_threads``."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,29 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ca
 def store(store_factory: Callable[..., Any]) -> Any:
     """A fresh, empty KeyValueStore with default options."""
     return store_factory()
+
+
+def _run_threads(count: int, target: Callable[[int], None]) -> None:
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            target(index)
+        except BaseException as exc:  # re-raised in the test thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def run_threads() -> Callable[[int, Callable[[int], None]], None]:
+    """run_threads(count, target): target(0) .. target(count - 1), each in its own thread,
+    all at once; returns when every one is done and re-raises the first error any raised
+    (an exception in a plain thread would only be printed, and the test would pass)."""
+    return _run_threads

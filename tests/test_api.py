@@ -7,7 +7,6 @@ suite proves the embedded store today and the cluster client later.
 from __future__ import annotations
 
 import itertools
-import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -763,51 +762,38 @@ def test_scan_orders_by_utf8_bytes(store):
 # --- threads ------------------------------------------------------------------------------
 
 
-def test_many_threads_transfer_without_losing_money(store):
+def test_many_threads_transfer_without_losing_money(store, run_threads):
     accounts = [f"acct/{i}" for i in range(6)]
     with store.transaction() as tx:
         for key in accounts:
             tx.put(key, 100)
-    errors = []
 
     def worker(seed: int) -> None:
         import random
 
         rng = random.Random(seed)
-        try:
-            for _ in range(25):
-                src, dst = rng.sample(accounts, 2)
-                amount = rng.randint(1, 10)
+        for _ in range(25):
+            src, dst = rng.sample(accounts, 2)
+            amount = rng.randint(1, 10)
 
-                def transfer(tx, src=src, dst=dst, amount=amount):
-                    tx.put(src, tx.get(src) - amount)
-                    tx.put(dst, tx.get(dst) + amount)
-                    tx.incr("transfers", 1)
+            def transfer(tx, src=src, dst=dst, amount=amount):
+                tx.put(src, tx.get(src) - amount)
+                tx.put(dst, tx.get(dst) + amount)
+                tx.incr("transfers", 1)
 
-                store.transact(transfer, retries=200)
-        except Exception as exc:  # surfaced by the assertion below
-            errors.append(exc)
+            store.transact(transfer, retries=200)
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    run_threads(8, worker)  # raises what any worker raised
     assert sum(value for _, value in store.scan("acct/")) == 600
     assert store.get("transfers") == 8 * 25
 
 
-def test_concurrent_incrs_from_threads_all_count(store):
-    def worker():
+def test_concurrent_incrs_from_threads_all_count(store, run_threads):
+    def worker(index: int) -> None:
         for _ in range(30):
             store.incr("hits", 1)
 
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(6, worker)
     assert store.get("hits") == 180
 
 

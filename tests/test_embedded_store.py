@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
@@ -139,18 +138,14 @@ def test_a_context_from_before_a_delete_and_reopen_stays_stale(tmp_path):
         assert db.get("doc") == "recreated"
 
 
-def test_group_commit_many_threads_all_durable(tmp_path):
+def test_group_commit_many_threads_all_durable(tmp_path, run_threads):
     path = tmp_path / "db"
     with pykv.open(path) as db:
         def worker(index: int) -> None:
             for n in range(40):
                 db.put(f"t{index}/{n}", n)
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(8, worker)
         stats = db.backend.stats()
         assert stats["durable_lsn"] == stats["last_lsn"]
     with pykv.open(path) as db:

@@ -24,25 +24,9 @@ from pykv.sim.listappend import Txn, check_serializable
 KEYS = [f"list/{i}" for i in range(4)]
 
 
-def _run_threads(count: int, target) -> None:
-    errors: list[BaseException] = []
-
-    def guarded(index: int) -> None:
-        try:
-            target(index)
-        except BaseException as exc:  # re-raised in the test thread below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
-def _random_list_append_history(store, *, threads: int, txns_per_thread: int) -> list[Txn]:
+def _random_list_append_history(
+    store, run_threads, *, threads: int, txns_per_thread: int
+) -> list[Txn]:
     history: list[Txn] = []
     record = threading.Lock()
     ids = itertools.count(1)
@@ -75,7 +59,7 @@ def _random_list_append_history(store, *, threads: int, txns_per_thread: int) ->
             with record:
                 history.append(Txn(next(ids), tuple(ops), committed, start, end))
 
-    _run_threads(threads, client)
+    run_threads(threads, client)
     return history
 
 
@@ -88,8 +72,8 @@ def _final_read(store, history: list[Txn]) -> dict[str, list]:
     return final
 
 
-def test_list_append_history_is_strictly_serializable(store):
-    history = _random_list_append_history(store, threads=6, txns_per_thread=40)
+def test_list_append_history_is_strictly_serializable(store, run_threads):
+    history = _random_list_append_history(store, run_threads, threads=6, txns_per_thread=40)
     final = _final_read(store, history)
 
     result = check_serializable(history, strict=True)
@@ -108,7 +92,7 @@ def test_list_append_history_is_strictly_serializable(store):
                 assert list(value) == final[key][: len(value)], f"txn {txn.id} read a non-prefix"
 
 
-def test_register_history_is_linearizable(store):
+def test_register_history_is_linearizable(store, run_threads):
     ops: list[Op] = []
     record = threading.Lock()
     values = itertools.count(1)
@@ -134,7 +118,7 @@ def test_register_history_is_linearizable(store):
             with record:
                 ops.append(op)
 
-    _run_threads(5, client)
+    run_threads(5, client)
     result = check_linearizable(ops, time_limit_s=30)
     assert result.ok, result.explanation
 
@@ -219,12 +203,12 @@ def test_the_real_pipeline_refuses_the_same_write_skew(store):
 
 
 @pytest.mark.parametrize("threads", [8])
-def test_commutative_appends_from_many_threads_all_land(store, threads):
+def test_commutative_appends_from_many_threads_all_land(store, threads, run_threads):
     def client(index: int) -> None:
         for n in range(20):
             store.append("log", index * 1000 + n)
 
-    _run_threads(threads, client)
+    run_threads(threads, client)
     items = store.get("log")
     assert sorted(items) == sorted(i * 1000 + n for i in range(threads) for n in range(20))
     for i in range(threads):  # each thread's appends keep their program order

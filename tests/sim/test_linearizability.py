@@ -204,14 +204,18 @@ def execute(rng: random.Random, n_ops: int, keys: str, spread: int, p_unknown: f
     return history
 
 
+# The arguments of execute(): both properties below run over the same executions.
+EXECUTIONS = {
+    "seed": st.integers(0, 2**32),
+    "n_ops": st.integers(1, 40),
+    "keys": st.sampled_from(["x", "xy", "xyz"]),
+    "spread": st.integers(0, 40),
+    "p_unknown": st.sampled_from([0.0, 0.1, 0.3]),
+}
+
+
 @settings(deadline=None, max_examples=150)
-@given(
-    seed=st.integers(0, 2**32),
-    n_ops=st.integers(1, 40),
-    keys=st.sampled_from(["x", "xy", "xyz"]),
-    spread=st.integers(0, 40),
-    p_unknown=st.sampled_from([0.0, 0.1, 0.3]),
-)
+@given(**EXECUTIONS)
 def test_histories_from_a_sequential_execution_are_accepted(seed, n_ops, keys, spread, p_unknown):
     history = execute(random.Random(seed), n_ops, keys, spread, p_unknown)
     random.Random(seed).shuffle(history)  # the checker must not rely on input order
@@ -220,14 +224,7 @@ def test_histories_from_a_sequential_execution_are_accepted(seed, n_ops, keys, s
 
 
 @settings(deadline=None, max_examples=150)
-@given(
-    seed=st.integers(0, 2**32),
-    n_ops=st.integers(1, 40),
-    keys=st.sampled_from(["x", "xy", "xyz"]),
-    spread=st.integers(0, 40),
-    p_unknown=st.sampled_from([0.0, 0.1, 0.3]),
-    data=st.data(),
-)
+@given(**EXECUTIONS, data=st.data())
 def test_a_read_of_a_value_never_written_is_rejected(seed, n_ops, keys, spread, p_unknown, data):
     history = execute(random.Random(seed), n_ops, keys, spread, p_unknown)
     history.append(r(7, "x", None, -10_000, 10 * n_ops + 100))  # ensure a completed read exists
