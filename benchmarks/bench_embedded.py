@@ -9,10 +9,14 @@ with one transaction in flight each, and every commit durable before it returns:
            connection per thread, BEGIN IMMEDIATE (writers serialize: no conflicts to retry)
 - LMDB:    lmdb.open(sync=True, metasync=True), one write transaction per 4-op transaction
 
-Figures are reported as ratios to pykv measured in the same run, never asserted. Run:
+Figures are reported as ratios to pykv measured in the same run, never asserted.
 
-    python benchmarks/bench_embedded.py --threads 8 --duration 5
-    python -m pytest benchmarks/bench_embedded.py --benchmark-only -s   (shorter, 1 and 8 threads)
+From the repo root; the pytest form works as is (``python3 -m`` puts the root on
+sys.path and benchmarks/conftest.py collects bench_*.py), the script form needs pykv
+installed (``pip install -e .``):
+
+    python3 -m pytest benchmarks/bench_embedded.py --benchmark-only -s   # 1 and 8 threads, 2 s
+    python3 benchmarks/bench_embedded.py --threads 8 --duration 5
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ from pathlib import Path
 import lmdb
 
 import pykv
-from pykv.server.workload import WorkloadConfig, key_name, preload, run_workload
+from pykv.server.workload import (
+    WorkloadConfig,
+    key_name,
+    modify_value,
+    percentile,
+    preload,
+    run_workload,
+)
 
 KEYS = 100_000
 VALUE_BYTES = 100
 
 # One 4-op transaction: (read keys, read-modify-write key, blind key, blind value) -> None
 Txn = Callable[[list[str], str, bytes], None]
-
-
-def _modify(old: bytes | None, rng: random.Random) -> bytes:
-    return old[1:] + old[:1] if old else rng.randbytes(VALUE_BYTES)
 
 
 def _drive(make_txn: Callable[[], Txn], threads: int, duration: float) -> dict:
@@ -67,8 +74,8 @@ def _drive(make_txn: Callable[[], Txn], threads: int, duration: float) -> dict:
     merged = sorted(x for per in latencies for x in per)
     return {
         "tps": len(merged) / elapsed,
-        "p50_ms": merged[len(merged) // 2] * 1000 if merged else 0.0,
-        "p99_ms": merged[int(len(merged) * 0.99)] * 1000 if merged else 0.0,
+        "p50_ms": percentile(merged, 50) * 1000,
+        "p99_ms": percentile(merged, 99) * 1000,
     }
 
 
@@ -95,8 +102,9 @@ def bench_sqlite(directory: Path, threads: int, duration: float) -> dict:
             conn.execute("BEGIN IMMEDIATE")  # serializable: the write lock is taken up front
             try:
                 got = [conn.execute("SELECT v FROM kv WHERE k = ?", (k,)).fetchone() for k in reads]
+                old = got[0][0] if got[0] else None
                 conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)",
-                             (reads[0], _modify(got[0][0] if got[0] else None, rng)))
+                             (reads[0], modify_value(old, rng, VALUE_BYTES)))
                 conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (blind, value))
                 conn.execute("COMMIT")
             except BaseException:
@@ -126,7 +134,7 @@ def bench_lmdb(directory: Path, threads: int, duration: float) -> dict:
         def run(reads: list[str], blind: str, value: bytes) -> None:
             with env.begin(write=True) as txn:  # LMDB serializes write transactions
                 got = [txn.get(k.encode()) for k in reads]
-                txn.put(reads[0].encode(), _modify(got[0], rng))
+                txn.put(reads[0].encode(), modify_value(got[0], rng, VALUE_BYTES))
                 txn.put(blind.encode(), value)
 
         return run

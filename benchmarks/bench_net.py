@@ -3,8 +3,12 @@
 Client and server share one uvloop event loop in this process, so the figures count
 both ends' CPU; compare the ratios, not the absolute numbers, across machines.
 
-    python3 -m pytest benchmarks/bench_net.py -q        # pytest-benchmark table
-    PYTHONPATH=. python3 benchmarks/bench_net.py        # round trips/s and ratios
+From the repo root; the pytest form works as is (``python3 -m`` puts the root on
+sys.path and benchmarks/conftest.py collects bench_*.py), the script form needs pykv
+installed (``pip install -e .``):
+
+    python3 -m pytest benchmarks/bench_net.py -q   # pytest-benchmark table
+    python3 benchmarks/bench_net.py [ROUNDS]       # round trips/s and ratios to raw asyncio
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """Hash ring: lookup cost against raw xxhash, and balance / movement figures.
 
-Speed:   python3 -m pytest benchmarks/bench_ring.py -q
-Figures: python3 benchmarks/bench_ring.py   (prints load balance and moved fractions)
+From the repo root; the pytest form works as is (``python3 -m`` puts the root on
+sys.path and benchmarks/conftest.py collects bench_*.py), the script form needs pykv
+installed (``pip install -e .``):
+
+    python3 -m pytest benchmarks/bench_ring.py -q   # lookup speed against raw xxhash
+    python3 benchmarks/bench_ring.py                # load balance and moved fractions
 """
 
 from __future__ import annotations

@@ -4,8 +4,12 @@ The 4-op transaction (DESIGN §7): reads 2 keys and writes 2 keys (one read-modi
 one blind write), keys uniform over 100,000, values of 100 bytes. Each round runs a batch
 of BATCH different transactions, so a figure divided by BATCH is the cost of one.
 
-Speed:  python3 -m pytest benchmarks/bench_txn.py -q
-Ratio:  python3 benchmarks/bench_txn.py    (validate() vs the dict baseline, same run)
+From the repo root; the pytest form works as is (``python3 -m`` puts the root on
+sys.path and benchmarks/conftest.py collects bench_*.py), the script form needs pykv
+installed (``pip install -e .``):
+
+    python3 -m pytest benchmarks/bench_txn.py -q   # speed (pytest-benchmark table)
+    python3 benchmarks/bench_txn.py                # validate() vs the dict baseline, same run
 """
 
 from __future__ import annotations

@@ -55,6 +55,13 @@ def key_name(index: int) -> str:
     return f"bench/{index:08d}"
 
 
+def percentile(sorted_values: list[float], p: float) -> float:
+    """The p-th percentile (0 to 100) of already sorted values, by rank; 0.0 when empty."""
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
+
+
 @dataclass
 class _ClientStats:
     committed: int = 0
@@ -79,10 +86,7 @@ class WorkloadResult:
         return self.committed / self.elapsed if self.elapsed > 0 else 0.0
 
     def percentile_ms(self, p: float) -> float:
-        if not self.latencies_ms:
-            return 0.0
-        index = min(len(self.latencies_ms) - 1, int(p / 100 * len(self.latencies_ms)))
-        return self.latencies_ms[index]
+        return percentile(self.latencies_ms, p)
 
     @property
     def abort_rate(self) -> float:
@@ -123,8 +127,12 @@ def preload(
             progress(last - first)
 
 
-def _modify(old: object, rng: random.Random, size: int) -> bytes:
-    """The read-modify-write: derive the new value from the old one (rotate its bytes)."""
+def modify_value(old: object, rng: random.Random, size: int) -> bytes:
+    """The read-modify-write: derive the new value from the old one (rotate its bytes).
+
+    benchmarks/bench_embedded.py runs the same on sqlite3 and LMDB, so every engine writes
+    alike.
+    """
     if isinstance(old, bytes) and old:
         return old[1:] + old[:1]
     return rng.randbytes(size)
@@ -133,7 +141,7 @@ def _modify(old: object, rng: random.Random, size: int) -> bytes:
 def _one_transaction(tx: Transaction, keys: list[str], blind: list[str], value: bytes,
                      rng: random.Random, size: int) -> None:
     values = [tx.get(key) for key in keys]
-    tx.put(keys[0], _modify(values[0], rng, size))
+    tx.put(keys[0], modify_value(values[0], rng, size))
     for key in blind:
         tx.put(key, value)
 
