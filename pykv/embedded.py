@@ -64,9 +64,12 @@ def clock_node_id(storage_node_id: int) -> int:
     return folded or 1
 
 
+def _is_deleted(stored: StoredVersion) -> bool:
+    return stored.value is None or stored.value == TOMBSTONE
+
+
 def _versioned(stored: StoredVersion) -> Versioned:
-    raw = stored.value
-    value = MISSING if raw is None or raw == TOMBSTONE else decode_value(raw)
+    value = MISSING if _is_deleted(stored) else decode_value(stored.value)
     return Versioned(value, stored.clock, stored.timestamp)
 
 
@@ -127,10 +130,12 @@ class EmbeddedBackend:
         return self._storage
 
     def read(self, key: str) -> Versioned:
-        storage = self._storage
-        stored = storage.get(key.encode("utf-8"))
-        if stored.lsn > storage.durable_lsn:
-            storage.wait_durable(stored.lsn)  # never show a version a crash could undo
+        return self._durable(self._storage.get(key.encode("utf-8")))
+
+    def _durable(self, stored: StoredVersion) -> Versioned:
+        """stored, once it is durable: never show a version a crash could undo."""
+        if stored.lsn > self._storage.durable_lsn:
+            self._storage.wait_durable(stored.lsn)
         return _versioned(stored)
 
     def commit(self, request: CommitRequest) -> None:
@@ -173,11 +178,9 @@ class EmbeddedBackend:
             start=None if start is None else start.encode("utf-8"),
             end=None if end is None else end.encode("utf-8"),
         ):
-            if stored.value is None or stored.value == TOMBSTONE:
+            if _is_deleted(stored):
                 continue  # deleted keys are not part of a scan
-            if stored.lsn > self._storage.durable_lsn:
-                self._storage.wait_durable(stored.lsn)
-            yield raw.decode("utf-8"), _versioned(stored)
+            yield raw.decode("utf-8"), self._durable(stored)
             found += 1
             if limit is not None and found >= limit:
                 return
