@@ -6,7 +6,9 @@ The summary at the end gives the ratios (of medians):
   (fsync="always", group commit) against sqlite3 in WAL mode with synchronous=FULL doing the
   same upsert, one connection per thread (sqlite serialises writers; each commit fsyncs);
 - get: point reads per second over 100,000 keys of 100 bytes, pykv from its cache, pykv with a
-  cache too small to help (one pread each), and sqlite3 SELECT by primary key;
+  cache too small to help (one pread each), and sqlite3 SELECT by primary key; plus p50/p99
+  latency of single calls;
+- restart: keys loaded per second when opening from the hint file vs replaying the whole WAL;
 - notes: bytes per key of the KeyDir and of the sorted key index that scans use.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -114,8 +117,21 @@ def test_commit(benchmark, record, tmp_path: Path, engine: str, threads: int) ->
 # --- point reads ---------------------------------------------------------------------------------
 
 
+def latency_percentiles(call, args: list) -> str:
+    """p50/p99 of one call per argument, timed one by one."""
+    samples = []
+    clock = time.perf_counter_ns
+    for arg in args:
+        started = clock()
+        call(arg)
+        samples.append(clock() - started)
+    samples.sort()
+    p50, p99 = samples[len(samples) // 2], samples[len(samples) * 99 // 100]
+    return f"p50 {p50 / 1000:.1f} us, p99 {p99 / 1000:.1f} us"
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "pykv-cached", "pykv-pread"])
-def test_get(benchmark, record, tmp_path: Path, engine: str) -> None:
+def test_get(benchmark, record, note, tmp_path: Path, engine: str) -> None:
     if engine == "sqlite":
         store = SqliteUpserts(tmp_path / "sqlite.db")
         store.fill()
@@ -138,6 +154,7 @@ def test_get(benchmark, record, tmp_path: Path, engine: str) -> None:
     benchmark.group = "point reads (100k keys, 100-byte values)"
     benchmark.pedantic(read_all, rounds=5, iterations=1)
     record("get", engine, benchmark.stats.stats.median, len(lookups), subject=engine == "pykv-cached")
+    note(f"get latency {engine:<12} {latency_percentiles(get, lookups)}")
     if engine != "sqlite":
         store.close()
 
