@@ -121,6 +121,17 @@ class LocalCluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
+def wipe_cluster(addresses: list[str]) -> None:
+    """Empty a running cluster: every key, resolver registration and remembered outcome.
+
+    Lets a test suite share one cluster between tests that each expect an empty store.
+    """
+    import pykv.client
+
+    with pykv.client.connect(addresses) as db:
+        db.backend.wipe()
+
+
 @contextlib.contextmanager
 def local_cluster(tmp_path: Path, nodes: int = 3, **options) -> Iterator[LocalCluster]:
     """A started LocalCluster, always stopped on exit (SIGCONT first, in case one was stopped)."""

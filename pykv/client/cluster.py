@@ -31,7 +31,7 @@ from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from pykv.client.router import Router
-from pykv.client.transport import COMMIT, COMMIT_DECIDE, FINISH, PREPARE, READ, RESOLVER, SCAN
+from pykv.client.transport import COMMIT, COMMIT_DECIDE, FINISH, PREPARE, READ, RESOLVER, SCAN, WIPE
 from pykv.errors import (
     Error,
     InvalidOperation,
@@ -169,7 +169,13 @@ class AsyncCluster:
         merged = list(heapq.merge(*runs, key=lambda item: item[0]))
         return merged if limit is None else merged[:limit]
 
-    async def register_resolver(self, prefix: str, name: str) -> None:
+    async def wipe(self) -> None:
+        """Forget every key, resolver and remembered outcome on every shard (for tests)."""
+        view = await self.router.ensure_map()
+        await asyncio.gather(*(self.router.call(s, WIPE, [s]) for s in range(view.partitions)))
+
+    async def register_resolver(self, prefix: str, name: str | None) -> None:
+        """Register a built-in resolver by name on every shard; None unregisters the prefix."""
         view = await self.router.ensure_map()
         await asyncio.gather(
             *(self.router.call(s, RESOLVER, [s, prefix, name]) for s in range(view.partitions))
@@ -207,6 +213,10 @@ class ClusterResolvers(ResolverRegistry):
         super().register(prefix, resolver)  # validates the name and the prefix
         self._backend._run(self._backend.core.register_resolver(prefix, resolver))
 
+    def unregister(self, prefix: str) -> None:
+        super().unregister(prefix)
+        self._backend._run(self._backend.core.register_resolver(prefix, None))
+
 
 class ClusterBackend:
     """The ``pykv.api.Backend`` of a cluster (thread-safe; see the module docstring)."""
@@ -240,6 +250,11 @@ class ClusterBackend:
 
     def read(self, key: str) -> Versioned:
         return self._run(self.core.read(key))
+
+    def wipe(self) -> None:
+        """Forget every key, resolver and remembered outcome in the cluster (for tests that
+        share one cluster; refused while a multi-shard transaction is prepared)."""
+        self._run(self.core.wipe())
 
     def commit(self, request: CommitRequest) -> None:
         self._run(self.core.commit(request))

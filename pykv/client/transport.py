@@ -48,6 +48,7 @@ MEMBERS = 28  # [shard] -> {leader, voters, learners, commit, match} from the sh
 CONF = 29  # [shard, step, node] -> None: add_learner / promote / remove / transfer
 HOST = 30  # [shard] -> None: start hosting an empty replica (a learner-to-be)
 DROP = 31  # [shard] -> None: stop hosting a replica this node was removed from
+WIPE = 32  # [shard] -> outcome: forget every key, resolver and outcome of the shard
 
 META_GROUP = 1 << 20  # the Raft group id of the metadata group (shard groups are 0..Q-1)
 
@@ -238,7 +239,7 @@ class Connection(asyncio.Protocol):
 
 __all__ = [
     "COMMIT", "COMMIT_DECIDE", "CONF", "CoalescingWriter", "Connection", "DROP", "HOST", "JOIN",
-    "MEMBERS", "META_GROUP", "DECIDE", "FAILED", "FINISH", "OK", "PREPARE", "RAFT", "READ",
+    "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PREPARE", "RAFT", "READ",
     "REDIRECT", "RESOLVER", "RESPONSE", "Redirect", "SCAN", "SHARD_MAP", "STATUS",
     "error_from_reply", "parse_address", "unwrap",
 ]

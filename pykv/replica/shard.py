@@ -19,8 +19,9 @@ for each command. Commands (``Command`` below, packed with msgpack into Raft ent
   and recorded abort), that decision stands. This saves the separate prepare and decide
   rounds on the coordinator shard.
 - ``finish``: apply (commit) or drop (abort) what ``prepare`` kept, and unlock.
-- ``resolver``: register a built-in resolver for a key prefix, at the same log position
-  on every replica.
+- ``resolver``: register (or, with no name, unregister) a built-in resolver for a key
+  prefix, at the same log position on every replica.
+- ``wipe``: forget every key, resolver and outcome (lets tests reuse one cluster).
 
 Retries are safe: the outcome of every finished transaction id is remembered (the last
 ``REMEMBERED_TXIDS`` of them), so a retried commit or prepare returns the first outcome
@@ -59,6 +60,7 @@ REMEMBERED_TXIDS = 200_000
 
 # Command tags (the first element of a packed command).
 COMMIT, PREPARE, DECIDE, FINISH, RESOLVER, NOOP = "c", "p", "d", "f", "r", "n"
+WIPE = "w"
 COMMIT_DECIDE = "x"
 
 Outcome = list | None
@@ -151,6 +153,8 @@ class ShardState:
             return proposal, self._finish(cmd[2], bool(cmd[3]))
         if tag == RESOLVER:
             return proposal, self._register(cmd[2], cmd[3])
+        if tag == WIPE:
+            return proposal, self._wipe()
         if tag == NOOP:
             return proposal, None
         raise ProtocolError(f"unknown shard command {tag!r}")
@@ -293,7 +297,22 @@ class ShardState:
             txid, error_outcome(TransactionConflict(f"transaction {txid} was aborted"))
         )
 
-    def _register(self, prefix: str, name: str) -> Outcome:
+    def _wipe(self) -> Outcome:
+        """Forget every key, resolver and remembered outcome (test clusters reuse one)."""
+        if self.prepared:
+            return error_outcome(TransactionConflict("prepared transactions are in flight"))
+        self.versions = SortedDict()
+        self.resolvers = ResolverRegistry()
+        self.resolver_names = {}
+        self.outcomes.clear()
+        self.decisions.clear()
+        return None
+
+    def _register(self, prefix: str, name: str | None) -> Outcome:
+        if name is None:
+            self.resolvers.unregister(prefix)
+            self.resolver_names.pop(prefix, None)
+            return None
         try:
             self.resolvers.register(prefix, name)
         except errors.Error as exc:

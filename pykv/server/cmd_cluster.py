@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+import pykv
 from pykv.client.admin import fetch_status
 
 CONFIG_NAME = "cluster.json"
@@ -122,6 +123,10 @@ def serve_command(config: ClusterConfig, node_id: int, data_dir: Path) -> list[s
 
 def start_node(config: ClusterConfig, node_id: int, data_dir: Path, env: dict | None = None) -> int:
     """Start one node detached (its own session), logging to DIR/node-ID.log; return its pid."""
+    # Nodes run the same pykv as this launcher, installed or not.
+    env = dict(os.environ if env is None else env)
+    package_root = str(Path(pykv.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     log = open(data_dir / f"node-{node_id}.log", "ab")
     try:
         proc = subprocess.Popen(

@@ -57,6 +57,7 @@ from pykv.client.transport import (
     SCAN,
     SHARD_MAP,
     STATUS,
+    WIPE,
     CoalescingWriter,
     Connection,
     parse_address,
@@ -85,6 +86,7 @@ from pykv.replica.shard import DECIDE as CMD_DECIDE
 from pykv.replica.shard import FINISH as CMD_FINISH
 from pykv.replica.shard import PREPARE as CMD_PREPARE
 from pykv.replica.shard import RESOLVER as CMD_RESOLVER
+from pykv.replica.shard import WIPE as CMD_WIPE
 from pykv.txn.model import CommitRequest
 
 log = logging.getLogger("pykv.node")
@@ -452,7 +454,10 @@ class Node:
                     log.info("dropped shard %d: this node was removed from its group", shard)
                 return [OK, None]
             if kind == RESOLVER:
-                return self._propose(shard, CMD_RESOLVER, [str(body[1]), str(body[2])], _outcome_reply)
+                name = None if body[2] is None else str(body[2])
+                return self._propose(shard, CMD_RESOLVER, [str(body[1]), name], _outcome_reply)
+            if kind == WIPE:
+                return self._propose(shard, CMD_WIPE, [], _outcome_reply)
             raise ProtocolError(f"unknown request kind {kind}")
         except (ProtocolError, NotLeader, Unavailable, Error) as exc:
             return _error_reply(exc)
