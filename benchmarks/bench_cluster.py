@@ -1,0 +1,93 @@
+"""The standard 4-op transaction on a real 3-node cluster, against the embedded store (same run).
+
+A 3-node cluster (separate processes on 127.0.0.1, every commit fsync'd on a majority)
+runs the DESIGN §7 workload through pykv.client.connect: read 2 keys, write 2 (one
+read-modify-write, one blind), keys uniform over 100,000, 100-byte values, N clients with
+one transaction in flight each. The embedded store (pykv.open, fsync="always") runs the
+same workload as the baseline; figures are reported (tps, p50/p99, aborts, and the ratio
+to the embedded store), never asserted.
+
+    python3 -m pytest benchmarks/bench_cluster.py --benchmark-only -s     # 64 clients, 5 s
+    python3 benchmarks/bench_cluster.py --clients 64 --duration 10 [--partitions 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import tempfile
+from pathlib import Path
+
+import pykv
+import pykv.client
+from pykv.server.cmd_cluster import cluster_down, cluster_up
+from pykv.server.workload import WorkloadConfig, preload, run_workload
+
+
+def _free_base_port(count: int) -> int:
+    for base in range(27000, 40000, 17):
+        ok = True
+        for port in range(base, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free ports")
+
+
+def bench_cluster(clients: int, duration: float, partitions: int = 16, keys: int = 100_000) -> dict:
+    config = WorkloadConfig(keys=keys, value_bytes=100, ops=4, clients=clients, duration=duration)
+    with tempfile.TemporaryDirectory(prefix="pykv-bench-cluster-") as tmp:
+        data = Path(tmp)
+        base = _free_base_port(3)
+        try:
+            cluster_up(data, 3, base, partitions=partitions)
+            with pykv.client.connect([f"127.0.0.1:{base}"], timeout=30) as db:
+                preload(db, config)
+                return run_workload(db, config).to_dict()
+        finally:
+            cluster_down(data)
+
+
+def bench_embedded(clients: int, duration: float, keys: int = 100_000) -> dict:
+    config = WorkloadConfig(keys=keys, value_bytes=100, ops=4, clients=clients, duration=duration)
+    with tempfile.TemporaryDirectory(prefix="pykv-bench-embedded-") as tmp:
+        with pykv.open(Path(tmp) / "db") as db:
+            preload(db, config)
+            return run_workload(db, config).to_dict()
+
+
+def test_cluster_against_embedded(benchmark, record) -> None:
+    """pytest-benchmark entry: 64 clients for 5 s on each; ratios in the run's summary."""
+    runs = benchmark.pedantic(
+        lambda: {"cluster": bench_cluster(64, 5.0), "embedded": bench_embedded(64, 5.0)},
+        rounds=1, iterations=1,
+    )
+    for name, result in runs.items():
+        for field in ("tps", "p50_ms", "p99_ms", "aborts", "errors"):
+            benchmark.extra_info[f"{name}.{field}"] = result[field]
+        record("4-op txn, 64 clients", name, result["duration_s"], units=result["committed"],
+               subject=name == "cluster")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+    out = {"cluster": bench_cluster(args.clients, args.duration, args.partitions)}
+    if not args.no_baseline:
+        out["embedded"] = bench_embedded(args.clients, args.duration)
+        out["cluster_over_embedded_tps"] = round(out["cluster"]["tps"] / max(out["embedded"]["tps"], 1e-9), 4)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
