@@ -474,7 +474,9 @@ class World:
                                op["call"], self.now))
         self.note("client", c.id, f"done {op['kind']} {op['key']} {op.get('value')} -> {output}")
         c.op = None
-        c.target = frm
+        # Mostly stay with the node that answered; sometimes wander, so that reads also land
+        # on nodes that merely believe they lead (a deposed leader is where stale reads hide).
+        c.target = frm if self.rng.random() < 0.7 else None
         self.after(self.rng.uniform(0.0, 0.05), self._client_next, c)
 
     def _client_give_up(self, c: Client, seq: int) -> None:
