@@ -114,6 +114,9 @@ class NodeConfig:
     # Persist on the loop thread (the WAL releases the GIL while it fsyncs) rather than
     # hopping to a worker thread: fewer wake-ups per batch, bigger batches.
     persist_inline: bool = True
+    # Seconds the driver yields between two batches: lets replies out and requests in, so
+    # the next batch carries more (0 = just yield once).
+    batch_wait: float = 0.0
 
 
 class _Peer:
@@ -359,6 +362,9 @@ class Node:
                     host.persist(batch, wait=False)  # only commit indexes: no need to wait
                 self._send(batch.late)
                 host.apply(batch)
+                # Let the loop flush the coalesced writes and read what arrived before the
+                # next batch: replies go out now, and the next batch is a bigger one.
+                await asyncio.sleep(self.config.batch_wait)
                 continue
             self._wake = loop.create_future()
             handle = loop.call_at(next_tick, self._wakeup)
