@@ -64,12 +64,23 @@ class ShardMapView:
 class Router:
     """Leader-aware request routing for one cluster (runs on one event loop)."""
 
-    def __init__(self, seeds: list[str], *, timeout: float = 10.0, connect_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        seeds: list[str],
+        *,
+        timeout: float = 10.0,
+        connect_timeout: float = 2.0,
+        attempt_timeout: float = 0.75,
+    ) -> None:
         if not seeds:
             raise ValueError("connect needs at least one address")
         self.seeds = list(seeds)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        # One attempt waits at most this long before trying another replica: a leader that
+        # is frozen (SIGSTOP, a long GC pause) keeps its connections open but answers
+        # nothing, and waiting the whole deadline on it would stall the client that long.
+        self.attempt_timeout = attempt_timeout
         self.map: ShardMapView | None = None
         self._ring: HashRing | None = None
         self._leaders: dict[int, int] = {}
@@ -186,7 +197,9 @@ class Router:
                 attempt += 1
                 continue
             try:
-                return await self.call_address(address, kind, body, min(remaining, total))
+                return await self.call_address(
+                    address, kind, body, min(remaining, self.attempt_timeout)
+                )
             except Redirect as exc:
                 last_error = exc
                 if exc.leader is not None and exc.leader != node and exc.leader in self.map.nodes:

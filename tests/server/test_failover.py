@@ -3,7 +3,9 @@
 The load records a history of single-key reads and writes (unique values) and of
 multi-shard transactions that increment two counters on different shards together. The
 checks: every per-key history is linearizable (pykv.sim.linearizability), so no
-acknowledged write was lost and no stale leader served a read; the two counters are equal
+acknowledged write was lost and no stale leader served a read; the list-append
+transactions form a strictly serializable history (pykv.sim.listappend, Elle-style
+cycle search); the two counters are equal
 (multi-shard atomicity) and count every acknowledged transaction; the killed node restarts
 with `cluster up` and catches up. The longest pause clients saw is printed (measured, not
 asserted).
@@ -28,8 +30,10 @@ from cluster_harness import LocalCluster, local_cluster  # noqa: E402
 import pykv.client  # noqa: E402
 from pykv.errors import Timeout, TransactionConflict, Unavailable  # noqa: E402
 from pykv.sim.linearizability import READ, WRITE, Op, check_linearizable  # noqa: E402
+from pykv.sim.listappend import Txn, check_serializable  # noqa: E402
 
 KEYS = [f"reg{i}" for i in range(12)]
+LISTS = [f"list{i}" for i in range(6)]
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Load:
     completions: list[float] = field(default_factory=list)
     acked_pairs: int = 0
     unknown_pairs: int = 0
+    txns: list[Txn] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -89,6 +94,36 @@ class Load:
             except TransactionConflict:
                 pass
 
+    def list_append_client(self, process: int) -> None:
+        """Transactions that read two lists and append a unique element to each."""
+        rng = random.Random(1000 + process)
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            keys = rng.sample(LISTS, 2)
+            ops: list = []
+            start = time.monotonic()
+            committed: bool | None
+            try:
+                with self.db.transaction() as tx:
+                    for key in keys:
+                        seen = tx.get(key)
+                        ops.append(("r", key, tuple(seen) if seen is not None else None))
+                        element = process * 1_000_000 + n * 10 + keys.index(key)
+                        tx.append(key, element)
+                        ops.append(("append", key, element))
+                committed = True
+            except (Timeout, Unavailable):
+                committed = None
+            except TransactionConflict:
+                committed = False
+            end = time.monotonic()
+            with self.lock:
+                self.txns.append(Txn(len(self.txns), tuple(ops), committed, start,
+                                     end if committed is not None else None))
+                if committed:
+                    self.completions.append(end)
+
     def longest_pause(self, start: float, end: float) -> float:
         times = sorted(t for t in self.completions if start <= t <= end)
         if not times:
@@ -112,6 +147,7 @@ def _run_with_fault(cluster: LocalCluster, fault) -> tuple[Load, float]:
     key_a, key_b = _two_keys_on_different_shards(db)
     threads = [threading.Thread(target=load.register_client, args=(p,)) for p in range(4)]
     threads.append(threading.Thread(target=load.pair_client, args=(key_a, key_b)))
+    threads += [threading.Thread(target=load.list_append_client, args=(p,)) for p in range(2)]
     for t in threads:
         t.start()
     try:
@@ -141,6 +177,9 @@ def _check_history(load: Load) -> None:
     assert writes > 20, "the load made no progress"
     result = check_linearizable(load.ops, time_limit_s=60)
     assert result.ok, result.explanation
+    assert sum(1 for t in load.txns if t.committed) > 5, "no list-append transaction committed"
+    serializable = check_serializable(load.txns, strict=True)
+    assert serializable.ok, serializable.explanation
 
 
 def _wait_caught_up(cluster: LocalCluster, node_id: int, timeout: float = 30.0) -> None:
