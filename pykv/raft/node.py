@@ -30,6 +30,13 @@ committed on the strength of the leader's unsynced copy. This does not extend to
 a leader's term must be durable before it sends anything (its messages carry the term). A
 driver that is unsure follows steps 1-4 strictly, which is always correct.
 
+Reads: ``read_index(ctx)`` is linearizable. With ``read_only="safe"`` (the default) the
+leader confirms its leadership by a heartbeat round with a quorum after the request arrived
+(ReadIndex, thesis §6.4). With ``read_only="lease"`` it skips that round while a quorum
+acknowledged a heartbeat less than ``lease_ticks()`` ago: safe only while no clock runs off
+by more than ``max_clock_drift`` (voters refuse other candidates for an election timeout
+after hearing the leader, and a restarted node behaves as if it just heard one).
+
 Membership changes are single-server changes (thesis §4.1): each node uses the latest
 configuration in its log, committed or not; a leader proposes a change only after the
 previous one committed and after an entry of its own term committed (the fix for the
@@ -73,7 +80,7 @@ from pykv.raft.progress import (
 )
 
 READ_SAFE = "safe"  # ReadIndex: confirm leadership with a heartbeat round (no clock assumptions)
-READ_LEASE = "lease"  # leader lease: trust check-quorum; correct only with bounded clock drift
+READ_LEASE = "lease"  # leader lease: no round trip while a quorum acked recently (bounded drift)
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,9 @@ class RaftConfig:
     max_inflight: int = 64
     max_apply_entries: int = 4096
     read_only: str = READ_SAFE
+    # Lease reads assume no node's tick rate differs from real time by more than this
+    # fraction; the lease lasts election_ticks * (1 - drift) / (1 + drift) - 1 ticks.
+    max_clock_drift: float = 0.1
 
     def __post_init__(self) -> None:
         if self.heartbeat_ticks < 1 or self.election_ticks <= self.heartbeat_ticks:
@@ -99,6 +109,13 @@ class RaftConfig:
             raise ValueError(f"read_only must be {READ_SAFE!r} or {READ_LEASE!r}")
         if self.read_only == READ_LEASE and not self.check_quorum:
             raise ValueError("lease reads need check_quorum")
+        if not 0 <= self.max_clock_drift < 1:
+            raise ValueError("max_clock_drift must be in [0, 1)")
+
+    def lease_ticks(self) -> int:
+        """How long a leader may serve reads locally after a quorum acknowledged a heartbeat."""
+        e = self.election_ticks
+        return int(e * (1 - self.max_clock_drift) / (1 + self.max_clock_drift)) - 1
 
 
 def bootstrap_state(voters: Iterable[int]) -> PersistentState:
@@ -169,6 +186,13 @@ class RaftNode:
         self.msgs: list[Message] = []
         self.read_states: list[ReadState] = []
         self._bcast_pending = False
+        # Leader lease bookkeeping: ticks since this node became leader, and per voter the
+        # latest such tick stamped on a heartbeat it acknowledged.
+        self._lease_clock = 0
+        self._lease_acks: dict[int, int] = {}
+        # A restarted node does not know when it last heard a leader; with lease reads it
+        # behaves as if it just had, so that it cannot help elect a rival inside a lease.
+        self._start_quiet = self.cfg.read_only == READ_LEASE
 
         self._prev_hard = HardState(self.term, self.vote, self.log.committed)
         self._prev_soft = SoftState(None, Role.FOLLOWER)
@@ -214,11 +238,17 @@ class RaftNode:
             self._tick_leader()
         else:
             self.election_elapsed += 1
+            if self._start_quiet and self.election_elapsed >= self.cfg.election_ticks:
+                # The post-restart quiet period is over. (Found by the simulator: a node that
+                # stayed "quiet" while campaigning reset its timer at every pre-vote round and
+                # so ignored every other candidate forever; no leader could be elected.)
+                self._start_quiet = False
             if self.promotable() and self.election_elapsed >= self.randomized_timeout:
                 self.election_elapsed = 0
                 self._campaign(pre=self.cfg.pre_vote)
 
     def _tick_leader(self) -> None:
+        self._lease_clock += 1
         self.heartbeat_elapsed += 1
         self.election_elapsed += 1
         for pid, pr in self.prs.items():
@@ -323,13 +353,32 @@ class RaftNode:
             # term commits (thesis §6.4, step 1); hold the read until then.
             self._reads_waiting_commit.append((context, origin))
             return
-        if self.conf.voters == {self.id} or self.cfg.read_only == READ_LEASE:
+        if self.conf.voters == {self.id} or self._lease_valid():
             self._release_read(self.log.committed, context, origin)
             return
         req = _ReadRequest(self.log.committed, context, origin)
         req.acks.add(self.id)
         self._reads.append(req)
         self._bcast_heartbeat(context)
+
+    def _lease_valid(self) -> bool:
+        """Whether no other leader can exist yet (thesis §6.4.1), by heartbeat acks and ticks.
+
+        A voter that acknowledged a heartbeat stamped at lease tick s reset its election
+        timer after s, so it will not vote for anyone else for election_ticks of its own
+        ticks; with drift bounded, that outlasts lease_ticks of ours from s.
+        """
+        if self.cfg.read_only != READ_LEASE or self.lead_transferee is not None:
+            return False
+        voters = self.conf.voters
+        if self.id not in voters:
+            return False
+        stamps = sorted(
+            (self._lease_clock if v == self.id else self._lease_acks.get(v, -1) for v in voters),
+            reverse=True,
+        )
+        quorum_stamp = stamps[majority(len(voters)) - 1]
+        return quorum_stamp >= 0 and self._lease_clock - quorum_stamp < self.cfg.lease_ticks()
 
     def _release_read(self, index: int, context: Any, origin: int) -> None:
         if origin == self.id:
@@ -483,7 +532,7 @@ class RaftNode:
                 force = m.context == CAMPAIGN_TRANSFER
                 in_lease = (
                     self.cfg.check_quorum
-                    and self.lead is not None
+                    and (self.lead is not None or self._start_quiet)
                     and self.election_elapsed < self.cfg.election_ticks
                 )
                 if in_lease and not force:
@@ -547,7 +596,7 @@ class RaftNode:
             self.election_elapsed = 0
             self.lead = m.frm
             self.log.commit_to(min(m.commit, self.log.last_index()))
-            self._send(MsgType.HEARTBEAT_RESP, m.frm, context=m.context)
+            self._send(MsgType.HEARTBEAT_RESP, m.frm, context=m.context, index=m.index)
         elif t == MsgType.SNAP:
             self.election_elapsed = 0
             self.lead = m.frm
@@ -622,6 +671,8 @@ class RaftNode:
                 self._send(MsgType.TIMEOUT_NOW, m.frm)
         elif t == MsgType.HEARTBEAT_RESP:
             pr.recent_active = True
+            if m.index > self._lease_acks.get(m.frm, -1):
+                self._lease_acks[m.frm] = m.index
             pr.probe_sent = False
             if pr.state == ProgressState.REPLICATE and len(pr.inflights) >= pr.max_inflight:
                 pr.inflights.popleft()
@@ -725,6 +776,9 @@ class RaftNode:
         self._reads_waiting_commit = []
         self._bcast_pending = False
         self.pending_conf_index = 0
+        self._lease_clock = 0
+        self._lease_acks = {}
+        self._start_quiet = False
 
     def _reset_randomized_timeout(self) -> None:
         e = self.cfg.election_ticks
@@ -813,8 +867,10 @@ class RaftNode:
     def _bcast_heartbeat(self, context: Any) -> None:
         for pid, pr in self.prs.items():
             if pid != self.id:
+                # ``index`` carries the lease clock; the response echoes it (lease reads).
                 self._send(
                     MsgType.HEARTBEAT, pid, commit=min(pr.match, self.log.committed), context=context,
+                    index=self._lease_clock,
                 )
 
     def _send_append(self, to: int, send_empty: bool = True) -> bool:

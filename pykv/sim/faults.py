@@ -27,6 +27,8 @@ class FaultConfig:
     transfers: bool = False  # leadership transfers at random moments
     membership: bool = False  # learners added, promoted, and voters removed at random
     compaction: bool = True  # snapshots and log compaction (then InstallSnapshot to laggards)
+    lease_reads: bool = False  # leaders serve reads under a lease sized for ``lease_drift``
+    lease_drift: float = 0.1  # the clock-drift bound the lease assumes (clock_skew must fit)
 
 
 PROFILES: dict[str, FaultConfig] = {
@@ -36,6 +38,10 @@ PROFILES: dict[str, FaultConfig] = {
     "crash": FaultConfig("crash", crashes=True, slow_disk=0.2, loss=0.02),
     "skew": FaultConfig("skew", clock_skew=0.3, slow_disk=0.1, reorder=0.05, transfers=True),
     "membership": FaultConfig("membership", membership=True, crashes=True, loss=0.02),
+    "lease": FaultConfig(
+        "lease", lease_reads=True, clock_skew=0.1, lease_drift=0.1, partitions=True,
+        crashes=True, loss=0.02, reorder=0.03,
+    ),
     "chaos": FaultConfig(
         "chaos", loss=0.05, duplicate=0.03, reorder=0.05, partitions=True, crashes=True,
         clock_skew=0.2, slow_disk=0.05, transfers=True, membership=True,
@@ -43,7 +49,7 @@ PROFILES: dict[str, FaultConfig] = {
 }
 
 # What `--faults all` cycles through, one mix per seed.
-ALL = ("lossy", "partition", "crash", "skew", "membership", "chaos")
+ALL = ("lossy", "partition", "crash", "skew", "membership", "lease", "chaos")
 
 
 def parse_faults(spec: str) -> list[FaultConfig]:

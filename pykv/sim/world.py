@@ -15,10 +15,11 @@ import heapq
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pykv.raft import (
+    READ_LEASE,
     ConfChange,
     ConfChangeKind,
     ConfChangeRejected,
@@ -189,6 +190,10 @@ class World:
         self.liveness_at: float | None = None
         # nodes
         p = self.params
+        if faults.lease_reads:
+            self.params = p = replace(p, raft=replace(
+                p.raft, read_only=READ_LEASE, max_clock_drift=faults.lease_drift,
+            ))
         self.voters = list(range(p.nodes))
         boot = bootstrap_state(self.voters)
         self.nodes: dict[int, SimNode] = {}

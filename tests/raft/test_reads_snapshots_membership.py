@@ -90,11 +90,48 @@ def test_a_candidate_refuses_reads():
         node.read_index("x")
 
 
-def test_lease_reads_answer_at_once_on_the_leader():
-    h = Harness([1, 2, 3], config=RaftConfig(read_only="lease"))
-    leader = h.elect(1)
+def lease_group() -> Harness:
+    h = Harness([1, 2, 3], config=RaftConfig(read_only="lease", max_clock_drift=0.1))
+    for _ in range(100):  # every node must first sit out its post-start quiet period
+        h.tick()
+        if h.leader() is not None:
+            break
+    return h
+
+
+def test_lease_reads_answer_at_once_while_a_quorum_acknowledged_recently():
+    h = lease_group()
+    leader = h.leader()
+    h.tick(n=2)  # a heartbeat round stamps the lease
     leader.read_index("l")
-    assert h.handle_ready(1) == [] and h.read_states[1][0].context == "l"
+    msgs = h.handle_ready(leader.id)
+    assert not [m for m in msgs if m.type == MsgType.HEARTBEAT]  # no round trip needed
+    assert h.read_states[leader.id][-1].context == "l"
+
+
+def test_an_isolated_leader_stops_lease_reads_before_anyone_else_can_lead():
+    h = lease_group()
+    leader = h.leader()
+    h.tick(n=2)
+    h.isolate(leader.id)
+    cfg = leader.cfg
+    assert cfg.lease_ticks() < cfg.election_ticks
+    for _ in range(cfg.lease_ticks() + 1):
+        leader.tick()
+        h.settle()
+    leader.read_index("late")
+    h.settle()
+    # The lease ran out: the read needs a heartbeat quorum it cannot get.
+    assert all(rs.context != "late" for rs in h.read_states[leader.id])
+
+
+def test_with_leases_a_restarted_node_refuses_votes_for_an_election_timeout():
+    h = lease_group()
+    other = next(i for i in (1, 2, 3) if not h.nodes[i].is_leader())
+    h.crash(other)
+    node = h.restart(other)
+    node.step(Message(MsgType.VOTE, other, 9, term=50, index=99, log_term=49))
+    assert node.term < 50 and not node.ready().messages
 
 
 # --- snapshots ----------------------------------------------------------------------------

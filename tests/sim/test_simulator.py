@@ -125,3 +125,11 @@ def test_ci_seed_sweep_300_seeds_across_all_fault_mixes():
         if not result.ok:
             failures.append(f"seed {result.seed} ({result.faults}): {result.kind}: {result.detail}")
     assert not failures, "\n".join(failures)
+
+
+def test_regression_lease_quiet_period_does_not_block_elections_forever():
+    """Found by the simulator: with lease reads and heavy clock skew, restarted nodes stayed
+    "quiet" while campaigning and ignored each other's pre-votes; no leader was ever elected."""
+    mix = replace(PROFILES["lease"], clock_skew=0.5, lease_drift=0.0, name="lease-skewed")
+    result = run_seed(190, mix)
+    assert result.kind != "liveness", result.detail
