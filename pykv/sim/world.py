@@ -769,6 +769,17 @@ class World:
         leader = self._leader()
         if leader is None:
             raise SimViolation("liveness", "no leader at the end of the run")
+        # Every member has caught up with every acknowledged entry (and applied exactly what
+        # the others applied there: the state machine safety check ran on each apply).
+        newest = max((index for index, _ in self.acked), default=0)
+        for node_id in sorted(leader.raft.conf.members()):
+            node = self.nodes.get(node_id)
+            if node is not None and node.raft is not None and node.sm.applied < newest:
+                raise SimViolation(
+                    "durability",
+                    f"n{node_id} applied only up to {node.sm.applied} after the run settled; "
+                    f"entry {newest} was acknowledged",
+                )
         for index, term in self.acked:
             seen = self.committed.get(index)
             if seen is None or seen[0] != term:
