@@ -82,7 +82,7 @@ class Group:
             "voters": sorted(raft.conf.voters),
             "learners": sorted(raft.conf.learners),
             "prepared": len(self.state.prepared),
-            "keys": len(self.state.versions),
+            "keys": self.state.key_count(),
         }
         if raft.is_leader():
             info["match"] = {
@@ -127,6 +127,7 @@ class ReplicaHost:
         rng: random.Random | None = None,
         clock: Callable[[], float] = lambda: 0.0,
         snapshot_every: int = 50_000,
+        state_factory: Callable[[int], ShardState] = ShardState,
     ) -> None:
         self.node_id = node_id
         self.log = log
@@ -134,6 +135,7 @@ class ReplicaHost:
         self.rng = rng or random.Random(node_id)
         self.clock = clock
         self.snapshot_every = snapshot_every
+        self.state_factory = state_factory
         self.groups: dict[int, Group] = {}
         # Proposal ids are [incarnation, seq]: a restarted node never mistakes an old
         # entry for one of its new proposals.
@@ -148,7 +150,10 @@ class ReplicaHost:
     # --- groups -----------------------------------------------------------------------------
 
     def add_group(
-        self, gid: int, voters: list[int] | None, state_type: type[ShardState] = ShardState
+        self,
+        gid: int,
+        voters: list[int] | None,
+        state_type: Callable[[int], ShardState] | None = None,
     ) -> Group:
         """Host group ``gid``: restart it from the WAL, or found it with ``voters``.
 
@@ -163,9 +168,14 @@ class ReplicaHost:
                 # before the group says anything, or a restart would find no members.
                 self.log.persist([GroupWork(gid, state.hard_state, state.entries, None)])
         raft = RaftNode(self.node_id, state=state, config=self.raft_config, rng=self.rng, group=gid)
-        sm = state_type(gid)
+        sm = (state_type or self.state_factory)(gid)
         sm.clock = self.clock
-        if state.snapshot is not None and state.snapshot.data is not None:
+        if (
+            state.snapshot is not None
+            and state.snapshot.data is not None
+            and sm.applied_index < state.snapshot.meta.index
+        ):
+            # A durable state machine may already be past the snapshot: then it is kept.
             sm.restore(state.snapshot.data)
         group = Group(gid, raft, sm, snapshot_index=raft.log.offset)
         self.groups[gid] = group
@@ -178,6 +188,7 @@ class ReplicaHost:
         if group is not None:
             self._fail_all(group, Unavailable(f"shard group {gid} left this node"))
             self.log.drop(gid)
+            group.state.destroy()
 
     def propose_conf_change(self, gid: int, kind: ConfChangeKind, node: int, done: Done) -> None:
         """Propose one membership step; ``done`` once it is applied (raises NotLeader etc.)."""
@@ -396,6 +407,7 @@ class ReplicaHost:
         term = group.raft.log.term(index)
         if term is None or index <= group.raft.log.offset:
             return
+        group.state.make_durable()  # the log below index may go only once the state is safe
         data = group.state.snapshot()
         meta = SnapshotMeta(index, term, group.raft._conf_at(index))
         self.log.save_snapshot(group.gid, Snapshot(meta, data))
@@ -405,6 +417,10 @@ class ReplicaHost:
         self.log.truncate()
 
     # --- diagnostics --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for group in self.groups.values():
+            group.state.close()
 
     def status(self) -> dict[int, dict]:
         return {gid: g.status() for gid, g in sorted(self.groups.items())}

@@ -43,6 +43,7 @@ Raft log in the node's WAL plus snapshots of this state (``snapshot``/``restore`
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,10 +160,37 @@ class ShardState:
             return proposal, None
         raise ProtocolError(f"unknown shard command {tag!r}")
 
+    # --- lifetime (a durable subclass keeps files) ---------------------------------------------
+
+    def make_durable(self) -> None:
+        """Make the applied state durable (before the Raft log under it is compacted)."""
+
+    def close(self) -> None:
+        """Release files (the node stops)."""
+
+    def destroy(self) -> None:
+        """Release and delete files (the node left the group)."""
+
+    # --- hooks a durable subclass (pykv.replica.stored) journals ------------------------------
+
+    def _journal(self, kind: str, key: Any, value: Any) -> None:
+        """A change of replicated metadata (outcome, decision, prepared txn, resolver)."""
+
+    def key_count(self) -> int:
+        return len(self.versions)
+
+    def _all_versions(self) -> Iterator[tuple[str, Versioned]]:
+        return iter(self.versions.items())
+
+    def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
+        self.versions = SortedDict(items)
+
     def _remember(self, txid: int, outcome: Outcome) -> Outcome:
         self.outcomes[txid] = outcome
+        self._journal("o", txid, outcome)
         if len(self.outcomes) > REMEMBERED_TXIDS:
-            self.outcomes.popitem(last=False)
+            old, _ = self.outcomes.popitem(last=False)
+            self._journal("o", old, _FORGET)
         return outcome
 
     def _store(self, updates: list[KeyUpdate]) -> None:
@@ -232,12 +260,14 @@ class ShardState:
 
     def _lock(self, prepared: Prepared) -> None:
         self.prepared[prepared.txid] = prepared
+        self._journal("p", prepared.txid, _prepared_wire(prepared))
         for key in prepared.keys:
             self.locks[key] = prepared.txid
         for key in prepared.shared:
             self.shared.setdefault(key, set()).add(prepared.txid)
 
     def _unlock(self, prepared: Prepared) -> None:
+        self._journal("p", prepared.txid, _FORGET)
         for key in prepared.keys:
             if self.locks.get(key) == prepared.txid:
                 del self.locks[key]
@@ -252,8 +282,10 @@ class ShardState:
         recorded = self.decisions.get(txid)
         if recorded is None:
             recorded = self.decisions[txid] = commit
+            self._journal("d", txid, commit)
             if len(self.decisions) > REMEMBERED_TXIDS:
-                self.decisions.popitem(last=False)
+                old, _ = self.decisions.popitem(last=False)
+                self._journal("d", old, _FORGET)
         return recorded
 
     def _commit_decide(self, request: CommitRequest) -> Outcome:
@@ -301,7 +333,13 @@ class ShardState:
         """Forget every key, resolver and remembered outcome (test clusters reuse one)."""
         if self.prepared:
             return error_outcome(TransactionConflict("prepared transactions are in flight"))
-        self.versions = SortedDict()
+        for txid in self.outcomes:
+            self._journal("o", txid, _FORGET)
+        for txid in self.decisions:
+            self._journal("d", txid, _FORGET)
+        for prefix in self.resolver_names:
+            self._journal("r", prefix, _FORGET)
+        self._replace_versions(iter(()))
         self.resolvers = ResolverRegistry()
         self.resolver_names = {}
         self.outcomes.clear()
@@ -312,12 +350,14 @@ class ShardState:
         if name is None:
             self.resolvers.unregister(prefix)
             self.resolver_names.pop(prefix, None)
+            self._journal("r", prefix, _FORGET)
             return None
         try:
             self.resolvers.register(prefix, name)
         except errors.Error as exc:
             return error_outcome(exc)
         self.resolver_names[prefix] = name
+        self._journal("r", prefix, name)
         return None
 
     # --- reads and scans (served by the leader after a ReadIndex) ---------------------------
@@ -347,15 +387,11 @@ class ShardState:
             {
                 "shard": self.shard,
                 "applied": self.applied_index,
-                "versions": [[k, v.to_wire()] for k, v in self.versions.items()],
+                "versions": [[k, v.to_wire()] for k, v in self._all_versions()],
                 "resolvers": self.resolver_names,
                 "outcomes": [[t, o] for t, o in self.outcomes.items()],
                 "decisions": [[t, d] for t, d in self.decisions.items()],
-                "prepared": [
-                    [p.txid, p.coordinator_shard, p.participants, [u.to_wire() for u in p.updates],
-                     p.request.to_wire()]
-                    for p in self.prepared.values()
-                ],
+                "prepared": [_prepared_wire(p) for p in self.prepared.values()],
             }
         )
 
@@ -363,7 +399,7 @@ class ShardState:
         """Replace the whole state with a snapshot()."""
         raw = unpack(data)
         self.applied_index = raw["applied"]
-        self.versions = SortedDict((k, Versioned.from_wire(v)) for k, v in raw["versions"])
+        self._replace_versions((k, Versioned.from_wire(v)) for k, v in raw["versions"])
         self.resolvers = ResolverRegistry()
         self.resolver_names = {}
         for prefix, name in raw["resolvers"].items():
@@ -374,7 +410,20 @@ class ShardState:
         self.locks = {}
         self.shared = {}
         now = self.clock()
-        for txid, coord, parts, updates, request_wire in raw["prepared"]:
-            request = CommitRequest.from_wire(request_wire)
-            self._lock(Prepared(txid, coord, list(parts), [KeyUpdate.from_wire(u) for u in updates],
-                                *self._lock_modes(request), request, since=now))
+        for wire in raw["prepared"]:
+            self._lock(self._prepared_from_wire(wire, now))
+
+    def _prepared_from_wire(self, wire: list, since: float) -> Prepared:
+        txid, coord, parts, updates, request_wire = wire
+        request = CommitRequest.from_wire(request_wire)
+        return Prepared(txid, coord, list(parts), [KeyUpdate.from_wire(u) for u in updates],
+                        *self._lock_modes(request), request, since=since)
+
+
+_FORGET = object()
+"""Journal value meaning "this metadata entry is gone"."""
+
+
+def _prepared_wire(p: Prepared) -> list:
+    return [p.txid, p.coordinator_shard, p.participants, [u.to_wire() for u in p.updates],
+            p.request.to_wire()]

@@ -34,6 +34,7 @@ class ClusterConfig:
     replicas: int = DEFAULT_REPLICAS
     vnodes: int = DEFAULT_VNODES
     initial: list[int] = field(default_factory=list)  # the members that bootstrapped it
+    state: str = "memory"  # where shard values live: "memory" (+ snapshots) or "storage"
 
     def to_json(self) -> str:
         return json.dumps(
@@ -43,6 +44,7 @@ class ClusterConfig:
                 "replicas": self.replicas,
                 "vnodes": self.vnodes,
                 "initial": self.initial,
+                "state": self.state,
             },
             indent=2,
         )
@@ -56,6 +58,7 @@ class ClusterConfig:
             replicas=raw["replicas"],
             vnodes=raw["vnodes"],
             initial=list(raw["initial"]),
+            state=raw.get("state", "memory"),
         )
 
 
@@ -117,6 +120,7 @@ def serve_command(config: ClusterConfig, node_id: int, data_dir: Path) -> list[s
         "--partitions", str(config.partitions),
         "--replicas", str(config.replicas),
         "--vnodes", str(config.vnodes),
+        "--state", config.state,
     ]
     return argv
 
@@ -210,6 +214,7 @@ def cluster_up(
     replicas: int = DEFAULT_REPLICAS,
     vnodes: int = DEFAULT_VNODES,
     host: str = "127.0.0.1",
+    state: str = "memory",
     timeout: float = 60.0,
     console: Console | None = None,
     env: dict | None = None,
@@ -225,6 +230,7 @@ def cluster_up(
             replicas=replicas,
             vnodes=vnodes,
             initial=ids,
+            state=state,
         )
     else:
         # Growing: new ids join the existing cluster; their ports continue the sequence.
@@ -276,6 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
     up.add_argument("--replicas", type=int, default=DEFAULT_REPLICAS)
     up.add_argument("--vnodes", type=int, default=DEFAULT_VNODES)
+    up.add_argument("--state", choices=["memory", "storage"], default="memory",
+                    help="shard values in memory with snapshots on disk, or on disk")
     up.add_argument("--timeout", type=float, default=60.0)
     down = sub.add_parser("down", help="stop every node of the cluster in DIR")
     down.add_argument("--data-dir", required=True, type=Path)
@@ -296,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             vnodes=args.vnodes,
             host=args.host,
+            state=args.state,
             timeout=args.timeout,
             console=console,
         )

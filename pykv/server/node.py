@@ -87,6 +87,8 @@ from pykv.replica.shard import FINISH as CMD_FINISH
 from pykv.replica.shard import PREPARE as CMD_PREPARE
 from pykv.replica.shard import RESOLVER as CMD_RESOLVER
 from pykv.replica.shard import WIPE as CMD_WIPE
+from pykv.replica.shard import ShardState
+from pykv.replica.stored import StoredShardState
 from pykv.txn.model import CommitRequest
 
 log = logging.getLogger("pykv.node")
@@ -117,6 +119,9 @@ class NodeConfig:
     # Seconds the driver yields between two batches: lets replies out and requests in, so
     # the next batch carries more (0 = just yield once).
     batch_wait: float = 0.0
+    # "storage": shard values on disk (pykv.storage, via pykv.replica.stored);
+    # "memory": shard values in memory, with snapshots on disk.
+    state: str = "memory"
 
 
 class _Peer:
@@ -296,6 +301,7 @@ class Node:
             rng=random.Random(int.from_bytes(os.urandom(8), "big")),
             clock=time.monotonic,
             snapshot_every=cfg.snapshot_every,
+            state_factory=self._state_factory(),
         )
         recovered = set(self.nodelog.groups())
         if cfg.node_id in self.meta_voters:
@@ -315,6 +321,16 @@ class Node:
         self._tasks.append(loop.create_task(self._membership()))
         log.info("node %d listening on %s with %d groups", cfg.node_id, cfg.listen, len(self.host.groups))
 
+    def _state_factory(self) -> Any:
+        if self.config.state == "memory":
+            return ShardState
+        shards_dir = self.config.data_dir / "shards"
+
+        def make(gid: int) -> ShardState:
+            return StoredShardState(gid, shards_dir / f"g{gid}")
+
+        return make
+
     async def stop(self) -> None:
         self._stopping = True
         self._wakeup()
@@ -328,6 +344,8 @@ class Node:
             if peer.conn is not None:
                 peer.conn.close()
         self._io.shutdown(wait=True)
+        if self.host is not None:
+            self.host.close()
         if self.nodelog is not None:
             self.nodelog.close()
         self.stopped.set()

@@ -1,0 +1,189 @@
+"""A shard state machine whose values live on disk: the embedded store's Storage, fsync off.
+
+``StoredShardState`` keeps the same replicated state as ``ShardState`` (pykv.replica.shard)
+but its committed versions are in a ``pykv.storage.Storage`` directory (bitcask: values on
+disk, an in-memory key directory, a bounded read cache), so a node's memory does not grow
+with the data. The replicated metadata (remembered outcomes, decisions, prepared
+transactions, resolver names) and the applied log index are kept in the same Storage under
+reserved keys that start with 0xFF (never valid UTF-8, so never a user key), written in the
+SAME atomic record as the updates of the command that changed them. After a crash the
+storage therefore holds a consistent prefix of the applied log, and its applied index says
+where the Raft log replay resumes.
+
+Durability: the Storage runs with ``fsync="off"``: what makes a commit durable is the Raft
+log, fsync'd in the node's WAL before anything is acknowledged. The one rule this needs is
+that the Raft log is never compacted past what the storage has made durable, so
+``make_durable()`` (a storage checkpoint: fsync, then a hint file) runs before every Raft
+snapshot, and a restart replays the Raft log from the storage's applied index.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pykv.codec import decode_value, encode_value, pack, unpack
+from pykv.replica.shard import _FORGET, ShardState
+from pykv.storage.store import Storage, StoredVersion, Update
+from pykv.txn.model import ABSENT, MISSING, KeyUpdate, Versioned
+
+_META = b"\xff"
+_APPLIED = b"\xffa"
+_TXID = struct.Struct(">Q")
+# Pending (written, not yet released) versions are released every this many records.
+_RELEASE_EVERY = 256
+
+
+def _meta_key(kind: str, key: Any) -> bytes:
+    if kind == "r":
+        return _META + b"r" + str(key).encode("utf-8")
+    return _META + kind.encode() + _TXID.pack(key & 0xFFFFFFFFFFFFFFFF)
+
+
+def _versioned(stored: StoredVersion) -> Versioned:
+    if not stored.clock and stored.value is None:
+        return ABSENT
+    value = MISSING if stored.value is None else decode_value(stored.value)
+    return Versioned(value, stored.clock, stored.timestamp)
+
+
+class StoredShardState(ShardState):
+    """ShardState over a Storage directory (see the module docstring)."""
+
+    def __init__(self, shard: int, path: Path, *, cache_bytes: int = 8 << 20) -> None:
+        super().__init__(shard)
+        self.path = Path(path)
+        self._cache_bytes = cache_bytes
+        self.store = Storage.open(str(self.path), fsync="off", cache_bytes=cache_bytes)
+        self._batch: list[Update] = []
+        self._since_release = 0
+        self._load_metadata()
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def _load_metadata(self) -> None:
+        now = self.clock()
+        for key, stored in self.store.scan(prefix=_META):
+            if stored.value is None:
+                continue
+            kind, rest = key[1:2], key[2:]
+            value = unpack(stored.value)
+            if key == _APPLIED:
+                self.applied_index = value
+            elif kind == b"o":
+                self.outcomes[_TXID.unpack(rest)[0]] = value
+            elif kind == b"d":
+                self.decisions[_TXID.unpack(rest)[0]] = bool(value)
+            elif kind == b"p":
+                self._lock_quietly(self._prepared_from_wire(value, now))
+            elif kind == b"r":
+                super()._register(rest.decode("utf-8"), value)
+        self._batch = []  # loading re-journals nothing
+
+    def _lock_quietly(self, prepared: Any) -> None:
+        ShardState._lock(self, prepared)
+        self._batch = []
+
+    # --- the hooks of ShardState ----------------------------------------------------------------
+
+    def apply(self, index: int, data: bytes) -> tuple[Any, Any]:
+        self._batch = []
+        try:
+            result = super().apply(index, data)
+        finally:
+            batch, self._batch = self._batch, []
+        batch.append(Update(_APPLIED, pack(index), b"", 0))
+        lsn = self.store.submit(batch)
+        self._since_release += 1
+        if self._since_release >= _RELEASE_EVERY:
+            self._since_release = 0
+            self.store.wait_durable(lsn)  # under fsync="off": written, and memory released
+        return result
+
+    def _journal(self, kind: str, key: Any, value: Any) -> None:
+        encoded = None if value is _FORGET else pack(value)
+        self._batch.append(Update(_meta_key(kind, key), encoded, b"", 0))
+
+    def _store(self, updates: list[KeyUpdate]) -> None:
+        for u in updates:
+            value = None if u.value is MISSING else encode_value(u.value)
+            self._batch.append(Update(u.key.encode("utf-8"), value, u.clock, u.timestamp))
+        # Not submitted yet: the whole command (updates, metadata, applied index) is ONE
+        # record, written at the end of apply(), so a crash keeps all of it or none.
+
+    def get(self, key: str) -> Versioned:
+        return _versioned(self.store.get(key.encode("utf-8")))
+
+    def key_count(self) -> int:
+        return self.store.stats()["keys"]  # includes the few metadata keys
+
+    def _user_keys(self) -> Iterator[tuple[bytes, StoredVersion]]:
+        for raw, stored in self.store.scan():
+            if raw.startswith(_META):
+                return
+            yield raw, stored
+
+    def _all_versions(self) -> Iterator[tuple[str, Versioned]]:
+        for raw, stored in self._user_keys():
+            yield raw.decode("utf-8"), _versioned(stored)
+
+    def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
+        self._reset_store()
+        rows = [
+            Update(k.encode("utf-8"), None if v.value is MISSING else encode_value(v.value),
+                   v.clock, v.timestamp)
+            for k, v in items
+        ]
+        for start in range(0, len(rows), 2000):
+            self.store.submit(rows[start:start + 2000])
+
+    def _reset_store(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.store = Storage.open(str(self.path), fsync="off", cache_bytes=self._cache_bytes)
+
+    def scan(self, prefix: str, start: str | None, end: str | None, limit: int | None) -> list:
+        out = []
+        for raw, stored in self.store.scan(
+            prefix=prefix.encode("utf-8"),
+            start=None if start is None else start.encode("utf-8"),
+            end=None if end is None else end.encode("utf-8"),
+        ):
+            if raw.startswith(_META):
+                break
+            out.append((raw.decode("utf-8"), _versioned(stored)))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def restore(self, data: bytes) -> None:
+        """Replace everything with a snapshot (InstallSnapshot), durably, metadata included."""
+        super().restore(data)  # replaces the versions (fresh store) and the metadata in memory
+        rows = [Update(_APPLIED, pack(self.applied_index), b"", 0)]
+        rows += [Update(_meta_key("o", t), pack(o), b"", 0) for t, o in self.outcomes.items()]
+        rows += [Update(_meta_key("d", t), pack(d), b"", 0) for t, d in self.decisions.items()]
+        rows += [Update(_meta_key("r", p), pack(n), b"", 0) for p, n in self.resolver_names.items()]
+        from pykv.replica.shard import _prepared_wire
+
+        rows += [Update(_meta_key("p", t), pack(_prepared_wire(p)), b"", 0)
+                 for t, p in self.prepared.items()]
+        self._batch = []
+        for start in range(0, len(rows), 2000):
+            self.store.submit(rows[start:start + 2000])
+        self.make_durable()
+
+    # --- durability and lifetime ------------------------------------------------------------------
+
+    def make_durable(self) -> None:
+        """fsync the storage and write its hint: the Raft log before here may then go."""
+        self.store.checkpoint()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def destroy(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.path, ignore_errors=True)
