@@ -34,7 +34,7 @@ class ClusterConfig:
     replicas: int = DEFAULT_REPLICAS
     vnodes: int = DEFAULT_VNODES
     initial: list[int] = field(default_factory=list)  # the members that bootstrapped it
-    state: str = "memory"  # where shard values live: "memory" (+ snapshots) or "storage"
+    state: str = "storage"  # where shard values live: "storage" (on disk) or "memory" (+ snapshots)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -58,7 +58,7 @@ class ClusterConfig:
             replicas=raw["replicas"],
             vnodes=raw["vnodes"],
             initial=list(raw["initial"]),
-            state=raw.get("state", "memory"),
+            state=raw.get("state", "storage"),
         )
 
 
@@ -214,7 +214,7 @@ def cluster_up(
     replicas: int = DEFAULT_REPLICAS,
     vnodes: int = DEFAULT_VNODES,
     host: str = "127.0.0.1",
-    state: str = "memory",
+    state: str = "storage",
     timeout: float = 60.0,
     console: Console | None = None,
     env: dict | None = None,
@@ -282,8 +282,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
     up.add_argument("--replicas", type=int, default=DEFAULT_REPLICAS)
     up.add_argument("--vnodes", type=int, default=DEFAULT_VNODES)
-    up.add_argument("--state", choices=["memory", "storage"], default="memory",
-                    help="shard values in memory with snapshots on disk, or on disk")
+    up.add_argument("--state", choices=["storage", "memory"], default="storage",
+                    help="shard values on disk (pykv.storage; default) or in memory with snapshots")
     up.add_argument("--timeout", type=float, default=60.0)
     down = sub.add_parser("down", help="stop every node of the cluster in DIR")
     down.add_argument("--data-dir", required=True, type=Path)

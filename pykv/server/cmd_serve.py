@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat-ticks", type=int, default=5)
     parser.add_argument("--batch-wait-ms", type=float, default=0.0,
                         help="pause between driver batches to make bigger ones (default 0)")
-    parser.add_argument("--state", choices=["storage", "memory"], default="memory",
-                        help="shard values in memory with snapshots on disk (the default), or on disk (storage)")
+    parser.add_argument("--state", choices=["storage", "memory"], default="storage",
+                        help="shard values on disk (pykv.storage; the default) or in memory with snapshots")
     parser.add_argument("--fsync", choices=["always", "interval", "off"], default="always")
     parser.add_argument("--log-level", default="INFO")
 

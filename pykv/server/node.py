@@ -121,7 +121,7 @@ class NodeConfig:
     batch_wait: float = 0.0
     # "storage": shard values on disk (pykv.storage, via pykv.replica.stored);
     # "memory": shard values in memory, with snapshots on disk.
-    state: str = "memory"
+    state: str = "storage"
 
 
 class _Peer:
@@ -191,6 +191,12 @@ class _ServerProtocol(asyncio.Protocol):
             log.error("closing connection from %s: %s", self.peername, exc)
             assert self.transport is not None
             self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.decoder.buffered and self.decoder.error is None:
+            # Reset (not closed) in the middle of a frame: the same as a truncated stream.
+            log.error("connection from %s ended badly: reset inside a frame (%d bytes)",
+                      self.peername, self.decoder.buffered)
 
     def eof_received(self) -> bool | None:
         try:

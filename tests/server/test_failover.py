@@ -217,7 +217,8 @@ def test_sigkill_of_a_shard_leader_loses_no_acknowledged_commit(tmp_path):
 
 @pytest.mark.slow
 def test_sigstop_of_a_shard_leader_causes_no_split_brain(tmp_path):
-    with local_cluster(tmp_path, nodes=3, partitions=8) as cluster:
+    # Shard values in memory here (the other tests use the default, on-disk storage).
+    with local_cluster(tmp_path, nodes=3, partitions=8, state="memory") as cluster:
         victim = cluster.leader_of(0)
         assert victim is not None
 
