@@ -31,6 +31,10 @@ from pykv.storage.store import Storage, StoredVersion, Update
 from pykv.txn.model import ABSENT, MISSING, KeyUpdate, Versioned
 
 _META = b"\xff"
+# A deleted key is stored as this value (encode_value never makes empty bytes) rather than
+# deleted from the storage: the tombstone's clock must survive, or a transaction that read
+# the key before a delete and a blind re-create would see "the same" clock again.
+_TOMBSTONE = b""
 _APPLIED = b"\xffa"
 _TXID = struct.Struct(">Q")
 # Pending (written, not yet released) versions are released every this many records.
@@ -44,10 +48,14 @@ def _meta_key(kind: str, key: Any) -> bytes:
 
 
 def _versioned(stored: StoredVersion) -> Versioned:
-    if not stored.clock and stored.value is None:
+    if stored.value is None:
         return ABSENT
-    value = MISSING if stored.value is None else decode_value(stored.value)
+    value = MISSING if stored.value == _TOMBSTONE else decode_value(stored.value)
     return Versioned(value, stored.clock, stored.timestamp)
+
+
+def _encoded(value: Any) -> bytes:
+    return _TOMBSTONE if value is MISSING else encode_value(value)
 
 
 class StoredShardState(ShardState):
@@ -109,8 +117,9 @@ class StoredShardState(ShardState):
 
     def _store(self, updates: list[KeyUpdate]) -> None:
         for u in updates:
-            value = None if u.value is MISSING else encode_value(u.value)
-            self._batch.append(Update(u.key.encode("utf-8"), value, u.clock, u.timestamp))
+            self._batch.append(
+                Update(u.key.encode("utf-8"), _encoded(u.value), u.clock, u.timestamp)
+            )
         # Not submitted yet: the whole command (updates, metadata, applied index) is ONE
         # record, written at the end of apply(), so a crash keeps all of it or none.
 
@@ -133,8 +142,7 @@ class StoredShardState(ShardState):
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
         self._reset_store()
         rows = [
-            Update(k.encode("utf-8"), None if v.value is MISSING else encode_value(v.value),
-                   v.clock, v.timestamp)
+            Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp)
             for k, v in items
         ]
         for start in range(0, len(rows), 2000):
@@ -154,6 +162,8 @@ class StoredShardState(ShardState):
         ):
             if raw.startswith(_META):
                 break
+            if stored.value == _TOMBSTONE:
+                continue
             out.append((raw.decode("utf-8"), _versioned(stored)))
             if limit is not None and len(out) >= limit:
                 break

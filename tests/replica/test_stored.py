@@ -55,3 +55,15 @@ def test_a_snapshot_moves_between_memory_and_disk_states(tmp_path):
     assert reopened.get("k49").value == 49 and reopened.applied_index == 50
     reopened.destroy()
     assert not (tmp_path / "g0").exists()
+
+
+def test_a_deleted_key_keeps_its_clock(tmp_path):
+    state = StoredShardState(0, tmp_path / "g0")
+    state.apply(1, encode_command(COMMIT, None, _put(1, "k", "a").to_wire()))
+    delete = CommitRequest(2, 1, {}, (WriteOp("k", OpKind.DELETE),))
+    state.apply(2, encode_command(COMMIT, None, delete.to_wire()))
+    gone = state.get("k")
+    assert not gone.exists and gone.clock != b""
+    assert state.scan("", None, None, None) == []
+    state.close()
+    assert StoredShardState(0, tmp_path / "g0").get("k").clock == gone.clock
