@@ -119,3 +119,53 @@ def test_unknown_nodes_are_refused():
             group.crash(7)
         with pytest.raises(UnknownNode):
             group.partition([[0, 9]])
+
+
+def test_random_crashes_and_partitions_lose_no_acknowledged_proposal():
+    import random
+
+    rng = random.Random(7)
+    with ConsensusModule.in_memory(nodes=5, seed=7) as group:
+        acknowledged: list[str] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def worker(t: int) -> None:
+            i = 0
+            while not stop.is_set():
+                cmd = f"w{t}-{i}"
+                i += 1
+                if group.propose(cmd, timeout=1.0):
+                    with lock:
+                        acknowledged.append(cmd)
+
+        workers = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for w in workers:
+            w.start()
+        down: set[int] = set()
+        for _ in range(12):
+            action = rng.random()
+            if action < 0.4 and len(down) < 2:
+                victim = rng.randrange(5)
+                group.crash(victim)
+                down.add(victim)
+            elif action < 0.7 and down:
+                back = down.pop()
+                group.restart(back)
+            else:
+                ids = list(range(5))
+                rng.shuffle(ids)
+                group.partition([ids[:2], ids[2:]])
+            time.sleep(0.25)
+            group.partition([])
+        for n in down:
+            group.restart(n)
+        stop.set()
+        for w in workers:
+            w.join()
+        assert group.propose("final", timeout=10.0)
+        committed = group.get_committed_transactions()
+        assert len(committed) == len(set(committed))
+        assert set(acknowledged) <= set(committed)
+        assert len(acknowledged) > 10
+        assert_replicas_converge(group, range(5))
