@@ -35,9 +35,16 @@ segment the first record that is short, has a bad CRC, or belongs to an unfinish
 starts the *tail*: it and everything after it is cut (truncated with ``repair=True``). A
 record can be cut only if its append was never acknowledged, because an append is
 acknowledged after the fdatasync that covers it (policy ``always``), and every earlier
-segment was fdatasync'd before the next one was created. The same defects in an earlier
-segment, a bad header, or a gap in the lsns raise ``pykv.errors.CorruptData``. A last
-segment shorter than its header (torn while it was being created) is given a fresh header.
+segment was fdatasync'd before the next one was created. A torn tail is the END of the
+file: when a well-formed record with a valid CRC follows a bad one at any later offset, the
+bad record is mid-log corruption (a flipped bit in acknowledged data), and recovery raises
+``CorruptData`` naming the segment and offset instead of cutting, leaving the file as it
+is. (The price: a power cut that persisted the pages of the last, never-acknowledged write
+out of order, leaving a hole before a complete record, also reads as corruption and needs
+an operator; a process crash never does that, the page cache keeps every write whole.)
+The same defects in an earlier segment, a bad header, or a gap in the lsns raise
+``CorruptData``. A last segment shorter than its header (torn while it was being created)
+is given a fresh header.
 
 Group commit
 ============
@@ -78,6 +85,26 @@ from posix.unistd cimport _exit, close as c_close, fdatasync, fsync, write as c_
 from pykv.errors import CorruptData, StoreClosed, ValueTooLarge
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline uint64_t pykv_atomic_load_u64(const uint64_t* p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline void pykv_atomic_store_u64(uint64_t* p, uint64_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
+    #if defined(__x86_64__) || defined(__i386__)
+    static inline void pykv_cpu_relax(void) { __builtin_ia32_pause(); }
+    #else
+    static inline void pykv_cpu_relax(void) { }
+    #endif
+    """
+    uint64_t atomic_load_u64 "pykv_atomic_load_u64"(const uint64_t* p) noexcept nogil
+    void atomic_store_u64 "pykv_atomic_store_u64"(uint64_t* p, uint64_t v) noexcept nogil
+    void cpu_relax "pykv_cpu_relax"() noexcept nogil
+
+
 cdef extern from "crc32c.h" nogil:
     void pykv_crc32c_init()
     uint32_t pykv_crc32c(uint32_t crc, const uint8_t* data, size_t length)
@@ -106,6 +133,8 @@ cdef uint32_t LENGTH_MASK = <uint32_t>0x7FFFFFFF
 # Payloads and batches stay well below 2 GiB so that offsets fit in 32 bits.
 cdef uint64_t MAX_PAYLOAD = 0x7FFFFFFF - C_RECORD_OVERHEAD
 cdef uint64_t MAX_SEGMENT_BYTES = <uint64_t>1 << 31
+# Try-locks before a contended mutex is taken with the GIL released (see WalWriter._lock).
+cdef int LOCK_SPINS = 200
 # submit() blocks (GIL released) while this much is waiting for the writer.
 cdef size_t MAX_PENDING_BYTES = <size_t>64 << 20
 
@@ -211,10 +240,28 @@ def _check_header(bytes data, uint64_t expected_lsn, str path) -> None:
         raise CorruptData(f"{path}: header says first lsn {load_u64(p + 16)}, name says {expected_lsn}")
 
 
+cdef Py_ssize_t find_valid_record(const uint8_t* base, Py_ssize_t start, Py_ssize_t size) noexcept nogil:
+    """The first offset >= start holding a complete record with a valid CRC, or -1.
+
+    Cheap on what a torn tail leaves behind: garbage lengths mostly point past the end of the
+    file and zeros fail the CRC of their length field after 4 bytes.
+    """
+    cdef Py_ssize_t q = start
+    cdef uint32_t length
+    while q + C_RECORD_OVERHEAD <= size:
+        length = load_u32(base + q) & LENGTH_MASK
+        if (<Py_ssize_t>length <= size - q - C_RECORD_OVERHEAD
+                and pykv_crc32c(pykv_crc32c(0, base + q, 4), base + q + 8, length) == load_u32(base + q + 4)):
+            return q
+        q += 1
+    return -1
+
+
 cdef SegmentScan scan_bytes(bytes data, uint64_t first_lsn, str path):
     """Find the complete records of a segment whose header is already checked."""
     cdef const uint8_t* base = <const uint8_t*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t size = len(data), pos = C_HEADER_SIZE, batch_start_count = 0
+    cdef Py_ssize_t later
     cdef uint32_t word, length
     cdef SegmentScan scan = SegmentScan.__new__(SegmentScan)
     scan.path = path
@@ -237,6 +284,18 @@ cdef SegmentScan scan_bytes(bytes data, uint64_t first_lsn, str path):
         if not (word & CONTINUED):
             scan.good_end = pos
             batch_start_count = len(scan.offsets)
+    if pos + C_RECORD_OVERHEAD <= size:
+        # A bad record. It starts a torn tail only if nothing valid follows it: a torn append
+        # is the last thing in the file, while a flipped bit in the middle of the log leaves
+        # intact records after it, which a cut would silently drop.
+        with nogil:
+            later = find_valid_record(base, pos + 1, size)
+        if later >= 0:
+            raise CorruptData(
+                f"{path}: corrupt record at byte {pos} of segment {first_lsn} (lsn "
+                f"{first_lsn + len(scan.offsets)}), but a valid record follows at byte {later}: "
+                "mid-log corruption, not a torn tail; nothing was cut"
+            )
     # Drop the records of an unfinished batch.
     del scan.offsets[batch_start_count:]
     del scan.lengths[batch_start_count:]
@@ -543,17 +602,33 @@ cdef class WalWriter:
 
         Never block on the mutex while holding the GIL: the holder may need the GIL back (a
         Python allocation inside its critical section can switch threads), so a contended
-        lock is taken with the GIL released. The writer thread never touches the GIL.
+        lock is taken with the GIL released. The writer thread never touches the GIL, and
+        holds the mutex only to swap buffers and publish counters, so a short spin of
+        try-locks nearly always gets it first: releasing the GIL here is costly, because a
+        caller like Storage.submit holds its own lock meanwhile and every other thread then
+        queues behind the GIL hand-over.
         """
-        if pthread_mutex_trylock(&self.mu) != 0:
-            with nogil:
-                pthread_mutex_lock(&self.mu)
+        cdef int spins
+        for spins in range(LOCK_SPINS):
+            if pthread_mutex_trylock(&self.mu) == 0:
+                return
+            cpu_relax()
+        with nogil:
+            pthread_mutex_lock(&self.mu)
 
-    cdef uint64_t _enqueue(self, list payloads) except 0:
-        """Frame payloads as one batch into the pending buffer; return the last lsn."""
+    cdef uint64_t _enqueue(self, list payloads, uint64_t* segment_out, uint32_t* offset_out,
+                           bint wake=True) except 0:
+        """Frame payloads as one batch into the pending buffer; return the last lsn.
+
+        segment_out/offset_out (may be NULL) receive the last record's location. The common
+        case takes the mutex once and never releases the GIL; only a full pending buffer
+        (back-pressure) waits, with the GIL released. wake=False leaves an idle writer asleep
+        (the caller calls wake() later, see submit_located).
+        """
         cdef Py_ssize_t count = len(payloads), got = 0, i
         cdef uint64_t total = 0, length, last = 0
         cdef uint8_t* dst
+        cdef bint signal = False
         cdef Py_buffer* views = <Py_buffer*>malloc(count * sizeof(Py_buffer))
         if views == NULL:
             raise MemoryError()
@@ -567,8 +642,11 @@ cdef class WalWriter:
             got = count
             if total > MAX_PAYLOAD:
                 raise ValueTooLarge(f"WAL batch of {total} bytes is too large")
-            self._wait_for_room(total)
             self._lock()
+            while self._no_room(total):
+                pthread_mutex_unlock(&self.mu)
+                self._wait_for_room(total)
+                self._lock()
             try:
                 self._check_usable()
                 if batch_reserve(&self.pending, total) < 0:
@@ -591,18 +669,33 @@ cdef class WalWriter:
                         memcpy(dst + C_RECORD_OVERHEAD, views[i].buf, length)
                     self.pending.size += C_RECORD_OVERHEAD + length
                     self._push_offset(<uint32_t>(self.tail_pos + C_RECORD_OVERHEAD))
+                    if i == count - 1:
+                        if segment_out != NULL:
+                            segment_out[0] = self.tail_segment
+                        if offset_out != NULL:
+                            offset_out[0] = <uint32_t>(self.tail_pos + C_RECORD_OVERHEAD)
                     self.tail_pos += C_RECORD_OVERHEAD + length
                     self.next_lsn += 1
                 last = self.next_lsn - 1
                 self.pending.last_lsn = last
-                pthread_cond_signal(&self.work_cv)
+                # A busy writer picks the records up when its write/fdatasync returns; only
+                # an idle one needs the signal (a syscall, and a wake-up that would contend
+                # for the mutex we still hold).
+                signal = wake and self.writer_idle
             finally:
                 pthread_mutex_unlock(&self.mu)
+            if signal:
+                pthread_cond_signal(&self.work_cv)
         finally:
             for i in range(got):
                 PyBuffer_Release(&views[i])
             free(views)
         return last
+
+    cdef bint _no_room(self, uint64_t total) noexcept:
+        """Whether a batch of total bytes must wait for the writer (caller holds the mutex)."""
+        return (self.pending.size > 0 and self.pending.size + total > MAX_PENDING_BYTES
+                and not self.closing and not self.error)
 
     cdef int _wait_for_room(self, uint64_t total) except -1:
         """Back-pressure: wait (GIL released) while too much is queued for the writer.
@@ -614,17 +707,43 @@ cdef class WalWriter:
             pthread_mutex_lock(&self.mu)
             while (self.pending.size > 0 and self.pending.size + total > MAX_PENDING_BYTES
                    and not self.closing and not self.error):
+                if self.writer_idle:  # records submitted with wake=False
+                    pthread_cond_signal(&self.work_cv)
                 pthread_cond_wait(&self.done_cv, &self.mu)
             pthread_mutex_unlock(&self.mu)
         return 0
 
     def submit(self, payload) -> int:
         """Queue one record and return its lsn at once (not yet durable; see wait)."""
-        return self._enqueue([payload])
+        return self._enqueue([payload], NULL, NULL)
+
+    def submit_located(self, payload, bint wake=True) -> tuple:
+        """submit() that also returns where the record goes: (lsn, segment_id, payload offset).
+
+        The same answer as submit() followed by locate(lsn), in one critical section. With
+        wake=False an idle writer is not woken: a caller submitting under its own lock calls
+        wake() once it has let go of it, so that the writer thread, which may preempt the
+        caller on a busy machine, never runs while the caller holds its lock and the GIL.
+        A record submitted with wake=False is written only after the next wake(), wait(),
+        sync() or an ordinary submit.
+        """
+        cdef uint64_t segment_id = 0
+        cdef uint32_t offset = 0
+        cdef uint64_t lsn = self._enqueue([payload], &segment_id, &offset, wake)
+        return lsn, segment_id, offset
+
+    def wake(self) -> None:
+        """Wake the writer if it sleeps while records wait (after submit_located(wake=False))."""
+        cdef bint idle
+        self._lock()
+        idle = self.writer_idle and self.pending.size > 0
+        pthread_mutex_unlock(&self.mu)
+        if idle:
+            pthread_cond_signal(&self.work_cv)
 
     def append(self, payload) -> int:
         """Append one record and return its lsn once it is durable under the fsync policy."""
-        cdef uint64_t lsn = self._enqueue([payload])
+        cdef uint64_t lsn = self._enqueue([payload], NULL, NULL)
         self._wait(lsn)
         return lsn
 
@@ -633,7 +752,7 @@ cdef class WalWriter:
         payloads = list(payloads)
         if not payloads:
             raise ValueError("append_many needs at least one payload")
-        cdef uint64_t lsn = self._enqueue(payloads)
+        cdef uint64_t lsn = self._enqueue(payloads, NULL, NULL)
         self._wait(lsn)
         return lsn
 
@@ -646,8 +765,14 @@ cdef class WalWriter:
         cdef bint stopped = False
         if lsn >= self.next_lsn:
             raise ValueError(f"lsn {lsn} has not been assigned (last is {self.next_lsn - 1})")
+        # Already durable: no mutex, no GIL hand-over. durable_target only grows, and a
+        # stale read just takes the slow path below.
+        if atomic_load_u64(&self.durable_target) >= lsn:
+            return 0
         with nogil:
             pthread_mutex_lock(&self.mu)
+            if self.writer_idle and self.pending.size > 0:  # submitted with wake=False
+                pthread_cond_signal(&self.work_cv)
             while self.durable_target < lsn and not self.error and not self.closed:
                 pthread_cond_wait(&self.done_cv, &self.mu)
             if self.durable_target < lsn:
@@ -796,13 +921,16 @@ cdef class WalWriter:
             # Wait for records, a sync request, closing, or (interval) the next sync deadline.
             while (self.pending.size == 0 and not self.sync_requested and not self.closing
                    and not self.error):
+                self.writer_idle = True
                 if self.policy == POLICY_INTERVAL and self.synced_upto < self.written_lsn:
                     deadline = self.last_sync_time + self.interval
                     if now_seconds() >= deadline:
+                        self.writer_idle = False
                         break
                     self._timed_wait(deadline)
                 else:
                     pthread_cond_wait(&self.work_cv, &self.mu)
+                self.writer_idle = False
             if self.error:
                 break
             tmp = self.inflight
@@ -845,9 +973,9 @@ cdef class WalWriter:
                 if synced or (want_sync and self.synced_upto >= target):
                     self.synced_upto = target
                 if self.policy == POLICY_ALWAYS:
-                    self.durable_target = self.synced_upto
+                    atomic_store_u64(&self.durable_target, self.synced_upto)
                 else:
-                    self.durable_target = self.written_lsn
+                    atomic_store_u64(&self.durable_target, self.written_lsn)
             pthread_cond_broadcast(&self.done_cv)
             if self.error or (closing and self.pending.size == 0):
                 break

@@ -76,6 +76,7 @@ cdef class WalWriter:
     cdef double interval
     cdef double last_sync_time
     cdef bint sync_requested
+    cdef bint writer_idle             # the writer waits on work_cv: submitters must signal
     cdef bint closing
     cdef bint closed
     cdef int error                    # errno of a failed write/fsync: the log is then unusable
@@ -105,7 +106,9 @@ cdef class WalWriter:
     cdef int _push_segment(self, uint64_t segment_id) except -1
     cdef int _check_usable(self) except -1
     cdef void _lock(self) noexcept
-    cdef uint64_t _enqueue(self, list payloads) except 0
+    cdef uint64_t _enqueue(self, list payloads, uint64_t* segment_out, uint32_t* offset_out,
+                           bint wake=*) except 0
+    cdef bint _no_room(self, uint64_t total) noexcept
     cdef int _wait_for_room(self, uint64_t total) except -1
     cdef int _wait(self, uint64_t lsn) except -1
     cdef void _loop(self) noexcept nogil

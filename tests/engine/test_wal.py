@@ -190,6 +190,40 @@ def test_a_cut_anywhere_keeps_exactly_the_complete_batches(tmp_path_factory, bat
     assert payloads_of(directory) == kept
 
 
+@settings(deadline=None, max_examples=20)
+@given(st.lists(st.binary(min_size=1, max_size=40), min_size=3, max_size=12), st.data())
+def test_a_flipped_bit_in_a_middle_record_of_the_last_segment_is_corruption(
+        tmp_path_factory, payloads, data) -> None:
+    """A bad record followed by valid ones is damage to acknowledged data, not a torn tail:
+    recovery names the segment and offset and cuts nothing."""
+    directory = tmp_path_factory.mktemp("wal")
+    write_log(directory, payloads)
+    segment = last_segment(directory)
+    raw = bytearray(segment.read_bytes())
+    victim = data.draw(st.integers(0, len(payloads) - 2))  # any record but the last
+    start = wal.HEADER_SIZE + sum(wal.RECORD_OVERHEAD + len(p) for p in payloads[:victim])
+    position = data.draw(st.integers(start, start + wal.RECORD_OVERHEAD + len(payloads[victim]) - 1))
+    raw[position] ^= 1 << data.draw(st.integers(0, 7))
+    segment.write_bytes(bytes(raw))
+    for repair in (False, True):
+        with pytest.raises(CorruptData, match=f"at byte {start} of segment 1"):
+            list(read_wal(str(directory), repair=repair))
+    with pytest.raises(CorruptData, match=f"at byte {start} of segment 1"):
+        WalWriter(str(directory), fsync="off")
+    assert segment.read_bytes() == bytes(raw)  # untouched
+
+
+def test_garbage_after_a_torn_record_is_still_a_torn_tail(tmp_path: Path) -> None:
+    """Zeros or random bytes after the last good record hold no valid record: cut them."""
+    write_log(tmp_path, [b"one", b"two"])
+    segment = last_segment(tmp_path)
+    good = segment.stat().st_size
+    with open(segment, "ab") as f:
+        f.write(bytes(4096) + os.urandom(4096))
+    assert payloads_of(tmp_path) == [b"one", b"two"]
+    assert segment.stat().st_size == good
+
+
 def test_repair_false_leaves_the_file_alone(tmp_path: Path) -> None:
     write_log(tmp_path, [b"one", b"two"])
     segment = last_segment(tmp_path)
@@ -305,6 +339,21 @@ def test_submit_then_wait(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             writer.wait(101)
     assert len(payloads_of(tmp_path)) == 100
+
+
+def test_submit_located_agrees_with_locate_and_wake_writes_it(tmp_path: Path) -> None:
+    with WalWriter(str(tmp_path), segment_bytes=128, fsync="off") as writer:
+        located = [writer.submit_located(b"%d" % i * 7, False) for i in range(20)]
+        writer.wake()
+        assert [lsn for lsn, _, _ in located] == list(range(1, 21))
+        assert all(writer.locate(lsn) == (seg, off) for lsn, seg, off in located)
+        # wait() on a record submitted without waking the writer wakes it too.
+        lsn, _, _ = writer.submit_located(b"last", False)
+        writer.wait(lsn)
+        assert writer.durable_lsn == 21
+    on_disk = {r.lsn: (r.segment_id, r.offset) for r in read_wal(str(tmp_path))}
+    assert {lsn: on_disk[lsn] for lsn in range(1, 21)} == {
+        lsn: (seg, off) for lsn, seg, off in located}
 
 
 def test_sync_under_the_off_policy(tmp_path: Path) -> None:
