@@ -49,12 +49,15 @@ _STORAGE_OPTIONS = (
 FSYNC_POLICIES = ("always", "interval", "off")
 
 # A deleted key keeps its clock (the model of pykv.txn: "a deleted key is MISSING with the
-# tombstone's clock"). Storage forgets a key entirely when its value is None, clock included,
-# so a re-created key would restart from the empty clock and could repeat a clock that some
-# transaction (or a get_versioned context) observed before the delete: validation would then
-# accept a stale read (an ABA). So a delete is stored as this marker value, which keeps the
-# clock; it is no valid encode_value() output (those start with 0x00 or 0x01).
-TOMBSTONE = b"\xfe"
+# tombstone's clock"), or a re-created key could repeat a clock some transaction observed
+# before the delete and validation would accept a stale read (an ABA). Storage keeps that
+# tombstone itself: a delete (value None, with the clock validation made) reads back as
+# StoredVersion(None, clock, timestamp, lsn).
+#
+# Stores written before storage kept tombstones stored a delete as this marker value; it is
+# still read as a delete (it is no valid encode_value() output: those start with 0x00 or
+# 0x01), and never written any more.
+_LEGACY_TOMBSTONE = b"\xfe"
 
 
 def clock_node_id(storage_node_id: int) -> int:
@@ -65,12 +68,15 @@ def clock_node_id(storage_node_id: int) -> int:
 
 
 def _is_deleted(stored: StoredVersion) -> bool:
-    return stored.value is None or stored.value == TOMBSTONE
+    value = stored.value
+    return value is None or value == _LEGACY_TOMBSTONE
 
 
 def _versioned(stored: StoredVersion) -> Versioned:
-    value = MISSING if _is_deleted(stored) else decode_value(stored.value)
-    return Versioned(value, stored.clock, stored.timestamp)
+    value = stored.value
+    if value is None or value == _LEGACY_TOMBSTONE:
+        return Versioned(MISSING, stored.clock, stored.timestamp)
+    return Versioned(decode_value(value), stored.clock, stored.timestamp)
 
 
 class _CurrentState:
@@ -154,13 +160,11 @@ class EmbeddedBackend:
         updates = validate(request, self._state, self.resolvers, max_ops=self._max_txn_ops)
         # Encode everything before submitting anything: a value that breaks a limit
         # (e.g. an append that grows a list past 1 MiB) fails the whole transaction.
+        limit = self._max_value_bytes
         batch = [
-            Update(
-                key=u.key.encode("utf-8"),
-                value=TOMBSTONE if u.value is MISSING else encode_value(u.value, self._max_value_bytes),
-                clock=u.clock,
-                timestamp=u.timestamp,
-            )
+            Update(u.key.encode("utf-8"),
+                   None if u.value is MISSING else encode_value(u.value, limit),
+                   u.clock, u.timestamp)
             for u in updates
         ]
         if not batch:

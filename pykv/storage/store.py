@@ -18,6 +18,17 @@ Ordering contract — read this before building on Storage:
 - A version that was submitted but not yet written to its segment is served from memory
   (``_pending``) until its record is durable, so a read never touches unwritten file bytes.
 
+Deleted keys keep their clock: a delete that carries a clock leaves a TOMBSTONE in the key
+directory (segment id 0, no value bytes; its meta holds the timestamp and the clock), so
+``get`` returns ``StoredVersion(None, clock, timestamp, lsn)`` and a re-created key continues
+from that clock instead of restarting from the empty one (which could repeat a clock some
+reader observed before the delete). Tombstones are checkpointed in the hint like any entry
+and are never dropped, by compaction or otherwise: the simplest choice that is always
+correct, at a memory cost of one key directory entry (~50 bytes + key + clock) and one key in
+the sorted index (~42 bytes + key) per deleted key, forever; ``stats()["tombstones"]`` counts
+them. A delete with an EMPTY clock has nothing to remember and removes the key entirely
+(``get`` returns ABSENT), as before. Scans skip tombstones.
+
 Recovery and truncation invariant: WAL records with lsn >= the hint's checkpoint lsn are never
 deleted, and a hint is renamed into place only after every record its entries point at is
 durable. Hence hint + WAL replay always rebuilds every acknowledged update, and recovery can
@@ -28,6 +39,7 @@ record gone), which raises CorruptData instead of opening a store that silently 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
@@ -92,6 +104,17 @@ class Update:
 
 ABSENT = StoredVersion(None, b"", 0, 0)
 
+# The key directory's segment id of a tombstone (no segment has id 0: lsns start at 1).
+TOMBSTONE_SEGMENT = 0
+META_FIXED = record.META_FIXED_BYTES
+_timestamp_of = struct.Struct("<Q").unpack_from  # the timestamp at the start of meta
+
+
+def _wake_writer(wal: WalWriter | None) -> None:
+    """Wake the WAL writer for records appended under _lock (after letting go of it)."""
+    if wal is not None:
+        wal.wake()
+
 
 class Storage:
     """The durable, node-local key-value state: get/submit/commit, scan, checkpoint, compact.
@@ -114,6 +137,7 @@ class Storage:
         self._keydir = KeyDir()
         self._keys = SortedList()
         self._key_bytes = 0  # sum of key lengths in the index
+        self._tombstones = 0  # key directory entries of deleted keys (kept for their clock)
         self._cache = ByteLRU(cache_bytes)
         # key -> (version lsn, value, record lsn) for versions whose record may be unwritten
         self._pending: dict[bytes, tuple[int, bytes, int]] = {}
@@ -202,7 +226,10 @@ class Storage:
         for n, (key, seg, off, size, meta, lsn) in enumerate(entries, 1):
             put(key, seg, off, size, meta, lsn)
             keys.append(key)
-            self._seg_live[seg] += size
+            if seg == TOMBSTONE_SEGMENT:
+                self._tombstones += 1
+            else:
+                self._seg_live[seg] += size
             self._key_bytes += len(key)
             if progress is not None and n % 65536 == 0:
                 progress("hint", n, 0)
@@ -255,32 +282,53 @@ class Storage:
         """
         applied = []
         keydir = self._keydir
+        seg_live = self._seg_live
+        relocation = kind == record.KIND_RELOCATE
         for index, entry in enumerate(entries):
             key = entry.key
             old = keydir.get(key)
-            if kind == record.KIND_RELOCATE:
+            if relocation:
                 if old is None or old[4] != entry.orig_lsn:
                     continue
                 version = entry.orig_lsn
             else:
                 version = lsn
-            if old is not None:
-                self._seg_live[old[0]] -= old[2]
+            was_value = old is not None and old[0] != TOMBSTONE_SEGMENT
+            if was_value:
+                seg_live[old[0]] -= old[2]
             if entry.size < 0:
-                if old is not None:
-                    keydir.delete(key)
-                    self._keys.remove(key)
-                    self._key_bytes -= len(key)
-                    self._cache.discard(key)
-                    self._pending.pop(key, None)
+                self._apply_delete(key, entry.meta, version, old, was_value)
                 continue
             keydir.put(key, seg, payload_off + entry.value_pos, entry.size, entry.meta, version)
-            self._seg_live[seg] += entry.size
+            seg_live[seg] += entry.size
             if old is None:
                 self._keys.add(key)
                 self._key_bytes += len(key)
+            elif not was_value:
+                self._tombstones -= 1
             applied.append((index, version))
         return applied
+
+    def _apply_delete(self, key: bytes, meta: bytes, version: int, old: tuple | None,
+                      was_value: bool) -> None:
+        """A delete with a clock leaves a tombstone (the clock must survive, see the module
+        docstring); one without a clock has nothing to remember and removes the key."""
+        if was_value:
+            self._cache.discard(key)
+            self._pending.pop(key, None)
+        if len(meta) > record.META_FIXED_BYTES:
+            self._keydir.put(key, TOMBSTONE_SEGMENT, 0, 0, meta, version)
+            if old is None:
+                self._keys.add(key)
+                self._key_bytes += len(key)
+            if was_value or old is None:
+                self._tombstones += 1
+        elif old is not None:
+            self._keydir.delete(key)
+            self._keys.remove(key)
+            self._key_bytes -= len(key)
+            if not was_value:
+                self._tombstones -= 1
 
     # --- writes ---------------------------------------------------------------------------
 
@@ -295,17 +343,22 @@ class Storage:
             with self._lock:
                 return self._open_wal().last_lsn
         payload, entries = record.encode_commit(rows)
+        values = [row[1] for row in rows]
         with self._lock:
-            lsn, _ = self._append_and_apply(record.KIND_COMMIT, payload, entries,
-                                            [row[1] for row in rows])
+            lsn, _ = self._append_and_apply(record.KIND_COMMIT, payload, entries, values)
+            wal = self._wal
+        _wake_writer(wal)
         return lsn
 
     def _append_and_apply(self, kind: int, payload: bytes, entries: list[record.Entry],
                           values: list[bytes | None]) -> tuple[int, int]:
-        """Append a record and apply it (caller holds _lock): (lsn, number of values now live)."""
+        """Append a record and apply it (caller holds _lock): (lsn, number of values now live).
+
+        The WAL writer is not woken here: the caller wakes it once _lock is released (see
+        _wake_writer), so the writer thread never preempts a thread holding _lock.
+        """
         wal = self._open_wal()
-        lsn = wal.submit(payload)
-        seg, off = wal.locate(lsn)
+        lsn, seg, off = wal.submit_located(payload, False)
         self._note_record(seg, len(payload))
         applied = self._apply(kind, entries, seg, off, lsn)
         if applied:
@@ -333,9 +386,13 @@ class Storage:
         """Block until every record up to lsn is fsync'd (shares the fsync with other threads)."""
         wal = self._open_wal()
         wal.wait(lsn)
-        with self._lock:
-            if self._wal is not None:
-                self._release_pending(self._wal.durable_lsn)
+        order = self._pending_order
+        # A peek without the lock (deque indexing is atomic under the GIL): most of the time
+        # another waiter has already moved these values to the cache.
+        if order and order[0][0] <= lsn:
+            with self._lock:
+                if self._wal is not None:
+                    self._release_pending(self._wal.durable_lsn)
 
     def commit(self, updates: list[Update]) -> int:
         """submit + wait_durable: returns the lsn once the commit is durable."""
@@ -361,6 +418,8 @@ class Storage:
             if entry is None:
                 return ABSENT
             seg, off, size, meta, lsn = entry
+            if seg == TOMBSTONE_SEGMENT:
+                return StoredVersion(None, meta[META_FIXED:], _timestamp_of(meta)[0], lsn)
             held = self._pending.get(key)
             if held is not None and held[0] == lsn:
                 value = held[1]
@@ -370,8 +429,7 @@ class Storage:
                 fd = self._files.acquire(seg)
         if value is None:
             value = self._read_value(fd, seg, off, size, meta, key=key, lsn=lsn)
-        timestamp, _, clock = record.split_meta(meta)
-        return StoredVersion(value, clock, timestamp, lsn)
+        return StoredVersion(value, meta[META_FIXED:], _timestamp_of(meta)[0], lsn)
 
     def _read_value(self, fd: int, seg: int, off: int, size: int, meta: bytes, *,
                     key: bytes | None = None, lsn: int = 0) -> bytes:
@@ -572,8 +630,11 @@ class Storage:
     def _relocate(self, moves: list[tuple[bytes, bytes, bytes, int]]) -> tuple[int, int]:
         payload, entries = record.encode_relocation(moves)
         with self._lock:
-            return self._append_and_apply(record.KIND_RELOCATE, payload, entries,
-                                          [move[1] for move in moves])
+            result = self._append_and_apply(record.KIND_RELOCATE, payload, entries,
+                                            [move[1] for move in moves])
+            wal = self._wal
+        _wake_writer(wal)
+        return result
 
     def _segment_usage(self) -> list[SegmentUsage]:
         with self._lock:
@@ -608,9 +669,10 @@ class Storage:
         usage = self._segment_usage()
         with self._lock:
             wal = self._open_wal()
-            keys = len(self._keydir)
+            keys = len(self._keydir) - self._tombstones
             return {
                 "keys": keys,
+                "tombstones": self._tombstones,
                 "segments": {u.segment_id: {"bytes": u.total_bytes, "live_bytes": u.live_bytes,
                                             "dead_bytes": u.dead_bytes} for u in usage},
                 "live_bytes": sum(u.live_bytes for u in usage),
@@ -621,7 +683,7 @@ class Storage:
                 "cache_misses": self._cache.misses,
                 "pending_values": len(self._pending),
                 "keydir_bytes": self._keydir.memory_bytes(),
-                "key_index_bytes": self._key_bytes + KEY_INDEX_OVERHEAD * keys,
+                "key_index_bytes": self._key_bytes + KEY_INDEX_OVERHEAD * len(self._keydir),
                 "last_lsn": wal.last_lsn,
                 "durable_lsn": wal.durable_lsn,
                 "checkpoint_lsn": self._checkpoint_lsn,

@@ -205,3 +205,22 @@ def test_corrupt_last_record_is_cut_but_a_lost_checkpointed_record_is_an_error(t
         Storage.open(str(lost), compaction=False)
     # ... and refusing must not "repair" the evidence away.
     assert (lost / "wal" / segment.name).stat().st_size == ends[3]
+
+
+def test_a_corrupt_record_in_the_middle_of_the_last_segment_refuses_to_open(tmp_path: Path) -> None:
+    """A flipped bit in acknowledged data with valid records after it is not a torn tail:
+    cutting there would silently drop the later commits, so open raises and cuts nothing."""
+    source = tmp_path / "source"
+    assert run_child("torn", str(source), "20").returncode == 0
+    (segment,) = sorted((source / "wal").iterdir())
+    ends = record_ends(segment)
+    path = source / "wal" / segment.name
+    with open(path, "r+b") as f:
+        f.seek(ends[-5] - 3)  # inside the 5th-last record, well after the checkpoint
+        byte = f.read(1)
+        f.seek(ends[-5] - 3)
+        f.write(bytes([byte[0] ^ 0x01]))
+    damaged = path.read_bytes()
+    with pytest.raises(CorruptData, match=f"at byte {ends[-6]} of segment"):
+        Storage.open(str(source), compaction=False)
+    assert path.read_bytes() == damaged

@@ -50,6 +50,49 @@ def test_a_commit_applies_all_its_updates_with_one_lsn(store: Storage) -> None:
     assert store.get(b"gone") == ABSENT
 
 
+def test_a_delete_with_a_clock_leaves_a_tombstone_that_keeps_it(store: Storage) -> None:
+    store.commit([Update(b"k", b"v", b"c1", 1), Update(b"other", b"o", b"c", 1)])
+    lsn = store.commit([Update(b"k", None, b"c2", 2), Update(b"never", None, b"c9", 9)])
+    assert store.get(b"k") == StoredVersion(None, b"c2", 2, lsn)
+    assert store.get(b"never") == StoredVersion(None, b"c9", 9, lsn)  # deleting an absent key
+    assert [k for k, _ in store.scan()] == [b"other"]  # scans skip tombstones
+    assert (store.stats()["keys"], store.stats()["tombstones"]) == (1, 2)
+    again = store.commit([Update(b"k", b"back", b"c3", 3)])
+    assert store.get(b"k") == StoredVersion(b"back", b"c3", 3, again)
+    assert (store.stats()["keys"], store.stats()["tombstones"]) == (2, 1)
+
+
+def test_a_delete_without_a_clock_forgets_the_key(store: Storage) -> None:
+    store.commit([Update(b"k", b"v", b"c1", 1)])
+    store.commit([Update(b"k", None, b"", 5)])
+    assert store.get(b"k") == ABSENT
+    assert (store.stats()["keys"], store.stats()["tombstones"]) == (0, 0)
+
+
+def test_tombstones_survive_reopen_checkpoint_and_compaction(tmp_path: Path) -> None:
+    """The WAL segments holding the deletes are gone after compaction: the hint keeps them."""
+    path = str(tmp_path / "db")
+    with Storage.open(path, segment_bytes=2048, compaction=False) as store:
+        for i in range(20):
+            store.commit([Update(b"k%02d" % i, b"x" * 200, b"put%d" % i, i)])
+        deleted = {i: store.commit([Update(b"k%02d" % i, None, b"del%d" % i, 100 + i)])
+                   for i in range(0, 20, 2)}
+        for i in range(60):  # push the deletes into old segments
+            store.commit([Update(b"filler", b"y" * 200, b"", i)])
+        store.compact()
+        assert min(store.stats()["segments"]) > max(deleted.values())
+    for _ in range(2):  # once from the hint, once after replaying nothing
+        with Storage.open(path, compaction=False) as store:
+            for i in range(20):
+                got = store.get(b"k%02d" % i)
+                if i in deleted:
+                    assert got == StoredVersion(None, b"del%d" % i, 100 + i, deleted[i])
+                else:
+                    assert got.value == b"x" * 200 and got.clock == b"put%d" % i
+            assert store.stats()["tombstones"] == len(deleted)
+            assert len(list(store.scan(prefix=b"k"))) == 10
+
+
 def test_later_update_of_the_same_key_in_one_commit_wins(store: Storage) -> None:
     store.commit([Update(b"k", b"first", b"", 1), Update(b"k", b"second", b"", 2)])
     assert store.get(b"k").value == b"second"
