@@ -341,6 +341,7 @@ class ReplicaHost:
             if isinstance(proposal, list) and len(proposal) == 2 and proposal[0] == self.incarnation:
                 seq = proposal[1]
             self._complete_index(group, entry.index, seq, result)
+        state.flush()  # one storage record for the whole batch of entries
         for rs in rd.read_states:
             reads = group.read_waiting.pop(rs.context, None)
             if reads:

@@ -165,6 +165,9 @@ class ShardState:
     def make_durable(self) -> None:
         """Make the applied state durable (before the Raft log under it is compacted)."""
 
+    def flush(self) -> None:
+        """The commands applied so far are all written (a durable subclass batches them)."""
+
     def close(self) -> None:
         """Release files (the node stops)."""
 

@@ -67,6 +67,11 @@ class StoredShardState(ShardState):
         self._cache_bytes = cache_bytes
         self.store = Storage.open(str(self.path), fsync="off", cache_bytes=cache_bytes)
         self._batch: list[Update] = []
+        # Commands applied since the last flush(): their rows, and the versions they wrote
+        # (what get() must already see). One flush = one atomic storage record for a whole
+        # batch of log entries, ending with the applied index of the last one.
+        self._rows: list[Update] = []
+        self._overlay: dict[str, Versioned] = {}
         self._since_release = 0
         self._load_metadata()
 
@@ -103,13 +108,25 @@ class StoredShardState(ShardState):
             result = super().apply(index, data)
         finally:
             batch, self._batch = self._batch, []
-        batch.append(Update(_APPLIED, pack(index), b"", 0))
-        lsn = self.store.submit(batch)
+        self._rows += batch
+        self._rows.append(Update(_APPLIED, pack(index), b"", 0))
+        return result
+
+    def flush(self) -> None:
+        """Write every command applied since the last flush as ONE atomic storage record."""
+        if not self._rows:
+            return
+        latest: dict[bytes, Update] = {}
+        for row in self._rows:  # a key written twice keeps its last value
+            latest.pop(row.key, None)
+            latest[row.key] = row
+        self._rows = []
+        lsn = self.store.submit(list(latest.values()))
+        self._overlay.clear()
         self._since_release += 1
         if self._since_release >= _RELEASE_EVERY:
             self._since_release = 0
             self.store.wait_durable(lsn)  # under fsync="off": written, and memory released
-        return result
 
     def _journal(self, kind: str, key: Any, value: Any) -> None:
         encoded = None if value is _FORGET else pack(value)
@@ -120,13 +137,18 @@ class StoredShardState(ShardState):
             self._batch.append(
                 Update(u.key.encode("utf-8"), _encoded(u.value), u.clock, u.timestamp)
             )
+            self._overlay[u.key] = Versioned(u.value, u.clock, u.timestamp)
         # Not submitted yet: the whole command (updates, metadata, applied index) is ONE
         # record, written at the end of apply(), so a crash keeps all of it or none.
 
     def get(self, key: str) -> Versioned:
+        found = self._overlay.get(key)
+        if found is not None:
+            return found
         return _versioned(self.store.get(key.encode("utf-8")))
 
     def key_count(self) -> int:
+        self.flush()
         return self.store.stats()["keys"]  # includes the few metadata keys
 
     def _user_keys(self) -> Iterator[tuple[bytes, StoredVersion]]:
@@ -136,10 +158,12 @@ class StoredShardState(ShardState):
             yield raw, stored
 
     def _all_versions(self) -> Iterator[tuple[str, Versioned]]:
+        self.flush()
         for raw, stored in self._user_keys():
             yield raw.decode("utf-8"), _versioned(stored)
 
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
+        self._rows, self._overlay = [], {}
         self._reset_store()
         rows = [
             Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp)
@@ -154,6 +178,7 @@ class StoredShardState(ShardState):
         self.store = Storage.open(str(self.path), fsync="off", cache_bytes=self._cache_bytes)
 
     def scan(self, prefix: str, start: str | None, end: str | None, limit: int | None) -> list:
+        self.flush()
         out = []
         for raw, stored in self.store.scan(
             prefix=prefix.encode("utf-8"),
@@ -189,9 +214,11 @@ class StoredShardState(ShardState):
 
     def make_durable(self) -> None:
         """fsync the storage and write its hint: the Raft log before here may then go."""
+        self.flush()
         self.store.checkpoint()
 
     def close(self) -> None:
+        self.flush()
         self.store.close()
 
     def destroy(self) -> None:
