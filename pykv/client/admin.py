@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pykv.client.transport import SHARD_MAP, STATUS, Connection, unwrap
+from pykv.client.router import Router
+from pykv.client.transport import LEAVE, META_GROUP, SHARD_MAP, STATUS, Connection, unwrap
 
 
 async def _call(address: str, kind: int, timeout: float) -> Any:
@@ -23,3 +24,16 @@ def fetch_status(address: str, timeout: float = 2.0) -> dict:
 
 def fetch_shard_map(address: str, timeout: float = 2.0) -> dict:
     return asyncio.run(_call(address, SHARD_MAP, timeout))
+
+
+async def _leave(addresses: list[str], node_id: int, timeout: float) -> int:
+    router = Router(addresses, timeout=timeout)
+    try:
+        return await router.call(META_GROUP, LEAVE, [META_GROUP, node_id])
+    finally:
+        await router.close()
+
+
+def request_leave(addresses: list[str], node_id: int, timeout: float = 10.0) -> int:
+    """Take a node out of the shard map (its shards then move away); returns the map version."""
+    return asyncio.run(_leave(addresses, node_id, timeout))

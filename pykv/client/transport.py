@@ -49,6 +49,7 @@ CONF = 29  # [shard, step, node] -> None: add_learner / promote / remove / trans
 HOST = 30  # [shard] -> None: start hosting an empty replica (a learner-to-be)
 DROP = 31  # [shard] -> None: stop hosting a replica this node was removed from
 WIPE = 32  # [shard] -> outcome: forget every key, resolver and outcome of the shard
+LEAVE = 33  # [META_GROUP, node id] -> map version: take a node out of the shard map
 
 META_GROUP = 1 << 20  # the Raft group id of the metadata group (shard groups are 0..Q-1)
 
@@ -239,7 +240,7 @@ class Connection(asyncio.Protocol):
 
 __all__ = [
     "COMMIT", "COMMIT_DECIDE", "CONF", "CoalescingWriter", "Connection", "DROP", "HOST", "JOIN",
-    "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PREPARE", "RAFT", "READ",
+    "LEAVE", "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PREPARE", "RAFT", "READ",
     "REDIRECT", "RESOLVER", "RESPONSE", "Redirect", "SCAN", "SHARD_MAP", "STATUS",
     "error_from_reply", "parse_address", "unwrap",
 ]

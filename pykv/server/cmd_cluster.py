@@ -17,7 +17,8 @@ from rich.live import Live
 from rich.table import Table
 
 import pykv
-from pykv.client.admin import fetch_status
+from pykv.client.admin import fetch_status, request_leave
+from pykv.errors import Error
 
 CONFIG_NAME = "cluster.json"
 DEFAULT_PARTITIONS = 16
@@ -35,6 +36,10 @@ class ClusterConfig:
     vnodes: int = DEFAULT_VNODES
     initial: list[int] = field(default_factory=list)  # the members that bootstrapped it
     state: str = "storage"  # where shard values live: "storage" (on disk) or "memory" (+ snapshots)
+    removed: list[int] = field(default_factory=list)  # ids taken out with `cluster remove`
+
+    def active(self) -> dict[int, str]:
+        return {n: a for n, a in self.nodes.items() if n not in self.removed}
 
     def to_json(self) -> str:
         return json.dumps(
@@ -45,6 +50,7 @@ class ClusterConfig:
                 "vnodes": self.vnodes,
                 "initial": self.initial,
                 "state": self.state,
+                "removed": self.removed,
             },
             indent=2,
         )
@@ -59,6 +65,7 @@ class ClusterConfig:
             vnodes=raw["vnodes"],
             initial=list(raw["initial"]),
             state=raw.get("state", "storage"),
+            removed=list(raw.get("removed", [])),
         )
 
 
@@ -147,10 +154,12 @@ def start_node(config: ClusterConfig, node_id: int, data_dir: Path, env: dict | 
     return proc.pid
 
 
-def running_nodes(config: ClusterConfig, data_dir: Path) -> dict[int, int]:
-    """node id -> pid for every node whose recorded process is alive."""
+def running_nodes(
+    config: ClusterConfig, data_dir: Path, *, include_removed: bool = False
+) -> dict[int, int]:
+    """node id -> pid for every (active, unless include_removed) node whose process is alive."""
     alive = {}
-    for node_id in config.nodes:
+    for node_id in config.nodes if include_removed else config.active():
         pid = read_pid(data_dir, node_id)
         if pid is not None and pid_alive(pid):
             alive[node_id] = pid
@@ -171,14 +180,14 @@ def wait_until_ready(
 ) -> bool:
     """Poll every node until every shard it knows of has a leader; True when all are ready."""
     deadline = time.monotonic() + timeout
-    rows = {nid: "starting" for nid in config.nodes}
+    rows = {nid: "starting" for nid in config.active()}
     live = Live(_status_table(rows), console=console, transient=False) if console else None
     if live:
         live.start()
     try:
         while time.monotonic() < deadline:
             ready = True
-            for node_id, addr in config.nodes.items():
+            for node_id, addr in config.active().items():
                 try:
                     status = fetch_status(addr, timeout=1.0)
                 except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
@@ -188,7 +197,8 @@ def wait_until_ready(
                 groups = status["groups"]
                 led = sum(1 for g in groups.values() if g["leader"])
                 moves = status.get("pending_moves", 0)
-                joined = set(config.nodes) <= set(status.get("map_nodes", config.nodes))
+                map_nodes = set(status.get("map_nodes", config.active()))
+                joined = set(config.active()) <= map_nodes and not map_nodes & set(config.removed)
                 rows[node_id] = f"{led}/{len(groups)} groups have a leader" + (
                     f", {moves} shards moving" if moves else ""
                 ) + ("" if joined else ", joining")
@@ -234,11 +244,12 @@ def cluster_up(
         )
     else:
         # Growing: new ids join the existing cluster; their ports continue the sequence.
-        for node_id in range(len(config.nodes) + 1, nodes + 1):
+        while len(config.active()) < nodes:
+            node_id = max(config.nodes) + 1
             config.nodes[node_id] = f"{host}:{base_port + node_id - 1}"
     save_config(data_dir, config)
     alive = running_nodes(config, data_dir)
-    for node_id in sorted(config.nodes):
+    for node_id in sorted(config.active()):
         if node_id not in alive:
             start_node(config, node_id, data_dir, env=env)
     if not wait_until_ready(config, timeout, console):
@@ -246,12 +257,46 @@ def cluster_up(
     return config
 
 
+def cluster_remove(data_dir: Path, node_id: int, *, timeout: float = 120.0,
+                   console: Console | None = None) -> None:
+    """Take a node out: its shards move to the others (Raft membership changes), then it stops."""
+    config = load_config(data_dir)
+    if config is None or node_id not in config.active():
+        raise ValueError(f"node {node_id} is not an active node of the cluster in {data_dir}")
+    others = [a for n, a in config.active().items() if n != node_id]
+    request_leave(others, node_id)
+    config.removed.append(node_id)
+    save_config(data_dir, config)
+    remaining = ClusterConfig(
+        nodes={n: a for n, a in config.nodes.items()}, partitions=config.partitions,
+        replicas=config.replicas, vnodes=config.vnodes, initial=config.initial,
+        state=config.state, removed=config.removed,
+    )
+    if not wait_until_ready(remaining, timeout, console):
+        raise TimeoutError(f"the shards of node {node_id} did not move away in {timeout}s")
+    deadline = time.monotonic() + timeout
+    address = config.nodes[node_id]
+    while time.monotonic() < deadline:  # the node hosts nothing any more
+        try:
+            if not fetch_status(address, timeout=1.0)["groups"]:
+                break
+        except Exception:  # noqa: BLE001 - already gone
+            break
+        time.sleep(0.1)
+    pid = read_pid(data_dir, node_id)
+    if pid is not None and pid_alive(pid):
+        _signal_group(pid, signal.SIGTERM)
+        while time.monotonic() < deadline and pid_alive(pid):
+            time.sleep(0.05)
+    pid_path(data_dir, node_id).unlink(missing_ok=True)
+
+
 def cluster_down(data_dir: Path, timeout: float = 10.0) -> list[int]:
     """Stop every node (SIGTERM, then SIGKILL after timeout); return the ids that were running."""
     config = load_config(data_dir)
     if config is None:
         return []
-    alive = running_nodes(config, data_dir)
+    alive = running_nodes(config, data_dir, include_removed=True)
     for pid in alive.values():
         _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -287,6 +332,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--timeout", type=float, default=60.0)
     down = sub.add_parser("down", help="stop every node of the cluster in DIR")
     down.add_argument("--data-dir", required=True, type=Path)
+    remove = sub.add_parser("remove", help="move a node's shards to the others, then stop it")
+    remove.add_argument("--data-dir", required=True, type=Path)
+    remove.add_argument("--node", type=int, required=True)
+    remove.add_argument("--timeout", type=float, default=120.0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -294,6 +343,14 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "down":
         stopped = cluster_down(args.data_dir)
         console.print(f"stopped nodes {stopped}" if stopped else "no node was running")
+        return 0
+    if args.action == "remove":
+        try:
+            cluster_remove(args.data_dir, args.node, timeout=args.timeout, console=console)
+        except (ValueError, TimeoutError, Error) as exc:
+            console.print(f"[red]{exc}[/red]")
+            return 1
+        console.print(f"node {args.node} removed; its shards live on the other nodes")
         return 0
     try:
         config = cluster_up(

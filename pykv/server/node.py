@@ -46,6 +46,7 @@ from pykv.client.transport import (
     FINISH,
     HOST,
     JOIN,
+    LEAVE,
     MEMBERS,
     META_GROUP,
     OK,
@@ -277,6 +278,7 @@ class Node:
         self._learned_map: ShardMap | None = None  # for nodes outside the metadata group
         self.pending_moves = 0
         self._balanced_version = 0
+        self._may_join = False
         self.host: ReplicaHost | None = None
         self.nodelog: NodeLog | None = None
         self.peers: dict[int, _Peer] = {}
@@ -315,6 +317,8 @@ class Node:
         for gid in sorted(recovered - {META_GROUP}):
             self.host.add_group(gid, None)  # restart from the WAL and snapshots
         fresh = not recovered and not self.nodelog.dropped
+        # Only a node starting empty asks to join; one that was removed stays out.
+        self._may_join = fresh
         for shard in range(cfg.partitions):
             replicas = list(self.founding_map.replicas_of(shard))
             if fresh and cfg.node_id in replicas:
@@ -469,6 +473,8 @@ class Node:
                 return self._scan(shard, *body[1:5])
             if kind == JOIN:
                 return self._join(int(body[1]), str(body[2]))
+            if kind == LEAVE:
+                return self._leave(int(body[1]))
             if kind == MEMBERS:
                 return self._members(shard)
             if kind == CONF:
@@ -641,6 +647,15 @@ class Node:
         proposed = current.with_node(node_id, address)
         return self._propose(META_GROUP, SET_MAP, [proposed.encode()], _outcome_or_version(proposed))
 
+    def _leave(self, node_id: int) -> Any:
+        current = self.current_map()
+        if node_id not in current.nodes:
+            return [OK, current.version]
+        if len(current.nodes) <= 1:
+            raise Unavailable("cannot remove the last node of the cluster")
+        proposed = current.without_node(node_id)
+        return self._propose(META_GROUP, SET_MAP, [proposed.encode()], _outcome_or_version(proposed))
+
     def _members(self, shard: int) -> list:
         host = self.host
         assert host is not None
@@ -689,7 +704,10 @@ class Node:
             await asyncio.sleep(0.3)
             try:
                 await self._refresh_learned_map()
-                if self.config.node_id not in self.current_map().nodes:
+                in_map = self.config.node_id in self.current_map().nodes
+                if in_map:
+                    self._may_join = False  # a node taken out later must not join again
+                elif self._may_join:
                     await self.router.call(
                         META_GROUP, JOIN, [META_GROUP, self.config.node_id, self.config.listen]
                     )

@@ -1,4 +1,5 @@
-"""Five nodes with R=3: serve with one node down; a sixth node joins and about 1/N moves.
+"""Five nodes with R=3: serve with one node down; a sixth node joins and about 1/N moves;
+removing a node moves only the shards it held.
 
 Placement changes are Raft membership changes (learner catch-up from a snapshot, promotion
 to voter, removal of the old replica), driven by the metadata group's leader until every
@@ -19,6 +20,7 @@ from cluster_harness import local_cluster  # noqa: E402
 
 import pykv.client  # noqa: E402
 from pykv.cluster.ring import HashRing  # noqa: E402
+from pykv.server.cmd_cluster import cluster_remove  # noqa: E402
 
 PARTITIONS = 16
 
@@ -33,15 +35,17 @@ def _voters(cluster) -> dict[int, frozenset[int]]:
     return found
 
 
-def _wait_placed(cluster, ring: HashRing, timeout: float = 60.0) -> dict[int, frozenset[int]]:
+def _wait_placed(
+    cluster, ring: HashRing, timeout: float = 60.0, partitions: int = PARTITIONS
+) -> dict[int, frozenset[int]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         voters = _voters(cluster)
         hosted = {n: {int(g) for g in cluster.status(n)["groups"]} for n in cluster.alive()}
-        placed = len(voters) == PARTITIONS and all(
-            voters[p] == frozenset(ring.replicas(p)) for p in range(PARTITIONS)
+        placed = len(voters) == partitions and all(
+            voters[p] == frozenset(ring.replicas(p)) for p in range(partitions)
         ) and all(
-            hosted[n] == {p for p in range(PARTITIONS) if n in ring.replicas(p)} for n in hosted
+            hosted[n] == {p for p in range(partitions) if n in ring.replicas(p)} for n in hosted
         )
         if placed:
             return voters
@@ -86,3 +90,22 @@ def test_five_nodes_survive_one_down_and_rebalance_when_a_sixth_joins(tmp_path):
                 assert fresh.get("key10") == -10
         finally:
             db.close()
+
+
+@pytest.mark.slow
+def test_removing_a_node_moves_only_its_shards_away(tmp_path):
+    with local_cluster(tmp_path, nodes=4, partitions=8, replicas=3) as cluster:
+        four = HashRing([1, 2, 3, 4], partitions=8, vnodes=64, replicas=3)
+        before = _wait_placed(cluster, four, partitions=8)
+        with pykv.client.connect(cluster.addresses[:1], timeout=15) as db:
+            for i in range(50):
+                db.put(f"r{i}", i)
+            cluster_remove(cluster.data_dir, 4, timeout=60)
+            assert 4 not in cluster.alive()
+            three = four.without_node(4)
+            after = _wait_placed(cluster, three, partitions=8)
+            moved = {p for p in range(8) if before[p] != after[p]}
+            print(f"\nnode 4 removed: {len(moved)} of 8 partitions changed a replica")
+            assert moved == four.moved_partitions(three)
+            assert moved == {p for p in range(8) if 4 in before[p]}
+            assert [db.get(f"r{i}") for i in range(50)] == list(range(50))
