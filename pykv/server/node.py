@@ -112,7 +112,7 @@ class NodeConfig:
     heartbeat_ticks: int = 5
     fsync: str = "always"
     recovery_after: float = 2.0
-    max_frame: int = DEFAULT_MAX_FRAME
+    max_frame: int = 4 * DEFAULT_MAX_FRAME  # snapshots travel in one frame (zstd-compressed)
     snapshot_every: int = 50_000
     # Persist on the loop thread (the WAL releases the GIL while it fsyncs) rather than
     # hopping to a worker thread: fewer wake-ups per batch, bigger batches.
@@ -139,7 +139,12 @@ class _Peer:
     def send(self, wires: list) -> None:
         conn = self.conn
         if conn is not None and not conn.closed:
-            conn.send(RAFT, [self.node.config.node_id, wires])
+            try:
+                conn.send(RAFT, [self.node.config.node_id, wires])
+            except ProtocolError as exc:
+                # Larger than max_frame (a huge snapshot): dropped; Raft will try again and
+                # the log says why the peer does not catch up.
+                log.error("cannot send %d Raft messages to node %d: %s", len(wires), self.peer_id, exc)
             return
         loop = asyncio.get_running_loop()
         if not self._connecting and loop.time() >= self._next_try:
@@ -326,7 +331,7 @@ class Node:
         host, port = parse_address(cfg.listen)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _ServerProtocol(self), host, port, reuse_address=True)
-        self._tasks.append(loop.create_task(self._drive()))
+        self._tasks.append(loop.create_task(self._drive_or_die()))
         self._tasks.append(loop.create_task(self._recover_prepared()))
         self._tasks.append(loop.create_task(self._membership()))
         log.info("node %d listening on %s with %d groups", cfg.node_id, cfg.listen, len(self.host.groups))
@@ -366,6 +371,18 @@ class Node:
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)
+
+    async def _drive_or_die(self) -> None:
+        """Crash-only: a driver that fails exits the process (restart recovers from the WAL)
+        rather than leaving a node that answers connections but never makes progress."""
+        try:
+            await self._drive()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.exception("the driver loop failed; exiting so the node restarts from its WAL")
+            logging.shutdown()
+            os._exit(70)
 
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
