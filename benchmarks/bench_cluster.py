@@ -8,7 +8,7 @@ same workload as the baseline; figures are reported (tps, p50/p99, aborts, and t
 to the embedded store), never asserted.
 
     python3 -m pytest benchmarks/bench_cluster.py --benchmark-only -s     # 64 clients, 5 s
-    python3 benchmarks/bench_cluster.py --clients 64 --duration 10 [--partitions 16]
+    python3 benchmarks/bench_cluster.py --clients 64 --duration 10 [--partitions 16] [--state memory]
 """
 
 from __future__ import annotations
@@ -40,13 +40,15 @@ def _free_base_port(count: int) -> int:
     raise RuntimeError("no free ports")
 
 
-def bench_cluster(clients: int, duration: float, partitions: int = 16, keys: int = 100_000) -> dict:
+def bench_cluster(
+    clients: int, duration: float, partitions: int = 16, keys: int = 100_000, state: str = "storage"
+) -> dict:
     config = WorkloadConfig(keys=keys, value_bytes=100, ops=4, clients=clients, duration=duration)
     with tempfile.TemporaryDirectory(prefix="pykv-bench-cluster-") as tmp:
         data = Path(tmp)
         base = _free_base_port(3)
         try:
-            cluster_up(data, 3, base, partitions=partitions)
+            cluster_up(data, 3, base, partitions=partitions, state=state)
             with pykv.client.connect([f"127.0.0.1:{base}"], timeout=30) as db:
                 preload(db, config)
                 return run_workload(db, config).to_dict()
@@ -80,9 +82,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument("--state", choices=["storage", "memory"], default="storage")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
-    out = {"cluster": bench_cluster(args.clients, args.duration, args.partitions)}
+    out = {"cluster": bench_cluster(args.clients, args.duration, args.partitions, state=args.state)}
     if not args.no_baseline:
         out["embedded"] = bench_embedded(args.clients, args.duration)
         out["cluster_over_embedded_tps"] = round(out["cluster"]["tps"] / max(out["embedded"]["tps"], 1e-9), 4)
