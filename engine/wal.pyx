@@ -685,7 +685,9 @@ cdef class WalWriter:
             finally:
                 pthread_mutex_unlock(&self.mu)
             if signal:
-                pthread_cond_signal(&self.work_cv)
+                # Waking a thread may hand it this CPU at once: never keep the GIL meanwhile.
+                with nogil:
+                    pthread_cond_signal(&self.work_cv)
         finally:
             for i in range(got):
                 PyBuffer_Release(&views[i])
@@ -734,12 +736,18 @@ cdef class WalWriter:
 
     def wake(self) -> None:
         """Wake the writer if it sleeps while records wait (after submit_located(wake=False))."""
+        # A writer that is not idle takes the pending records when its write or fdatasync
+        # returns (it checks under the mutex before it sleeps), so it needs no signal. The
+        # flag was set under the mutex that our submit took after it, so it is seen here.
+        if not self.writer_idle:
+            return
         cdef bint idle
-        self._lock()
-        idle = self.writer_idle and self.pending.size > 0
-        pthread_mutex_unlock(&self.mu)
-        if idle:
-            pthread_cond_signal(&self.work_cv)
+        with nogil:  # the woken writer may preempt this thread: not while holding the GIL
+            pthread_mutex_lock(&self.mu)
+            idle = self.writer_idle and self.pending.size > 0
+            pthread_mutex_unlock(&self.mu)
+            if idle:
+                pthread_cond_signal(&self.work_cv)
 
     def append(self, payload) -> int:
         """Append one record and return its lsn once it is durable under the fsync policy."""
