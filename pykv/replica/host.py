@@ -426,15 +426,6 @@ class ReplicaHost:
     def status(self) -> dict[int, dict]:
         return {gid: g.status() for gid, g in sorted(self.groups.items())}
 
-    def reads_value(self, key: str) -> Callable[[ShardState], Any]:
-        """A read function returning the Versioned wire form of ``key``."""
-
-        def fn(state: ShardState) -> Any:
-            version = state.get(key)
-            return version.to_wire()
-
-        return fn
-
 
 def _term_unchanged(group: Group, rd: Ready) -> bool:
     hs = rd.hard_state

@@ -65,7 +65,7 @@ from pykv.client.transport import (
     set_nodelay,
 )
 from pykv.cluster.shardmap import ShardMap
-from pykv.errors import Error, ProtocolError, Timeout, Unavailable
+from pykv.errors import Error, ProtocolError, Unavailable
 from pykv.net.framing import (
     DEFAULT_MAX_FRAME,
     HELLO,
@@ -811,4 +811,4 @@ async def serve_forever(config: NodeConfig) -> None:
     await node.stop()
 
 
-__all__ = ["Node", "NodeConfig", "serve_forever", "Timeout"]
+__all__ = ["Node", "NodeConfig", "serve_forever"]
