@@ -148,8 +148,11 @@ class StoredShardState(ShardState):
         return _versioned(self.store.get(key.encode("utf-8")))
 
     def key_count(self) -> int:
+        """Stored keys (tombstones included), not counting the metadata records."""
         self.flush()
-        return self.store.stats()["keys"]  # includes the few metadata keys
+        meta = len(self.outcomes) + len(self.decisions) + len(self.prepared)
+        meta += len(self.resolver_names) + (1 if self.applied_index else 0)
+        return max(0, self.store.stats()["keys"] - meta)
 
     def _user_keys(self) -> Iterator[tuple[bytes, StoredVersion]]:
         for raw, stored in self.store.scan():
