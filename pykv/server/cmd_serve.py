@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vnodes", type=int, default=64)
     parser.add_argument("--tick-ms", type=float, default=10.0)
     parser.add_argument("--election-ticks", type=int, default=40)
-    parser.add_argument("--heartbeat-ticks", type=int, default=5)
+    parser.add_argument("--heartbeat-ticks", type=int, default=10)
     parser.add_argument("--batch-wait-ms", type=float, default=0.0,
                         help="pause between driver batches to make bigger ones (default 0)")
     parser.add_argument("--state", choices=["storage", "memory"], default="storage",

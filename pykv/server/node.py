@@ -109,7 +109,7 @@ class NodeConfig:
     vnodes: int = 64
     tick_ms: float = 10.0
     election_ticks: int = 40
-    heartbeat_ticks: int = 5
+    heartbeat_ticks: int = 10
     fsync: str = "always"
     recovery_after: float = 2.0
     max_frame: int = 4 * DEFAULT_MAX_FRAME  # snapshots travel in one frame (zstd-compressed)
@@ -215,6 +215,7 @@ class _ServerProtocol(asyncio.Protocol):
         if kind == RAFT:
             self.node.on_raft(body)
             return
+        self.node.counters["requests"] += 1
         reply = self.node.handle(kind, body)
         if isinstance(reply, asyncio.Future):
             reply.add_done_callback(lambda fut: self._respond(request_id, _future_reply(fut)))
@@ -284,6 +285,8 @@ class Node:
         self.pending_moves = 0
         self._balanced_version = 0
         self._may_join = False
+        # Monotonic counters for `pykv status --json` and benchmarks.
+        self.counters: dict[str, int] = defaultdict(int)
         self.host: ReplicaHost | None = None
         self.nodelog: NodeLog | None = None
         self.peers: dict[int, _Peer] = {}
@@ -397,6 +400,10 @@ class Node:
                 next_tick = max(next_tick + tick, now + tick / 2)
             batch = host.collect()
             if batch.readies:
+                self.counters["batches"] += 1
+                self.counters["entries_applied"] += sum(
+                    len(rd.committed_entries) for _, rd in batch.readies
+                )
                 self._send(batch.early)
                 if batch.must_wait():
                     if self.config.persist_inline:
@@ -425,6 +432,8 @@ class Node:
         by_peer: dict[int, list] = defaultdict(list)
         for msg in messages:
             by_peer[msg.to].append(msg.to_wire())
+        self.counters["raft_messages_out"] += len(messages)
+        self.counters["raft_frames_out"] += len(by_peer)
         for peer_id, wires in by_peer.items():
             peer = self._peer(peer_id)
             if peer is not None:
@@ -615,6 +624,7 @@ class Node:
             "map_version": self.current_map().version,
             "map_nodes": list(self.current_map().nodes),
             "pending_moves": self.moves_pending(),
+            "counters": dict(self.counters),
         }
 
     def current_map(self) -> ShardMap:
