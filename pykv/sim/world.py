@@ -602,7 +602,10 @@ class World:
         node.crash_armed = False
         node.incarnation += 1
         self.note("crash", node_id, f"disk last={node.disk.entries[-1].index if node.disk.entries else 0}{lost}")
-        self.after(self.rng.uniform(0.2, 3.0), self._restart, node, node.incarnation)
+        # Some restarts are immediate (a supervisor restarting the process within
+        # milliseconds): that is when a forgotten vote or acknowledgement can still matter.
+        delay = self.rng.uniform(0.001, 0.02) if self.rng.random() < 0.3 else self.rng.uniform(0.2, 3.0)
+        self.after(delay, self._restart, node, node.incarnation)
 
     def _restart(self, node: SimNode, inc: int) -> None:
         if node.incarnation != inc or node.raft is not None or node.retired:
