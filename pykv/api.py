@@ -88,7 +88,18 @@ class HybridClock:
             return self._last
 
 
+# Isolation is a str enum: its members hash and compare like their values, so one dict
+# lookup parses both forms (Isolation(...) costs a microsecond on every transaction).
+_ISOLATIONS = {i.value: i for i in Isolation}
+
+
 def _parse_isolation(isolation: str | Isolation) -> Isolation:
+    try:
+        found = _ISOLATIONS.get(isolation)  # type: ignore[call-overload]
+    except TypeError:  # unhashable
+        found = None
+    if found is not None:
+        return found
     try:
         return Isolation(isolation)
     except ValueError:

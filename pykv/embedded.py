@@ -101,21 +101,31 @@ class _KeyLocks:
     """
 
     def __init__(self) -> None:
-        self._table = LockTable()
+        self._table = LockTable()  # thread-safe on its own
         self._changed = threading.Condition(threading.Lock())
         self._owners = itertools.count(1)
+        self._waiting = 0  # threads in acquire's slow path; changed under _changed
 
     def acquire(self, shared: list[bytes], exclusive: list[bytes]) -> int:
         owner = next(self._owners)
+        if self._table.try_lock_all(shared, exclusive, owner):
+            return owner  # the common case: free keys, no condition lock, nothing to wake
         with self._changed:
-            while not self._table.try_lock_all(shared, exclusive, owner):
-                self._changed.wait()
+            # Counted BEFORE the retry: a release that does not see this count happened
+            # before the retry, which then succeeds, so no wake-up is ever lost.
+            self._waiting += 1
+            try:
+                while not self._table.try_lock_all(shared, exclusive, owner):
+                    self._changed.wait()
+            finally:
+                self._waiting -= 1
         return owner
 
     def release(self, owner: int) -> None:
-        with self._changed:
-            self._table.release_all(owner)
-            self._changed.notify_all()
+        self._table.release_all(owner)
+        if self._waiting:
+            with self._changed:
+                self._changed.notify_all()
 
 
 class EmbeddedBackend:

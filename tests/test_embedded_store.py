@@ -11,6 +11,7 @@ import time
 import pytest
 
 import pykv
+from pykv._engine.vclock import AFTER
 
 
 def test_everything_committed_survives_a_reopen(tmp_path):
@@ -135,6 +136,28 @@ def test_a_context_from_before_a_delete_and_reopen_stays_stale(tmp_path):
         db.put("doc", "recreated")  # blind: starts from the tombstone's clock, not from zero
         with pytest.raises(pykv.TransactionConflict):
             db.put("doc", "edit of v1", context=clock)
+        assert db.get("doc") == "recreated"
+
+
+def test_a_deleted_key_keeps_its_clock_through_compaction_and_reopen(tmp_path):
+    """The delete's record is compacted away; its tombstone (in the hint) keeps the clock."""
+    path = tmp_path / "db"
+    with pykv.open(path, segment_bytes=4096, compaction=False) as db:
+        db.put("doc", "v1")
+        _, before = db.get_versioned("doc")
+        db.delete("doc")
+        _, deleted = db.get_versioned("doc")
+        assert deleted.compare(before) == AFTER  # the delete is a newer version, not nothing
+        for _ in range(100):
+            db.put("filler", "x" * 100)
+        db.backend.storage.compact()
+        assert db.backend.stats()["tombstones"] == 1
+    with pykv.open(path, compaction=False) as db:
+        assert db.get_versioned("doc") == (None, deleted)
+        assert list(db.scan()) == [("filler", "x" * 100)]
+        db.put("doc", "recreated")
+        with pytest.raises(pykv.TransactionConflict):
+            db.put("doc", "edit of v1", context=before)
         assert db.get("doc") == "recreated"
 
 
