@@ -790,6 +790,9 @@ class Node:
             log.info("shard %d: added node %d as a learner", shard, node)
             return False
         for node in sorted(learners):
+            # Make sure the learner hosts the group: a learner that restarted before it
+            # persisted anything of the group has forgotten it (HOST is idempotent).
+            await self.router.call_address(self.address_of(node), HOST, [shard], 2.0)
             await self.router.call(shard, CONF, [shard, "promote", node], timeout=5.0)
             log.info("shard %d: promoted node %d to voter", shard, node)
             return False
