@@ -9,20 +9,32 @@ to the embedded store), never asserted.
 
     python3 -m pytest benchmarks/bench_cluster.py --benchmark-only -s     # 64 clients, 5 s
     python3 benchmarks/bench_cluster.py --clients 64 --duration 10 [--partitions 16] [--state memory]
+                                        [--aio: coroutines on one asyncio client, not threads]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import random
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pykv
 import pykv.client
+from pykv.errors import Error, TransactionConflict
 from pykv.server.cmd_cluster import cluster_down, cluster_up
-from pykv.server.workload import WorkloadConfig, preload, run_workload
+from pykv.server.workload import (
+    WorkloadConfig,
+    key_name,
+    modify_value,
+    percentile,
+    preload,
+    run_workload,
+)
 
 
 def _free_base_port(count: int) -> int:
@@ -40,8 +52,57 @@ def _free_base_port(count: int) -> int:
     raise RuntimeError("no free ports")
 
 
+async def _aio_workload(addresses: list[str], config: WorkloadConfig) -> dict:
+    """The same 4-op transactions from ``clients`` coroutines on one pykv.aio client."""
+    import pykv.aio
+
+    db = await pykv.aio.connect(addresses, timeout=30)
+    latencies: list[float] = []
+    counts = {"committed": 0, "aborts": 0, "errors": 0}
+    deadline = time.perf_counter() + config.duration
+
+    async def client(index: int) -> None:
+        rng = random.Random(config.seed * 1_000_003 + index)
+        while time.perf_counter() < deadline:
+            picked = rng.sample(range(config.keys), config.reads + config.writes - 1)
+            keys = [key_name(i) for i in picked[: config.reads]]
+            blind = [key_name(i) for i in picked[config.reads:]]
+            value = rng.randbytes(config.value_bytes)
+            started = time.perf_counter()
+            while time.perf_counter() < deadline:
+                tx = db.transaction()
+                try:
+                    values = [await tx.get(k) for k in keys]
+                    tx.put(keys[0], modify_value(values[0], rng, config.value_bytes))
+                    for key in blind:
+                        tx.put(key, value)
+                    await tx.commit()
+                except TransactionConflict:
+                    counts["aborts"] += 1
+                    continue
+                except Error:
+                    counts["errors"] += 1
+                    break
+                counts["committed"] += 1
+                latencies.append(time.perf_counter() - started)
+                break
+
+    begun = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(config.clients)))
+    elapsed = time.perf_counter() - begun
+    await db.close()
+    ordered = sorted(t * 1000 for t in latencies)
+    return {
+        "tps": round(counts["committed"] / elapsed, 1),
+        "p50_ms": round(percentile(ordered, 50), 3),
+        "p99_ms": round(percentile(ordered, 99), 3),
+        **counts, "duration_s": round(elapsed, 3), "clients": config.clients, "client": "aio",
+    }
+
+
 def bench_cluster(
-    clients: int, duration: float, partitions: int = 16, keys: int = 100_000, state: str = "storage"
+    clients: int, duration: float, partitions: int = 16, keys: int = 100_000,
+    state: str = "storage", aio: bool = False,
 ) -> dict:
     config = WorkloadConfig(keys=keys, value_bytes=100, ops=4, clients=clients, duration=duration)
     with tempfile.TemporaryDirectory(prefix="pykv-bench-cluster-") as tmp:
@@ -51,7 +112,9 @@ def bench_cluster(
             cluster_up(data, 3, base, partitions=partitions, state=state)
             with pykv.client.connect([f"127.0.0.1:{base}"], timeout=30) as db:
                 preload(db, config)
-                return run_workload(db, config).to_dict()
+                if not aio:
+                    return run_workload(db, config).to_dict()
+            return asyncio.run(_aio_workload([f"127.0.0.1:{base}"], config))
         finally:
             cluster_down(data)
 
@@ -83,9 +146,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--partitions", type=int, default=16)
     parser.add_argument("--state", choices=["storage", "memory"], default="storage")
+    parser.add_argument("--aio", action="store_true",
+                        help="drive the cluster from coroutines on one pykv.aio client, not threads")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
-    out = {"cluster": bench_cluster(args.clients, args.duration, args.partitions, state=args.state)}
+    out = {"cluster": bench_cluster(args.clients, args.duration, args.partitions, state=args.state,
+                                    aio=args.aio)}
     if not args.no_baseline:
         out["embedded"] = bench_embedded(args.clients, args.duration)
         out["cluster_over_embedded_tps"] = round(out["cluster"]["tps"] / max(out["embedded"]["tps"], 1e-9), 4)
