@@ -10,7 +10,8 @@ replays only the WAL after it; compaction (compaction.py) rewrites the oldest se
 
 Ordering contract — read this before building on Storage:
 - ``submit`` appends the record and applies it to the key directory at once, under one lock:
-  the new version is visible to ``get`` BEFORE it is durable. A caller that must not expose
+  the new version is visible to ``get`` BEFORE it is durable. (The WAL writer thread is
+  woken only after that lock is released, so it never preempts a thread holding it.) A caller that must not expose
   undurable data (the embedded store, a Raft apply loop) waits with ``wait_durable(lsn)``
   before acknowledging, and decides itself what readers may see meanwhile.
 - lsns are assigned in submit order under that lock, so the key directory reflects the WAL in
