@@ -176,7 +176,8 @@ def _status_table(rows: dict[int, str]) -> Table:
 
 
 def wait_until_ready(
-    config: ClusterConfig, timeout: float, console: Console | None = None
+    config: ClusterConfig, timeout: float, console: Console | None = None,
+    data_dir: Path | None = None,
 ) -> bool:
     """Poll every node until every shard it knows of has a leader; True when all are ready."""
     deadline = time.monotonic() + timeout
@@ -192,6 +193,13 @@ def wait_until_ready(
                     status = fetch_status(addr, timeout=1.0)
                 except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
                     rows[node_id] = f"waiting ({type(exc).__name__})"
+                    ready = False
+                    continue
+                pid = read_pid(data_dir, node_id) if data_dir is not None else None
+                if status.get("node_id") != node_id or (pid is not None and status.get("pid") != pid):
+                    # Another process answers on this node's port (a stale node of some
+                    # other cluster): never take it for ours.
+                    rows[node_id] = f"port taken by pid {status.get('pid')} (node {status.get('node_id')})"
                     ready = False
                     continue
                 groups = status["groups"]
@@ -252,7 +260,7 @@ def cluster_up(
     for node_id in sorted(config.active()):
         if node_id not in alive:
             start_node(config, node_id, data_dir, env=env)
-    if not wait_until_ready(config, timeout, console):
+    if not wait_until_ready(config, timeout, console, data_dir):
         raise TimeoutError(f"the cluster in {data_dir} did not elect every leader in {timeout}s")
     return config
 
@@ -272,7 +280,7 @@ def cluster_remove(data_dir: Path, node_id: int, *, timeout: float = 120.0,
         replicas=config.replicas, vnodes=config.vnodes, initial=config.initial,
         state=config.state, removed=config.removed,
     )
-    if not wait_until_ready(remaining, timeout, console):
+    if not wait_until_ready(remaining, timeout, console, data_dir):
         raise TimeoutError(f"the shards of node {node_id} did not move away in {timeout}s")
     deadline = time.monotonic() + timeout
     address = config.nodes[node_id]
