@@ -29,6 +29,8 @@ class FaultConfig:
     compaction: bool = True  # snapshots and log compaction (then InstallSnapshot to laggards)
     lease_reads: bool = False  # leaders serve reads under a lease sized for ``lease_drift``
     lease_drift: float = 0.1  # the clock-drift bound the lease assumes (clock_skew must fit)
+    pre_vote: bool = True  # Raft options under test (the "classic" mix turns both off)
+    check_quorum: bool = True
 
 
 PROFILES: dict[str, FaultConfig] = {
@@ -42,6 +44,10 @@ PROFILES: dict[str, FaultConfig] = {
         "lease", lease_reads=True, clock_skew=0.1, lease_drift=0.1, partitions=True,
         crashes=True, loss=0.02, reorder=0.03,
     ),
+    "classic": FaultConfig(
+        "classic", pre_vote=False, check_quorum=False, crashes=True, loss=0.03, reorder=0.05,
+        duplicate=0.02, partitions=True,
+    ),
     "chaos": FaultConfig(
         "chaos", loss=0.05, duplicate=0.03, reorder=0.05, partitions=True, crashes=True,
         clock_skew=0.2, slow_disk=0.05, transfers=True, membership=True,
@@ -49,7 +55,7 @@ PROFILES: dict[str, FaultConfig] = {
 }
 
 # What `--faults all` cycles through, one mix per seed.
-ALL = ("lossy", "partition", "crash", "skew", "membership", "lease", "chaos")
+ALL = ("lossy", "partition", "crash", "skew", "membership", "lease", "classic", "chaos")
 
 
 def parse_faults(spec: str) -> list[FaultConfig]:

@@ -194,6 +194,10 @@ class World:
             self.params = p = replace(p, raft=replace(
                 p.raft, read_only=READ_LEASE, max_clock_drift=faults.lease_drift,
             ))
+        if not faults.pre_vote or not faults.check_quorum:
+            self.params = p = replace(p, raft=replace(
+                p.raft, pre_vote=faults.pre_vote, check_quorum=faults.check_quorum,
+            ))
         self.voters = list(range(p.nodes))
         boot = bootstrap_state(self.voters)
         self.nodes: dict[int, SimNode] = {}
@@ -727,8 +731,30 @@ class World:
                 f"after the network healed (leader: {self._leader() and self._leader().id})",
             )
 
-    def _finish(self) -> None:
-        self._done = True
+    def _finish(self, deadline: float | None = None) -> None:
+        """End the run once a leader stands and every member has caught up.
+
+        A run without pre-vote may be mid-election at the end of its settle time (a node that
+        was cut off can depose a healthy leader on its return), so wait for the group to
+        settle, up to the liveness bound; the final checks then explain what did not.
+        """
+        if deadline is None:
+            deadline = self.now + self.params.liveness_bound
+        if self.now >= deadline or self._settled():
+            self._done = True
+            return
+        self.after(0.1, self._finish, deadline)
+
+    def _settled(self) -> bool:
+        leader = self._leader()
+        if leader is None:
+            return False
+        newest = max((index for index, _ in self.acked), default=0)
+        for node_id in leader.raft.conf.members():
+            node = self.nodes.get(node_id)
+            if node is not None and node.raft is not None and node.sm.applied < newest:
+                return False
+        return True
 
     # ===== checks ==========================================================================
     def _check_leader_completeness(self, node: SimNode) -> None:
@@ -802,7 +828,7 @@ class World:
             self.at(self.rng.uniform(0, 0.5), self._client_next, c)
         self.at(2.0, self._periodic_check)
         queue = self._queue
-        limit = self.params.fault_time + self.params.liveness_bound + self.params.settle_time + 5
+        limit = self.params.fault_time + 2 * self.params.liveness_bound + self.params.settle_time + 5
         while queue and not self._done:
             when, _, fn, args = heapq.heappop(queue)
             self.now = when
