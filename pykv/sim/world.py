@@ -188,6 +188,10 @@ class World:
         self.acked: list[tuple[int, int]] = []  # (index, term) of acknowledged proposals
         self.history: list[Op] = []
         self.liveness_at: float | None = None
+        self._probe_client = CLIENT_BASE - 1  # the liveness prober's session id
+        self._probe_seq = 0
+        self._probe_index: tuple[int, int, int] | None = None  # (node, term, index)
+        self._done = False
         # nodes
         p = self.params
         if faults.lease_reads:
@@ -689,8 +693,6 @@ class World:
         for node in self.nodes.values():
             if node.raft is None and not node.retired:
                 self._start(node)
-        self._probe_seq = 0
-        self._probe_client = CLIENT_BASE + len(self.clients)
         self._probe_attempt()
         self.at(self.now + self.params.liveness_bound, self._liveness_deadline)
 
@@ -712,7 +714,7 @@ class World:
     def _probe_check(self) -> None:
         if self.liveness_at is not None:
             return
-        probe = getattr(self, "_probe_index", None)
+        probe = self._probe_index
         if probe is not None:
             _, term, index = probe
             seen = self.committed.get(index)
@@ -790,7 +792,7 @@ class World:
 
     def _periodic_check(self) -> None:
         self.check_log_matching()
-        if not getattr(self, "_done", False):
+        if not self._done:
             self.after(2.0, self._periodic_check)
 
     def final_checks(self) -> None:
@@ -820,9 +822,8 @@ class World:
                 )
 
     # ===== running ==========================================================================
-    def run(self, stop: Callable[[], bool] | None = None) -> None:
+    def run(self) -> None:
         """Run to the end of the seed; raises SimViolation on the first failed check."""
-        self._done = False
         self._schedule_faults()
         for c in self.clients:
             self.at(self.rng.uniform(0, 0.5), self._client_next, c)
