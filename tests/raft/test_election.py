@@ -6,7 +6,16 @@ import random
 
 import pytest
 
-from pykv.raft import Message, MsgType, RaftConfig, RaftNode, Role, bootstrap_state
+from pykv.raft import (
+    ConfChange,
+    ConfChangeKind,
+    Message,
+    MsgType,
+    RaftConfig,
+    RaftNode,
+    Role,
+    bootstrap_state,
+)
 from pykv.raft.harness import Harness
 
 
@@ -59,7 +68,7 @@ def test_a_vote_is_granted_at_most_once_per_term():
     assert [m.reject for m in drain(node).messages] == [False]
 
 
-def test_a_candidate_with_an_older_log_is_refused(  ):
+def test_a_candidate_with_an_older_log_is_refused():
     h = Harness([1, 2, 3], config=RaftConfig(pre_vote=False, check_quorum=False))
     h.elect(1)
     h.nodes[1].propose(b"x")
@@ -158,8 +167,7 @@ def test_a_learner_never_campaigns():
     h = Harness([1, 2, 3])
     h.elect(1)
     h.add_empty(4)
-    h.nodes[1].propose_conf_change(
-        __import__("pykv.raft", fromlist=["ConfChange"]).ConfChange.single(1, 4))
+    h.nodes[1].propose_conf_change(ConfChange.single(ConfChangeKind.ADD_LEARNER, 4))
     h.settle()
     learner = h.nodes[4]
     assert 4 in learner.conf.learners
