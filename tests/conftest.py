@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-# The backends tests/test_api.py runs on. The cluster adds "cluster" here, with a factory
-# that connects to a local cluster; every API test then runs on both unchanged.
-BACKENDS = ["embedded"]
+# The backends tests/test_api.py runs on: every API test runs on both unchanged. The cluster
+# is one real 3-node cluster (separate processes on 127.0.0.1) shared by the whole session and
+# wiped before each test, since starting one costs seconds.
+BACKENDS = ["embedded", "cluster"]
 
 
 def _embedded_factory(directory: Path) -> Callable[..., Any]:
@@ -19,6 +20,28 @@ def _embedded_factory(directory: Path) -> Callable[..., Any]:
 
     def make(**options: Any) -> Any:
         return pykv.open(directory, **options)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def cluster_addresses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """The addresses of a running 3-node cluster, stopped at the end of the session."""
+    from cluster_harness import running_cluster
+
+    with running_cluster(tmp_path_factory.mktemp("api-cluster"), nodes=3) as addresses:
+        yield addresses
+
+
+def _cluster_factory(addresses: list[str]) -> Callable[..., Any]:
+    from cluster_harness import wipe_cluster
+
+    import pykv
+
+    wipe_cluster(addresses)
+
+    def make(**options: Any) -> Any:
+        return pykv.connect(addresses, **options)
 
     return make
 
@@ -32,6 +55,8 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ca
     """
     if request.param == "embedded":
         make = _embedded_factory(tmp_path / "db")
+    elif request.param == "cluster":
+        make = _cluster_factory(request.getfixturevalue("cluster_addresses"))
     else:  # pragma: no cover - a backend listed without a factory is a bug in this file
         raise AssertionError(f"no factory for backend {request.param!r}")
     opened: list[Any] = []

@@ -19,6 +19,12 @@ from pykv._engine.vclock import AFTER, BEFORE, EQUAL
 # --- the by-id API ------------------------------------------------------------------------
 
 
+
+# A resolver that is a Python function runs where validation runs: in the embedded store's
+# process. A cluster validates on its servers, so it takes built-in resolver names only
+# (test_a_cluster_refuses_a_function_resolver_with_a_clear_error).
+runs_user_code_in_process = pytest.mark.parametrize("store_factory", ["embedded"], indirect=True)
+
 def test_by_id_transaction_reads_its_own_writes_and_commits(store):
     txid = store.begin_transaction()
     store.write(txid, "a", "1")
@@ -532,6 +538,19 @@ def test_rule2_non_resolvable_conflict_aborts_the_whole_transaction(store):
     assert store.get("counter") is None
 
 
+@pytest.mark.parametrize("store_factory", ["cluster"], indirect=True)
+def test_a_cluster_refuses_a_function_resolver_with_a_clear_error(store):
+    with pytest.raises(pykv.InvalidOperation, match="built-in name"):
+        store.register_resolver("doc/", lambda base, current, mine: mine.value)
+    store.register_resolver("doc/", "max")
+    store.put("doc/a", 3)
+    with store.transaction(isolation="merge") as t1:
+        t1.put("doc/a", t1.get("doc/a") + 1)
+        store.put("doc/a", 9)
+    assert store.get("doc/a") == 9
+
+
+@runs_user_code_in_process
 def test_a_custom_resolver_gets_base_current_and_mine(store):
     seen = []
 
@@ -549,6 +568,7 @@ def test_a_custom_resolver_gets_base_current_and_mine(store):
     assert store.get("doc/1") == "v0 edited at length"
 
 
+@runs_user_code_in_process
 def test_a_resolver_that_raises_makes_the_conflict_non_resolvable(store):
     def refuse(base, current, mine):
         raise pykv.NonResolvableConflict("no merge for documents")
@@ -610,6 +630,7 @@ def test_merge_isolation_still_validates_keys_only_read(store):
     assert store.get("w") is None
 
 
+@runs_user_code_in_process
 def test_a_resolver_that_fails_aborts_the_transaction(store):
     store.register_resolver("bug/", lambda base, current, mine: 1 / 0)
     store.put("bug/k", 1)
