@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import tempfile
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import pykv
 import pykv.client
+from pykv.client.admin import fetch_status
 from pykv.errors import Error, TransactionConflict
-from pykv.server.cmd_cluster import cluster_down, cluster_up
+from pykv.server.cmd_cluster import ClusterConfig, cluster_down, cluster_up, running_nodes
 from pykv.server.workload import (
     WorkloadConfig,
     key_name,
@@ -100,6 +102,32 @@ async def _aio_workload(addresses: list[str], config: WorkloadConfig) -> dict:
     }
 
 
+def _cluster_costs(config: ClusterConfig, data: Path, addresses: list[str]) -> dict:
+    """Counters summed over the nodes, and the nodes' CPU seconds (user + system) so far."""
+    totals: dict[str, float] = {"node_cpu_s": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in running_nodes(config, data).values():
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        totals["node_cpu_s"] += (int(fields[11]) + int(fields[12])) / tick
+    for address in addresses:
+        for name, value in fetch_status(address).get("counters", {}).items():
+            totals[name] = totals.get(name, 0) + value
+    totals["client_cpu_s"] = time.process_time()
+    return totals
+
+
+def _per_txn(before: dict, after: dict, committed: int) -> dict:
+    """What one committed transaction cost the cluster: CPU, requests, Raft messages."""
+    n = max(committed, 1)
+    out = {}
+    for name, unit, scale in (("node_cpu_s", "node_cpu_ms_per_txn", 1000), ("client_cpu_s", "client_cpu_ms_per_txn", 1000),
+                              ("requests", "requests_per_txn", 1), ("raft_messages_out", "raft_messages_per_txn", 1),
+                              ("raft_frames_out", "raft_frames_per_txn", 1), ("batches", "batches_per_txn", 1)):
+        out[unit] = round((after.get(name, 0) - before.get(name, 0)) * scale / n, 3)
+    return out
+
+
 def bench_cluster(
     clients: int, duration: float, partitions: int = 16, keys: int = 100_000,
     state: str = "storage", aio: bool = False,
@@ -108,13 +136,19 @@ def bench_cluster(
     with tempfile.TemporaryDirectory(prefix="pykv-bench-cluster-") as tmp:
         data = Path(tmp)
         base = _free_base_port(3)
+        addresses = [f"127.0.0.1:{base + i}" for i in range(3)]
         try:
-            cluster_up(data, 3, base, partitions=partitions, state=state)
+            cluster = cluster_up(data, 3, base, partitions=partitions, state=state)
             with pykv.client.connect([f"127.0.0.1:{base}"], timeout=30) as db:
                 preload(db, config)
+                before = _cluster_costs(cluster, data, addresses)
                 if not aio:
-                    return run_workload(db, config).to_dict()
-            return asyncio.run(_aio_workload([f"127.0.0.1:{base}"], config))
+                    result = run_workload(db, config).to_dict()
+            if aio:
+                result = asyncio.run(_aio_workload([f"127.0.0.1:{base}"], config))
+            result.update(_per_txn(before, _cluster_costs(cluster, data, addresses), result["committed"]))
+            result["partitions"] = partitions
+            return result
         finally:
             cluster_down(data)
 

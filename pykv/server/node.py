@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import random
@@ -480,15 +479,12 @@ class Node:
             if kind == READ:
                 return self._read(shard, body[1])
             if kind == COMMIT:
-                request = self._stamped(body[1])
-                return self._propose(shard, CMD_COMMIT, [request.to_wire()], _outcome_reply)
+                return self._propose(shard, CMD_COMMIT, [self._stamped(body[1])], _outcome_reply)
             if kind == COMMIT_DECIDE:
-                request = self._stamped(body[1])
-                return self._propose(shard, CMD_COMMIT_DECIDE, [request.to_wire()], _outcome_reply)
+                return self._propose(shard, CMD_COMMIT_DECIDE, [self._stamped(body[1])], _outcome_reply)
             if kind == PREPARE:
-                request = self._stamped(body[1])
                 return self._propose(
-                    shard, CMD_PREPARE, [request.to_wire(), int(body[2]), list(body[3])],
+                    shard, CMD_PREPARE, [self._stamped(body[1]), int(body[2]), list(body[3])],
                     lambda vote: [OK, vote],
                 )
             if kind == DECIDE:
@@ -526,9 +522,15 @@ class Node:
         except (TypeError, ValueError, IndexError) as exc:
             return _error_reply(ProtocolError(f"malformed request of kind {kind}: {exc}"))
 
-    def _stamped(self, wire: Any) -> CommitRequest:
-        """The request with this node as its coordinator (whose clock entry a write bumps)."""
-        return dataclasses.replace(CommitRequest.from_wire(wire), coordinator=self.config.node_id)
+    def _stamped(self, wire: Any) -> dict:
+        """The request's wire form with this node as its coordinator (whose clock entry a
+        write bumps). Validated by decoding it once; the proposal carries the client's
+        encoding of reads and writes as they came, not a decode-and-re-encode of them."""
+        CommitRequest.from_wire(wire)  # raises ProtocolError on a malformed request
+        return {
+            "txid": wire["txid"], "coord": self.config.node_id, "iso": wire["iso"],
+            "ts": wire["ts"], "reads": wire["reads"], "writes": wire["writes"],
+        }
 
     def _future(self, convert: Any) -> tuple[asyncio.Future, Any]:
         fut = asyncio.get_running_loop().create_future()
