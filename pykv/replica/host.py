@@ -13,6 +13,8 @@ The host is synchronous and owns no socket and no thread: the server's event loo
 5. ``batch.late``: every other message, sent only now (persist before send);
 6. ``apply(batch)``: restore snapshots, apply committed entries to the shard state machines
    in log order, complete waiting proposals and reads, then ``advance`` every group.
+   A durable state machine writes what it applied every ``flush_ticks`` ticks (or when
+   much is pending), not every batch: the Raft log already holds it.
 
 Requests complete through callbacks ``done(result, error)``, called on the loop thread.
 """
@@ -128,6 +130,7 @@ class ReplicaHost:
         clock: Callable[[], float] = lambda: 0.0,
         snapshot_every: int = 50_000,
         state_factory: Callable[[int], ShardState] = ShardState,
+        flush_ticks: int = 10,
     ) -> None:
         self.node_id = node_id
         self.log = log
@@ -136,6 +139,10 @@ class ReplicaHost:
         self.clock = clock
         self.snapshot_every = snapshot_every
         self.state_factory = state_factory
+        # Every this many ticks each shard state writes what it applied since its last
+        # write (a durable state batches the writes of many Ready batches into one).
+        self.flush_ticks = flush_ticks
+        self._ticks = 0
         self.groups: dict[int, Group] = {}
         # Proposal ids are [incarnation, seq]: a restarted node never mistakes an old
         # entry for one of its new proposals.
@@ -204,8 +211,12 @@ class ReplicaHost:
     # --- inputs -----------------------------------------------------------------------------
 
     def tick(self) -> None:
+        self._ticks += 1
+        flush = self._ticks % self.flush_ticks == 0
         for group in self.groups.values():
             group.raft.tick()
+            if flush:
+                group.state.flush()
         self._dirty.update(self.groups)
 
     def step(self, msg: Message) -> bool:
@@ -341,7 +352,7 @@ class ReplicaHost:
             if isinstance(proposal, list) and len(proposal) == 2 and proposal[0] == self.incarnation:
                 seq = proposal[1]
             self._complete_index(group, entry.index, seq, result)
-        state.flush()  # one storage record for the whole batch of entries
+        state.batch_applied()  # a durable state writes many batches as one record
         for rs in rd.read_states:
             reads = group.read_waiting.pop(rs.context, None)
             if reads:

@@ -168,6 +168,10 @@ class ShardState:
     def flush(self) -> None:
         """The commands applied so far are all written (a durable subclass batches them)."""
 
+    def batch_applied(self) -> None:
+        """A batch of log entries was applied: a durable subclass may write them now or
+        keep them for a later flush() (the Raft log holds them either way)."""
+
     def close(self) -> None:
         """Release files (the node stops)."""
 

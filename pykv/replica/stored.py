@@ -39,6 +39,9 @@ _APPLIED = b"\xffa"
 _TXID = struct.Struct(">Q")
 # Pending (written, not yet released) versions are released every this many records.
 _RELEASE_EVERY = 256
+# Rows applied but not yet written to the storage before a batch writes them at once; the
+# host also flushes every shard every few ticks (ReplicaHost.flush_ticks).
+_FLUSH_ROWS = 1024
 
 
 def _meta_key(kind: str, key: Any) -> bytes:
@@ -68,8 +71,8 @@ class StoredShardState(ShardState):
         self.store = Storage.open(str(self.path), fsync="off", cache_bytes=cache_bytes)
         self._batch: list[Update] = []
         # Commands applied since the last flush(): their rows, and the versions they wrote
-        # (what get() must already see). One flush = one atomic storage record for a whole
-        # batch of log entries, ending with the applied index of the last one.
+        # (what get() must already see). One flush = one atomic storage record for a run
+        # of log entries (many batches), ending with the applied index of the last one.
         self._rows: list[Update] = []
         self._overlay: dict[str, Versioned] = {}
         self._since_release = 0
@@ -127,6 +130,15 @@ class StoredShardState(ShardState):
         if self._since_release >= _RELEASE_EVERY:
             self._since_release = 0
             self.store.wait_durable(lsn)  # under fsync="off": written, and memory released
+
+    def batch_applied(self) -> None:
+        """Write the applied rows only once there are many: one storage record (and one wake
+        of the storage's writer thread) per many batches, not per batch. Until then the
+        overlay serves reads; a crash loses nothing, since the storage's applied index
+        says where the Raft log replay resumes, and the log is never compacted past what
+        make_durable() wrote."""
+        if len(self._rows) >= _FLUSH_ROWS:
+            self.flush()
 
     def _journal(self, kind: str, key: Any, value: Any) -> None:
         encoded = None if value is _FORGET else pack(value)
