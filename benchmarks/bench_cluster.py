@@ -130,7 +130,7 @@ def _per_txn(before: dict, after: dict, committed: int) -> dict:
 
 def bench_cluster(
     clients: int, duration: float, partitions: int = 16, keys: int = 100_000,
-    state: str = "storage", aio: bool = False,
+    state: str = "storage", aio: bool = False, reads: str = "safe",
 ) -> dict:
     config = WorkloadConfig(keys=keys, value_bytes=100, ops=4, clients=clients, duration=duration)
     with tempfile.TemporaryDirectory(prefix="pykv-bench-cluster-") as tmp:
@@ -138,7 +138,7 @@ def bench_cluster(
         base = _free_base_port(3)
         addresses = [f"127.0.0.1:{base + i}" for i in range(3)]
         try:
-            cluster = cluster_up(data, 3, base, partitions=partitions, state=state)
+            cluster = cluster_up(data, 3, base, partitions=partitions, state=state, reads=reads)
             with pykv.client.connect([f"127.0.0.1:{base}"], timeout=30) as db:
                 preload(db, config)
                 before = _cluster_costs(cluster, data, addresses)
@@ -148,6 +148,7 @@ def bench_cluster(
                 result = asyncio.run(_aio_workload([f"127.0.0.1:{base}"], config))
             result.update(_per_txn(before, _cluster_costs(cluster, data, addresses), result["committed"]))
             result["partitions"] = partitions
+            result["reads"] = reads
             return result
         finally:
             cluster_down(data)
@@ -182,10 +183,12 @@ def main() -> None:
     parser.add_argument("--state", choices=["storage", "memory"], default="storage")
     parser.add_argument("--aio", action="store_true",
                         help="drive the cluster from coroutines on one pykv.aio client, not threads")
+    parser.add_argument("--reads", choices=["safe", "lease"], default="safe",
+                        help="how shard leaders confirm reads (see pykv serve --help)")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     out = {"cluster": bench_cluster(args.clients, args.duration, args.partitions, state=args.state,
-                                    aio=args.aio)}
+                                    aio=args.aio, reads=args.reads)}
     if not args.no_baseline:
         out["embedded"] = bench_embedded(args.clients, args.duration)
         out["cluster_over_embedded_tps"] = round(out["cluster"]["tps"] / max(out["embedded"]["tps"], 1e-9), 4)

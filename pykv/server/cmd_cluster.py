@@ -37,6 +37,7 @@ class ClusterConfig:
     initial: list[int] = field(default_factory=list)  # the members that bootstrapped it
     state: str = "storage"  # where shard values live: "storage" (on disk) or "memory" (+ snapshots)
     removed: list[int] = field(default_factory=list)  # ids taken out with `cluster remove`
+    reads: str = "safe"  # how leaders confirm reads: "safe" (ReadIndex) or "lease"
 
     def active(self) -> dict[int, str]:
         return {n: a for n, a in self.nodes.items() if n not in self.removed}
@@ -51,6 +52,7 @@ class ClusterConfig:
                 "initial": self.initial,
                 "state": self.state,
                 "removed": self.removed,
+                "reads": self.reads,
             },
             indent=2,
         )
@@ -66,6 +68,7 @@ class ClusterConfig:
             initial=list(raw["initial"]),
             state=raw.get("state", "storage"),
             removed=list(raw.get("removed", [])),
+            reads=raw.get("reads", "safe"),
         )
 
 
@@ -128,6 +131,7 @@ def serve_command(config: ClusterConfig, node_id: int, data_dir: Path) -> list[s
         "--replicas", str(config.replicas),
         "--vnodes", str(config.vnodes),
         "--state", config.state,
+        "--reads", config.reads,
     ]
     return argv
 
@@ -233,6 +237,7 @@ def cluster_up(
     vnodes: int = DEFAULT_VNODES,
     host: str = "127.0.0.1",
     state: str = "storage",
+    reads: str = "safe",
     timeout: float = 60.0,
     console: Console | None = None,
     env: dict | None = None,
@@ -249,6 +254,7 @@ def cluster_up(
             vnodes=vnodes,
             initial=ids,
             state=state,
+            reads=reads,
         )
     else:
         # Growing: new ids join the existing cluster; their ports continue the sequence.
@@ -278,7 +284,7 @@ def cluster_remove(data_dir: Path, node_id: int, *, timeout: float = 120.0,
     remaining = ClusterConfig(
         nodes={n: a for n, a in config.nodes.items()}, partitions=config.partitions,
         replicas=config.replicas, vnodes=config.vnodes, initial=config.initial,
-        state=config.state, removed=config.removed,
+        state=config.state, removed=config.removed, reads=config.reads,
     )
     if not wait_until_ready(remaining, timeout, console, data_dir):
         raise TimeoutError(f"the shards of node {node_id} did not move away in {timeout}s")
@@ -337,6 +343,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--vnodes", type=int, default=DEFAULT_VNODES)
     up.add_argument("--state", choices=["storage", "memory"], default="storage",
                     help="shard values on disk (pykv.storage; default) or in memory with snapshots")
+    up.add_argument("--reads", choices=["safe", "lease"], default="safe",
+                    help="safe: ReadIndex, a heartbeat round per batch of reads (default); "
+                         "lease: no round trip, linearizable only under bounded clock drift")
     up.add_argument("--timeout", type=float, default=60.0)
     down = sub.add_parser("down", help="stop every node of the cluster in DIR")
     down.add_argument("--data-dir", required=True, type=Path)
@@ -370,6 +379,7 @@ def run(args: argparse.Namespace) -> int:
             vnodes=args.vnodes,
             host=args.host,
             state=args.state,
+            reads=args.reads,
             timeout=args.timeout,
             console=console,
         )

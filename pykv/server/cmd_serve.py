@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", choices=["storage", "memory"], default="storage",
                         help="shard values on disk (pykv.storage; the default) or in memory with snapshots")
     parser.add_argument("--fsync", choices=["always", "interval", "off"], default="always")
+    parser.add_argument("--reads", choices=["safe", "lease"], default="safe",
+                        help="safe: ReadIndex, a heartbeat round per batch of reads (the default); "
+                             "lease: no round trip, linearizable only under bounded clock drift")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -65,6 +68,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         fsync=args.fsync,
         batch_wait=args.batch_wait_ms / 1000.0,
         state=args.state,
+        reads=args.reads,
     )
 
 

@@ -122,6 +122,10 @@ class NodeConfig:
     # "storage": shard values on disk (pykv.storage, via pykv.replica.stored);
     # "memory": shard values in memory, with snapshots on disk.
     state: str = "storage"
+    # How a shard leader confirms a read: "safe" = ReadIndex, one heartbeat round per batch
+    # of reads (no clock assumption); "lease" = no round while a quorum acknowledged a
+    # heartbeat recently, which is linearizable only while clock drift stays bounded.
+    reads: str = "safe"
 
 
 class _Peer:
@@ -308,6 +312,7 @@ class Node:
             election_ticks=cfg.election_ticks,
             heartbeat_ticks=cfg.heartbeat_ticks,
             max_inflight=256,
+            read_only=cfg.reads,
         )
         self.host = ReplicaHost(
             cfg.node_id,
@@ -627,6 +632,7 @@ class Node:
             "map_nodes": list(self.current_map().nodes),
             "pending_moves": self.moves_pending(),
             "counters": dict(self.counters),
+            "reads": self.config.reads,
         }
 
     def current_map(self) -> ShardMap:
