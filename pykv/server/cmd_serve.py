@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from pykv.server.cmd_cluster import DEFAULT_PARTITIONS, PARTITIONS_HELP
 from pykv.server.node import NodeConfig, serve_forever
 
 
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initial", default="",
                         help="comma-separated ids of the founding members (default: all peers)")
     parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS, help=PARTITIONS_HELP)
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--vnodes", type=int, default=64)
     parser.add_argument("--tick-ms", type=float, default=10.0)
