@@ -11,8 +11,9 @@ Commit protocol, as the client drives it:
   keys all live in one shard is ONE ``COMMIT`` proposal on that shard's leader, validated
   when every replica applies it;
 - otherwise two-phase commit over the shards' Raft groups: ``PREPARE`` each shard's part
-  (validate + lock, replicated) -> ``DECIDE`` on the coordinator shard (the commit record;
-  the first decision recorded wins) -> ``FINISH`` on every participant. The commit is
+  (validate + lock, replicated) -> ``COMMIT_DECIDE`` on the coordinator shard (its own part
+  and the commit record; the first decision recorded wins) -> ``FINISH`` on every other
+  participant, sent by the coordinator shard's leader (pykv.server.node). The commit is
   acknowledged once the decision is commit. Should the client die at any point, each
   participant's leader settles its prepared part with the coordinator shard (see
   pykv.server.node), so no transaction stays in doubt; keys of a prepared transaction
@@ -129,21 +130,16 @@ class AsyncCluster:
                     f"transaction {request.txid} aborted: a participant did not vote ({refusal})"
                 )
             raise refusal
-        # The coordinator's own part and the decision record: one proposal, one round.
-        try:
-            await self.router.call(
-                coordinator, COMMIT_DECIDE,
-                [coordinator, request.restricted_to(by_shard[coordinator]).to_wire()],
-            )
-        except (Timeout, Unavailable):
-            raise  # outcome unknown: the participants settle it with the coordinator shard
-        except Error:
-            self._finish_later(others, request.txid, False)
-            raise
+        # The coordinator's own part and the decision record: one proposal, one round. The
+        # coordinator shard's leader then sends FINISH to the others (commit or abort, as
+        # recorded); until they apply it, their prepared keys stay locked and reads of them
+        # wait, so nobody sees half of the transaction. On Timeout or Unavailable the
+        # outcome is unknown: the participants settle it with the coordinator shard.
+        await self.router.call(
+            coordinator, COMMIT_DECIDE,
+            [coordinator, request.restricted_to(by_shard[coordinator]).to_wire(), others],
+        )
         failpoint("txn.2pc.after_decide")
-        # Decided and durable. The participants apply it in the background; until they do,
-        # their prepared keys stay locked and reads of them wait, so nobody sees half of it.
-        self._finish_later(others, request.txid, True)
 
     def _finish_later(self, shards: list[int], txid: int, commit: bool) -> None:
         for s in shards:

@@ -42,7 +42,8 @@ DECIDE = 22  # [shard, txid, commit?, participants] -> the recorded decision (bo
 FINISH = 23  # [shard, txid, commit?] -> outcome
 SCAN = 24  # [shard, prefix, start, end, limit] -> [[key, version wire]...]
 RESOLVER = 25  # [shard, prefix, builtin name] -> outcome
-COMMIT_DECIDE = 26  # [shard, request wire] -> outcome: the coordinator's part + decision
+COMMIT_DECIDE = 26  # [shard, request wire, other shards?] -> outcome: the coordinator's part +
+# decision; with the other participants' shards, the leader then sends them FINISH
 JOIN = 27  # [META_GROUP, node id, address] -> map version: add a node to the shard map
 MEMBERS = 28  # [shard] -> {leader, voters, learners, commit, match} from the shard's leader
 CONF = 29  # [shard, step, node] -> None: add_learner / promote / remove / transfer

@@ -244,6 +244,11 @@ def _future_reply(fut: asyncio.Future) -> Any:
     return _error_reply(exc)
 
 
+def _ignore_result(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: nobody waits for this one
+
+
 def _error_reply(exc: BaseException) -> list:
     if isinstance(exc, NotLeader):
         return [REDIRECT, exc.leader_hint]
@@ -299,6 +304,7 @@ class Node:
         self._wake: asyncio.Future | None = None
         self._stopping = False
         self._resolving: set[tuple[int, int]] = set()
+        self._finishing: set[asyncio.Task] = set()  # FINISH calls to participants elsewhere
         self.router = Router(list(config.peers.values()), timeout=5.0)
         self.stopped = asyncio.Event()
 
@@ -358,9 +364,9 @@ class Node:
         self._wakeup()
         if self._server is not None:
             self._server.close()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._finishing]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._finishing, return_exceptions=True)
         await self.router.close()
         for peer in self.peers.values():
             if peer.conn is not None:
@@ -486,7 +492,12 @@ class Node:
             if kind == COMMIT:
                 return self._propose(shard, CMD_COMMIT, [self._stamped(body[1])], _outcome_reply)
             if kind == COMMIT_DECIDE:
-                return self._propose(shard, CMD_COMMIT_DECIDE, [self._stamped(body[1])], _outcome_reply)
+                request = self._stamped(body[1])
+                fut = self._propose(shard, CMD_COMMIT_DECIDE, [request], _outcome_reply)
+                if len(body) > 2:
+                    others = [int(s) for s in body[2]]
+                    fut.add_done_callback(lambda f: self._finish_decided(f, request["txid"], others))
+                return fut
             if kind == PREPARE:
                 return self._propose(
                     shard, CMD_PREPARE, [self._stamped(body[1]), int(body[2]), list(body[3])],
@@ -582,6 +593,38 @@ class Node:
         host.read(shard, fn, (), done)
         self._wakeup()
         return fut
+
+    # --- 2PC: finishing a decided transaction, and recovery --------------------------------------
+
+    def _finish_decided(self, fut: asyncio.Future, txid: int, shards: list[int]) -> None:
+        """The coordinator shard answered COMMIT_DECIDE: tell the other participants.
+
+        Done here rather than by the client: a participant led by this node finishes with a
+        local proposal (no network), and the keys it locked are released one client round
+        trip sooner. Only a recorded decision is passed on; when the outcome is unknown
+        (leadership lost), the participants settle it with the coordinator shard.
+        """
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        reply = fut.result()
+        commit = reply[0] == OK
+        for shard in shards:
+            group = self.host.groups.get(shard) if self.host is not None else None
+            if group is not None and group.raft.is_leader():
+                try:
+                    self._propose(shard, CMD_FINISH, [txid, commit], _outcome_reply).add_done_callback(
+                        _ignore_result
+                    )
+                    continue
+                except (NotLeader, Unavailable):
+                    pass  # leadership moved just now: go through the router
+            task = asyncio.get_running_loop().create_task(self.router.call(shard, FINISH, [shard, txid, commit]))
+            self._finishing.add(task)
+            task.add_done_callback(self._finished_task)
+
+    def _finished_task(self, task: asyncio.Task) -> None:
+        self._finishing.discard(task)
+        _ignore_result(task)  # a lost FINISH is settled by the participant's recovery
 
     # --- 2PC recovery ---------------------------------------------------------------------------
 
