@@ -36,6 +36,7 @@ _META = b"\xff"
 # the key before a delete and a blind re-create would see "the same" clock again.
 _TOMBSTONE = b""
 _APPLIED = b"\xffa"
+_PREPARED = b"\xffp"
 _TXID = struct.Struct(">Q")
 # Pending (written, not yet released) versions are released every this many records.
 _RELEASE_EVERY = 256
@@ -120,9 +121,16 @@ class StoredShardState(ShardState):
         if not self._rows:
             return
         latest: dict[bytes, Update] = {}
+        born: list[bytes] = []  # prepared-transaction records first written in this run
         for row in self._rows:  # a key written twice keeps its last value
-            latest.pop(row.key, None)
+            if latest.pop(row.key, None) is None and row.value is not None and row.key.startswith(_PREPARED):
+                born.append(row.key)
             latest[row.key] = row
+        for key in born:
+            # Prepared and finished within this run: the storage never held the record (a
+            # txid is prepared only while no record of it is live), so neither row goes.
+            if latest[key].value is None:
+                del latest[key]
         self._rows = []
         lsn = self.store.submit(list(latest.values()))
         self._overlay.clear()

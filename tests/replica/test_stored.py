@@ -104,3 +104,23 @@ def test_many_applied_rows_are_written_without_waiting_for_a_flush(tmp_path):
     again = StoredShardState(0, tmp_path / "g0")
     assert again.applied_index >= 500  # written by batch_applied, not by close()
     again.close()
+
+
+def test_a_transaction_prepared_and_finished_between_two_writes_leaves_no_record(tmp_path):
+    state = StoredShardState(0, tmp_path / "g0")
+    state.apply(1, encode_command(PREPARE, None, _put(8, "p", "x").to_wire(), 0, [0, 1]))
+    state.apply(2, encode_command(FINISH, None, 8, True))  # same run of writes
+    state.apply(3, encode_command(PREPARE, None, _put(9, "q", "y").to_wire(), 0, [0, 1]))
+    state.flush()
+    state.apply(4, encode_command(FINISH, None, 9, False))  # prepared in the last run
+    state.apply(5, encode_command(PREPARE, None, _put(10, "r", "z").to_wire(), 0, [0, 1]))
+    state.close()
+
+    again = StoredShardState(0, tmp_path / "g0")
+    assert again.applied_index == 5
+    assert list(again.prepared) == [10] and again.locked("r")
+    assert not again.locked("p") and not again.locked("q")
+    assert again.get("p").value == "x" and again.get("q") == ABSENT
+    live = [key for key, stored in again.store.scan(prefix=b"\xffp") if stored.value is not None]
+    assert len(live) == 1
+    again.close()
