@@ -8,7 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from pykv.client.admin import fetch_status
+from pykv.client.admin import fetch_shard_map, fetch_status
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,10 +17,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the raw status as JSON")
 
 
+def discover(addresses: list[str], timeout: float) -> list[str]:
+    """The given addresses plus every node the shard map of the first answering one names,
+    so that `pykv status --addresses ONE` shows the whole cluster."""
+    everyone = list(addresses)
+    for address in addresses:
+        try:
+            nodes = fetch_shard_map(address, timeout=timeout)["nodes"]
+        except Exception:  # noqa: BLE001 - try the next address; collect() reports it down
+            continue
+        everyone += [a for _, a in sorted(nodes.items(), key=lambda kv: int(kv[0]))]
+        break
+    return list(dict.fromkeys(everyone))
+
+
 def collect(addresses: list[str], timeout: float) -> dict[str, dict | str]:
     """address -> the node's status, or the error text when it did not answer."""
     found: dict[str, dict | str] = {}
-    for address in addresses:
+    for address in discover(addresses, timeout):
         try:
             found[address] = fetch_status(address, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - a down node is a row, not a crash

@@ -177,6 +177,10 @@ def test_cli_put_get_txn_and_status(cluster):
     status = _cli("status", "--json", "--addresses", *cluster.addresses)
     assert status.returncode == 0
     assert len(json.loads(status.stdout)) == 3
+    # one address is enough: status finds the other nodes through the shard map
+    status = _cli("status", "--json", "--addresses", cluster.addresses[1])
+    assert status.returncode == 0
+    assert sorted(json.loads(status.stdout)) == sorted(cluster.addresses)
 
 
 def _raw_connection(address: str) -> socket.socket:
