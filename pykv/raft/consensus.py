@@ -26,7 +26,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from pykv.codec import pack, unpack
-from pykv.errors import Error
+from pykv.errors import Error, InvalidArgument
 from pykv.raft.errors import NotLeader
 from pykv.raft.harness import MemoryDisk
 from pykv.raft.messages import EntryKind, Message, Role
@@ -160,7 +160,7 @@ class ConsensusModule:
         seed: int | None = None,
     ) -> None:
         if nodes < 1:
-            raise ValueError("a group needs at least one replica")
+            raise InvalidArgument("a group needs at least one replica")
         self.config = config or RaftConfig(election_ticks=10, heartbeat_ticks=2)
         self.tick_interval = tick_interval
         self.rng = random.Random(seed)

@@ -51,6 +51,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pykv.errors import InvalidArgument
 from pykv.raft.errors import ConfChangeRejected, NotLeader, RaftInvariantError, RaftUsageError
 from pykv.raft.log import RaftLog
 from pykv.raft.messages import (
@@ -102,15 +103,15 @@ class RaftConfig:
 
     def __post_init__(self) -> None:
         if self.heartbeat_ticks < 1 or self.election_ticks <= self.heartbeat_ticks:
-            raise ValueError("need 1 <= heartbeat_ticks < election_ticks")
+            raise InvalidArgument("need 1 <= heartbeat_ticks < election_ticks")
         if self.max_batch_entries < 1 or self.max_inflight < 1 or self.max_apply_entries < 1:
-            raise ValueError("batch, inflight and apply limits must be positive")
+            raise InvalidArgument("batch, inflight and apply limits must be positive")
         if self.read_only not in (READ_SAFE, READ_LEASE):
-            raise ValueError(f"read_only must be {READ_SAFE!r} or {READ_LEASE!r}")
+            raise InvalidArgument(f"read_only must be {READ_SAFE!r} or {READ_LEASE!r}")
         if self.read_only == READ_LEASE and not self.check_quorum:
-            raise ValueError("lease reads need check_quorum")
+            raise InvalidArgument("lease reads need check_quorum")
         if not 0 <= self.max_clock_drift < 1:
-            raise ValueError("max_clock_drift must be in [0, 1)")
+            raise InvalidArgument("max_clock_drift must be in [0, 1)")
 
     def lease_ticks(self) -> int:
         """How long a leader may serve reads locally after a quorum acknowledged a heartbeat."""
@@ -126,7 +127,7 @@ def bootstrap_state(voters: Iterable[int]) -> PersistentState:
     """
     voters = sorted(set(voters))
     if not voters:
-        raise ValueError("a group needs at least one voter")
+        raise InvalidArgument("a group needs at least one voter")
     cc = ConfChange(tuple((ConfChangeKind.ADD_NODE, v) for v in voters))
     entry = Entry(1, 1, EntryKind.CONF_CHANGE, cc.to_wire())
     return PersistentState(HardState(term=1, vote=None, commit=1), (entry,), None)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pykv.api import KeyValueStore, Transaction
-from pykv.errors import Error, TransactionConflict
+from pykv.errors import Error, InvalidArgument, TransactionConflict
 from pykv.types import MAX_TXN_OPS
 
 PRELOAD_BATCH = 2_000  # keys per preload transaction (well under max_txn_ops)
@@ -36,11 +36,11 @@ class WorkloadConfig:
 
     def __post_init__(self) -> None:
         if self.keys < 2:
-            raise ValueError("the workload needs at least 2 keys")
+            raise InvalidArgument("the workload needs at least 2 keys")
         if not 2 <= self.ops <= MAX_TXN_OPS:
-            raise ValueError(f"ops must be between 2 and {MAX_TXN_OPS}")
+            raise InvalidArgument(f"ops must be between 2 and {MAX_TXN_OPS}")
         if self.value_bytes < 1 or self.clients < 1 or self.duration <= 0:
-            raise ValueError("value_bytes, clients and duration must be positive")
+            raise InvalidArgument("value_bytes, clients and duration must be positive")
 
     @property
     def reads(self) -> int:
