@@ -28,6 +28,7 @@ from pykv.net.framing import (
     encode_frame,
     hello_frame,
 )
+from pykv.net.protocol import parse_address
 
 log = logging.getLogger("pykv.client")
 
@@ -84,13 +85,6 @@ def unwrap(reply: Any) -> Any:
     if tag == FAILED:
         raise error_from_reply(reply[1], reply[2])
     raise ProtocolError(f"unknown reply tag {tag!r}")
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"an address must be HOST:PORT, not {address!r}")
-    return host or "127.0.0.1", int(port)
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:

@@ -77,11 +77,11 @@ def _field(value: Any) -> str:
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """'host:port' -> (host, port); raises ValueError."""
+    """'host:port' -> (host, port); ':port' means 127.0.0.1. Raises InvalidArgument."""
     host, sep, port = address.rpartition(":")
-    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
-        raise ValueError(f"address {address!r} is not 'host:port'")
-    return host.strip("[]"), int(port)
+    if not (sep and port.isdigit() and 0 < int(port) < 65536):
+        raise errors.InvalidArgument(f"address {address!r} is not 'host:port'")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _error_body(exc: BaseException) -> dict[str, str]:
