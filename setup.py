@@ -28,7 +28,11 @@ def engine_extensions() -> list[Extension]:
             f"pykv._engine.{pyx.stem}",
             [str(pyx.relative_to(HERE))],
             include_dirs=[str(HERE / "engine")],  # C headers such as crc32c.h
-            depends=[str(h.relative_to(HERE)) for h in (HERE / "engine").glob("*.h")],
+            depends=[  # C headers and Cython includes: a change to one rebuilds every module
+                str(p.relative_to(HERE))
+                for pattern in ("*.h", "*.pxi")
+                for p in sorted((HERE / "engine").glob(pattern))
+            ],
             extra_compile_args=compile_args,
             define_macros=macros,
         )

@@ -41,28 +41,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_unlock(pthread_mutex_t*)
 
 
-cdef inline uint64_t mix(uint64_t x) noexcept nogil:
-    x ^= x >> 30
-    x *= <uint64_t>0xBF58476D1CE4E5B9
-    x ^= x >> 27
-    x *= <uint64_t>0x94D049BB133111EB
-    x ^= x >> 31
-    return x
-
-
-cdef inline uint64_t hash_bytes(const uint8_t* key, Py_ssize_t length, uint64_t seed) noexcept nogil:
-    cdef uint64_t h = seed ^ (<uint64_t>length * <uint64_t>0x9E3779B97F4A7C15)
-    cdef uint64_t word
-    cdef Py_ssize_t i = 0
-    while i + 8 <= length:
-        memcpy(&word, key + i, 8)
-        h = mix(h ^ word) + <uint64_t>0x9E3779B97F4A7C15
-        i += 8
-    word = 0
-    if i < length:
-        memcpy(&word, key + i, length - i)
-        h = mix(h ^ word ^ (<uint64_t>(length - i) << 56))
-    return mix(h)
+include "keyhash.pxi"
 
 
 cdef inline uint8_t* lock_key(lk_lock* lock) noexcept nogil:
@@ -317,7 +296,7 @@ cdef int fill_request(request* r, object key, uint64_t seed, int mode) except -1
     if r.key_len > C_MAX_KEY:
         raise KeyTooLarge(f"key of {r.key_len} bytes is longer than {C_MAX_KEY}")
     r.key = <const uint8_t*>PyBytes_AS_STRING(key)
-    r.hash = hash_bytes(r.key, r.key_len, seed)
+    r.hash = hash_key(r.key, r.key_len, seed)
     r.mode = mode
     return 0
 
