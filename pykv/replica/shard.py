@@ -205,10 +205,14 @@ class ShardState:
             self.versions[u.key] = Versioned(u.value, u.clock, u.timestamp)
 
     def _lock_modes(self, request: CommitRequest) -> tuple[list[str], list[str]]:
-        """(exclusive keys, shared keys) of a request: blind incr/append-only keys are shared."""
+        """(exclusive keys, shared keys) of a request: blind incr-only keys are shared.
+
+        Only incr commutes invisibly: two appends to the same lists prepared at once could
+        land in opposite orders on two shards, a write cycle (G0) that the list order shows,
+        so appends lock exclusively like any other write."""
         commutative: dict[str, bool] = {}
         for op in request.writes:
-            ok = op.observed is None and op.kind in (OpKind.INCR, OpKind.APPEND)
+            ok = op.observed is None and op.kind is OpKind.INCR
             commutative[op.key] = commutative.get(op.key, True) and ok
         shared = [k for k, ok in commutative.items() if ok and k not in request.reads]
         exclusive = list(dict.fromkeys(
