@@ -219,6 +219,14 @@ class RaftNode:
     def hard_state(self) -> HardState:
         return HardState(self.term, self.vote, self.log.committed)
 
+    def durable_hard_state(self) -> HardState:
+        """The hard state handed out by the last advanced Ready: what the driver has persisted."""
+        return self._prev_hard
+
+    def conf_at(self, index: int) -> ConfState:
+        """The configuration in force at log index ``index`` (for a snapshot taken there)."""
+        return self._conf_at(index)
+
     def is_leader(self) -> bool:
         return self.role == Role.LEADER
 

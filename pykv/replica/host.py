@@ -421,7 +421,7 @@ class ReplicaHost:
             return
         group.state.make_durable()  # the log below index may go only once the state is safe
         data = group.state.snapshot()
-        meta = SnapshotMeta(index, term, group.raft._conf_at(index))
+        meta = SnapshotMeta(index, term, group.raft.conf_at(index))
         self.log.save_snapshot(group.gid, Snapshot(meta, data))
         group.raft.compact(index, data)
         group.snapshot_index = index
@@ -442,6 +442,6 @@ def _term_unchanged(group: Group, rd: Ready) -> bool:
     hs = rd.hard_state
     if hs is None:
         return True
-    prev = group.raft._prev_hard  # the hard state already durable before this Ready
+    prev = group.raft.durable_hard_state()  # already durable before this Ready
     return hs.term == prev.term and hs.vote == prev.vote
 
