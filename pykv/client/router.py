@@ -25,7 +25,7 @@ from pykv.client.transport import (
     unwrap,
 )
 from pykv.cluster.ring import HashRing
-from pykv.errors import Timeout, Unavailable
+from pykv.errors import InvalidArgument, Timeout, Unavailable
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Router:
         attempt_timeout: float = 0.75,
     ) -> None:
         if not seeds:
-            raise ValueError("connect needs at least one address")
+            raise InvalidArgument("connect needs at least one address")
         self.seeds = list(seeds)
         self.timeout = timeout
         self.connect_timeout = connect_timeout

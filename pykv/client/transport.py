@@ -237,5 +237,5 @@ __all__ = [
     "COMMIT", "COMMIT_DECIDE", "CONF", "CoalescingWriter", "Connection", "DROP", "HOST", "JOIN",
     "LEAVE", "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PREPARE", "RAFT", "READ",
     "REDIRECT", "RESOLVER", "RESPONSE", "Redirect", "SCAN", "SHARD_MAP", "STATUS",
-    "error_from_reply", "parse_address", "unwrap",
+    "error_from_reply", "unwrap",
 ]

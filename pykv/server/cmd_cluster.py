@@ -18,7 +18,7 @@ from rich.table import Table
 
 import pykv
 from pykv.client.admin import fetch_status, request_leave
-from pykv.errors import Error
+from pykv.errors import Error, InvalidArgument
 
 CONFIG_NAME = "cluster.json"
 # Partitions are fixed for the life of a cluster (no split or merge), so the default leaves
@@ -284,7 +284,7 @@ def cluster_remove(data_dir: Path, node_id: int, *, timeout: float = 120.0,
     """Take a node out: its shards move to the others (Raft membership changes), then it stops."""
     config = load_config(data_dir)
     if config is None or node_id not in config.active():
-        raise ValueError(f"node {node_id} is not an active node of the cluster in {data_dir}")
+        raise InvalidArgument(f"node {node_id} is not an active node of the cluster in {data_dir}")
     others = [a for n, a in config.active().items() if n != node_id]
     request_leave(others, node_id)
     config.removed.append(node_id)

@@ -60,7 +60,6 @@ from pykv.client.transport import (
     WIPE,
     CoalescingWriter,
     Connection,
-    parse_address,
     set_nodelay,
 )
 from pykv.cluster.shardmap import ShardMap
@@ -74,6 +73,7 @@ from pykv.net.framing import (
     encode_frame,
     hello_frame,
 )
+from pykv.net.protocol import parse_address
 from pykv.raft.errors import ConfChangeRejected, NotLeader
 from pykv.raft.messages import ConfChangeKind, Message
 from pykv.raft.node import RaftConfig
