@@ -52,7 +52,9 @@ class _Read:
     """A linearizable read waiting for its ReadIndex, then for the apply index to reach it."""
 
     fn: Callable[[ShardState], Any]  # runs against the state; returns the result
-    keys: tuple[str, ...]  # keys that must not be locked by a prepared transaction
+    # keys that must not be locked by a prepared transaction; None: no key of the shard may be
+    # (a scan, whose keys are not known in advance, must not see half of a decided 2PC)
+    keys: tuple[str, ...] | None
     done: Done
     index: int = 0
 
@@ -246,7 +248,9 @@ class ReplicaHost:
         group.pending[seq] = (index, done)
         group.by_index[index] = seq
 
-    def read(self, gid: int, fn: Callable[[ShardState], Any], keys: tuple[str, ...], done: Done) -> None:
+    def read(
+        self, gid: int, fn: Callable[[ShardState], Any], keys: tuple[str, ...] | None, done: Done
+    ) -> None:
         """Run ``fn(state)`` as a linearizable read on the leader (ReadIndex), then ``done``."""
         group = self._group(gid)
         if not group.raft.is_leader():
@@ -383,7 +387,7 @@ class ReplicaHost:
         applied = group.state.applied_index
         still = []
         for r in group.read_ready:
-            if r.index > applied or any(group.state.locked(k) for k in r.keys):
+            if r.index > applied or self._read_blocked(group.state, r.keys):
                 still.append(r)  # wait for the apply index, or for a prepared txn to finish
                 continue
             try:
@@ -393,6 +397,12 @@ class ReplicaHost:
             else:
                 r.done(result, None)
         group.read_ready = still
+
+    @staticmethod
+    def _read_blocked(state: ShardState, keys: tuple[str, ...] | None) -> bool:
+        if keys is None:
+            return state.any_locked()
+        return any(state.locked(k) for k in keys)
 
     def _fail_all(self, group: Group, exc: BaseException) -> None:
         pending, group.pending, group.by_index = group.pending, {}, {}

@@ -135,6 +135,10 @@ class ShardState:
         """Whether a prepared transaction may still change the key (reads of it wait)."""
         return key in self.locks or key in self.shared
 
+    def any_locked(self) -> bool:
+        """Whether a prepared transaction may still change some key (scans wait)."""
+        return bool(self.locks or self.shared)
+
     # --- applying commands ------------------------------------------------------------------
 
     def apply(self, index: int, data: bytes) -> tuple[Any, Any]:

@@ -590,7 +590,7 @@ class Node:
         def fn(state: Any) -> list:
             return [[k, v.to_wire()] for k, v in state.scan(prefix, start, end, limit)]
 
-        host.read(shard, fn, (), done)
+        host.read(shard, fn, None, done)  # waits until no prepared txn holds a key of the shard
         self._wakeup()
         return fut
 
