@@ -427,23 +427,29 @@ class Storage:
             else:
                 value = self._cache.get(key, lsn)
             if value is None:
-                fd = self._files.acquire(seg)
+                fd = self._acquire_value_file(seg, size)
         if value is None:
             value = self._read_value(fd, seg, off, size, meta, key=key, lsn=lsn)
         return StoredVersion(value, meta[META_FIXED:], _timestamp_of(meta)[0], lsn)
 
-    def _read_value(self, fd: int, seg: int, off: int, size: int, meta: bytes, *,
+    def _acquire_value_file(self, seg: int, size: int) -> int | None:
+        """The fd to read a value from (call with the lock held), or None for an empty value:
+        it needs no bytes, and its segment holds no live bytes, so it may already be gone."""
+        return self._files.acquire(seg) if size else None
+
+    def _read_value(self, fd: int | None, seg: int, off: int, size: int, meta: bytes, *,
                     key: bytes | None = None, lsn: int = 0) -> bytes:
         """pread a value without the lock (the fd stays open until released), check its CRC,
         give the fd back and, given the key, keep the value in the cache."""
         value = b""
         problem: str | None = "unread"
         try:
-            value = os.pread(fd, size, off)
+            value = os.pread(fd, size, off) if fd is not None else b""
             problem = _value_problem(value, size, meta)
         finally:
             with self._lock:
-                self._files.release(fd)
+                if fd is not None:
+                    self._files.release(fd)
                 if key is not None and problem is None:
                     self._cache.put(key, lsn, value)
         if problem is not None:
@@ -625,7 +631,7 @@ class Storage:
 
     def _read_victim(self, seg: int, off: int, size: int, meta: bytes) -> bytes:
         with self._lock:
-            fd = self._files.acquire(seg)
+            fd = self._acquire_value_file(seg, size)
         return self._read_value(fd, seg, off, size, meta)
 
     def _relocate(self, moves: list[tuple[bytes, bytes, bytes, int]]) -> tuple[int, int]:
