@@ -9,16 +9,14 @@ to the embedded store), never asserted.
 
     python3 -m pytest benchmarks/bench_cluster.py --benchmark-only -s     # 64 clients, 5 s
     python3 benchmarks/bench_cluster.py --clients 64 --duration 10 [--partitions 16] [--state memory]
-                                        [--aio: coroutines on one asyncio client, not threads]
+                                        [--threads: threads on pykv.connect, not pykv.aio]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import random
 import socket
 import tempfile
 import time
@@ -27,15 +25,12 @@ from pathlib import Path
 import pykv
 import pykv.client
 from pykv.client.admin import fetch_status
-from pykv.errors import Error, TransactionConflict
 from pykv.server.cmd_cluster import ClusterConfig, cluster_down, cluster_up, running_nodes
 from pykv.server.workload import (
     WorkloadConfig,
-    key_name,
-    modify_value,
-    percentile,
     preload,
     run_workload,
+    run_workload_on_cluster,
 )
 
 
@@ -52,54 +47,6 @@ def _free_base_port(count: int) -> int:
         if ok:
             return base
     raise RuntimeError("no free ports")
-
-
-async def _aio_workload(addresses: list[str], config: WorkloadConfig) -> dict:
-    """The same 4-op transactions from ``clients`` coroutines on one pykv.aio client."""
-    import pykv.aio
-
-    db = await pykv.aio.connect(addresses, timeout=30)
-    latencies: list[float] = []
-    counts = {"committed": 0, "aborts": 0, "errors": 0}
-    deadline = time.perf_counter() + config.duration
-
-    async def client(index: int) -> None:
-        rng = random.Random(config.seed * 1_000_003 + index)
-        while time.perf_counter() < deadline:
-            picked = rng.sample(range(config.keys), config.reads + config.writes - 1)
-            keys = [key_name(i) for i in picked[: config.reads]]
-            blind = [key_name(i) for i in picked[config.reads:]]
-            value = rng.randbytes(config.value_bytes)
-            started = time.perf_counter()
-            while time.perf_counter() < deadline:
-                tx = db.transaction()
-                try:
-                    values = [await tx.get(k) for k in keys]
-                    tx.put(keys[0], modify_value(values[0], rng, config.value_bytes))
-                    for key in blind:
-                        tx.put(key, value)
-                    await tx.commit()
-                except TransactionConflict:
-                    counts["aborts"] += 1
-                    continue
-                except Error:
-                    counts["errors"] += 1
-                    break
-                counts["committed"] += 1
-                latencies.append(time.perf_counter() - started)
-                break
-
-    begun = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(config.clients)))
-    elapsed = time.perf_counter() - begun
-    await db.close()
-    ordered = sorted(t * 1000 for t in latencies)
-    return {
-        "tps": round(counts["committed"] / elapsed, 1),
-        "p50_ms": round(percentile(ordered, 50), 3),
-        "p99_ms": round(percentile(ordered, 99), 3),
-        **counts, "duration_s": round(elapsed, 3), "clients": config.clients, "client": "aio",
-    }
 
 
 def _cluster_costs(config: ClusterConfig, data: Path, addresses: list[str]) -> dict:
@@ -130,7 +77,7 @@ def _per_txn(before: dict, after: dict, committed: int) -> dict:
 
 def bench_cluster(
     clients: int, duration: float, partitions: int = 16, keys: int = 100_000,
-    state: str = "storage", aio: bool = False, reads: str = "safe",
+    state: str = "storage", threads: bool = False, reads: str = "safe",
 ) -> dict:
     config = WorkloadConfig(keys=keys, value_bytes=100, ops=4, clients=clients, duration=duration)
     with tempfile.TemporaryDirectory(prefix="pykv-bench-cluster-") as tmp:
@@ -142,10 +89,11 @@ def bench_cluster(
             with pykv.client.connect([f"127.0.0.1:{base}"], timeout=30) as db:
                 preload(db, config)
                 before = _cluster_costs(cluster, data, addresses)
-                if not aio:
+                if threads:
                     result = run_workload(db, config).to_dict()
-            if aio:
-                result = asyncio.run(_aio_workload([f"127.0.0.1:{base}"], config))
+            if not threads:
+                result = run_workload_on_cluster([f"127.0.0.1:{base}"], config).to_dict()
+                result["client"] = "aio"
             result.update(_per_txn(before, _cluster_costs(cluster, data, addresses), result["committed"]))
             result["partitions"] = partitions
             result["reads"] = reads
@@ -181,14 +129,15 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--partitions", type=int, default=16)
     parser.add_argument("--state", choices=["storage", "memory"], default="storage")
-    parser.add_argument("--aio", action="store_true",
-                        help="drive the cluster from coroutines on one pykv.aio client, not threads")
+    parser.add_argument("--threads", action="store_true",
+                        help="drive the cluster from threads on one pykv.connect client "
+                             "(default: coroutines on one pykv.aio client, as pykv bench does)")
     parser.add_argument("--reads", choices=["safe", "lease"], default="safe",
                         help="how shard leaders confirm reads (see pykv serve --help)")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     out = {"cluster": bench_cluster(args.clients, args.duration, args.partitions, state=args.state,
-                                    aio=args.aio, reads=args.reads)}
+                                    threads=args.threads, reads=args.reads)}
     if not args.no_baseline:
         out["embedded"] = bench_embedded(args.clients, args.duration)
         out["cluster_over_embedded_tps"] = round(out["cluster"]["tps"] / max(out["embedded"]["tps"], 1e-9), 4)

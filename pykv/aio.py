@@ -42,13 +42,14 @@ class _Prefetched:
     and captures the commit request instead of sending it."""
 
     node_id = 0
+    optimistic_reads = True  # the transaction's reads were fetched optimistically
 
     def __init__(self) -> None:
         self.versions: dict[str, Versioned] = {}
         self.request: CommitRequest | None = None
         self.resolvers = ResolverRegistry()
 
-    def read(self, key: str) -> Versioned:
+    def read(self, key: str, *, optimistic: bool = False) -> Versioned:
         return self.versions[key]
 
     def commit(self, request: CommitRequest) -> None:
@@ -80,7 +81,7 @@ class AsyncTransaction:
     async def _fetch(self, key: str) -> None:
         check_key(key)
         if key not in self._backend.versions:
-            self._backend.versions[key] = await self._store._core.read(key)
+            self._backend.versions[key] = await self._store._core.read(key, optimistic=True)
 
     async def get(self, key: str, default: Any = None) -> Any:
         """The value as this transaction sees it (its own writes included), or default."""

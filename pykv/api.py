@@ -51,9 +51,15 @@ class Backend(Protocol):
 
     node_id: int
     resolvers: ResolverRegistry
+    # True when read(key, optimistic=True) may answer an old version (a cluster shard leader
+    # answers from its state without a leadership round): the commit validates such reads.
+    optimistic_reads: bool
 
-    def read(self, key: str) -> Versioned:
-        """The latest committed and durable version of key (a linearizable read)."""
+    def read(self, key: str, *, optimistic: bool = False) -> Versioned:
+        """The latest committed and durable version of key (a linearizable read).
+
+        ``optimistic``: a transaction's read, which its commit validates, so it may be an
+        older version where that is cheaper (see ``optimistic_reads``)."""
         ...
 
     def commit(self, request: CommitRequest) -> None:
@@ -209,7 +215,7 @@ class Transaction:
         if seen is None:
             self._count_op()
             try:
-                seen = self._store._backend.read(key)
+                seen = self._store._backend.read(key, optimistic=True)
             except BaseException:
                 self._ops -= 1
                 raise
@@ -360,9 +366,11 @@ class Transaction:
         outcome = _ABORTED
         try:
             # A transaction with no writes that read at most one key is linearized at that
-            # read and needs no validation; every other one goes to the backend.
-            if self._writes or len(self._reads) > 1:
-                self._store._backend.commit(self._request())
+            # read and needs no validation, unless the read was optimistic; every other
+            # transaction goes to the backend.
+            backend = self._store._backend
+            if self._writes or len(self._reads) > 1 or (self._reads and backend.optimistic_reads):
+                backend.commit(self._request())
             outcome = _COMMITTED
         finally:
             self._state = outcome

@@ -145,7 +145,9 @@ class EmbeddedBackend:
     def storage(self) -> Storage:
         return self._storage
 
-    def read(self, key: str) -> Versioned:
+    optimistic_reads = False  # every read is of the latest durable version
+
+    def read(self, key: str, *, optimistic: bool = False) -> Versioned:
         return self._durable(self._storage.get(key.encode("utf-8")))
 
     def _durable(self, stored: StoredVersion) -> Versioned:

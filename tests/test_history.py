@@ -146,9 +146,10 @@ class SkipsReadValidation:
         self._inner = inner
         self.node_id = inner.node_id
         self.resolvers = inner.resolvers
+        self.optimistic_reads = inner.optimistic_reads
 
-    def read(self, key):
-        return self._inner.read(key)
+    def read(self, key, *, optimistic=False):
+        return self._inner.read(key, optimistic=optimistic)
 
     def commit(self, request):
         self._inner.commit(dataclasses.replace(request, reads={}))

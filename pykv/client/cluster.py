@@ -41,6 +41,7 @@ from pykv.errors import (
     TransactionConflict,
     Unavailable,
 )
+from pykv.net.protocol import new_event_loop
 from pykv.replica.failpoints import failpoint
 from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
@@ -64,10 +65,13 @@ class AsyncCluster:
     def shard_of(self, key: str) -> int:
         return self.router.shard_of(key)
 
-    async def read(self, key: str) -> Versioned:
+    async def read(self, key: str, *, optimistic: bool = False) -> Versioned:
+        """A linearizable read of key; ``optimistic``: the leader answers from its state at
+        once, without confirming its leadership (a transaction's commit validates it)."""
         await self.router.ensure_map()
         shard = self.shard_of(key)
-        versions = await self.router.call(shard, READ, [shard, [key]])
+        body = [shard, [key], True] if optimistic else [shard, [key]]
+        versions = await self.router.call(shard, READ, body)
         return Versioned.from_wire(versions[0])
 
     async def read_many(self, keys: list[str]) -> dict[str, Versioned]:
@@ -87,6 +91,9 @@ class AsyncCluster:
 
     async def commit(self, request: CommitRequest) -> None:
         await self.router.ensure_map()
+        if not request.writes:
+            await self._confirm_reads(request)
+            return
         keys = list(request.reads) + request.written_keys()
         by_shard: dict[int, set[str]] = {}
         for key in keys:
@@ -98,6 +105,22 @@ class AsyncCluster:
             await self.router.call(shard, COMMIT, [shard, request.to_wire()])
             return
         await self._two_phase(request, by_shard)
+
+    async def _confirm_reads(self, request: CommitRequest) -> None:
+        """Commit a read-only transaction: every version it read must still be current.
+
+        One linearizable read per shard, after all of the transaction's reads. A version
+        current at its check was current ever since it was written (versions never repeat),
+        so every read version was current at the moment of the last read: the transaction
+        is serialized there, inside its own lifetime, even if a read was optimistic. No
+        Raft proposal and no two-phase commit are needed.
+        """
+        current = await self.read_many(list(request.reads))
+        for key, seen in request.reads.items():
+            if current[key].clock != seen.clock:
+                raise TransactionConflict(
+                    f"transaction {request.txid}: {key!r} changed after it was read"
+                )
 
     async def _two_phase(self, request: CommitRequest, by_shard: dict[int, set[str]]) -> None:
         shards = sorted(by_shard)
@@ -220,7 +243,7 @@ class ClusterBackend:
     def __init__(self, addresses: list[str], *, timeout: float = 10.0) -> None:
         self.timeout = timeout
         self.node_id = 0  # the node that proposes a commit stamps its own id as coordinator
-        self._loop = _new_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pykv-client", daemon=True)
         self._thread.start()
         self._closed = False
@@ -244,8 +267,10 @@ class ClusterBackend:
             future.cancel()
             raise Timeout(f"the cluster did not answer within {self.timeout}s") from None
 
-    def read(self, key: str) -> Versioned:
-        return self._run(self.core.read(key))
+    optimistic_reads = True  # a transaction's reads skip the leadership round
+
+    def read(self, key: str, *, optimistic: bool = False) -> Versioned:
+        return self._run(self.core.read(key, optimistic=optimistic))
 
     def wipe(self) -> None:
         """Forget every key, resolver and remembered outcome in the cluster (for tests that
@@ -276,12 +301,3 @@ class ClusterBackend:
 
 async def _make_core(addresses: list[str], timeout: float) -> AsyncCluster:
     return AsyncCluster(addresses, timeout=timeout)
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()

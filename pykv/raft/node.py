@@ -527,8 +527,9 @@ class RaftNode:
             pr = self.prs.get(self.id)
             if pr is not None:
                 pr.maybe_update(self.log.stabled)
-                if self._maybe_commit():
-                    self._bcast_pending = True
+                # Followers learn the new commit index from the next append or heartbeat:
+                # an empty append (and its ack) per commit would double the messages.
+                self._maybe_commit()
 
     def _soft_state(self) -> SoftState:
         return SoftState(self.lead, self.role)
@@ -668,11 +669,9 @@ class RaftNode:
                 pr.become_replicate()
             elif pr.state == ProgressState.REPLICATE:
                 pr.free_inflights_to(m.index)
-            if self._maybe_commit():
-                if self.role != Role.LEADER:
-                    return  # the commit removed us from the configuration
-                self._bcast_append()
-            elif was_paused:
+            if self._maybe_commit() and self.role != Role.LEADER:
+                return  # the commit removed us from the configuration
+            if was_paused:
                 self._send_append(m.frm)
             while self._send_append(m.frm, send_empty=False):
                 pass  # pipeline: keep the follower's window full

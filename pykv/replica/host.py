@@ -66,7 +66,9 @@ class Group:
     gid: int
     raft: RaftNode
     state: ShardState
-    pending: dict[int, tuple[int, Done]] = field(default_factory=dict)  # seq -> (index, done)
+    pending: dict[int, tuple[int, Done, tuple[str, ...]]] = field(default_factory=dict)  # seq ->
+    # (index, done, keys it writes)
+    writing: dict[str, int] = field(default_factory=dict)  # key -> pending proposals writing it
     by_index: dict[int, int] = field(default_factory=dict)  # log index -> seq
     read_queue: list[_Read] = field(default_factory=list)  # not yet asked for a read index
     read_waiting: dict[int, list[_Read]] = field(default_factory=dict)  # ctx -> reads
@@ -234,19 +236,24 @@ class ReplicaHost:
         self._seq += 1
         return self._seq
 
-    def propose(self, gid: int, tag: str, args: list, done: Done) -> None:
+    def propose(
+        self, gid: int, tag: str, args: list, done: Done, writes: tuple[str, ...] = ()
+    ) -> None:
         """Propose a shard command; ``done(result, None)`` once applied, or an error.
 
-        Raises NotLeader (with a hint) when this node does not lead the group, and
-        Unavailable when it does not host it.
+        ``writes``: the keys the command may write; optimistic reads of them wait until it
+        is applied (see read_now). Raises NotLeader (with a hint) when this node does not
+        lead the group, and Unavailable when it does not host it.
         """
         group = self._group(gid)
         seq = self._next_seq()
         data = encode_command(tag, [self.incarnation, seq], *args)
         _, index = group.raft.propose(data)
         self._dirty.add(gid)
-        group.pending[seq] = (index, done)
+        group.pending[seq] = (index, done, writes)
         group.by_index[index] = seq
+        for key in writes:
+            group.writing[key] = group.writing.get(key, 0) + 1
 
     def read(
         self, gid: int, fn: Callable[[ShardState], Any], keys: tuple[str, ...] | None, done: Done
@@ -257,6 +264,23 @@ class ReplicaHost:
             raise NotLeader(group.raft.leader_id)
         group.read_queue.append(_Read(fn, keys, done))
         self._dirty.add(gid)
+
+    def read_now(self, gid: int, fn: Callable[[ShardState], Any], keys: tuple[str, ...]) -> tuple[bool, Any]:
+        """An optimistic read: ``(True, fn(state))`` at once on the leader, with no leadership
+        round, so it may be stale after a partition (whoever asks validates it later).
+        ``(False, None)`` when it should wait, as a linearizable read does: the state is behind
+        the commit index, or a prepared transaction may still change one of the keys.
+        """
+        group = self._group(gid)
+        if not group.raft.is_leader():
+            raise NotLeader(group.raft.leader_id)
+        if (
+            group.state.applied_index < group.raft.commit_index
+            or any(k in group.writing for k in keys)
+            or self._read_blocked(group.state, keys)
+        ):
+            return False, None
+        return True, fn(group.state)
 
     def _group(self, gid: int) -> Group:
         group = self.groups.get(gid)
@@ -377,10 +401,12 @@ class ReplicaHost:
             # Another leader's entry took this index: our proposal was lost.
             lost = group.pending.pop(expected, None)
             if lost is not None:
+                _written(group, lost[2])
                 lost[1](None, NotLeader(group.raft.leader_id, "the proposal was lost"))
         if seq is not None:
             waiting = group.pending.pop(seq, None)
             if waiting is not None:
+                _written(group, waiting[2])
                 waiting[1](result, None)
 
     def _serve_reads(self, group: Group) -> None:
@@ -406,7 +432,8 @@ class ReplicaHost:
 
     def _fail_all(self, group: Group, exc: BaseException) -> None:
         pending, group.pending, group.by_index = group.pending, {}, {}
-        for _, done in pending.values():
+        group.writing = {}
+        for _, done, _ in pending.values():
             done(None, exc)
         conf, group.conf_pending = group.conf_pending, {}
         for _, done in conf.values():
@@ -446,6 +473,15 @@ class ReplicaHost:
 
     def status(self) -> dict[int, dict]:
         return {gid: g.status() for gid, g in sorted(self.groups.items())}
+
+
+def _written(group: Group, keys: tuple[str, ...]) -> None:
+    """A proposal that writes ``keys`` is applied (or lost): optimistic reads may see them."""
+    writing = group.writing
+    for key in keys:
+        left = writing.pop(key) - 1
+        if left:
+            writing[key] = left
 
 
 def _term_unchanged(group: Group, rd: Ready) -> bool:

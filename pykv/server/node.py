@@ -265,6 +265,11 @@ def _outcome_or_version(proposed: ShardMap) -> Any:
     return convert
 
 
+def _writes(request: dict) -> tuple[str, ...]:
+    """The keys a stamped (already validated) commit request writes."""
+    return tuple({op[0]: None for op in request["writes"]})
+
+
 def _outcome_reply(outcome: Any) -> list:
     """A shard outcome (None or [error name, message]) as a reply."""
     if outcome is None:
@@ -488,20 +493,22 @@ class Node:
                 raise ProtocolError(f"request of kind {kind} needs a [shard, ...] body")
             shard = body[0]
             if kind == READ:
-                return self._read(shard, body[1])
+                return self._read(shard, body[1], optimistic=len(body) > 2 and body[2] is True)
             if kind == COMMIT:
-                return self._propose(shard, CMD_COMMIT, [self._stamped(body[1])], _outcome_reply)
+                request = self._stamped(body[1])
+                return self._propose(shard, CMD_COMMIT, [request], _outcome_reply, _writes(request))
             if kind == COMMIT_DECIDE:
                 request = self._stamped(body[1])
-                fut = self._propose(shard, CMD_COMMIT_DECIDE, [request], _outcome_reply)
+                fut = self._propose(shard, CMD_COMMIT_DECIDE, [request], _outcome_reply, _writes(request))
                 if len(body) > 2:
                     others = [int(s) for s in body[2]]
                     fut.add_done_callback(lambda f: self._finish_decided(f, request["txid"], others))
                 return fut
             if kind == PREPARE:
+                request = self._stamped(body[1])
                 return self._propose(
-                    shard, CMD_PREPARE, [self._stamped(body[1]), int(body[2]), list(body[3])],
-                    lambda vote: [OK, vote],
+                    shard, CMD_PREPARE, [request, int(body[2]), list(body[3])],
+                    lambda vote: [OK, vote], _writes(request),
                 )
             if kind == DECIDE:
                 return self._propose(shard, CMD_DECIDE, [int(body[1]), bool(body[2])], lambda d: [OK, d])
@@ -564,21 +571,31 @@ class Node:
 
         return fut, done
 
-    def _propose(self, shard: int, tag: str, args: list, convert: Any) -> asyncio.Future:
+    def _propose(
+        self, shard: int, tag: str, args: list, convert: Any, writes: tuple[str, ...] = ()
+    ) -> asyncio.Future:
         host = self.host
         assert host is not None
         fut, done = self._future(convert)
-        host.propose(shard, tag, args, done)
+        host.propose(shard, tag, args, done, writes)
         self._wakeup()
         return fut
 
-    def _read(self, shard: int, keys: Any) -> asyncio.Future:
+    def _read(self, shard: int, keys: Any, *, optimistic: bool) -> Any:
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise ProtocolError("READ needs a list of str keys")
         host = self.host
         assert host is not None
-        fut, done = self._future(lambda versions: [OK, versions])
-        host.read(shard, lambda state: [state.get(k).to_wire() for k in keys], tuple(keys), done)
+
+        def versions(state: ShardState) -> list:
+            return [state.get(k).to_wire() for k in keys]
+
+        if optimistic:
+            answered, result = host.read_now(shard, versions, tuple(keys))
+            if answered:
+                return [OK, result]
+        fut, done = self._future(lambda result: [OK, result])
+        host.read(shard, versions, tuple(keys), done)
         self._wakeup()
         return fut
 

@@ -2,23 +2,29 @@
 
 A "4-op transaction" reads 2 keys and writes 2: a read-modify-write of the first key read
 and a blind write of another key; keys are uniform over 100,000, values are 100 bytes.
-``clients`` threads each keep one transaction in flight; a conflict is retried at once and
+``clients`` clients each keep one transaction in flight; a conflict is retried at once and
 counted, and a transaction's latency runs from its first attempt to its successful commit.
-The driver only uses the public API, so the same code measures the embedded store and a
-cluster (``pykv.connect``).
+The driver only uses the public API: ``run_workload`` runs the clients as threads over a
+KeyValueStore (the embedded store, or ``pykv.connect``), ``run_workload_async`` as
+coroutines over one ``pykv.aio`` client (how an asyncio service would drive a cluster).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pykv.api import KeyValueStore, Transaction
 from pykv.errors import Error, InvalidArgument, TransactionConflict
 from pykv.types import MAX_TXN_OPS
+
+if TYPE_CHECKING:
+    from pykv.aio import AsyncKeyValueStore, AsyncTransaction
 
 PRELOAD_BATCH = 2_000  # keys per preload transaction (well under max_txn_ops)
 
@@ -138,28 +144,37 @@ def modify_value(old: object, rng: random.Random, size: int) -> bytes:
     return rng.randbytes(size)
 
 
-def _one_transaction(tx: Transaction, keys: list[str], blind: list[str], value: bytes,
-                     rng: random.Random, size: int) -> None:
-    values = [tx.get(key) for key in keys]
-    tx.put(keys[0], modify_value(values[0], rng, size))
-    for key in blind:
-        tx.put(key, value)
+class _Plan:
+    """One client's choices: which keys each transaction reads and writes, and the values."""
+
+    def __init__(self, config: WorkloadConfig, index: int) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed * 1_000_003 + index)
+
+    def next(self) -> tuple[list[str], list[str], bytes]:
+        c = self.config
+        picked = self.rng.sample(range(c.keys), c.reads + c.writes - 1)
+        keys = [key_name(i) for i in picked[: c.reads]]
+        blind = [key_name(i) for i in picked[c.reads :]]
+        return keys, blind, self.rng.randbytes(c.value_bytes)
+
+    def write(self, tx: Transaction | AsyncTransaction, values: list, keys: list[str],
+              blind: list[str], value: bytes) -> None:
+        tx.put(keys[0], modify_value(values[0], self.rng, self.config.value_bytes))
+        for key in blind:
+            tx.put(key, value)
 
 
 def _client(store: KeyValueStore, config: WorkloadConfig, index: int, deadline: float,
             stats: _ClientStats) -> None:
-    rng = random.Random(config.seed * 1_000_003 + index)
-    size = config.value_bytes
+    plan = _Plan(config, index)
     while time.perf_counter() < deadline:
-        picked = rng.sample(range(config.keys), config.reads + config.writes - 1)
-        keys = [key_name(i) for i in picked[: config.reads]]
-        blind = [key_name(i) for i in picked[config.reads :]]
-        value = rng.randbytes(size)
+        keys, blind, value = plan.next()
         started = time.perf_counter()
         while True:
             tx = store.transaction()
             try:
-                _one_transaction(tx, keys, blind, value, rng, size)
+                plan.write(tx, [tx.get(key) for key in keys], keys, blind, value)
                 tx.commit()
             except TransactionConflict:
                 stats.conflicts += 1
@@ -174,6 +189,66 @@ def _client(store: KeyValueStore, config: WorkloadConfig, index: int, deadline: 
             stats.committed += 1
             stats.latencies.append(time.perf_counter() - started)
             break
+
+
+async def _client_async(store: AsyncKeyValueStore, config: WorkloadConfig, index: int,
+                        deadline: float, stats: _ClientStats) -> None:
+    """_client as a coroutine: the reads of a transaction go out together."""
+    plan = _Plan(config, index)
+    while time.perf_counter() < deadline:
+        keys, blind, value = plan.next()
+        started = time.perf_counter()
+        while True:
+            tx = store.transaction()
+            try:
+                plan.write(tx, await asyncio.gather(*(tx.get(key) for key in keys)), keys, blind, value)
+                await tx.commit()
+            except TransactionConflict:
+                stats.conflicts += 1
+                if time.perf_counter() >= deadline:
+                    return
+                continue
+            except Error:
+                stats.errors += 1
+                if tx.state == "open":
+                    await tx.abort()
+                break
+            stats.committed += 1
+            stats.latencies.append(time.perf_counter() - started)
+            break
+
+
+def _result(config: WorkloadConfig, elapsed: float, stats: list[_ClientStats]) -> WorkloadResult:
+    return WorkloadResult(
+        config=config,
+        elapsed=elapsed,
+        committed=sum(s.committed for s in stats),
+        conflicts=sum(s.conflicts for s in stats),
+        errors=sum(s.errors for s in stats),
+        latencies_ms=sorted(ms * 1000.0 for s in stats for ms in s.latencies),
+    )
+
+
+async def run_workload_async(
+    store: AsyncKeyValueStore,
+    config: WorkloadConfig,
+    progress: Callable[[float, int], None] | None = None,
+) -> WorkloadResult:
+    """Run config.clients coroutines for config.duration seconds on the running loop;
+    progress(elapsed, committed) is called about ten times a second."""
+    stats = [_ClientStats() for _ in range(config.clients)]
+    start = time.perf_counter()
+    deadline = start + config.duration
+    clients = asyncio.gather(
+        *(_client_async(store, config, i, deadline, stats[i]) for i in range(config.clients))
+    )
+    while not clients.done():
+        await asyncio.wait([clients], timeout=0.1)
+        if progress is not None:
+            progress(min(time.perf_counter() - start, config.duration),
+                     sum(s.committed for s in stats))
+    await clients  # re-raises a bug (not a conflict) from any client
+    return _result(config, time.perf_counter() - start, stats)
 
 
 def run_workload(
@@ -209,12 +284,25 @@ def run_workload(
     elapsed = time.perf_counter() - start
     if failures:
         raise failures[0]
-    latencies = sorted(ms * 1000.0 for s in stats for ms in s.latencies)
-    return WorkloadResult(
-        config=config,
-        elapsed=elapsed,
-        committed=sum(s.committed for s in stats),
-        conflicts=sum(s.conflicts for s in stats),
-        errors=sum(s.errors for s in stats),
-        latencies_ms=latencies,
-    )
+    return _result(config, elapsed, stats)
+
+
+def run_workload_on_cluster(
+    addresses: list[str],
+    config: WorkloadConfig,
+    progress: Callable[[float, int], None] | None = None,
+) -> WorkloadResult:
+    """run_workload_async over a new pykv.aio client of the cluster at ``addresses``, on a
+    uvloop event loop of its own (blocks until done)."""
+    import pykv.aio
+    from pykv.net.protocol import new_event_loop
+
+    async def main() -> WorkloadResult:
+        async with await pykv.aio.connect(addresses) as db:
+            return await run_workload_async(db, config, progress)
+
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()

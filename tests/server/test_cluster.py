@@ -238,3 +238,24 @@ def test_a_truncated_frame_is_logged_and_harms_nothing(cluster, db):
         time.sleep(0.05)
     assert "ended badly" in cluster.log_text(3)
     assert db.get("after-garbage", "gone") in (1, "gone")
+
+
+def test_bench_drives_the_cluster_and_prints_one_json_object(cluster_addresses, capsys):
+    """`pykv bench --addresses` (coroutines on one pykv.aio client): the scripted interface."""
+    from cluster_harness import wipe_cluster
+
+    from pykv.server.cli import main
+
+    wipe_cluster(cluster_addresses)
+    args = ["bench", "--addresses", cluster_addresses[0], "--clients", "8", "--duration", "1",
+            "--keys", "500", "--ops", "4", "--json"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out)
+    assert out.strip().count("\n") == 0
+    for field in ("tps", "p50_ms", "p99_ms", "aborts", "errors"):
+        assert field in report
+    assert report["committed"] > 0 and report["errors"] == 0
+    assert report["clients"] == 8 and report["target"] == "cluster"
+    with pykv.client.connect(cluster_addresses) as db:  # the preload and the workload's writes landed
+        assert len(list(db.scan("bench/"))) == 500
