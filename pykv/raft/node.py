@@ -339,7 +339,8 @@ class RaftNode:
 
     def _append_local(self, entries: list[Entry]) -> None:
         self.log.append(entries)
-        self._note_conf_entries(entries)
+        if any(e.kind == EntryKind.CONF_CHANGE for e in entries):
+            self._note_conf_entries(entries)
         self._bcast_pending = True  # sent in one batch at the next ready()
 
     # ===== reads ==========================================================================

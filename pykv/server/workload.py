@@ -12,10 +12,11 @@ coroutines over one ``pykv.aio`` client (how an asyncio service would drive a cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -165,57 +166,77 @@ class _Plan:
             tx.put(key, value)
 
 
-def _client(store: KeyValueStore, config: WorkloadConfig, index: int, deadline: float,
-            stats: _ClientStats) -> None:
+_OK, _CONFLICT, _ERROR = "ok", "conflict", "error"
+
+
+_Job = tuple["_Plan", list[str], list[str], bytes]
+
+
+def _script(config: WorkloadConfig, index: int, deadline: float,
+            stats: _ClientStats) -> Generator[_Job, str, None]:
+    """One client's loop, whatever runs it: yields (plan, keys, blind, value) for each attempt
+    and is sent the attempt's outcome. A conflict is retried at once (the latency of a
+    transaction runs from its first attempt); an error (Unavailable, Timeout) gives it up."""
     plan = _Plan(config, index)
     while time.perf_counter() < deadline:
         keys, blind, value = plan.next()
         started = time.perf_counter()
-        while True:
-            tx = store.transaction()
-            try:
-                plan.write(tx, [tx.get(key) for key in keys], keys, blind, value)
-                tx.commit()
-            except TransactionConflict:
-                stats.conflicts += 1
-                if time.perf_counter() >= deadline:
-                    return
-                continue
-            except Error:
-                stats.errors += 1  # e.g. Unavailable or Timeout on a cluster
-                if tx.state == "open":
-                    tx.abort()
-                break
+        outcome = yield plan, keys, blind, value
+        while outcome == _CONFLICT:
+            stats.conflicts += 1
+            if time.perf_counter() >= deadline:
+                return
+            outcome = yield plan, keys, blind, value
+        if outcome == _ERROR:
+            stats.errors += 1
+        else:
             stats.committed += 1
             stats.latencies.append(time.perf_counter() - started)
-            break
+
+
+def _classify(exc: Error) -> str:
+    return _CONFLICT if isinstance(exc, TransactionConflict) else _ERROR
+
+
+def _attempt(store: KeyValueStore, plan: _Plan, keys: list[str], blind: list[str],
+             value: bytes) -> str:
+    tx = store.transaction()
+    try:
+        plan.write(tx, [tx.get(key) for key in keys], keys, blind, value)
+        tx.commit()
+    except Error as exc:
+        if tx.state == "open":
+            tx.abort()
+        return _classify(exc)
+    return _OK
+
+
+def _client(store: KeyValueStore, config: WorkloadConfig, index: int, deadline: float,
+            stats: _ClientStats) -> None:
+    script = _script(config, index, deadline, stats)
+    with contextlib.suppress(StopIteration):
+        job = next(script)
+        while True:
+            job = script.send(_attempt(store, *job))
 
 
 async def _client_async(store: AsyncKeyValueStore, config: WorkloadConfig, index: int,
                         deadline: float, stats: _ClientStats) -> None:
     """_client as a coroutine: the reads of a transaction go out together."""
-    plan = _Plan(config, index)
-    while time.perf_counter() < deadline:
-        keys, blind, value = plan.next()
-        started = time.perf_counter()
+    script = _script(config, index, deadline, stats)
+    with contextlib.suppress(StopIteration):
+        plan, keys, blind, value = next(script)
         while True:
             tx = store.transaction()
             try:
-                plan.write(tx, await asyncio.gather(*(tx.get(key) for key in keys)), keys, blind, value)
+                plan.write(tx, await asyncio.gather(*(tx.get(k) for k in keys)), keys, blind, value)
                 await tx.commit()
-            except TransactionConflict:
-                stats.conflicts += 1
-                if time.perf_counter() >= deadline:
-                    return
-                continue
-            except Error:
-                stats.errors += 1
+                outcome = _OK
+            except Error as exc:
+                outcome = _classify(exc)
                 if tx.state == "open":
                     await tx.abort()
-                break
-            stats.committed += 1
-            stats.latencies.append(time.perf_counter() - started)
-            break
+            plan, keys, blind, value = script.send(outcome)
 
 
 def _result(config: WorkloadConfig, elapsed: float, stats: list[_ClientStats]) -> WorkloadResult:
