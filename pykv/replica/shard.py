@@ -275,7 +275,7 @@ class ShardState:
 
     def _lock(self, prepared: Prepared) -> None:
         self.prepared[prepared.txid] = prepared
-        self._journal("p", prepared.txid, _prepared_wire(prepared))
+        self._journal("p", prepared.txid, prepared)
         for key in prepared.keys:
             self.locks[key] = prepared.txid
         for key in prepared.shared:

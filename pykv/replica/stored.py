@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pykv.codec import decode_value, encode_value, pack, unpack
-from pykv.replica.shard import _FORGET, ShardState
+from pykv.replica.shard import _FORGET, Prepared, ShardState, _prepared_wire
 from pykv.storage.store import Storage, StoredVersion, Update
 from pykv.txn.model import ABSENT, MISSING, KeyUpdate, Versioned
 
@@ -36,6 +36,7 @@ _META = b"\xff"
 # the key before a delete and a blind re-create would see "the same" clock again.
 _TOMBSTONE = b""
 _APPLIED = b"\xffa"
+_APPLIED_ROW = Update(_APPLIED, b"", b"", 0)  # marks "some entry applied"; flush() writes the index
 _PREPARED = b"\xffp"
 _TXID = struct.Struct(">Q")
 # Pending (written, not yet released) versions are released every this many records.
@@ -75,6 +76,9 @@ class StoredShardState(ShardState):
         # (what get() must already see). One flush = one atomic storage record for a run
         # of log entries (many batches), ending with the applied index of the last one.
         self._rows: list[Update] = []
+        # Prepared transactions journaled since the last flush, encoded only by the flush:
+        # most finish before it, and then neither their record nor its removal is written.
+        self._prepared_rows: dict[bytes, Prepared] = {}
         self._overlay: dict[str, Versioned] = {}
         self._since_release = 0
         self._load_metadata()
@@ -113,11 +117,12 @@ class StoredShardState(ShardState):
         finally:
             batch, self._batch = self._batch, []
         self._rows += batch
-        self._rows.append(Update(_APPLIED, pack(index), b"", 0))
+        self._rows.append(_APPLIED_ROW)  # the applied index itself is encoded by flush()
         return result
 
     def flush(self) -> None:
-        """Write every command applied since the last flush as ONE atomic storage record."""
+        """Write every command applied since the last flush as ONE atomic storage record,
+        ending with the applied index."""
         if not self._rows:
             return
         latest: dict[bytes, Update] = {}
@@ -131,7 +136,11 @@ class StoredShardState(ShardState):
             # txid is prepared only while no record of it is live), so neither row goes.
             if latest[key].value is None:
                 del latest[key]
-        self._rows = []
+        for key, prepared in self._prepared_rows.items():
+            if key in latest and latest[key].value is not None:
+                latest[key] = Update(key, pack(_prepared_wire(prepared)), b"", 0)
+        latest[_APPLIED] = Update(_APPLIED, pack(self.applied_index), b"", 0)
+        self._rows, self._prepared_rows = [], {}
         lsn = self.store.submit(list(latest.values()))
         self._overlay.clear()
         self._since_release += 1
@@ -149,8 +158,15 @@ class StoredShardState(ShardState):
             self.flush()
 
     def _journal(self, kind: str, key: Any, value: Any) -> None:
-        encoded = None if value is _FORGET else pack(value)
-        self._batch.append(Update(_meta_key(kind, key), encoded, b"", 0))
+        row_key = _meta_key(kind, key)
+        if value is _FORGET:
+            encoded = None
+        elif isinstance(value, Prepared):
+            self._prepared_rows[row_key] = value
+            encoded = b""  # a placeholder: flush() encodes the record if it is still live
+        else:
+            encoded = pack(value)
+        self._batch.append(Update(row_key, encoded, b"", 0))
 
     def _store(self, updates: list[KeyUpdate]) -> None:
         for u in updates:
@@ -186,7 +202,7 @@ class StoredShardState(ShardState):
             yield raw.decode("utf-8"), _versioned(stored)
 
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
-        self._rows, self._overlay = [], {}
+        self._rows, self._overlay, self._prepared_rows = [], {}, {}
         self._reset_store()
         rows = [
             Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp)
@@ -224,8 +240,6 @@ class StoredShardState(ShardState):
         rows += [Update(_meta_key("o", t), pack(o), b"", 0) for t, o in self.outcomes.items()]
         rows += [Update(_meta_key("d", t), pack(d), b"", 0) for t, d in self.decisions.items()]
         rows += [Update(_meta_key("r", p), pack(n), b"", 0) for p, n in self.resolver_names.items()]
-        from pykv.replica.shard import _prepared_wire
-
         rows += [Update(_meta_key("p", t), pack(_prepared_wire(p)), b"", 0)
                  for t, p in self.prepared.items()]
         self._batch = []
