@@ -5,8 +5,16 @@
 thread, so one client serves any number of threads at once (each call blocks only its
 caller; the requests of all threads are pipelined over the same connections).
 
+Reads: ``KeyValueStore.get`` is linearizable (the shard leader confirms its leadership with a
+ReadIndex round before answering). A transaction's reads are optimistic: the leader answers
+from its applied state at once (unless a prepared transaction or a pending proposal may still
+change the key: then the read waits like a linearizable one), and the commit validates every
+read version, so a stale answer from a deposed leader can only make the commit conflict.
+
 Commit protocol, as the client drives it:
 
+- a read-only transaction commits by confirming, with one linearizable read per shard after
+  all its reads, that every version it read is still current (see ``_confirm_reads``);
 - every key of the transaction maps to a shard (hash ring partition); a transaction whose
   keys all live in one shard is ONE ``COMMIT`` proposal on that shard's leader, validated
   when every replica applies it;

@@ -10,11 +10,14 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+
+from pykv.raft.errors import NotLeader
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
 from pykv.replica.host import ReplicaHost
-from pykv.replica.shard import COMMIT
-from pykv.txn.model import CommitRequest, WriteOp
+from pykv.replica.shard import COMMIT, PREPARE
+from pykv.txn.model import ABSENT, CommitRequest, WriteOp
 from pykv.types import OpKind
 
 GROUP = 0
@@ -27,6 +30,7 @@ class Cluster:
         self.hosts: dict[int, ReplicaHost] = {}
         self.inbox: list = []
         self.down: set[int] = set()
+        self.paused: set[int] = set()  # like SIGSTOP: no ticks, no messages in or out
         for node in (1, 2, 3):
             self.start(node)
 
@@ -48,7 +52,7 @@ class Cluster:
 
     def round(self) -> None:
         for node, host in self.hosts.items():
-            if node in self.down:
+            if node in self.down or node in self.paused:
                 continue
             host.tick()
             batch = host.collect()
@@ -57,7 +61,7 @@ class Cluster:
             host.apply(batch)
         inbox, self.inbox = self.inbox, []
         for msg in inbox:
-            if msg.to not in self.down:
+            if msg.to not in self.down and msg.to not in self.paused:
                 self.hosts[msg.to].step(msg)
 
     def run_until(self, condition, rounds: int = 500) -> None:
@@ -69,17 +73,21 @@ class Cluster:
 
     def leader(self) -> ReplicaHost | None:
         for node, host in self.hosts.items():
-            if node not in self.down and host.groups[GROUP].raft.is_leader():
+            live = node not in self.down and node not in self.paused
+            if live and host.groups[GROUP].raft.is_leader():
                 return host
         return None
 
-    def commit(self, txid: int, key: str, value) -> None:
+    def commit(self, txid: int, key: str, value, reads: dict | None = None):
+        """Commit a put through the leader and return its outcome (None: committed)."""
         self.run_until(lambda: self.leader() is not None)
         done: list = []
-        request = CommitRequest(txid, 1, {}, (WriteOp(key, OpKind.PUT, value),))
+        request = CommitRequest(txid, 1, reads or {}, (WriteOp(key, OpKind.PUT, value),))
         self.leader().propose(GROUP, COMMIT, [request.to_wire()], lambda r, e: done.append((r, e)))
         self.run_until(lambda: bool(done))
-        assert done == [(None, None)]
+        (outcome, error), = done
+        assert error is None
+        return outcome
 
     def value(self, node: int, key: str):
         return self.hosts[node].groups[GROUP].state.get(key).value
@@ -142,3 +150,48 @@ def test_a_lagging_replica_catches_up_from_a_snapshot(tmp_path):
     group = c.hosts[3].groups[GROUP]
     assert group.raft.log.offset >= 5 and group.state.applied_index == group.raft.log.offset
     c.run_until(lambda: all(c.value(3, f"k{i}") == i for i in range(20)))
+
+
+def _versions(state):
+    return state.get("k")
+
+
+def test_an_optimistic_read_answers_at_once_on_the_leader_only(tmp_path):
+    c = Cluster(tmp_path)
+    c.commit(1, "k", "v1")
+    answered, version = c.leader().read_now(GROUP, _versions, ("k",))
+    assert answered and version.value == "v1"  # no Raft round: nothing was stepped
+    follower = next(h for h in c.hosts.values() if h is not c.leader())
+    with pytest.raises(NotLeader):
+        follower.read_now(GROUP, _versions, ("k",))
+
+
+def test_an_optimistic_read_waits_for_a_pending_write_or_a_prepared_lock(tmp_path):
+    c = Cluster(tmp_path)
+    c.commit(1, "k", "v1")
+    leader = c.leader()
+    done: list = []
+    pending = CommitRequest(2, 1, {}, (WriteOp("k", OpKind.PUT, "v2"),))
+    leader.propose(GROUP, COMMIT, [pending.to_wire()], lambda r, e: done.append(r), ("k",))
+    assert leader.read_now(GROUP, _versions, ("k",)) == (False, None)  # v1 is about to go
+    assert leader.read_now(GROUP, lambda s: s.get("other"), ("other",))[0]
+    c.run_until(lambda: bool(done))
+    assert leader.read_now(GROUP, _versions, ("k",))[1].value == "v2"
+    # A prepared (undecided) transaction holds the key: the read waits for its decision.
+    prepare = CommitRequest(3, 1, {}, (WriteOp("k", OpKind.PUT, "v3"),))
+    leader.propose(GROUP, PREPARE, [prepare.to_wire(), GROUP, [GROUP, 1]], lambda r, e: done.append(r))
+    c.run_until(lambda: len(done) == 2)
+    assert leader.read_now(GROUP, _versions, ("k",)) == (False, None)
+
+
+def test_a_stale_optimistic_read_from_a_paused_leader_cannot_commit(tmp_path):
+    c = Cluster(tmp_path)
+    c.commit(1, "k", "v1")
+    old = c.leader()
+    c.paused.add(old.node_id)  # frozen: it still believes it leads
+    assert c.commit(2, "k", "v2") is None  # the other two elect a leader and move on
+    answered, stale = old.read_now(GROUP, _versions, ("k",))
+    assert answered and stale.value == "v1"  # optimistic: the old leader cannot know
+    outcome = c.commit(3, "derived", "from v1", reads={"k": stale})
+    assert outcome is not None and outcome[0] == "TransactionConflict"  # validation catches it
+    assert c.hosts[c.leader().node_id].groups[GROUP].state.get("derived") is ABSENT
