@@ -9,6 +9,7 @@ then SIGKILL of the process group) when the block exits, whatever happens inside
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -19,9 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pykv.client.admin import fetch_status
+from pykv.client.transport import MEMBERS, META_GROUP, Connection, Redirect, unwrap
+from pykv.errors import Unavailable
 from pykv.server.cmd_cluster import (
     cluster_down,
     cluster_up,
+    fetch_meta_members,
     load_config,
     read_pid,
     running_nodes,
@@ -115,6 +119,28 @@ class LocalCluster:
             if group and group["role"] == "leader":
                 return node_id
         return None
+
+    def meta_members(self) -> dict:
+        """The metadata group as its leader reports it (MEMBERS on META_GROUP, routed by the
+        live nodes' view): {leader, voters, learners, commit, match}."""
+        return fetch_meta_members([self.address(n) for n in sorted(self.alive())])
+
+    def hosts_meta(self, node_id: int) -> bool:
+        """Whether a node hosts a replica of the metadata group (asked of that node only)."""
+
+        async def ask() -> bool:
+            conn = await Connection.open(self.address(node_id), timeout=2.0)
+            try:
+                unwrap(await conn.request(MEMBERS, [META_GROUP], 2.0))
+            except Redirect:
+                return True  # a follower of the group
+            except Unavailable:
+                return False  # "does not host shard group ..."
+            finally:
+                conn.close()
+            return True  # its leader
+
+        return asyncio.run(ask())
 
     def log_text(self, node_id: int) -> str:
         path = self.data_dir / f"node-{node_id}.log"

@@ -155,7 +155,9 @@ class Router:
     def _candidates(self, shard: int) -> list[int]:
         assert self.map is not None
         if shard == META_GROUP:
-            replicas = list(self.map.meta)
+            # The metadata group's voters as the node that gave the map saw them; any node
+            # if it named none (it redirects to the leader it knows).
+            replicas = list(self.map.meta) or sorted(self.map.nodes)
         else:
             replicas = list(self.map.shards[shard])
         leader = self._leaders.get(shard)

@@ -1,15 +1,19 @@
 """The metadata group's state machine: the cluster's shard map, versioned and agreed through Raft.
 
-The metadata group is a Raft group like a shard's (hosted by the founding members), whose
-log holds shard-map changes. A change is a compare-and-set on the version: it applies only
-when it is exactly the next version, so two concurrent joins cannot both build on the same
-map; the loser sees the new version and retries on top of it. Until the first change the
-map is the founding map, which every founding member computes identically from its
-configuration (``initial``).
+The metadata group is a Raft group like a shard's, whose log holds shard-map changes. The
+first ``replicas`` founding members found it; after that its members follow the map as a
+shard's replicas do (``meta_replicas``): the metadata leader moves the group with the same
+learner -> promote -> remove steps, so taking founders out never leaves it without a
+quorum. A change is a compare-and-set on the version: it applies only when it is exactly
+the next version, so two concurrent joins cannot both build on the same map; the loser sees
+the new version and retries on top of it. Until the first change the map is the founding
+map, which every node (founding or not) computes identically from its configuration
+(``initial``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pykv.cluster.shardmap import ShardMap
@@ -17,6 +21,21 @@ from pykv.codec import pack, unpack
 from pykv.replica.shard import ShardState, decode_command
 
 SET_MAP = "m"
+
+
+def meta_replicas(shard_map: ShardMap, current: Iterable[int] = ()) -> list[int]:
+    """The metadata group's target members under ``shard_map``: min(replicas, nodes) nodes.
+
+    A function of the map and the group's current members only: the current members that
+    the map still names are kept (in map order), and the others are filled in map order
+    (the founders first, then nodes in the order they joined). So a join never moves the
+    group, and a removal swaps exactly the member that left for the oldest non-member.
+    """
+    count = min(shard_map.replicas, len(shard_map.nodes))
+    members = set(current)
+    kept = [n for n in shard_map.nodes if n in members]
+    fill = [n for n in shard_map.nodes if n not in members]
+    return (kept + fill)[:count]
 
 
 class MetaState(ShardState):

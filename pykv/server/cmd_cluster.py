@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ from rich.table import Table
 
 import pykv
 from pykv.client.admin import fetch_status, request_leave
+from pykv.client.router import Router
+from pykv.client.transport import MEMBERS, META_GROUP
 from pykv.errors import Error, InvalidArgument
 
 CONFIG_NAME = "cluster.json"
@@ -279,6 +282,32 @@ def cluster_up(
     return config
 
 
+async def _meta_members(addresses: list[str], timeout: float) -> dict:
+    router = Router(addresses, timeout=timeout)
+    try:
+        return await router.call(META_GROUP, MEMBERS, [META_GROUP])
+    finally:
+        await router.close()
+
+
+def fetch_meta_members(addresses: list[str], timeout: float = 5.0) -> dict:
+    """The metadata group as its leader reports it: {leader, voters, learners, commit, match}."""
+    return asyncio.run(_meta_members(addresses, timeout))
+
+
+def _wait_out_of_meta(addresses: list[str], node_id: int, deadline: float) -> bool:
+    """Wait until the metadata group no longer counts ``node_id`` (voter or learner)."""
+    while time.monotonic() < deadline:
+        try:
+            members = fetch_meta_members(addresses, timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+        except Error:
+            members = None  # no leader right now (an election, a leadership transfer)
+        if members is not None and node_id not in {*members["voters"], *members["learners"]}:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def cluster_remove(data_dir: Path, node_id: int, *, timeout: float = 120.0,
                    console: Console | None = None) -> None:
     """Take a node out: its shards move to the others (Raft membership changes), then it stops."""
@@ -297,6 +326,10 @@ def cluster_remove(data_dir: Path, node_id: int, *, timeout: float = 120.0,
     if not wait_until_ready(remaining, timeout, console, data_dir):
         raise TimeoutError(f"the shards of node {node_id} did not move away in {timeout}s")
     deadline = time.monotonic() + timeout
+    # The metadata group follows the map too: stop the node only once the group no longer
+    # counts it, or removing founders one after the other would leave it without a quorum.
+    if not _wait_out_of_meta(others, node_id, deadline):
+        raise TimeoutError(f"the metadata group still counts node {node_id} after {timeout}s")
     address = config.nodes[node_id]
     while time.monotonic() < deadline:  # the node hosts nothing any more
         try:

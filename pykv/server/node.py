@@ -79,7 +79,7 @@ from pykv.raft.messages import ConfChangeKind, Message
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
 from pykv.replica.host import ReplicaHost
-from pykv.replica.meta import SET_MAP, MetaState
+from pykv.replica.meta import SET_MAP, MetaState, meta_replicas
 from pykv.replica.shard import COMMIT as CMD_COMMIT
 from pykv.replica.shard import COMMIT_DECIDE as CMD_COMMIT_DECIDE
 from pykv.replica.shard import DECIDE as CMD_DECIDE
@@ -293,8 +293,13 @@ class Node:
             vnodes=config.vnodes,
             replicas=config.replicas,
         )
-        self.meta_voters = list(founders)
-        self._learned_map: ShardMap | None = None  # for nodes outside the metadata group
+        # The metadata group's founding voters: placed like its later members (meta_replicas),
+        # so a cluster founded with more than ``replicas`` nodes does not shrink it at once.
+        self.meta_founders = meta_replicas(self.founding_map)
+        # For nodes outside the metadata group: the newest map and the metadata group's
+        # voters as another node reported them (see _refresh_learned_map).
+        self._learned_map: ShardMap | None = None
+        self._learned_meta: list[int] = list(self.meta_founders)
         self.pending_moves = 0
         self._balanced_version = 0
         self._may_join = False
@@ -335,11 +340,15 @@ class Node:
             state_factory=self._state_factory(),
         )
         recovered = set(self.nodelog.groups())
-        if cfg.node_id in self.meta_voters:
-            self.host.add_group(META_GROUP, self.meta_voters, MetaState)
+        fresh = not recovered and not self.nodelog.dropped
+        if META_GROUP in recovered:
+            # A member of the metadata group, founding or added later: restart it from the
+            # WAL and snapshots (its members are whatever its Raft configuration says now).
+            self.host.add_group(META_GROUP, None, MetaState)
+        elif fresh and cfg.node_id in self.meta_founders:
+            self.host.add_group(META_GROUP, self.meta_founders, MetaState)  # found it (first start)
         for gid in sorted(recovered - {META_GROUP}):
             self.host.add_group(gid, None)  # restart from the WAL and snapshots
-        fresh = not recovered and not self.nodelog.dropped
         # Only a node starting empty asks to join; one that was removed stays out.
         self._may_join = fresh
         for shard in range(cfg.partitions):
@@ -526,11 +535,18 @@ class Node:
                 return self._conf(shard, str(body[1]), int(body[2]))
             if kind == HOST:
                 if shard not in self.host.groups:
-                    self.host.add_group(shard, None)
+                    self.host.add_group(shard, None, MetaState if shard == META_GROUP else None)
                     log.info("hosting an empty replica of shard %d, to be filled by its leader", shard)
                 return [OK, None]
             if kind == DROP:
-                if shard in self.host.groups:
+                group = self.host.groups.get(shard)
+                if group is not None:
+                    if shard == META_GROUP:
+                        # From now on the map is learned from the group's members: start
+                        # from the newest one this node applied, never the founding map.
+                        self._learned_map = self.current_map()
+                        others = sorted(group.raft.conf.voters - {self.config.node_id})
+                        self._learned_meta = others or self._learned_meta
                     self.host.remove_group(shard)
                     log.info("dropped shard %d: this node was removed from its group", shard)
                 return [OK, None]
@@ -695,6 +711,15 @@ class Node:
             "reads": self.config.reads,
         }
 
+    @property
+    def meta_voters(self) -> list[int]:
+        """The metadata group's voters: from its Raft configuration when this node hosts it,
+        else (or while it waits, empty, for the leader's snapshot) as another node reported."""
+        meta = self.host.groups.get(META_GROUP) if self.host is not None else None
+        if meta is not None and meta.raft.conf.voters:
+            return sorted(meta.raft.conf.voters)
+        return list(self._learned_meta)
+
     def current_map(self) -> ShardMap:
         """The newest shard map this node knows: the metadata group's, or a learned one."""
         host = self.host
@@ -794,7 +819,8 @@ class Node:
         return fut
 
     async def _membership(self) -> None:
-        """Join the map if this node is new; on the metadata leader, move replicas."""
+        """Join the map if this node is new; on the metadata leader, move replicas (of the
+        data shards and of the metadata group itself) to where the map places them."""
         while not self._stopping:
             await asyncio.sleep(0.3)
             try:
@@ -816,20 +842,35 @@ class Node:
                 log.debug("membership round failed: %s", exc)
 
     async def _refresh_learned_map(self) -> None:
-        if self.config.node_id in self.meta_voters:
+        """Outside the metadata group (or only learning in it, or hearing from no leader of
+        it, as a member removed while it was down would not): learn the map and the group's
+        voters from another node, asking the group's members first (they know the newest)."""
+        meta = self.host.groups.get(META_GROUP) if self.host else None
+        me = self.config.node_id
+        if meta is not None and me in meta.raft.conf.voters and meta.raft.leader_id is not None:
             return
+        addresses = [self.address_of(n) for n in self.meta_voters if n != me]
+        addresses += [a for n, a in self.config.peers.items() if n != me]
+        self.router.seeds = [a for a in dict.fromkeys(addresses) if a is not None]
         view = await self.router.refresh_map()
         if view.encoded is not None:
             learned = ShardMap.decode(view.encoded)
-            if self._learned_map is None or learned.version > self._learned_map.version:
+            if self._learned_map is None or learned.version >= self._learned_map.version:
                 self._learned_map = learned
+                if view.meta:
+                    self._learned_meta = list(view.meta)
 
     async def _rebalance_round(self) -> None:
+        """One membership step for every group not yet where the map places it: the data
+        shards (their ring replicas) and the metadata group (``meta_replicas``)."""
         current = self.current_map()
         self.router.map = ShardMapView.from_wire(self.shard_map())
         self.router.seeds = [a for a in current.addresses.values()]
+        meta = self.host.groups[META_GROUP]
+        targets = {p: list(current.replicas_of(p)) for p in range(current.partitions)}
+        targets[META_GROUP] = meta_replicas(current, meta.raft.conf.members())
         results = await asyncio.gather(
-            *(self._reconcile(p, current) for p in range(current.partitions)),
+            *(self._reconcile(gid, target) for gid, target in targets.items()),
             return_exceptions=True,
         )
         self.pending_moves = sum(1 for r in results if r is not True)
@@ -845,9 +886,9 @@ class Node:
             return max(1, self.pending_moves)
         return self.pending_moves
 
-    async def _reconcile(self, shard: int, current: ShardMap) -> bool:
-        """One membership step towards the map's replica set for a shard; True when there."""
-        target = list(current.replicas_of(shard))
+    async def _reconcile(self, shard: int, target: list[int]) -> bool:
+        """One membership step of group ``shard`` (a data shard or the metadata group)
+        towards the replica set ``target``; True when it is there."""
         info = await self.router.call(shard, MEMBERS, [shard], timeout=2.0)
         voters, learners = set(info["voters"]), set(info["learners"])
         missing = [n for n in target if n not in voters | learners]
@@ -869,6 +910,7 @@ class Node:
             node = extra[0]
             if node == info["leader"]:
                 await self.router.call(shard, CONF, [shard, "transfer", target[0]], timeout=2.0)
+                log.info("shard %d: transferring leadership from node %d to node %d", shard, node, target[0])
                 return False
             await self.router.call(shard, CONF, [shard, "remove", node], timeout=5.0)
             log.info("shard %d: removed node %d", shard, node)

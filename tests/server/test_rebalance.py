@@ -1,5 +1,6 @@
 """Five nodes with R=3: serve with one node down; a sixth node joins and about 1/N moves;
-removing a node moves only the shards it held.
+removing a node moves only the shards it held; the metadata group follows the map too, so
+founders can be removed one after the other.
 
 Placement changes are Raft membership changes (learner catch-up from a snapshot, promotion
 to voter, removal of the old replica), driven by the metadata group's leader until every
@@ -8,6 +9,7 @@ shard's group matches the new shard map.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster_harness import local_cluster  # noqa: E402
 
 import pykv.client  # noqa: E402
+from pykv.client.admin import fetch_shard_map  # noqa: E402
+from pykv.client.transport import META_GROUP  # noqa: E402
 from pykv.cluster.ring import HashRing  # noqa: E402
 from pykv.server.cmd_cluster import cluster_remove  # noqa: E402
 
@@ -109,3 +113,90 @@ def test_removing_a_node_moves_only_its_shards_away(tmp_path):
             assert moved == four.moved_partitions(three)
             assert moved == {p for p in range(8) if 4 in before[p]}
             assert [db.get(f"r{i}") for i in range(50)] == list(range(50))
+
+
+def _wait_meta(cluster, keep: set[int], gone: set[int], timeout: float = 30.0) -> set[int]:
+    """Wait until the metadata group's leader reports 3 voters (no learner), ``keep`` among
+    them, none of ``gone``, every one alive and holding the whole log, and every live node
+    routes metadata requests by exactly those voters; return them."""
+    deadline = time.monotonic() + timeout
+    members: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            members = cluster.meta_members()
+        except pykv.Error:
+            time.sleep(0.1)
+            continue
+        voters = set(members["voters"])
+        settled = (
+            len(voters) == 3 and keep <= voters and not voters & gone and not members["learners"]
+            and voters <= set(cluster.alive())
+            and all(members["match"].get(str(n), 0) >= members["commit"] for n in voters)
+        )
+        if settled:
+            views = {n: set(fetch_shard_map(cluster.address(n))["meta"]) for n in cluster.alive()}
+            if all(view == voters for view in views.values()):
+                return voters
+        time.sleep(0.1)
+    raise AssertionError(f"metadata group not settled (keep {keep}, gone {gone}) within {timeout}s: {members}")
+
+
+def _meta_steps(cluster) -> int:
+    """Membership steps taken on the metadata group so far (add a learner, promote, transfer
+    leadership, remove), as the metadata leaders logged them."""
+    step = re.compile(rf"shard {META_GROUP}: (added|promoted|transferring|removed) ")
+    return sum(len(step.findall(cluster.log_text(n))) for n in cluster.config.nodes)
+
+
+@pytest.mark.slow
+def test_metadata_group_follows_the_map_when_founders_are_removed(tmp_path):
+    # Founded by nodes 1-3 (they found the metadata group), grown to five by two joins.
+    with local_cluster(tmp_path, nodes=3, partitions=8, replicas=3) as cluster:
+        cluster.up(nodes=5)
+        ring = HashRing([1, 2, 3, 4, 5], partitions=8, vnodes=64, replicas=3)
+        _wait_placed(cluster, ring, partitions=8)
+        assert set(cluster.meta_members()["voters"]) == {1, 2, 3}  # joins do not move it
+        acked: dict[str, int] = {}
+        with pykv.client.connect([cluster.address(5)], timeout=15) as db:
+
+            def write(tag: str) -> None:
+                for i in range(20):
+                    db.put(f"{tag}{i}", i)
+                    acked[f"{tag}{i}"] = i
+
+            write("before")
+            # Founders 1 and 2 out, one after the other: without the metadata group following
+            # the map, its voters {1, 2, 3} would keep only node 3 and lose its quorum.
+            voters = {1, 2, 3}
+            for removed in (1, 2):
+                steps, started = _meta_steps(cluster), time.monotonic()
+                cluster_remove(cluster.data_dir, removed, timeout=60)
+                # The other members stay (no churn); one node that was outside joins it.
+                voters = _wait_meta(cluster, keep=voters - {removed}, gone={removed})
+                print(f"\nnode {removed} removed: metadata voters {sorted(voters)} after "
+                      f"{time.monotonic() - started:.1f}s and {_meta_steps(cluster) - steps} "
+                      f"membership steps")
+                assert removed not in cluster.alive()
+                ring = ring.without_node(removed)
+                _wait_placed(cluster, ring, partitions=8)
+                write(f"after{removed}-")
+            assert voters == {3, 4, 5}
+
+            # Node 5 was added to the metadata group: killed and restarted, it recovers the
+            # group from its WAL (it is not a founder) and still counts as a voter.
+            assert cluster.hosts_meta(5)
+            cluster.kill(5)
+            cluster.up(nodes=3)  # restarts node 5 only (3 active nodes)
+            assert cluster.hosts_meta(5)
+            _wait_meta(cluster, keep={3, 4, 5}, gone=set())
+
+            # The map can still change: node 6 joins and receives replicas.
+            cluster.up(nodes=4)
+            ring = ring.with_node(6)
+            placed = _wait_placed(cluster, ring, partitions=8)
+            assert any(6 in voters for voters in placed.values())
+            voters = _wait_meta(cluster, keep={3, 4, 5}, gone=set())  # a join does not move it
+            print(f"node 6 joined: holds {sum(6 in v for v in placed.values())} of 8 shards; "
+                  f"metadata voters {sorted(voters)}")
+            write("after-join")
+            assert {k: db.get(k) for k in acked} == acked
