@@ -48,40 +48,136 @@ cdef inline uint8_t* lock_key(lk_lock* lock) noexcept nogil:
     return (<uint8_t*>lock) + sizeof(lk_lock)
 
 
-# --- key -> lock table -----------------------------------------------------------------------
+# --- one request ----------------------------------------------------------------------------
 
-cdef Py_ssize_t lock_find(lk_lock_table* t, const uint8_t* key, Py_ssize_t key_len,
-                          uint64_t h) noexcept nogil:
-    """The slot of key's lock, or -(free slot) - 1."""
-    cdef size_t mask = t.capacity - 1, i = h & mask
-    cdef lk_lock* lock
-    while True:
-        lock = t.slots[i]
-        if lock == NULL:
-            return -<Py_ssize_t>i - 1
-        if lock.hash == h and lock.key_len == key_len and memcmp(lock_key(lock), key, key_len) == 0:
+cdef struct request:
+    const uint8_t* key
+    Py_ssize_t key_len
+    uint64_t hash           # hash_key(key): where key's lock is looked for
+    uint64_t txid           # who asks: where its list of held locks is looked for
+    int mode
+
+
+# --- the two hash tables: key -> lock, txid -> held locks -------------------------------------
+#
+# Both are the same table: a power-of-two array of entry pointers, linear probing from
+# hash & mask, doubled at 3/4 full, halved by release_all() below 1/8 full, and backward-shift
+# deletion (no tombstones). The table_* functions below are that one implementation, written
+# over the fused type table_t: Cython compiles each of them once per table struct and resolves
+# the `if table_t is ...` tests at compile time, so each table runs the same straight C as
+# when it was written out twice over its own entry type (no function pointer per probe, no
+# extra load of an index into a payload array, no change to the lk_* structs of locks.pxd,
+# which are the module's contract). What differs between the two tables is confined to the
+# small inline helpers that come first: which hash places an entry (a lock keeps its key's
+# hash; a transaction is placed by mix(txid)), which entry a request is looking for (a key or
+# a txid), and how slot arrays and entries are allocated and freed.
+
+ctypedef fused table_t:
+    lk_lock_table
+    lk_txn_table
+
+
+cdef inline uint64_t entry_hash(table_t* t, size_t i) noexcept nogil:
+    """The hash that places the entry of slot i (its home slot is hash & mask)."""
+    if table_t is lk_lock_table:
+        return t.slots[i].hash
+    else:
+        return mix(t.slots[i].txid)
+
+
+cdef inline uint64_t request_hash(table_t* t, const request* r) noexcept nogil:
+    """The hash that places the entry r looks for: its key's lock, or its txid's locks."""
+    if table_t is lk_lock_table:
+        return r.hash
+    else:
+        return mix(r.txid)
+
+
+cdef inline bint entry_matches(table_t* t, size_t i, const request* r) noexcept nogil:
+    if table_t is lk_lock_table:
+        return (t.slots[i].hash == r.hash and t.slots[i].key_len == r.key_len
+                and memcmp(lock_key(t.slots[i]), r.key, r.key_len) == 0)
+    else:
+        return t.slots[i].txid == r.txid
+
+
+cdef inline bint alloc_slots(table_t* t, size_t capacity) noexcept nogil:
+    """Point t.slots at capacity empty slots; False when out of memory."""
+    if table_t is lk_lock_table:
+        t.slots = <lk_lock**>calloc(capacity, sizeof(lk_lock*))
+    else:
+        t.slots = <lk_txn**>calloc(capacity, sizeof(lk_txn*))
+    return t.slots != NULL
+
+
+cdef inline void free_entry(table_t* t, size_t i) noexcept nogil:
+    if table_t is lk_lock_table:
+        free_lock(t.slots[i])
+    else:
+        free(t.slots[i].locks)
+        free(t.slots[i])
+
+
+cdef int table_init(table_t* t) noexcept nogil:
+    if not alloc_slots(t, MIN_CAPACITY):
+        return -1
+    t.capacity = MIN_CAPACITY
+    t.count = 0
+    return 0
+
+
+cdef void table_free(table_t* t) noexcept nogil:
+    """Free every entry and the slots (the table is empty and unusable after)."""
+    cdef size_t i
+    if t.slots == NULL:
+        return
+    for i in range(t.capacity):
+        if t.slots[i] != NULL:
+            free_entry(t, i)
+    free(t.slots)
+    t.slots = NULL
+    t.capacity = t.count = 0
+
+
+cdef Py_ssize_t table_find(table_t* t, const request* r) noexcept nogil:
+    """The slot of the entry r looks for, or -(free slot) - 1."""
+    cdef size_t mask = t.capacity - 1, i = request_hash(t, r) & mask
+    while t.slots[i] != NULL:
+        if entry_matches(t, i, r):
             return i
         i = (i + 1) & mask
+    return -<Py_ssize_t>i - 1
 
 
-cdef int lock_table_resize(lk_lock_table* t, size_t capacity) noexcept nogil:
-    cdef lk_lock** fresh = <lk_lock**>calloc(capacity, sizeof(lk_lock*))
+cdef int table_resize(table_t* t, size_t capacity) noexcept nogil:
+    cdef table_t fresh
     cdef size_t i, j, mask = capacity - 1
-    if fresh == NULL:
+    if not alloc_slots(&fresh, capacity):
         return -1
     for i in range(t.capacity):
         if t.slots[i] != NULL:
-            j = t.slots[i].hash & mask
-            while fresh[j] != NULL:
+            j = entry_hash(t, i) & mask
+            while fresh.slots[j] != NULL:
                 j = (j + 1) & mask
-            fresh[j] = t.slots[i]
+            fresh.slots[j] = t.slots[i]
     free(t.slots)
-    t.slots = fresh
+    t.slots = fresh.slots
     t.capacity = capacity
     return 0
 
 
-cdef void lock_table_remove(lk_lock_table* t, size_t hole) noexcept nogil:
+cdef Py_ssize_t table_reserve(table_t* t, Py_ssize_t slot, const request* r) noexcept nogil:
+    """The free slot for the entry r looks for, which table_find() did not find (returned
+    slot < 0), after growing the table when 3/4 full; -1 when out of memory. The caller puts
+    its new entry there and counts it."""
+    if (t.count + 1) * 4 > t.capacity * 3:
+        if table_resize(t, t.capacity * 2) < 0:
+            return -1
+        slot = table_find(t, r)
+    return -slot - 1
+
+
+cdef void table_remove(table_t* t, size_t hole) noexcept nogil:
     """Empty slot hole and shift its cluster back (no tombstones)."""
     cdef size_t mask = t.capacity - 1, j = hole, home
     t.slots[hole] = NULL
@@ -89,7 +185,7 @@ cdef void lock_table_remove(lk_lock_table* t, size_t hole) noexcept nogil:
         j = (j + 1) & mask
         if t.slots[j] == NULL:
             break
-        home = t.slots[j].hash & mask
+        home = entry_hash(t, j) & mask
         if hole <= j:
             if hole < home <= j:
                 continue
@@ -101,68 +197,27 @@ cdef void lock_table_remove(lk_lock_table* t, size_t hole) noexcept nogil:
     t.count -= 1
 
 
-# --- txid -> held locks table ----------------------------------------------------------------
-
-cdef Py_ssize_t txn_find(lk_txn_table* t, uint64_t txid) noexcept nogil:
-    cdef size_t mask = t.capacity - 1, i = mix(txid) & mask
-    while True:
-        if t.slots[i] == NULL:
-            return -<Py_ssize_t>i - 1
-        if t.slots[i].txid == txid:
-            return i
-        i = (i + 1) & mask
+cdef void table_shrink(table_t* t) noexcept nogil:
+    # Give memory back after a burst of entries; failure to shrink is harmless.
+    if t.capacity > MIN_CAPACITY and t.count * 8 < t.capacity:
+        table_resize(t, t.capacity // 2)
 
 
-cdef int txn_table_resize(lk_txn_table* t, size_t capacity) noexcept nogil:
-    cdef lk_txn** fresh = <lk_txn**>calloc(capacity, sizeof(lk_txn*))
-    cdef size_t i, j, mask = capacity - 1
-    if fresh == NULL:
-        return -1
-    for i in range(t.capacity):
-        if t.slots[i] != NULL:
-            j = mix(t.slots[i].txid) & mask
-            while fresh[j] != NULL:
-                j = (j + 1) & mask
-            fresh[j] = t.slots[i]
-    free(t.slots)
-    t.slots = fresh
-    t.capacity = capacity
-    return 0
+# --- txid -> held locks ----------------------------------------------------------------------
 
-
-cdef void txn_table_remove(lk_txn_table* t, size_t hole) noexcept nogil:
-    cdef size_t mask = t.capacity - 1, j = hole, home
-    t.slots[hole] = NULL
-    while True:
-        j = (j + 1) & mask
-        if t.slots[j] == NULL:
-            break
-        home = mix(t.slots[j].txid) & mask
-        if hole <= j:
-            if hole < home <= j:
-                continue
-        elif home > hole or home <= j:
-            continue
-        t.slots[hole] = t.slots[j]
-        t.slots[j] = NULL
-        hole = j
-    t.count -= 1
-
-
-cdef lk_txn* txn_get_or_add(lk_txn_table* t, uint64_t txid) noexcept nogil:
-    cdef Py_ssize_t slot = txn_find(t, txid)
+cdef lk_txn* txn_get_or_add(lk_txn_table* t, const request* r) noexcept nogil:
+    cdef Py_ssize_t slot = table_find(t, r)
     cdef lk_txn* txn
     if slot >= 0:
         return t.slots[slot]
-    if (t.count + 1) * 4 > t.capacity * 3:
-        if txn_table_resize(t, t.capacity * 2) < 0:
-            return NULL
-        slot = txn_find(t, txid)
+    slot = table_reserve(t, slot, r)
+    if slot < 0:
+        return NULL
     txn = <lk_txn*>calloc(1, sizeof(lk_txn))
     if txn == NULL:
         return NULL
-    txn.txid = txid
-    t.slots[-slot - 1] = txn
+    txn.txid = r.txid
+    t.slots[slot] = txn
     t.count += 1
     return txn
 
@@ -225,59 +280,51 @@ cdef void free_lock(lk_lock* lock) noexcept nogil:
     free(lock)
 
 
-# --- one request -----------------------------------------------------------------------------
+# --- granting -------------------------------------------------------------------------------
 
-cdef struct request:
-    const uint8_t* key
-    Py_ssize_t key_len
-    uint64_t hash
-    int mode
-
-
-cdef bint grantable(lk_lock_table* t, request* r, uint64_t txid) noexcept nogil:
-    cdef Py_ssize_t slot = lock_find(t, r.key, r.key_len, r.hash)
+cdef bint grantable(lk_lock_table* t, const request* r) noexcept nogil:
+    cdef Py_ssize_t slot = table_find(t, r)
     cdef lk_lock* lock
     if slot < 0:
         return True
     lock = t.slots[slot]
-    if holds(lock, txid):
+    if holds(lock, r.txid):
         return r.mode <= lock.mode or lock.nholders == 1
     return r.mode == LOCK_SHARED and lock.mode == LOCK_SHARED
 
 
-cdef int grant(LockTable self, request* r, uint64_t txid) noexcept nogil:
+cdef int grant(LockTable self, const request* r) noexcept nogil:
     """Take a lock that grantable() allowed; -1 when out of memory."""
     cdef lk_lock_table* t = &self.locks
-    cdef Py_ssize_t slot = lock_find(t, r.key, r.key_len, r.hash)
+    cdef Py_ssize_t slot = table_find(t, r)
     cdef lk_lock* lock
     cdef lk_txn* txn
     if slot >= 0:
         lock = t.slots[slot]
-        if holds(lock, txid):
+        if holds(lock, r.txid):
             if r.mode > lock.mode:
                 lock.mode = r.mode   # upgrade of a sole shared holder
             return 0
-        if add_holder(lock, txid) < 0:
+        if add_holder(lock, r.txid) < 0:
             return -1
     else:
-        if (t.count + 1) * 4 > t.capacity * 3:
-            if lock_table_resize(t, t.capacity * 2) < 0:
-                return -1
-            slot = lock_find(t, r.key, r.key_len, r.hash)
+        slot = table_reserve(t, slot, r)
+        if slot < 0:
+            return -1
         lock = <lk_lock*>malloc(sizeof(lk_lock) + r.key_len)
         if lock == NULL:
             return -1
         lock.hash = r.hash
         lock.holders = &lock.one
-        lock.one = txid
+        lock.one = r.txid
         lock.nholders = 1
         lock.cap = 1
         lock.key_len = <uint16_t>r.key_len
         lock.mode = <uint8_t>r.mode
         memcpy(lock_key(lock), r.key, r.key_len)
-        t.slots[-slot - 1] = lock
+        t.slots[slot] = lock
         t.count += 1
-    txn = txn_get_or_add(&self.txns, txid)
+    txn = txn_get_or_add(&self.txns, r)
     if txn == NULL or txn_push(txn, lock) < 0:
         return -1
     return 0
@@ -289,7 +336,7 @@ cdef int check_mode(int mode) except -1:
     return 0
 
 
-cdef int fill_request(request* r, object key, uint64_t seed, int mode) except -1:
+cdef int fill_request(request* r, object key, uint64_t seed, int mode, uint64_t txid) except -1:
     if not isinstance(key, bytes):
         raise TypeError(f"keys must be bytes, not {type(key).__name__}")
     r.key_len = PyBytes_GET_SIZE(key)
@@ -298,6 +345,7 @@ cdef int fill_request(request* r, object key, uint64_t seed, int mode) except -1
     r.key = <const uint8_t*>PyBytes_AS_STRING(key)
     r.hash = hash_key(r.key, r.key_len, seed)
     r.mode = mode
+    r.txid = txid
     return 0
 
 
@@ -305,28 +353,15 @@ cdef class LockTable:
     """Per-key shared/exclusive locks owned by transaction ids (uint64); never blocks."""
 
     def __cinit__(self):
-        self.locks.slots = <lk_lock**>calloc(MIN_CAPACITY, sizeof(lk_lock*))
-        self.txns.slots = <lk_txn**>calloc(MIN_CAPACITY, sizeof(lk_txn*))
-        if self.locks.slots == NULL or self.txns.slots == NULL:
+        if table_init(&self.locks) < 0 or table_init(&self.txns) < 0:
             raise MemoryError()
-        self.locks.capacity = self.txns.capacity = MIN_CAPACITY
         pthread_mutex_init(&self.mu, NULL)
         self.mu_ready = True
         self.seed = int.from_bytes(os.urandom(8), "little")
 
     def __dealloc__(self):
-        cdef size_t i
-        if self.locks.slots != NULL:
-            for i in range(self.locks.capacity):
-                if self.locks.slots[i] != NULL:
-                    free_lock(self.locks.slots[i])
-            free(self.locks.slots)
-        if self.txns.slots != NULL:
-            for i in range(self.txns.capacity):
-                if self.txns.slots[i] != NULL:
-                    free(self.txns.slots[i].locks)
-                    free(self.txns.slots[i])
-            free(self.txns.slots)
+        table_free(&self.locks)
+        table_free(&self.txns)
         if self.mu_ready:
             pthread_mutex_destroy(&self.mu)
 
@@ -343,11 +378,11 @@ cdef class LockTable:
         cdef bint ok
         cdef int rc = 0
         check_mode(mode)
-        fill_request(&r, key, self.seed, mode)
+        fill_request(&r, key, self.seed, mode, tx)
         self._lock()
-        ok = grantable(&self.locks, &r, tx)
+        ok = grantable(&self.locks, &r)
         if ok:
-            rc = grant(self, &r, tx)
+            rc = grant(self, &r)
         pthread_mutex_unlock(&self.mu)
         if rc < 0:
             raise MemoryError()
@@ -371,15 +406,15 @@ cdef class LockTable:
             raise MemoryError()
         try:
             for i in range(n):
-                fill_request(&requests[i], keys[i], self.seed, wanted[keys[i]])
+                fill_request(&requests[i], keys[i], self.seed, wanted[keys[i]], tx)
             self._lock()
             for i in range(n):
-                if not grantable(&self.locks, &requests[i], tx):
+                if not grantable(&self.locks, &requests[i]):
                     ok = False
                     break
             if ok:
                 for i in range(n):
-                    rc = grant(self, &requests[i], tx)
+                    rc = grant(self, &requests[i])
                     if rc < 0:
                         break
             pthread_mutex_unlock(&self.mu)
@@ -391,24 +426,27 @@ cdef class LockTable:
 
     def release_all(self, txid) -> int:
         """Drop every lock txid holds; return how many keys it held."""
-        cdef uint64_t tx = txid
+        cdef request r, of_lock
         cdef Py_ssize_t slot
         cdef lk_txn* txn
         cdef lk_lock* lock
         cdef uint32_t i, released = 0
+        r.txid = txid
         self._lock()
-        slot = txn_find(&self.txns, tx)
+        slot = table_find(&self.txns, &r)
         if slot >= 0:
             txn = self.txns.slots[slot]
             for i in range(txn.nlocks):
                 lock = txn.locks[i]
-                remove_holder(lock, tx)
+                remove_holder(lock, r.txid)
                 if lock.nholders == 0:
-                    lock_table_remove(&self.locks,
-                                      lock_find(&self.locks, lock_key(lock), lock.key_len, lock.hash))
+                    of_lock.key = lock_key(lock)
+                    of_lock.key_len = lock.key_len
+                    of_lock.hash = lock.hash
+                    table_remove(&self.locks, table_find(&self.locks, &of_lock))
                     free_lock(lock)
             released = txn.nlocks
-            txn_table_remove(&self.txns, slot)
+            table_remove(&self.txns, slot)
             free(txn.locks)
             free(txn)
             self._shrink()
@@ -416,21 +454,18 @@ cdef class LockTable:
         return released
 
     cdef void _shrink(self) noexcept:
-        # Give memory back after a burst of locks; failure to shrink is harmless.
-        if self.locks.capacity > MIN_CAPACITY and self.locks.count * 8 < self.locks.capacity:
-            lock_table_resize(&self.locks, self.locks.capacity // 2)
-        if self.txns.capacity > MIN_CAPACITY and self.txns.count * 8 < self.txns.capacity:
-            txn_table_resize(&self.txns, self.txns.capacity // 2)
+        table_shrink(&self.locks)
+        table_shrink(&self.txns)
 
     def holders(self, key) -> tuple:
         """(mode, frozenset of txids) of key; (0, frozenset()) when nobody holds it."""
         cdef request r
         cdef Py_ssize_t slot
         cdef lk_lock* lock
-        fill_request(&r, key, self.seed, LOCK_SHARED)
+        fill_request(&r, key, self.seed, LOCK_SHARED, 0)
         self._lock()
         try:
-            slot = lock_find(&self.locks, r.key, r.key_len, r.hash)
+            slot = table_find(&self.locks, &r)
             if slot < 0:
                 return (LOCK_FREE, frozenset())
             lock = self.locks.slots[slot]
@@ -440,12 +475,13 @@ cdef class LockTable:
 
     def held_by(self, txid) -> list:
         """The keys txid holds a lock on, in the order it took them."""
-        cdef uint64_t tx = txid
+        cdef request r
         cdef Py_ssize_t slot
         cdef lk_txn* txn
+        r.txid = txid
         self._lock()
         try:
-            slot = txn_find(&self.txns, tx)
+            slot = table_find(&self.txns, &r)
             if slot < 0:
                 return []
             txn = self.txns.slots[slot]

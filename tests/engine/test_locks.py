@@ -6,7 +6,7 @@ import random
 import threading
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -185,3 +185,112 @@ def test_exclusive_locks_exclude_across_threads() -> None:
     assert violations == []
     assert granted[0] > 0
     assert len(table) == 0
+
+
+def test_resize_while_keys_have_many_holders() -> None:
+    # Both tables grow (and later shrink) while every shared key has hundreds of holders.
+    table = LockTable()
+    shared = [b"shared-%d" % i for i in range(50)]
+    txids = list(range(1, 301))
+    for txid in txids:
+        own = [b"own-%d-%d" % (txid, i) for i in range(10)]
+        assert table.try_lock_all(shared, own, txid)
+    assert len(table) == 50 + 300 * 10
+    for key in shared:
+        assert table.holders(key) == (SHARED, frozenset(txids))
+    assert not table.try_lock(shared[0], 999, EXCLUSIVE)
+    random.Random(7).shuffle(txids)
+    for n, txid in enumerate(txids, 1):
+        assert table.release_all(txid) == 60
+        assert table.held_by(txid) == []
+        if n % 50 == 0:
+            left = frozenset(txids[n:])
+            assert table.holders(shared[n % 50]) == ((SHARED, left) if left else (0, frozenset()))
+            assert len(table) == (50 + 10 * len(left) if left else 0)
+            for other in txids[n : n + 5]:
+                assert len(table.held_by(other)) == 60
+    assert len(table) == 0
+    assert table.try_lock(shared[0], 999, EXCLUSIVE)
+
+
+def test_release_all_of_a_txid_with_many_keys() -> None:
+    table = LockTable()
+    keys = [b"bulk-%d" % i for i in range(5000)]
+    assert table.try_lock_all(keys[:2500], keys[2500:], 1)
+    assert table.try_lock_all(keys[:10], [], 2)  # shares ten of them
+    assert len(table) == 5000
+    assert table.held_by(1) == keys[:2500] + keys[2500:]
+    assert table.release_all(1) == 5000
+    assert len(table) == 10
+    assert table.held_by(1) == []
+    for key in keys[:10]:
+        assert table.holders(key) == (SHARED, frozenset({2}))
+    for key in keys[10:]:
+        assert table.holders(key) == (0, frozenset())
+    assert table.try_lock_all([], keys[10:], 3)  # the emptied slots are usable again
+    assert table.release_all(3) == 4990
+    assert table.release_all(2) == 10
+    assert len(table) == 0
+
+
+_M64 = 2**64 - 1
+
+
+def _mix(x: int) -> int:
+    """The splitmix64 finaliser of engine/keyhash.pxi: the transaction table's hash of a txid."""
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & _M64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _txids_with_home(home: int, count: int, mask: int = 15) -> list[int]:
+    found, txid = [], 1
+    while len(found) < count:
+        if _mix(txid) & mask == home:
+            found.append(txid)
+        txid += 1
+    return found
+
+
+# The txid -> held locks table is placed by mix(txid) with no seed, and starts (and stays, with
+# at most 12 transactions) at 16 slots, so these txids crowd its last slots and the first ones:
+# their cluster wraps around the end. The key -> lock table is the same code (seeded hashes).
+_WRAPPING = [t for home in (13, 14, 15, 0, 1) for t in _txids_with_home(home, 3)]
+
+
+def test_backward_shift_delete_across_the_wrap_around() -> None:
+    table = LockTable()
+    a, b, c, d = (_txids_with_home(14, 1)[0], *_txids_with_home(15, 2), _txids_with_home(0, 1)[0])
+    for n, txid in enumerate((a, b, c, d)):  # slots 14, 15, 0 (wrapped), 1
+        assert table.try_lock(b"w%d" % n, txid, EXCLUSIVE)
+    assert table.release_all(b) == 1  # c shifts back over the end to 15, d to 0
+    assert table.held_by(a) == [b"w0"]
+    assert table.held_by(c) == [b"w2"]
+    assert table.held_by(d) == [b"w3"]
+    assert table.release_all(a) == 1
+    assert table.held_by(c) == [b"w2"]
+    assert table.held_by(d) == [b"w3"]
+    assert table.try_lock(b"w4", c, SHARED)
+    assert table.held_by(c) == [b"w2", b"w4"]
+    assert table.release_all(c) == 2
+    assert table.release_all(d) == 1
+    assert len(table) == 0
+
+
+@settings(deadline=None, max_examples=150)
+@given(st.lists(st.tuples(st.sampled_from(_WRAPPING), st.booleans()), max_size=60))
+def test_wrapping_cluster_against_a_model(ops: list[tuple[int, bool]]) -> None:
+    table = LockTable()
+    model: dict[int, list[bytes]] = {}
+    for step, (txid, take) in enumerate(ops):
+        if take and (txid in model or len(model) < 12):
+            key = b"t%d-%d" % (txid, step)
+            assert table.try_lock(key, txid, EXCLUSIVE)
+            model.setdefault(txid, []).append(key)
+        else:
+            assert table.release_all(txid) == len(model.pop(txid, []))
+        for other in _WRAPPING:
+            assert table.held_by(other) == model.get(other, [])
+        assert len(table) == sum(map(len, model.values()))
