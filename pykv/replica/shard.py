@@ -197,11 +197,13 @@ class ShardState:
         self.versions = SortedDict(items)
 
     def _remember(self, txid: int, outcome: Outcome) -> Outcome:
-        self.outcomes[txid] = outcome
+        """Record a transaction's outcome; the first one recorded stands (a retry gets it)."""
+        if txid in self.outcomes:
+            return self.outcomes[txid]
+        forgotten = remember_in(self.outcomes, txid, outcome)
         self._journal("o", txid, outcome)
-        if len(self.outcomes) > REMEMBERED_TXIDS:
-            old, _ = self.outcomes.popitem(last=False)
-            self._journal("o", old, _FORGET)
+        if forgotten is not None:
+            self._journal("o", forgotten, _FORGET)
         return outcome
 
     def _store(self, updates: list[KeyUpdate]) -> None:
@@ -296,11 +298,11 @@ class ShardState:
     def _decide(self, txid: int, commit: bool) -> bool:
         recorded = self.decisions.get(txid)
         if recorded is None:
-            recorded = self.decisions[txid] = commit
+            recorded = commit
+            forgotten = remember_in(self.decisions, txid, commit)
             self._journal("d", txid, commit)
-            if len(self.decisions) > REMEMBERED_TXIDS:
-                old, _ = self.decisions.popitem(last=False)
-                self._journal("d", old, _FORGET)
+            if forgotten is not None:
+                self._journal("d", forgotten, _FORGET)
         return recorded
 
     def _commit_decide(self, request: CommitRequest) -> Outcome:
@@ -433,6 +435,16 @@ class ShardState:
         request = CommitRequest.from_wire(request_wire)
         return Prepared(txid, coord, list(parts), [KeyUpdate.from_wire(u) for u in updates],
                         *self._lock_modes(request), request, since=since)
+
+
+def remember_in(table: OrderedDict, txid: int, value: Any) -> int | None:
+    """Add txid (not yet in table) as the newest entry; past REMEMBERED_TXIDS the oldest goes,
+    and its txid is returned. Only insertions, never updates: so every replica, and a replica
+    replaying what it journaled, forgets exactly the same txids in the same order."""
+    table[txid] = value
+    if len(table) > REMEMBERED_TXIDS:
+        return table.popitem(last=False)[0]
+    return None
 
 
 _FORGET = object()

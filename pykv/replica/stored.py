@@ -10,6 +10,13 @@ SAME atomic record as the updates of the command that changed them. After a cras
 storage therefore holds a consistent prefix of the applied log, and its applied index says
 where the Raft log replay resumes.
 
+Remembered outcomes and 2PC decisions (one per transaction, capped at REMEMBERED_TXIDS each)
+are not a row per transaction: each flush writes those of its run of commands as ONE row
+(``_RUNS`` + a sequence number), in the order they were recorded, and a run's row is deleted
+once newer runs hold REMEMBERED_TXIDS entries of each kind it has (by then every replica has
+forgotten all of them). Loading replays the runs in order through the same bounded tables,
+so a restarted replica remembers exactly the txids, in the order, that its peers do.
+
 Durability: the Storage runs with ``fsync="off"``: what makes a commit durable is the Raft
 log, fsync'd in the node's WAL before anything is acknowledged. The one rule this needs is
 that the Raft log is never compacted past what the storage has made durable, so
@@ -21,12 +28,20 @@ from __future__ import annotations
 
 import shutil
 import struct
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pykv.codec import decode_value, encode_value, pack, unpack
-from pykv.replica.shard import _FORGET, Prepared, ShardState, _prepared_wire
+from pykv.replica import shard as _shard
+from pykv.replica.shard import (
+    _FORGET,
+    Prepared,
+    ShardState,
+    _prepared_wire,
+    remember_in,
+)
 from pykv.storage.store import Storage, StoredVersion, Update
 from pykv.txn.model import ABSENT, MISSING, KeyUpdate, Versioned
 
@@ -38,6 +53,8 @@ _TOMBSTONE = b""
 _APPLIED = b"\xffa"
 _APPLIED_ROW = Update(_APPLIED, b"", b"", 0)  # marks "some entry applied"; flush() writes the index
 _PREPARED = b"\xffp"
+_RESTORE_RUN = 4096  # remembered entries per run row when a snapshot is installed
+_RUNS = b"\xffm"  # + a big-endian run number: [[kind, txid, value], ...] remembered in a flush
 _TXID = struct.Struct(">Q")
 # Pending (written, not yet released) versions are released every this many records.
 _RELEASE_EVERY = 256
@@ -81,23 +98,26 @@ class StoredShardState(ShardState):
         self._prepared_rows: dict[bytes, Prepared] = {}
         self._overlay: dict[str, Versioned] = {}
         self._since_release = 0
+        self._runs = _Runs()
         self._load_metadata()
 
     # --- loading ------------------------------------------------------------------------------
 
     def _load_metadata(self) -> None:
         now = self.clock()
-        for key, stored in self.store.scan(prefix=_META):
+        for key, stored in self.store.scan(prefix=_META):  # in key order: runs by number
             if stored.value is None:
                 continue
             kind, rest = key[1:2], key[2:]
             value = unpack(stored.value)
             if key == _APPLIED:
                 self.applied_index = value
-            elif kind == b"o":
-                self.outcomes[_TXID.unpack(rest)[0]] = value
-            elif kind == b"d":
-                self.decisions[_TXID.unpack(rest)[0]] = bool(value)
+            elif kind == _RUNS[1:]:
+                self._runs.loaded(_TXID.unpack(rest)[0], value)
+                for entry_kind, txid, remembered in value:
+                    table = self.outcomes if entry_kind == "o" else self.decisions
+                    if txid not in table:
+                        remember_in(table, txid, remembered)
             elif kind == b"p":
                 self._lock_quietly(self._prepared_from_wire(value, now))
             elif kind == b"r":
@@ -139,6 +159,8 @@ class StoredShardState(ShardState):
         for key, prepared in self._prepared_rows.items():
             if key in latest and latest[key].value is not None:
                 latest[key] = Update(key, pack(_prepared_wire(prepared)), b"", 0)
+        for row in self._runs.rows():
+            latest[row.key] = row
         latest[_APPLIED] = Update(_APPLIED, pack(self.applied_index), b"", 0)
         self._rows, self._prepared_rows = [], {}
         lsn = self.store.submit(list(latest.values()))
@@ -158,6 +180,10 @@ class StoredShardState(ShardState):
             self.flush()
 
     def _journal(self, kind: str, key: Any, value: Any) -> None:
+        if kind in ("o", "d"):
+            if value is not _FORGET:  # forgotten ones go with their whole run (see _Runs)
+                self._runs.record(kind, key, value)
+            return
         row_key = _meta_key(kind, key)
         if value is _FORGET:
             encoded = None
@@ -186,7 +212,7 @@ class StoredShardState(ShardState):
     def key_count(self) -> int:
         """Stored keys (tombstones included), not counting the metadata records."""
         self.flush()
-        meta = len(self.outcomes) + len(self.decisions) + len(self.prepared)
+        meta = self._runs.stored_rows() + len(self.prepared)
         meta += len(self.resolver_names) + (1 if self.applied_index else 0)
         return max(0, self.store.stats()["keys"] - meta)
 
@@ -203,6 +229,7 @@ class StoredShardState(ShardState):
 
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
         self._rows, self._overlay, self._prepared_rows = [], {}, {}
+        self._runs = _Runs()  # a fresh storage: no runs on disk
         self._reset_store()
         rows = [
             Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp)
@@ -237,8 +264,12 @@ class StoredShardState(ShardState):
         """Replace everything with a snapshot (InstallSnapshot), durably, metadata included."""
         super().restore(data)  # replaces the versions (fresh store) and the metadata in memory
         rows = [Update(_APPLIED, pack(self.applied_index), b"", 0)]
-        rows += [Update(_meta_key("o", t), pack(o), b"", 0) for t, o in self.outcomes.items()]
-        rows += [Update(_meta_key("d", t), pack(d), b"", 0) for t, d in self.decisions.items()]
+        remembered = [("o", t, o) for t, o in self.outcomes.items()]
+        remembered += [("d", t, d) for t, d in self.decisions.items()]
+        for start in range(0, len(remembered), _RESTORE_RUN):  # runs of a bounded size
+            for entry in remembered[start:start + _RESTORE_RUN]:
+                self._runs.record(*entry)
+            rows += self._runs.rows()
         rows += [Update(_meta_key("r", p), pack(n), b"", 0) for p, n in self.resolver_names.items()]
         rows += [Update(_meta_key("p", t), pack(_prepared_wire(p)), b"", 0)
                  for t, p in self.prepared.items()]
@@ -261,3 +292,52 @@ class StoredShardState(ShardState):
     def destroy(self) -> None:
         self.store.close()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+class _Runs:
+    """The remembered outcomes and decisions as rows, one per flush (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._pending: list[list] = []  # [kind, txid, value] recorded since the last rows()
+        self._stored: deque[tuple[int, int, int]] = deque()  # (run, outcomes, decisions)
+        self._totals = {"o": 0, "d": 0}
+        self._next = 1
+
+    def record(self, kind: str, txid: int, value: Any) -> None:
+        self._pending.append([kind, txid, value])
+
+    def stored_rows(self) -> int:
+        return len(self._stored)
+
+    def loaded(self, run: int, entries: list) -> None:
+        self._add(run, entries)
+        self._next = run + 1
+
+    def rows(self) -> list[Update]:
+        """The row of the pending run, and deletions of runs every replica has forgotten."""
+        if not self._pending:
+            return []
+        run, entries, self._pending = self._next, self._pending, []
+        self._next += 1
+        self._add(run, entries)
+        rows = [Update(_RUNS + _TXID.pack(run), pack(entries), b"", 0)]
+        while self._stored and self._forgotten(*self._stored[0][1:]):
+            old, outcomes, decisions = self._stored.popleft()
+            self._totals["o"] -= outcomes
+            self._totals["d"] -= decisions
+            rows.append(Update(_RUNS + _TXID.pack(old), None, b"", 0))
+        return rows
+
+    def _add(self, run: int, entries: list) -> None:
+        outcomes = sum(1 for e in entries if e[0] == "o")
+        self._stored.append((run, outcomes, len(entries) - outcomes))
+        self._totals["o"] += outcomes
+        self._totals["d"] += len(entries) - outcomes
+
+    def _forgotten(self, outcomes: int, decisions: int) -> bool:
+        # Each table keeps the REMEMBERED_TXIDS newest insertions: once the newer runs hold
+        # that many of a kind, none of this run's entries of that kind is left in it.
+        cap = _shard.REMEMBERED_TXIDS
+        return (not outcomes or self._totals["o"] - outcomes >= cap) and (
+            not decisions or self._totals["d"] - decisions >= cap
+        )

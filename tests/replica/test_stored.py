@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pykv.replica.shard import COMMIT, FINISH, PREPARE, RESOLVER, ShardState, encode_command
+from pykv.replica.shard import COMMIT, DECIDE, FINISH, PREPARE, RESOLVER, ShardState, encode_command
 from pykv.replica.stored import StoredShardState
 from pykv.txn.model import ABSENT, CommitRequest, WriteOp
 from pykv.types import OpKind
@@ -53,6 +53,7 @@ def test_a_snapshot_moves_between_memory_and_disk_states(tmp_path):
     stored.close()
     reopened = StoredShardState(0, tmp_path / "g0")
     assert reopened.get("k49").value == 49 and reopened.applied_index == 50
+    assert list(reopened.outcomes) == list(memory.outcomes)  # retries stay idempotent
     reopened.destroy()
     assert not (tmp_path / "g0").exists()
 
@@ -123,4 +124,49 @@ def test_a_transaction_prepared_and_finished_between_two_writes_leaves_no_record
     assert again.get("p").value == "x" and again.get("q") == ABSENT
     live = [key for key, stored in again.store.scan(prefix=b"\xffp") if stored.value is not None]
     assert len(live) == 1
+    again.close()
+
+
+def _run_rows(state: StoredShardState) -> list[bytes]:
+    return [k for k, v in state.store.scan(prefix=b"\xffm") if v.value is not None]
+
+
+def test_remembered_outcomes_survive_a_reopen_in_order_and_stay_bounded(tmp_path, monkeypatch):
+    import pykv.replica.shard as shard
+
+    monkeypatch.setattr(shard, "REMEMBERED_TXIDS", 5)
+    state, model = StoredShardState(0, tmp_path / "g0"), ShardState(0)
+    for i in range(1, 24):
+        command = _incr(1000 + i, "n", 1)
+        state.apply(i, command)
+        model.apply(i, command)
+        if i % 3 == 0:
+            state.flush()  # one run of remembered outcomes per flush
+    assert list(state.outcomes) == list(model.outcomes) == [1000 + i for i in range(19, 24)]
+    # Old runs are deleted once every entry in them is forgotten: about cap/run-size rows stay.
+    assert len(_run_rows(state)) <= 5 // 3 + 2
+    assert state.key_count() == 1  # the runs are metadata, not keys
+    state.close()
+
+    again = StoredShardState(0, tmp_path / "g0")
+    assert list(again.outcomes) == list(model.outcomes)  # same txids, same eviction order
+    again.apply(24, _incr(1023, "n", 1))  # a retry of a remembered txid is not applied again
+    model.apply(24, _incr(1023, "n", 1))
+    assert again.get("n").value == model.get("n").value == 23
+    for i in range(25, 40):  # and it keeps forgetting exactly like a replica that never stopped
+        again.apply(i, _incr(2000 + i, "n", 1))
+        model.apply(i, _incr(2000 + i, "n", 1))
+    assert list(again.outcomes) == list(model.outcomes)
+    again.close()
+
+
+def test_recorded_decisions_survive_a_reopen_and_the_first_one_stands(tmp_path):
+    state = StoredShardState(0, tmp_path / "g0")
+    state.apply(1, encode_command(DECIDE, None, 77, True))
+    state.apply(2, encode_command(DECIDE, None, 78, False))
+    state.flush()
+    state.apply(3, encode_command(DECIDE, None, 77, False))  # too late: commit was recorded
+    state.close()
+    again = StoredShardState(0, tmp_path / "g0")
+    assert dict(again.decisions) == {77: True, 78: False} and again.applied_index == 3
     again.close()
