@@ -90,6 +90,9 @@ class _CurrentState:
     def get(self, key: str) -> Versioned:
         return _versioned(self._storage.get(key.encode("utf-8")))
 
+    def clock_of(self, key: str) -> bytes:
+        return self._storage.clock_of(key.encode("utf-8"))
+
 
 class _KeyLocks:
     """The keys of in-flight commits, in the engine's LockTable; a busy key makes the commit wait.

@@ -131,6 +131,9 @@ class ShardState:
     def get(self, key: str) -> Versioned:
         return self.versions.get(key, ABSENT)
 
+    def clock_of(self, key: str) -> bytes:
+        return self.versions.get(key, ABSENT).clock
+
     def locked(self, key: str) -> bool:
         """Whether a prepared transaction may still change the key (reads of it wait)."""
         return key in self.locks or key in self.shared

@@ -70,8 +70,8 @@ def _meta_key(kind: str, key: Any) -> bytes:
 
 
 def _versioned(stored: StoredVersion) -> Versioned:
-    if stored.value is None:
-        return ABSENT
+    if stored.value is None:  # absent, or deleted at the storage level: keeps its clock
+        return ABSENT if not stored.clock else Versioned(MISSING, stored.clock, stored.timestamp)
     value = MISSING if stored.value == _TOMBSTONE else decode_value(stored.value)
     return Versioned(value, stored.clock, stored.timestamp)
 
@@ -208,6 +208,12 @@ class StoredShardState(ShardState):
         if found is not None:
             return found
         return _versioned(self.store.get(key.encode("utf-8")))
+
+    def clock_of(self, key: str) -> bytes:
+        found = self._overlay.get(key)
+        if found is not None:
+            return found.clock
+        return self.store.clock_of(key.encode("utf-8"))
 
     def key_count(self) -> int:
         """Stored keys (tombstones included), not counting the metadata records."""

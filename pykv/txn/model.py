@@ -218,6 +218,10 @@ class StateView(Protocol):
         """The current committed version; ABSENT (MISSING, b"") if the key was never written."""
         ...
 
+    def clock_of(self, key: str) -> bytes:
+        """``get(key).clock``, without decoding the value (what checking a read needs)."""
+        ...
+
 
 class DictState:
     """A StateView over a dict (key -> Versioned), with apply(); tests, benchmarks, models."""
@@ -227,6 +231,9 @@ class DictState:
 
     def get(self, key: str) -> Versioned:
         return self.versions.get(key, ABSENT)
+
+    def clock_of(self, key: str) -> bytes:
+        return self.versions.get(key, ABSENT).clock
 
     def apply(self, updates: list[KeyUpdate] | tuple[KeyUpdate, ...]) -> None:
         """Store each update (a tombstone keeps its clock, so later reads still validate)."""

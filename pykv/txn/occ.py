@@ -100,7 +100,7 @@ def validate(
         if key in ops_by_key:
             continue
         _check_key(key)
-        if state.get(key).clock != seen.clock:  # canonical encodings: equal clocks, equal bytes
+        if state.clock_of(key) != seen.clock:  # canonical encodings: equal clocks, equal bytes
             raise TransactionConflict(f"key {key!r} changed since the transaction read it")
 
     return [
