@@ -37,6 +37,7 @@ from pykv.types import (
     TxnIdSource,
     Value,
     check_key,
+    enum_decoder,
 )
 
 T = TypeVar("T")
@@ -96,18 +97,12 @@ class HybridClock:
 
 # Isolation is a str enum: its members hash and compare like their values, so one dict
 # lookup parses both forms (Isolation(...) costs a microsecond on every transaction).
-_ISOLATIONS = {i.value: i for i in Isolation}
+_isolation = enum_decoder(Isolation)
 
 
 def _parse_isolation(isolation: str | Isolation) -> Isolation:
     try:
-        found = _ISOLATIONS.get(isolation)  # type: ignore[call-overload]
-    except TypeError:  # unhashable
-        found = None
-    if found is not None:
-        return found
-    try:
-        return Isolation(isolation)
+        return _isolation(isolation)
     except ValueError:
         choices = ", ".join(repr(i.value) for i in Isolation)
         raise InvalidArgument(f"unknown isolation {isolation!r}; use one of {choices}") from None

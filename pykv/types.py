@@ -6,7 +6,9 @@ import enum
 import itertools
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from pykv.errors import InvalidKey, InvalidValue, KeyTooLarge, ValueTooLarge
 
@@ -56,6 +58,23 @@ def check_encoded_size(encoded: bytes, limit: int = MAX_VALUE_BYTES) -> None:
         raise ValueTooLarge(f"value encodes to {len(encoded)} bytes; the limit is {limit}")
 
 
+E = TypeVar("E", bound=enum.Enum)
+
+
+def enum_decoder(cls: type[E]) -> Callable[[Any], E]:
+    """``cls(value)`` as a dict lookup (ValueError for an unknown value): about 10x faster than
+    an Enum call, which matters where every message and request decodes a few of them."""
+    members = {member.value: member for member in cls}
+
+    def decode(value: Any) -> E:
+        try:
+            return members[value]
+        except (KeyError, TypeError):
+            raise ValueError(f"{value!r} is not a valid {cls.__name__}") from None
+
+    return decode
+
+
 class OpKind(enum.IntEnum):
     """What a buffered mutation does to its key when the transaction commits."""
 
@@ -90,3 +109,6 @@ class TxnIdSource:
         with self._lock:
             n = next(self._counter)
         return (self._tag << 40) | (n & ((1 << 40) - 1))
+
+
+op_kind = enum_decoder(OpKind)

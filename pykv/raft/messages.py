@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from pykv.types import enum_decoder
+
 
 class MsgType(enum.IntEnum):
     """The kinds of messages Raft peers exchange."""
@@ -35,6 +37,10 @@ class EntryKind(enum.IntEnum):
 
     NORMAL = 0
     CONF_CHANGE = 1
+
+
+_msg_type = enum_decoder(MsgType)
+_entry_kind = enum_decoder(EntryKind)
 
 
 class ConfChangeKind(enum.IntEnum):
@@ -74,7 +80,7 @@ class Entry:
 
     @classmethod
     def from_wire(cls, w: list) -> Entry:
-        return cls(w[0], w[1], EntryKind(w[2]), w[3])
+        return cls(w[0], w[1], _entry_kind(w[2]), w[3])
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +216,7 @@ class Message:
     @classmethod
     def from_wire(cls, w: list) -> Message:
         return cls(
-            MsgType(w[0]), w[1], w[2], w[3], w[4], w[5],
+            _msg_type(w[0]), w[1], w[2], w[3], w[4], w[5],
             tuple(Entry.from_wire(e) for e in w[6]), w[7], bool(w[8]), w[9], w[10],
             None if w[11] is None else Snapshot.from_wire(w[11]), w[12],
         )

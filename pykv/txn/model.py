@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from pykv.errors import ProtocolError
-from pykv.types import OpKind, Value
+from pykv.types import OpKind, Value, enum_decoder, op_kind
 
 
 class _Missing:
@@ -83,6 +83,9 @@ class Isolation(str, enum.Enum):
     MERGE = "merge"
 
 
+_isolation = enum_decoder(Isolation)
+
+
 @dataclass(frozen=True, slots=True)
 class WriteOp:
     """One buffered mutation, with the version the transaction observed for its key.
@@ -108,10 +111,10 @@ class WriteOp:
         if not isinstance(key, str):
             raise ProtocolError("a write op's key must be a str")
         try:
-            op_kind = OpKind(kind)
+            kind = op_kind(kind)
         except ValueError:
             raise ProtocolError(f"unknown write op kind {kind!r}") from None
-        return cls(key, op_kind, arg, None if observed is None else Versioned.from_wire(observed))
+        return cls(key, kind, arg, None if observed is None else Versioned.from_wire(observed))
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ class CommitRequest:
             raise ProtocolError("a commit request must be a map")
         try:
             txid, coordinator, timestamp = data["txid"], data["coord"], data["ts"]
-            isolation = Isolation(data["iso"])
+            isolation = _isolation(data["iso"])
             reads_wire, writes_wire = data["reads"], data["writes"]
         except (KeyError, ValueError) as exc:
             raise ProtocolError(f"malformed commit request: {exc}") from None

@@ -84,6 +84,9 @@ def _wire(**changes):
         _wire(reads=[["r", ["not bytes", 0]]]),
         _wire(reads=[[1, [b"", 0]]]),
         _wire(writes=[["w", 99, "v", None]]),
+        _wire(writes=[["w", [1], "v", None]]),  # an unhashable kind
+        _wire(iso="snapshot"),
+        _wire(iso=["serializable"]),
         _wire(writes=[["w", 1, "v"]]),
         _wire(writes=[[b"w", 1, "v", None]]),
     ],
