@@ -29,6 +29,7 @@ import random
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,7 @@ from pykv.raft.errors import ConfChangeRejected, NotLeader
 from pykv.raft.messages import ConfChangeKind, Message
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
-from pykv.replica.host import ReplicaHost
+from pykv.replica.host import Done, ReplicaHost
 from pykv.replica.meta import SET_MAP, MetaState, meta_replicas
 from pykv.replica.shard import COMMIT as CMD_COMMIT
 from pykv.replica.shard import COMMIT_DECIDE as CMD_COMMIT_DECIDE
@@ -219,7 +220,9 @@ class _ServerProtocol(asyncio.Protocol):
             self.node.on_raft(body)
             return
         self.node.counters["requests"] += 1
-        reply = self.node.handle(kind, body)
+        reply = self.node.handle(kind, body, lambda later: self._respond(request_id, later))
+        if reply is None:
+            return  # answered through the callback once the proposal or read completes
         if isinstance(reply, asyncio.Future):
             reply.add_done_callback(lambda fut: self._respond(request_id, _future_reply(fut)))
         else:
@@ -242,6 +245,26 @@ def _future_reply(fut: asyncio.Future) -> Any:
     if exc is None:
         return fut.result()
     return _error_reply(exc)
+
+
+def _answer(convert: Callable[[Any], Any], respond: Callable[[Any], None]) -> Done:
+    """A ReplicaHost completion callback that sends the converted reply (or the error's)."""
+
+    def done(result: Any, error: BaseException | None) -> None:
+        if error is not None:
+            respond(_error_reply(error))
+            return
+        try:
+            reply = convert(result)
+        except Exception as exc:  # noqa: BLE001 - reported to the requester
+            reply = _error_reply(exc)
+        respond(reply)
+
+    return done
+
+
+def _nobody_waits(result: Any, error: BaseException | None) -> None:
+    """The completion callback of a proposal whose outcome nobody waits for."""
 
 
 def _ignore_result(fut: asyncio.Future) -> None:
@@ -491,8 +514,9 @@ class Node:
 
     # --- requests ---------------------------------------------------------------------------
 
-    def handle(self, kind: int, body: Any) -> Any:
-        """Serve one request: a reply now, or a future of the reply."""
+    def handle(self, kind: int, body: Any, respond: Callable[[Any], None]) -> Any:
+        """Serve one request: a reply now, a future of the reply, or None when ``respond``
+        will be given the reply (the transaction path: no asyncio future per request)."""
         try:
             if kind == STATUS:
                 return [OK, self.status()]
@@ -502,27 +526,29 @@ class Node:
                 raise ProtocolError(f"request of kind {kind} needs a [shard, ...] body")
             shard = body[0]
             if kind == READ:
-                return self._read(shard, body[1], optimistic=len(body) > 2 and body[2] is True)
+                return self._read(shard, body[1], respond, optimistic=len(body) > 2 and body[2] is True)
             if kind == COMMIT:
                 request = self._stamped(body[1])
-                return self._propose(shard, CMD_COMMIT, [request], _outcome_reply, _writes(request))
+                done = _answer(_outcome_reply, respond)
+                return self._propose_to(shard, CMD_COMMIT, [request], done, _writes(request))
             if kind == COMMIT_DECIDE:
                 request = self._stamped(body[1])
-                fut = self._propose(shard, CMD_COMMIT_DECIDE, [request], _outcome_reply, _writes(request))
+                done = _answer(_outcome_reply, respond)
                 if len(body) > 2:
-                    others = [int(s) for s in body[2]]
-                    fut.add_done_callback(lambda f: self._finish_decided(f, request["txid"], others))
-                return fut
+                    done = self._then_finish(done, request["txid"], [int(s) for s in body[2]])
+                return self._propose_to(shard, CMD_COMMIT_DECIDE, [request], done, _writes(request))
             if kind == PREPARE:
                 request = self._stamped(body[1])
-                return self._propose(
-                    shard, CMD_PREPARE, [request, int(body[2]), list(body[3])],
-                    lambda vote: [OK, vote], _writes(request),
+                done = _answer(lambda vote: [OK, vote], respond)
+                return self._propose_to(
+                    shard, CMD_PREPARE, [request, int(body[2]), list(body[3])], done, _writes(request)
                 )
             if kind == DECIDE:
-                return self._propose(shard, CMD_DECIDE, [int(body[1]), bool(body[2])], lambda d: [OK, d])
+                done = _answer(lambda d: [OK, d], respond)
+                return self._propose_to(shard, CMD_DECIDE, [int(body[1]), bool(body[2])], done)
             if kind == FINISH:
-                return self._propose(shard, CMD_FINISH, [int(body[1]), bool(body[2])], _outcome_reply)
+                done = _answer(_outcome_reply, respond)
+                return self._propose_to(shard, CMD_FINISH, [int(body[1]), bool(body[2])], done)
             if kind == SCAN:
                 return self._scan(shard, *body[1:5])
             if kind == JOIN:
@@ -587,17 +613,22 @@ class Node:
 
         return fut, done
 
-    def _propose(
-        self, shard: int, tag: str, args: list, convert: Any, writes: tuple[str, ...] = ()
-    ) -> asyncio.Future:
-        host = self.host
-        assert host is not None
+    def _propose(self, shard: int, tag: str, args: list, convert: Any) -> asyncio.Future:
+        """Propose a shard command; the future of its converted result."""
         fut, done = self._future(convert)
-        host.propose(shard, tag, args, done, writes)
-        self._wakeup()
+        self._propose_to(shard, tag, args, done)
         return fut
 
-    def _read(self, shard: int, keys: Any, *, optimistic: bool) -> Any:
+    def _propose_to(
+        self, shard: int, tag: str, args: list, done: Done, writes: tuple[str, ...] = ()
+    ) -> None:
+        """Propose a shard command; ``done(result, error)`` once applied (see ReplicaHost)."""
+        host = self.host
+        assert host is not None
+        host.propose(shard, tag, args, done, writes)
+        self._wakeup()
+
+    def _read(self, shard: int, keys: Any, respond: Callable[[Any], None], *, optimistic: bool) -> Any:
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise ProtocolError("READ needs a list of str keys")
         host = self.host
@@ -610,10 +641,9 @@ class Node:
             answered, result = host.read_now(shard, versions, tuple(keys))
             if answered:
                 return [OK, result]
-        fut, done = self._future(lambda result: [OK, result])
-        host.read(shard, versions, tuple(keys), done)
+        host.read(shard, versions, tuple(keys), _answer(lambda result: [OK, result], respond))
         self._wakeup()
-        return fut
+        return None
 
     def _scan(self, shard: int, prefix: str, start: str | None, end: str | None, limit: int | None) -> asyncio.Future:
         host = self.host
@@ -629,25 +659,30 @@ class Node:
 
     # --- 2PC: finishing a decided transaction, and recovery --------------------------------------
 
-    def _finish_decided(self, fut: asyncio.Future, txid: int, shards: list[int]) -> None:
-        """The coordinator shard answered COMMIT_DECIDE: tell the other participants.
+    def _then_finish(self, done: Done, txid: int, shards: list[int]) -> Done:
+        """``done`` for COMMIT_DECIDE, then FINISH on the other participants (_finish_decided)."""
+
+        def decided(outcome: Any, error: BaseException | None) -> None:
+            done(outcome, error)
+            if error is None:  # recorded: None is commit, an error outcome is abort
+                self._finish_decided(outcome is None, txid, shards)
+
+        return decided
+
+    def _finish_decided(self, commit: bool, txid: int, shards: list[int]) -> None:
+        """The coordinator shard recorded its decision: tell the other participants.
 
         Done here rather than by the client: a participant led by this node finishes with a
         local proposal (no network), and the keys it locked are released one client round
         trip sooner. Only a recorded decision is passed on; when the outcome is unknown
         (leadership lost), the participants settle it with the coordinator shard.
         """
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        reply = fut.result()
-        commit = reply[0] == OK
         for shard in shards:
             group = self.host.groups.get(shard) if self.host is not None else None
             if group is not None and group.raft.is_leader():
                 try:
-                    self._propose(shard, CMD_FINISH, [txid, commit], _outcome_reply).add_done_callback(
-                        _ignore_result
-                    )
+                    # Nobody waits for it: a lost FINISH is settled by recovery.
+                    self._propose_to(shard, CMD_FINISH, [txid, commit], _nobody_waits)
                     continue
                 except (NotLeader, Unavailable):
                     pass  # leadership moved just now: go through the router
