@@ -30,8 +30,8 @@ DEFAULT_PARTITIONS = 16
 PARTITIONS_HELP = (
     "shards of the key space, fixed for the life of the cluster (default 16: room to grow to "
     "about 16 nodes). A transaction touching 2+ shards is a two-phase commit; a cluster that "
-    "will stay at 3 nodes commits about 2.7x more 4-op transactions per second with 1 partition "
-    "(benchmarks/bench_cluster.py on 2 shared cores: 839 vs 305 tps)"
+    "will stay at 3 nodes commits about 2x more 4-op transactions per second with 1 partition "
+    "(benchmarks/bench_cluster.py on 2 cores: 2,157 vs 1,048 tps)"
 )
 DEFAULT_REPLICAS = 3
 DEFAULT_VNODES = 64
