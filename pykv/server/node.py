@@ -873,8 +873,32 @@ class Node:
                     await self._rebalance_round()
                 else:
                     self.pending_moves = 0
+                await self._drop_stale_replicas()
             except (Error, OSError, asyncio.TimeoutError) as exc:
                 log.debug("membership round failed: %s", exc)
+
+    async def _drop_stale_replicas(self) -> None:
+        """Drop the data-shard replicas this node hosts but no longer belongs to.
+
+        The leader that removes a replica tells it with DROP, once; a node that was down
+        then (removed while it was down) restarts with the group in its WAL and would keep
+        it forever, campaigning in vain. So a replica the map does not place here asks the
+        shard's leader whether it is still a member, and goes when it is not.
+        """
+        host = self.host
+        assert host is not None
+        current = self.current_map()
+        me = self.config.node_id
+        for gid, group in list(host.groups.items()):
+            if gid == META_GROUP or gid >= current.partitions or group.raft.is_leader():
+                continue
+            if me in current.replicas_of(gid):
+                continue
+            info = await self.router.call(gid, MEMBERS, [gid], timeout=1.0)
+            if me not in info["voters"] and me not in info["learners"] and gid in host.groups:
+                host.remove_group(gid)
+                log.info("dropped shard %d: its leader %s no longer counts this node",
+                         gid, info["leader"])
 
     async def _refresh_learned_map(self) -> None:
         """Outside the metadata group (or only learning in it, or hearing from no leader of

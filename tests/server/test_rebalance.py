@@ -24,7 +24,7 @@ import pykv.client  # noqa: E402
 from pykv.client.admin import fetch_shard_map  # noqa: E402
 from pykv.client.transport import META_GROUP  # noqa: E402
 from pykv.cluster.ring import HashRing  # noqa: E402
-from pykv.server.cmd_cluster import cluster_remove  # noqa: E402
+from pykv.server.cmd_cluster import cluster_remove, start_node  # noqa: E402
 
 PARTITIONS = 16
 
@@ -113,6 +113,33 @@ def test_removing_a_node_moves_only_its_shards_away(tmp_path):
             assert moved == four.moved_partitions(three)
             assert moved == {p for p in range(8) if 4 in before[p]}
             assert [db.get(f"r{i}") for i in range(50)] == list(range(50))
+
+
+@pytest.mark.slow
+def test_a_node_removed_while_down_drops_its_stale_replicas_when_it_returns(tmp_path):
+    with local_cluster(tmp_path, nodes=4, partitions=8, replicas=3) as cluster:
+        four = HashRing([1, 2, 3, 4], partitions=8, vnodes=64, replicas=3)
+        _wait_placed(cluster, four, partitions=8)
+        held = {str(p) for p in range(8) if 4 in four.replicas(p)}
+        assert set(cluster.status(4)["groups"]) == held
+        with pykv.client.connect(cluster.addresses[:1], timeout=15) as db:
+            for i in range(30):
+                db.put(f"s{i}", i)
+            cluster.kill(4)  # down while the others take it out: nobody can tell it
+            cluster_remove(cluster.data_dir, 4, timeout=60)
+            _wait_placed(cluster, four.without_node(4), partitions=8)
+            start_node(cluster.config, 4, cluster.data_dir)  # back, with its old WAL
+            deadline = time.monotonic() + 30
+            groups = held
+            while groups:
+                assert time.monotonic() < deadline, f"node 4 still hosts {sorted(groups)}"
+                time.sleep(0.2)
+                try:
+                    groups = set(cluster.status(4)["groups"])
+                except pykv.Error:
+                    continue  # still starting
+            assert all(f"dropped shard {p}:" in cluster.log_text(4) for p in held)
+            assert [db.get(f"s{i}") for i in range(30)] == list(range(30))
 
 
 def _wait_meta(cluster, keep: set[int], gone: set[int], timeout: float = 30.0) -> set[int]:
