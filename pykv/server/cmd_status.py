@@ -42,12 +42,20 @@ def collect(addresses: list[str], timeout: float) -> dict[str, dict | str]:
     return found
 
 
+def _groups(status: dict) -> list[tuple[str, dict]]:
+    """(shard, group status) of a node in shard order, then its metadata replica as "meta"."""
+    rows = sorted(status["groups"].items(), key=lambda kv: int(kv[0]))
+    if status.get("meta"):
+        rows.append(("meta", status["meta"]))
+    return rows
+
+
 def build_table(statuses: dict[str, dict | str]) -> Table:
     # Lag of a replica = the highest commit index any replica of the shard reports - its applied.
     best_commit: dict[str, int] = {}
     for status in statuses.values():
         if isinstance(status, dict):
-            for shard, group in status["groups"].items():
+            for shard, group in _groups(status):
                 best_commit[shard] = max(best_commit.get(shard, 0), group["commit"])
     table = Table(title="pykv status")
     for column in ("node", "address", "shard", "role", "leader", "term", "commit", "applied", "lag", "keys"):
@@ -56,7 +64,7 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
         if not isinstance(status, dict):
             table.add_row("?", address, "-", f"[red]down[/red] ({status})", *["-"] * 6)
             continue
-        for shard, group in sorted(status["groups"].items(), key=lambda kv: int(kv[0])):
+        for shard, group in _groups(status):
             role = group["role"]
             style = "bold green" if role == "leader" else ""
             table.add_row(

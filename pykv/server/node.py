@@ -739,6 +739,7 @@ class Node:
             "address": self.config.listen,
             "pid": os.getpid(),
             "groups": {str(g): s for g, s in host.status().items() if g != META_GROUP},
+            "meta": host.status().get(META_GROUP),  # this node's metadata replica, if any
             "map_version": self.current_map().version,
             "map_nodes": list(self.current_map().nodes),
             "pending_moves": self.moves_pending(),

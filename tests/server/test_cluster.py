@@ -156,6 +156,12 @@ def test_status_and_shard_map_report_one_leader_per_shard(cluster):
         assert len(leaders) == 1
     shard_map = fetch_shard_map(cluster.addresses[0])
     assert len(shard_map["shards"]) == 8
+    # The metadata group shows too: on exactly its voters, with one leader among them.
+    hosting = {s["node_id"]: s["meta"] for s in statuses if s["meta"] is not None}
+    assert sorted(hosting) == sorted(shard_map["meta"])
+    assert [n for n, meta in hosting.items() if meta["role"] == "leader"] == [
+        next(iter(hosting.values()))["leader"]
+    ]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -177,6 +183,8 @@ def test_cli_put_get_txn_and_status(cluster):
     status = _cli("status", "--json", "--addresses", *cluster.addresses)
     assert status.returncode == 0
     assert len(json.loads(status.stdout)) == 3
+    table = _cli("status", "--addresses", addr)
+    assert table.returncode == 0 and "meta" in table.stdout and "leader" in table.stdout
     # one address is enough: status finds the other nodes through the shard map
     status = _cli("status", "--json", "--addresses", cluster.addresses[1])
     assert status.returncode == 0
