@@ -240,18 +240,28 @@ class ShardState:
         busy += [k for k in shared if self.locks.get(k, txid) != txid]
         return busy
 
+    def _validated(self, request: CommitRequest) -> tuple[list[KeyUpdate] | None, Outcome]:
+        """(updates, None) when the request may go ahead here, else (None, its outcome).
+
+        A key locked by a prepared transaction is a conflict that is not remembered (the
+        same txid may retry once the lock is gone); a failed validation is remembered: it
+        finishes the transaction here, so a later commit or prepare of it must not succeed.
+        """
+        busy = self._locked_keys(request)
+        if busy:
+            conflict = TransactionConflict(f"key {busy[0]!r} is locked by a prepared transaction")
+            return None, error_outcome(conflict)
+        try:
+            return validate(request, self, self.resolvers), None
+        except errors.Error as exc:
+            return None, self._remember(request.txid, error_outcome(exc))
+
     def _commit(self, request: CommitRequest) -> Outcome:
         if request.txid in self.outcomes:
             return self.outcomes[request.txid]  # a retry: the first outcome stands
-        busy = self._locked_keys(request)
-        if busy:
-            return error_outcome(
-                TransactionConflict(f"key {busy[0]!r} is locked by a prepared transaction")
-            )
-        try:
-            updates = validate(request, self, self.resolvers)
-        except errors.Error as exc:
-            return self._remember(request.txid, error_outcome(exc))
+        updates, refused = self._validated(request)
+        if updates is None:
+            return refused
         self._store(updates)
         return self._remember(request.txid, None)
 
@@ -264,16 +274,9 @@ class ShardState:
             if outcome is None:
                 return ["Committed", f"transaction {txid} already committed"]
             return outcome
-        busy = self._locked_keys(request)
-        if busy:
-            return error_outcome(
-                TransactionConflict(f"key {busy[0]!r} is locked by another prepared transaction")
-            )
-        try:
-            updates = validate(request, self, self.resolvers)
-        except errors.Error as exc:
-            # A no vote finishes the transaction here: a later prepare must not vote yes.
-            return self._remember(txid, error_outcome(exc))
+        updates, refused = self._validated(request)
+        if updates is None:
+            return refused  # a no vote
         self._lock(Prepared(txid, coordinator_shard, participants, updates, *self._lock_modes(request),
                             request, since=self.clock()))
         return None
