@@ -241,10 +241,16 @@ class RaftNode:
         return self.id in self.conf.voters
 
     # ===== time ===========================================================================
-    def tick(self) -> None:
-        """Advance logical time by one tick."""
+    def tick(self, *, heartbeat: bool | None = None) -> None:
+        """Advance logical time by one tick.
+
+        ``heartbeat`` lets the driver clock a leader's heartbeats itself (True: send them on
+        this tick): a node hosting many groups beats them all on the same tick, so their
+        heartbeats share one frame per peer and one wake-up of each peer. None: every
+        ``heartbeat_ticks`` ticks since this group's own last heartbeat.
+        """
         if self.role == Role.LEADER:
-            self._tick_leader()
+            self._tick_leader(heartbeat)
         else:
             self.election_elapsed += 1
             if self._start_quiet and self.election_elapsed >= self.cfg.election_ticks:
@@ -256,7 +262,7 @@ class RaftNode:
                 self.election_elapsed = 0
                 self._campaign(pre=self.cfg.pre_vote)
 
-    def _tick_leader(self) -> None:
+    def _tick_leader(self, heartbeat: bool | None) -> None:
         self._lease_clock += 1
         self.heartbeat_elapsed += 1
         self.election_elapsed += 1
@@ -272,7 +278,9 @@ class RaftNode:
                 return
             if self.lead_transferee is not None:
                 self.lead_transferee = None  # the transfer did not finish in time: abort it
-        if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks:
+        if heartbeat is None:
+            heartbeat = self.heartbeat_elapsed >= self.cfg.heartbeat_ticks
+        if heartbeat:
             self.heartbeat_elapsed = 0
             self._bcast_heartbeat(None)
 

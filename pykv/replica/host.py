@@ -217,8 +217,10 @@ class ReplicaHost:
     def tick(self) -> None:
         self._ticks += 1
         flush = self._ticks % self.flush_ticks == 0
+        # Every leader here beats on the same tick: one frame per peer carries them all.
+        beat = self._ticks % self.raft_config.heartbeat_ticks == 0
         for group in self.groups.values():
-            group.raft.tick()
+            group.raft.tick(heartbeat=beat)
             if flush:
                 group.state.flush()
         self._dirty.update(self.groups)

@@ -195,3 +195,42 @@ def test_a_stale_optimistic_read_from_a_paused_leader_cannot_commit(tmp_path):
     outcome = c.commit(3, "derived", "from v1", reads={"k": stale})
     assert outcome is not None and outcome[0] == "TransactionConflict"  # validation catches it
     assert c.hosts[c.leader().node_id].groups[GROUP].state.get("derived") is ABSENT
+
+
+def test_a_host_beats_all_the_groups_it_leads_on_the_same_tick(tmp_path):
+    """Heartbeats of many groups share a tick, so they travel in one frame per peer: an idle
+    node with many shards wakes its peers once per heartbeat interval, not once per group."""
+    hosts = {
+        node: ReplicaHost(
+            node, NodeLog(tmp_path / f"n{node}"),
+            raft_config=RaftConfig(election_ticks=20, heartbeat_ticks=4), rng=random.Random(node),
+        )
+        for node in (1, 2, 3)
+    }
+    groups = range(6)
+    for host in hosts.values():
+        for gid in groups:
+            host.add_group(gid, [1, 2, 3])
+    inbox: list = []
+    heartbeat_ticks: dict[int, set[int]] = {}  # node -> the host ticks on which it beat
+    for tick in range(1, 401):
+        for node, host in hosts.items():
+            host.tick()
+            batch = host.collect()
+            host.persist(batch)
+            for msg in batch.early + batch.late:
+                if msg.type.name == "HEARTBEAT" and msg.context is None:
+                    heartbeat_ticks.setdefault(node, set()).add(tick)
+                inbox.append(msg)
+            host.apply(batch)
+        delivered, inbox = inbox, []
+        for msg in delivered:
+            hosts[msg.to].step(msg)
+    leaders = {
+        gid: node for node, host in hosts.items() for gid in groups
+        if host.groups[gid].raft.is_leader()
+    }
+    assert sorted(leaders) == list(groups)
+    for node in set(leaders.values()):
+        ticks = heartbeat_ticks[node]
+        assert all(t % 4 == 0 for t in ticks), f"node {node} beat off the shared tick: {ticks}"
