@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 from pykv._engine.vclock import VClock
-from pykv.codec import encode_value
+from pykv.codec import check_value_fits
 from pykv.errors import (
     InvalidArgument,
     InvalidValue,
@@ -286,7 +286,7 @@ class Transaction:
         """Buffer a write. With ``context`` (a clock from get_versioned) the write is
         validated against that version: a change since then is a conflict, which under
         isolation="merge" the key's resolver may merge."""
-        encode_value(value, self._store.max_value_bytes)  # InvalidValue / ValueTooLarge now
+        check_value_fits(value, self._store.max_value_bytes)  # InvalidValue / ValueTooLarge now
         self._buffer(key, OpKind.PUT, value, context)
 
     def __setitem__(self, key: str, value: Value) -> None:
@@ -308,7 +308,7 @@ class Transaction:
         gets a str or bytes item concatenated. Commutes with other appends and incrs."""
         if isinstance(item, list):
             raise InvalidValue("append takes one str, int or bytes item, not a list")
-        encode_value([item], self._store.max_value_bytes)
+        check_value_fits([item], self._store.max_value_bytes)
         self._buffer(key, OpKind.APPEND, item, None)
 
     # --- outcome ------------------------------------------------------------------------

@@ -44,6 +44,28 @@ def encode_value(value: Value, limit: int = MAX_VALUE_BYTES) -> bytes:
     return _RAW + body
 
 
+def check_value_fits(value: Value, limit: int = MAX_VALUE_BYTES) -> None:
+    """encode_value()'s checks without its work: InvalidValue, or ValueTooLarge past limit.
+
+    The value is encoded only when a cheap upper bound of its size is over the limit, so a
+    put does not pay for msgpack (and zstd) twice: once here, once when it is committed.
+    """
+    check_value(value)
+    if size_bound(value) > limit:
+        check_encoded_size(pack(value), limit)
+
+
+def size_bound(value: object) -> int:
+    """An upper bound of value's msgpack size, without encoding it."""
+    if type(value) is str:
+        return 5 + 4 * len(value)  # type: ignore[arg-type]
+    if type(value) is bytes:
+        return 5 + len(value)  # type: ignore[arg-type]
+    if type(value) is list:
+        return 5 + sum(size_bound(item) for item in value)  # type: ignore[union-attr]
+    return 9
+
+
 def decode_value(data: bytes) -> Value:
     """Decode what encode_value() produced."""
     tag, body = data[:1], data[1:]

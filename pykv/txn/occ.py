@@ -35,7 +35,7 @@ passed, and never changes the state.
 from __future__ import annotations
 
 from pykv._engine.vclock import BEFORE, EQUAL, VClock, compare_encoded, merge_encoded
-from pykv.codec import encode_value
+from pykv.codec import encode_value, size_bound
 from pykv.errors import (
     Error,
     NonResolvableConflict,
@@ -198,20 +198,9 @@ def _check_fits(value: Value | _Missing) -> None:
     """Raise ValueTooLarge when value would encode past the limit (exact only when close)."""
     if type(value) is str and len(value) <= _SAFE_STR_CHARS:
         return
-    if value is MISSING or _size_bound(value) <= MAX_VALUE_BYTES:
+    if value is MISSING or size_bound(value) <= MAX_VALUE_BYTES:
         return
     encode_value(value)  # type: ignore[arg-type]  # raises ValueTooLarge
-
-
-def _size_bound(value: object) -> int:
-    """An upper bound of value's msgpack size, without encoding it."""
-    if type(value) is str:
-        return 5 + 4 * len(value)  # type: ignore[arg-type]
-    if type(value) is bytes:
-        return 5 + len(value)  # type: ignore[arg-type]
-    if type(value) is list:
-        return 5 + sum(_size_bound(item) for item in value)  # type: ignore[union-attr]
-    return 9
 
 
 # --- clocks (rule 4) -----------------------------------------------------------------------

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykv.codec import pack, unpack
-from pykv.errors import ProtocolError
+from pykv.codec import check_value_fits, encode_value, pack, unpack
+from pykv.errors import InvalidValue, ProtocolError, ValueTooLarge
 from pykv.txn import (
     ABSENT,
     MISSING,
@@ -21,7 +21,7 @@ from pykv.txn import (
     Versioned,
     WriteOp,
 )
-from pykv.types import INT64_MAX, INT64_MIN, OpKind
+from pykv.types import INT64_MAX, INT64_MIN, MAX_VALUE_BYTES, OpKind
 
 values = st.one_of(
     st.just(MISSING),
@@ -130,3 +130,29 @@ def test_dict_state_returns_absent_for_unknown_keys_and_keeps_tombstones():
     assert state.get("x") is ABSENT
     state.apply([KeyUpdate("x", MISSING, b"\x01\x01", 4)])
     assert state.get("x") == Versioned(MISSING, b"\x01\x01", 4)
+
+
+def test_check_value_fits_agrees_with_encoding_at_the_limit():
+    """A put checks its value without encoding it; the verdict must be encode_value()'s."""
+    limit = MAX_VALUE_BYTES
+    cases = [
+        b"x" * (limit - 5), b"x" * (limit - 4),  # bin32 header: 5 bytes
+        "a" * (limit - 5), "a" * (limit - 4),
+        "é" * ((limit - 5) // 2), "é" * ((limit - 5) // 2 + 1),  # 2 bytes a char
+        ["y" * 1000] * 1000, ["y" * 1000] * 1100,
+        [1] * 200_000, 2**63 - 1,
+    ]
+    for value in cases:
+        try:
+            encode_value(value)
+            expected = None
+        except ValueTooLarge:
+            expected = ValueTooLarge
+        if expected is None:
+            check_value_fits(value)
+        else:
+            with pytest.raises(ValueTooLarge):
+                check_value_fits(value)
+    for bad in (True, 1.5, None, [[1]], 2**63, {"a": 1}):
+        with pytest.raises(InvalidValue):
+            check_value_fits(bad)
