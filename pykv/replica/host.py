@@ -219,11 +219,17 @@ class ReplicaHost:
         flush = self._ticks % self.flush_ticks == 0
         # Every leader here beats on the same tick: one frame per peer carries them all.
         beat = self._ticks % self.raft_config.heartbeat_ticks == 0
-        for group in self.groups.values():
-            group.raft.tick(heartbeat=beat)
+        dirty = self._dirty
+        for gid, group in self.groups.items():
+            raft = group.raft
+            # Most ticks of most groups only move a timer: such a group needs no Ready, and
+            # asking it for one on every tick is what an idle node with many shards pays.
+            sent, role = len(raft.msgs), raft.role
+            raft.tick(heartbeat=beat)
+            if len(raft.msgs) != sent or raft.role is not role:
+                dirty.add(gid)
             if flush:
                 group.state.flush()
-        self._dirty.update(self.groups)
 
     def step(self, msg: Message) -> bool:
         """Deliver a message to its group; False when this node does not host the group."""
