@@ -10,6 +10,10 @@ to the embedded store), never asserted.
     python3 -m pytest benchmarks/bench_cluster.py --benchmark-only -s     # 64 clients, 5 s
     python3 benchmarks/bench_cluster.py --clients 64 --duration 10 [--partitions 16] [--state memory]
                                         [--threads: threads on pykv.connect, not pykv.aio]
+    python3 benchmarks/bench_cluster.py --idle [--partitions 16 128]   # CPU of an idle cluster
+
+An idle cluster still ticks every group and sends heartbeats; ``--idle`` reports what that
+costs each node (ms of CPU per second, and per hosted group), the price of hosting many shards.
 """
 
 from __future__ import annotations
@@ -102,6 +106,25 @@ def bench_cluster(
             cluster_down(data)
 
 
+def bench_idle(partitions: int, seconds: float = 5.0) -> dict:
+    """CPU that each node of an idle 3-node cluster spends per second (ticks, heartbeats)."""
+    with tempfile.TemporaryDirectory(prefix="pykv-bench-idle-") as tmp:
+        data = Path(tmp)
+        base = _free_base_port(3)
+        addresses = [f"127.0.0.1:{base + i}" for i in range(3)]
+        try:
+            cluster = cluster_up(data, 3, base, partitions=partitions)
+            time.sleep(1.0)  # let the first elections' traffic settle
+            before = _cluster_costs(cluster, data, addresses)["node_cpu_s"]
+            time.sleep(seconds)
+            spent = _cluster_costs(cluster, data, addresses)["node_cpu_s"] - before
+        finally:
+            cluster_down(data)
+    per_node = spent / 3 / seconds * 1000
+    return {"partitions": partitions, "node_cpu_ms_per_s": round(per_node, 1),
+            "node_cpu_ms_per_s_per_group": round(per_node / (partitions + 1), 3)}
+
+
 def bench_embedded(clients: int, duration: float, keys: int = 100_000) -> dict:
     config = WorkloadConfig(keys=keys, value_bytes=100, ops=4, clients=clients, duration=duration)
     with tempfile.TemporaryDirectory(prefix="pykv-bench-embedded-") as tmp:
@@ -127,7 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument("--partitions", type=int, nargs="+", default=[16])
+    parser.add_argument("--idle", action="store_true",
+                        help="measure an idle cluster's CPU per node for each --partitions")
     parser.add_argument("--state", choices=["storage", "memory"], default="storage")
     parser.add_argument("--threads", action="store_true",
                         help="drive the cluster from threads on one pykv.connect client "
@@ -136,7 +161,10 @@ def main() -> None:
                         help="how shard leaders confirm reads (see pykv serve --help)")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
-    out = {"cluster": bench_cluster(args.clients, args.duration, args.partitions, state=args.state,
+    if args.idle:
+        print(json.dumps([bench_idle(p) for p in args.partitions]))
+        return
+    out = {"cluster": bench_cluster(args.clients, args.duration, args.partitions[0], state=args.state,
                                     threads=args.threads, reads=args.reads)}
     if not args.no_baseline:
         out["embedded"] = bench_embedded(args.clients, args.duration)
