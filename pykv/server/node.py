@@ -565,15 +565,7 @@ class Node:
                     log.info("hosting an empty replica of shard %d, to be filled by its leader", shard)
                 return [OK, None]
             if kind == DROP:
-                group = self.host.groups.get(shard)
-                if group is not None:
-                    if shard == META_GROUP:
-                        # From now on the map is learned from the group's members: start
-                        # from the newest one this node applied, never the founding map.
-                        self._learned_map = self.current_map()
-                        others = sorted(group.raft.conf.voters - {self.config.node_id})
-                        self._learned_meta = others or self._learned_meta
-                    self.host.remove_group(shard)
+                if self._drop_group(shard):
                     log.info("dropped shard %d: this node was removed from its group", shard)
                 return [OK, None]
             if kind == RESOLVER:
@@ -879,27 +871,55 @@ class Node:
                 log.debug("membership round failed: %s", exc)
 
     async def _drop_stale_replicas(self) -> None:
-        """Drop the data-shard replicas this node hosts but no longer belongs to.
+        """Drop the replicas (of data shards and of the metadata group) this node hosts but
+        no longer belongs to.
 
         The leader that removes a replica tells it with DROP, once; a node that was down
         then (removed while it was down) restarts with the group in its WAL and would keep
         it forever, campaigning in vain. So a replica the map does not place here asks the
-        shard's leader whether it is still a member, and goes when it is not.
+        group's leader whether it is still a member, and goes when it is not.
         """
         host = self.host
         assert host is not None
         current = self.current_map()
         me = self.config.node_id
         for gid, group in list(host.groups.items()):
-            if gid == META_GROUP or gid >= current.partitions or group.raft.is_leader():
+            if group.raft.is_leader() or (gid != META_GROUP and gid >= current.partitions):
                 continue
-            if me in current.replicas_of(gid):
+            if gid == META_GROUP:
+                # The target the metadata leader moves the group to, as far as this node can
+                # tell; a node the map no longer names is never in it.
+                placed = me in meta_replicas(current, self.meta_voters)
+            else:
+                placed = me in current.replicas_of(gid)
+            if placed:
                 continue
             info = await self.router.call(gid, MEMBERS, [gid], timeout=1.0)
-            if me not in info["voters"] and me not in info["learners"] and gid in host.groups:
-                host.remove_group(gid)
-                log.info("dropped shard %d: its leader %s no longer counts this node",
-                         gid, info["leader"])
+            if me not in info["voters"] and me not in info["learners"]:
+                if self._drop_group(gid, info["voters"]):
+                    log.info("dropped shard %d: its leader %s no longer counts this node",
+                             gid, info["leader"])
+
+    def _drop_group(self, gid: int, voters: list[int] | None = None) -> bool:
+        """Stop hosting group ``gid`` (this node left it); False when it was not hosted.
+
+        ``voters`` are the group's voters as its leader reported them, if known.
+        """
+        host = self.host
+        assert host is not None
+        group = host.groups.get(gid)
+        if group is None:
+            return False
+        if gid == META_GROUP:
+            # From now on the map is learned from the group's members: start from the newest
+            # one this node applied (or learned), never the founding map.
+            self._learned_map = self.current_map()
+            if voters is None:
+                voters = sorted(group.raft.conf.voters)
+            others = [n for n in voters if n != self.config.node_id]
+            self._learned_meta = others or self._learned_meta
+        host.remove_group(gid)
+        return True
 
     async def _refresh_learned_map(self) -> None:
         """Outside the metadata group (or only learning in it, or hearing from no leader of
