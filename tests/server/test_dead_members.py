@@ -60,7 +60,8 @@ def _placed_on_live_voters(cluster, partitions: int, replicas: int) -> dict[int,
 
 
 @pytest.mark.slow
-def test_a_dead_node_is_replaced_and_its_shards_move_to_live_nodes(tmp_path):
+@pytest.mark.parametrize("role", ["meta-follower", "meta-leader"])
+def test_a_dead_node_is_replaced_and_its_shards_move_to_live_nodes(tmp_path, role):
     with local_cluster(tmp_path, nodes=5, partitions=8, replicas=3, dead_after=3.0) as cluster:
         acked: dict[str, int] = {}
         with pykv.client.connect(cluster.addresses[:2], timeout=15) as db:
@@ -71,9 +72,11 @@ def test_a_dead_node_is_replaced_and_its_shards_move_to_live_nodes(tmp_path):
                     acked[f"{tag}{i}"] = i
 
             write("before")
-            # A voter of the metadata group that does not lead it: the group must move too.
+            # A voter of the metadata group, so that the group must move too; its leader is
+            # the one that judges: killed, a new leader judges from its election on.
             meta = cluster.meta_members()
-            victim = max(n for n in meta["voters"] if n != meta["leader"])
+            followers = [n for n in meta["voters"] if n != meta["leader"]]
+            victim = meta["leader"] if role == "meta-leader" else max(followers)
             held = {int(s) for s in cluster.status(victim)["groups"]}
             assert held, "the victim holds no shard: nothing would move"
             cluster.kill(victim)
@@ -85,7 +88,7 @@ def test_a_dead_node_is_replaced_and_its_shards_move_to_live_nodes(tmp_path):
             voters = _wait(lambda: _placed_on_live_voters(cluster, 8, 3), 45,
                            "every shard on 3 live voters")
             placed_after = time.monotonic() - killed
-            print(f"\nnode {victim} killed: out of the map after {removed_after:.1f}s, its "
+            print(f"\n{role} node {victim} killed: out of the map after {removed_after:.1f}s, its "
                   f"{len(held)} shards on live voters after {placed_after:.1f}s")
             assert all(victim not in v for v in voters.values())
             assert _logged(cluster, REMOVED) == [str(victim)]  # one node removed, once
