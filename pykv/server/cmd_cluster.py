@@ -35,6 +35,12 @@ PARTITIONS_HELP = (
 )
 DEFAULT_REPLICAS = 3
 DEFAULT_VNODES = 64
+DEFAULT_DEAD_AFTER = 300.0
+DEAD_AFTER_HELP = (
+    "seconds a node may stay unreachable before the metadata leader takes it out of the shard "
+    "map, as `cluster remove` would, and its shards move to live nodes (default 300; 0 = never). "
+    "Never done while fewer than R live nodes would remain, and one node at a time"
+)
 
 
 @dataclass
@@ -49,6 +55,7 @@ class ClusterConfig:
     state: str = "storage"  # where shard values live: "storage" (on disk) or "memory" (+ snapshots)
     removed: list[int] = field(default_factory=list)  # ids taken out with `cluster remove`
     reads: str = "safe"  # how leaders confirm reads: "safe" (ReadIndex) or "lease"
+    dead_after: float = DEFAULT_DEAD_AFTER  # seconds before an unreachable node is replaced
 
     def active(self) -> dict[int, str]:
         return {n: a for n, a in self.nodes.items() if n not in self.removed}
@@ -64,6 +71,7 @@ class ClusterConfig:
                 "state": self.state,
                 "removed": self.removed,
                 "reads": self.reads,
+                "dead_after": self.dead_after,
             },
             indent=2,
         )
@@ -80,6 +88,7 @@ class ClusterConfig:
             state=raw.get("state", "storage"),
             removed=list(raw.get("removed", [])),
             reads=raw.get("reads", "safe"),
+            dead_after=raw.get("dead_after", DEFAULT_DEAD_AFTER),
         )
 
 
@@ -143,6 +152,7 @@ def serve_command(config: ClusterConfig, node_id: int, data_dir: Path) -> list[s
         "--vnodes", str(config.vnodes),
         "--state", config.state,
         "--reads", config.reads,
+        "--dead-after", str(config.dead_after),
     ]
     return argv
 
@@ -249,6 +259,7 @@ def cluster_up(
     host: str = "127.0.0.1",
     state: str = "storage",
     reads: str = "safe",
+    dead_after: float = DEFAULT_DEAD_AFTER,
     timeout: float = 60.0,
     console: Console | None = None,
     env: dict | None = None,
@@ -266,6 +277,7 @@ def cluster_up(
             initial=ids,
             state=state,
             reads=reads,
+            dead_after=dead_after,
         )
     else:
         # Growing: new ids join the existing cluster; their ports continue the sequence.
@@ -387,6 +399,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--reads", choices=["safe", "lease"], default="safe",
                     help="safe: ReadIndex, a heartbeat round per batch of reads (default); "
                          "lease: no round trip, linearizable only under bounded clock drift")
+    up.add_argument("--dead-after", type=float, default=DEFAULT_DEAD_AFTER, metavar="SECONDS",
+                    help=DEAD_AFTER_HELP)
     up.add_argument("--timeout", type=float, default=60.0)
     down = sub.add_parser("down", help="stop every node of the cluster in DIR")
     down.add_argument("--data-dir", required=True, type=Path)
@@ -421,6 +435,7 @@ def run(args: argparse.Namespace) -> int:
             host=args.host,
             state=args.state,
             reads=args.reads,
+            dead_after=args.dead_after,
             timeout=args.timeout,
             console=console,
         )

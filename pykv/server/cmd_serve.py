@@ -8,7 +8,12 @@ import logging
 import os
 from pathlib import Path
 
-from pykv.server.cmd_cluster import DEFAULT_PARTITIONS, PARTITIONS_HELP
+from pykv.server.cmd_cluster import (
+    DEAD_AFTER_HELP,
+    DEFAULT_DEAD_AFTER,
+    DEFAULT_PARTITIONS,
+    PARTITIONS_HELP,
+)
 from pykv.server.node import NodeConfig, serve_forever
 
 
@@ -47,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reads", choices=["safe", "lease"], default="safe",
                         help="safe: ReadIndex, a heartbeat round per batch of reads (the default); "
                              "lease: no round trip, linearizable only under bounded clock drift")
+    parser.add_argument("--dead-after", type=float, default=DEFAULT_DEAD_AFTER, metavar="SECONDS",
+                        help=DEAD_AFTER_HELP)
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -70,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         batch_wait=args.batch_wait_ms / 1000.0,
         state=args.state,
         reads=args.reads,
+        dead_after=args.dead_after,
     )
 
 

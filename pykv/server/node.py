@@ -66,6 +66,7 @@ from pykv.client.transport import (
     set_nodelay,
     unwrap,
 )
+from pykv.cluster.liveness import Removal, decide_removal
 from pykv.cluster.ring import partition_for
 from pykv.cluster.shardmap import ShardMap
 from pykv.errors import Error, ProtocolError, Unavailable
@@ -132,6 +133,9 @@ class NodeConfig:
     # of reads (no clock assumption); "lease" = no round while a quorum acknowledged a
     # heartbeat recently, which is linearizable only while clock drift stays bounded.
     reads: str = "safe"
+    # Seconds a member may stay unreachable before the metadata leader takes it out of the
+    # shard map (as `pykv cluster remove` would) so its shards move to live nodes; 0 = never.
+    dead_after: float = 300.0
 
 
 class _Peer:
@@ -389,6 +393,7 @@ class Node:
         self._tasks.append(loop.create_task(self._drive_or_die()))
         self._tasks.append(loop.create_task(self._recover_prepared()))
         self._tasks.append(loop.create_task(self._membership()))
+        self._tasks.append(loop.create_task(self._replace_dead_members()))
         log.info("node %d listening on %s with %d groups", cfg.node_id, cfg.listen, len(self.host.groups))
 
     def _state_factory(self) -> Any:
@@ -572,15 +577,7 @@ class Node:
                     log.info("hosting an empty replica of shard %d, to be filled by its leader", shard)
                 return [OK, None]
             if kind == DROP:
-                group = self.host.groups.get(shard)
-                if group is not None:
-                    if shard == META_GROUP:
-                        # From now on the map is learned from the group's members: start
-                        # from the newest one this node applied, never the founding map.
-                        self._learned_map = self.current_map()
-                        others = sorted(group.raft.conf.voters - {self.config.node_id})
-                        self._learned_meta = others or self._learned_meta
-                    self.host.remove_group(shard)
+                if self._drop_group(shard):
                     log.info("dropped shard %d: this node was removed from its group", shard)
                 return [OK, None]
             if kind == RESOLVER:
@@ -939,27 +936,55 @@ class Node:
                 log.debug("membership round failed: %s", exc)
 
     async def _drop_stale_replicas(self) -> None:
-        """Drop the data-shard replicas this node hosts but no longer belongs to.
+        """Drop the replicas (of data shards and of the metadata group) this node hosts but
+        no longer belongs to.
 
         The leader that removes a replica tells it with DROP, once; a node that was down
         then (removed while it was down) restarts with the group in its WAL and would keep
         it forever, campaigning in vain. So a replica the map does not place here asks the
-        shard's leader whether it is still a member, and goes when it is not.
+        group's leader whether it is still a member, and goes when it is not.
         """
         host = self.host
         assert host is not None
         current = self.current_map()
         me = self.config.node_id
         for gid, group in list(host.groups.items()):
-            if gid == META_GROUP or gid >= current.partitions or group.raft.is_leader():
+            if group.raft.is_leader() or (gid != META_GROUP and gid >= current.partitions):
                 continue
-            if me in current.replicas_of(gid):
+            if gid == META_GROUP:
+                # The target the metadata leader moves the group to, as far as this node can
+                # tell; a node the map no longer names is never in it.
+                placed = me in meta_replicas(current, self.meta_voters)
+            else:
+                placed = me in current.replicas_of(gid)
+            if placed:
                 continue
             info = await self.router.call(gid, MEMBERS, [gid], timeout=1.0)
-            if me not in info["voters"] and me not in info["learners"] and gid in host.groups:
-                host.remove_group(gid)
-                log.info("dropped shard %d: its leader %s no longer counts this node",
-                         gid, info["leader"])
+            if me not in info["voters"] and me not in info["learners"]:
+                if self._drop_group(gid, info["voters"]):
+                    log.info("dropped shard %d: its leader %s no longer counts this node",
+                             gid, info["leader"])
+
+    def _drop_group(self, gid: int, voters: list[int] | None = None) -> bool:
+        """Stop hosting group ``gid`` (this node left it); False when it was not hosted.
+
+        ``voters`` are the group's voters as its leader reported them, if known.
+        """
+        host = self.host
+        assert host is not None
+        group = host.groups.get(gid)
+        if group is None:
+            return False
+        if gid == META_GROUP:
+            # From now on the map is learned from the group's members: start from the newest
+            # one this node applied (or learned), never the founding map.
+            self._learned_map = self.current_map()
+            if voters is None:
+                voters = sorted(group.raft.conf.voters)
+            others = [n for n in voters if n != self.config.node_id]
+            self._learned_meta = others or self._learned_meta
+        host.remove_group(gid)
+        return True
 
     async def _refresh_learned_map(self) -> None:
         """Outside the metadata group (or only learning in it, or hearing from no leader of
@@ -996,6 +1021,72 @@ class Node:
         self.pending_moves = sum(1 for r in results if r is not True)
         if not self.pending_moves:
             self._balanced_version = current.version
+
+    # --- membership: replacing dead members -----------------------------------------------------
+
+    async def _replace_dead_members(self) -> None:
+        """On the metadata leader: probe every member of the map, and take out one that has
+        been unreachable for ``dead_after`` seconds (pykv.cluster.liveness says whom and
+        when), so that its shards move to live nodes by the usual rebalancing."""
+        dead_after = self.config.dead_after
+        if dead_after <= 0:
+            return
+        every = min(1.0, dead_after / 5)
+        # Live = answered one of the last ~3 probes: a busy node may miss one.
+        watch = _Silence(live_within=min(dead_after, 3 * every))
+        while not self._stopping:
+            await asyncio.sleep(every)
+            meta = self.host.groups.get(META_GROUP) if self.host else None
+            if meta is None or not meta.raft.is_leader():
+                watch.term = None
+                continue
+            try:
+                await self._watch_round(meta.raft.term, watch, timeout=max(0.5, every))
+            except (Error, OSError, asyncio.TimeoutError) as exc:
+                log.debug("dead-member round failed: %s", exc)
+
+    async def _watch_round(self, term: int, watch: _Silence, timeout: float) -> None:
+        current = self.current_map()
+        # Started at the election (not at this node's start): a new leader that heard nobody
+        # yet must not take everyone for dead.
+        watch.start(term, current.version, time.monotonic())
+        others = [n for n in current.nodes if n != self.config.node_id]
+        sent = time.monotonic()
+        answered = await asyncio.gather(*(self._probe(n, timeout) for n in others))
+        watch.probed(dict(zip(others, answered, strict=True)), sent)
+        now = time.monotonic()
+        silence = watch.silence(now)
+        verdict = decide_removal(
+            current.nodes, silence, replicas=current.replicas,
+            dead_after=self.config.dead_after, live_within=watch.live_within,
+            moving=self.moves_pending() > 0, map_age=now - watch.map_since,
+        )
+        if verdict.node is None:
+            if verdict.dead and watch.changed(verdict):
+                log.warning("event=dead_member_kept nodes=%s live=%s replicas=%d map_version=%d "
+                            "reason=%r", _ids(verdict.dead), _ids(verdict.live), current.replicas,
+                            current.version, verdict.reason)
+            return
+        log.warning("event=dead_member_removed node=%d silent_s=%.1f dead_after_s=%g live=%s "
+                    "replicas=%d map_version=%d", verdict.node, silence[verdict.node],
+                    self.config.dead_after, _ids(verdict.live), current.replicas, current.version)
+        # Exactly what `pykv cluster remove` asks for (LEAVE): one code path for both.
+        reply = self._leave(verdict.node)
+        if isinstance(reply, asyncio.Future):
+            reply = await asyncio.wait_for(reply, 5.0)
+        if reply[0] != OK:
+            log.warning("could not remove dead member %d: %s", verdict.node, reply[1:])
+
+    async def _probe(self, node: int, timeout: float) -> bool:
+        """Whether ``node`` answers a STATUS request within ``timeout`` (its loop is alive)."""
+        address = self.address_of(node)
+        if address is None:
+            return False
+        try:
+            await asyncio.wait_for(self.router.call_address(address, STATUS, None, timeout), timeout)
+        except (Error, OSError, asyncio.TimeoutError):
+            return False
+        return True
 
     def moves_pending(self) -> int:
         """Shards not yet where the map places them (known on the metadata leader only)."""
@@ -1040,6 +1131,53 @@ class Node:
                     await self.router.call_address(address, DROP, [shard], 2.0)
             return False
         return True
+
+
+class _Silence:
+    """Since when each member has not answered the metadata leader's probes, with timers that
+    start at its election; the clock is the server's, the rules pykv.cluster.liveness's."""
+
+    def __init__(self, live_within: float) -> None:
+        self.live_within = live_within
+        self.term: int | None = None
+        self.missing_since: dict[int, float] = {}  # member -> when a probe first went unanswered
+        self.map_version = 0
+        self.map_since = 0.0
+        self._told: tuple = ()
+
+    def start(self, term: int, map_version: int, now: float) -> None:
+        """Restart every timer when leadership is new; note when the map last changed."""
+        if term != self.term:
+            self.term, self.missing_since, self._told = term, {}, ()
+            self.map_version, self.map_since = map_version, now
+        elif map_version != self.map_version:
+            self.map_version, self.map_since = map_version, now
+
+    def probed(self, answers: dict[int, bool], sent: float) -> None:
+        """Probes sent at ``sent``: a member that answered is heard; one that did not is
+        silent from then on (not from its last answer: it may have lived until ``sent``).
+        ``answers`` covers every other member: a node out of the map is forgotten."""
+        self.missing_since = {n: t for n, t in self.missing_since.items() if n in answers}
+        for node, answered in answers.items():
+            if answered:
+                self.missing_since.pop(node, None)
+            else:
+                self.missing_since.setdefault(node, sent)
+
+    def silence(self, now: float) -> dict[int, float]:
+        return {n: now - since for n, since in self.missing_since.items()}
+
+    def changed(self, verdict: Removal) -> bool:
+        """Whether this verdict differs from the last one logged (log a decision once)."""
+        told = (verdict.dead, verdict.reason)
+        if told == self._told:
+            return False
+        self._told = told
+        return True
+
+
+def _ids(nodes: tuple[int, ...]) -> str:
+    return ",".join(str(n) for n in nodes) or "-"
 
 
 async def serve_forever(config: NodeConfig) -> None:
