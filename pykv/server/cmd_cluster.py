@@ -203,10 +203,16 @@ def _status_table(rows: dict[int, str]) -> Table:
 def wait_until_ready(
     config: ClusterConfig, timeout: float, console: Console | None = None,
     data_dir: Path | None = None,
-) -> bool:
-    """Poll every node until every shard it knows of has a leader; True when all are ready."""
+) -> set[int] | None:
+    """Poll every node until every shard it knows of has a leader.
+
+    Returns None on timeout, else the nodes that found themselves taken out of the cluster
+    while they were down (by ``cluster remove`` elsewhere, or as dead after --dead-after):
+    they host nothing and never join again, so they are not waited for.
+    """
     deadline = time.monotonic() + timeout
     rows = {nid: "starting" for nid in config.active()}
+    removed: set[int] = set()
     live = Live(_status_table(rows), console=console, transient=False) if console else None
     if live:
         live.start()
@@ -227,11 +233,16 @@ def wait_until_ready(
                     rows[node_id] = f"port taken by pid {status.get('pid')} (node {status.get('node_id')})"
                     ready = False
                     continue
+                if status.get("removed"):
+                    removed.add(node_id)
+                    rows[node_id] = "removed from the cluster while it was down"
+                    continue
                 groups = status["groups"]
                 led = sum(1 for g in groups.values() if g["leader"])
                 moves = status.get("pending_moves", 0)
                 map_nodes = set(status.get("map_nodes", config.active()))
-                joined = set(config.active()) <= map_nodes and not map_nodes & set(config.removed)
+                members = set(config.active()) - removed
+                joined = members <= map_nodes and not map_nodes & set(config.removed)
                 rows[node_id] = f"{led}/{len(groups)} groups have a leader" + (
                     f", {moves} shards moving" if moves else ""
                 ) + ("" if joined else ", joining")
@@ -240,9 +251,9 @@ def wait_until_ready(
             if live:
                 live.update(_status_table(rows))
             if ready:
-                return True
+                return removed
             time.sleep(0.1)
-        return False
+        return None
     finally:
         if live:
             live.stop()
@@ -289,9 +300,26 @@ def cluster_up(
     for node_id in sorted(config.active()):
         if node_id not in alive:
             start_node(config, node_id, data_dir, env=env)
-    if not wait_until_ready(config, timeout, console, data_dir):
+    removed = wait_until_ready(config, timeout, console, data_dir)
+    if removed is None:
         raise TimeoutError(f"the cluster in {data_dir} did not elect every leader in {timeout}s")
+    for node_id in sorted(removed):
+        _forget_removed_node(config, node_id, data_dir, console)
     return config
+
+
+def _forget_removed_node(config: ClusterConfig, node_id: int, data_dir: Path,
+                         console: Console | None) -> None:
+    """Record a node the cluster took out while it was down, and stop its idle process."""
+    config.removed.append(node_id)
+    save_config(data_dir, config)
+    pid = read_pid(data_dir, node_id)
+    if pid is not None and pid_alive(pid):
+        _signal_group(pid, signal.SIGTERM)
+    pid_path(data_dir, node_id).unlink(missing_ok=True)
+    if console is not None:
+        console.print(f"node {node_id} was taken out of the cluster while it was down "
+                      "(it stays out; start it with an empty data dir to add it again)")
 
 
 async def _meta_members(addresses: list[str], timeout: float) -> dict:
@@ -335,7 +363,7 @@ def cluster_remove(data_dir: Path, node_id: int, *, timeout: float = 120.0,
         replicas=config.replicas, vnodes=config.vnodes, initial=config.initial,
         state=config.state, removed=config.removed, reads=config.reads,
     )
-    if not wait_until_ready(remaining, timeout, console, data_dir):
+    if wait_until_ready(remaining, timeout, console, data_dir) is None:
         raise TimeoutError(f"the shards of node {node_id} did not move away in {timeout}s")
     deadline = time.monotonic() + timeout
     # The metadata group follows the map too: stop the node only once the group no longer

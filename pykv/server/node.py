@@ -799,6 +799,9 @@ class Node:
             "meta": host.status().get(META_GROUP),  # this node's metadata replica, if any
             "map_version": self.current_map().version,
             "map_nodes": list(self.current_map().nodes),
+            # Taken out of the map while it was down (cluster remove, or --dead-after): it
+            # hosts nothing and never joins again; only an empty data dir can come back.
+            "removed": not self._may_join and self.config.node_id not in self.current_map().nodes,
             "pending_moves": self.moves_pending(),
             "counters": dict(self.counters),
             "reads": self.config.reads,

@@ -98,6 +98,13 @@ def test_a_dead_node_is_replaced_and_its_shards_move_to_live_nodes(tmp_path, rol
             write("after")
             assert {k: db.get(k) for k in acked} == acked
 
+            # `cluster up` brings the removed node back, which finds itself out of the map:
+            # up returns (nothing waits for it), records it as removed and stops it.
+            cluster.up(timeout=30)
+            assert victim in cluster.config.removed
+            assert victim not in cluster.alive()
+            assert {k: db.get(k) for k in acked} == acked
+
 
 @pytest.mark.slow
 def test_a_dead_node_is_kept_when_fewer_than_r_live_nodes_would_remain(tmp_path):
