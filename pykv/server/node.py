@@ -799,13 +799,25 @@ class Node:
             "meta": host.status().get(META_GROUP),  # this node's metadata replica, if any
             "map_version": self.current_map().version,
             "map_nodes": list(self.current_map().nodes),
-            # Taken out of the map while it was down (cluster remove, or --dead-after): it
-            # hosts nothing and never joins again; only an empty data dir can come back.
-            "removed": not self._may_join and self.config.node_id not in self.current_map().nodes,
+            "removed": self.removed(),
             "pending_moves": self.moves_pending(),
             "counters": dict(self.counters),
             "reads": self.config.reads,
         }
+
+    def removed(self) -> bool:
+        """Taken out of the map while it was down (cluster remove, or --dead-after).
+
+        Known once the node has dropped every replica it had (each only after its group's
+        leader confirmed it no longer counts this node): the map alone is not proof, since
+        right after a restart the node may still route by a map older than its own joining.
+        Such a node never joins again; only an empty data dir can come back.
+        """
+        host = self.host
+        return (
+            not self._may_join and host is not None and not host.groups
+            and self.config.node_id not in self.current_map().nodes
+        )
 
     @property
     def meta_voters(self) -> list[int]:
