@@ -18,16 +18,14 @@ Commit protocol, as the client drives it:
 - every key of the transaction maps to a shard (hash ring partition); a transaction whose
   keys all live in one shard is ONE ``COMMIT`` proposal on that shard's leader, validated
   when every replica applies it;
-- otherwise ONE ``COMMIT_ACROSS`` request to the leader of a coordinator shard (one of the
-  transaction's shards, chosen by transaction id to spread the work), which runs two-phase
-  commit over the shards' Raft groups (pykv.server.coordinator): ``PREPARE`` each other
-  shard's part (validate + lock, replicated) -> ``COMMIT_DECIDE`` on the coordinator shard
-  (its own part and the commit record; the first decision recorded wins) -> ``FINISH`` on
-  every other participant. The commit is acknowledged once the decision is commit. Should
-  the client or that node die at any point, each participant's leader settles its prepared
-  part with the coordinator shard (see pykv.server.node), so no transaction stays in doubt;
-  keys of a prepared transaction stay locked until then, and reads of them wait, so nobody
-  sees half a transaction.
+- otherwise two-phase commit over the shards' Raft groups: ``PREPARE`` each shard's part
+  (validate + lock, replicated) -> ``COMMIT_DECIDE`` on the coordinator shard (its own part
+  and the commit record; the first decision recorded wins) -> ``FINISH`` on every other
+  participant, sent by the coordinator shard's leader (pykv.server.node). The commit is
+  acknowledged once the decision is commit. Should the client die at any point, each
+  participant's leader settles its prepared part with the coordinator shard (see
+  pykv.server.node), so no transaction stays in doubt; keys of a prepared transaction
+  stay locked until then, and reads of them wait, so nobody sees half a transaction.
 
 Every call is retried across leader changes until the timeout; that is safe because the
 replicas remember each transaction id's outcome (a retried commit never applies twice).
@@ -42,18 +40,23 @@ from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from pykv.client.router import Router
-from pykv.client.transport import COMMIT, COMMIT_ACROSS, READ, RESOLVER, SCAN, WIPE
+from pykv.client.transport import COMMIT, COMMIT_DECIDE, FINISH, PREPARE, READ, RESOLVER, SCAN, WIPE
 from pykv.errors import (
+    Error,
     InvalidOperation,
     StoreClosed,
     Timeout,
     TransactionConflict,
+    Unavailable,
 )
 from pykv.net.protocol import new_event_loop
+from pykv.replica.failpoints import failpoint
 from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 
 T = TypeVar("T")
+
+ALREADY_COMMITTED = "Committed"  # a prepare's answer when a retry finds the txn committed
 
 
 class AsyncCluster:
@@ -62,6 +65,7 @@ class AsyncCluster:
     def __init__(self, addresses: list[str], *, timeout: float = 10.0) -> None:
         self.router = Router(list(addresses), timeout=timeout)
         self.timeout = timeout
+        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self.router.refresh_map()
@@ -98,13 +102,17 @@ class AsyncCluster:
         if not request.writes:
             await self._confirm_reads(request)
             return
-        shards = sorted({self.shard_of(key) for key in (*request.reads, *request.written_keys())})
-        if len(shards) == 1:
-            await self.router.call(shards[0], COMMIT, [shards[0], request.to_wire()])
+        keys = list(request.reads) + request.written_keys()
+        by_shard: dict[int, set[str]] = {}
+        for key in keys:
+            by_shard.setdefault(self.shard_of(key), set()).add(key)
+        if not by_shard:
             return
-        # Spread coordinator duty over the shards, deterministically per transaction.
-        coordinator = shards[request.txid % len(shards)]
-        await self.router.call(coordinator, COMMIT_ACROSS, [coordinator, request.to_wire()])
+        if len(by_shard) == 1:
+            (shard,) = by_shard
+            await self.router.call(shard, COMMIT, [shard, request.to_wire()])
+            return
+        await self._two_phase(request, by_shard)
 
     async def _confirm_reads(self, request: CommitRequest) -> None:
         """Commit a read-only transaction: every version it read must still be current.
@@ -121,6 +129,61 @@ class AsyncCluster:
                 raise TransactionConflict(
                     f"transaction {request.txid}: {key!r} changed after it was read"
                 )
+
+    async def _two_phase(self, request: CommitRequest, by_shard: dict[int, set[str]]) -> None:
+        shards = sorted(by_shard)
+        # Spread coordinator duty over the shards, deterministically per transaction.
+        coordinator = shards[request.txid % len(shards)]
+        others = [s for s in shards if s != coordinator]
+        votes = await asyncio.gather(
+            *(
+                self.router.call(
+                    s, PREPARE,
+                    [s, request.restricted_to(by_shard[s]).to_wire(), coordinator, shards],
+                )
+                for s in others
+            ),
+            return_exceptions=True,
+        )
+        failpoint("txn.2pc.after_prepare")
+        refusal: BaseException | None = None
+        for vote in votes:
+            if isinstance(vote, BaseException):
+                refusal = refusal or vote
+            elif vote is not None and vote[0] != ALREADY_COMMITTED:
+                refusal = refusal or _vote_error(vote)
+        if refusal is not None:
+            # No decision record is needed for an abort: a participant that never hears
+            # FINISH asks the coordinator shard, which (with nothing recorded) records abort.
+            self._finish_later(others, request.txid, False)
+            if isinstance(refusal, (Timeout, Unavailable)):
+                raise TransactionConflict(
+                    f"transaction {request.txid} aborted: a participant did not vote ({refusal})"
+                )
+            raise refusal
+        # The coordinator's own part and the decision record: one proposal, one round. The
+        # coordinator shard's leader then sends FINISH to the others (commit or abort, as
+        # recorded); until they apply it, their prepared keys stay locked and reads of them
+        # wait, so nobody sees half of the transaction. On Timeout or Unavailable the
+        # outcome is unknown: the participants settle it with the coordinator shard.
+        await self.router.call(
+            coordinator, COMMIT_DECIDE,
+            [coordinator, request.restricted_to(by_shard[coordinator]).to_wire(), others],
+        )
+        failpoint("txn.2pc.after_decide")
+
+    def _finish_later(self, shards: list[int], txid: int, commit: bool) -> None:
+        for s in shards:
+            task = asyncio.get_running_loop().create_task(
+                self.router.call(s, FINISH, [s, txid, commit])
+            )
+            self._background.add(task)
+            task.add_done_callback(self._finished_task)
+
+    def _finished_task(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # a lost FINISH is settled by the participant's recovery
 
     async def scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None
@@ -146,7 +209,15 @@ class AsyncCluster:
         )
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.timeout)
         await self.router.close()
+
+
+def _vote_error(vote: list) -> Error:
+    from pykv.client.transport import error_from_reply
+
+    return error_from_reply(vote[0], vote[1])
 
 
 class ClusterResolvers(ResolverRegistry):

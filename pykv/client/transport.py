@@ -53,8 +53,6 @@ HOST = 30  # [shard] -> None: start hosting an empty replica (a learner-to-be)
 DROP = 31  # [shard] -> None: stop hosting a replica this node was removed from
 WIPE = 32  # [shard] -> outcome: forget every key, resolver and outcome of the shard
 LEAVE = 33  # [META_GROUP, node id] -> map version: take a node out of the shard map
-COMMIT_ACROSS = 34  # [coordinator shard, request wire] -> outcome: a multi-shard transaction,
-# committed by two-phase commit that the coordinator shard's leader drives
 
 META_GROUP = 1 << 20  # the Raft group id of the metadata group (shard groups are 0..Q-1)
 
@@ -244,7 +242,7 @@ class Connection(asyncio.Protocol):
 
 
 __all__ = [
-    "COMMIT", "COMMIT_ACROSS", "COMMIT_DECIDE", "CONF", "CoalescingWriter", "Connection", "DROP", "HOST", "JOIN",
+    "COMMIT", "COMMIT_DECIDE", "CONF", "CoalescingWriter", "Connection", "DROP", "HOST", "JOIN",
     "LEAVE", "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PREPARE", "RAFT", "READ",
     "REDIRECT", "RESOLVER", "RESPONSE", "Redirect", "SCAN", "SHARD_MAP", "STATUS",
     "error_from_reply", "unwrap",

@@ -42,11 +42,6 @@ def key_hash(key: bytes | str) -> int:
     return xxhash.xxh64_intdigest(key)
 
 
-def partition_for(key: bytes | str, partitions: int) -> int:
-    """The partition that holds a key: its place on the ring (a function of Q alone)."""
-    return (key_hash(key) * partitions) >> 64
-
-
 class HashRing:
     """An immutable ring of nodes over ``partitions`` equal partitions.
 
@@ -107,7 +102,7 @@ class HashRing:
 
     def partition_of(self, key: bytes | str) -> int:
         """The partition (shard) that holds a key."""
-        return partition_for(key, self.partitions)
+        return (key_hash(key) * self.partitions) >> 64
 
     def replicas(self, partition: int) -> tuple[Node, ...]:
         """The partition's replica set, clockwise order; the first is the preferred leader."""

@@ -1,4 +1,4 @@
-"""Named crash points of the replica driver and the 2PC coordinator; armed by PYKV_FAILPOINT.
+"""Named crash points of the replica driver and the 2PC client; armed by PYKV_FAILPOINT.
 
 ``PYKV_FAILPOINT=replica.after_persist`` (a comma-separated list is allowed) makes the first
 pass through ``failpoint("replica.after_persist")`` end the process with ``os._exit(137)``
@@ -15,8 +15,8 @@ POINTS = frozenset(
         "replica.after_persist",
         # a node dies after applying a snapshot it received, before advancing
         "replica.after_snapshot_install",
-        # the node coordinating a multi-shard commit (pykv.server.coordinator) dies after
-        # every participant prepared and before the decision record is written / after it
+        # the client coordinating a multi-shard commit dies after every participant
+        # prepared and before the decision record is written / after it is written
         "txn.2pc.after_prepare",
         "txn.2pc.after_decide",
     }

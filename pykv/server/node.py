@@ -38,7 +38,6 @@ from typing import Any
 from pykv.client.router import Router, ShardMapView
 from pykv.client.transport import (
     COMMIT,
-    COMMIT_ACROSS,
     COMMIT_DECIDE,
     CONF,
     DECIDE,
@@ -62,12 +61,9 @@ from pykv.client.transport import (
     WIPE,
     CoalescingWriter,
     Connection,
-    Redirect,
     set_nodelay,
-    unwrap,
 )
 from pykv.cluster.liveness import Removal, decide_removal
-from pykv.cluster.ring import partition_for
 from pykv.cluster.shardmap import ShardMap
 from pykv.errors import Error, ProtocolError, Unavailable
 from pykv.net.framing import (
@@ -95,7 +91,6 @@ from pykv.replica.shard import RESOLVER as CMD_RESOLVER
 from pykv.replica.shard import WIPE as CMD_WIPE
 from pykv.replica.shard import ShardState
 from pykv.replica.stored import StoredShardState
-from pykv.server.coordinator import commit_across
 from pykv.txn.model import CommitRequest
 
 log = logging.getLogger("pykv.node")
@@ -541,8 +536,6 @@ class Node:
                 request = self._stamped(body[1])
                 done = _answer(_outcome_reply, respond)
                 return self._propose_to(shard, CMD_COMMIT, [request], done, _writes(request))
-            if kind == COMMIT_ACROSS:
-                return self._commit_across(shard, body[1], respond)
             if kind == COMMIT_DECIDE:
                 request = self._stamped(body[1])
                 done = _answer(_outcome_reply, respond)
@@ -660,59 +653,6 @@ class Node:
         host.read(shard, fn, None, done)  # waits until no prepared txn holds a key of the shard
         self._wakeup()
         return fut
-
-    # --- 2PC: coordinating a multi-shard commit (pykv.server.coordinator) ------------------------
-
-    def _commit_across(self, coordinator: int, wire: Any, respond: Callable[[Any], None]) -> None:
-        """Start the two-phase commit of a transaction over several shards; this node must lead
-        ``coordinator``, one of them. ``respond`` gets the outcome."""
-        request = CommitRequest.from_wire(wire)  # raises ProtocolError on a malformed request
-        partitions = self.current_map().partitions
-        by_shard: dict[int, set[str]] = {}
-        for key in [*request.reads, *request.written_keys()]:
-            by_shard.setdefault(partition_for(key, partitions), set()).add(key)
-        if coordinator not in by_shard or len(by_shard) < 2:
-            raise ProtocolError(
-                f"COMMIT_ACROSS: shard {coordinator} cannot coordinate a transaction on shards "
-                f"{sorted(by_shard)} (it must be one of two or more)"
-            )
-        group = self.host.groups.get(coordinator)
-        if group is None or not group.raft.is_leader():
-            raise NotLeader(self.host.leader_of(coordinator))
-        task = asyncio.get_running_loop().create_task(
-            commit_across(self._shard_call, self._abort_prepared, request, by_shard, coordinator)
-        )
-        self._finishing.add(task)
-        task.add_done_callback(lambda t: self._committed_across(t, respond))
-
-    def _committed_across(self, task: asyncio.Task, respond: Callable[[Any], None]) -> None:
-        self._finishing.discard(task)
-        if task.cancelled():
-            respond(_error_reply(Unavailable("the node stopped during the commit; outcome unknown")))
-        elif task.exception() is not None:
-            respond(_error_reply(task.exception()))
-        else:
-            respond([OK, None])
-
-    async def _shard_call(self, shard: int, kind: int, body: list) -> Any:
-        """A request to the leader of ``shard``: served right here when this node leads it."""
-        group = self.host.groups.get(shard) if self.host is not None else None
-        if group is not None and group.raft.is_leader():
-            replied: asyncio.Future = asyncio.get_running_loop().create_future()
-
-            def respond(reply: Any) -> None:
-                if not replied.done():
-                    replied.set_result(reply)
-
-            reply = self.handle(kind, body, respond)
-            if reply is not None:
-                respond(await reply if isinstance(reply, asyncio.Future) else reply)
-            with contextlib.suppress(Redirect):  # leadership moved just now: ask the leader
-                return unwrap(await replied)
-        return await self.router.call(shard, kind, body)
-
-    def _abort_prepared(self, txid: int, shards: list[int]) -> None:
-        self._finish_decided(False, txid, shards)
 
     # --- 2PC: finishing a decided transaction, and recovery --------------------------------------
 
