@@ -94,6 +94,9 @@ from pykv.replica.stored import StoredShardState
 from pykv.txn.model import CommitRequest
 
 log = logging.getLogger("pykv.node")
+# Once every group is where the shard map places it, the metadata leader re-checks them all
+# only this often (each check asks every group's leader for its members).
+RECHECK_PLACED_S = 10.0
 
 
 @dataclass
@@ -329,6 +332,8 @@ class Node:
         self._learned_meta: list[int] = list(self.meta_founders)
         self.pending_moves = 0
         self._balanced_version = 0
+        self._placement_term = 0  # the metadata term of the last placement check (a new leader checks)
+        self._next_placement_check = 0.0
         self._may_join = False
         # Monotonic counters for `pykv status --json` and benchmarks.
         self.counters: dict[str, int] = defaultdict(int)
@@ -883,12 +888,30 @@ class Node:
                     continue
                 meta = self.host.groups.get(META_GROUP) if self.host else None
                 if meta is not None and meta.raft.is_leader():
-                    await self._rebalance_round()
+                    if self._placement_check_due(meta.raft.term):
+                        await self._rebalance_round()
                 else:
                     self.pending_moves = 0
                 await self._drop_stale_replicas()
             except (Error, OSError, asyncio.TimeoutError) as exc:
                 log.debug("membership round failed: %s", exc)
+
+    def _placement_check_due(self, term: int) -> bool:
+        """Whether the metadata leader checks every group's placement in this round.
+
+        Each check asks every group's leader for its members: with hundreds of shards that
+        is most of what an idle cluster does. So it runs every round only while a map change
+        is not yet carried out (or leadership is new); once the groups are where the map
+        places them, and the map has not changed, only every RECHECK_PLACED_S, as a safety
+        net (with the map unchanged no replica moves by itself).
+        """
+        now = asyncio.get_running_loop().time()
+        settled = self._balanced_version == self.current_map().version
+        if settled and term == self._placement_term and now < self._next_placement_check:
+            return False
+        self._placement_term = term
+        self._next_placement_check = now + RECHECK_PLACED_S
+        return True
 
     async def _drop_stale_replicas(self) -> None:
         """Drop the replicas (of data shards and of the metadata group) this node hosts but
