@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -1160,8 +1161,14 @@ def _ids(nodes: tuple[int, ...]) -> str:
 
 async def serve_forever(config: NodeConfig) -> None:
     """Run a node until SIGTERM or SIGINT."""
+    # A node keeps many long-lived objects (Raft log entries until a snapshot, overlays):
+    # with the default thresholds a full collection every ~70k allocations scanned them all,
+    # 11-37 ms of CPU per second per node under the standard bench and pauses up to 175 ms.
+    # 10,000: 3-7 ms/s, pauses up to 26 ms. Freezing what recovery built skips it for good.
+    gc.set_threshold(10_000, 10, 10)
     node = Node(config)
     await node.start()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
