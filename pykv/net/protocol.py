@@ -65,6 +65,11 @@ def error_from(body: Any, peer: str) -> errors.Error:
     return errors.Error(f"remote {name} from {peer}: {message}")
 
 
+def as_protocol_error(exc: errors.Error) -> ProtocolError:
+    """exc as the ProtocolError that closed a connection."""
+    return exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc))
+
+
 class FramedProtocol(asyncio.Protocol):
     """One end of a connection: each side sends HELLO at once and checks the other's, then
     frames flow both ways, any number in flight (see pykv.net.framing for the format).
@@ -190,10 +195,6 @@ class FramedProtocol(asyncio.Protocol):
 
     def lost(self, exc: Exception | None) -> None:
         """The connection is gone, whoever closed it."""
-
-
-def as_protocol_error(exc: errors.Error) -> ProtocolError:
-    return exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc))
 
 
 class ServerProtocol(FramedProtocol):
