@@ -18,8 +18,7 @@ what was wrong; after one, a decoder refuses further input (the stream lost sync
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import zstandard
@@ -46,9 +45,11 @@ _compressor = zstandard.ZstdCompressor(level=1)
 _decompressor = zstandard.ZstdDecompressor()
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One decoded frame: its kind, the id that pairs a response with its request, a body."""
+class Frame(NamedTuple):
+    """One decoded frame: its kind, the id that pairs a response with its request, a body.
+
+    (A named tuple: built for every frame received, it costs half a frozen dataclass.)
+    """
 
     kind: int
     request_id: int
@@ -154,7 +155,7 @@ class FrameDecoder:
             end = pos + HEADER.size + length
             if end > end_of_data:
                 break
-            frames.append(self._decode(kind_byte, bytes(buf[pos + HEADER.size : end])))
+            frames.append(self._decode(kind_byte, buf[pos + HEADER.size : end]))
             pos = end
         if pos:
             del buf[:pos]
@@ -173,7 +174,7 @@ class FrameDecoder:
         self._buffer.clear()
         raise self._error
 
-    def _decode(self, kind_byte: int, payload: bytes) -> Frame:
+    def _decode(self, kind_byte: int, payload: bytes | bytearray) -> Frame:
         kind = kind_byte & MAX_KIND
         if kind_byte & _ZSTD_FLAG:
             payload = self._decompress(kind, payload)
@@ -193,7 +194,7 @@ class FrameDecoder:
             self._fail(f"frame of kind {kind}: payload is not [request_id, body]: {envelope!r:.80}")
         return Frame(kind, envelope[0], envelope[1])
 
-    def _decompress(self, kind: int, payload: bytes) -> bytes:
+    def _decompress(self, kind: int, payload: bytes | bytearray) -> bytes:
         # zstandard honours max_output_size only for frames that do not declare their
         # size, so a declared size is checked first (a zip bomb must not be allocated).
         try:
