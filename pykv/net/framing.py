@@ -18,6 +18,7 @@ what was wrong; after one, a decoder refuses further input (the stream lost sync
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Any, NamedTuple
 
 import msgpack
@@ -43,6 +44,17 @@ DEFAULT_COMPRESS_THRESHOLD = 8 << 10
 
 _compressor = zstandard.ZstdCompressor(level=1)
 _decompressor = zstandard.ZstdDecompressor()
+# A Packer per thread, reused: msgpack.packb builds a new one per call, which costs more
+# than packing a small frame; a Packer is not safe to share between threads.
+_per_thread = threading.local()
+
+
+def _packb(obj: Any) -> bytes:
+    try:
+        packer = _per_thread.packer
+    except AttributeError:
+        packer = _per_thread.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(obj)
 
 
 class Frame(NamedTuple):
@@ -68,7 +80,7 @@ def encode_frame(
     if not (isinstance(kind, int) and 0 <= kind <= MAX_KIND):
         raise ProtocolError(f"frame kind must be an int in 0..{MAX_KIND}, got {kind!r}")
     try:
-        payload = msgpack.packb([request_id, body], use_bin_type=True)
+        payload = _packb([request_id, body])
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"frame body of kind {kind} cannot be encoded: {exc}") from exc
     flags = 0
