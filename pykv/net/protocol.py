@@ -171,7 +171,9 @@ class FramedProtocol(asyncio.Protocol):
             return frames
         first = frames[0]
         if first.kind == ERROR:  # the peer refused this end's HELLO, and says why
-            self.close(as_protocol_error(error_from(first.body, self.peer)))
+            error = as_protocol_error(error_from(first.body, self.peer))
+            log.error("connection %s refused by the peer: %s", self._described(), error)
+            self.close(error)
             return []
         check_hello(first)
         self.greeted = True

@@ -252,6 +252,12 @@ def test_a_handshake_version_mismatch_is_refused_on_both_sides():
         await reader.read()
         writer.close()
 
+    async def refusing_server(reader, writer):  # checks first, and refuses this version
+        reason = f"protocol version mismatch: peer speaks 1, this side speaks {PROTOCOL_VERSION + 1}"
+        writer.write(encode_frame(ERROR, {"type": "ProtocolError", "message": reason}))
+        await writer.drain()
+        writer.close()
+
     async def main():
         async with Rig() as rig:
             reader, writer = await rig.raw_client()
@@ -263,6 +269,11 @@ def test_a_handshake_version_mismatch_is_refused_on_both_sides():
         other = await asyncio.start_server(future_server, "127.0.0.1", 0)
         port = other.sockets[0].getsockname()[1]
         with pytest.raises(ProtocolError, match="protocol version mismatch: peer speaks 2"):
+            await Connection.open(f"127.0.0.1:{port}")
+        other.close()
+        other = await asyncio.start_server(refusing_server, "127.0.0.1", 0)
+        port = other.sockets[0].getsockname()[1]
+        with pytest.raises(ProtocolError, match="this side speaks 2"):  # the peer's reason
             await Connection.open(f"127.0.0.1:{port}")
         other.close()
 
