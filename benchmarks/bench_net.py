@@ -21,15 +21,18 @@ import time
 import pytest
 import uvloop
 
-from pykv.net.protocol import Connection, serve
+from pykv.net.protocol import Connection, ServerProtocol
 
 N = 1000
 ECHO = 16
 MESSAGE = b"x" * 16
 
 
-async def echo_handler(kind, body):
-    return body
+class _EchoServer(ServerProtocol):
+    """The least a pykv server can do: answer every request with its body, at once."""
+
+    def request_received(self, kind, request_id, body):
+        self.respond(request_id, body)
 
 
 class _RawEchoServer(asyncio.Protocol):
@@ -78,8 +81,9 @@ class Rig:
         self.raw_server = await loop.create_server(_RawEchoServer, "127.0.0.1", 0)
         port = self.raw_server.sockets[0].getsockname()[1]
         _, self.raw = await loop.create_connection(_RawClient, "127.0.0.1", port)
-        self.server = await serve(echo_handler)
-        self.conn = await Connection.open("127.0.0.1", self.server.port)
+        self.server = await loop.create_server(_EchoServer, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.conn = await Connection.open(f"127.0.0.1:{port}")
 
     async def raw_sequential(self) -> None:
         for _ in range(N):
@@ -90,16 +94,16 @@ class Rig:
 
     async def pykv_sequential(self) -> None:
         for _ in range(N):
-            await self.conn.request(ECHO, MESSAGE)
+            await self.conn.request(ECHO, MESSAGE, 10)
 
     async def pykv_pipelined(self) -> None:
-        await asyncio.gather(*(self.conn.request(ECHO, MESSAGE) for _ in range(N)))
+        await asyncio.gather(*(self.conn.request(ECHO, MESSAGE, 10) for _ in range(N)))
 
     def close(self) -> None:
         async def stop():
             self.conn.close()
             self.raw.transport.close()
-            await self.server.close()
+            self.server.close()
             self.raw_server.close()
 
         self.runner.run(stop())

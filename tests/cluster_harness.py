@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pykv.client.admin import fetch_status
-from pykv.client.transport import MEMBERS, META_GROUP, Connection, Redirect, unwrap
+from pykv.client.transport import MEMBERS, META_GROUP, Redirect, unwrap
 from pykv.errors import Unavailable
+from pykv.net.protocol import Connection
 from pykv.server.cmd_cluster import (
     cluster_down,
     cluster_up,

@@ -6,7 +6,8 @@ import asyncio
 from typing import Any
 
 from pykv.client.router import Router
-from pykv.client.transport import LEAVE, META_GROUP, SHARD_MAP, STATUS, Connection, unwrap
+from pykv.client.transport import LEAVE, META_GROUP, SHARD_MAP, STATUS, unwrap
+from pykv.net.protocol import Connection
 
 
 async def _call(address: str, kind: int, timeout: float) -> Any:

@@ -17,15 +17,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from pykv.client.transport import (
-    META_GROUP,
-    SHARD_MAP,
-    Connection,
-    Redirect,
-    unwrap,
-)
+from pykv.client.transport import META_GROUP, SHARD_MAP, Redirect, unwrap
 from pykv.cluster.ring import HashRing
 from pykv.errors import InvalidArgument, Timeout, Unavailable
+from pykv.net.protocol import Connection
 
 
 @dataclass

@@ -1,7 +1,13 @@
-"""Networking: sans-I/O framing, the uvloop protocol and the peer pool."""
+"""Networking: sans-I/O framing and the framed asyncio connection clients and nodes share."""
 
 from pykv.net.framing import FIRST_APP_KIND, PROTOCOL_VERSION, Frame, FrameDecoder, encode_frame
-from pykv.net.protocol import Connection, PeerPool, Server, new_event_loop, serve
+from pykv.net.protocol import (
+    Connection,
+    FramedProtocol,
+    ServerProtocol,
+    new_event_loop,
+    parse_address,
+)
 
 __all__ = [
     "FIRST_APP_KIND",
@@ -9,9 +15,9 @@ __all__ = [
     "Connection",
     "Frame",
     "FrameDecoder",
-    "PeerPool",
-    "Server",
+    "FramedProtocol",
+    "ServerProtocol",
     "encode_frame",
     "new_event_loop",
-    "serve",
+    "parse_address",
 ]

@@ -18,8 +18,8 @@ what was wrong; after one, a decoder refuses further input (the stream lost sync
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Any
+import threading
+from typing import Any, NamedTuple
 
 import msgpack
 import zstandard
@@ -44,11 +44,24 @@ DEFAULT_COMPRESS_THRESHOLD = 8 << 10
 
 _compressor = zstandard.ZstdCompressor(level=1)
 _decompressor = zstandard.ZstdDecompressor()
+# A Packer per thread, reused: msgpack.packb builds a new one per call, which costs more
+# than packing a small frame; a Packer is not safe to share between threads.
+_per_thread = threading.local()
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One decoded frame: its kind, the id that pairs a response with its request, a body."""
+def _packb(obj: Any) -> bytes:
+    try:
+        packer = _per_thread.packer
+    except AttributeError:
+        packer = _per_thread.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(obj)
+
+
+class Frame(NamedTuple):
+    """One decoded frame: its kind, the id that pairs a response with its request, a body.
+
+    (A named tuple: built for every frame received, it costs half a frozen dataclass.)
+    """
 
     kind: int
     request_id: int
@@ -67,7 +80,7 @@ def encode_frame(
     if not (isinstance(kind, int) and 0 <= kind <= MAX_KIND):
         raise ProtocolError(f"frame kind must be an int in 0..{MAX_KIND}, got {kind!r}")
     try:
-        payload = msgpack.packb([request_id, body], use_bin_type=True)
+        payload = _packb([request_id, body])
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"frame body of kind {kind} cannot be encoded: {exc}") from exc
     flags = 0
@@ -154,7 +167,7 @@ class FrameDecoder:
             end = pos + HEADER.size + length
             if end > end_of_data:
                 break
-            frames.append(self._decode(kind_byte, bytes(buf[pos + HEADER.size : end])))
+            frames.append(self._decode(kind_byte, buf[pos + HEADER.size : end]))
             pos = end
         if pos:
             del buf[:pos]
@@ -173,7 +186,7 @@ class FrameDecoder:
         self._buffer.clear()
         raise self._error
 
-    def _decode(self, kind_byte: int, payload: bytes) -> Frame:
+    def _decode(self, kind_byte: int, payload: bytes | bytearray) -> Frame:
         kind = kind_byte & MAX_KIND
         if kind_byte & _ZSTD_FLAG:
             payload = self._decompress(kind, payload)
@@ -193,7 +206,7 @@ class FrameDecoder:
             self._fail(f"frame of kind {kind}: payload is not [request_id, body]: {envelope!r:.80}")
         return Frame(kind, envelope[0], envelope[1])
 
-    def _decompress(self, kind: int, payload: bytes) -> bytes:
+    def _decompress(self, kind: int, payload: bytes | bytearray) -> bytes:
         # zstandard honours max_output_size only for frames that do not declare their
         # size, so a declared size is checked first (a zip bomb must not be allocated).
         try:

@@ -60,23 +60,12 @@ from pykv.client.transport import (
     SHARD_MAP,
     STATUS,
     WIPE,
-    CoalescingWriter,
-    Connection,
-    set_nodelay,
 )
 from pykv.cluster.liveness import Removal, decide_removal
 from pykv.cluster.shardmap import ShardMap
 from pykv.errors import Error, ProtocolError, Unavailable
-from pykv.net.framing import (
-    DEFAULT_MAX_FRAME,
-    HELLO,
-    RESPONSE,
-    FrameDecoder,
-    check_hello,
-    encode_frame,
-    hello_frame,
-)
-from pykv.net.protocol import parse_address
+from pykv.net.framing import DEFAULT_MAX_FRAME, RESPONSE, encode_frame
+from pykv.net.protocol import Connection, ServerProtocol, parse_address
 from pykv.raft.errors import ConfChangeRejected, NotLeader
 from pykv.raft.messages import ConfChangeKind, Message
 from pykv.raft.node import RaftConfig
@@ -167,83 +156,34 @@ class _Peer:
     async def _connect(self) -> None:
         try:
             self.conn = await Connection.open(self.address, timeout=1.0, max_frame=self.node.config.max_frame)
-        except (Unavailable, OSError):
+        except (Error, OSError):  # unreachable, or refused the handshake (logged by pykv.net)
             self._next_try = asyncio.get_running_loop().time() + 0.2
         finally:
             self._connecting = False
 
 
-class _ServerProtocol(asyncio.Protocol):
-    """The server side of one connection: HELLO first, then framed requests, any number in flight."""
+class _ServerProtocol(ServerProtocol):
+    """A client's or a peer's connection to this node: Raft batches to on_raft, requests to handle."""
 
     def __init__(self, node: Node) -> None:
+        super().__init__(node.config.max_frame)
         self.node = node
-        self.decoder = FrameDecoder(node.config.max_frame)
-        self.transport: asyncio.Transport | None = None
-        self.writer: CoalescingWriter | None = None
-        self.greeted = False
-        self.peername = "?"
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.writer = CoalescingWriter(transport)  # type: ignore[arg-type]
-        set_nodelay(transport)
-        self.peername = str(transport.get_extra_info("peername"))
-        transport.write(hello_frame())  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            frames = self.decoder.feed(data)
-            for frame in frames:
-                if not self.greeted:
-                    check_hello(frame)
-                    self.greeted = True
-                    continue
-                if frame.kind == HELLO:
-                    raise ProtocolError("a second HELLO on one connection")
-                self._dispatch(frame.kind, frame.request_id, frame.body)
-            if self.decoder.error is not None:
-                raise self.decoder.error
-        except ProtocolError as exc:
-            # A malformed, oversized or truncated frame closes this connection only.
-            log.error("closing connection from %s: %s", self.peername, exc)
-            assert self.transport is not None
-            self.transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.decoder.buffered and self.decoder.error is None:
-            # Reset (not closed) in the middle of a frame: the same as a truncated stream.
-            log.error("connection from %s ended badly: reset inside a frame (%d bytes)",
-                      self.peername, self.decoder.buffered)
-
-    def eof_received(self) -> bool | None:
-        try:
-            self.decoder.check_eof()
-        except ProtocolError as exc:
-            log.error("connection from %s ended badly: %s", self.peername, exc)
-        return None
-
-    def _dispatch(self, kind: int, request_id: int, body: Any) -> None:
+    def request_received(self, kind: int, request_id: int, body: Any) -> None:
         if kind == RAFT:
             self.node.on_raft(body)
             return
         self.node.counters["requests"] += 1
-        reply = self.node.handle(kind, body, lambda later: self._respond(request_id, later))
+        reply = self.node.handle(kind, body, lambda later: self.respond(request_id, later))
         if reply is None:
             return  # answered through the callback once the proposal or read completes
         if isinstance(reply, asyncio.Future):
-            reply.add_done_callback(lambda fut: self._respond(request_id, _future_reply(fut)))
+            reply.add_done_callback(lambda fut: self.respond(request_id, _future_reply(fut)))
         else:
-            self._respond(request_id, reply)
+            self.respond(request_id, reply)
 
-    def _respond(self, request_id: int, reply: Any) -> None:
-        if request_id == 0 or self.transport is None or self.transport.is_closing():
-            return
-        try:
-            frame = encode_frame(RESPONSE, reply, request_id=request_id, max_frame=self.node.config.max_frame)
-        except ProtocolError as exc:
-            frame = encode_frame(RESPONSE, [FAILED, "ProtocolError", str(exc)], request_id=request_id)
-        self.writer.write(frame)
+    def refusal(self, request_id: int, exc: ProtocolError) -> bytes:
+        return encode_frame(RESPONSE, [FAILED, "ProtocolError", str(exc)], request_id=request_id)
 
 
 def _future_reply(fut: asyncio.Future) -> Any:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
+import msgpack
 import pytest
 import zstandard
 from hypothesis import given, settings
@@ -55,6 +57,25 @@ def test_a_frame_round_trips():
     length, kind = HEADER.unpack_from(wire)
     assert (length, kind) == (len(wire) - 5, 20)
     assert decode_all([wire]) == [Frame(20, 7, {"k": "v", "n": [1, 2]})]
+
+
+def test_threads_encoding_at_once_get_their_own_bytes():
+    def encode(n):
+        return [encode_frame(16, [n, i, "x" * (i % 50)], request_id=i) for i in range(5000)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(encode, range(4)))
+    for n, wires in enumerate(results):
+        assert decode_all(wires) == [Frame(16, i, [n, i, "x" * (i % 50)]) for i in range(5000)]
+
+
+@settings(deadline=None, max_examples=150)
+@given(st.integers(16, 127), st.integers(0, 2**64 - 1), bodies)
+def test_the_wire_bytes_are_the_header_and_plain_msgpack(kind, request_id, body):
+    """The format every release speaks: [u32 length][u8 kind] msgpack([request_id, body])."""
+    payload = msgpack.packb([request_id, body], use_bin_type=True)
+    wire = encode_frame(kind, body, request_id=request_id)
+    assert wire == HEADER.pack(len(payload), kind) + payload
 
 
 @settings(deadline=None, max_examples=150)

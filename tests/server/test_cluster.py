@@ -196,42 +196,48 @@ def _raw_connection(address: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=5)
 
 
-def _closed_by_peer(sock: socket.socket) -> bool:
+def _frames_until_closed(sock: socket.socket) -> list:
+    """The frames the node sends until it closes the connection (None if it never does)."""
+    from pykv.net.framing import FrameDecoder
+
+    decoder, frames = FrameDecoder(), []
     sock.settimeout(5)
     try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return True
+        while data := sock.recv(65536):
+            frames.extend(decoder.feed(data))
     except (ConnectionResetError, BrokenPipeError):
-        return True
+        pass
     except TimeoutError:
-        return False
+        return None
+    return frames
 
 
 @pytest.mark.parametrize(
-    "garbage",
+    ("garbage", "reason"),
     [
-        b"GET / HTTP/1.1\r\n\r\n" * 4,  # not a HELLO frame at all
-        struct.pack(">IB", 1 << 30, 16),  # a frame far larger than the maximum
-        struct.pack(">IB", 5, 16) + b"\xc1\xc1\xc1\xc1\xc1",  # undecodable msgpack
+        (b"GET / HTTP/1.1\r\n\r\n" * 4, "exceeds max_frame"),  # not a HELLO frame at all
+        (struct.pack(">IB", 1 << 30, 16), "frame length 1073741824 exceeds max_frame"),
+        (struct.pack(">IB", 5, 16) + b"\xc1\xc1\xc1\xc1\xc1", "undecodable msgpack"),
     ],
     ids=["not-pykv", "oversized", "malformed"],
 )
-def test_a_bad_frame_closes_only_its_connection(cluster, db, garbage):
-    from pykv.net.framing import hello_frame
+def test_a_bad_frame_closes_only_its_connection(cluster, db, garbage, reason):
+    from pykv.net.framing import ERROR, hello_frame
 
     sock = _raw_connection(cluster.addresses[0])
     try:
         if not garbage.startswith(b"GET"):
             sock.sendall(hello_frame())
         sock.sendall(garbage)
-        assert _closed_by_peer(sock)
+        frames = _frames_until_closed(sock)
     finally:
         sock.close()
+    assert frames is not None, "the node kept the connection open"
+    assert frames[-1].kind == ERROR and reason in frames[-1].body["message"]  # it says why
     db.put("after-garbage", 1)  # the node and every other connection carry on
     assert db.get("after-garbage") == 1
     assert "closing connection" in cluster.log_text(1)
+    assert reason in cluster.log_text(1)
 
 
 def test_a_truncated_frame_is_logged_and_harms_nothing(cluster, db):
