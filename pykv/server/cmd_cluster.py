@@ -32,7 +32,7 @@ PARTITIONS_HELP = (
     "about 16 nodes). Each shard is a Raft group, and fewer groups batch more commands per "
     "append: a cluster that will stay at 3 nodes commits more 4-op transactions per second "
     "with fewer partitions (benchmarks/bench_cluster.py on 2 cores: 1 partition 2,832 tps, "
-    "3 partitions 1,768, 16 partitions 1,208)"
+    "3 partitions 1,713, 16 partitions 1,208)"
 )
 DEFAULT_REPLICAS = 3
 DEFAULT_VNODES = 64
