@@ -219,8 +219,11 @@ class ShardState:
         Only incr commutes invisibly: two appends to the same lists prepared at once could
         land in opposite orders on two shards, a write cycle (G0) that the list order shows,
         so appends lock exclusively like any other write."""
+        writes = request.writes
+        if not any(op.kind is OpKind.INCR for op in writes):  # the common case: no incr
+            return list(dict.fromkeys([*request.reads, *(op.key for op in writes)])), []
         commutative: dict[str, bool] = {}
-        for op in request.writes:
+        for op in writes:
             ok = op.observed is None and op.kind is OpKind.INCR
             commutative[op.key] = commutative.get(op.key, True) and ok
         shared = [k for k, ok in commutative.items() if ok and k not in request.reads]
@@ -229,25 +232,29 @@ class ShardState:
         ))
         return exclusive, shared
 
-    def _locked_keys(self, request: CommitRequest) -> list[str]:
-        """The keys of request that a prepared transaction holds in a conflicting mode."""
-        exclusive, shared = self._lock_modes(request)
-        txid = request.txid
+    def _locked_keys(self, txid: int, exclusive: list[str], shared: list[str]) -> list[str]:
+        """The keys that a prepared transaction (other than txid) holds in a conflicting mode."""
+        locks, holders = self.locks, self.shared
+        if not locks and not holders:
+            return []
         busy = [
             k for k in exclusive
-            if self.locks.get(k, txid) != txid or self.shared.get(k, {txid}) - {txid}
+            if locks.get(k, txid) != txid or (k in holders and holders[k] - {txid})
         ]
-        busy += [k for k in shared if self.locks.get(k, txid) != txid]
+        busy += [k for k in shared if locks.get(k, txid) != txid]
         return busy
 
-    def _validated(self, request: CommitRequest) -> tuple[list[KeyUpdate] | None, Outcome]:
+    def _validated(
+        self, request: CommitRequest, modes: tuple[list[str], list[str]]
+    ) -> tuple[list[KeyUpdate] | None, Outcome]:
         """(updates, None) when the request may go ahead here, else (None, its outcome).
 
-        A key locked by a prepared transaction is a conflict that is not remembered (the
-        same txid may retry once the lock is gone); a failed validation is remembered: it
-        finishes the transaction here, so a later commit or prepare of it must not succeed.
+        ``modes`` are its lock modes (_lock_modes). A key locked by a prepared transaction is
+        a conflict that is not remembered (the same txid may retry once the lock is gone); a
+        failed validation is remembered: it finishes the transaction here, so a later commit
+        or prepare of it must not succeed.
         """
-        busy = self._locked_keys(request)
+        busy = self._locked_keys(request.txid, *modes)
         if busy:
             conflict = TransactionConflict(f"key {busy[0]!r} is locked by a prepared transaction")
             return None, error_outcome(conflict)
@@ -259,7 +266,7 @@ class ShardState:
     def _commit(self, request: CommitRequest) -> Outcome:
         if request.txid in self.outcomes:
             return self.outcomes[request.txid]  # a retry: the first outcome stands
-        updates, refused = self._validated(request)
+        updates, refused = self._validated(request, self._lock_modes(request))
         if updates is None:
             return refused
         self._store(updates)
@@ -274,10 +281,11 @@ class ShardState:
             if outcome is None:
                 return ["Committed", f"transaction {txid} already committed"]
             return outcome
-        updates, refused = self._validated(request)
+        modes = self._lock_modes(request)
+        updates, refused = self._validated(request, modes)
         if updates is None:
             return refused  # a no vote
-        self._lock(Prepared(txid, coordinator_shard, participants, updates, *self._lock_modes(request),
+        self._lock(Prepared(txid, coordinator_shard, participants, updates, *modes,
                             request, since=self.clock()))
         return None
 
