@@ -90,8 +90,8 @@ class _CurrentState:
     def get(self, key: str) -> Versioned:
         return _versioned(self._storage.get(key.encode("utf-8")))
 
-    def clock_of(self, key: str) -> bytes:
-        return self._storage.clock_of(key.encode("utf-8"))
+    def stamp_of(self, key: str) -> tuple[bytes, int]:
+        return self._storage.stamp_of(key.encode("utf-8"))
 
 
 class _KeyLocks:

@@ -131,8 +131,9 @@ class ShardState:
     def get(self, key: str) -> Versioned:
         return self.versions.get(key, ABSENT)
 
-    def clock_of(self, key: str) -> bytes:
-        return self.versions.get(key, ABSENT).clock
+    def stamp_of(self, key: str) -> tuple[bytes, int]:
+        version = self.versions.get(key, ABSENT)
+        return version.clock, version.timestamp
 
     def locked(self, key: str) -> bool:
         """Whether a prepared transaction may still change the key (reads of it wait)."""

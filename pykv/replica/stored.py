@@ -209,11 +209,11 @@ class StoredShardState(ShardState):
             return found
         return _versioned(self.store.get(key.encode("utf-8")))
 
-    def clock_of(self, key: str) -> bytes:
+    def stamp_of(self, key: str) -> tuple[bytes, int]:
         found = self._overlay.get(key)
         if found is not None:
-            return found.clock
-        return self.store.clock_of(key.encode("utf-8"))
+            return found.clock, found.timestamp
+        return self.store.stamp_of(key.encode("utf-8"))
 
     def key_count(self) -> int:
         """Stored keys (tombstones included), not counting the metadata records."""

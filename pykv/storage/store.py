@@ -432,13 +432,17 @@ class Storage:
             value = self._read_value(fd, seg, off, size, meta, key=key, lsn=lsn)
         return StoredVersion(value, meta[META_FIXED:], _timestamp_of(meta)[0], lsn)
 
-    def clock_of(self, key: bytes) -> bytes:
-        """The clock of key's current version (a deleted key's too); b"" when it has none.
-        No value is read: what validating a read needs, at a fraction of get()'s cost."""
+    def stamp_of(self, key: bytes) -> tuple[bytes, int]:
+        """(clock, timestamp) of key's current version (a deleted key's too); (b"", 0) when it
+        has none. No value is read: what validation needs of a read or overwritten key, at a
+        fraction of get()'s cost."""
         with self._lock:
             self._open_wal()
             entry = self._keydir.get(key)
-        return b"" if entry is None else entry[3][META_FIXED:]
+        if entry is None:
+            return b"", 0
+        meta = entry[3]
+        return meta[META_FIXED:], _timestamp_of(meta)[0]
 
     def _acquire_value_file(self, seg: int, size: int) -> int | None:
         """The fd to read a value from (call with the lock held), or None for an empty value:

@@ -221,8 +221,9 @@ class StateView(Protocol):
         """The current committed version; ABSENT (MISSING, b"") if the key was never written."""
         ...
 
-    def clock_of(self, key: str) -> bytes:
-        """``get(key).clock``, without decoding the value (what checking a read needs)."""
+    def stamp_of(self, key: str) -> tuple[bytes, int]:
+        """``(get(key).clock, get(key).timestamp)`` without reading the value: what checking a
+        read, or overwriting a key, needs."""
         ...
 
 
@@ -235,8 +236,9 @@ class DictState:
     def get(self, key: str) -> Versioned:
         return self.versions.get(key, ABSENT)
 
-    def clock_of(self, key: str) -> bytes:
-        return self.versions.get(key, ABSENT).clock
+    def stamp_of(self, key: str) -> tuple[bytes, int]:
+        version = self.versions.get(key, ABSENT)
+        return version.clock, version.timestamp
 
     def apply(self, updates: list[KeyUpdate] | tuple[KeyUpdate, ...]) -> None:
         """Store each update (a tombstone keeps its clock, so later reads still validate)."""

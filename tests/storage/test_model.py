@@ -77,7 +77,8 @@ class StorageModel(RuleBasedStateMachine):
     def matches_the_model(self) -> None:
         for key in [b"a", b"b", b"ba", b"c", b"k1", b"k2", b"k10", b"zz"]:
             assert self.store.get(key) == self.model.get(key, ABSENT)
-            assert self.store.clock_of(key) == self.model.get(key, ABSENT).clock
+            model = self.model.get(key, ABSENT)
+            assert self.store.stamp_of(key) == (model.clock, model.timestamp)
         assert list(self.store.scan()) == self._live()
         assert [k for k, _ in self.store.scan(prefix=b"k1")] == [
             k for k, _ in self._live() if k.startswith(b"k1")]
