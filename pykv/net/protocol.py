@@ -207,27 +207,48 @@ class ServerProtocol(FramedProtocol):
     side = "server"
 
     # Flow control: a server writes only replies, so a client that does not read them gets
-    # no more of its requests read until it does. (Not on the client side: two ends that
-    # both stop reading while their writes are blocked would wait for each other forever.)
+    # no more of its requests read until it does; nor does one that has max_in_flight
+    # requests unanswered (each holds memory until it is answered: a proposal, a read)
+    # until half of them are. (Not on the client side: two ends that both stop reading
+    # while their writes are blocked would wait for each other forever.)
 
+    max_in_flight = 4096
     reading_paused = False
+    _writes_blocked = False
+    _in_flight = 0
 
     def pause_writing(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        self._writes_blocked = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        self._writes_blocked = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        if self.reading_paused:
+            pause = self._writes_blocked or self._in_flight > self.max_in_flight // 2
+        else:
+            pause = self._writes_blocked or self._in_flight >= self.max_in_flight
+        if pause != self.reading_paused:
+            self.reading_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     def frames_received(self, frames: list[Frame]) -> None:
         handle = self.request_received
         for frame in frames:
             if frame.kind < FIRST_APP_KIND:
                 raise ProtocolError(f"a client may not send frames of protocol kind {frame.kind}")
+            if frame.request_id:
+                self._in_flight += 1
             handle(frame.kind, frame.request_id, frame.body)
+        if self._in_flight >= self.max_in_flight:
+            self._update_reading()
 
     def request_received(self, kind: int, request_id: int, body: Any) -> None:
         """One request (request_id 0: a one-way message, nobody waits for a reply)."""
@@ -237,6 +258,9 @@ class ServerProtocol(FramedProtocol):
         """Send the reply to a request (nothing for a one-way message or a closed connection)."""
         if request_id == 0 or self.closed:
             return
+        self._in_flight -= 1
+        if self.reading_paused and not self._writes_blocked:
+            self._update_reading()
         try:
             frame = encode_frame(RESPONSE, reply, request_id=request_id, max_frame=self.max_frame)
         except ProtocolError as exc:  # an unencodable or oversized reply

@@ -50,6 +50,7 @@ class App(ServerProtocol):
         self.rig.connections.discard(self)
 
     def request_received(self, kind, request_id, body):
+        self.rig.received += 1
         if kind == ECHO:
             self.respond(request_id, body)
         elif kind == LATER:  # replies overtake one another
@@ -66,8 +67,10 @@ class App(ServerProtocol):
 class Rig:
     """A listening App server on an ephemeral port."""
 
-    def __init__(self, max_frame: int = 16 << 20) -> None:
+    def __init__(self, max_frame: int = 16 << 20, app: type[App] = App) -> None:
         self.max_frame = max_frame
+        self.app = app
+        self.received = 0
         self.connections: set[App] = set()
         self.recorded: list = []
         self.server: asyncio.AbstractServer | None = None
@@ -75,7 +78,7 @@ class Rig:
 
     async def __aenter__(self) -> Rig:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: App(self), "127.0.0.1", 0)
+        self.server = await loop.create_server(lambda: self.app(self), "127.0.0.1", 0)
         self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
 
@@ -372,5 +375,33 @@ def test_many_garbage_clients_at_once_do_not_disturb_a_busy_good_client():
             await asyncio.gather(*(vandal(rig, junk) for junk in garbage))
             assert await work == list(range(500))
             assert len(rig.connections) == 1
+
+    run(main())
+
+
+class FewInFlight(App):
+    max_in_flight = 64
+
+
+def test_a_client_with_too_many_requests_unanswered_is_not_read_until_half_are_answered():
+    """Each unanswered request holds server memory: past max_in_flight the server stops
+    reading that client, and reads on, losing nothing, once half of them are answered."""
+    count = 1000
+
+    async def main():
+        async with Rig(app=FewInFlight) as rig:
+            reader, writer = await rig.raw_client()
+            writer.write(hello_frame())
+            for i in range(count):
+                pad = os.urandom(4096)  # many socket reads' worth of requests, not one
+                writer.write(encode_frame(LATER, {"delay": 0.2, "pad": pad}, request_id=i + 1))
+            await until(lambda: any(c.reading_paused for c in rig.connections))
+            assert rig.received < count  # it stopped reading while the replies were due
+            decoder, replies = FrameDecoder(), []
+            while len(replies) < count + 1:  # HELLO, then every reply
+                replies.extend(decoder.feed(await asyncio.wait_for(reader.read(1 << 20), 10)))
+            writer.close()
+            assert sorted(f.request_id for f in replies[1:]) == list(range(1, count + 1))
+            assert rig.received == count
 
     run(main())
