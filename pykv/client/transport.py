@@ -36,6 +36,7 @@ HOST = 30  # [shard] -> None: start hosting an empty replica (a learner-to-be)
 DROP = 31  # [shard] -> None: stop hosting a replica this node was removed from
 WIPE = 32  # [shard] -> outcome: forget every key, resolver and outcome of the shard
 LEAVE = 33  # [META_GROUP, node id] -> map version: take a node out of the shard map
+PING = 34  # None -> None: the node's loop is alive (the metadata leader's liveness probe)
 
 META_GROUP = 1 << 20  # the Raft group id of the metadata group (shard groups are 0..Q-1)
 
@@ -73,7 +74,7 @@ def unwrap(reply: Any) -> Any:
 
 __all__ = [
     "COMMIT", "COMMIT_DECIDE", "CONF", "DROP", "HOST", "JOIN",
-    "LEAVE", "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PREPARE", "RAFT", "READ",
+    "LEAVE", "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PING", "PREPARE", "RAFT", "READ",
     "REDIRECT", "RESOLVER", "Redirect", "SCAN", "SHARD_MAP", "STATUS",
     "error_from_reply", "unwrap",
 ]

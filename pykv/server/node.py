@@ -51,6 +51,7 @@ from pykv.client.transport import (
     MEMBERS,
     META_GROUP,
     OK,
+    PING,
     PREPARE,
     RAFT,
     READ,
@@ -63,7 +64,7 @@ from pykv.client.transport import (
 )
 from pykv.cluster.liveness import Removal, decide_removal
 from pykv.cluster.shardmap import ShardMap
-from pykv.errors import Error, ProtocolError, Unavailable
+from pykv.errors import Error, ProtocolError, Timeout, Unavailable
 from pykv.net.framing import DEFAULT_MAX_FRAME, RESPONSE, encode_frame
 from pykv.net.protocol import Connection, ServerProtocol, parse_address
 from pykv.raft.errors import ConfChangeRejected, NotLeader
@@ -469,6 +470,8 @@ class Node:
         """Serve one request: a reply now, a future of the reply, or None when ``respond``
         will be given the reply (the transaction path: no asyncio future per request)."""
         try:
+            if kind == PING:
+                return [OK, None]
             if kind == STATUS:
                 return [OK, self.status()]
             if kind == SHARD_MAP:
@@ -997,14 +1000,16 @@ class Node:
             log.warning("could not remove dead member %d: %s", verdict.node, reply[1:])
 
     async def _probe(self, node: int, timeout: float) -> bool:
-        """Whether ``node`` answers a STATUS request within ``timeout`` (its loop is alive)."""
+        """Whether ``node`` answers a PING within ``timeout`` (its loop is alive)."""
         address = self.address_of(node)
         if address is None:
             return False
         try:
-            await asyncio.wait_for(self.router.call_address(address, STATUS, None, timeout), timeout)
-        except (Error, OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.router.call_address(address, PING, None, timeout), timeout)
+        except (Unavailable, Timeout, OSError, asyncio.TimeoutError):
             return False
+        except Error:
+            return True  # it answered, if with an error (a node from before PING refuses it)
         return True
 
     def moves_pending(self) -> int:
