@@ -314,10 +314,7 @@ def _forget_removed_node(config: ClusterConfig, node_id: int, data_dir: Path,
     """Record a node the cluster took out while it was down, and stop its idle process."""
     config.removed.append(node_id)
     save_config(data_dir, config)
-    pid = read_pid(data_dir, node_id)
-    if pid is not None and pid_alive(pid):
-        _signal_group(pid, signal.SIGTERM)
-    pid_path(data_dir, node_id).unlink(missing_ok=True)
+    _stop_node(data_dir, node_id, time.monotonic() + 10.0)
     if console is not None:
         console.print(f"node {node_id} was taken out of the cluster while it was down "
                       "(it stays out; start it with an empty data dir to add it again)")
@@ -379,6 +376,12 @@ def cluster_remove(data_dir: Path, node_id: int, *, timeout: float = 120.0,
         except Exception:  # noqa: BLE001 - already gone
             break
         time.sleep(0.1)
+    _stop_node(data_dir, node_id, deadline)
+
+
+def _stop_node(data_dir: Path, node_id: int, deadline: float) -> None:
+    """SIGTERM a node that is no longer a member, wait (until deadline) for it to exit, and
+    forget its pid."""
     pid = read_pid(data_dir, node_id)
     if pid is not None and pid_alive(pid):
         _signal_group(pid, signal.SIGTERM)
