@@ -30,6 +30,8 @@ class MsgType(enum.IntEnum):
     TIMEOUT_NOW = 10  # leadership transfer: campaign now (thesis §3.10)
     READ_INDEX = 11  # follower asks the leader for a linearizable read index
     READ_INDEX_RESP = 12
+    QUIESCE = 13  # leader -> follower: the group is idle, stop the election timer (a heartbeat)
+    KEEPALIVE = 14  # node -> node, no group: "this node is alive" (watched by drivers, not Raft)
 
 
 class EntryKind(enum.IntEnum):

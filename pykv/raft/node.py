@@ -37,6 +37,15 @@ acknowledged a heartbeat less than ``lease_ticks()`` ago: safe only while no clo
 by more than ``max_clock_drift`` (voters refuse other candidates for an election timeout
 after hearing the leader, and a restarted node behaves as if it just heard one).
 
+Quiescence (``quiesce_ticks`` > 0): a leader whose group has been idle that long (everything
+committed, applied and on every member) sends QUIESCE instead of heartbeats and stops its
+timers, and so does a follower that receives it with a log equal to the leader's: an idle
+group then costs no tick work and no messages. Any proposal, read or message that needs the
+group wakes it. A quiesced follower no longer times out by itself, so its driver must watch
+the leader's *node* (one KEEPALIVE per peer per heartbeat, whatever the number of groups)
+and call ``wake(silent_ticks=...)`` when that node falls silent (pykv.replica.host does),
+which is how CockroachDB and TiKV keep thousands of idle ranges cheap.
+
 Membership changes are single-server changes (thesis §4.1): each node uses the latest
 configuration in its log, committed or not; a leader proposes a change only after the
 previous one committed and after an entry of its own term committed (the fix for the
@@ -100,6 +109,9 @@ class RaftConfig:
     # Lease reads assume no node's tick rate differs from real time by more than this
     # fraction; the lease lasts election_ticks * (1 - drift) / (1 + drift) - 1 ticks.
     max_clock_drift: float = 0.1
+    # Ticks of complete idleness after which a leader quiesces its group (0 = never); only
+    # for a driver that wakes quiesced followers when the leader's node goes silent.
+    quiesce_ticks: int = 0
 
     def __post_init__(self) -> None:
         if self.heartbeat_ticks < 1 or self.election_ticks <= self.heartbeat_ticks:
@@ -110,6 +122,8 @@ class RaftConfig:
             raise InvalidArgument(f"read_only must be {READ_SAFE!r} or {READ_LEASE!r}")
         if self.read_only == READ_LEASE and not self.check_quorum:
             raise InvalidArgument("lease reads need check_quorum")
+        if self.quiesce_ticks < 0:
+            raise InvalidArgument("quiesce_ticks must be >= 0")
         if not 0 <= self.max_clock_drift < 1:
             raise InvalidArgument("max_clock_drift must be in [0, 1)")
 
@@ -194,6 +208,9 @@ class RaftNode:
         # A restarted node does not know when it last heard a leader; with lease reads it
         # behaves as if it just had, so that it cannot help elect a rival inside a lease.
         self._start_quiet = self.cfg.read_only == READ_LEASE
+        # Quiescence: no timers run while quiesced; the leader counts idle ticks towards it.
+        self.quiesced = False
+        self._idle_ticks = 0
 
         self._prev_hard = HardState(self.term, self.vote, self.log.committed)
         self._prev_soft = SoftState(None, Role.FOLLOWER)
@@ -249,6 +266,8 @@ class RaftNode:
         heartbeats share one frame per peer and one wake-up of each peer. None: every
         ``heartbeat_ticks`` ticks since this group's own last heartbeat.
         """
+        if self.quiesced:
+            return  # nothing times out in a quiesced group (see wake())
         if self.role == Role.LEADER:
             self._tick_leader(heartbeat)
         else:
@@ -283,6 +302,71 @@ class RaftNode:
         if heartbeat:
             self.heartbeat_elapsed = 0
             self._bcast_heartbeat(None)
+        if self.cfg.quiesce_ticks:
+            self._maybe_quiesce()
+
+    # ===== quiescence ======================================================================
+    def _maybe_quiesce(self) -> None:
+        if not self._idle():
+            self._idle_ticks = 0
+            return
+        self._idle_ticks += 1
+        if self._idle_ticks < self.cfg.quiesce_ticks:
+            return
+        self.quiesced = True
+        last = self.log.last_index()
+        for pid in self.prs:
+            if pid != self.id:
+                self._send(
+                    MsgType.QUIESCE, pid, index=last, log_term=self.log.term(last),
+                    commit=self.log.committed,
+                )
+
+    def _idle(self) -> bool:
+        """Nothing left to do: every entry committed, applied, durable, and on every member
+        that answers (one that stopped answering, e.g. a dead node, is caught up by the
+        beat that wakes the group when its node speaks again)."""
+        log = self.log
+        last = log.last_index()
+        if not (log.committed == log.applied == log.stabled == last):
+            return False
+        if self._reads or self._reads_waiting_commit or self.lead_transferee is not None:
+            return False
+        matched = {self.id}
+        for pid, pr in self.prs.items():
+            if pr.match == last and pr.state == ProgressState.REPLICATE:
+                matched.add(pid)
+            elif pr.recent_active and pid != self.id:
+                return False  # a live member still catching up
+        return len(matched & self.conf.voters) >= majority(len(self.conf.voters))
+
+    def wake(self, *, silent_ticks: int = 0) -> None:
+        """Leave quiescence: timers run again.
+
+        A leader beats at once and forgets its lease and which followers it heard from (it
+        heard nothing while quiesced), so check-quorum and lease reads start afresh. A
+        follower's driver passes ``silent_ticks``, how long the leader's node has been
+        silent, so that it campaigns as soon as an election timeout has passed.
+        """
+        if not self.quiesced:
+            return
+        self.quiesced = False
+        self._idle_ticks = 0
+        if self.role == Role.LEADER:
+            self.election_elapsed = self.heartbeat_elapsed = 0
+            self._lease_acks = {}
+            for pid, pr in self.prs.items():
+                pr.recent_active = pid == self.id
+            self._bcast_heartbeat(None)
+        else:
+            self.election_elapsed = silent_ticks
+
+    def _wakes(self, m: Message) -> bool:
+        """Whether message ``m`` ends this node's quiescence."""
+        if self.role == Role.LEADER:
+            # Late answers to the last beats or appends ask for nothing.
+            return not (m.type == MsgType.HEARTBEAT_RESP or (m.type == MsgType.APP_RESP and not m.reject))
+        return m.type != MsgType.QUIESCE
 
     def _quorum_active(self) -> bool:
         active = {pid for pid, pr in self.prs.items() if pr.recent_active or pid == self.id}
@@ -344,6 +428,7 @@ class RaftNode:
             raise NotLeader(self.lead)
         if self.lead_transferee is not None:
             raise NotLeader(self.lead_transferee, "leadership transfer in progress")
+        self.wake()
 
     def _append_local(self, entries: list[Entry]) -> None:
         self.log.append(entries)
@@ -359,6 +444,7 @@ class RaftNode:
         Reads that cannot complete (leader lost) never produce a ReadState: time them out.
         """
         if self.role == Role.LEADER:
+            self.wake()
             self._leader_read(context, self.id)
         elif self.role == Role.FOLLOWER and self.lead is not None:
             self._send(MsgType.READ_INDEX, self.lead, context=context)
@@ -425,6 +511,7 @@ class RaftNode:
             return
         if self.lead_transferee == to:
             return
+        self.wake()
         self.lead_transferee = to
         self.election_elapsed = 0  # give the transfer one election timeout to finish
         pr = self.prs[to]
@@ -546,6 +633,8 @@ class RaftNode:
     # ===== stepping messages ===============================================================
     def step(self, m: Message) -> None:
         """Process one message from a peer."""
+        if self.quiesced and self._wakes(m):
+            self.wake()
         if m.term > self.term:
             if m.type in (MsgType.VOTE, MsgType.PRE_VOTE):
                 force = m.context == CAMPAIGN_TRANSFER
@@ -562,13 +651,13 @@ class RaftNode:
                 pass  # a pre-vote never changes our term
             elif m.type == MsgType.PRE_VOTE_RESP and not m.reject:
                 pass  # a granted pre-vote comes back with the term we would campaign for
-            elif m.type in (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP):
+            elif m.type in (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP, MsgType.QUIESCE):
                 self._become_follower(m.term, m.frm)
             else:
                 self._become_follower(m.term, None)
         elif m.term < self.term:
             if (self.cfg.check_quorum or self.cfg.pre_vote) and m.type in (
-                MsgType.HEARTBEAT, MsgType.APP,
+                MsgType.HEARTBEAT, MsgType.APP, MsgType.QUIESCE,
             ):
                 # A stale leader (e.g. healed from a partition) learns our term and steps down;
                 # without pre-vote the term would otherwise only come back via a vote request.
@@ -616,6 +705,14 @@ class RaftNode:
             self.lead = m.frm
             self.log.commit_to(min(m.commit, self.log.last_index()))
             self._send(MsgType.HEARTBEAT_RESP, m.frm, context=m.context, index=m.index)
+        elif t == MsgType.QUIESCE:
+            self.election_elapsed = 0
+            self.lead = m.frm
+            self.log.commit_to(min(m.commit, self.log.last_index()))
+            # Only a log equal to the leader's may stop waiting: a follower missing entries
+            # (or holding a stale tail) keeps its timer, and its next campaign wakes the leader.
+            last = self.log.last_index()
+            self.quiesced = last == m.index and self.log.term(last) == m.log_term
         elif t == MsgType.SNAP:
             self.election_elapsed = 0
             self.lead = m.frm
@@ -631,7 +728,7 @@ class RaftNode:
 
     def _step_candidate(self, m: Message) -> None:
         t = m.type
-        if t in (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP):
+        if t in (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP, MsgType.QUIESCE):
             # Someone won this term (a pre-candidate: someone leads our current term).
             self._become_follower(m.term, m.frm)
             self._step_follower(m)
@@ -796,6 +893,8 @@ class RaftNode:
         self._lease_clock = 0
         self._lease_acks = {}
         self._start_quiet = False
+        self.quiesced = False
+        self._idle_ticks = 0
 
     def _reset_randomized_timeout(self) -> None:
         e = self.cfg.election_ticks

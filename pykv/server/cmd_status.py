@@ -65,8 +65,8 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
             table.add_row("?", address, "-", f"[red]down[/red] ({status})", *["-"] * 6)
             continue
         for shard, group in _groups(status):
-            role = group["role"]
-            style = "bold green" if role == "leader" else ""
+            role = group["role"] + (" (quiesced)" if group.get("quiesced") else "")
+            style = "bold green" if group["role"] == "leader" else ""
             table.add_row(
                 str(status["node_id"]), address, shard,
                 f"[{style}]{role}[/{style}]" if style else role,

@@ -105,6 +105,8 @@ class NodeConfig:
     tick_ms: float = 10.0
     election_ticks: int = 40
     heartbeat_ticks: int = 10
+    # A group idle this long quiesces: no ticks, no heartbeats (pykv.raft.node); 0 = never.
+    quiesce_ticks: int = 100
     fsync: str = "always"
     recovery_after: float = 2.0
     max_frame: int = 4 * DEFAULT_MAX_FRAME  # snapshots travel in one frame (zstd-compressed)
@@ -301,6 +303,7 @@ class Node:
         raft_config = RaftConfig(
             election_ticks=cfg.election_ticks,
             heartbeat_ticks=cfg.heartbeat_ticks,
+            quiesce_ticks=cfg.quiesce_ticks,
             max_inflight=256,
             read_only=cfg.reads,
         )
@@ -398,7 +401,7 @@ class Node:
                 host.tick()
                 next_tick = max(next_tick + tick, now + tick / 2)
             batch = host.collect()
-            if batch.readies:
+            if batch.readies or batch.early:  # early: maybe only keepalives
                 self.counters["batches"] += 1
                 self.counters["entries_applied"] += sum(
                     len(rd.committed_entries) for _, rd in batch.readies
