@@ -315,11 +315,15 @@ class RaftNode:
             return
         self.quiesced = True
         last = self.log.last_index()
-        for pid in self.prs:
+        for pid, pr in self.prs.items():
             if pid != self.id:
+                # As in a heartbeat, the commit index only up to what the member is known to
+                # hold: one that stopped answering may hold a different entry there (found by
+                # the simulator, seed 30030 "lease": a restarted node committed its own
+                # uncommitted entry of an older term).
                 self._send(
                     MsgType.QUIESCE, pid, index=last, log_term=self.log.term(last),
-                    commit=self.log.committed,
+                    commit=min(pr.match, self.log.committed),
                 )
 
     def _idle(self) -> bool:

@@ -19,10 +19,7 @@ The host is synchronous and owns no socket and no thread: the server's event loo
 Requests complete through callbacks ``done(result, error)``, called on the loop thread.
 
 Idle groups quiesce (``RaftConfig.quiesce_ticks``, see pykv.raft.node): they are not ticked
-and send nothing. What the host adds is node liveness, which quiesced followers rely on: it
-notes the tick at which any message from each node last arrived, sends one KEEPALIVE per
-heartbeat to every node following a quiesced group it leads, and wakes a quiesced follower
-whose leader's node stayed silent for an election timeout, so that it campaigns.
+and send nothing; the host keeps the node liveness they rely on (pykv.raft.quiescence).
 """
 
 from __future__ import annotations
@@ -47,6 +44,7 @@ from pykv.raft.messages import (
     SnapshotMeta,
 )
 from pykv.raft.node import RaftConfig, RaftNode, bootstrap_state
+from pykv.raft.quiescence import NodeLiveness
 from pykv.replica.durable import GroupWork, NodeLog
 from pykv.replica.failpoints import failpoint
 from pykv.replica.shard import ShardState, encode_command
@@ -164,9 +162,8 @@ class ReplicaHost:
         # Groups that may have a Ready: stepped, proposed to, ticked or advanced since the
         # last collect. Asking only them keeps an idle node with many shards cheap.
         self._dirty: set[int] = set()
-        # Node liveness for quiesced groups: node id -> the tick a message from it last
-        # arrived; and the KEEPALIVEs to send with the next batch.
-        self._heard: dict[int, int] = {}
+        # Node liveness for quiesced groups, and the KEEPALIVEs to send with the next batch.
+        self.liveness = NodeLiveness(node_id, self.raft_config.election_ticks)
         self._keepalives: list[Message] = []
         self.on_role_change: Callable[[int, Role, int | None], None] | None = None
 
@@ -228,18 +225,18 @@ class ReplicaHost:
 
     def tick(self) -> None:
         self._ticks += 1
+        self.liveness.tick()
         flush = self._ticks % self.flush_ticks == 0
         # Every leader here beats on the same tick: one frame per peer carries them all.
         beat = self._ticks % self.raft_config.heartbeat_ticks == 0
         dirty = self._dirty
-        quiet_peers: set[int] = set()
         for gid, group in self.groups.items():
             raft = group.raft
             if flush:
                 group.state.flush()
             if raft.quiesced:
-                if beat:
-                    self._watch_quiesced(gid, raft, quiet_peers)
+                if beat and self.liveness.watch(raft):
+                    dirty.add(gid)
                 continue
             # Most ticks of most groups only move a timer: such a group needs no Ready, and
             # asking it for one on every tick is what an idle node with many shards pays.
@@ -247,39 +244,14 @@ class ReplicaHost:
             raft.tick(heartbeat=beat)
             if len(raft.msgs) != sent or raft.role is not role:
                 dirty.add(gid)
-        quiet_peers.discard(self.node_id)
-        self._keepalives += [
-            Message(MsgType.KEEPALIVE, peer, self.node_id, 0, group=-1) for peer in sorted(quiet_peers)
-        ]
-
-    def _watch_quiesced(self, gid: int, raft: RaftNode, quiet_peers: set[int]) -> None:
-        """A quiesced leader's followers need its keepalives; a quiesced follower whose
-        leader's node fell silent wakes up (and will campaign)."""
-        if raft.role == Role.LEADER:
-            quiet_peers.update(raft.prs)
-            return
-        silent = self._ticks - self._heard.get(raft.leader_id, 0)
-        if silent >= self.raft_config.election_ticks:
-            raft.wake(silent_ticks=silent)
-            self._dirty.add(gid)
-
-    def _peer_returned(self, node: int) -> None:
-        """A node silent for an election timeout speaks again (it was down, paused or cut
-        off): every quiesced group led here beats once, so that node learns who leads now
-        (a paused leader, replaced meanwhile, steps down) instead of trusting a stale view
-        until something wakes the group."""
-        for gid, group in self.groups.items():
-            raft = group.raft
-            if raft.quiesced and raft.role == Role.LEADER and node in raft.prs:
-                raft.wake()
-                self._dirty.add(gid)
+        if beat:
+            self._keepalives += self.liveness.keepalives()
 
     def step(self, msg: Message) -> bool:
         """Deliver a message to its group; False when this node does not host the group."""
-        last_heard = self._heard.get(msg.frm)
-        self._heard[msg.frm] = self._ticks
-        if last_heard is not None and self._ticks - last_heard >= self.raft_config.election_ticks:
-            self._peer_returned(msg.frm)
+        if self.liveness.heard(msg.frm):
+            rafts = (group.raft for group in self.groups.values())
+            self._dirty.update(raft.group for raft in self.liveness.returned(msg.frm, rafts))
         if msg.type == MsgType.KEEPALIVE:
             return True
         group = self.groups.get(msg.group)

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness-bound", type=float, default=15.0,
                         help="virtual seconds after healing within which a proposal must "
                              "commit (default 15)")
+    parser.add_argument("--quiesce-ticks", type=int, default=0,
+                        help="quiesce idle groups after this many ticks, with client pauses "
+                             "(default 0: never)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--trace", type=int, default=80,
                         help="events of the trace to print for a violation (default 80)")
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         console.print("[red]--seeds, --jobs and --fault-time must be positive[/]")
         return 2
     params = replace(SimParams(), fault_time=args.fault_time, liveness_bound=args.liveness_bound)
+    if args.quiesce_ticks:
+        params = replace(params, raft=replace(params.raft, quiesce_ticks=args.quiesce_ticks))
     jobs = [
         (seed, mixes[seed % len(mixes)], params, not args.no_linearizability, args.trace)
         for seed in range(args.start, args.start + args.seeds)

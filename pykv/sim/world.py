@@ -27,6 +27,7 @@ from pykv.raft import (
     EntryKind,
     HardState,
     Message,
+    MsgType,
     NotLeader,
     PersistentState,
     RaftConfig,
@@ -36,6 +37,7 @@ from pykv.raft import (
     Snapshot,
     bootstrap_state,
 )
+from pykv.raft.quiescence import NodeLiveness
 from pykv.sim.faults import FaultConfig
 from pykv.sim.kvsm import KVStateMachine, cas_cmd, probe_cmd, write_cmd
 from pykv.sim.linearizability import Op
@@ -133,6 +135,7 @@ class SimNode:
         self.retired = False
         self.crash_armed = False  # crash this node in the middle of its next fsync
         self.sent_early: Ready | None = None  # a Ready whose messages left before its fsync
+        self.liveness: NodeLiveness | None = None  # peers heard from (quiesced groups)
 
     @property
     def up(self) -> bool:
@@ -179,6 +182,10 @@ class World:
         self.trace: deque[tuple] = deque(maxlen=400)
         self.events = 0
         self.messages_sent = 0
+        # Quiescence (when the Raft config enables it): the clients pause together now and
+        # then, so that groups go idle; how many node-ticks were spent quiesced.
+        self.quiet_until = 0.0
+        self.quiesced_ticks = 0
         # network state
         self.cut: set[tuple[int, int]] = set()
         self.healed = False
@@ -254,6 +261,7 @@ class World:
         node.pending_props = {}
         node.pending_reads = {}
         node.waiting_reads = []
+        node.liveness = NodeLiveness(node.id, self.params.raft.election_ticks)
         self.note("start", node.id, f"term={node.raft.term} last={node.raft.last_index()} "
                                     f"commit={node.raft.commit_index}")
         self.after(self.rng.uniform(0, node.tick_interval), self._tick, node, node.incarnation)
@@ -261,9 +269,24 @@ class World:
     def _tick(self, node: SimNode, inc: int) -> None:
         if node.incarnation != inc or node.raft is None:
             return
+        self._watch_quiesced(node)
         node.raft.tick()
         self._after_input(node)
         self.after(node.tick_interval, self._tick, node, inc)
+
+    def _watch_quiesced(self, node: SimNode) -> None:
+        """The node-liveness duty of a driver whose group may quiesce (pykv.raft.quiescence)."""
+        liveness, raft = node.liveness, node.raft
+        liveness.tick()
+        if not raft.quiesced:
+            return
+        self.quiesced_ticks += 1
+        if liveness.now % self.params.raft.heartbeat_ticks:
+            return
+        if liveness.watch(raft):
+            self.note("wake", node.id, f"leader n{raft.leader_id} silent")
+        for msg in liveness.keepalives():
+            self._send(node.id, msg.to, msg)
 
     def _after_input(self, node: SimNode) -> None:
         """Run the checks that look at a node right after it changed, then drive its Ready."""
@@ -431,6 +454,10 @@ class World:
         if node is None or node.raft is None:
             return
         if isinstance(payload, Message):
+            if node.liveness.heard(frm) and NodeLiveness.returned(frm, [node.raft]):
+                self.note("wake", to, f"n{frm} is back")
+            if payload.type == MsgType.KEEPALIVE:
+                return
             self.note("recv", to, payload)
             node.raft.step(payload)
             self._after_input(node)
@@ -463,6 +490,9 @@ class World:
     def _client_next(self, c: Client) -> None:
         if self.healed and self.liveness_at is not None:
             return  # the run is winding down
+        if self.now < self.quiet_until:
+            self.at(self.quiet_until + self.rng.uniform(0.0, 0.05), self._client_next, c)
+            return
         c.seq += 1
         key = f"k{self.rng.randrange(self.params.keys)}"
         roll = self.rng.random()
@@ -537,6 +567,15 @@ class World:
         self.after(0.01, self._client_next, c)
 
     # ===== faults ==========================================================================
+    def _quiet_phase(self) -> None:
+        """Every client pauses for a while, long enough for idle groups to quiesce."""
+        if self.healed:
+            return
+        quiet = self.rng.uniform(1.5, 4.0) + self.params.raft.quiesce_ticks * TICK
+        self.quiet_until = self.now + quiet
+        self.note("quiet", None, f"clients pause {quiet:.1f} s")
+        self.after(quiet + self.rng.uniform(1.0, 3.0), self._quiet_phase)
+
     def _schedule_faults(self) -> None:
         f, T = self.faults, self.params.fault_time
         if f.partitions:
@@ -846,6 +885,8 @@ class World:
     def run(self) -> None:
         """Run to the end of the seed; raises SimViolation on the first failed check."""
         self._schedule_faults()
+        if self.params.raft.quiesce_ticks:
+            self.at(self.rng.uniform(1.0, 3.0), self._quiet_phase)
         for c in self.clients:
             self.at(self.rng.uniform(0, 0.5), self._client_next, c)
         self.at(2.0, self._periodic_check)
