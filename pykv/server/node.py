@@ -13,6 +13,11 @@ clients and peers on one port, and runs the driver loop:
 While a batch is being persisted the loop keeps receiving messages and requests, which
 go into the next batch: that is the group commit of the cluster.
 
+Every request, a client's or a peer's, is served by ``Node.handle(kind, body, respond)``,
+which gives ``respond`` the reply exactly once: at once, or from the ReplicaHost completion
+callback of its proposal or read (no asyncio future per request). The node's own tasks that
+await a reply (recovery, removing a dead member) send it requests the same way (``_ask``).
+
 Multi-shard transactions are coordinated by the client (pykv.client) over the shards'
 Raft groups; the node's part is a recovery task: a prepared transaction left undecided
 for ``recovery_after`` seconds is settled by asking its coordinator shard to record a
@@ -177,25 +182,10 @@ class _ServerProtocol(ServerProtocol):
             self.node.on_raft(body)
             return
         self.node.counters["requests"] += 1
-        reply = self.node.handle(kind, body, lambda later: self.respond(request_id, later))
-        if reply is None:
-            return  # answered through the callback once the proposal or read completes
-        if isinstance(reply, asyncio.Future):
-            reply.add_done_callback(lambda fut: self.respond(request_id, _future_reply(fut)))
-        else:
-            self.respond(request_id, reply)
+        self.node.handle(kind, body, lambda reply: self.respond(request_id, reply))
 
     def refusal(self, request_id: int, exc: ProtocolError) -> bytes:
         return encode_frame(RESPONSE, [FAILED, "ProtocolError", str(exc)], request_id=request_id)
-
-
-def _future_reply(fut: asyncio.Future) -> Any:
-    if fut.cancelled():
-        return [FAILED, "Unavailable", "request cancelled"]
-    exc = fut.exception()
-    if exc is None:
-        return fut.result()
-    return _error_reply(exc)
 
 
 def _answer(convert: Callable[[Any], Any], respond: Callable[[Any], None]) -> Done:
@@ -218,11 +208,6 @@ def _nobody_waits(result: Any, error: BaseException | None) -> None:
     """The completion callback of a proposal whose outcome nobody waits for."""
 
 
-def _ignore_result(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()  # retrieved: nobody waits for this one
-
-
 def _error_reply(exc: BaseException) -> list:
     if isinstance(exc, NotLeader):
         return [REDIRECT, exc.leader_hint]
@@ -230,13 +215,6 @@ def _error_reply(exc: BaseException) -> list:
         return [FAILED, type(exc).__name__, str(exc)]
     log.exception("unexpected error while serving a request", exc_info=exc)
     return [FAILED, "Error", f"{type(exc).__name__}: {exc}"]
-
-
-def _outcome_or_version(proposed: ShardMap) -> Any:
-    def convert(outcome: Any) -> list:
-        return [OK, proposed.version] if outcome is None else [FAILED, outcome[0], outcome[1]]
-
-    return convert
 
 
 def _writes(request: dict) -> tuple[str, ...]:
@@ -469,72 +447,90 @@ class Node:
 
     # --- requests ---------------------------------------------------------------------------
 
-    def handle(self, kind: int, body: Any, respond: Callable[[Any], None]) -> Any:
-        """Serve one request: a reply now, a future of the reply, or None when ``respond``
-        will be given the reply (the transaction path: no asyncio future per request)."""
+    def handle(self, kind: int, body: Any, respond: Callable[[Any], None]) -> None:
+        """Serve one request: ``respond(reply)`` exactly once, at once or, for a proposal or
+        a read, from its ReplicaHost completion callback (no asyncio future per request)."""
         try:
             if kind == PING:
-                return [OK, None]
-            if kind == STATUS:
-                return [OK, self.status()]
-            if kind == SHARD_MAP:
-                return [OK, self.shard_map()]
-            if not isinstance(body, list) or not body or not isinstance(body[0], int):
+                respond([OK, None])
+            elif kind == STATUS:
+                respond([OK, self.status()])
+            elif kind == SHARD_MAP:
+                respond([OK, self.shard_map()])
+            elif not isinstance(body, list) or not body or not isinstance(body[0], int):
                 raise ProtocolError(f"request of kind {kind} needs a [shard, ...] body")
-            shard = body[0]
-            if kind == READ:
-                return self._read(shard, body[1], respond, optimistic=len(body) > 2 and body[2] is True)
-            if kind == COMMIT:
-                request = self._stamped(body[1])
-                done = _answer(_outcome_reply, respond)
-                return self._propose_to(shard, CMD_COMMIT, [request], done, _writes(request))
-            if kind == COMMIT_DECIDE:
-                request = self._stamped(body[1])
-                done = _answer(_outcome_reply, respond)
-                if len(body) > 2:
-                    done = self._then_finish(done, request["txid"], [int(s) for s in body[2]])
-                return self._propose_to(shard, CMD_COMMIT_DECIDE, [request], done, _writes(request))
-            if kind == PREPARE:
-                request = self._stamped(body[1])
-                done = _answer(lambda vote: [OK, vote], respond)
-                return self._propose_to(
-                    shard, CMD_PREPARE, [request, int(body[2]), list(body[3])], done, _writes(request)
-                )
-            if kind == DECIDE:
-                done = _answer(lambda d: [OK, d], respond)
-                return self._propose_to(shard, CMD_DECIDE, [int(body[1]), bool(body[2])], done)
-            if kind == FINISH:
-                done = _answer(_outcome_reply, respond)
-                return self._propose_to(shard, CMD_FINISH, [int(body[1]), bool(body[2])], done)
-            if kind == SCAN:
-                return self._scan(shard, *body[1:5])
-            if kind == JOIN:
-                return self._join(int(body[1]), str(body[2]))
-            if kind == LEAVE:
-                return self._leave(int(body[1]))
-            if kind == MEMBERS:
-                return self._members(shard)
-            if kind == CONF:
-                return self._conf(shard, str(body[1]), int(body[2]))
-            if kind == HOST:
-                if shard not in self.host.groups:
-                    self.host.add_group(shard, None, MetaState if shard == META_GROUP else None)
-                    log.info("hosting an empty replica of shard %d, to be filled by its leader", shard)
-                return [OK, None]
-            if kind == DROP:
-                if self._drop_group(shard):
-                    log.info("dropped shard %d: this node was removed from its group", shard)
-                return [OK, None]
-            if kind == RESOLVER:
-                name = None if body[2] is None else str(body[2])
-                return self._propose(shard, CMD_RESOLVER, [str(body[1]), name], _outcome_reply)
-            if kind == WIPE:
-                return self._propose(shard, CMD_WIPE, [], _outcome_reply)
-            raise ProtocolError(f"unknown request kind {kind}")
+            else:
+                self._handle_shard(kind, body[0], body, respond)
         except (ProtocolError, NotLeader, Unavailable, Error) as exc:
-            return _error_reply(exc)
+            respond(_error_reply(exc))
         except (TypeError, ValueError, IndexError) as exc:
-            return _error_reply(ProtocolError(f"malformed request of kind {kind}: {exc}"))
+            respond(_error_reply(ProtocolError(f"malformed request of kind {kind}: {exc}")))
+
+    def _handle_shard(self, kind: int, shard: int, body: list, respond: Callable[[Any], None]) -> None:
+        """A request about one shard group (body ``[shard, ...]``); raises to refuse it."""
+        if kind == READ:
+            self._read(shard, body[1], respond, optimistic=len(body) > 2 and body[2] is True)
+        elif kind == COMMIT:
+            request = self._stamped(body[1])
+            done = _answer(_outcome_reply, respond)
+            self._propose_to(shard, CMD_COMMIT, [request], done, _writes(request))
+        elif kind == COMMIT_DECIDE:
+            request = self._stamped(body[1])
+            done = _answer(_outcome_reply, respond)
+            if len(body) > 2:
+                done = self._then_finish(done, request["txid"], [int(s) for s in body[2]])
+            self._propose_to(shard, CMD_COMMIT_DECIDE, [request], done, _writes(request))
+        elif kind == PREPARE:
+            request = self._stamped(body[1])
+            done = _answer(lambda vote: [OK, vote], respond)
+            self._propose_to(
+                shard, CMD_PREPARE, [request, int(body[2]), list(body[3])], done, _writes(request)
+            )
+        elif kind == DECIDE:
+            done = _answer(lambda d: [OK, d], respond)
+            self._propose_to(shard, CMD_DECIDE, [int(body[1]), bool(body[2])], done)
+        elif kind == FINISH:
+            done = _answer(_outcome_reply, respond)
+            self._propose_to(shard, CMD_FINISH, [int(body[1]), bool(body[2])], done)
+        elif kind == SCAN:
+            self._scan(shard, *body[1:5], respond)
+        elif kind == JOIN:
+            self._join(int(body[1]), str(body[2]), respond)
+        elif kind == LEAVE:
+            self._leave(int(body[1]), respond)
+        elif kind == MEMBERS:
+            respond(self._members(shard))
+        elif kind == CONF:
+            self._conf(shard, str(body[1]), int(body[2]), respond)
+        elif kind == HOST:
+            if shard not in self.host.groups:
+                self.host.add_group(shard, None, MetaState if shard == META_GROUP else None)
+                log.info("hosting an empty replica of shard %d, to be filled by its leader", shard)
+            respond([OK, None])
+        elif kind == DROP:
+            if self._drop_group(shard):
+                log.info("dropped shard %d: this node was removed from its group", shard)
+            respond([OK, None])
+        elif kind == RESOLVER:
+            name = None if body[2] is None else str(body[2])
+            done = _answer(_outcome_reply, respond)
+            self._propose_to(shard, CMD_RESOLVER, [str(body[1]), name], done)
+        elif kind == WIPE:
+            self._propose_to(shard, CMD_WIPE, [], _answer(_outcome_reply, respond))
+        else:
+            raise ProtocolError(f"unknown request kind {kind}")
+
+    def _ask(self, kind: int, body: list) -> asyncio.Future:
+        """A request of the node's own tasks, served as a client's: the future of its reply.
+        (Only these few pay for a future; a client's request is answered by its callback.)"""
+        fut = asyncio.get_running_loop().create_future()
+
+        def respond(reply: Any) -> None:
+            if not fut.done():  # done: the asker stopped waiting (timed out)
+                fut.set_result(reply)
+
+        self.handle(kind, body, respond)
+        return fut
 
     def _stamped(self, wire: Any) -> dict:
         """The request's wire form with this node as its coordinator (whose clock entry a
@@ -546,28 +542,6 @@ class Node:
             "ts": wire["ts"], "reads": wire["reads"], "writes": wire["writes"],
         }
 
-    def _future(self, convert: Any) -> tuple[asyncio.Future, Any]:
-        fut = asyncio.get_running_loop().create_future()
-
-        def done(result: Any, error: BaseException | None) -> None:
-            if fut.done():
-                return
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                try:
-                    fut.set_result(convert(result))
-                except Exception as exc:  # noqa: BLE001 - report, do not kill the loop
-                    fut.set_exception(exc)
-
-        return fut, done
-
-    def _propose(self, shard: int, tag: str, args: list, convert: Any) -> asyncio.Future:
-        """Propose a shard command; the future of its converted result."""
-        fut, done = self._future(convert)
-        self._propose_to(shard, tag, args, done)
-        return fut
-
     def _propose_to(
         self, shard: int, tag: str, args: list, done: Done, writes: tuple[str, ...] = ()
     ) -> None:
@@ -577,7 +551,7 @@ class Node:
         host.propose(shard, tag, args, done, writes)
         self._wakeup()
 
-    def _read(self, shard: int, keys: Any, respond: Callable[[Any], None], *, optimistic: bool) -> Any:
+    def _read(self, shard: int, keys: Any, respond: Callable[[Any], None], *, optimistic: bool) -> None:
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise ProtocolError("READ needs a list of str keys")
         host = self.host
@@ -589,22 +563,24 @@ class Node:
         if optimistic:
             answered, result = host.read_now(shard, versions, tuple(keys))
             if answered:
-                return [OK, result]
+                respond([OK, result])
+                return
         host.read(shard, versions, tuple(keys), _answer(lambda result: [OK, result], respond))
         self._wakeup()
-        return None
 
-    def _scan(self, shard: int, prefix: str, start: str | None, end: str | None, limit: int | None) -> asyncio.Future:
+    def _scan(
+        self, shard: int, prefix: str, start: str | None, end: str | None, limit: int | None,
+        respond: Callable[[Any], None],
+    ) -> None:
         host = self.host
         assert host is not None
-        fut, done = self._future(lambda items: [OK, items])
 
         def fn(state: Any) -> list:
             return [[k, v.to_wire()] for k, v in state.scan(prefix, start, end, limit)]
 
-        host.read(shard, fn, None, done)  # waits until no prepared txn holds a key of the shard
+        # Waits until no prepared transaction holds a key of the shard.
+        host.read(shard, fn, None, _answer(lambda items: [OK, items], respond))
         self._wakeup()
-        return fut
 
     # --- 2PC: finishing a decided transaction, and recovery --------------------------------------
 
@@ -641,7 +617,8 @@ class Node:
 
     def _finished_task(self, task: asyncio.Task) -> None:
         self._finishing.discard(task)
-        _ignore_result(task)  # a lost FINISH is settled by the participant's recovery
+        if not task.cancelled():
+            task.exception()  # retrieved: a lost FINISH is settled by the participant's recovery
 
     # --- 2PC recovery ---------------------------------------------------------------------------
 
@@ -669,8 +646,11 @@ class Node:
         try:
             # Ask for abort; the coordinator shard returns whatever was recorded first.
             decision = await self.router.call(coordinator_shard, DECIDE, [coordinator_shard, txid, False])
-            fut = self._propose(gid, CMD_FINISH, [txid, bool(decision)], lambda r: r)
-            await asyncio.wait_for(fut, 5.0)
+            reply = await asyncio.wait_for(self._ask(FINISH, [gid, txid, bool(decision)]), 5.0)
+            # Applied, the outcome is the transaction's: OK, or TransactionConflict (aborted).
+            if reply[0] != OK and reply[1] != "TransactionConflict":
+                log.warning("could not settle transaction %d on shard %d yet: %s", txid, gid, reply)
+                return
             log.info("settled prepared transaction %d on shard %d: %s", txid, gid,
                      "commit" if decision else "abort")
         except (Error, asyncio.TimeoutError, OSError) as exc:
@@ -760,21 +740,29 @@ class Node:
 
     # --- membership: joining, and moving replicas to where the map places them -----------------
 
-    def _join(self, node_id: int, address: str) -> Any:
+    def _join(self, node_id: int, address: str, respond: Callable[[Any], None]) -> None:
         current = self.current_map()
         if node_id in current.nodes:
-            return [OK, current.version]
-        proposed = current.with_node(node_id, address)
-        return self._propose(META_GROUP, SET_MAP, [proposed.encode()], _outcome_or_version(proposed))
+            respond([OK, current.version])
+        else:
+            self._set_map(current.with_node(node_id, address), respond)
 
-    def _leave(self, node_id: int) -> Any:
+    def _leave(self, node_id: int, respond: Callable[[Any], None]) -> None:
         current = self.current_map()
         if node_id not in current.nodes:
-            return [OK, current.version]
-        if len(current.nodes) <= 1:
+            respond([OK, current.version])
+        elif len(current.nodes) <= 1:
             raise Unavailable("cannot remove the last node of the cluster")
-        proposed = current.without_node(node_id)
-        return self._propose(META_GROUP, SET_MAP, [proposed.encode()], _outcome_or_version(proposed))
+        else:
+            self._set_map(current.without_node(node_id), respond)
+
+    def _set_map(self, proposed: ShardMap, respond: Callable[[Any], None]) -> None:
+        """Propose the next shard map; the reply is its version, or why it was refused."""
+
+        def reply(outcome: Any) -> list:
+            return [OK, proposed.version] if outcome is None else _outcome_reply(outcome)
+
+        self._propose_to(META_GROUP, SET_MAP, [proposed.encode()], _answer(reply, respond))
 
     def _members(self, shard: int) -> list:
         host = self.host
@@ -791,7 +779,7 @@ class Node:
             "learners": sorted(raft.conf.learners), "commit": raft.commit_index, "match": match,
         }]
 
-    def _conf(self, shard: int, step: str, node: int) -> Any:
+    def _conf(self, shard: int, step: str, node: int, respond: Callable[[Any], None]) -> None:
         host = self.host
         assert host is not None
         group = host.groups.get(shard)
@@ -802,7 +790,8 @@ class Node:
         if step == "transfer":
             host.transfer_leadership(shard, node)
             self._wakeup()
-            return [OK, None]
+            respond([OK, None])
+            return
         kinds = {"add_learner": ConfChangeKind.ADD_LEARNER, "promote": ConfChangeKind.ADD_NODE,
                  "remove": ConfChangeKind.REMOVE_NODE}
         if step not in kinds:
@@ -810,13 +799,11 @@ class Node:
         if step == "add_learner":
             # Snapshot first, so the learner catches up from a snapshot, not the whole log.
             host.snapshot_group(group)
-        fut, done = self._future(lambda _: [OK, None])
         try:
-            host.propose_conf_change(shard, kinds[step], node, done)
+            host.propose_conf_change(shard, kinds[step], node, _answer(lambda _: [OK, None], respond))
         except ConfChangeRejected as exc:
             raise Unavailable(f"membership change refused for now: {exc}") from None
         self._wakeup()
-        return fut
 
     async def _membership(self) -> None:
         """Join the map if this node is new; on the metadata leader, move replicas (of the
@@ -996,9 +983,7 @@ class Node:
                     "replicas=%d map_version=%d", verdict.node, silence[verdict.node],
                     self.config.dead_after, _ids(verdict.live), current.replicas, current.version)
         # Exactly what `pykv cluster remove` asks for (LEAVE): one code path for both.
-        reply = self._leave(verdict.node)
-        if isinstance(reply, asyncio.Future):
-            reply = await asyncio.wait_for(reply, 5.0)
+        reply = await asyncio.wait_for(self._ask(LEAVE, [META_GROUP, verdict.node]), 5.0)
         if reply[0] != OK:
             log.warning("could not remove dead member %d: %s", verdict.node, reply[1:])
 
