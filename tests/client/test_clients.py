@@ -78,6 +78,22 @@ def test_asyncio_client_offers_the_same_api(cluster):
     asyncio.run(main())
 
 
+def test_asyncio_transactions_take_ids_from_one_source(cluster):
+    # The replicas remember each transaction id's outcome and answer a repeated id with it,
+    # unapplied: so one client's transaction ids must never repeat. They share the client's
+    # 24-bit tag and count up; a tag drawn per transaction would let two ids collide.
+    async def main() -> None:
+        db = await pykv.aio.connect(cluster.addresses)
+        try:
+            ids = [db.transaction().id for _ in range(100)]
+            assert len(set(ids)) == 100
+            assert len({txid >> 40 for txid in ids}) == 1
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
 def test_sync_client_serves_many_threads(cluster):
     import threading
 
