@@ -140,16 +140,10 @@ class AsyncCluster:
         # Spread coordinator duty over the shards, deterministically per transaction.
         coordinator = shards[request.txid % len(shards)]
         others = [s for s in shards if s != coordinator]
-        votes = await asyncio.gather(
-            *(
-                self.router.call(
-                    s, PREPARE,
-                    [s, request.to_wire(by_shard[s]), coordinator, shards],
-                )
-                for s in others
-            ),
-            return_exceptions=True,
-        )
+        votes = await _settled([
+            self.router.call(s, PREPARE, [s, request.to_wire(by_shard[s]), coordinator, shards])
+            for s in others
+        ])
         failpoint("txn.2pc.after_prepare")
         refusal: BaseException | None = None
         for vote in votes:
@@ -217,6 +211,24 @@ class AsyncCluster:
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.timeout)
         await self.router.close()
+
+
+async def _settled(calls: list[Coroutine[Any, Any, T]]) -> list[T | Exception]:
+    """``asyncio.gather(*calls, return_exceptions=True)`` for a task: the first call runs in
+    it, the others in tasks of their own (gather would make one per call, and a future)."""
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(call) for call in calls[1:]]
+    results: list[T | Exception] = []
+    try:
+        for call in (calls[0], *tasks):
+            try:
+                results.append(await call)
+            except Exception as exc:  # noqa: BLE001 - a vote, as gather would return it
+                results.append(exc)
+    finally:
+        for task in tasks:
+            task.cancel()  # when this task is cancelled, as gather cancels its children
+    return results
 
 
 def _vote_error(vote: list) -> Error:

@@ -140,3 +140,33 @@ def test_without_a_quorum_operations_time_out_clearly(tmp_path):
             assert "shard" in str(info.value)
         finally:
             db.close()
+
+
+def test_prepare_votes_settle_like_gather_with_exceptions():
+    # AsyncCluster._two_phase collects PREPARE votes with _settled: every call runs to its
+    # end, concurrently, and a failed one is its exception, in the order of the calls.
+    from pykv.client.cluster import _settled
+
+    async def vote(delay: float, error: Exception | None = None) -> float:
+        await asyncio.sleep(delay)
+        if error is not None:
+            raise error
+        return delay
+
+    async def main() -> None:
+        refused = Unavailable("no leader")
+        votes = await _settled([vote(0.02), vote(0.0, refused), vote(0.01)])
+        assert votes == [0.02, refused, 0.01]
+        assert await _settled([vote(0.0)]) == [0.0]
+
+        # Cancelling the caller cancels the calls still running, as gather would.
+        started = asyncio.get_running_loop().create_task(_settled([vote(0.0), vote(10.0)]))
+        await asyncio.sleep(0.01)
+        before = len(asyncio.all_tasks())
+        started.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await started
+        await asyncio.sleep(0)
+        assert len(asyncio.all_tasks()) == before - 2  # the caller and its remaining call
+
+    asyncio.run(main())
