@@ -263,7 +263,6 @@ class Transaction:
             check_key(key)
             clock = None if context is None else _clock_bytes(context)
             pending = self._writes.get(key)
-            op = WriteOp(key, kind, arg)
             # Check everything before changing anything: a failing call must leave the
             # transaction as it was. The op limit goes first because the fold below may
             # extend pending.value in place (it fails, if at all, before touching it).
@@ -272,14 +271,17 @@ class Transaction:
                 new = _Pending(True, _own(arg), [])
             elif kind == OpKind.DELETE:
                 new = _Pending(True, MISSING, [])
-            elif pending is None:
-                new = _Pending(False, None, [op])
-            elif pending.absolute:
-                # pending.value is this transaction's own copy: folding may extend it in place.
-                new = _Pending(True, fold_writes(pending.value, (op,), owned=True), [])
-            else:
-                new = pending
-                pending.deltas.append(op)
+            else:  # incr or append: a delta, kept as an op unless the value is known
+                op = WriteOp(key, kind, arg)
+                if pending is None:
+                    new = _Pending(False, None, [op])
+                elif pending.absolute:
+                    # pending.value is this transaction's own copy: folding may extend it
+                    # in place.
+                    new = _Pending(True, fold_writes(pending.value, (op,), owned=True), [])
+                else:
+                    new = pending
+                    pending.deltas.append(op)
             self._ops += 1
             self._writes[key] = new
             if clock is not None:
