@@ -170,3 +170,28 @@ def test_prepare_votes_settle_like_gather_with_exceptions():
         assert len(asyncio.all_tasks()) == before - 2  # the caller and its remaining call
 
     asyncio.run(main())
+
+
+def test_bench_reads_of_a_transaction_behave_like_gather(cluster):
+    # The bench driver reads a transaction's keys with _get_all (one task fewer than
+    # asyncio.gather): the values in key order, and an error raised with no read left behind.
+    from pykv.server.workload import _get_all
+
+    async def main() -> None:
+        db = await pykv.aio.connect(cluster.addresses)
+        try:
+            await db.put("getall:a", "A")
+            tx = db.transaction()
+            tx["getall:c"] = "mine"
+            assert await _get_all(tx, ["getall:a", "getall:b", "getall:c"]) == ["A", None, "mine"]
+            await tx.abort()
+            tx = db.transaction()
+            with pytest.raises(KeyTooLarge):
+                await _get_all(tx, ["getall:a", "getall:b", ""])
+            await asyncio.sleep(0.05)
+            assert asyncio.all_tasks() == {asyncio.current_task()}
+            await tx.abort()
+        finally:
+            await db.close()
+
+    asyncio.run(main())
