@@ -39,15 +39,16 @@ _MISSING = object()
 
 class _Prefetched:
     """A Backend for pykv.api.Transaction that answers reads from what was fetched already
-    and captures the commit request instead of sending it."""
+    and captures the commit request instead of sending it (one per transaction)."""
 
+    __slots__ = ("versions", "request")
     node_id = 0
     optimistic_reads = True  # the transaction's reads were fetched optimistically
+    resolvers = ResolverRegistry()  # never used: resolvers are registered on the servers
 
     def __init__(self) -> None:
         self.versions: dict[str, Versioned] = {}
         self.request: CommitRequest | None = None
-        self.resolvers = ResolverRegistry()
 
     def read(self, key: str, *, optimistic: bool = False) -> Versioned:
         return self.versions[key]
@@ -68,9 +69,7 @@ class AsyncTransaction:
     def __init__(self, store: AsyncKeyValueStore, isolation: str) -> None:
         self._store = store
         self._backend = _Prefetched()
-        self._tx: Transaction = KeyValueStore(
-            self._backend, max_txn_ops=store.max_txn_ops, max_value_bytes=store.max_value_bytes
-        ).transaction(isolation)
+        self._tx: Transaction = store._local._transaction(isolation, self._backend)
         self.id = self._tx.id
         self._outcome: str | None = None
 
@@ -149,10 +148,22 @@ class AsyncKeyValueStore:
 
     def __init__(self, core: AsyncCluster, *, max_txn_ops: int, max_value_bytes: int) -> None:
         self._core = core
-        self.max_txn_ops = max_txn_ops
-        self.max_value_bytes = max_value_bytes
+        # The client side of every transaction (ids, hybrid clock, limits), shared so that
+        # ids and timestamps come from one source; each transaction reads and commits
+        # through a _Prefetched backend of its own, never through this one.
+        self._local = KeyValueStore(
+            _Prefetched(), max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes
+        )
         self._by_id: dict[int, AsyncTransaction] = {}
         self._closed = False
+
+    @property
+    def max_txn_ops(self) -> int:
+        return self._local.max_txn_ops
+
+    @property
+    def max_value_bytes(self) -> int:
+        return self._local.max_value_bytes
 
     def _ensure_open(self) -> None:
         if self._closed:

@@ -164,8 +164,11 @@ class Transaction:
     transaction is the usual way.
     """
 
-    def __init__(self, store: KeyValueStore, txid: int, isolation: Isolation) -> None:
+    def __init__(
+        self, store: KeyValueStore, txid: int, isolation: Isolation, backend: Backend | None = None
+    ) -> None:
         self._store = store
+        self._backend = store._backend if backend is None else backend
         self.id = txid
         self.isolation = isolation
         self._state = _OPEN
@@ -210,7 +213,7 @@ class Transaction:
         if seen is None:
             self._count_op()
             try:
-                seen = self._store._backend.read(key, optimistic=True)
+                seen = self._backend.read(key, optimistic=True)
             except BaseException:
                 self._ops -= 1
                 raise
@@ -260,7 +263,6 @@ class Transaction:
             check_key(key)
             clock = None if context is None else _clock_bytes(context)
             pending = self._writes.get(key)
-            op = WriteOp(key, kind, arg)
             # Check everything before changing anything: a failing call must leave the
             # transaction as it was. The op limit goes first because the fold below may
             # extend pending.value in place (it fails, if at all, before touching it).
@@ -269,14 +271,17 @@ class Transaction:
                 new = _Pending(True, _own(arg), [])
             elif kind == OpKind.DELETE:
                 new = _Pending(True, MISSING, [])
-            elif pending is None:
-                new = _Pending(False, None, [op])
-            elif pending.absolute:
-                # pending.value is this transaction's own copy: folding may extend it in place.
-                new = _Pending(True, fold_writes(pending.value, (op,), owned=True), [])
-            else:
-                new = pending
-                pending.deltas.append(op)
+            else:  # incr or append: a delta, kept as an op unless the value is known
+                op = WriteOp(key, kind, arg)
+                if pending is None:
+                    new = _Pending(False, None, [op])
+                elif pending.absolute:
+                    # pending.value is this transaction's own copy: folding may extend it
+                    # in place.
+                    new = _Pending(True, fold_writes(pending.value, (op,), owned=True), [])
+                else:
+                    new = pending
+                    pending.deltas.append(op)
             self._ops += 1
             self._writes[key] = new
             if clock is not None:
@@ -328,7 +333,7 @@ class Transaction:
                 observed = None  # one observed version per key is enough
         return CommitRequest(
             txid=self.id,
-            coordinator=self._store._backend.node_id,
+            coordinator=self._backend.node_id,
             reads=dict(self._reads),  # written keys too: that is their observed version
             writes=tuple(writes),
             isolation=self.isolation,
@@ -363,7 +368,7 @@ class Transaction:
             # A transaction with no writes that read at most one key is linearized at that
             # read and needs no validation, unless the read was optimistic; every other
             # transaction goes to the backend.
-            backend = self._store._backend
+            backend = self._backend
             if self._writes or len(self._reads) > 1 or (self._reads and backend.optimistic_reads):
                 backend.commit(self._request())
             outcome = _COMMITTED
@@ -448,8 +453,13 @@ class KeyValueStore:
 
     def transaction(self, isolation: str | Isolation = "serializable") -> Transaction:
         """A new transaction; ``with db.transaction() as tx:`` commits it on exit."""
+        return self._transaction(isolation, self._backend)
+
+    def _transaction(self, isolation: str | Isolation, backend: Backend) -> Transaction:
+        """A new transaction with this store's ids, clock and limits that reads and commits
+        through ``backend`` (pykv.aio gives each transaction a backend of its own)."""
         self._ensure_open()
-        return Transaction(self, self._ids.next_id(), _parse_isolation(isolation))
+        return Transaction(self, self._ids.next_id(), _parse_isolation(isolation), backend)
 
     def transact(
         self,

@@ -76,10 +76,12 @@ class AsyncCluster:
     async def read(self, key: str, *, optimistic: bool = False) -> Versioned:
         """A linearizable read of key; ``optimistic``: the leader answers from its state at
         once, without confirming its leadership (a transaction's commit validates it)."""
-        await self.router.ensure_map()
-        shard = self.shard_of(key)
+        router = self.router
+        if router.map is None:
+            await router.refresh_map()
+        shard = router.shard_of(key)
         body = [shard, [key], True] if optimistic else [shard, [key]]
-        versions = await self.router.call(shard, READ, body)
+        versions = await router.call(shard, READ, body)
         return Versioned.from_wire(versions[0])
 
     async def read_many(self, keys: list[str]) -> dict[str, Versioned]:
@@ -98,16 +100,19 @@ class AsyncCluster:
         return out
 
     async def commit(self, request: CommitRequest) -> None:
-        await self.router.ensure_map()
+        router = self.router
+        if router.map is None:
+            await router.refresh_map()
         if not request.writes:
             await self._confirm_reads(request)
             return
-        keys = list(request.reads) + request.written_keys()
+        reads = request.reads
         by_shard: dict[int, set[str]] = {}
-        for key in keys:
-            by_shard.setdefault(self.shard_of(key), set()).add(key)
-        if not by_shard:
-            return
+        for key in reads:
+            by_shard.setdefault(router.shard_of(key), set()).add(key)
+        for op in request.writes:
+            if op.key not in reads:  # a key read and written is placed already
+                by_shard.setdefault(router.shard_of(op.key), set()).add(op.key)
         if len(by_shard) == 1:
             (shard,) = by_shard
             await self.router.call(shard, COMMIT, [shard, request.to_wire()])
@@ -135,16 +140,10 @@ class AsyncCluster:
         # Spread coordinator duty over the shards, deterministically per transaction.
         coordinator = shards[request.txid % len(shards)]
         others = [s for s in shards if s != coordinator]
-        votes = await asyncio.gather(
-            *(
-                self.router.call(
-                    s, PREPARE,
-                    [s, request.restricted_to(by_shard[s]).to_wire(), coordinator, shards],
-                )
-                for s in others
-            ),
-            return_exceptions=True,
-        )
+        votes = await _settled([
+            self.router.call(s, PREPARE, [s, request.to_wire(by_shard[s]), coordinator, shards])
+            for s in others
+        ])
         failpoint("txn.2pc.after_prepare")
         refusal: BaseException | None = None
         for vote in votes:
@@ -168,7 +167,7 @@ class AsyncCluster:
         # outcome is unknown: the participants settle it with the coordinator shard.
         await self.router.call(
             coordinator, COMMIT_DECIDE,
-            [coordinator, request.restricted_to(by_shard[coordinator]).to_wire(), others],
+            [coordinator, request.to_wire(by_shard[coordinator]), others],
         )
         failpoint("txn.2pc.after_decide")
 
@@ -212,6 +211,24 @@ class AsyncCluster:
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.timeout)
         await self.router.close()
+
+
+async def _settled(calls: list[Coroutine[Any, Any, T]]) -> list[T | Exception]:
+    """``asyncio.gather(*calls, return_exceptions=True)`` for a task: the first call runs in
+    it, the others in tasks of their own (gather would make one per call, and a future)."""
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(call) for call in calls[1:]]
+    results: list[T | Exception] = []
+    try:
+        for call in (calls[0], *tasks):
+            try:
+                results.append(await call)
+            except Exception as exc:  # noqa: BLE001 - a vote, as gather would return it
+                results.append(exc)
+    finally:
+        for task in tasks:
+            task.cancel()  # when this task is cancelled, as gather cancels its children
+    return results
 
 
 def _vote_error(vote: list) -> Error:

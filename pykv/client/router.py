@@ -147,16 +147,23 @@ class Router:
 
     # --- calls to a shard's leader ------------------------------------------------------------
 
-    def _candidates(self, shard: int) -> list[int]:
-        assert self.map is not None
+    def _replicas(self, view: ShardMapView, shard: int) -> list[int]:
         if shard == META_GROUP:
             # The metadata group's voters as the node that gave the map saw them; any node
             # if it named none (it redirects to the leader it knows).
-            replicas = list(self.map.meta) or sorted(self.map.nodes)
-        else:
-            replicas = list(self.map.shards[shard])
-        leader = self._leaders.get(shard)
-        if leader is not None and leader in self.map.nodes:
+            return list(view.meta) or sorted(view.nodes)
+        return view.shards[shard]
+
+    def _first_candidate(self, view: ShardMapView, shard: int, leader: int | None) -> int:
+        """``_candidates(view, shard, leader)[0]`` without building the list."""
+        if leader is not None and leader in view.nodes:
+            return leader
+        return self._replicas(view, shard)[0]
+
+    def _candidates(self, view: ShardMapView, shard: int, leader: int | None) -> list[int]:
+        """The nodes to try for shard, the leader hint first."""
+        replicas = list(self._replicas(view, shard))
+        if leader is not None and leader in view.nodes:
             # A redirect's hint wins even when the map does not list that node (yet, or any
             # more): during a move the group's members and the map's placement differ.
             if leader in replicas:
@@ -170,7 +177,8 @@ class Router:
         Raises Timeout when the deadline passes with a request possibly applied, Unavailable
         when no replica could be reached at all, or the pykv error the shard returned.
         """
-        await self.ensure_map()
+        if self.map is None:
+            await self.refresh_map()
         loop = asyncio.get_running_loop()
         total = self.timeout if timeout is None else timeout
         deadline = loop.time() + total
@@ -183,20 +191,27 @@ class Router:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            assert self.map is not None
-            candidates = self._candidates(shard)
+            view = self.map
+            assert view is not None
+            leader = self._leaders.get(shard)
             # Right after a redirect the hinted leader is first in line; otherwise rotate.
-            node = candidates[0] if redirected else candidates[attempt % len(candidates)]
+            # (The first candidate needs no list: the common case, every request pays it.)
+            if redirected or attempt == 0:
+                node = self._first_candidate(view, shard, leader)
+            else:
+                candidates = self._candidates(view, shard, leader)
+                node = candidates[attempt % len(candidates)]
             redirected = False
-            address = self.map.nodes.get(node)
+            address = view.nodes.get(node)
             if address is None:
                 await self.refresh_map()
                 attempt += 1
                 continue
             try:
-                return await self.call_address(
-                    address, kind, body, min(remaining, self.attempt_timeout)
-                )
+                conn = self._conns.get(address)
+                if conn is None or conn.closed:
+                    conn = await self.connection(address)
+                return unwrap(await conn.request(kind, body, min(remaining, self.attempt_timeout)))
             except Redirect as exc:
                 last_error = exc
                 if exc.leader is not None and exc.leader != node and exc.leader in self.map.nodes:
@@ -219,7 +234,7 @@ class Router:
                 if self._leaders.get(shard) == node:
                     del self._leaders[shard]
             attempt += 1
-            if attempt % len(candidates) == 0:
+            if attempt % len(self._candidates(view, shard, leader)) == 0:
                 # Every replica we know of said no: the placement may have moved on.
                 with contextlib.suppress(Unavailable):
                     await self.refresh_map()

@@ -220,6 +220,25 @@ def _client(store: KeyValueStore, config: WorkloadConfig, index: int, deadline: 
             job = script.send(_attempt(store, *job))
 
 
+async def _get_all(tx: AsyncTransaction, keys: list[str]) -> list:
+    """``asyncio.gather(*(tx.get(k) for k in keys))`` with less of the driver's own CPU: the
+    first read runs in this task, each other one in a task of its own (gather makes a task
+    per read and a future to gather them), so every read is in flight at once."""
+    loop = asyncio.get_running_loop()
+    others = [loop.create_task(tx.get(key)) for key in keys[1:]]
+    try:
+        values = [await tx.get(keys[0])]
+        for task in others:
+            values.append(await task)
+    finally:
+        for task in others:  # after an error: the transaction is dropped, its reads too
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # retrieved, so asyncio does not log it
+    return values
+
+
 async def _client_async(store: AsyncKeyValueStore, config: WorkloadConfig, index: int,
                         deadline: float, stats: _ClientStats) -> None:
     """_client as a coroutine: the reads of a transaction go out together."""
@@ -229,7 +248,7 @@ async def _client_async(store: AsyncKeyValueStore, config: WorkloadConfig, index
         while True:
             tx = store.transaction()
             try:
-                plan.write(tx, await asyncio.gather(*(tx.get(k) for k in keys)), keys, blind, value)
+                plan.write(tx, await _get_all(tx, keys), keys, blind, value)
                 await tx.commit()
                 outcome = _OK
             except Error as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -149,15 +149,21 @@ class CommitRequest:
             self.timestamp,
         )
 
-    def to_wire(self) -> dict:
-        """A msgpack-able dict (pykv.codec.pack) for the Raft log and the network."""
+    def to_wire(self, keys: Container[str] | None = None) -> dict:
+        """A msgpack-able dict (pykv.codec.pack) for the Raft log and the network; with
+        ``keys``, that of ``restricted_to(keys)`` (one shard's part), without building it."""
+        reads: Iterable[tuple[str, Versioned]] = self.reads.items()
+        writes: Iterable[WriteOp] = self.writes
+        if keys is not None:
+            reads = [item for item in reads if item[0] in keys]
+            writes = [op for op in writes if op.key in keys]
         return {
             "txid": self.txid,
             "coord": self.coordinator,
             "iso": self.isolation.value,
             "ts": self.timestamp,
-            "reads": [[key, version.to_wire()] for key, version in self.reads.items()],
-            "writes": [op.to_wire() for op in self.writes],
+            "reads": [[key, version.to_wire()] for key, version in reads],
+            "writes": [op.to_wire() for op in writes],
         }
 
     @classmethod

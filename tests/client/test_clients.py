@@ -78,6 +78,22 @@ def test_asyncio_client_offers_the_same_api(cluster):
     asyncio.run(main())
 
 
+def test_asyncio_transactions_take_ids_from_one_source(cluster):
+    # The replicas remember each transaction id's outcome and answer a repeated id with it,
+    # unapplied: so one client's transaction ids must never repeat. They share the client's
+    # 24-bit tag and count up; a tag drawn per transaction would let two ids collide.
+    async def main() -> None:
+        db = await pykv.aio.connect(cluster.addresses)
+        try:
+            ids = [db.transaction().id for _ in range(100)]
+            assert len(set(ids)) == 100
+            assert len({txid >> 40 for txid in ids}) == 1
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
 def test_sync_client_serves_many_threads(cluster):
     import threading
 
@@ -124,3 +140,58 @@ def test_without_a_quorum_operations_time_out_clearly(tmp_path):
             assert "shard" in str(info.value)
         finally:
             db.close()
+
+
+def test_prepare_votes_settle_like_gather_with_exceptions():
+    # AsyncCluster._two_phase collects PREPARE votes with _settled: every call runs to its
+    # end, concurrently, and a failed one is its exception, in the order of the calls.
+    from pykv.client.cluster import _settled
+
+    async def vote(delay: float, error: Exception | None = None) -> float:
+        await asyncio.sleep(delay)
+        if error is not None:
+            raise error
+        return delay
+
+    async def main() -> None:
+        refused = Unavailable("no leader")
+        votes = await _settled([vote(0.02), vote(0.0, refused), vote(0.01)])
+        assert votes == [0.02, refused, 0.01]
+        assert await _settled([vote(0.0)]) == [0.0]
+
+        # Cancelling the caller cancels the calls still running, as gather would.
+        started = asyncio.get_running_loop().create_task(_settled([vote(0.0), vote(10.0)]))
+        await asyncio.sleep(0.01)
+        before = len(asyncio.all_tasks())
+        started.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await started
+        await asyncio.sleep(0)
+        assert len(asyncio.all_tasks()) == before - 2  # the caller and its remaining call
+
+    asyncio.run(main())
+
+
+def test_bench_reads_of_a_transaction_behave_like_gather(cluster):
+    # The bench driver reads a transaction's keys with _get_all (one task fewer than
+    # asyncio.gather): the values in key order, and an error raised with no read left behind.
+    from pykv.server.workload import _get_all
+
+    async def main() -> None:
+        db = await pykv.aio.connect(cluster.addresses)
+        try:
+            await db.put("getall:a", "A")
+            tx = db.transaction()
+            tx["getall:c"] = "mine"
+            assert await _get_all(tx, ["getall:a", "getall:b", "getall:c"]) == ["A", None, "mine"]
+            await tx.abort()
+            tx = db.transaction()
+            with pytest.raises(KeyTooLarge):
+                await _get_all(tx, ["getall:a", "getall:b", ""])
+            await asyncio.sleep(0.05)
+            assert asyncio.all_tasks() == {asyncio.current_task()}
+            await tx.abort()
+        finally:
+            await db.close()
+
+    asyncio.run(main())

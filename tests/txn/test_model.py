@@ -55,6 +55,13 @@ def test_commit_requests_survive_the_wire(request):
     assert CommitRequest.from_wire(unpack(pack(request.to_wire()))) == request
 
 
+@settings(deadline=None, max_examples=150)
+@given(request=requests, keys=st.sets(st.text(min_size=1, max_size=5), max_size=4))
+def test_one_shards_part_encodes_like_the_restricted_request(request, keys):
+    keys |= set(list(request.reads)[:1])  # a key of the request, so parts are not all empty
+    assert pack(request.to_wire(keys)) == pack(request.restricted_to(keys).to_wire())
+
+
 @settings(deadline=None, max_examples=100)
 @given(version=versions, key=st.text(min_size=1, max_size=5))
 def test_key_updates_and_versions_survive_the_wire(version, key):
