@@ -42,6 +42,7 @@ from pykv.replica.shard import (
     _prepared_wire,
     remember_in,
 )
+from pykv.storage.cache import SharedCache
 from pykv.storage.store import Storage, StoredVersion, Update
 from pykv.txn.model import ABSENT, MISSING, KeyUpdate, Versioned
 
@@ -83,11 +84,16 @@ def _encoded(value: Any) -> bytes:
 class StoredShardState(ShardState):
     """ShardState over a Storage directory (see the module docstring)."""
 
-    def __init__(self, shard: int, path: Path, *, cache_bytes: int = 8 << 20) -> None:
+    def __init__(
+        self, shard: int, path: Path, *, cache_bytes: int = 8 << 20, cache: SharedCache | None = None
+    ) -> None:
+        """``cache``: the node's read cache, shared by all its shards (else ``cache_bytes`` of
+        this shard's own)."""
         super().__init__(shard)
         self.path = Path(path)
         self._cache_bytes = cache_bytes
-        self.store = Storage.open(str(self.path), fsync="off", cache_bytes=cache_bytes)
+        self._shared_cache = cache
+        self.store = self._open_store()
         self._batch: list[Update] = []
         # Commands applied since the last flush(): their rows, and the versions they wrote
         # (what get() must already see). One flush = one atomic storage record for a run
@@ -247,7 +253,12 @@ class StoredShardState(ShardState):
     def _reset_store(self) -> None:
         self.store.close()
         shutil.rmtree(self.path, ignore_errors=True)
-        self.store = Storage.open(str(self.path), fsync="off", cache_bytes=self._cache_bytes)
+        self.store = self._open_store()
+
+    def _open_store(self) -> Storage:
+        return Storage.open(
+            str(self.path), fsync="off", cache_bytes=self._cache_bytes, cache=self._shared_cache
+        )
 
     def scan(self, prefix: str, start: str | None, end: str | None, limit: int | None) -> list:
         self.flush()

@@ -57,6 +57,7 @@ class ClusterConfig:
     removed: list[int] = field(default_factory=list)  # ids taken out with `cluster remove`
     reads: str = "safe"  # how leaders confirm reads: "safe" (ReadIndex) or "lease"
     dead_after: float = DEFAULT_DEAD_AFTER  # seconds before an unreachable node is replaced
+    cache_mb: float = 64.0  # each node's read cache of shard values, shared by its shards
 
     def active(self) -> dict[int, str]:
         return {n: a for n, a in self.nodes.items() if n not in self.removed}
@@ -73,6 +74,7 @@ class ClusterConfig:
                 "removed": self.removed,
                 "reads": self.reads,
                 "dead_after": self.dead_after,
+                "cache_mb": self.cache_mb,
             },
             indent=2,
         )
@@ -90,6 +92,7 @@ class ClusterConfig:
             removed=list(raw.get("removed", [])),
             reads=raw.get("reads", "safe"),
             dead_after=raw.get("dead_after", DEFAULT_DEAD_AFTER),
+            cache_mb=raw.get("cache_mb", 64.0),
         )
 
 
@@ -154,6 +157,7 @@ def serve_command(config: ClusterConfig, node_id: int, data_dir: Path) -> list[s
         "--state", config.state,
         "--reads", config.reads,
         "--dead-after", str(config.dead_after),
+        "--cache-mb", str(config.cache_mb),
     ]
     return argv
 
@@ -272,6 +276,7 @@ def cluster_up(
     state: str = "storage",
     reads: str = "safe",
     dead_after: float = DEFAULT_DEAD_AFTER,
+    cache_mb: float = 64.0,
     timeout: float = 60.0,
     console: Console | None = None,
     env: dict | None = None,
@@ -290,6 +295,7 @@ def cluster_up(
             state=state,
             reads=reads,
             dead_after=dead_after,
+            cache_mb=cache_mb,
         )
     else:
         # Growing: new ids join the existing cluster; their ports continue the sequence.
@@ -433,6 +439,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "lease: no round trip, linearizable only under bounded clock drift")
     up.add_argument("--dead-after", type=float, default=DEFAULT_DEAD_AFTER, metavar="SECONDS",
                     help=DEAD_AFTER_HELP)
+    up.add_argument("--cache-mb", type=float, default=64.0,
+                    help="each node's read cache of shard values, shared by its shards (MiB)")
     up.add_argument("--timeout", type=float, default=60.0)
     down = sub.add_parser("down", help="stop every node of the cluster in DIR")
     down.add_argument("--data-dir", required=True, type=Path)
@@ -468,6 +476,7 @@ def run(args: argparse.Namespace) -> int:
             state=args.state,
             reads=args.reads,
             dead_after=args.dead_after,
+            cache_mb=args.cache_mb,
             timeout=args.timeout,
             console=console,
         )

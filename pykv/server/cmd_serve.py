@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pause between driver batches to make bigger ones (default 0)")
     parser.add_argument("--state", choices=["storage", "memory"], default="storage",
                         help="shard values on disk (pykv.storage; the default) or in memory with snapshots")
+    parser.add_argument("--cache-mb", type=float, default=64.0,
+                        help="read cache of shard values, shared by all the node's shards "
+                             "(MiB, default 64)")
     parser.add_argument("--fsync", choices=["always", "interval", "off"], default="always")
     parser.add_argument("--reads", choices=["safe", "lease"], default="safe",
                         help="safe: ReadIndex, a heartbeat round per batch of reads (the default); "
@@ -78,6 +81,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         state=args.state,
         reads=args.reads,
         dead_after=args.dead_after,
+        cache_bytes=int(args.cache_mb * (1 << 20)),
     )
 
 

@@ -87,6 +87,7 @@ from pykv.replica.shard import RESOLVER as CMD_RESOLVER
 from pykv.replica.shard import WIPE as CMD_WIPE
 from pykv.replica.shard import ShardState
 from pykv.replica.stored import StoredShardState
+from pykv.storage.cache import SharedCache
 from pykv.txn.model import CommitRequest
 
 log = logging.getLogger("pykv.node")
@@ -125,6 +126,8 @@ class NodeConfig:
     # "storage": shard values on disk (pykv.storage, via pykv.replica.stored);
     # "memory": shard values in memory, with snapshots on disk.
     state: str = "storage"
+    # The read cache of shard values (state="storage"), shared by all the shards of the node.
+    cache_bytes: int = 64 << 20
     # How a shard leader confirms a read: "safe" = ReadIndex, one heartbeat round per batch
     # of reads (no clock assumption); "lease" = no round while a quorum acknowledged a
     # heartbeat recently, which is linearizable only while clock drift stays bounded.
@@ -323,9 +326,10 @@ class Node:
         if self.config.state == "memory":
             return ShardState
         shards_dir = self.config.data_dir / "shards"
+        cache = SharedCache(self.config.cache_bytes)  # one budget for every shard here
 
         def make(gid: int) -> ShardState:
-            return StoredShardState(gid, shards_dir / f"g{gid}")
+            return StoredShardState(gid, shards_dir / f"g{gid}", cache=cache)
 
         return make
 

@@ -60,7 +60,7 @@ from pykv.errors import (
     StoreClosed,
 )
 from pykv.storage import record
-from pykv.storage.cache import ByteLRU
+from pykv.storage.cache import ByteLRU, SharedCache
 from pykv.storage.compaction import CompactionStats, SegmentUsage, choose_prefix
 from pykv.storage.failpoints import failpoint
 from pykv.storage.files import DirectoryLock, load_or_create_node_id, make_dirs_durably
@@ -123,7 +123,7 @@ class Storage:
     Thread-safe. Build it with ``Storage.open(path)``; the constructor is internal.
     """
 
-    def __init__(self, path: str, dir_lock: DirectoryLock, *, cache_bytes: int, fsync: str,
+    def __init__(self, path: str, dir_lock: DirectoryLock, *, cache: ByteLRU, fsync: str,
                  segment_bytes: int, compaction: bool, compaction_interval: float,
                  compaction_min_dead_ratio: float) -> None:
         self.path = path
@@ -139,7 +139,7 @@ class Storage:
         self._keys = SortedList()
         self._key_bytes = 0  # sum of key lengths in the index
         self._tombstones = 0  # key directory entries of deleted keys (kept for their clock)
-        self._cache = ByteLRU(cache_bytes)
+        self._cache = cache
         # key -> (version lsn, value, record lsn) for versions whose record may be unwritten
         self._pending: dict[bytes, tuple[int, bytes, int]] = {}
         self._pending_order: deque[tuple[int, list[bytes]]] = deque()
@@ -167,7 +167,7 @@ class Storage:
     def open(cls, path: str, *, cache_bytes: int = 64 << 20, fsync: str = "always",
              segment_bytes: int = 64 << 20, compaction: bool = True,
              progress: Progress | None = None, compaction_interval: float = 1.0,
-             compaction_min_dead_ratio: float = 0.5) -> Storage:
+             compaction_min_dead_ratio: float = 0.5, cache: SharedCache | None = None) -> Storage:
         """Open (creating if needed) the store at path, recovering from the hint and the WAL.
 
         Takes an exclusive lock on ``path/LOCK`` (StoreLocked if another Storage holds it),
@@ -175,13 +175,16 @@ class Storage:
         ``progress(phase, done, total)`` is called during recovery ("hint", "replay") and
         background compactions ("compact", bytes copied, live bytes to copy; called from the
         compaction thread); total is 0 while unknown. ``fsync`` is the WAL policy: "always", "interval" or "off".
+        The read cache holds ``cache_bytes``, or, given a ``cache``, shares that budget with
+        the other stores that use it (a node's shards).
         """
         if fsync not in ("always", "interval", "off"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'off', not {fsync!r}")
         make_dirs_durably(path)
         dir_lock = DirectoryLock(path)
         try:
-            store = cls(path, dir_lock, cache_bytes=cache_bytes, fsync=fsync,
+            view = ByteLRU(cache_bytes) if cache is None else cache.view()
+            store = cls(path, dir_lock, cache=view, fsync=fsync,
                         segment_bytes=segment_bytes, compaction=compaction,
                         compaction_interval=compaction_interval,
                         compaction_min_dead_ratio=compaction_min_dead_ratio)
@@ -734,7 +737,7 @@ class Storage:
                 self._files.close_all()
                 self._pending.clear()
                 self._pending_order.clear()
-                self._cache.clear()
+                self._cache.close()
             if wal is not None:
                 wal.close()
             self._dir_lock.release()
