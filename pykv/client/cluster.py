@@ -140,7 +140,7 @@ class AsyncCluster:
         # Spread coordinator duty over the shards, deterministically per transaction.
         coordinator = shards[request.txid % len(shards)]
         others = [s for s in shards if s != coordinator]
-        votes = await _settled([
+        votes = await settled([
             self.router.call(s, PREPARE, [s, request.to_wire(by_shard[s]), coordinator, shards])
             for s in others
         ])
@@ -213,9 +213,11 @@ class AsyncCluster:
         await self.router.close()
 
 
-async def _settled(calls: list[Coroutine[Any, Any, T]]) -> list[T | Exception]:
+async def settled(calls: list[Coroutine[Any, Any, T]]) -> list[T | Exception]:
     """``asyncio.gather(*calls, return_exceptions=True)`` for a task: the first call runs in
     it, the others in tasks of their own (gather would make one per call, and a future)."""
+    if not calls:
+        return []
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(call) for call in calls[1:]]
     results: list[T | Exception] = []

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pykv.api import KeyValueStore, Transaction
+from pykv.client.cluster import settled
 from pykv.errors import Error, InvalidArgument, TransactionConflict
 from pykv.types import MAX_TXN_OPS
 
@@ -221,21 +222,13 @@ def _client(store: KeyValueStore, config: WorkloadConfig, index: int, deadline: 
 
 
 async def _get_all(tx: AsyncTransaction, keys: list[str]) -> list:
-    """``asyncio.gather(*(tx.get(k) for k in keys))`` with less of the driver's own CPU: the
-    first read runs in this task, each other one in a task of its own (gather makes a task
-    per read and a future to gather them), so every read is in flight at once."""
-    loop = asyncio.get_running_loop()
-    others = [loop.create_task(tx.get(key)) for key in keys[1:]]
-    try:
-        values = [await tx.get(keys[0])]
-        for task in others:
-            values.append(await task)
-    finally:
-        for task in others:  # after an error: the transaction is dropped, its reads too
-            if not task.done():
-                task.cancel()
-            elif not task.cancelled():
-                task.exception()  # retrieved, so asyncio does not log it
+    """``asyncio.gather(*(tx.get(k) for k in keys))`` with less of the driver's own CPU
+    (pykv.client.cluster.settled): every read in flight at once; the first error is raised
+    once all have ended."""
+    values = await settled([tx.get(key) for key in keys])
+    for value in values:
+        if isinstance(value, Exception):
+            raise value
     return values
 
 

@@ -143,9 +143,9 @@ def test_without_a_quorum_operations_time_out_clearly(tmp_path):
 
 
 def test_prepare_votes_settle_like_gather_with_exceptions():
-    # AsyncCluster._two_phase collects PREPARE votes with _settled: every call runs to its
+    # AsyncCluster._two_phase collects PREPARE votes with settled: every call runs to its
     # end, concurrently, and a failed one is its exception, in the order of the calls.
-    from pykv.client.cluster import _settled
+    from pykv.client.cluster import settled
 
     async def vote(delay: float, error: Exception | None = None) -> float:
         await asyncio.sleep(delay)
@@ -155,12 +155,13 @@ def test_prepare_votes_settle_like_gather_with_exceptions():
 
     async def main() -> None:
         refused = Unavailable("no leader")
-        votes = await _settled([vote(0.02), vote(0.0, refused), vote(0.01)])
+        votes = await settled([vote(0.02), vote(0.0, refused), vote(0.01)])
         assert votes == [0.02, refused, 0.01]
-        assert await _settled([vote(0.0)]) == [0.0]
+        assert await settled([vote(0.0)]) == [0.0]
+        assert await settled([]) == []
 
         # Cancelling the caller cancels the calls still running, as gather would.
-        started = asyncio.get_running_loop().create_task(_settled([vote(0.0), vote(10.0)]))
+        started = asyncio.get_running_loop().create_task(settled([vote(0.0), vote(10.0)]))
         await asyncio.sleep(0.01)
         before = len(asyncio.all_tasks())
         started.cancel()
