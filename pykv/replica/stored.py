@@ -43,6 +43,7 @@ from pykv.replica.shard import (
     remember_in,
 )
 from pykv.storage.cache import SharedCache
+from pykv.storage.maintenance import Maintainer
 from pykv.storage.store import Storage, StoredVersion, Update
 from pykv.txn.model import ABSENT, MISSING, KeyUpdate, Versioned
 
@@ -85,14 +86,16 @@ class StoredShardState(ShardState):
     """ShardState over a Storage directory (see the module docstring)."""
 
     def __init__(
-        self, shard: int, path: Path, *, cache_bytes: int = 8 << 20, cache: SharedCache | None = None
+        self, shard: int, path: Path, *, cache_bytes: int = 8 << 20,
+        cache: SharedCache | None = None, maintainer: Maintainer | None = None,
     ) -> None:
         """``cache``: the node's read cache, shared by all its shards (else ``cache_bytes`` of
-        this shard's own)."""
+        this shard's own); ``maintainer``: the node's compaction thread (else one of its own)."""
         super().__init__(shard)
         self.path = Path(path)
         self._cache_bytes = cache_bytes
         self._shared_cache = cache
+        self._maintainer = maintainer
         self.store = self._open_store()
         self._batch: list[Update] = []
         # Commands applied since the last flush(): their rows, and the versions they wrote
@@ -257,7 +260,8 @@ class StoredShardState(ShardState):
 
     def _open_store(self) -> Storage:
         return Storage.open(
-            str(self.path), fsync="off", cache_bytes=self._cache_bytes, cache=self._shared_cache
+            str(self.path), fsync="off", cache_bytes=self._cache_bytes, cache=self._shared_cache,
+            maintainer=self._maintainer,
         )
 
     def scan(self, prefix: str, start: str | None, end: str | None, limit: int | None) -> list:

@@ -88,6 +88,7 @@ from pykv.replica.shard import WIPE as CMD_WIPE
 from pykv.replica.shard import ShardState
 from pykv.replica.stored import StoredShardState
 from pykv.storage.cache import SharedCache
+from pykv.storage.maintenance import Maintainer
 from pykv.txn.model import CommitRequest
 
 log = logging.getLogger("pykv.node")
@@ -273,6 +274,7 @@ class Node:
         self._resolving: set[tuple[int, int]] = set()
         self._finishing: set[asyncio.Task] = set()  # FINISH calls to participants elsewhere
         self.router = Router(list(config.peers.values()), timeout=5.0)
+        self._maintainer: Maintainer | None = None  # the shard stores' compaction thread
         self.stopped = asyncio.Event()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -326,10 +328,12 @@ class Node:
         if self.config.state == "memory":
             return ShardState
         shards_dir = self.config.data_dir / "shards"
-        cache = SharedCache(self.config.cache_bytes)  # one budget for every shard here
+        # One cache budget and one compaction thread for every shard here, however many.
+        cache = SharedCache(self.config.cache_bytes)
+        maintainer = self._maintainer = Maintainer(name=f"pykv-maintenance-{self.config.node_id}")
 
         def make(gid: int) -> ShardState:
-            return StoredShardState(gid, shards_dir / f"g{gid}", cache=cache)
+            return StoredShardState(gid, shards_dir / f"g{gid}", cache=cache, maintainer=maintainer)
 
         return make
 
@@ -348,6 +352,8 @@ class Node:
         self._io.shutdown(wait=True)
         if self.host is not None:
             self.host.close()
+        if self._maintainer is not None:
+            self._maintainer.close()
         if self.nodelog is not None:
             self.nodelog.close()
         self.stopped.set()

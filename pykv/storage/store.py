@@ -65,6 +65,7 @@ from pykv.storage.compaction import CompactionStats, SegmentUsage, choose_prefix
 from pykv.storage.failpoints import failpoint
 from pykv.storage.files import DirectoryLock, load_or_create_node_id, make_dirs_durably
 from pykv.storage.hint import read_hint, write_hint
+from pykv.storage.maintenance import Maintainer
 from pykv.storage.segfiles import SegmentFiles
 from pykv.types import MAX_KEY_BYTES
 
@@ -125,7 +126,7 @@ class Storage:
 
     def __init__(self, path: str, dir_lock: DirectoryLock, *, cache: ByteLRU, fsync: str,
                  segment_bytes: int, compaction: bool, compaction_interval: float,
-                 compaction_min_dead_ratio: float) -> None:
+                 compaction_min_dead_ratio: float, maintainer: Maintainer | None) -> None:
         self.path = path
         self._wal_dir = os.path.join(path, "wal")
         self._hint_path = os.path.join(path, "hint")
@@ -157,7 +158,9 @@ class Storage:
         self._stop = threading.Event()
         self._progress: Progress | None = None
         self._thread: threading.Thread | None = None
-        if compaction:
+        # Compaction and checkpoints: by a shared Maintainer's thread, or by one of our own.
+        self._maintainer = maintainer if compaction else None
+        if compaction and maintainer is None:
             self._thread = threading.Thread(target=self._background, name=f"pykv-storage-bg {path}",
                                             daemon=True)
 
@@ -167,7 +170,8 @@ class Storage:
     def open(cls, path: str, *, cache_bytes: int = 64 << 20, fsync: str = "always",
              segment_bytes: int = 64 << 20, compaction: bool = True,
              progress: Progress | None = None, compaction_interval: float = 1.0,
-             compaction_min_dead_ratio: float = 0.5, cache: SharedCache | None = None) -> Storage:
+             compaction_min_dead_ratio: float = 0.5, cache: SharedCache | None = None,
+             maintainer: Maintainer | None = None) -> Storage:
         """Open (creating if needed) the store at path, recovering from the hint and the WAL.
 
         Takes an exclusive lock on ``path/LOCK`` (StoreLocked if another Storage holds it),
@@ -176,7 +180,8 @@ class Storage:
         background compactions ("compact", bytes copied, live bytes to copy; called from the
         compaction thread); total is 0 while unknown. ``fsync`` is the WAL policy: "always", "interval" or "off".
         The read cache holds ``cache_bytes``, or, given a ``cache``, shares that budget with
-        the other stores that use it (a node's shards).
+        the other stores that use it (a node's shards); likewise compaction runs on a thread of
+        its own, or on a shared ``maintainer``'s.
         """
         if fsync not in ("always", "interval", "off"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'off', not {fsync!r}")
@@ -187,7 +192,8 @@ class Storage:
             store = cls(path, dir_lock, cache=view, fsync=fsync,
                         segment_bytes=segment_bytes, compaction=compaction,
                         compaction_interval=compaction_interval,
-                        compaction_min_dead_ratio=compaction_min_dead_ratio)
+                        compaction_min_dead_ratio=compaction_min_dead_ratio,
+                        maintainer=maintainer)
             store._progress = progress
             store._recover(progress)
         except BaseException:
@@ -195,6 +201,8 @@ class Storage:
             raise
         if store._thread is not None:
             store._thread.start()
+        if store._maintainer is not None:
+            store._maintainer.add(store)
         return store
 
     def _recover(self, progress: Progress | None) -> None:
@@ -665,24 +673,29 @@ class Storage:
                     for s in segments]
 
     def _background(self) -> None:
-        """Compact when the oldest segments are mostly dead; checkpoint when the tail grows."""
-        while not self._stop.wait(self._compaction_interval):
-            try:
-                with self._maintenance:
-                    if self._closed:
-                        return
-                    sealed = self._segment_usage()[:-1]
-                    last = choose_prefix(sealed, min_dead_ratio=self._compaction_min_dead_ratio,
-                                         min_dead_bytes=self._segment_bytes // 2)
-                    if last is not None:
-                        self._compact_through(last, self._progress)
-                    elif self._bytes_since_checkpoint >= self._segment_bytes:
-                        self._write_checkpoint()
-                        self._truncate_dead_prefix()
-            except StoreClosed:
-                return
-            except BaseException as exc:  # keep serving; stats() reports it
-                self._background_error = exc
+        while not self._stop.wait(self._compaction_interval) and self.maintain():
+            pass
+
+    def maintain(self) -> bool:
+        """One round of background work: compact when the oldest segments are mostly dead,
+        checkpoint when the tail grows. False once the store is closed."""
+        try:
+            with self._maintenance:
+                if self._closed or self._stop.is_set():
+                    return False
+                sealed = self._segment_usage()[:-1]
+                last = choose_prefix(sealed, min_dead_ratio=self._compaction_min_dead_ratio,
+                                     min_dead_bytes=self._segment_bytes // 2)
+                if last is not None:
+                    self._compact_through(last, self._progress)
+                elif self._bytes_since_checkpoint >= self._segment_bytes:
+                    self._write_checkpoint()
+                    self._truncate_dead_prefix()
+        except StoreClosed:
+            return False
+        except BaseException as exc:  # keep serving; stats() reports it
+            self._background_error = exc
+        return True
 
     # --- introspection and lifecycle -------------------------------------------------------
 
@@ -724,6 +737,8 @@ class Storage:
         if self._closed:
             return
         self._stop.set()
+        if self._maintainer is not None:
+            self._maintainer.discard(self)
         if self._thread is not None and self._thread.is_alive():
             self._thread.join()
         try:

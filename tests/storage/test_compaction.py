@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from pykv.storage import ABSENT, Storage, Update
+from pykv.storage.maintenance import Maintainer
 
 
 def overwrite_rounds(store: Storage, keys: int, rounds: int, size: int = 300) -> dict[bytes, bytes]:
@@ -125,3 +126,33 @@ def test_background_compaction_runs_on_its_own(tmp_path: Path) -> None:
         assert {k: v.value for k, v in store.scan()} == latest
     with Storage.open(path, compaction=False) as store:
         assert {k: v.value for k, v in store.scan()} == latest
+
+
+def test_many_stores_are_compacted_by_one_shared_maintenance_thread(tmp_path: Path) -> None:
+    """A node's shards share one Maintainer: one thread, however many stores, and each
+    store still gets compacted; a closed store leaves it."""
+    maintainer = Maintainer(interval=0.01, name="test-maintenance")
+    stores = [
+        Storage.open(str(tmp_path / f"s{i}"), segment_bytes=8 << 10, maintainer=maintainer)
+        for i in range(4)
+    ]
+    try:
+        names = [t.name for t in threading.enumerate()]
+        assert names.count("test-maintenance") == 1
+        assert not any(name.startswith("pykv-storage-bg") and str(tmp_path) in name for name in names)
+        latest = [overwrite_rounds(store, keys=20, rounds=60) for store in stores]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+            store.stats()["compactions"] for store in stores
+        ):
+            time.sleep(0.01)
+        for store, expected in zip(stores, latest, strict=True):
+            stats = store.stats()
+            assert stats["compactions"] >= 1 and stats["background_error"] is None
+            assert {k: v.value for k, v in store.scan()} == expected
+    finally:
+        for store in stores:
+            store.close()
+        assert len(maintainer) == 0
+        maintainer.close()
+    assert "test-maintenance" not in [t.name for t in threading.enumerate()]
