@@ -20,6 +20,7 @@ from typing import Any
 from pykv.client.transport import META_GROUP, SHARD_MAP, Redirect, unwrap
 from pykv.cluster.ring import HashRing
 from pykv.errors import InvalidArgument, Timeout, Unavailable
+from pykv.net.framing import DEFAULT_MAX_FRAME
 from pykv.net.protocol import Connection
 
 
@@ -66,12 +67,14 @@ class Router:
         timeout: float = 10.0,
         connect_timeout: float = 2.0,
         attempt_timeout: float = 0.75,
+        max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
         if not seeds:
             raise InvalidArgument("connect needs at least one address")
         self.seeds = list(seeds)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.max_frame = max_frame
         # One attempt waits at most this long before trying another replica: a leader that
         # is frozen (SIGSTOP, a long GC pause) keeps its connections open but answers
         # nothing, and waiting the whole deadline on it would stall the client that long.
@@ -96,7 +99,9 @@ class Router:
         fut = asyncio.get_running_loop().create_future()
         self._connecting[address] = fut
         try:
-            conn = await Connection.open(address, timeout=self.connect_timeout)
+            conn = await Connection.open(
+                address, timeout=self.connect_timeout, max_frame=self.max_frame
+            )
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # mark retrieved

@@ -139,7 +139,9 @@ class NodeConfig:
 
 
 class _Peer:
-    """The outgoing link to one peer: connects lazily, reconnects with backoff, never blocks."""
+    """The outgoing Raft link to one peer: connects lazily, reconnects with backoff, never
+    blocks. It rides on the node's router connection to that peer, so Raft batches and the
+    node's own requests (FINISH, recovery) share one connection and leave in the same write."""
 
     def __init__(self, node: Node, peer_id: int, address: str) -> None:
         self.node = node
@@ -167,7 +169,7 @@ class _Peer:
 
     async def _connect(self) -> None:
         try:
-            self.conn = await Connection.open(self.address, timeout=1.0, max_frame=self.node.config.max_frame)
+            self.conn = await self.node.router.connection(self.address)
         except (Error, OSError):  # unreachable, or refused the handshake (logged by pykv.net)
             self._next_try = asyncio.get_running_loop().time() + 0.2
         finally:
@@ -273,7 +275,7 @@ class Node:
         self._stopping = False
         self._resolving: set[tuple[int, int]] = set()
         self._finishing: set[asyncio.Task] = set()  # FINISH calls to participants elsewhere
-        self.router = Router(list(config.peers.values()), timeout=5.0)
+        self.router = Router(list(config.peers.values()), timeout=5.0, max_frame=config.max_frame)
         self._maintainer: Maintainer | None = None  # the shard stores' compaction thread
         self.stopped = asyncio.Event()
 
