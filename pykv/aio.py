@@ -29,7 +29,7 @@ from pykv._engine.vclock import VClock
 from pykv.api import KeyValueStore, Transaction
 from pykv.client.cluster import AsyncCluster
 from pykv.errors import InvalidOperation, StoreClosed, TransactionAborted, TransactionConflict
-from pykv.txn.model import CommitRequest, Versioned
+from pykv.txn.model import CommitRequest, ScanPasses, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 from pykv.types import MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key
 
@@ -56,7 +56,10 @@ class _Prefetched:
     def commit(self, request: CommitRequest) -> None:
         self.request = request
 
-    def scan(self, prefix: str, start: str | None, end: str | None, limit: int | None) -> Iterator:
+    def scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        deleted: bool = False,
+    ) -> Iterator:
         raise InvalidOperation("scan is not part of a transaction")
 
     def close(self) -> None:
@@ -263,14 +266,21 @@ class AsyncKeyValueStore:
 
     async def scan(
         self, prefix: str = "", *, start: str | None = None, end: str | None = None,
-        limit: int | None = None,
+        limit: int | None = None, consistent: bool = True,
     ) -> list[tuple[str, Any]]:
-        """(key, value) of live keys with the prefix in [start, end), in key order."""
+        """(key, value) of live keys with the prefix in [start, end), in key order; one
+        snapshot of the range unless ``consistent=False`` (see KeyValueStore.scan)."""
         self._ensure_open()
         for bound in (start, end, prefix or None):
             if bound is not None:
                 check_key(bound)
-        items = await self._core.scan(prefix, start, end, limit)
+        if consistent:
+            passes = ScanPasses()
+            while not passes.feed(await self._core.scan(prefix, start, end, limit, True)):
+                pass
+            items = passes.result
+        else:
+            items = await self._core.scan(prefix, start, end, limit)
         return [(k, v.value) for k, v in items]
 
     async def register_resolver(self, prefix: str, resolver: str) -> None:

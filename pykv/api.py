@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
 from pykv._engine.vclock import VClock
@@ -25,7 +25,7 @@ from pykv.errors import (
     TransactionConflict,
     TransactionTooLarge,
 )
-from pykv.txn.model import MISSING, CommitRequest, Isolation, Versioned, WriteOp
+from pykv.txn.model import MISSING, CommitRequest, Isolation, ScanPasses, Versioned, WriteOp
 from pykv.txn.ops import fold_writes
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import (
@@ -69,9 +69,11 @@ class Backend(Protocol):
         ...
 
     def scan(
-        self, prefix: str, start: str | None, end: str | None, limit: int | None
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        deleted: bool = False,
     ) -> Iterator[tuple[str, Versioned]]:
-        """Live (non-deleted) keys with the prefix in [start, end), in key order, at most limit."""
+        """Live (non-deleted) keys with the prefix in [start, end), in key order, at most limit;
+        with ``deleted``, the tombstones of deleted keys in that range too (not counted)."""
         ...
 
     def close(self) -> None: ...
@@ -592,11 +594,16 @@ class KeyValueStore:
         start: str | None = None,
         end: str | None = None,
         limit: int | None = None,
+        consistent: bool = True,
     ) -> Iterator[tuple[str, Any]]:
         """(key, value) of live keys with the prefix in [start, end), in key order.
 
-        Each value is a committed, durable version; the scan is not one atomic snapshot
-        (read the keys in a transaction for that).
+        ``consistent`` (the default): one snapshot of the range, across every shard. Each
+        value is the one its key held at a single moment, and no key that existed then is
+        missing. It costs at least two passes over the range (pykv.txn.model.ScanPasses),
+        and raises TransactionConflict (retryable) if the range changed during each of 10
+        passes. ``consistent=False``: one pass. Each value is a committed, durable version,
+        but keys on different shards may be seen at different moments.
         """
         self._ensure_open()
         for bound in (start, end):
@@ -606,7 +613,13 @@ class KeyValueStore:
             check_key(prefix)
         if limit is not None and limit < 0:
             raise InvalidArgument(f"limit must be >= 0, not {limit}")
-        items = self._backend.scan(prefix, start, end, limit)
+        if consistent:
+            passes = ScanPasses()
+            while not passes.feed(list(self._backend.scan(prefix, start, end, limit, True))):
+                pass
+            items: Iterable[tuple[str, Versioned]] = passes.result
+        else:
+            items = self._backend.scan(prefix, start, end, limit)
         return ((key, seen.value) for key, seen in items)
 
     # --- resolvers ----------------------------------------------------------------------

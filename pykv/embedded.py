@@ -187,22 +187,23 @@ class EmbeddedBackend:
         return self._storage.submit(batch)
 
     def scan(
-        self, prefix: str, start: str | None, end: str | None, limit: int | None
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        deleted: bool = False,
     ) -> Iterator[tuple[str, Versioned]]:
-        if limit == 0:
-            return
         found = 0
         for raw, stored in self._storage.scan(
             prefix=prefix.encode("utf-8"),
             start=None if start is None else start.encode("utf-8"),
             end=None if end is None else end.encode("utf-8"),
         ):
-            if _is_deleted(stored):
-                continue  # deleted keys are not part of a scan
-            yield raw.decode("utf-8"), self._durable(stored)
-            found += 1
             if limit is not None and found >= limit:
                 return
+            if _is_deleted(stored):
+                if deleted:  # deleted keys are not part of a scan, but their tombstones are
+                    yield raw.decode("utf-8"), self._durable(stored)
+                continue
+            yield raw.decode("utf-8"), self._durable(stored)
+            found += 1
 
     def stats(self) -> dict[str, Any]:
         return self._storage.stats()

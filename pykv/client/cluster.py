@@ -51,7 +51,7 @@ from pykv.errors import (
 )
 from pykv.net.protocol import new_event_loop
 from pykv.replica.failpoints import failpoint
-from pykv.txn.model import CommitRequest, Versioned
+from pykv.txn.model import CommitRequest, Versioned, first_live
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 
 T = TypeVar("T")
@@ -185,15 +185,19 @@ class AsyncCluster:
             task.exception()  # a lost FINISH is settled by the participant's recovery
 
     async def scan(
-        self, prefix: str, start: str | None, end: str | None, limit: int | None
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        deleted: bool = False,
     ) -> list[tuple[str, Versioned]]:
+        """One linearizable scan per shard, merged in key order: at most ``limit`` live keys,
+        with ``deleted`` the tombstones of deleted keys among them too."""
         view = await self.router.ensure_map()
-        replies = await asyncio.gather(
-            *(self.router.call(s, SCAN, [s, prefix, start, end, limit]) for s in range(view.partitions))
-        )
+        flag = [True] if deleted else []
+        replies = await asyncio.gather(*(
+            self.router.call(s, SCAN, [s, prefix, start, end, limit, *flag])
+            for s in range(view.partitions)
+        ))
         runs = [[(k, Versioned.from_wire(v)) for k, v in reply] for reply in replies]
-        merged = list(heapq.merge(*runs, key=lambda item: item[0]))
-        return merged if limit is None else merged[:limit]
+        return first_live(heapq.merge(*runs, key=lambda item: item[0]), limit)
 
     async def wipe(self) -> None:
         """Forget every key, resolver and remembered outcome on every shard (for tests)."""
@@ -308,9 +312,10 @@ class ClusterBackend:
         self._run(self.core.commit(request))
 
     def scan(
-        self, prefix: str, start: str | None, end: str | None, limit: int | None
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        deleted: bool = False,
     ) -> Iterator[tuple[str, Versioned]]:
-        return iter(self._run(self.core.scan(prefix, start, end, limit)))
+        return iter(self._run(self.core.scan(prefix, start, end, limit, deleted)))
 
     def close(self) -> None:
         if self._closed:

@@ -394,21 +394,29 @@ class ShardState:
 
     # --- reads and scans (served by the leader after a ReadIndex) ---------------------------
 
-    def scan(self, prefix: str, start: str | None, end: str | None, limit: int | None) -> list:
-        """[(key, Versioned)] of live keys with the prefix in [start, end), in key order."""
+    def scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        deleted: bool = False,
+    ) -> list:
+        """[(key, Versioned)] of live keys with the prefix in [start, end), in key order, at
+        most ``limit``; with ``deleted``, deleted keys' tombstones among them too (uncounted)."""
         lo = max(prefix, start) if start is not None else prefix
         out = []
+        live = 0
         for key in self.versions.irange(minimum=lo or None, maximum=end, inclusive=(True, False)):
             if not key.startswith(prefix):
                 if key > prefix:
                     break
                 continue
+            if limit is not None and live >= limit:
+                break
             version = self.versions[key]
             if version.value is MISSING:
+                if deleted:
+                    out.append((key, version))
                 continue
             out.append((key, version))
-            if limit is not None and len(out) >= limit:
-                break
+            live += 1
         return out
 
     # --- snapshots ----------------------------------------------------------------------------

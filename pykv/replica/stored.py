@@ -264,21 +264,26 @@ class StoredShardState(ShardState):
             maintainer=self._maintainer,
         )
 
-    def scan(self, prefix: str, start: str | None, end: str | None, limit: int | None) -> list:
+    def scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        deleted: bool = False,
+    ) -> list:
         self.flush()
         out = []
+        live = 0
         for raw, stored in self.store.scan(
             prefix=prefix.encode("utf-8"),
             start=None if start is None else start.encode("utf-8"),
             end=None if end is None else end.encode("utf-8"),
         ):
-            if raw.startswith(_META):
+            if raw.startswith(_META) or (limit is not None and live >= limit):
                 break
             if stored.value == _TOMBSTONE:
+                if deleted:
+                    out.append((raw.decode("utf-8"), _versioned(stored)))
                 continue
             out.append((raw.decode("utf-8"), _versioned(stored)))
-            if limit is not None and len(out) >= limit:
-                break
+            live += 1
         return out
 
     def restore(self, data: bytes) -> None:

@@ -505,7 +505,7 @@ class Node:
             done = _answer(_outcome_reply, respond)
             self._propose_to(shard, CMD_FINISH, [int(body[1]), bool(body[2])], done)
         elif kind == SCAN:
-            self._scan(shard, *body[1:5], respond)
+            self._scan(shard, *body[1:5], respond, deleted=len(body) > 5 and body[5] is True)
         elif kind == JOIN:
             self._join(int(body[1]), str(body[2]), respond)
         elif kind == LEAVE:
@@ -582,13 +582,13 @@ class Node:
 
     def _scan(
         self, shard: int, prefix: str, start: str | None, end: str | None, limit: int | None,
-        respond: Callable[[Any], None],
+        respond: Callable[[Any], None], *, deleted: bool = False,
     ) -> None:
         host = self.host
         assert host is not None
 
         def fn(state: Any) -> list:
-            return [[k, v.to_wire()] for k, v in state.scan(prefix, start, end, limit)]
+            return [[k, v.to_wire()] for k, v in state.scan(prefix, start, end, limit, deleted)]
 
         # Waits until no prepared transaction holds a key of the shard.
         host.read(shard, fn, None, _answer(lambda items: [OK, items], respond))

@@ -7,7 +7,7 @@ from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from pykv.errors import ProtocolError
+from pykv.errors import ProtocolError, TransactionConflict
 from pykv.types import OpKind, Value, enum_decoder, op_kind
 
 
@@ -70,6 +70,63 @@ class Versioned:
 
 ABSENT: Final = Versioned(MISSING, b"", 0)
 """The version of a key that was never written (what a StateView returns for it)."""
+
+# --- consistent scans ------------------------------------------------------------------------
+# A scan is one snapshot when two passes over the range, the second begun after the first
+# ended, find exactly the same versions, tombstones of deleted keys included: versions never
+# repeat, so every key kept its version from its first look to its second, and all of them
+# held at once at any moment between the two passes. (Without the tombstones, a key created
+# and deleted between the passes would go unseen.) Each pass must be linearizable per shard.
+
+SCAN_PASSES: Final = 10
+"""A consistent scan gives up (TransactionConflict) after this many passes that all differ."""
+
+ScanItems = list[tuple[str, Versioned]]
+
+
+def first_live(items: Iterable[tuple[str, Versioned]], limit: int | None) -> ScanItems:
+    """Items in order up to the ``limit``-th live one (tombstones ride along uncounted)."""
+    out: ScanItems = []
+    live = 0
+    for item in items:
+        if limit is not None and live >= limit:
+            break
+        out.append(item)
+        live += item[1].value is not MISSING
+    return out
+
+
+def same_cut(first: ScanItems, second: ScanItems) -> bool:
+    """Whether two passes of a scan saw the same version of every key (see above)."""
+    return len(first) == len(second) and all(
+        a[0] == b[0] and a[1].clock == b[1].clock and a[1].timestamp == b[1].timestamp
+        for a, b in zip(first, second, strict=True)
+    )
+
+
+class ScanPasses:
+    """A consistent scan's passes: ``feed`` each one (tombstones included) until it says
+    done; ``result`` is then the snapshot's live keys. The caller runs the passes (sync or
+    asyncio), this decides."""
+
+    def __init__(self) -> None:
+        self._last: ScanItems | None = None
+        self._passes = 0
+        self.result: ScanItems = []
+
+    def feed(self, items: ScanItems) -> bool:
+        """True when this pass agrees with the one before; TransactionConflict when the
+        range changed under every one of SCAN_PASSES passes."""
+        self._passes += 1
+        if self._last is not None and same_cut(self._last, items):
+            self.result = [item for item in items if item[1].value is not MISSING]
+            return True
+        if self._passes >= SCAN_PASSES:
+            raise TransactionConflict(
+                f"the scanned range changed during each of {SCAN_PASSES} passes; scan again"
+            )
+        self._last = items
+        return False
 
 
 class Isolation(str, enum.Enum):

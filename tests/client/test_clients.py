@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,48 @@ def test_asyncio_transactions_take_ids_from_one_source(cluster):
             ids = [db.transaction().id for _ in range(100)]
             assert len(set(ids)) == 100
             assert len({txid >> 40 for txid in ids}) == 1
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def test_asyncio_scan_is_one_snapshot_while_transfers_run(cluster):
+    # The asyncio client drives the same consistent scan (pykv.txn.model.ScanPasses) as
+    # the sync one: transfers run meanwhile, and every scan that returns has the full total.
+    async def main() -> None:
+        db = await pykv.aio.connect(cluster.addresses)
+        accounts = [f"aiobank/{i:02d}" for i in range(8)]
+        try:
+            async with db.transaction() as tx:
+                for key in accounts:
+                    tx.put(key, 10)
+
+            async def transfers() -> None:
+                rng = random.Random(3)
+                for _ in range(60):
+                    src, dst = rng.sample(accounts, 2)
+                    while True:
+                        try:
+                            async with db.transaction() as tx:
+                                tx.put(src, await tx.get(src) - 1)
+                                tx.put(dst, await tx.get(dst) + 1)
+                            break
+                        except pykv.TransactionConflict:
+                            continue
+
+            mover = asyncio.get_running_loop().create_task(transfers())
+            totals = []
+            while not mover.done():
+                try:
+                    items = await db.scan("aiobank/")
+                except pykv.TransactionConflict:
+                    continue
+                assert [k for k, _ in items] == accounts
+                totals.append(sum(v for _, v in items))
+            await mover
+            assert totals and set(totals) == {80}
+            assert sum(v for _, v in await db.scan("aiobank/", consistent=False)) == 80
         finally:
             await db.close()
 
