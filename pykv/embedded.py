@@ -34,7 +34,7 @@ from pykv.api import KeyValueStore
 from pykv.codec import decode_value, encode_value
 from pykv.errors import InvalidArgument
 from pykv.storage.store import Storage, StoredVersion, Update
-from pykv.txn.model import MISSING, CommitRequest, Versioned
+from pykv.txn.model import MISSING, CommitRequest, Versioned, first_live
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import MAX_TXN_OPS, MAX_VALUE_BYTES
@@ -65,11 +65,6 @@ def clock_node_id(storage_node_id: int) -> int:
     one, so fold it (stable across restarts; never 0, which clocks read as "no node")."""
     folded = (storage_node_id ^ (storage_node_id >> 32)) & 0xFFFFFFFF
     return folded or 1
-
-
-def _is_deleted(stored: StoredVersion) -> bool:
-    value = stored.value
-    return value is None or value == _LEGACY_TOMBSTONE
 
 
 def _versioned(stored: StoredVersion) -> Versioned:
@@ -190,20 +185,15 @@ class EmbeddedBackend:
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
         deleted: bool = False,
     ) -> Iterator[tuple[str, Versioned]]:
-        found = 0
-        for raw, stored in self._storage.scan(
-            prefix=prefix.encode("utf-8"),
-            start=None if start is None else start.encode("utf-8"),
-            end=None if end is None else end.encode("utf-8"),
-        ):
-            if limit is not None and found >= limit:
-                return
-            if _is_deleted(stored):
-                if deleted:  # deleted keys are not part of a scan, but their tombstones are
-                    yield raw.decode("utf-8"), self._durable(stored)
-                continue
-            yield raw.decode("utf-8"), self._durable(stored)
-            found += 1
+        every = (
+            (raw.decode("utf-8"), self._durable(stored))
+            for raw, stored in self._storage.scan(
+                prefix=prefix.encode("utf-8"),
+                start=None if start is None else start.encode("utf-8"),
+                end=None if end is None else end.encode("utf-8"),
+            )
+        )
+        return iter(first_live(every, limit, deleted))
 
     def stats(self) -> dict[str, Any]:
         return self._storage.stats()

@@ -52,7 +52,7 @@ from sortedcontainers import SortedDict
 from pykv import errors
 from pykv.codec import pack, unpack
 from pykv.errors import ProtocolError, TransactionConflict
-from pykv.txn.model import ABSENT, MISSING, CommitRequest, KeyUpdate, Versioned
+from pykv.txn.model import ABSENT, CommitRequest, KeyUpdate, Versioned, first_live
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import OpKind
@@ -400,24 +400,17 @@ class ShardState:
     ) -> list:
         """[(key, Versioned)] of live keys with the prefix in [start, end), in key order, at
         most ``limit``; with ``deleted``, deleted keys' tombstones among them too (uncounted)."""
+        return first_live(self._range(prefix, start, end), limit, deleted)
+
+    def _range(self, prefix: str, start: str | None, end: str | None) -> Iterator[tuple[str, Versioned]]:
+        """(key, version) of every key with the prefix in [start, end), tombstones included."""
         lo = max(prefix, start) if start is not None else prefix
-        out = []
-        live = 0
         for key in self.versions.irange(minimum=lo or None, maximum=end, inclusive=(True, False)):
             if not key.startswith(prefix):
                 if key > prefix:
                     break
                 continue
-            if limit is not None and live >= limit:
-                break
-            version = self.versions[key]
-            if version.value is MISSING:
-                if deleted:
-                    out.append((key, version))
-                continue
-            out.append((key, version))
-            live += 1
-        return out
+            yield key, self.versions[key]
 
     # --- snapshots ----------------------------------------------------------------------------
 

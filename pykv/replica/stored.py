@@ -45,7 +45,7 @@ from pykv.replica.shard import (
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
 from pykv.storage.store import Storage, StoredVersion, Update
-from pykv.txn.model import ABSENT, MISSING, KeyUpdate, Versioned
+from pykv.txn.model import ABSENT, MISSING, KeyUpdate, Versioned, first_live
 
 _META = b"\xff"
 # A deleted key is stored as this value (encode_value never makes empty bytes) rather than
@@ -269,22 +269,17 @@ class StoredShardState(ShardState):
         deleted: bool = False,
     ) -> list:
         self.flush()
-        out = []
-        live = 0
+        return first_live(self._range(prefix, start, end), limit, deleted)
+
+    def _range(self, prefix: str, start: str | None, end: str | None) -> Iterator[tuple[str, Versioned]]:
         for raw, stored in self.store.scan(
             prefix=prefix.encode("utf-8"),
             start=None if start is None else start.encode("utf-8"),
             end=None if end is None else end.encode("utf-8"),
         ):
-            if raw.startswith(_META) or (limit is not None and live >= limit):
-                break
-            if stored.value == _TOMBSTONE:
-                if deleted:
-                    out.append((raw.decode("utf-8"), _versioned(stored)))
-                continue
-            out.append((raw.decode("utf-8"), _versioned(stored)))
-            live += 1
-        return out
+            if raw.startswith(_META):
+                return  # the replicated metadata sorts after every user key
+            yield raw.decode("utf-8"), _versioned(stored)
 
     def restore(self, data: bytes) -> None:
         """Replace everything with a snapshot (InstallSnapshot), durably, metadata included."""

@@ -88,13 +88,9 @@ class ByteLRU:
             self._account(cost, 1)
             entries = shared._entries
             while shared.bytes > shared.capacity_bytes:
+                # Every entry has an attached owner: a view leaves only after clear().
                 (view_id, old_key), (_, old_value) = entries.popitem(last=False)
-                owner = shared._views.get(view_id)
-                cost = self._cost(old_key, old_value)
-                if owner is None:
-                    shared.bytes -= cost
-                else:
-                    owner._account(-cost, -1)
+                shared._views[view_id]._account(-self._cost(old_key, old_value), -1)
 
     def discard(self, key: bytes) -> None:
         with self._shared._lock:

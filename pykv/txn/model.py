@@ -84,15 +84,22 @@ SCAN_PASSES: Final = 10
 ScanItems = list[tuple[str, Versioned]]
 
 
-def first_live(items: Iterable[tuple[str, Versioned]], limit: int | None) -> ScanItems:
-    """Items in order up to the ``limit``-th live one (tombstones ride along uncounted)."""
+def first_live(
+    items: Iterable[tuple[str, Versioned]], limit: int | None, deleted: bool = True
+) -> ScanItems:
+    """Items in order up to the ``limit``-th live one; tombstones (deleted keys) ride along
+    uncounted, or with ``deleted=False`` are left out. What every scan returns."""
     out: ScanItems = []
     live = 0
     for item in items:
         if limit is not None and live >= limit:
             break
+        if item[1].value is MISSING:
+            if deleted:
+                out.append(item)
+            continue
         out.append(item)
-        live += item[1].value is not MISSING
+        live += 1
     return out
 
 
