@@ -126,7 +126,7 @@ class ScanPasses:
         range changed under every one of SCAN_PASSES passes."""
         self._passes += 1
         if self._last is not None and same_cut(self._last, items):
-            self.result = [item for item in items if item[1].value is not MISSING]
+            self.result = first_live(items, None, deleted=False)
             return True
         if self._passes >= SCAN_PASSES:
             raise TransactionConflict(
