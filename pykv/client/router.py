@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,13 @@ class Router:
         # is frozen (SIGSTOP, a long GC pause) keeps its connections open but answers
         # nothing, and waiting the whole deadline on it would stall the client that long.
         self.attempt_timeout = attempt_timeout
+        # Nodes that let an attempt time out, and until when to pass them over. Followers keep
+        # naming a frozen leader in redirects until they elect another, and following such a
+        # hint costs another whole attempt timeout. One attempt timeout is about when an
+        # election is over; a leader that was only slow is back in line after it.
+        self.suspect_for = attempt_timeout
+        self._suspects: dict[int, float] = {}
+        self.timeouts: Counter[int] = Counter()  # attempts that timed out, per node
         self.map: ShardMapView | None = None
         self._ring: HashRing | None = None
         self._leaders: dict[int, int] = {}
@@ -161,12 +169,15 @@ class Router:
 
     def _first_candidate(self, view: ShardMapView, shard: int, leader: int | None) -> int:
         """``_candidates(view, shard, leader)[0]`` without building the list."""
+        if self._suspects:
+            return self._candidates(view, shard, leader)[0]
         if leader is not None and leader in view.nodes:
             return leader
         return self._replicas(view, shard)[0]
 
     def _candidates(self, view: ShardMapView, shard: int, leader: int | None) -> list[int]:
-        """The nodes to try for shard, the leader hint first."""
+        """The nodes to try for shard, the leader hint first; nodes under suspicion only when
+        every one is."""
         replicas = list(self._replicas(view, shard))
         if leader is not None and leader in view.nodes:
             # A redirect's hint wins even when the map does not list that node (yet, or any
@@ -174,7 +185,22 @@ class Router:
             if leader in replicas:
                 replicas.remove(leader)
             replicas.insert(0, leader)
+        if self._suspects:
+            trusted = [node for node in replicas if not self._suspected(node)]
+            return trusted or replicas
         return replicas
+
+    def _suspected(self, node: int) -> bool:
+        until = self._suspects.get(node)
+        if until is None:
+            return False
+        if asyncio.get_running_loop().time() < until:
+            return True
+        del self._suspects[node]
+        return False
+
+    def _suspect(self, node: int) -> None:
+        self._suspects[node] = asyncio.get_running_loop().time() + self.suspect_for
 
     async def call(self, shard: int, kind: int, body: Any, *, timeout: float | None = None) -> Any:
         """Send ``body`` to the leader of ``shard``, following redirects until the deadline.
@@ -216,10 +242,19 @@ class Router:
                 conn = self._conns.get(address)
                 if conn is None or conn.closed:
                     conn = await self.connection(address)
-                return unwrap(await conn.request(kind, body, min(remaining, self.attempt_timeout)))
+                reply = unwrap(await conn.request(kind, body, min(remaining, self.attempt_timeout)))
+                if self._suspects:
+                    self._suspects.pop(node, None)
+                return reply
             except Redirect as exc:
                 last_error = exc
-                if exc.leader is not None and exc.leader != node and exc.leader in self.map.nodes:
+                self._suspects.pop(node, None)
+                if (
+                    exc.leader is not None
+                    and exc.leader != node
+                    and exc.leader in self.map.nodes
+                    and not self._suspected(exc.leader)
+                ):
                     self._leaders[shard] = exc.leader
                     redirected = True
                     hops += 1
@@ -236,6 +271,8 @@ class Router:
             except Timeout as exc:
                 last_error = exc
                 maybe_applied = True
+                self._suspect(node)
+                self.timeouts[node] += 1
                 if self._leaders.get(shard) == node:
                     del self._leaders[shard]
             attempt += 1
