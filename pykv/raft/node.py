@@ -712,11 +712,19 @@ class RaftNode:
         elif t == MsgType.QUIESCE:
             self.election_elapsed = 0
             self.lead = m.frm
-            self.log.commit_to(min(m.commit, self.log.last_index()))
             # Only a log equal to the leader's may stop waiting: a follower missing entries
             # (or holding a stale tail) keeps its timer, and its next campaign wakes the leader.
             last = self.log.last_index()
             self.quiesced = last == m.index and self.log.term(last) == m.log_term
+            if self.quiesced:
+                # Equal through the leader's last entry (Log Matching), and a leader quiesces
+                # only with all of it committed: commit it all. ``m.commit`` stops at what
+                # the leader knew this member held, so an ack still on its way when the
+                # leader went quiet (simulator seed 200810, "crash") would leave this member
+                # behind until the group woke again.
+                self.log.commit_to(last)
+            else:
+                self.log.commit_to(min(m.commit, last))
         elif t == MsgType.SNAP:
             self.election_elapsed = 0
             self.lead = m.frm

@@ -139,3 +139,18 @@ def test_a_quiesced_leader_cut_off_from_its_followers_steps_down_once_woken():
     h.nodes[1].propose(b"lost")  # wakes it; nobody acknowledges
     h.tick(1, n=2 * QUIET.election_ticks + 1)
     assert h.nodes[1].role == Role.FOLLOWER  # check-quorum, from the moment it woke
+
+
+def test_a_member_whose_acks_were_lost_commits_everything_when_the_group_quiesces():
+    """The leader bounds a message's commit index by what it knows a member holds, and a
+    member whose acks were lost looks behind. Found by the simulator (seed 200810, "crash"):
+    such a member quiesced with its last entries in its log but not applied, and stayed
+    behind for as long as the group was idle. A QUIESCE that matches its log commits it all."""
+    h = Harness([1, 2, 3], config=QUIET)
+    h.elect(1)
+    h.filter = lambda m: not (m.frm == 3 and m.to == 1)  # 3 hears the leader; its acks are lost
+    h.nodes[1].propose(b"x")
+    h.settle()
+    h.tick(n=QUIET.election_ticks + QUIET.quiesce_ticks + 1)  # check-quorum marks 3 inactive
+    assert h.nodes[1].quiesced and h.nodes[3].quiesced
+    assert h.applied_data(3) == [b"x"]
