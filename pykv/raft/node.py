@@ -77,6 +77,7 @@ from pykv.raft.messages import (
     ReadState,
     Ready,
     Role,
+    Snapshot,
     SnapshotMeta,
     SoftState,
 )
@@ -538,6 +539,14 @@ class RaftNode:
         self.log.compact(meta, data)
         self._conf_base = meta.conf
         self._conf_log = [(i, c) for i, c in self._conf_log if i > index]
+
+    def hold_snapshot_data(self, index: int, data: Any) -> None:
+        """The driver stored the snapshot at ``index`` (one received from the leader, say):
+        keep ``data`` for it instead, e.g. a handle to where it lies, so the image itself is
+        not held in memory. Data is opaque here; a snapshot at another index is left alone."""
+        snap = self.log.snapshot
+        if snap.meta.index == index:
+            self.log.snapshot = Snapshot(snap.meta, data)
 
     def report_unreachable(self, to: int) -> None:
         """The transport could not deliver to ``to``: stop pipelining to it."""

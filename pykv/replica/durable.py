@@ -15,6 +15,11 @@ the snapshot (the snapshot file itself is written and fsync'd *before* the marke
 marker never points at a missing file); entries overwrite the stored log from their first
 index on (a new leader may have truncated a conflicting suffix); the last hard state wins.
 
+Memory: a snapshot's data stays in its file. What Raft keeps of it is a ``SnapshotFile``
+handle, loaded only to restore a state machine or to send InstallSnapshot, so a node does
+not hold a copy of every shard's state; and the recovered log of a group is let go once
+the group has taken it (``release``).
+
 Compaction: after a group snapshots at index i, records that only hold that group's entries
 <= i are garbage. ``NodeLog`` tracks, per group, the lsn of the oldest record it still
 needs; whole WAL segments older than every group's need are deleted, after a checkpoint
@@ -28,9 +33,11 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pykv._engine.wal import WalWriter, read_wal
 from pykv.codec import pack, unpack
+from pykv.errors import CorruptData
 from pykv.raft.messages import Entry, HardState, PersistentState, Snapshot, SnapshotMeta
 
 
@@ -42,6 +49,27 @@ class GroupWork:
     hard_state: HardState | None
     entries: tuple[Entry, ...]
     snapshot: Snapshot | None
+
+
+@dataclass(frozen=True)
+class SnapshotFile:
+    """The data of the snapshot at ``index``, left in its file until someone needs it."""
+
+    path: Path
+    index: int
+
+    def load(self) -> Any:
+        meta_wire, data, _ = unpack(self.path.read_bytes())
+        if SnapshotMeta.from_wire(meta_wire).index != self.index:
+            # The file is only replaced together with the handle Raft keeps (both on the
+            # driver's thread): a stale handle is a bug, and sending the wrong image is worse.
+            raise CorruptData(f"{self.path} no longer holds the snapshot at index {self.index}")
+        return data
+
+
+def snapshot_data(data: Any) -> Any:
+    """A snapshot's data, loaded from its file when Raft holds only the handle."""
+    return data.load() if isinstance(data, SnapshotFile) else data
 
 
 @dataclass
@@ -90,10 +118,11 @@ class NodeLog:
         groups: dict[int, _Recovered] = {}
         for path in self.snap_dir.glob("g*.snap"):
             group = int(path.stem[1:])
-            meta_wire, data, written_at = unpack(path.read_bytes())
+            meta_wire, _, written_at = unpack(path.read_bytes())
             if written_at < dropped.get(group, 0):
                 continue
-            groups[group] = _Recovered(snapshot=Snapshot(SnapshotMeta.from_wire(meta_wire), data))
+            meta = SnapshotMeta.from_wire(meta_wire)
+            groups[group] = _Recovered(snapshot=Snapshot(meta, SnapshotFile(path, meta.index)))
         if not self.wal_dir.exists():
             return groups
         for record in read_wal(str(self.wal_dir)):
@@ -133,24 +162,35 @@ class NodeLog:
             return None
         return PersistentState(rec.hard_state, tuple(rec.entries), rec.snapshot)
 
+    def release(self, group: int) -> None:
+        """The group has taken its recovered state: let go of its log (the group holds it)."""
+        self.recovered.pop(group, None)
+
     def groups(self) -> list[int]:
+        """The groups found on disk and not yet released."""
         return sorted(self.recovered)
 
     # --- persisting -------------------------------------------------------------------------
 
-    def save_snapshot(self, group: int, snapshot: Snapshot) -> None:
-        """Write a snapshot file durably (temp file, fsync, rename, fsync the directory)."""
+    def save_snapshot(self, group: int, snapshot: Snapshot) -> SnapshotFile:
+        """Write a snapshot file durably (temp file, fsync, rename, fsync the directory);
+        the handle to its data."""
         path = self.snap_dir / f"g{group}.snap"
         tmp = path.with_suffix(".tmp")
         written_at = self.wal.last_lsn if hasattr(self, "wal") else 0
         with open(tmp, "wb") as f:
-            f.write(pack([snapshot.meta.to_wire(), snapshot.data, written_at]))
+            f.write(pack([snapshot.meta.to_wire(), snapshot_data(snapshot.data), written_at]))
             f.flush()
             if self._fsync != "off":
                 os.fsync(f.fileno())
         os.replace(tmp, path)
         if self._fsync != "off":
             _fsync_dir(self.snap_dir)
+        return SnapshotFile(path, snapshot.meta.index)
+
+    def snapshot_file(self, group: int, index: int) -> SnapshotFile:
+        """The handle to the group's saved snapshot at ``index``."""
+        return SnapshotFile(self.snap_dir / f"g{group}.snap", index)
 
     def persist(self, work: Iterable[GroupWork], *, wait: bool = True) -> int:
         """Write a batch: snapshot files first, then one WAL record. Returns its lsn.

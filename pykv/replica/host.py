@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pykv.errors import Unavailable
@@ -45,11 +45,23 @@ from pykv.raft.messages import (
 )
 from pykv.raft.node import RaftConfig, RaftNode, bootstrap_state
 from pykv.raft.quiescence import NodeLiveness
-from pykv.replica.durable import GroupWork, NodeLog
+from pykv.replica.durable import GroupWork, NodeLog, snapshot_data
 from pykv.replica.failpoints import failpoint
 from pykv.replica.shard import ShardState, encode_command
 
 Done = Callable[[Any, BaseException | None], None]
+
+
+# A group's Raft log stays in memory until the group snapshots (about 500 bytes an entry in a
+# transactional workload). A node keeps at most this many entries over all its groups,
+# shared out by the partition count, so memory does not grow with the partitions.
+LOG_ENTRIES_PER_NODE = 256_000
+MIN_SNAPSHOT_EVERY = 1_000
+
+
+def snapshot_every_for(partitions: int) -> int:
+    """Applied entries between two snapshots of each group, for ``partitions`` shards."""
+    return max(MIN_SNAPSHOT_EVERY, LOG_ENTRIES_PER_NODE // max(1, partitions))
 
 
 @dataclass
@@ -196,7 +208,8 @@ class ReplicaHost:
             and sm.applied_index < state.snapshot.meta.index
         ):
             # A durable state machine may already be past the snapshot: then it is kept.
-            sm.restore(state.snapshot.data)
+            sm.restore(snapshot_data(state.snapshot.data))
+        self.log.release(gid)  # the group holds its log now; the snapshot stays in its file
         group = Group(gid, raft, sm, snapshot_index=raft.log.offset)
         self.groups[gid] = group
         self._dirty.add(gid)
@@ -351,13 +364,16 @@ class ReplicaHost:
                 continue
             rd = group.raft.ready()
             batch.readies.append((group, rd))
+            messages = rd.messages
+            if any(m.snapshot is not None for m in messages):
+                messages = [_with_snapshot_data(m) for m in messages]
             # Only a leader in a term (and vote) that is already durable may send before
             # persisting (thesis §10.2.1); decided now, since the role may change while
             # the batch is being persisted.
             if group.raft.role == Role.LEADER and _term_unchanged(group, rd) and rd.snapshot is None:
-                batch.early.extend(rd.messages)
+                batch.early.extend(messages)
             else:
-                batch.late.extend(rd.messages)
+                batch.late.extend(messages)
         return batch
 
     def persist(self, batch: Batch, *, wait: bool = True) -> None:
@@ -387,9 +403,12 @@ class ReplicaHost:
 
     def _apply_group(self, group: Group, rd: Ready) -> None:
         if rd.snapshot is not None and rd.snapshot.data is not None:
+            index = rd.snapshot.meta.index
             group.state.restore(rd.snapshot.data)
-            group.snapshot_index = rd.snapshot.meta.index
-            self.log.compacted(group.gid, rd.snapshot.meta.index)
+            group.snapshot_index = index
+            self.log.compacted(group.gid, index)
+            # Persisted before apply: Raft may hold the file's handle instead of the image.
+            group.raft.hold_snapshot_data(index, self.log.snapshot_file(group.gid, index))
             failpoint("replica.after_snapshot_install")
         state = group.state
         for entry in rd.committed_entries:
@@ -489,8 +508,8 @@ class ReplicaHost:
         group.state.make_durable()  # the log below index may go only once the state is safe
         data = group.state.snapshot()
         meta = SnapshotMeta(index, term, group.raft.conf_at(index))
-        self.log.save_snapshot(group.gid, Snapshot(meta, data))
-        group.raft.compact(index, data)
+        saved = self.log.save_snapshot(group.gid, Snapshot(meta, data))
+        group.raft.compact(index, saved)  # a handle: the image is not kept in memory
         group.snapshot_index = index
         self.log.compacted(group.gid, index)
         self.log.truncate()
@@ -503,6 +522,14 @@ class ReplicaHost:
 
     def status(self) -> dict[int, dict]:
         return {gid: g.status() for gid, g in sorted(self.groups.items())}
+
+
+def _with_snapshot_data(msg: Message) -> Message:
+    """An InstallSnapshot message with its image loaded (Raft holds a handle to the file)."""
+    snap = msg.snapshot
+    if snap is None or snap.data is None:
+        return msg
+    return replace(msg, snapshot=Snapshot(snap.meta, snapshot_data(snap.data)))
 
 
 def _written(group: Group, keys: tuple[str, ...]) -> None:

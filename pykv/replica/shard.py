@@ -24,7 +24,8 @@ for each command. Commands (``Command`` below, packed with msgpack into Raft ent
 - ``wipe``: forget every key, resolver and outcome (lets tests reuse one cluster).
 
 Retries are safe: the outcome of every finished transaction id is remembered (the last
-``REMEMBERED_TXIDS`` of them), so a retried commit or prepare returns the first outcome
+``remembered`` of them, ``REMEMBERED_TXIDS`` unless the node shares out its budget with
+``remembered_per_shard``), so a retried commit or prepare returns the first outcome
 instead of applying twice. A single-shard commit that touches a key locked by a prepared
 transaction is refused with TransactionConflict (retryable), which keeps prepared
 transactions atomic without blocking the log.
@@ -57,7 +58,21 @@ from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import OpKind
 
-REMEMBERED_TXIDS = 200_000
+REMEMBERED_TXIDS = 200_000  # per shard and table, unless the node says (remembered_per_shard)
+# A node remembers at most this many txids per table over all the shards it may host (a
+# remembered outcome costs about 120 bytes): shared out by the partition count, so a node's
+# memory does not grow with the number of partitions (at most about 120 MB for the two
+# tables). At 16 partitions a shard keeps 31,250: over two minutes of transactions at the
+# rates a 2-core machine reaches, and a retry comes within the client's timeout (10 s).
+REMEMBERED_PER_NODE = 500_000
+MIN_REMEMBERED = 10_000
+
+
+def remembered_per_shard(partitions: int) -> int:
+    """How many txids each shard remembers when the cluster has ``partitions`` shards. It must
+    be the same on every replica of a shard (they forget alike): it depends on the cluster's
+    partition count only, which never changes."""
+    return max(MIN_REMEMBERED, REMEMBERED_PER_NODE // max(1, partitions))
 
 # Command tags (the first element of a packed command).
 COMMIT, PREPARE, DECIDE, FINISH, RESOLVER, NOOP = "c", "p", "d", "f", "r", "n"
@@ -113,8 +128,13 @@ class Prepared:
 class ShardState:
     """The deterministic state of one shard, and the StateView that validation reads."""
 
-    def __init__(self, shard: int, resolvers: ResolverRegistry | None = None) -> None:
+    def __init__(
+        self, shard: int, resolvers: ResolverRegistry | None = None, *,
+        remembered: int | None = None,
+    ) -> None:
         self.shard = shard
+        # Txids remembered per table (outcomes, decisions): the oldest beyond it is forgotten.
+        self.remembered = REMEMBERED_TXIDS if remembered is None else remembered
         self.versions: SortedDict = SortedDict()  # key -> Versioned
         self.resolvers = resolvers if resolvers is not None else ResolverRegistry()
         self.resolver_names: dict[str, str] = {}
@@ -204,7 +224,7 @@ class ShardState:
         """Record a transaction's outcome; the first one recorded stands (a retry gets it)."""
         if txid in self.outcomes:
             return self.outcomes[txid]
-        forgotten = remember_in(self.outcomes, txid, outcome)
+        forgotten = remember_in(self.outcomes, txid, outcome, self.remembered)
         self._journal("o", txid, outcome)
         if forgotten is not None:
             self._journal("o", forgotten, _FORGET)
@@ -314,7 +334,7 @@ class ShardState:
         recorded = self.decisions.get(txid)
         if recorded is None:
             recorded = commit
-            forgotten = remember_in(self.decisions, txid, commit)
+            forgotten = remember_in(self.decisions, txid, commit, self.remembered)
             self._journal("d", txid, commit)
             if forgotten is not None:
                 self._journal("d", forgotten, _FORGET)
@@ -453,12 +473,12 @@ class ShardState:
                         *self._lock_modes(request), request, since=since)
 
 
-def remember_in(table: OrderedDict, txid: int, value: Any) -> int | None:
-    """Add txid (not yet in table) as the newest entry; past REMEMBERED_TXIDS the oldest goes,
+def remember_in(table: OrderedDict, txid: int, value: Any, cap: int) -> int | None:
+    """Add txid (not yet in table) as the newest entry; past ``cap`` entries the oldest goes,
     and its txid is returned. Only insertions, never updates: so every replica, and a replica
     replaying what it journaled, forgets exactly the same txids in the same order."""
     table[txid] = value
-    if len(table) > REMEMBERED_TXIDS:
+    if len(table) > cap:
         return table.popitem(last=False)[0]
     return None
 

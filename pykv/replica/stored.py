@@ -10,10 +10,10 @@ SAME atomic record as the updates of the command that changed them. After a cras
 storage therefore holds a consistent prefix of the applied log, and its applied index says
 where the Raft log replay resumes.
 
-Remembered outcomes and 2PC decisions (one per transaction, capped at REMEMBERED_TXIDS each)
+Remembered outcomes and 2PC decisions (one per transaction, capped at ``remembered`` each)
 are not a row per transaction: each flush writes those of its run of commands as ONE row
 (``_RUNS`` + a sequence number), in the order they were recorded, and a run's row is deleted
-once newer runs hold REMEMBERED_TXIDS entries of each kind it has (by then every replica has
+once newer runs hold ``remembered`` entries of each kind it has (by then every replica has
 forgotten all of them). Loading replays the runs in order through the same bounded tables,
 so a restarted replica remembers exactly the txids, in the order, that its peers do.
 
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from pykv.codec import decode_value, encode_value, pack, unpack
-from pykv.replica import shard as _shard
 from pykv.replica.shard import (
     _FORGET,
     Prepared,
@@ -88,10 +87,12 @@ class StoredShardState(ShardState):
     def __init__(
         self, shard: int, path: Path, *, cache_bytes: int = 8 << 20,
         cache: SharedCache | None = None, maintainer: Maintainer | None = None,
+        remembered: int | None = None,
     ) -> None:
         """``cache``: the node's read cache, shared by all its shards (else ``cache_bytes`` of
-        this shard's own); ``maintainer``: the node's compaction thread (else one of its own)."""
-        super().__init__(shard)
+        this shard's own); ``maintainer``: the node's compaction thread (else one of its own);
+        ``remembered``: txids remembered per table (ShardState)."""
+        super().__init__(shard, remembered=remembered)
         self.path = Path(path)
         self._cache_bytes = cache_bytes
         self._shared_cache = cache
@@ -107,7 +108,7 @@ class StoredShardState(ShardState):
         self._prepared_rows: dict[bytes, Prepared] = {}
         self._overlay: dict[str, Versioned] = {}
         self._since_release = 0
-        self._runs = _Runs()
+        self._runs = _Runs(self.remembered)
         self._load_metadata()
 
     # --- loading ------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ class StoredShardState(ShardState):
                 for entry_kind, txid, remembered in value:
                     table = self.outcomes if entry_kind == "o" else self.decisions
                     if txid not in table:
-                        remember_in(table, txid, remembered)
+                        remember_in(table, txid, remembered, self.remembered)
             elif kind == b"p":
                 self._lock_quietly(self._prepared_from_wire(value, now))
             elif kind == b"r":
@@ -244,7 +245,7 @@ class StoredShardState(ShardState):
 
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
         self._rows, self._overlay, self._prepared_rows = [], {}, {}
-        self._runs = _Runs()  # a fresh storage: no runs on disk
+        self._runs = _Runs(self.remembered)  # a fresh storage: no runs on disk
         self._reset_store()
         rows = [
             Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp)
@@ -318,7 +319,8 @@ class StoredShardState(ShardState):
 class _Runs:
     """The remembered outcomes and decisions as rows, one per flush (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int) -> None:
+        self._cap = cap  # the tables' size (ShardState.remembered)
         self._pending: list[list] = []  # [kind, txid, value] recorded since the last rows()
         self._stored: deque[tuple[int, int, int]] = deque()  # (run, outcomes, decisions)
         self._totals = {"o": 0, "d": 0}
@@ -356,9 +358,9 @@ class _Runs:
         self._totals["d"] += len(entries) - outcomes
 
     def _forgotten(self, outcomes: int, decisions: int) -> bool:
-        # Each table keeps the REMEMBERED_TXIDS newest insertions: once the newer runs hold
-        # that many of a kind, none of this run's entries of that kind is left in it.
-        cap = _shard.REMEMBERED_TXIDS
+        # Each table keeps the ``cap`` newest insertions: once the newer runs hold that many
+        # of a kind, none of this run's entries of that kind is left in it.
+        cap = self._cap
         return (not outcomes or self._totals["o"] - outcomes >= cap) and (
             not decisions or self._totals["d"] - decisions >= cap
         )

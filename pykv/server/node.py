@@ -76,7 +76,7 @@ from pykv.raft.errors import ConfChangeRejected, NotLeader
 from pykv.raft.messages import ConfChangeKind, Message
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
-from pykv.replica.host import Done, ReplicaHost
+from pykv.replica.host import Done, ReplicaHost, snapshot_every_for
 from pykv.replica.meta import SET_MAP, MetaState, meta_replicas
 from pykv.replica.shard import COMMIT as CMD_COMMIT
 from pykv.replica.shard import COMMIT_DECIDE as CMD_COMMIT_DECIDE
@@ -85,7 +85,7 @@ from pykv.replica.shard import FINISH as CMD_FINISH
 from pykv.replica.shard import PREPARE as CMD_PREPARE
 from pykv.replica.shard import RESOLVER as CMD_RESOLVER
 from pykv.replica.shard import WIPE as CMD_WIPE
-from pykv.replica.shard import ShardState
+from pykv.replica.shard import ShardState, remembered_per_shard
 from pykv.replica.stored import StoredShardState
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
@@ -117,7 +117,9 @@ class NodeConfig:
     fsync: str = "always"
     recovery_after: float = 2.0
     max_frame: int = 4 * DEFAULT_MAX_FRAME  # snapshots travel in one frame (zstd-compressed)
-    snapshot_every: int = 50_000
+    # Applied entries between two snapshots of a group (its Raft log lives in memory until
+    # then); None: a share of one node-wide budget (pykv.replica.host.snapshot_every_for).
+    snapshot_every: int | None = None
     # Persist on the loop thread (the WAL releases the GIL while it fsyncs) rather than
     # hopping to a worker thread: fewer wake-ups per batch, bigger batches.
     persist_inline: bool = True
@@ -298,7 +300,7 @@ class Node:
             raft_config=raft_config,
             rng=random.Random(int.from_bytes(os.urandom(8), "big")),
             clock=time.monotonic,
-            snapshot_every=cfg.snapshot_every,
+            snapshot_every=cfg.snapshot_every or snapshot_every_for(cfg.partitions),
             state_factory=self._state_factory(),
         )
         recovered = set(self.nodelog.groups())
@@ -327,15 +329,18 @@ class Node:
         log.info("node %d listening on %s with %d groups", cfg.node_id, cfg.listen, len(self.host.groups))
 
     def _state_factory(self) -> Any:
+        # The remembered txids are shared out of one node-wide budget, whatever the partitions.
+        remembered = remembered_per_shard(self.config.partitions)
         if self.config.state == "memory":
-            return ShardState
+            return lambda gid: ShardState(gid, remembered=remembered)
         shards_dir = self.config.data_dir / "shards"
         # One cache budget and one compaction thread for every shard here, however many.
         cache = SharedCache(self.config.cache_bytes)
         maintainer = self._maintainer = Maintainer(name=f"pykv-maintenance-{self.config.node_id}")
 
         def make(gid: int) -> ShardState:
-            return StoredShardState(gid, shards_dir / f"g{gid}", cache=cache, maintainer=maintainer)
+            return StoredShardState(gid, shards_dir / f"g{gid}", cache=cache,
+                                    maintainer=maintainer, remembered=remembered)
 
         return make
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pykv.raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
-from pykv.replica.durable import GroupWork, NodeLog
+from pykv.replica.durable import GroupWork, NodeLog, SnapshotFile, snapshot_data
 
 
 def _entries(term: int, first: int, last: int, tag: str = "") -> tuple[Entry, ...]:
@@ -45,7 +45,10 @@ def test_a_snapshot_cuts_the_log_before_it(tmp_path):
     log.compacted(1, 4)
     log.close()
     state = NodeLog(tmp_path).persistent_state(1)
-    assert state.snapshot.data == b"state@4" and state.snapshot.meta.index == 4
+    assert state.snapshot.meta.index == 4
+    # Recovery keeps a handle, not the image: it is read from the file only when needed.
+    assert isinstance(state.snapshot.data, SnapshotFile)
+    assert snapshot_data(state.snapshot.data) == b"state@4"
     assert [e.index for e in state.entries] == [5, 6]
 
 

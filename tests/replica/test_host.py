@@ -14,7 +14,7 @@ import pytest
 
 from pykv.raft.errors import NotLeader
 from pykv.raft.node import RaftConfig
-from pykv.replica.durable import NodeLog
+from pykv.replica.durable import NodeLog, SnapshotFile
 from pykv.replica.host import ReplicaHost
 from pykv.replica.shard import COMMIT, PREPARE
 from pykv.txn.model import ABSENT, CommitRequest, WriteOp
@@ -141,9 +141,13 @@ def test_a_lagging_replica_catches_up_from_a_snapshot(tmp_path):
         c.commit(i + 2, f"k{i}", i)
     leader = c.leader()
     assert leader.groups[GROUP].raft.log.offset > 1  # the log before the snapshot is gone
+    # Raft keeps a handle to the snapshot's file, not the image: memory does not hold a
+    # copy of the shard's state. The image is read from the file to be sent.
+    assert isinstance(leader.groups[GROUP].raft.log.snapshot.data, SnapshotFile)
     c.start(3)
     c.run_until(lambda: all(c.value(3, f"k{i}") == i for i in range(20)))
     assert (tmp_path / "n3" / "snap" / f"g{GROUP}.snap").exists()
+    assert isinstance(c.hosts[3].groups[GROUP].raft.log.snapshot.data, SnapshotFile)
     # And it restarts from that snapshot plus the log after it.
     c.crash(3)
     c.start(3)

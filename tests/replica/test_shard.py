@@ -13,11 +13,14 @@ from pykv.replica.shard import (
     COMMIT_DECIDE,
     DECIDE,
     FINISH,
+    MIN_REMEMBERED,
     PREPARE,
+    REMEMBERED_PER_NODE,
     RESOLVER,
     WIPE,
     ShardState,
     encode_command,
+    remembered_per_shard,
 )
 from pykv.txn.model import CommitRequest, Isolation, Versioned, WriteOp
 from pykv.types import OpKind
@@ -48,6 +51,21 @@ def test_a_retried_commit_returns_its_first_outcome_and_applies_once():
     log = Log()
     assert log.run(COMMIT, incr(7, "n", 5).to_wire()) is None
     assert log.run(COMMIT, incr(7, "n", 5).to_wire()) is None  # the retry
+    assert log.state.get("n").value == 5
+
+
+def test_a_shard_remembers_its_share_of_the_nodes_budget_and_forgets_the_oldest():
+    # However many partitions, a node (which hosts at most all of them) remembers at most
+    # one budget of txids per table, down to a floor per shard.
+    for partitions in (1, 3, 16, 128, 4096):
+        share = remembered_per_shard(partitions)
+        assert share * partitions <= max(REMEMBERED_PER_NODE, MIN_REMEMBERED * partitions)
+    assert remembered_per_shard(16) == REMEMBERED_PER_NODE // 16
+    log = Log(ShardState(0, remembered=3))
+    for txid in range(1, 6):
+        assert log.run(COMMIT, incr(txid, "n").to_wire()) is None
+    assert list(log.state.outcomes) == [3, 4, 5]
+    assert log.run(COMMIT, incr(5, "n").to_wire()) is None  # remembered: not applied again
     assert log.state.get("n").value == 5
 
 

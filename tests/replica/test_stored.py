@@ -131,11 +131,9 @@ def _run_rows(state: StoredShardState) -> list[bytes]:
     return [k for k, v in state.store.scan(prefix=b"\xffm") if v.value is not None]
 
 
-def test_remembered_outcomes_survive_a_reopen_in_order_and_stay_bounded(tmp_path, monkeypatch):
-    import pykv.replica.shard as shard
-
-    monkeypatch.setattr(shard, "REMEMBERED_TXIDS", 5)
-    state, model = StoredShardState(0, tmp_path / "g0"), ShardState(0)
+def test_remembered_outcomes_survive_a_reopen_in_order_and_stay_bounded(tmp_path):
+    state = StoredShardState(0, tmp_path / "g0", remembered=5)
+    model = ShardState(0, remembered=5)
     for i in range(1, 24):
         command = _incr(1000 + i, "n", 1)
         state.apply(i, command)
@@ -148,7 +146,7 @@ def test_remembered_outcomes_survive_a_reopen_in_order_and_stay_bounded(tmp_path
     assert state.key_count() == 1  # the runs are metadata, not keys
     state.close()
 
-    again = StoredShardState(0, tmp_path / "g0")
+    again = StoredShardState(0, tmp_path / "g0", remembered=5)
     assert list(again.outcomes) == list(model.outcomes)  # same txids, same eviction order
     again.apply(24, _incr(1023, "n", 1))  # a retry of a remembered txid is not applied again
     model.apply(24, _incr(1023, "n", 1))
