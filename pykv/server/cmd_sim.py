@@ -20,6 +20,7 @@ from rich.progress import (
 
 from pykv.sim.faults import ALL, PROFILES, UnknownFaultMix, parse_faults
 from pykv.sim.runner import SimResult, run_seed
+from pykv.sim.txnworld import TXN_MIXES, run_txn_seed
 from pykv.sim.world import SimParams
 
 
@@ -45,10 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first violation")
     parser.add_argument("--no-linearizability", action="store_true",
                         help="skip the client-history check (Raft checks still run)")
+    parser.add_argument("--txn", action="store_true",
+                        help="simulate transactions instead: shard replicas and two-phase commit "
+                             f"under faults, seeds in turn over {', '.join(TXN_MIXES)} "
+                             "(--faults and the Raft options do not apply)")
 
 
 def _work(job: tuple) -> SimResult:
     seed, mix, params, check, trace = job
+    if mix is None:
+        return run_txn_seed(seed)  # type: ignore[return-value]
     return run_seed(seed, mix, params, check_history=check, trace_events=trace)
 
 
@@ -59,6 +66,9 @@ def _report_failure(console: Console, r: SimResult, args: argparse.Namespace) ->
     console.print(f"last {len(r.trace)} events before it:", style="dim")
     for line in r.trace:
         console.print(line, markup=False, highlight=False)
+    if args.txn:
+        console.print(f"replay: pykv sim --txn --seeds 1 --start {r.seed}", style="bold")
+        return
     console.print(
         f"replay: pykv sim --seeds 1 --start {r.seed} --faults {args.faults} "
         f"--fault-time {args.fault_time} --liveness-bound {args.liveness_bound} "
@@ -81,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quiesce_ticks:
         params = replace(params, raft=replace(params.raft, quiesce_ticks=args.quiesce_ticks))
     jobs = [
-        (seed, mixes[seed % len(mixes)], params, not args.no_linearizability, args.trace)
+        (seed, None if args.txn else mixes[seed % len(mixes)], params,
+         not args.no_linearizability, args.trace)
         for seed in range(args.start, args.start + args.seeds)
     ]
     failures: list[SimResult] = []
@@ -130,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"{done if done is not None else 'stopped after a failure;'} seeds, "
         f"{len(failures)} failed; {virtual:,.0f} virtual s in {elapsed:,.1f} real s "
-        f"({virtual / max(elapsed, 1e-9):,.0f} virtual s per real s); {ops:,} client operations "
-        f"checked",
+        f"({virtual / max(elapsed, 1e-9):,.0f} virtual s per real s); {ops:,} client "
+        f"{'transactions' if args.txn else 'operations'} checked",
     )
     if failures:
         console.print("failing seeds: " + " ".join(str(r.seed) for r in sorted(failures, key=lambda r: r.seed)))

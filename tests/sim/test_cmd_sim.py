@@ -42,3 +42,9 @@ def test_a_violation_prints_seed_trace_and_replay_command_and_fails():
 def test_unknown_fault_mix_is_a_usage_error():
     out = pykv_sim("--seeds", "1", "--faults", "tornado")
     assert out.returncode == 2 and "unknown fault mix" in out.stdout
+
+
+def test_the_transaction_simulator_runs_from_the_command_line():
+    out = pykv_sim("--txn", "--seeds", "5", "--start", "40")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"5 seeds, 0 failed; .* [\d,]+ client transactions checked", out.stdout)

@@ -1,0 +1,549 @@
+"""A simulated cluster for transactions: real shard replicas and two-phase commit under faults.
+
+``pykv.sim.world`` proves Raft with a toy state machine. This world drives what a node runs
+above Raft: on every node a ``pykv.replica.host.ReplicaHost`` hosting every shard group,
+each replica a real ``pykv.replica.shard.ShardState`` (OCC validation, prepared locks, the
+coordinator shard's decision, snapshots). Clients run list-append transactions (read two
+lists, append a unique element to each) and commit them as ``pykv.client.cluster`` does:
+one COMMIT on a single shard, else PREPARE on the other participants, COMMIT_DECIDE on the
+coordinator shard, whose leader then sends FINISH (``Node._finish_decided``); nodes settle
+prepared transactions whose coordinator went quiet as ``Node._settle`` does (DECIDE abort,
+then FINISH with what the coordinator shard recorded). Requests travel through the same
+faulty network as Raft's messages and are retried at the leader a redirect names.
+
+One ``random.Random(seed)`` decides delays, loss, partitions, crashes, client choices and
+clients that vanish between their prepares and their decision; time is virtual and a seed
+replays exactly. A node's disk keeps what its driver persisted (the Raft world covers torn
+fsyncs); a crash loses the node's memory: its Raft state, shard state machines and
+everything in flight.
+
+Checked after the faults heal and the cluster settles: the history of every transaction
+whose client learned its fate, and of those it did not, is strictly serializable
+(``pykv.sim.listappend``), no replica still holds a prepared transaction, and the replicas
+of every shard hold the same versions.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import Counter
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pykv.raft import Message, RaftConfig
+from pykv.raft.errors import NotLeader
+from pykv.raft.messages import PersistentState, Snapshot
+from pykv.replica.durable import GroupWork
+from pykv.replica.host import ReplicaHost
+from pykv.replica.shard import COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE, ShardState
+from pykv.sim.listappend import Txn, check_serializable
+from pykv.txn.model import CommitRequest, Versioned, WriteOp
+from pykv.types import OpKind
+
+TICK = 0.01  # virtual seconds per Raft tick
+
+
+@dataclass(frozen=True)
+class TxnSimParams:
+    """The shape of one run."""
+
+    nodes: int = 3
+    shards: int = 3
+    lists: int = 6  # keys the transactions read and append to
+    clients: int = 4
+    fault_time: float = 8.0  # virtual seconds of faults, then everything heals
+    settle_time: float = 20.0  # then no new transactions: recovery settles what is prepared
+    loss: float = 0.03  # probability that a message or request is lost
+    delay: tuple[float, float] = (0.001, 0.012)  # one-way delay, uniform
+    crash_every: float = 2.5  # mean virtual seconds between node crashes during faults
+    partition_every: float = 2.0  # mean virtual seconds between partitions during faults
+    vanish: float = 0.05  # probability that a client gives up between prepare and decide
+    attempt_timeout: float = 0.3
+    call_timeout: float = 3.0
+    recovery_after: float = 1.0  # a transaction prepared this long is settled by its shard
+    snapshot_every: int = 25  # applied entries between snapshots: exercises InstallSnapshot
+    raft: RaftConfig = field(default_factory=lambda: RaftConfig(election_ticks=10, heartbeat_ticks=2))
+
+
+# The shapes seeds take in turn (txn_params_for): each stresses another part.
+TXN_MIXES = {
+    "base": TxnSimParams(),
+    "five-nodes": TxnSimParams(nodes=5, shards=4, lists=8, clients=6),
+    # Recovery settles prepares while their clients are still committing them: the
+    # coordinator shard's first recorded decision must win on every participant.
+    "recovery-race": TxnSimParams(recovery_after=0.15, loss=0.08),
+    "lossy": TxnSimParams(loss=0.2, attempt_timeout=0.15),
+    "snapshots": TxnSimParams(snapshot_every=5, crash_every=1.0),
+}
+
+
+def txn_params_for(seed: int) -> tuple[str, TxnSimParams]:
+    name = list(TXN_MIXES)[seed % len(TXN_MIXES)]
+    return name, TXN_MIXES[name]
+
+
+@dataclass
+class TxnSimResult:
+    """A run's verdict (the fields ``pykv sim`` reports for either world)."""
+
+    seed: int
+    ok: bool
+    faults: str = ""
+    nodes: int = 0
+    kind: str = ""
+    detail: str = ""
+    committed: int = 0
+    aborted: int = 0
+    unknown: int = 0
+    virtual_seconds: float = 0.0
+    events: Counter = field(default_factory=Counter)  # faults and recoveries that happened
+    trace: list[str] = field(default_factory=list)
+
+    @property
+    def ops(self) -> int:
+        """Transactions whose history was checked."""
+        return self.committed + self.aborted + self.unknown
+
+
+class SimDisk:
+    """One node's durable Raft state (the NodeLog interface the host uses), in memory."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, PersistentState] = {}
+
+    def persistent_state(self, group: int) -> PersistentState | None:
+        return self.states.get(group)
+
+    def persist(self, work: list[GroupWork], *, wait: bool = True) -> int:
+        for w in work:
+            state = self.states.get(w.group, PersistentState())
+            entries, snapshot = list(state.entries), state.snapshot
+            if w.snapshot is not None:
+                snapshot = w.snapshot
+                entries = [e for e in entries if e.index > w.snapshot.meta.index]
+            if w.entries:
+                first = w.entries[0].index
+                entries = [e for e in entries if e.index < first] + list(w.entries)
+            hard = w.hard_state if w.hard_state is not None else state.hard_state
+            self.states[w.group] = PersistentState(hard, tuple(entries), snapshot)
+        return 0
+
+    def save_snapshot(self, group: int, snapshot: Snapshot) -> Any:
+        state = self.states.get(group, PersistentState())
+        entries = tuple(e for e in state.entries if e.index > snapshot.meta.index)
+        self.states[group] = PersistentState(state.hard_state, entries, snapshot)
+        return snapshot.data
+
+    def snapshot_file(self, group: int, index: int) -> Any:
+        snap = self.states[group].snapshot
+        assert snap is not None and snap.meta.index == index
+        return snap.data
+
+    def compacted(self, group: int, index: int) -> None:
+        """Entries up to index are behind the group's snapshot (save_snapshot dropped them)."""
+
+    def truncate(self) -> int:
+        return 0
+
+    def release(self, group: int) -> None:
+        """Unlike a NodeLog's recovered copy, this is the disk itself: nothing to let go."""
+
+    def drop(self, group: int) -> None:
+        self.states.pop(group, None)
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+# --- tasks: generators that yield what they wait for ------------------------------------------
+
+@dataclass
+class Call:
+    """Send one request to a node; the task resumes with its reply, or TIMEOUT."""
+
+    node: int
+    group: int
+    kind: str  # "read" or a shard command tag
+    args: list
+    writes: tuple[str, ...] = ()
+    finish: tuple[int, ...] = ()  # COMMIT_DECIDE: the other participants, told the decision
+
+
+@dataclass
+class Sleep:
+    seconds: float
+
+
+TIMEOUT = ("timeout", None)
+Task = Generator[Any, Any, Any]
+
+
+class TxnWorld:
+    """Nodes, a network, clients and the event queue of one seeded run."""
+
+    def __init__(self, seed: int, params: TxnSimParams | None = None) -> None:
+        self.seed = seed
+        self.p = params or TxnSimParams()
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = 0
+        self.ids = list(range(1, self.p.nodes + 1))
+        self.disks = {n: SimDisk() for n in self.ids}
+        self.hosts: dict[int, ReplicaHost | None] = {}
+        self.isolated: set[int] = set()
+        self.leader_hint: dict[int, int] = {}
+        self.history: list[Txn] = []
+        self._waiting: dict[int, Task] = {}  # request id -> the task waiting for its reply
+        self._next_request = 0
+        self._settling: set[tuple[int, int]] = set()
+        self._elements = 0
+        self.faulty = True
+        self.accepting = True
+        self.events: Counter = Counter()
+        for n in self.ids:
+            self._start(n)
+
+    # --- the event queue ------------------------------------------------------------------
+
+    def at(self, delay: float, fn: Callable[[], None]) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (self.now + delay, self._seq, fn))
+
+    def run(self) -> TxnSimResult:
+        p = self.p
+        for n in self.ids:
+            self.at(TICK * self.rng.random(), lambda n=n: self._tick(n))
+        for c in range(p.clients):
+            self.spawn(self._client(c))
+        self.at(self.rng.expovariate(1 / p.crash_every), self._crash_some)
+        self.at(self.rng.expovariate(1 / p.partition_every), self._partition_some)
+        self.at(p.recovery_after / 4, self._recover)
+        self.at(p.fault_time, self._heal)
+        self.at(p.fault_time + 2.0, self._stop_clients)
+        end = p.fault_time + p.settle_time
+        while self._events and self._events[0][0] <= end:
+            self.now, _, fn = heapq.heappop(self._events)
+            fn()
+        return self._check()
+
+    # --- nodes ------------------------------------------------------------------------------
+
+    def _start(self, node: int) -> None:
+        host = ReplicaHost(
+            node, self.disks[node], raft_config=self.p.raft,  # type: ignore[arg-type]
+            rng=random.Random(self.rng.getrandbits(32)), clock=lambda: self.now,
+            snapshot_every=self.p.snapshot_every, state_factory=ShardState,
+        )
+        for gid in range(self.p.shards):
+            host.add_group(gid, list(self.ids))
+        self.hosts[node] = host
+
+    def _tick(self, node: int) -> None:
+        host = self.hosts.get(node)
+        if host is not None:
+            host.tick()
+            self._cycle(node)
+        self.at(TICK, lambda: self._tick(node))
+
+    def _cycle(self, node: int) -> None:
+        """The node's driver: collect, send early, persist, send late, apply (node.py)."""
+        host = self.hosts[node]
+        while host is not None and self.hosts.get(node) is host:
+            batch = host.collect()
+            if not batch.readies and not batch.early:
+                return
+            self.events["snapshot installs"] += sum(rd.snapshot is not None for _, rd in batch.readies)
+            self._send_raft(batch.early)
+            host.persist(batch)
+            self._send_raft(batch.late)
+            host.apply(batch)
+
+    def _send_raft(self, messages: list[Message]) -> None:
+        for msg in messages:
+            self._deliver(msg.frm, msg.to, lambda m=msg: self._step(m))
+
+    def _step(self, msg: Message) -> None:
+        host = self.hosts.get(msg.to)
+        if host is not None:
+            host.step(msg)
+            self._cycle(msg.to)
+
+    def _deliver(self, frm: int, to: int, fn: Callable[[], None]) -> None:
+        """Schedule ``fn`` on arrival, unless the network loses it (node ids; clients < 0)."""
+        if self.faulty and (self.rng.random() < self.p.loss or frm in self.isolated or to in self.isolated):
+            return
+        self.at(self.rng.uniform(*self.p.delay), fn)
+
+    # --- faults -------------------------------------------------------------------------------
+
+    def _crash_some(self) -> None:
+        if not self.faulty:
+            return
+        alive = [n for n in self.ids if self.hosts.get(n) is not None]
+        if len(alive) == len(self.ids):  # at most one node down at a time: a quorum stays
+            victim = self.rng.choice(alive)
+            self.hosts[victim] = None
+            self.events["crashes"] += 1
+            self.at(self.rng.uniform(0.3, 2.0), lambda: self._start(victim))
+        self.at(self.rng.expovariate(1 / self.p.crash_every), self._crash_some)
+
+    def _partition_some(self) -> None:
+        if not self.faulty:
+            return
+        self.isolated = {self.rng.choice(self.ids)}
+        self.events["partitions"] += 1
+        self.at(self.rng.uniform(0.3, 1.5), self._unpartition)
+        self.at(self.rng.expovariate(1 / self.p.partition_every), self._partition_some)
+
+    def _unpartition(self) -> None:
+        self.isolated = set()
+
+    def _heal(self) -> None:
+        self.faulty = False
+        self.isolated = set()
+        for n in self.ids:
+            if self.hosts.get(n) is None:
+                self._start(n)
+
+    def _stop_clients(self) -> None:
+        self.accepting = False
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def spawn(self, task: Task, value: Any = None) -> None:
+        try:
+            instruction = task.send(value)
+        except StopIteration:
+            return
+        if isinstance(instruction, Sleep):
+            self.at(instruction.seconds, lambda: self.spawn(task))
+            return
+        self._next_request += 1
+        rid = self._next_request
+        self._waiting[rid] = task
+        call: Call = instruction
+        self._deliver(-1, call.node, lambda: self._serve(rid, call))
+        self.at(self.p.attempt_timeout, lambda: self._reply(rid, TIMEOUT))
+
+    def _reply(self, rid: int, reply: Any) -> None:
+        task = self._waiting.pop(rid, None)
+        if task is not None:
+            self.spawn(task, reply)
+
+    def _answer(self, rid: int, node: int) -> Callable[[Any, BaseException | None], None]:
+        def done(result: Any, error: BaseException | None) -> None:
+            reply = ("ok", result) if error is None else _refusal(error)
+            self._deliver(node, -1, lambda: self._reply(rid, reply))
+
+        return done
+
+    def _serve(self, rid: int, call: Call) -> None:
+        """A node receives a request: a read or a proposal of a shard command."""
+        host = self.hosts.get(call.node)
+        if host is None:
+            return
+        done = self._answer(rid, call.node)
+        try:
+            if call.kind == "read":
+                keys = tuple(call.args)
+
+                def versions(state: ShardState) -> list:
+                    return [state.get(k).to_wire() for k in keys]
+
+                answered, result = host.read_now(call.group, versions, keys)
+                if answered:
+                    done(result, None)
+                else:
+                    host.read(call.group, versions, keys, done)
+            else:
+                if call.finish:
+                    done = self._then_finish(done, call.args[0]["txid"], call.finish)
+                host.propose(call.group, call.kind, call.args, done, call.writes)
+        except Exception as exc:  # noqa: BLE001 - NotLeader, Unavailable: the caller retries
+            done(None, exc)
+        self._cycle(call.node)
+
+    def _then_finish(self, done: Callable, txid: int, others: tuple[int, ...]) -> Callable:
+        """COMMIT_DECIDE's leader passes the recorded decision on (Node._finish_decided)."""
+
+        def decided(outcome: Any, error: BaseException | None) -> None:
+            done(outcome, error)
+            if error is None:
+                for shard in others:
+                    self.spawn(self._call(shard, FINISH, [txid, outcome is None]))
+
+        return decided
+
+    def _call(
+        self, group: int, kind: str, args: list, writes: tuple[str, ...] = (),
+        finish: tuple[int, ...] = (),
+    ) -> Task:
+        """One request to a shard's leader, retried as pykv.client.router does, until the
+        call timeout: ``("ok", result)``, or ``("unknown", None)`` when it gave up."""
+        deadline = self.now + self.p.call_timeout
+        attempt = 0
+        while self.now < deadline:
+            node = self.leader_hint.get(group) or self.ids[attempt % len(self.ids)]
+            reply = yield Call(node, group, kind, args, writes, finish)
+            status, value = reply
+            if status == "ok":
+                self.leader_hint[group] = node
+                return reply
+            attempt += 1
+            if status == "redirect" and value is not None and value != node:
+                self.leader_hint[group] = value
+                continue
+            self.leader_hint.pop(group, None)
+            yield Sleep(0.01 * self.rng.uniform(0.5, 1.5))
+        return ("unknown", None)
+
+    # --- clients and recovery -------------------------------------------------------------------
+
+    def shard_of(self, key: str) -> int:
+        return int(key.removeprefix("list")) % self.p.shards
+
+    def _client(self, client: int) -> Task:
+        rng = random.Random(self.rng.getrandbits(32))
+        n = 0
+        while self.accepting:
+            n += 1
+            txid = (client + 1) << 32 | n
+            yield from self._transaction(txid, rng)
+            yield Sleep(rng.uniform(0.0, 0.05))
+
+    def _transaction(self, txid: int, rng: random.Random) -> Task:
+        start = self.now
+        keys = rng.sample([f"list{i}" for i in range(self.p.lists)], 2)
+        ops: list = []
+        reads: dict[str, Versioned] = {}
+        for key in keys:
+            status, value = yield from self._call(self.shard_of(key), "read", [key])
+            if status != "ok":
+                self._record(txid, ops, False, start)  # nothing was proposed: not applied
+                return
+            seen = Versioned.from_wire(value[0])
+            reads[key] = seen
+            ops.append(("r", key, tuple(seen.value) if seen.exists else None))
+        writes = []
+        for key in keys:
+            self._elements += 1
+            writes.append(WriteOp(key, OpKind.APPEND, self._elements, reads[key]))
+            ops.append(("append", key, self._elements))
+        request = CommitRequest(txid, 1, reads, tuple(writes), timestamp=int(self.now * 1000))
+        committed = yield from self._commit(request, rng)
+        self._record(txid, ops, committed, start)
+
+    def _commit(self, request: CommitRequest, rng: random.Random) -> Generator[Any, Any, bool | None]:
+        """True committed, False aborted, None unknown (pykv.client.cluster's commit)."""
+        shards = sorted({self.shard_of(k) for k in request.reads})
+        keys = {s: {k for k in request.reads if self.shard_of(k) == s} for s in shards}
+        written = tuple(op.key for op in request.writes)
+        if len(shards) == 1:
+            status, outcome = yield from self._call(shards[0], COMMIT, [request.to_wire()], written)
+            return _fate(status, outcome)
+        coordinator = shards[request.txid % len(shards)]
+        others = [s for s in shards if s != coordinator]
+        refused = False
+        for s in others:
+            status, vote = yield from self._call(
+                s, PREPARE, [request.to_wire(keys[s]), coordinator, shards], written
+            )
+            refused = refused or status != "ok" or (vote is not None and vote[0] != "Committed")
+        if refused:
+            for s in others:
+                self.spawn(self._call(s, FINISH, [request.txid, False]))
+            return False
+        if rng.random() < self.p.vanish:
+            self.events["clients vanished after prepare"] += 1
+            return None  # the client is gone: the prepared shards must settle it themselves
+        status, outcome = yield from self._call(
+            coordinator, COMMIT_DECIDE, [request.to_wire(keys[coordinator])], written, tuple(others)
+        )
+        return _fate(status, outcome)
+
+    def _record(self, txid: int, ops: list, committed: bool | None, start: float) -> None:
+        end = self.now if committed is not None else None
+        self.history.append(Txn(txid, tuple(ops), committed, start, end))
+
+    def _recover(self) -> None:
+        """Every leader settles transactions prepared for too long (Node._recover_prepared)."""
+        for host in self.hosts.values():
+            if host is None:
+                continue
+            for gid, group in host.groups.items():
+                if not group.raft.is_leader():
+                    continue
+                for txid, prepared in group.state.prepared.items():
+                    if self.now - prepared.since >= self.p.recovery_after and (gid, txid) not in self._settling:
+                        self._settling.add((gid, txid))
+                        self.spawn(self._settle(gid, txid, prepared.coordinator_shard))
+        self.at(self.p.recovery_after / 4, self._recover)
+
+    def _settle(self, gid: int, txid: int, coordinator_shard: int) -> Task:
+        try:
+            status, decision = yield from self._call(coordinator_shard, DECIDE, [txid, False])
+            if status == "ok":
+                status, _ = yield from self._call(gid, FINISH, [txid, bool(decision)])
+                self.events["prepares settled by recovery"] += status == "ok"
+        finally:
+            self._settling.discard((gid, txid))
+
+    # --- the checks -----------------------------------------------------------------------------
+
+    def _check(self) -> TxnSimResult:
+        result = TxnSimResult(self.seed, True, nodes=self.p.nodes, events=self.events,
+                              virtual_seconds=self.now)
+        result.committed = sum(1 for t in self.history if t.committed)
+        result.aborted = sum(1 for t in self.history if t.committed is False)
+        result.unknown = sum(1 for t in self.history if t.committed is None)
+        for gid in range(self.p.shards):
+            replicas = [h.groups[gid].state for h in self.hosts.values() if h is not None]
+            prepared = {t for s in replicas for t in s.prepared}
+            if prepared:
+                return _violation(result, "stuck prepare", f"shard {gid} still holds {sorted(prepared)}")
+            versions = [dict(s.versions) for s in replicas]
+            if any(v != versions[0] for v in versions):
+                return _violation(result, "replicas differ", f"shard {gid}")
+        # Close every list's history with a read of its final value.
+        final = self.hosts[self.ids[0]]
+        assert final is not None
+        reads = []
+        for i in range(self.p.lists):
+            key = f"list{i}"
+            seen = final.groups[self.shard_of(key)].state.get(key)
+            reads.append(("r", key, tuple(seen.value) if seen.exists else None))
+        self.history.append(Txn(0, tuple(reads), True, self.now, self.now))
+        checked = check_serializable(self.history, strict=True)
+        if not checked.ok:
+            return _violation(result, "not serializable", checked.explanation)
+        return result
+
+
+def _refusal(error: BaseException) -> tuple[str, Any]:
+    if isinstance(error, NotLeader):
+        return ("redirect", error.leader_hint)
+    return ("unavailable", str(error))
+
+
+def _fate(status: str, outcome: Any) -> bool | None:
+    if status != "ok":
+        return None
+    return outcome is None
+
+
+def _violation(result: TxnSimResult, kind: str, detail: str) -> TxnSimResult:
+    result.ok, result.kind, result.detail = False, kind, detail
+    return result
+
+
+def run_txn_seed(seed: int, params: TxnSimParams | None = None) -> TxnSimResult:
+    """Run one seed and check it (``params`` None: the seed's mix, txn_params_for)."""
+    name = "custom"
+    if params is None:
+        name, params = txn_params_for(seed)
+    result = TxnWorld(seed, params).run()
+    result.faults = name
+    return result
