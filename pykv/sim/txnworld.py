@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import heapq
 import random
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pykv.raft import Message, RaftConfig
@@ -38,6 +41,7 @@ from pykv.raft.messages import PersistentState, Snapshot
 from pykv.replica.durable import GroupWork
 from pykv.replica.host import ReplicaHost
 from pykv.replica.shard import COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE, ShardState
+from pykv.replica.stored import StoredShardState
 from pykv.sim.listappend import Txn, check_serializable
 from pykv.txn.model import CommitRequest, Versioned, WriteOp
 from pykv.types import OpKind
@@ -64,6 +68,9 @@ class TxnSimParams:
     call_timeout: float = 3.0
     recovery_after: float = 1.0  # a transaction prepared this long is settled by its shard
     snapshot_every: int = 25  # applied entries between snapshots: exercises InstallSnapshot
+    # Shard values on disk (pykv.replica.stored, in a temporary directory) rather than in
+    # memory: a crash then loses the applied commands a replica had not yet written.
+    stored: bool = False
     raft: RaftConfig = field(default_factory=lambda: RaftConfig(election_ticks=10, heartbeat_ticks=2))
 
 
@@ -76,6 +83,7 @@ TXN_MIXES = {
     "recovery-race": TxnSimParams(recovery_after=0.15, loss=0.08),
     "lossy": TxnSimParams(loss=0.2, attempt_timeout=0.15),
     "snapshots": TxnSimParams(snapshot_every=5, crash_every=1.0),
+    "stored": TxnSimParams(stored=True, snapshot_every=15, crash_every=1.5),
 }
 
 
@@ -183,9 +191,11 @@ Task = Generator[Any, Any, Any]
 class TxnWorld:
     """Nodes, a network, clients and the event queue of one seeded run."""
 
-    def __init__(self, seed: int, params: TxnSimParams | None = None) -> None:
+    def __init__(self, seed: int, params: TxnSimParams | None = None, root: Path | None = None) -> None:
+        """``root``: where the shard stores live, for ``params.stored``."""
         self.seed = seed
         self.p = params or TxnSimParams()
+        self.root = root
         self.rng = random.Random(seed)
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
@@ -232,14 +242,36 @@ class TxnWorld:
     # --- nodes ------------------------------------------------------------------------------
 
     def _start(self, node: int) -> None:
+        if self.hosts.get(node) is not None:
+            return  # already back (healing restarts every node that is down)
         host = ReplicaHost(
             node, self.disks[node], raft_config=self.p.raft,  # type: ignore[arg-type]
             rng=random.Random(self.rng.getrandbits(32)), clock=lambda: self.now,
-            snapshot_every=self.p.snapshot_every, state_factory=ShardState,
+            snapshot_every=self.p.snapshot_every, state_factory=self._state_factory(node),
         )
         for gid in range(self.p.shards):
             host.add_group(gid, list(self.ids))
         self.hosts[node] = host
+
+    def _state_factory(self, node: int) -> Callable[[int], ShardState]:
+        if not self.p.stored:
+            return ShardState
+        assert self.root is not None, "a stored run needs a root directory"
+        return lambda gid: StoredShardState(gid, self.root / f"n{node}" / f"g{gid}", cache_bytes=1 << 20)
+
+    def _crash(self, node: int) -> None:
+        """The node's memory is gone: Raft state, shard states, everything in flight. A stored
+        shard keeps what it had written; the commands it applied but had not yet written
+        are lost, and the Raft log on the disk replays them."""
+        host = self.hosts[node]
+        self.hosts[node] = None
+        if host is not None and self.p.stored:
+            for group in host.groups.values():
+                group.state.store.close()  # no flush: the unwritten rows die with the node
+
+    def close(self) -> None:
+        for node in self.ids:
+            self._crash(node)
 
     def _tick(self, node: int) -> None:
         host = self.hosts.get(node)
@@ -285,7 +317,7 @@ class TxnWorld:
         alive = [n for n in self.ids if self.hosts.get(n) is not None]
         if len(alive) == len(self.ids):  # at most one node down at a time: a quorum stays
             victim = self.rng.choice(alive)
-            self.hosts[victim] = None
+            self._crash(victim)
             self.events["crashes"] += 1
             self.at(self.rng.uniform(0.3, 2.0), lambda: self._start(victim))
         self.at(self.rng.expovariate(1 / self.p.crash_every), self._crash_some)
@@ -504,7 +536,7 @@ class TxnWorld:
             prepared = {t for s in replicas for t in s.prepared}
             if prepared:
                 return _violation(result, "stuck prepare", f"shard {gid} still holds {sorted(prepared)}")
-            versions = [dict(s.versions) for s in replicas]
+            versions = [s.scan("", None, None, None, True) for s in replicas]
             if any(v != versions[0] for v in versions):
                 return _violation(result, "replicas differ", f"shard {gid}")
         # Close every list's history with a read of its final value.
@@ -544,6 +576,13 @@ def run_txn_seed(seed: int, params: TxnSimParams | None = None) -> TxnSimResult:
     name = "custom"
     if params is None:
         name, params = txn_params_for(seed)
-    result = TxnWorld(seed, params).run()
+    root = Path(tempfile.mkdtemp(prefix="pykv-txnsim-")) if params.stored else None
+    world = TxnWorld(seed, params, root)
+    try:
+        result = world.run()
+    finally:
+        world.close()
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
     result.faults = name
     return result
