@@ -66,6 +66,11 @@ class Timeout(Error):
     """An operation did not finish within its deadline; its outcome may be unknown."""
 
 
+class OutcomeUnknown(Timeout):
+    """A retried commit reached a shard that no longer remembers the transaction (it keeps
+    the outcomes of its most recent ones): it may have committed, or not. Never applied twice."""
+
+
 class StoreClosed(Error):
     """The store was closed; open it again to continue."""
 

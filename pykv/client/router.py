@@ -20,7 +20,7 @@ from typing import Any
 
 from pykv.client.transport import META_GROUP, SHARD_MAP, Redirect, unwrap
 from pykv.cluster.ring import HashRing
-from pykv.errors import InvalidArgument, Timeout, Unavailable
+from pykv.errors import InvalidArgument, OutcomeUnknown, Timeout, Unavailable
 from pykv.net.framing import DEFAULT_MAX_FRAME
 from pykv.net.protocol import Connection
 
@@ -268,6 +268,8 @@ class Router:
                 maybe_applied = maybe_applied or "leadership" in str(exc) or "lost" in str(exc)
                 if self._leaders.get(shard) == node:
                     del self._leaders[shard]
+            except OutcomeUnknown:
+                raise  # the shard's answer, not a silent node: asking again changes nothing
             except Timeout as exc:
                 last_error = exc
                 maybe_applied = True

@@ -43,7 +43,7 @@ Raft log in the node's WAL plus snapshots of this state (``snapshot``/``restore`
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,11 +138,11 @@ class ShardState:
         self.versions: SortedDict = SortedDict()  # key -> Versioned
         self.resolvers = resolvers if resolvers is not None else ResolverRegistry()
         self.resolver_names: dict[str, str] = {}
-        self.outcomes: OrderedDict[int, Outcome] = OrderedDict()  # finished txid -> outcome
+        self.outcomes = Remembered(self.remembered)  # finished txid -> its outcome
         self.prepared: dict[int, Prepared] = {}
         self.locks: dict[str, int] = {}  # key -> txid of the prepared txn holding it exclusively
         self.shared: dict[str, set[int]] = {}  # key -> txids holding it in the commutative mode
-        self.decisions: OrderedDict[int, bool] = OrderedDict()  # coordinator records
+        self.decisions = Remembered(self.remembered)  # coordinator records: txid -> commit
         self.applied_index = 0
         self.clock = lambda: 0.0  # node-local time source for Prepared.since (set by the host)
 
@@ -174,8 +174,8 @@ class ShardState:
             return proposal, self._commit(CommitRequest.from_wire(cmd[2]))
         if tag == PREPARE:
             return proposal, self._prepare(CommitRequest.from_wire(cmd[2]), cmd[3], list(cmd[4]))
-        if tag == DECIDE:
-            return proposal, self._decide(cmd[2], bool(cmd[3]))
+        if tag == DECIDE:  # [txid, commit, timestamp of its request (0: unknown)]
+            return proposal, self._decide(cmd[2], bool(cmd[3]), cmd[4] if len(cmd) > 4 else 0)
         if tag == COMMIT_DECIDE:
             return proposal, self._commit_decide(CommitRequest.from_wire(cmd[2]))
         if tag == FINISH:
@@ -220,12 +220,13 @@ class ShardState:
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
         self.versions = SortedDict(items)
 
-    def _remember(self, txid: int, outcome: Outcome) -> Outcome:
-        """Record a transaction's outcome; the first one recorded stands (a retry gets it)."""
+    def _remember(self, txid: int, outcome: Outcome, timestamp: int) -> Outcome:
+        """Record a transaction's outcome; the first one recorded stands (a retry gets it).
+        ``timestamp``: its request's, for the watermark once it is forgotten."""
         if txid in self.outcomes:
             return self.outcomes[txid]
-        forgotten = remember_in(self.outcomes, txid, outcome, self.remembered)
-        self._journal("o", txid, outcome)
+        forgotten = self.outcomes.add(txid, outcome, timestamp)
+        self._journal("o", txid, (outcome, timestamp))
         if forgotten is not None:
             self._journal("o", forgotten, _FORGET)
         return outcome
@@ -282,16 +283,18 @@ class ShardState:
         try:
             return validate(request, self, self.resolvers), None
         except errors.Error as exc:
-            return None, self._remember(request.txid, error_outcome(exc))
+            return None, self._remember(request.txid, error_outcome(exc), request.timestamp)
 
     def _commit(self, request: CommitRequest) -> Outcome:
         if request.txid in self.outcomes:
             return self.outcomes[request.txid]  # a retry: the first outcome stands
+        if self.outcomes.forgot(request.timestamp):
+            return _forgotten_outcome(request.txid)
         updates, refused = self._validated(request, self._lock_modes(request))
         if updates is None:
             return refused
         self._store(updates)
-        return self._remember(request.txid, None)
+        return self._remember(request.txid, None, request.timestamp)
 
     def _prepare(self, request: CommitRequest, coordinator_shard: int, participants: list[int]) -> Outcome:
         txid = request.txid
@@ -302,6 +305,8 @@ class ShardState:
             if outcome is None:
                 return ["Committed", f"transaction {txid} already committed"]
             return outcome
+        if self.outcomes.forgot(request.timestamp):
+            return _forgotten_outcome(txid)  # a no vote: it may have finished here long ago
         modes = self._lock_modes(request)
         updates, refused = self._validated(request, modes)
         if updates is None:
@@ -330,12 +335,17 @@ class ShardState:
                 if not holders:
                     del self.shared[key]
 
-    def _decide(self, txid: int, commit: bool) -> bool:
+    def _decide(self, txid: int, commit: bool, timestamp: int) -> bool | None:
+        """Record ``commit`` unless a decision is recorded already; the one that stands.
+        None when the transaction is so old that its decision may have been forgotten: a
+        guess could contradict what the participants already applied."""
         recorded = self.decisions.get(txid)
         if recorded is None:
+            if self.decisions.forgot(timestamp):
+                return None
             recorded = commit
-            forgotten = remember_in(self.decisions, txid, commit, self.remembered)
-            self._journal("d", txid, commit)
+            forgotten = self.decisions.add(txid, commit, timestamp)
+            self._journal("d", txid, (commit, timestamp))
             if forgotten is not None:
                 self._journal("d", forgotten, _FORGET)
         return recorded
@@ -349,8 +359,10 @@ class ShardState:
             return self.outcomes.get(txid) or error_outcome(
                 TransactionConflict(f"transaction {txid} was aborted: a participant gave up waiting for its coordinator")
             )
+        if self.decisions.forgot(request.timestamp):
+            return _forgotten_outcome(txid)
         outcome = self._commit(request)
-        self._decide(txid, outcome is None)
+        self._decide(txid, outcome is None, request.timestamp)
         return outcome
 
     def _finish(self, txid: int, commit: bool) -> Outcome:
@@ -358,10 +370,12 @@ class ShardState:
         if prepared is None:
             if txid not in self.outcomes:
                 # Finished before this shard ever prepared (an abort): refuse a late prepare.
+                # Its request (and timestamp) never came here; once this is forgotten, a
+                # late prepare would lock its keys until recovery aborts it again.
                 outcome = None if commit else error_outcome(
                     TransactionConflict(f"transaction {txid} was aborted")
                 )
-                self._remember(txid, outcome)
+                self._remember(txid, outcome, 0)
             return self.outcomes.get(txid)
         self._unlock(prepared)
         if commit:
@@ -376,9 +390,10 @@ class ShardState:
                 except errors.Error:
                     updates = prepared.updates
             self._store(updates)
-            return self._remember(txid, None)
+            return self._remember(txid, None, prepared.request.timestamp)
         return self._remember(
-            txid, error_outcome(TransactionConflict(f"transaction {txid} was aborted"))
+            txid, error_outcome(TransactionConflict(f"transaction {txid} was aborted")),
+            prepared.request.timestamp,
         )
 
     def _wipe(self) -> Outcome:
@@ -442,8 +457,9 @@ class ShardState:
                 "applied": self.applied_index,
                 "versions": [[k, v.to_wire()] for k, v in self._all_versions()],
                 "resolvers": self.resolver_names,
-                "outcomes": [[t, o] for t, o in self.outcomes.items()],
-                "decisions": [[t, d] for t, d in self.decisions.items()],
+                "outcomes": self.outcomes.entries(),
+                "decisions": self.decisions.entries(),
+                "watermarks": [self.outcomes.watermark, self.decisions.watermark],
                 "prepared": [_prepared_wire(p) for p in self.prepared.values()],
             }
         )
@@ -457,8 +473,8 @@ class ShardState:
         self.resolver_names = {}
         for prefix, name in raw["resolvers"].items():
             self._register(prefix, name)
-        self.outcomes = OrderedDict((t, o) for t, o in raw["outcomes"])
-        self.decisions = OrderedDict((t, bool(d)) for t, d in raw["decisions"])
+        self.outcomes = _remembered(self.remembered, raw["outcomes"], raw.get("watermarks", [0, 0])[0])
+        self.decisions = _remembered(self.remembered, raw["decisions"], raw.get("watermarks", [0, 0])[1])
         self.prepared = {}
         self.locks = {}
         self.shared = {}
@@ -473,14 +489,81 @@ class ShardState:
                         *self._lock_modes(request), request, since=since)
 
 
-def remember_in(table: OrderedDict, txid: int, value: Any, cap: int) -> int | None:
-    """Add txid (not yet in table) as the newest entry; past ``cap`` entries the oldest goes,
-    and its txid is returned. Only insertions, never updates: so every replica, and a replica
-    replaying what it journaled, forgets exactly the same txids in the same order."""
-    table[txid] = value
-    if len(table) > cap:
-        return table.popitem(last=False)[0]
-    return None
+def _forgotten_outcome(txid: int) -> Outcome:
+    # It may have been applied long ago, or never; applying it now could apply it twice.
+    return error_outcome(errors.OutcomeUnknown(
+        f"transaction {txid} is older than every outcome this shard still remembers; "
+        "its outcome is unknown"
+    ))
+
+
+def _remembered(cap: int, entries: list, watermark: int) -> Remembered:
+    """A Remembered from Remembered.entries() (snapshots older than timestamps: 0)."""
+    table = Remembered(cap)
+    for entry in entries:
+        table.add(entry[0], entry[1], entry[2] if len(entry) > 2 else 0)
+    table.watermark = max(table.watermark, watermark)
+    return table
+
+
+class Remembered:
+    """The last ``cap`` finished txids of one kind (outcome or decision), in the order they
+    were recorded, and a watermark: the newest request timestamp among those forgotten.
+
+    Only insertions, never updates, so every replica, and a replica replaying what it
+    journaled, forgets exactly the same txids in the same order. A request for a txid not
+    remembered whose timestamp is at or below the watermark may be a retry of a forgotten
+    one (``forgot``): it must be refused, never applied a second time.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._table: OrderedDict[int, Any] = OrderedDict()
+        self._stamps: deque[int] = deque()  # request timestamps, in the table's order
+        self.watermark = 0
+
+    def add(self, txid: int, value: Any, timestamp: int) -> int | None:
+        """Record txid (not yet here) as the newest; the txid forgotten to make room, if any."""
+        self._table[txid] = value
+        self._stamps.append(timestamp)
+        if len(self._table) <= self.cap:
+            return None
+        self.watermark = max(self.watermark, self._stamps.popleft())
+        return self._table.popitem(last=False)[0]
+
+    def forgot(self, timestamp: int) -> bool:
+        """Whether a request this old may be a retry of a forgotten txid (never while
+        nothing with a timestamp was forgotten)."""
+        return 0 < self.watermark and timestamp <= self.watermark
+
+    def get(self, txid: int, default: Any = None) -> Any:
+        return self._table.get(txid, default)
+
+    def __contains__(self, txid: object) -> bool:
+        return txid in self._table
+
+    def __getitem__(self, txid: int) -> Any:
+        return self._table[txid]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def keys(self) -> Iterator[int]:
+        return iter(self._table)
+
+    def items(self) -> Iterator[tuple[int, Any]]:
+        return iter(self._table.items())
+
+    def entries(self) -> list[list]:
+        """[txid, value, timestamp] in the order recorded (what a snapshot carries)."""
+        return [[t, v, ts] for (t, v), ts in zip(self._table.items(), self._stamps, strict=True)]
+
+    def clear(self) -> None:
+        self._table.clear()
+        self._stamps.clear()
 
 
 _FORGET = object()

@@ -39,7 +39,6 @@ from pykv.replica.shard import (
     Prepared,
     ShardState,
     _prepared_wire,
-    remember_in,
 )
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
@@ -55,7 +54,8 @@ _APPLIED = b"\xffa"
 _APPLIED_ROW = Update(_APPLIED, b"", b"", 0)  # marks "some entry applied"; flush() writes the index
 _PREPARED = b"\xffp"
 _RESTORE_RUN = 4096  # remembered entries per run row when a snapshot is installed
-_RUNS = b"\xffm"  # + a big-endian run number: [[kind, txid, value], ...] remembered in a flush
+_RUNS = b"\xffm"  # + a big-endian run number: [[kind, txid, value, timestamp], ...] remembered in a flush
+_WATERMARKS = b"\xffw"  # [outcomes, decisions]: the newest request timestamps forgotten
 _TXID = struct.Struct(">Q")
 # Pending (written, not yet released) versions are released every this many records.
 _RELEASE_EVERY = 256
@@ -109,6 +109,7 @@ class StoredShardState(ShardState):
         self._overlay: dict[str, Versioned] = {}
         self._since_release = 0
         self._runs = _Runs(self.remembered)
+        self._watermarks_stored = False  # whether the storage holds the _WATERMARKS row
         self._load_metadata()
 
     # --- loading ------------------------------------------------------------------------------
@@ -124,15 +125,24 @@ class StoredShardState(ShardState):
                 self.applied_index = value
             elif kind == _RUNS[1:]:
                 self._runs.loaded(_TXID.unpack(rest)[0], value)
-                for entry_kind, txid, remembered in value:
-                    table = self.outcomes if entry_kind == "o" else self.decisions
-                    if txid not in table:
-                        remember_in(table, txid, remembered, self.remembered)
+                for entry in value:
+                    table = self.outcomes if entry[0] == "o" else self.decisions
+                    if entry[1] not in table:
+                        table.add(entry[1], entry[2], entry[3] if len(entry) > 3 else 0)
+            elif key == _WATERMARKS:
+                self._watermarks_stored = True
+                # What was forgotten before the oldest run still on disk is known only here.
+                self.outcomes.watermark = max(self.outcomes.watermark, value[0])
+                self.decisions.watermark = max(self.decisions.watermark, value[1])
             elif kind == b"p":
                 self._lock_quietly(self._prepared_from_wire(value, now))
             elif kind == b"r":
                 super()._register(rest.decode("utf-8"), value)
         self._batch = []  # loading re-journals nothing
+
+    def _watermarks_row(self) -> Update:
+        self._watermarks_stored = True
+        return Update(_WATERMARKS, pack([self.outcomes.watermark, self.decisions.watermark]), b"", 0)
 
     def _lock_quietly(self, prepared: Any) -> None:
         ShardState._lock(self, prepared)
@@ -171,6 +181,7 @@ class StoredShardState(ShardState):
                 latest[key] = Update(key, pack(_prepared_wire(prepared)), b"", 0)
         for row in self._runs.rows():
             latest[row.key] = row
+        latest[_WATERMARKS] = self._watermarks_row()
         latest[_APPLIED] = Update(_APPLIED, pack(self.applied_index), b"", 0)
         self._rows, self._prepared_rows = [], {}
         lsn = self.store.submit(list(latest.values()))
@@ -192,7 +203,7 @@ class StoredShardState(ShardState):
     def _journal(self, kind: str, key: Any, value: Any) -> None:
         if kind in ("o", "d"):
             if value is not _FORGET:  # forgotten ones go with their whole run (see _Runs)
-                self._runs.record(kind, key, value)
+                self._runs.record(kind, key, *value)  # value: (outcome or decision, timestamp)
             return
         row_key = _meta_key(kind, key)
         if value is _FORGET:
@@ -230,6 +241,7 @@ class StoredShardState(ShardState):
         self.flush()
         meta = self._runs.stored_rows() + len(self.prepared)
         meta += len(self.resolver_names) + (1 if self.applied_index else 0)
+        meta += 1 if self._watermarks_stored else 0
         return max(0, self.store.stats()["keys"] - meta)
 
     def _user_keys(self) -> Iterator[tuple[bytes, StoredVersion]]:
@@ -246,6 +258,7 @@ class StoredShardState(ShardState):
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
         self._rows, self._overlay, self._prepared_rows = [], {}, {}
         self._runs = _Runs(self.remembered)  # a fresh storage: no runs on disk
+        self._watermarks_stored = False
         self._reset_store()
         rows = [
             Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp)
@@ -285,9 +298,9 @@ class StoredShardState(ShardState):
     def restore(self, data: bytes) -> None:
         """Replace everything with a snapshot (InstallSnapshot), durably, metadata included."""
         super().restore(data)  # replaces the versions (fresh store) and the metadata in memory
-        rows = [Update(_APPLIED, pack(self.applied_index), b"", 0)]
-        remembered = [("o", t, o) for t, o in self.outcomes.items()]
-        remembered += [("d", t, d) for t, d in self.decisions.items()]
+        rows = [Update(_APPLIED, pack(self.applied_index), b"", 0), self._watermarks_row()]
+        remembered = [("o", *entry) for entry in self.outcomes.entries()]
+        remembered += [("d", *entry) for entry in self.decisions.entries()]
         for start in range(0, len(remembered), _RESTORE_RUN):  # runs of a bounded size
             for entry in remembered[start:start + _RESTORE_RUN]:
                 self._runs.record(*entry)
@@ -321,13 +334,13 @@ class _Runs:
 
     def __init__(self, cap: int) -> None:
         self._cap = cap  # the tables' size (ShardState.remembered)
-        self._pending: list[list] = []  # [kind, txid, value] recorded since the last rows()
+        self._pending: list[list] = []  # [kind, txid, value, timestamp] since the last rows()
         self._stored: deque[tuple[int, int, int]] = deque()  # (run, outcomes, decisions)
         self._totals = {"o": 0, "d": 0}
         self._next = 1
 
-    def record(self, kind: str, txid: int, value: Any) -> None:
-        self._pending.append([kind, txid, value])
+    def record(self, kind: str, txid: int, value: Any, timestamp: int) -> None:
+        self._pending.append([kind, txid, value, timestamp])
 
     def stored_rows(self) -> int:
         return len(self._stored)

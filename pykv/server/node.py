@@ -503,9 +503,10 @@ class Node:
             self._propose_to(
                 shard, CMD_PREPARE, [request, int(body[2]), list(body[3])], done, _writes(request)
             )
-        elif kind == DECIDE:
+        elif kind == DECIDE:  # [shard, txid, commit, the timestamp of its request]
             done = _answer(lambda d: [OK, d], respond)
-            self._propose_to(shard, CMD_DECIDE, [int(body[1]), bool(body[2])], done)
+            stamp = [int(body[3])] if len(body) > 3 else []
+            self._propose_to(shard, CMD_DECIDE, [int(body[1]), bool(body[2]), *stamp], done)
         elif kind == FINISH:
             done = _answer(_outcome_reply, respond)
             self._propose_to(shard, CMD_FINISH, [int(body[1]), bool(body[2])], done)
@@ -655,14 +656,22 @@ class Node:
                     if (gid, txid) in self._resolving:
                         continue
                     self._resolving.add((gid, txid))
-                    asyncio.get_running_loop().create_task(
-                        self._settle(gid, txid, prepared.coordinator_shard)
-                    )
+                    asyncio.get_running_loop().create_task(self._settle(
+                        gid, txid, prepared.coordinator_shard, prepared.request.timestamp
+                    ))
 
-    async def _settle(self, gid: int, txid: int, coordinator_shard: int) -> None:
+    async def _settle(self, gid: int, txid: int, coordinator_shard: int, timestamp: int) -> None:
         try:
             # Ask for abort; the coordinator shard returns whatever was recorded first.
-            decision = await self.router.call(coordinator_shard, DECIDE, [coordinator_shard, txid, False])
+            decision = await self.router.call(
+                coordinator_shard, DECIDE, [coordinator_shard, txid, False, timestamp]
+            )
+            if decision is None:
+                # Prepared for so long that the coordinator shard may have forgotten the
+                # decision: guessing could break atomicity, so the keys stay locked.
+                log.error("cannot settle transaction %d on shard %d: shard %d no longer "
+                          "remembers its decision", txid, gid, coordinator_shard)
+                return
             reply = await asyncio.wait_for(self._ask(FINISH, [gid, txid, bool(decision)]), 5.0)
             # Applied, the outcome is the transaction's: OK, or TransactionConflict (aborted).
             if reply[0] != OK and reply[1] != "TransactionConflict":

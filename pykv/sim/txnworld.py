@@ -71,6 +71,9 @@ class TxnSimParams:
     # Shard values on disk (pykv.replica.stored, in a temporary directory) rather than in
     # memory: a crash then loses the applied commands a replica had not yet written.
     stored: bool = False
+    # Txids each shard remembers per table (None: the default). Small, retries reach txids
+    # already forgotten, which must be refused rather than applied again.
+    remembered: int | None = None
     raft: RaftConfig = field(default_factory=lambda: RaftConfig(election_ticks=10, heartbeat_ticks=2))
 
 
@@ -84,6 +87,8 @@ TXN_MIXES = {
     "lossy": TxnSimParams(loss=0.2, attempt_timeout=0.15),
     "snapshots": TxnSimParams(snapshot_every=5, crash_every=1.0),
     "stored": TxnSimParams(stored=True, snapshot_every=15, crash_every=1.5),
+    # Shards remember only the last 4 txids: retries and recovery reach forgotten ones.
+    "forgetful": TxnSimParams(remembered=4, loss=0.1),
 }
 
 
@@ -209,6 +214,7 @@ class TxnWorld:
         self._waiting: dict[int, Task] = {}  # request id -> the task waiting for its reply
         self._next_request = 0
         self._settling: set[tuple[int, int]] = set()
+        self.undecidable: set[int] = set()  # prepared txids whose decision was forgotten
         self._elements = 0
         self.faulty = True
         self.accepting = True
@@ -254,10 +260,13 @@ class TxnWorld:
         self.hosts[node] = host
 
     def _state_factory(self, node: int) -> Callable[[int], ShardState]:
+        remembered = self.p.remembered
         if not self.p.stored:
-            return ShardState
+            return lambda gid: ShardState(gid, remembered=remembered)
         assert self.root is not None, "a stored run needs a root directory"
-        return lambda gid: StoredShardState(gid, self.root / f"n{node}" / f"g{gid}", cache_bytes=1 << 20)
+        return lambda gid: StoredShardState(
+            gid, self.root / f"n{node}" / f"g{gid}", cache_bytes=1 << 20, remembered=remembered
+        )
 
     def _crash(self, node: int) -> None:
         """The node's memory is gone: Raft state, shard states, everything in flight. A stored
@@ -511,13 +520,20 @@ class TxnWorld:
                 for txid, prepared in group.state.prepared.items():
                     if self.now - prepared.since >= self.p.recovery_after and (gid, txid) not in self._settling:
                         self._settling.add((gid, txid))
-                        self.spawn(self._settle(gid, txid, prepared.coordinator_shard))
+                        self.spawn(self._settle(
+                            gid, txid, prepared.coordinator_shard, prepared.request.timestamp
+                        ))
         self.at(self.p.recovery_after / 4, self._recover)
 
-    def _settle(self, gid: int, txid: int, coordinator_shard: int) -> Task:
+    def _settle(self, gid: int, txid: int, coordinator_shard: int, timestamp: int) -> Task:
         try:
-            status, decision = yield from self._call(coordinator_shard, DECIDE, [txid, False])
-            if status == "ok":
+            status, decision = yield from self._call(coordinator_shard, DECIDE, [txid, False, timestamp])
+            if status == "ok" and decision is None:
+                # The coordinator shard may have forgotten the decision: the node leaves the
+                # transaction prepared rather than guess (Node._settle).
+                self.undecidable.add(txid)
+                self.events["prepares left undecidable"] += 1
+            elif status == "ok":
                 status, _ = yield from self._call(gid, FINISH, [txid, bool(decision)])
                 self.events["prepares settled by recovery"] += status == "ok"
         finally:
@@ -533,7 +549,7 @@ class TxnWorld:
         result.unknown = sum(1 for t in self.history if t.committed is None)
         for gid in range(self.p.shards):
             replicas = [h.groups[gid].state for h in self.hosts.values() if h is not None]
-            prepared = {t for s in replicas for t in s.prepared}
+            prepared = {t for s in replicas for t in s.prepared} - self.undecidable
             if prepared:
                 return _violation(result, "stuck prepare", f"shard {gid} still holds {sorted(prepared)}")
             versions = [s.scan("", None, None, None, True) for s in replicas]
@@ -561,8 +577,8 @@ def _refusal(error: BaseException) -> tuple[str, Any]:
 
 
 def _fate(status: str, outcome: Any) -> bool | None:
-    if status != "ok":
-        return None
+    if status != "ok" or (outcome is not None and outcome[0] == "OutcomeUnknown"):
+        return None  # gave up, or the shard no longer knows (a retry of a forgotten txid)
     return outcome is None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from hypothesis import given, settings
@@ -67,6 +68,25 @@ def test_a_shard_remembers_its_share_of_the_nodes_budget_and_forgets_the_oldest(
     assert list(log.state.outcomes) == [3, 4, 5]
     assert log.run(COMMIT, incr(5, "n").to_wire()) is None  # remembered: not applied again
     assert log.state.get("n").value == 5
+
+
+def test_a_retry_of_a_forgotten_transaction_is_refused_never_applied_twice():
+    log = Log(ShardState(0, remembered=2))
+    for txid in range(1, 5):  # txids 1 and 2 are forgotten, the newest forgotten at time 20
+        request = dataclasses.replace(incr(txid, "n"), timestamp=10 * txid)
+        assert log.run(COMMIT, request.to_wire()) is None
+    assert list(log.state.outcomes) == [3, 4] and log.state.outcomes.watermark == 20
+    retry = dataclasses.replace(incr(1, "n"), timestamp=10)
+    outcome = log.run(COMMIT, retry.to_wire())
+    assert outcome[0] == "OutcomeUnknown" and "unknown" in outcome[1]  # the client: outcome unknown
+    assert log.state.get("n").value == 4  # not applied a second time
+    assert log.run(COMMIT, dataclasses.replace(incr(5, "n"), timestamp=50).to_wire()) is None
+    # The coordinator shard likewise: no decision is guessed for a forgotten transaction.
+    state = ShardState(0, remembered=1)
+    state.apply(1, encode_command(DECIDE, None, 7, True, 70))
+    state.apply(2, encode_command(DECIDE, None, 8, True, 80))  # 7 forgotten
+    _, decision = state.apply(3, encode_command(DECIDE, None, 7, False, 70))
+    assert decision is None and 7 not in state.decisions
 
 
 def test_a_conflicting_commit_is_refused_with_the_validation_error():

@@ -168,3 +168,22 @@ def test_recorded_decisions_survive_a_reopen_and_the_first_one_stands(tmp_path):
     again = StoredShardState(0, tmp_path / "g0")
     assert dict(again.decisions) == {77: True, 78: False} and again.applied_index == 3
     again.close()
+
+
+def test_what_was_forgotten_stays_refused_after_a_reopen_and_a_snapshot(tmp_path):
+    state = StoredShardState(0, tmp_path / "g0", remembered=2)
+    for i in range(1, 6):
+        request = CommitRequest(100 + i, 1, {}, (WriteOp("n", OpKind.INCR, 1),), timestamp=10 * i)
+        state.apply(i, encode_command(COMMIT, None, request.to_wire()))
+        state.flush()  # the runs holding the forgotten txids are deleted from the storage
+    assert state.outcomes.watermark == 30
+    state.close()
+    again = StoredShardState(0, tmp_path / "g0", remembered=2)
+    assert again.outcomes.watermark == 30  # known only from its own row by now
+    retry = CommitRequest(101, 1, {}, (WriteOp("n", OpKind.INCR, 1),), timestamp=10)
+    _, outcome = again.apply(6, encode_command(COMMIT, None, retry.to_wire()))
+    assert outcome[0] == "OutcomeUnknown" and again.get("n").value == 5
+    copy = ShardState(0, remembered=2)
+    copy.restore(again.snapshot())
+    assert copy.outcomes.watermark == 30 and list(copy.outcomes) == list(again.outcomes)
+    again.close()
