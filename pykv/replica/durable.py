@@ -68,8 +68,10 @@ class SnapshotFile:
 
 
 def snapshot_data(data: Any) -> Any:
-    """A snapshot's data, loaded from its file when Raft holds only the handle."""
-    return data.load() if isinstance(data, SnapshotFile) else data
+    """A snapshot's image, made or read when Raft holds only a handle to it (anything with
+    ``load()``: a SnapshotFile, or pykv.replica.host.StateImage)."""
+    load = getattr(data, "load", None)
+    return load() if load is not None else data
 
 
 @dataclass

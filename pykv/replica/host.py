@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pykv.errors import Unavailable
+from pykv.errors import CorruptData, Unavailable
 from pykv.raft.errors import NotLeader
 from pykv.raft.messages import (
     ConfChange,
@@ -208,7 +208,15 @@ class ReplicaHost:
             and sm.applied_index < state.snapshot.meta.index
         ):
             # A durable state machine may already be past the snapshot: then it is kept.
-            sm.restore(snapshot_data(state.snapshot.data))
+            image = snapshot_data(state.snapshot.data)
+            if image is None:
+                raise CorruptData(
+                    f"shard group {gid}: its storage is at index {sm.applied_index}, behind "
+                    f"its snapshot at {state.snapshot.meta.index}, which keeps no image"
+                )
+            sm.restore(image)
+        if sm.durable and raft.log.offset > 0:
+            raft.hold_snapshot_data(raft.log.offset, StateImage(sm))
         self.log.release(gid)  # the group holds its log now; the snapshot stays in its file
         group = Group(gid, raft, sm, snapshot_index=raft.log.offset)
         self.groups[gid] = group
@@ -407,8 +415,9 @@ class ReplicaHost:
             group.state.restore(rd.snapshot.data)
             group.snapshot_index = index
             self.log.compacted(group.gid, index)
-            # Persisted before apply: Raft may hold the file's handle instead of the image.
-            group.raft.hold_snapshot_data(index, self.log.snapshot_file(group.gid, index))
+            # Persisted before apply: Raft may hold a handle instead of the image.
+            held = StateImage(group.state) if group.state.durable else self.log.snapshot_file(group.gid, index)
+            group.raft.hold_snapshot_data(index, held)
             failpoint("replica.after_snapshot_install")
         state = group.state
         for entry in rd.committed_entries:
@@ -506,10 +515,14 @@ class ReplicaHost:
         if term is None or index <= group.raft.log.offset:
             return
         group.state.make_durable()  # the log below index may go only once the state is safe
-        data = group.state.snapshot()
         meta = SnapshotMeta(index, term, group.raft.conf_at(index))
-        saved = self.log.save_snapshot(group.gid, Snapshot(meta, data))
-        group.raft.compact(index, saved)  # a handle: the image is not kept in memory
+        if group.state.durable:
+            # Its storage, durable up to index now, is the snapshot: no image is written.
+            self.log.save_snapshot(group.gid, Snapshot(meta, None))
+            held: Any = StateImage(group.state)
+        else:
+            held = self.log.save_snapshot(group.gid, Snapshot(meta, group.state.snapshot()))
+        group.raft.compact(index, held)  # a handle: the image is not kept in memory
         group.snapshot_index = index
         self.log.compacted(group.gid, index)
         self.log.truncate()
@@ -522,6 +535,19 @@ class ReplicaHost:
 
     def status(self) -> dict[int, dict]:
         return {gid: g.status() for gid, g in sorted(self.groups.items())}
+
+
+@dataclass(frozen=True)
+class StateImage:
+    """The snapshot of a durable state machine, made from the live state when a lagging
+    replica needs it rather than kept. It is the state at its applied index, at or past the
+    snapshot's own index: the receiver restores it and skips the log entries it covers
+    (``_apply_group``), which the leader's log still holds."""
+
+    state: ShardState
+
+    def load(self) -> bytes:
+        return self.state.snapshot()
 
 
 def _with_snapshot_data(msg: Message) -> Message:

@@ -26,7 +26,9 @@ for each command. Commands (``Command`` below, packed with msgpack into Raft ent
 Retries are safe: the outcome of every finished transaction id is remembered (the last
 ``remembered`` of them, ``REMEMBERED_TXIDS`` unless the node shares out its budget with
 ``remembered_per_shard``), so a retried commit or prepare returns the first outcome
-instead of applying twice. A single-shard commit that touches a key locked by a prepared
+instead of applying twice. Beyond that window a retry is refused, not applied: the newest
+request timestamp among the forgotten txids is kept (``Remembered.watermark``), and an
+unknown txid at or below it gets ``OutcomeUnknown``. A single-shard commit that touches a key locked by a prepared
 transaction is refused with TransactionConflict (retryable), which keeps prepared
 transactions atomic without blocking the log.
 
@@ -127,6 +129,10 @@ class Prepared:
 
 class ShardState:
     """The deterministic state of one shard, and the StateView that validation reads."""
+
+    # Whether the state survives a restart by itself (pykv.replica.stored). Such a state is
+    # its own snapshot: compaction makes it durable instead of writing an image of it.
+    durable = False
 
     def __init__(
         self, shard: int, resolvers: ResolverRegistry | None = None, *,
@@ -492,8 +498,9 @@ class ShardState:
 def _forgotten_outcome(txid: int) -> Outcome:
     # It may have been applied long ago, or never; applying it now could apply it twice.
     return error_outcome(errors.OutcomeUnknown(
-        f"transaction {txid} is older than every outcome this shard still remembers; "
-        "its outcome is unknown"
+        f"transaction {txid} is as old as transactions this shard has forgotten: it may be a "
+        "retry of one committed long ago, so its outcome is unknown (or the client's clock "
+        "is minutes behind the others')"
     ))
 
 

@@ -82,6 +82,7 @@ def _encoded(value: Any) -> bytes:
 
 
 class StoredShardState(ShardState):
+    durable = True  # make_durable() checkpoints the storage: it is the snapshot
     """ShardState over a Storage directory (see the module docstring)."""
 
     def __init__(

@@ -15,8 +15,9 @@ import pytest
 from pykv.raft.errors import NotLeader
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog, SnapshotFile
-from pykv.replica.host import ReplicaHost
-from pykv.replica.shard import COMMIT, PREPARE
+from pykv.replica.host import ReplicaHost, StateImage
+from pykv.replica.shard import COMMIT, PREPARE, ShardState
+from pykv.replica.stored import StoredShardState
 from pykv.txn.model import ABSENT, CommitRequest, WriteOp
 from pykv.types import OpKind
 
@@ -24,9 +25,10 @@ GROUP = 0
 
 
 class Cluster:
-    def __init__(self, root: Path, *, snapshot_every: int = 10_000) -> None:
+    def __init__(self, root: Path, *, snapshot_every: int = 10_000, stored: bool = False) -> None:
         self.root = root
         self.snapshot_every = snapshot_every
+        self.stored = stored  # shard values on disk (StoredShardState), not in memory
         self.hosts: dict[int, ReplicaHost] = {}
         self.inbox: list = []
         self.down: set[int] = set()
@@ -41,13 +43,23 @@ class Cluster:
             raft_config=RaftConfig(election_ticks=10, heartbeat_ticks=1),
             rng=random.Random(node),
             snapshot_every=self.snapshot_every,
+            state_factory=self._state_factory(node),
         )
         host.add_group(GROUP, [1, 2, 3])
         self.hosts[node] = host
         self.down.discard(node)
 
+    def _state_factory(self, node: int):
+        if not self.stored:
+            return ShardState
+        return lambda gid: StoredShardState(gid, self.root / f"n{node}" / "shards" / f"g{gid}")
+
     def crash(self, node: int) -> None:
-        self.hosts[node].log.close()
+        host = self.hosts[node]
+        host.log.close()
+        if self.stored:  # the files stay as written; what was not flushed is lost
+            for group in host.groups.values():
+                group.state.store.close()
         self.down.add(node)
 
     def round(self) -> None:
@@ -154,6 +166,27 @@ def test_a_lagging_replica_catches_up_from_a_snapshot(tmp_path):
     group = c.hosts[3].groups[GROUP]
     assert group.raft.log.offset >= 5 and group.state.applied_index == group.raft.log.offset
     c.run_until(lambda: all(c.value(3, f"k{i}") == i for i in range(20)))
+
+
+def test_a_stored_shard_is_its_own_snapshot_and_makes_an_image_only_for_a_lagging_replica(tmp_path):
+    c = Cluster(tmp_path, snapshot_every=5, stored=True)
+    c.commit(1, "first", 0)
+    c.crash(3)
+    for i in range(20):
+        c.commit(i + 2, f"k{i}", i)
+    leader = c.leader()
+    raft = leader.groups[GROUP].raft
+    assert raft.log.offset > 1
+    # Compaction wrote no image: the storage, made durable first, is the snapshot.
+    assert isinstance(raft.log.snapshot.data, StateImage)
+    snap_file = tmp_path / f"n{leader.node_id}" / "snap" / f"g{GROUP}.snap"
+    assert SnapshotFile(snap_file, raft.log.offset).load() is None
+    c.start(3)  # far behind: the leader makes an image of its live state for it
+    c.run_until(lambda: all(c.value(3, f"k{i}") == i for i in range(20)))
+    c.crash(3)  # and it restarts from its own storage and the log after the snapshot
+    c.start(3)
+    c.commit(99, "after", "x")
+    c.run_until(lambda: c.value(3, "after") == "x" and c.value(3, "k19") == 19)
 
 
 def _versions(state):
