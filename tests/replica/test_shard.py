@@ -19,6 +19,7 @@ from pykv.replica.shard import (
     REMEMBERED_PER_NODE,
     RESOLVER,
     WIPE,
+    Remembered,
     ShardState,
     encode_command,
     remembered_per_shard,
@@ -238,3 +239,18 @@ def test_replicas_applying_the_same_log_end_in_the_same_state(cmds, seed):
             second = Log(restored)
             second.index = first.index
     assert pack(first.state.snapshot()) == pack(second.state.snapshot())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6), st.lists(st.integers(1, 1_000), max_size=40))
+def test_remembered_keeps_the_newest_and_the_highest_forgotten_timestamp(cap, stamps):
+    table = Remembered(cap)
+    for txid, stamp in enumerate(stamps):
+        table.add(txid, f"outcome {txid}", stamp)
+    kept = list(range(len(stamps)))[-cap:]
+    assert list(table) == kept and [table[t] for t in kept] == [f"outcome {t}" for t in kept]
+    forgotten = stamps[:max(0, len(stamps) - cap)]
+    assert table.watermark == max(forgotten, default=0)
+    # Every forgotten txid's own request would be refused; nothing is while none is forgotten.
+    assert all(table.forgot(s) for s in forgotten)
+    assert forgotten or not any(table.forgot(s) for s in range(0, 1_001))
