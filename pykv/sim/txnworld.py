@@ -8,8 +8,10 @@ lists, append a unique element to each) and commit them as ``pykv.client.cluster
 one COMMIT on a single shard, else PREPARE on the other participants, COMMIT_DECIDE on the
 coordinator shard, whose leader then sends FINISH (``Node._finish_decided``); nodes settle
 prepared transactions whose coordinator went quiet as ``Node._settle`` does (DECIDE abort,
-then FINISH with what the coordinator shard recorded). Requests travel through the same
-faulty network as Raft's messages and are retried at the leader a redirect names.
+then FINISH with what the coordinator shard recorded). A scanner takes consistent scans of
+every list as ``KeyValueStore.scan`` does (``ScanPasses``: passes over every shard until two
+agree), recorded as read-only transactions. Requests travel through the same faulty network
+as Raft's messages and are retried at the leader a redirect names.
 
 One ``random.Random(seed)`` decides delays, loss, partitions, crashes, client choices and
 clients that vanish between their prepares and their decision; time is virtual and a seed
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pykv.errors import TransactionConflict
 from pykv.raft import Message, RaftConfig
 from pykv.raft.errors import NotLeader
 from pykv.raft.messages import PersistentState, Snapshot
@@ -43,7 +46,7 @@ from pykv.replica.host import ReplicaHost
 from pykv.replica.shard import COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE, ShardState
 from pykv.replica.stored import StoredShardState
 from pykv.sim.listappend import Txn, check_serializable
-from pykv.txn.model import CommitRequest, Versioned, WriteOp
+from pykv.txn.model import CommitRequest, ScanPasses, Versioned, WriteOp
 from pykv.types import OpKind
 
 TICK = 0.01  # virtual seconds per Raft tick
@@ -57,6 +60,7 @@ class TxnSimParams:
     shards: int = 3
     lists: int = 6  # keys the transactions read and append to
     clients: int = 4
+    scanners: int = 1  # clients that take consistent scans of every list (api.scan's passes)
     fault_time: float = 8.0  # virtual seconds of faults, then everything heals
     settle_time: float = 20.0  # then no new transactions: recovery settles what is prepared
     loss: float = 0.03  # probability that a message or request is lost
@@ -234,6 +238,8 @@ class TxnWorld:
             self.at(TICK * self.rng.random(), lambda n=n: self._tick(n))
         for c in range(p.clients):
             self.spawn(self._client(c))
+        for c in range(p.scanners):
+            self.spawn(self._scanner(p.clients + c))
         self.at(self.rng.expovariate(1 / p.crash_every), self._crash_some)
         self.at(self.rng.expovariate(1 / p.partition_every), self._partition_some)
         self.at(p.recovery_after / 4, self._recover)
@@ -399,6 +405,12 @@ class TxnWorld:
                     done(result, None)
                 else:
                     host.read(call.group, versions, keys, done)
+            elif call.kind == "scan":  # as the node's SCAN: tombstones included, after locks
+
+                def items(state: ShardState) -> list:
+                    return [[k, v.to_wire()] for k, v in state.scan("list", None, None, None, True)]
+
+                host.read(call.group, items, None, done)
             else:
                 if call.finish:
                     done = self._then_finish(done, call.args[0]["txid"], call.finish)
@@ -454,6 +466,38 @@ class TxnWorld:
             txid = (client + 1) << 32 | n
             yield from self._transaction(txid, rng)
             yield Sleep(rng.uniform(0.0, 0.05))
+
+    def _scanner(self, client: int) -> Task:
+        """Consistent scans of every list, recorded as read-only transactions: the history
+        check then requires each to be one snapshot, serialized inside its own lifetime."""
+        rng = random.Random(self.rng.getrandbits(32))
+        n = 0
+        while self.accepting:
+            n += 1
+            yield from self._scan((client + 1) << 32 | n)
+            yield Sleep(rng.uniform(0.05, 0.3))
+
+    def _scan(self, txid: int) -> Task:
+        start = self.now
+        passes = ScanPasses()
+        while True:
+            runs = []
+            for gid in range(self.p.shards):
+                status, items = yield from self._call(gid, "scan", [])
+                if status != "ok":
+                    return  # no scan: nothing to record
+                runs.append([(k, Versioned.from_wire(v)) for k, v in items])
+            try:
+                if passes.feed(list(heapq.merge(*runs, key=lambda item: item[0]))):
+                    break
+            except TransactionConflict:
+                self.events["scans given up"] += 1
+                return
+        found = {key: version.value for key, version in passes.result}
+        reads = [("r", f"list{i}", tuple(found[f"list{i}"]) if f"list{i}" in found else None)
+                 for i in range(self.p.lists)]
+        self.events["consistent scans"] += 1
+        self.history.append(Txn(txid, tuple(reads), True, start, self.now))
 
     def _transaction(self, txid: int, rng: random.Random) -> Task:
         start = self.now

@@ -7,7 +7,9 @@ import dataclasses
 import pytest
 
 import pykv.replica.shard as shard
+from pykv.sim import txnworld
 from pykv.sim.txnworld import TXN_MIXES, TxnWorld, run_txn_seed
+from pykv.txn.model import first_live
 
 
 @pytest.mark.parametrize("mix", list(TXN_MIXES))
@@ -33,7 +35,7 @@ def test_faults_and_recoveries_really_happen():
         seen |= {kind for kind, n in run_txn_seed(seed, TXN_MIXES["base"]).events.items() if n}
     assert {
         "crashes", "partitions", "snapshot installs", "clients vanished after prepare",
-        "prepares settled by recovery",
+        "prepares settled by recovery", "consistent scans",
     } <= seen
 
 
@@ -66,5 +68,18 @@ def test_the_check_catches_a_participant_that_loses_a_committed_part(monkeypatch
         return finish(self, txid, commit)
 
     monkeypatch.setattr(shard.ShardState, "_finish", dropping_finish)
+    result = run_txn_seed(0, TXN_MIXES["base"])
+    assert not result.ok and result.kind == "not serializable"
+
+
+def test_consistent_scans_are_snapshots_and_one_pass_scans_are_caught(monkeypatch):
+    """A scanner records each consistent scan of every list as a read-only transaction; the
+    strict-serializability check passes it (above) only if it is one snapshot. A scan that
+    stopped after one pass reads shards at different moments, and the check says so."""
+    def one_pass(self, items):
+        self.result = first_live(items, None, deleted=False)
+        return True
+
+    monkeypatch.setattr(txnworld.ScanPasses, "feed", one_pass)
     result = run_txn_seed(0, TXN_MIXES["base"])
     assert not result.ok and result.kind == "not serializable"
