@@ -1,4 +1,5 @@
-"""`pykv status`: a table of every node and shard (role, leader, term, commit, applied, lag)."""
+"""`pykv status`: a table of every node and shard (role, leader, term, commit, applied, lag,
+prepared transactions)."""
 
 from __future__ import annotations
 
@@ -58,11 +59,14 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
             for shard, group in _groups(status):
                 best_commit[shard] = max(best_commit.get(shard, 0), group["commit"])
     table = Table(title="pykv status")
-    for column in ("node", "address", "shard", "role", "leader", "term", "commit", "applied", "lag", "keys"):
+    # prepared: transactions holding locks on the replica, waiting for their decision.
+    columns = ("node", "address", "shard", "role", "leader", "term", "commit", "applied", "lag",
+               "prepared", "keys")
+    for column in columns:
         table.add_column(column, justify="right" if column not in ("address", "role") else "left")
     for address, status in statuses.items():
         if not isinstance(status, dict):
-            table.add_row("?", address, "-", f"[red]down[/red] ({status})", *["-"] * 6)
+            table.add_row("?", address, "-", f"[red]down[/red] ({status})", *["-"] * (len(columns) - 4))
             continue
         for shard, group in _groups(status):
             role = group["role"] + (" (quiesced)" if group.get("quiesced") else "")
@@ -71,7 +75,8 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
                 str(status["node_id"]), address, shard,
                 f"[{style}]{role}[/{style}]" if style else role,
                 str(group["leader"]), str(group["term"]), str(group["commit"]),
-                str(group["applied"]), str(best_commit[shard] - group["applied"]), str(group["keys"]),
+                str(group["applied"]), str(best_commit[shard] - group["applied"]),
+                str(group.get("prepared", 0)), str(group["keys"]),
             )
     return table
 
