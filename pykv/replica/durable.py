@@ -15,10 +15,11 @@ the snapshot (the snapshot file itself is written and fsync'd *before* the marke
 marker never points at a missing file); entries overwrite the stored log from their first
 index on (a new leader may have truncated a conflicting suffix); the last hard state wins.
 
-Memory: a snapshot's data stays in its file. What Raft keeps of it is a ``SnapshotFile``
+Memory: a snapshot's image stays in its file. What Raft keeps of it is a ``SnapshotFile``
 handle, loaded only to restore a state machine or to send InstallSnapshot, so a node does
-not hold a copy of every shard's state; and the recovered log of a group is let go once
-the group has taken it (``release``).
+not hold a copy of every shard's state (a shard whose storage is its own snapshot writes
+no image at all: pykv.replica.host.StateImage); and the recovered log of a group is let go
+once the group has taken it (``release``).
 
 Compaction: after a group snapshots at index i, records that only hold that group's entries
 <= i are garbage. ``NodeLog`` tracks, per group, the lsn of the oldest record it still
