@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pykv.errors import TransactionConflict
+from pykv.errors import TransactionConflict, Unavailable
 from pykv.raft import Message, RaftConfig
 from pykv.raft.errors import NotLeader
 from pykv.raft.messages import PersistentState, Snapshot
@@ -415,8 +415,8 @@ class TxnWorld:
                 if call.finish:
                     done = self._then_finish(done, call.args[0]["txid"], call.finish)
                 host.propose(call.group, call.kind, call.args, done, call.writes)
-        except Exception as exc:  # noqa: BLE001 - NotLeader, Unavailable: the caller retries
-            done(None, exc)
+        except Unavailable as exc:  # NotLeader too: the caller retries. Anything else is a
+            done(None, exc)  # bug, and it stops the run loudly.
         self._cycle(call.node)
 
     def _then_finish(self, done: Callable, txid: int, others: tuple[int, ...]) -> Callable:
