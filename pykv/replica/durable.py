@@ -178,7 +178,7 @@ class NodeLog:
     def save_snapshot(self, group: int, snapshot: Snapshot) -> SnapshotFile:
         """Write a snapshot file durably (temp file, fsync, rename, fsync the directory);
         the handle to its data."""
-        path = self.snap_dir / f"g{group}.snap"
+        path = self._snap_path(group)
         tmp = path.with_suffix(".tmp")
         written_at = self.wal.last_lsn if hasattr(self, "wal") else 0
         with open(tmp, "wb") as f:
@@ -189,11 +189,14 @@ class NodeLog:
         os.replace(tmp, path)
         if self._fsync != "off":
             _fsync_dir(self.snap_dir)
-        return SnapshotFile(path, snapshot.meta.index)
+        return self.snapshot_file(group, snapshot.meta.index)
 
     def snapshot_file(self, group: int, index: int) -> SnapshotFile:
         """The handle to the group's saved snapshot at ``index``."""
-        return SnapshotFile(self.snap_dir / f"g{group}.snap", index)
+        return SnapshotFile(self._snap_path(group), index)
+
+    def _snap_path(self, group: int) -> Path:
+        return self.snap_dir / f"g{group}.snap"
 
     def persist(self, work: Iterable[GroupWork], *, wait: bool = True) -> int:
         """Write a batch: snapshot files first, then one WAL record. Returns its lsn.
@@ -235,7 +238,7 @@ class NodeLog:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-        (self.snap_dir / f"g{group}.snap").unlink(missing_ok=True)
+        self._snap_path(group).unlink(missing_ok=True)
         if self._fsync != "off":
             _fsync_dir(self.snap_dir)
         self.dropped[group] = lsn

@@ -479,8 +479,9 @@ class ShardState:
         self.resolver_names = {}
         for prefix, name in raw["resolvers"].items():
             self._register(prefix, name)
-        self.outcomes = _remembered(self.remembered, raw["outcomes"], raw.get("watermarks", [0, 0])[0])
-        self.decisions = _remembered(self.remembered, raw["decisions"], raw.get("watermarks", [0, 0])[1])
+        outcomes_mark, decisions_mark = raw.get("watermarks", (0, 0))  # older snapshots: none
+        self.outcomes = _remembered(self.remembered, raw["outcomes"], outcomes_mark)
+        self.decisions = _remembered(self.remembered, raw["decisions"], decisions_mark)
         self.prepared = {}
         self.locks = {}
         self.shared = {}

@@ -142,6 +142,7 @@ class StoredShardState(ShardState):
         self._batch = []  # loading re-journals nothing
 
     def _watermarks_row(self) -> Update:
+        """The _WATERMARKS row, for a flush or a restore (which always write it)."""
         self._watermarks_stored = True
         return Update(_WATERMARKS, pack([self.outcomes.watermark, self.decisions.watermark]), b"", 0)
 

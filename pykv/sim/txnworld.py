@@ -125,7 +125,10 @@ class TxnSimResult:
 
 
 class SimDisk:
-    """One node's durable Raft state (the NodeLog interface the host uses), in memory."""
+    """One node's durable Raft state (the NodeLog interface the host uses), in memory. It
+    keeps what NodeLog would recover: a snapshot keeps the entries after its index, and new
+    entries replace the stored log from their first index (pykv.sim.world.Disk models one
+    group's torn writes instead, and drops every entry at a snapshot as Raft's log does)."""
 
     def __init__(self) -> None:
         self.states: dict[int, PersistentState] = {}
