@@ -37,6 +37,7 @@ DROP = 31  # [shard] -> None: stop hosting a replica this node was removed from
 WIPE = 32  # [shard] -> outcome: forget every key, resolver and outcome of the shard
 LEAVE = 33  # [META_GROUP, node id] -> map version: take a node out of the shard map
 PING = 34  # None -> None: the node's loop is alive (the metadata leader's liveness probe)
+SNAPSHOT_CHUNK = 35  # one-way: a piece of an InstallSnapshot image (pykv.server.snapshots)
 
 META_GROUP = 1 << 20  # the Raft group id of the metadata group (shard groups are 0..Q-1)
 
@@ -75,6 +76,6 @@ def unwrap(reply: Any) -> Any:
 __all__ = [
     "COMMIT", "COMMIT_DECIDE", "CONF", "DROP", "HOST", "JOIN",
     "LEAVE", "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PING", "PREPARE", "RAFT", "READ",
-    "REDIRECT", "RESOLVER", "Redirect", "SCAN", "SHARD_MAP", "STATUS",
+    "REDIRECT", "RESOLVER", "Redirect", "SCAN", "SHARD_MAP", "SNAPSHOT_CHUNK", "STATUS",
     "error_from_reply", "unwrap",
 ]

@@ -91,6 +91,7 @@ class FramedProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self._loop = asyncio.get_running_loop()
+        self._writable: asyncio.Future[None] | None = None  # set while the transport is full
 
     # --- asyncio callbacks ------------------------------------------------------------------
 
@@ -128,6 +129,7 @@ class FramedProtocol(asyncio.Protocol):
             log.error("connection %s ended badly: reset inside a frame (%d bytes)",
                       self._described(), self._decoder.buffered)
         self.closed = True
+        self.resume_writing()  # a writer waiting in drain() sees the connection closed
         self.lost(exc)
 
     # --- writing ----------------------------------------------------------------------------
@@ -144,6 +146,22 @@ class FramedProtocol(asyncio.Protocol):
         transport = self.transport
         if out and transport is not None and not transport.is_closing():
             transport.write(b"".join(out))  # a single frame is not copied by join
+
+    async def drain(self) -> None:
+        """Send what is queued and wait while the transport's buffer is full: a writer of
+        many large frames (a snapshot) waits here instead of buffering all of them."""
+        self._flush()
+        if self._writable is not None and not self.closed:
+            await asyncio.shield(self._writable)
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
 
     # --- errors and closing ------------------------------------------------------------------
 
@@ -218,10 +236,12 @@ class ServerProtocol(FramedProtocol):
     _in_flight = 0
 
     def pause_writing(self) -> None:
+        super().pause_writing()
         self._writes_blocked = True
         self._update_reading()
 
     def resume_writing(self) -> None:
+        super().resume_writing()
         self._writes_blocked = False
         self._update_reading()
 

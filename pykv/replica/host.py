@@ -361,7 +361,13 @@ class ReplicaHost:
                 continue
             group.read_waiting[ctx] = reads
 
-    def collect(self) -> Batch:
+    def collect(self, *, load_snapshots: bool = True) -> Batch:
+        """Every group's Ready, and the messages to send before and after persisting.
+
+        An InstallSnapshot message carries its image, made or read now; with
+        ``load_snapshots=False`` it carries the handle instead, for a driver that streams
+        the image itself (pykv.server.snapshots) and so reads it once per transfer.
+        """
         self._flush_reads()
         batch = Batch([], early=self._keepalives)
         self._keepalives = []
@@ -373,7 +379,7 @@ class ReplicaHost:
             rd = group.raft.ready()
             batch.readies.append((group, rd))
             messages = rd.messages
-            if any(m.snapshot is not None for m in messages):
+            if load_snapshots and any(m.snapshot is not None for m in messages):
                 messages = [_with_snapshot_data(m) for m in messages]
             # Only a leader in a term (and vote) that is already durable may send before
             # persisting (thesis §10.2.1); decided now, since the role may change while
@@ -383,6 +389,13 @@ class ReplicaHost:
             else:
                 batch.late.extend(messages)
         return batch
+
+    def snapshot_failed(self, gid: int, to: int) -> None:
+        """Sending group ``gid``'s snapshot to node ``to`` broke off: Raft probes it again."""
+        group = self.groups.get(gid)
+        if group is not None:
+            group.raft.report_snapshot(to, failed=True)
+            self._dirty.add(gid)
 
     def persist(self, batch: Batch, *, wait: bool = True) -> None:
         """Write the batch to the WAL; with ``wait``, block until it is fsync'd.

@@ -10,8 +10,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -37,6 +38,7 @@ PARTITIONS_HELP = (
 DEFAULT_REPLICAS = 3
 DEFAULT_VNODES = 64
 DEFAULT_DEAD_AFTER = 300.0
+DEFAULT_MAX_FRAME_MB = 64.0  # big transactions fit; snapshots travel in chunks of any total
 DEAD_AFTER_HELP = (
     "seconds a node may stay unreachable before the metadata leader takes it out of the shard "
     "map, as `cluster remove` would, and its shards move to live nodes (default 300; 0 = never). "
@@ -58,42 +60,25 @@ class ClusterConfig:
     reads: str = "safe"  # how leaders confirm reads: "safe" (ReadIndex) or "lease"
     dead_after: float = DEFAULT_DEAD_AFTER  # seconds before an unreachable node is replaced
     cache_mb: float = 64.0  # each node's read cache of shard values, shared by its shards
+    max_frame_mb: float = DEFAULT_MAX_FRAME_MB  # the largest frame a node sends or accepts
+    snapshot_every: int | None = None  # entries between snapshots (None: the node's budget)
 
     def active(self) -> dict[int, str]:
         return {n: a for n, a in self.nodes.items() if n not in self.removed}
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "nodes": {str(k): v for k, v in sorted(self.nodes.items())},
-                "partitions": self.partitions,
-                "replicas": self.replicas,
-                "vnodes": self.vnodes,
-                "initial": self.initial,
-                "state": self.state,
-                "removed": self.removed,
-                "reads": self.reads,
-                "dead_after": self.dead_after,
-                "cache_mb": self.cache_mb,
-            },
-            indent=2,
-        )
+        raw = asdict(self)
+        raw["nodes"] = {str(k): v for k, v in sorted(self.nodes.items())}
+        return json.dumps(raw, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ClusterConfig:
+        """The saved config; settings it predates take their defaults."""
         raw = json.loads(text)
-        return cls(
-            nodes={int(k): v for k, v in raw["nodes"].items()},
-            partitions=raw["partitions"],
-            replicas=raw["replicas"],
-            vnodes=raw["vnodes"],
-            initial=list(raw["initial"]),
-            state=raw.get("state", "storage"),
-            removed=list(raw.get("removed", [])),
-            reads=raw.get("reads", "safe"),
-            dead_after=raw.get("dead_after", DEFAULT_DEAD_AFTER),
-            cache_mb=raw.get("cache_mb", 64.0),
-        )
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in raw.items() if k in known})
+        config.nodes = {int(k): v for k, v in config.nodes.items()}
+        return config
 
 
 def load_config(data_dir: Path) -> ClusterConfig | None:
@@ -158,7 +143,10 @@ def serve_command(config: ClusterConfig, node_id: int, data_dir: Path) -> list[s
         "--reads", config.reads,
         "--dead-after", str(config.dead_after),
         "--cache-mb", str(config.cache_mb),
+        "--max-frame-mb", str(config.max_frame_mb),
     ]
+    if config.snapshot_every is not None:
+        argv += ["--snapshot-every", str(config.snapshot_every)]
     return argv
 
 
@@ -269,33 +257,20 @@ def cluster_up(
     nodes: int,
     base_port: int,
     *,
-    partitions: int = DEFAULT_PARTITIONS,
-    replicas: int = DEFAULT_REPLICAS,
-    vnodes: int = DEFAULT_VNODES,
     host: str = "127.0.0.1",
-    state: str = "storage",
-    reads: str = "safe",
-    dead_after: float = DEFAULT_DEAD_AFTER,
-    cache_mb: float = 64.0,
     timeout: float = 60.0,
     console: Console | None = None,
     env: dict | None = None,
+    **settings: Any,
 ) -> ClusterConfig:
     """Start (or restart, or grow) the cluster in data_dir; raise TimeoutError if not ready."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = load_config(data_dir)
     if config is None:
         ids = list(range(1, nodes + 1))
+        # settings: the other ClusterConfig fields (partitions, replicas, state, ...).
         config = ClusterConfig(
-            nodes={i: f"{host}:{base_port + i - 1}" for i in ids},
-            partitions=partitions,
-            replicas=replicas,
-            vnodes=vnodes,
-            initial=ids,
-            state=state,
-            reads=reads,
-            dead_after=dead_after,
-            cache_mb=cache_mb,
+            nodes={i: f"{host}:{base_port + i - 1}" for i in ids}, initial=ids, **settings
         )
     else:
         # Growing: new ids join the existing cluster; their ports continue the sequence.
@@ -422,6 +397,32 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def _at_least(minimum: float, cast: type) -> Any:
+    """An argparse type: ``cast`` of the text, refused below ``minimum`` with a clear error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {text}")
+        return value
+
+    return parse
+
+
+def add_log_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a node's Raft log traffic, for `pykv serve` and `cluster up` alike."""
+    # A frame must hold a Raft message carrying one entry with the largest value (1 MiB).
+    parser.add_argument("--max-frame-mb", type=_at_least(2.0, float), default=DEFAULT_MAX_FRAME_MB,
+                        help="the largest frame a node sends or accepts (MiB); snapshots travel "
+                             "in chunks of at most half of it")
+    parser.add_argument("--snapshot-every", type=_at_least(1, int), default=None, metavar="ENTRIES",
+                        help="applied entries between two snapshots of a group (default: a "
+                             "share of the node's log budget)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="start N nodes (or restart the missing ones) and wait for leaders")
@@ -441,6 +442,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help=DEAD_AFTER_HELP)
     up.add_argument("--cache-mb", type=float, default=64.0,
                     help="each node's read cache of shard values, shared by its shards (MiB)")
+    add_log_arguments(up)
     up.add_argument("--timeout", type=float, default=60.0)
     down = sub.add_parser("down", help="stop every node of the cluster in DIR")
     down.add_argument("--data-dir", required=True, type=Path)
@@ -477,6 +479,8 @@ def run(args: argparse.Namespace) -> int:
             reads=args.reads,
             dead_after=args.dead_after,
             cache_mb=args.cache_mb,
+            max_frame_mb=args.max_frame_mb,
+            snapshot_every=args.snapshot_every,
             timeout=args.timeout,
             console=console,
         )

@@ -13,6 +13,7 @@ from pykv.server.cmd_cluster import (
     DEFAULT_DEAD_AFTER,
     DEFAULT_PARTITIONS,
     PARTITIONS_HELP,
+    add_log_arguments,
 )
 from pykv.server.node import NodeConfig, serve_forever
 
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lease: no round trip, linearizable only under bounded clock drift")
     parser.add_argument("--dead-after", type=float, default=DEFAULT_DEAD_AFTER, metavar="SECONDS",
                         help=DEAD_AFTER_HELP)
+    add_log_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -82,6 +84,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         reads=args.reads,
         dead_after=args.dead_after,
         cache_bytes=int(args.cache_mb * (1 << 20)),
+        max_frame=int(args.max_frame_mb * (1 << 20)),
+        snapshot_every=args.snapshot_every,
     )
 
 

@@ -64,6 +64,7 @@ from pykv.client.transport import (
     RESOLVER,
     SCAN,
     SHARD_MAP,
+    SNAPSHOT_CHUNK,
     STATUS,
     WIPE,
 )
@@ -87,6 +88,7 @@ from pykv.replica.shard import RESOLVER as CMD_RESOLVER
 from pykv.replica.shard import WIPE as CMD_WIPE
 from pykv.replica.shard import ShardState, remembered_per_shard
 from pykv.replica.stored import StoredShardState
+from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender, is_install
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
 from pykv.txn.model import CommitRequest
@@ -116,7 +118,7 @@ class NodeConfig:
     quiesce_ticks: int = 100
     fsync: str = "always"
     recovery_after: float = 2.0
-    max_frame: int = 4 * DEFAULT_MAX_FRAME  # snapshots travel in one frame (zstd-compressed)
+    max_frame: int = 4 * DEFAULT_MAX_FRAME  # big transactions fit; snapshots go in chunks
     # Applied entries between two snapshots of a group (its Raft log lives in memory until
     # then); None: a share of one node-wide budget (pykv.replica.host.snapshot_every_for).
     snapshot_every: int | None = None
@@ -156,18 +158,27 @@ class _Peer:
     def send(self, wires: list) -> None:
         conn = self.conn
         if conn is not None and not conn.closed:
-            try:
-                conn.send(RAFT, [self.node.config.node_id, wires])
-            except ProtocolError as exc:
-                # Larger than max_frame (a huge snapshot): dropped; Raft will try again and
-                # the log says why the peer does not catch up.
-                log.error("cannot send %d Raft messages to node %d: %s", len(wires), self.peer_id, exc)
+            self._send_within_frames(conn, wires)
             return
         loop = asyncio.get_running_loop()
         if not self._connecting and loop.time() >= self._next_try:
             self._connecting = True
             loop.create_task(self._connect())
         # Messages to an unreachable peer are dropped; Raft retransmits what matters.
+
+    def _send_within_frames(self, conn: Connection, wires: list) -> None:
+        """One RAFT frame for the batch, or halves of it while it is larger than max_frame
+        (many groups' appends at once)."""
+        try:
+            conn.send(RAFT, [self.node.config.node_id, wires])
+        except ProtocolError as exc:
+            if len(wires) > 1:
+                half = len(wires) // 2
+                self._send_within_frames(conn, wires[:half])
+                self._send_within_frames(conn, wires[half:])
+                return
+            # One message over max_frame: dropped, and the log says why this peer lags.
+            log.error("cannot send a Raft message to node %d: %s", self.peer_id, exc)
 
     async def _connect(self) -> None:
         try:
@@ -176,6 +187,13 @@ class _Peer:
             self._next_try = asyncio.get_running_loop().time() + 0.2
         finally:
             self._connecting = False
+
+    async def connection(self) -> Connection | None:
+        """The open connection to this peer, connecting now if need be; None if unreachable."""
+        if self.conn is None or self.conn.closed:
+            await self._connect()
+        conn = self.conn
+        return conn if conn is not None and not conn.closed else None
 
 
 class _ServerProtocol(ServerProtocol):
@@ -188,6 +206,9 @@ class _ServerProtocol(ServerProtocol):
     def request_received(self, kind: int, request_id: int, body: Any) -> None:
         if kind == RAFT:
             self.node.on_raft(body)
+            return
+        if kind == SNAPSHOT_CHUNK:
+            self.node.on_snapshot_chunk(body)
             return
         self.node.counters["requests"] += 1
         self.node.handle(kind, body, lambda reply: self.respond(request_id, reply))
@@ -279,6 +300,11 @@ class Node:
         self._finishing: set[asyncio.Task] = set()  # FINISH calls to participants elsewhere
         self.router = Router(list(config.peers.values()), timeout=5.0, max_frame=config.max_frame)
         self._maintainer: Maintainer | None = None  # the shard stores' compaction thread
+        self.snapshots_out = SnapshotSender(
+            config.node_id, self._peer_connection, self._snapshot_failed,
+            chunk_bytes=min(CHUNK_BYTES, config.max_frame // 2),
+        )
+        self.snapshots_in = SnapshotReceiver(self._step_one)
         self.stopped = asyncio.Event()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -292,6 +318,8 @@ class Node:
             heartbeat_ticks=cfg.heartbeat_ticks,
             quiesce_ticks=cfg.quiesce_ticks,
             max_inflight=256,
+            # A peer's batch of messages travels in frames; one message must fit in one.
+            max_batch_bytes=min(1 << 20, cfg.max_frame // 4),
             read_only=cfg.reads,
         )
         self.host = ReplicaHost(
@@ -349,6 +377,7 @@ class Node:
         self._wakeup()
         if self._server is not None:
             self._server.close()
+        self.snapshots_out.close()
         for task in [*self._tasks, *self._finishing]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._finishing, return_exceptions=True)
@@ -395,7 +424,7 @@ class Node:
             if now >= next_tick:
                 host.tick()
                 next_tick = max(next_tick + tick, now + tick / 2)
-            batch = host.collect()
+            batch = host.collect(load_snapshots=False)  # images stream in chunks (_send)
             if batch.readies or batch.early:  # early: maybe only keepalives
                 self.counters["batches"] += 1
                 self.counters["entries_applied"] += sum(
@@ -428,6 +457,9 @@ class Node:
             return
         by_peer: dict[int, list] = defaultdict(list)
         for msg in messages:
+            if is_install(msg):
+                self.snapshots_out.send(msg)  # too big for a frame, maybe: in chunks
+                continue
             by_peer[msg.to].append(msg.to_wire())
         self.counters["raft_messages_out"] += len(messages)
         self.counters["raft_frames_out"] += len(by_peer)
@@ -444,9 +476,28 @@ class Node:
                 peer = self.peers[peer_id] = _Peer(self, peer_id, address)
         return peer
 
+    async def _peer_connection(self, peer_id: int) -> Connection | None:
+        peer = self._peer(peer_id)
+        return None if peer is None else await peer.connection()
+
+    def _snapshot_failed(self, gid: int, to: int) -> None:
+        if self.host is not None:
+            self.host.snapshot_failed(gid, to)
+            self._wakeup()
+
     def address_of(self, node_id: int) -> str | None:
         found = self.config.peers.get(node_id)
         return found if found is not None else self.current_map().addresses.get(node_id)
+
+    def on_snapshot_chunk(self, body: Any) -> None:
+        """A piece of a snapshot image (one-way); the last one steps its Raft message."""
+        self.snapshots_in.chunk(body)
+
+    def _step_one(self, msg: Message) -> None:
+        host = self.host
+        assert host is not None
+        host.step(msg)
+        self._wakeup()
 
     def on_raft(self, body: Any) -> None:
         """A batch of Raft messages from a peer (one-way)."""
@@ -700,6 +751,8 @@ class Node:
             "removed": self.removed(),
             "pending_moves": self.moves_pending(),
             "counters": dict(self.counters),
+            # InstallSnapshot images streamed to peers to the end, and received whole.
+            "snapshots": {"sent": self.snapshots_out.sent, "received": self.snapshots_in.received},
             "reads": self.config.reads,
         }
 

@@ -1,0 +1,209 @@
+"""InstallSnapshot over the wire in chunks, so that a shard's image may be larger than a frame.
+
+Raft hands the node a SNAP message carrying a handle to the image (pykv.replica.durable).
+Rather than one frame holding the whole image (refused beyond ``max_frame``, and blocking
+every other group's traffic on that connection while it travels), ``SnapshotSender``
+streams the image to the follower's node as SNAPSHOT_CHUNK frames of at most ``chunk_bytes``,
+waiting for the connection to drain between two, and the last chunk carries the Raft
+message itself. ``SnapshotReceiver`` puts the chunks back together and steps that message
+once the whole image has arrived.
+
+A chunk body is ``[from node, group, snapshot index, offset, total bytes, data, message]``
+where ``message`` is the SNAP message's wire form (its image left out) on the last chunk
+and None before. Chunks of one transfer arrive in order (one TCP connection); a gap, a
+chunk of another transfer, or a lost connection abandon the transfer, and Raft sends the
+snapshot again when it next probes the follower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from pykv.client.transport import SNAPSHOT_CHUNK
+from pykv.errors import ProtocolError
+from pykv.net.protocol import Connection
+from pykv.raft.messages import Message, MsgType, Snapshot
+from pykv.replica.durable import snapshot_data
+
+log = logging.getLogger("pykv.snapshots")
+
+CHUNK_BYTES = 1 << 20
+# A partial image that has not grown for this long is dropped (its sender is gone).
+STALE_AFTER_S = 60.0
+
+
+def is_install(msg: Message) -> bool:
+    """Whether msg is an InstallSnapshot carrying an image (or a handle to one)."""
+    return msg.type == MsgType.SNAP and msg.snapshot is not None
+
+
+@dataclass
+class _Outgoing:
+    index: int
+    task: asyncio.Task
+
+
+class SnapshotSender:
+    """Streams InstallSnapshot images to peers, at most one per (peer, group) at a time."""
+
+    def __init__(
+        self,
+        node_id: int,
+        connect: Callable[[int], Awaitable[Connection | None]],
+        failed: Callable[[int, int], None],
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        self.node_id = node_id
+        self._connect = connect  # peer id -> its connection, or None when unreachable
+        self._failed = failed  # (group, peer): the transfer broke off; Raft should retry
+        self.chunk_bytes = chunk_bytes
+        self._outgoing: dict[tuple[int, int], _Outgoing] = {}
+        self.sent = 0  # images streamed to the end (for status and tests)
+
+    def send(self, msg: Message) -> None:
+        """Start streaming msg's image, unless the same snapshot is already on its way there
+        (Raft re-sends it each time it probes a follower that is still catching up)."""
+        assert msg.snapshot is not None
+        key = (msg.to, msg.group)
+        index = msg.snapshot.meta.index
+        running = self._outgoing.get(key)
+        if running is not None and not running.task.done():
+            if running.index == index:
+                return
+            running.task.cancel()  # a newer snapshot replaces it
+        task = asyncio.get_running_loop().create_task(self._stream(msg))
+        self._outgoing[key] = _Outgoing(index, task)
+        task.add_done_callback(lambda t: self._ended(key, t))
+
+    def _ended(self, key: tuple[int, int], task: asyncio.Task) -> None:
+        current = self._outgoing.get(key)
+        if current is not None and current.task is task:
+            del self._outgoing[key]
+
+    async def _stream(self, msg: Message) -> None:
+        assert msg.snapshot is not None
+        to, group, index = msg.to, msg.group, msg.snapshot.meta.index
+        try:
+            # Made (or read from its file) only now: not again for each probe while it travels.
+            image = snapshot_data(msg.snapshot.data)
+            conn = await self._connect(to)
+            if conn is None:
+                raise ConnectionError(f"node {to} is unreachable")
+            head = replace(msg, snapshot=Snapshot(msg.snapshot.meta, None)).to_wire()
+            total = len(image)
+            started = time.monotonic()
+            view = memoryview(image)
+            offset = 0
+            while True:
+                end = min(total, offset + self.chunk_bytes)
+                last = end == total
+                conn.send(SNAPSHOT_CHUNK, [self.node_id, group, index, offset, total,
+                                           bytes(view[offset:end]), head if last else None])
+                await conn.drain()
+                if conn.closed:
+                    raise ConnectionError(f"the connection to node {to} closed")
+                if last:
+                    break
+                offset = end
+            self.sent += 1
+            log.info("sent the snapshot of group %d at index %d to node %d: %d bytes in %.2fs",
+                     group, index, to, total, time.monotonic() - started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: Raft retries the snapshot
+            log.warning("sending the snapshot of group %d at index %d to node %d failed: %s",
+                        group, index, to, exc)
+            self._failed(group, to)
+
+    def close(self) -> None:
+        for outgoing in self._outgoing.values():
+            outgoing.task.cancel()
+        self._outgoing.clear()
+
+
+@dataclass
+class _Incoming:
+    index: int
+    total: int
+    chunks: list[bytes] = field(default_factory=list)
+    received: int = 0
+    updated: float = 0.0
+
+
+class SnapshotReceiver:
+    """Puts images back together from SNAPSHOT_CHUNK bodies and steps each whole message."""
+
+    def __init__(self, step: Callable[[Message], None], *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._step = step
+        self._clock = clock
+        self._incoming: dict[tuple[int, int], _Incoming] = {}
+        self.received = 0  # whole images stepped (for status and tests)
+
+    def chunk(self, body: Any) -> None:
+        """One chunk. Raises ProtocolError for a malformed one (the connection then closes)."""
+        frm, group, index, offset, total, data, head = _parse(body)
+        now = self._clock()
+        self._drop_stale(now)
+        key = (frm, group)
+        incoming = self._incoming.get(key)
+        if offset == 0:
+            incoming = self._incoming[key] = _Incoming(index, total)
+        elif incoming is None or (incoming.index, incoming.total, incoming.received) != (index, total, offset):
+            # The start of this transfer went missing (a reconnect, or a newer snapshot
+            # started): drop it; Raft sends the snapshot again.
+            self._incoming.pop(key, None)
+            log.warning("dropped a chunk of group %d's snapshot at index %d from node %d: "
+                        "it does not continue a transfer", group, index, frm)
+            return
+        incoming.chunks.append(data)
+        incoming.received += len(data)
+        incoming.updated = now
+        if incoming.received > total:
+            self._incoming.pop(key, None)
+            raise ProtocolError(f"snapshot chunks of group {group} exceed their total of {total} bytes")
+        if head is None:
+            return
+        del self._incoming[key]
+        if incoming.received != total:
+            raise ProtocolError(f"snapshot of group {group} ended at {incoming.received} of {total} bytes")
+        msg = _message(head, frm, group, index)
+        self.received += 1
+        self._step(replace(msg, snapshot=Snapshot(msg.snapshot.meta, b"".join(incoming.chunks))))
+
+    def _drop_stale(self, now: float) -> None:
+        for key, incoming in list(self._incoming.items()):
+            if now - incoming.updated > STALE_AFTER_S:
+                del self._incoming[key]
+
+    @property
+    def partial(self) -> int:
+        """Transfers under way."""
+        return len(self._incoming)
+
+
+def _parse(body: Any) -> tuple[int, int, int, int, int, bytes, Any]:
+    if not (isinstance(body, list) and len(body) == 7):
+        raise ProtocolError("a SNAPSHOT_CHUNK body must be [from, group, index, offset, total, data, message]")
+    frm, group, index, offset, total, data, head = body
+    if not all(isinstance(v, int) and v >= 0 for v in (frm, group, index, offset, total)):
+        raise ProtocolError("a SNAPSHOT_CHUNK's from, group, index, offset and total must be ints >= 0")
+    if not isinstance(data, bytes):
+        raise ProtocolError("a SNAPSHOT_CHUNK's data must be bytes")
+    return frm, group, index, offset, total, data, head
+
+
+def _message(head: Any, frm: int, group: int, index: int) -> Message:
+    try:
+        msg = Message.from_wire(head)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ProtocolError(f"malformed snapshot message: {exc}") from None
+    if not is_install(msg) or (msg.frm, msg.group, msg.snapshot.meta.index) != (frm, group, index):
+        raise ProtocolError("a snapshot's last chunk must carry its own InstallSnapshot message")
+    return msg

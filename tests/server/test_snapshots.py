@@ -1,0 +1,250 @@
+"""InstallSnapshot images travel in chunks over a real connection on 127.0.0.1: an image
+larger than a frame arrives whole, once per transfer, and a broken transfer is reported to
+Raft and never stepped half-received."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from pykv.client.transport import SNAPSHOT_CHUNK
+from pykv.errors import ProtocolError
+from pykv.net.framing import encode_frame
+from pykv.net.protocol import Connection, ServerProtocol, new_event_loop
+from pykv.raft.messages import ConfState, Message, MsgType, Snapshot, SnapshotMeta
+from pykv.server.snapshots import SnapshotReceiver, SnapshotSender
+
+MAX_FRAME = 256 << 10
+CHUNK = 64 << 10
+
+
+def run(coro):
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def install(image: object, *, index: int = 40, group: int = 3, frm: int = 1, to: int = 2) -> Message:
+    meta = SnapshotMeta(index, 2, ConfState(frozenset({1, 2, 3})))
+    return Message(MsgType.SNAP, to=to, frm=frm, term=2, snapshot=Snapshot(meta, image), group=group)
+
+
+class Handle:
+    """A snapshot handle as Raft holds one (pykv.replica.durable): loaded on demand, counted."""
+
+    def __init__(self, image: bytes) -> None:
+        self.image = image
+        self.loads = 0
+
+    def load(self) -> bytes:
+        self.loads += 1
+        return self.image
+
+
+class Follower(ServerProtocol):
+    """The receiving node's end: SNAPSHOT_CHUNK bodies go to a SnapshotReceiver."""
+
+    def __init__(self, rig: Rig) -> None:
+        super().__init__(MAX_FRAME)
+        self.rig = rig
+        rig.connections.append(self)
+
+    held = False
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if self.rig.hold:  # a slow follower: the sender must wait for the connection to drain
+            self.held = True
+            # (after this callback: uvloop starts reading once connection_made returns)
+            self._loop.call_soon(transport.pause_reading)
+
+    def _update_reading(self) -> None:
+        if not self.held:  # (flow control would resume reading)
+            super()._update_reading()
+
+    def release(self) -> None:
+        self.held = False
+        self.transport.resume_reading()
+
+    def request_received(self, kind: int, request_id: int, body: object) -> None:
+        assert kind == SNAPSHOT_CHUNK
+        self.rig.chunks += 1
+        self.rig.receiver.chunk(body)
+
+
+class Rig:
+    def __init__(self, *, hold: bool = False) -> None:
+        self.hold = hold
+        self.stepped: list[Message] = []
+        self.receiver = SnapshotReceiver(self.stepped.append)
+        self.connections: list[Follower] = []
+        self.chunks = 0
+        self.failed: list[tuple[int, int]] = []
+
+    async def __aenter__(self) -> Rig:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: Follower(self), "127.0.0.1", 0)
+        address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        self.conn = await Connection.open(address, max_frame=MAX_FRAME)
+
+        async def connect(peer: int) -> Connection | None:
+            return self.conn
+
+        self.sender = SnapshotSender(1, connect, lambda g, to: self.failed.append((g, to)),
+                                     chunk_bytes=CHUNK)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.sender.close()
+        self.conn.close()
+        self.server.close()
+        await self.server.wait_closed()
+
+    def release(self) -> None:
+        self.connections[0].release()
+
+    async def until(self, condition, timeout: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, "the condition never held"
+            await asyncio.sleep(0.01)
+
+
+def test_an_image_larger_than_a_frame_arrives_whole_with_its_message():
+    image = os.urandom(3 << 20)  # incompressible, 12 times max_frame
+    with pytest.raises(ProtocolError, match="max_frame"):
+        encode_frame(SNAPSHOT_CHUNK, install(image).to_wire(), max_frame=MAX_FRAME)
+
+    async def main() -> None:
+        async with Rig() as rig:
+            handle = Handle(image)
+            rig.sender.send(install(handle))
+            await rig.until(lambda: rig.stepped)
+            (msg,) = rig.stepped
+            assert msg.snapshot.data == image
+            assert (msg.type, msg.frm, msg.to, msg.group, msg.term) == (MsgType.SNAP, 1, 2, 3, 2)
+            assert msg.snapshot.meta == install(b"").snapshot.meta
+            assert rig.chunks == len(image) // CHUNK
+            assert (handle.loads, rig.sender.sent, rig.failed) == (1, 1, [])
+
+    run(main())
+
+
+def test_a_resent_snapshot_already_on_its_way_is_not_sent_again():
+    # Raft sends InstallSnapshot again each time it probes a follower still catching up.
+    image = os.urandom(2 << 20)
+
+    async def main() -> None:
+        async with Rig() as rig:
+            handle = Handle(image)
+            for _ in range(5):
+                rig.sender.send(install(handle))
+            await rig.until(lambda: rig.stepped)
+            await asyncio.sleep(0.1)
+            assert len(rig.stepped) == 1 and handle.loads == 1
+            assert rig.chunks == len(image) // CHUNK
+            # Once it has arrived, a new request (the follower fell behind again) is sent.
+            rig.sender.send(install(handle))
+            await rig.until(lambda: len(rig.stepped) == 2)
+
+    run(main())
+
+
+def test_a_newer_snapshot_replaces_one_under_way_and_only_it_is_stepped():
+    async def main() -> None:
+        async with Rig(hold=True) as rig:
+            rig.sender.send(install(Handle(os.urandom(32 << 20)), index=40))
+            await asyncio.sleep(0.3)  # stuck: far more than the socket buffers hold
+            assert rig.sender.sent == 0
+            newer = os.urandom(1 << 20)
+            rig.sender.send(install(Handle(newer), index=90))
+            rig.release()
+            await rig.until(lambda: rig.stepped)
+            await asyncio.sleep(0.1)
+            assert [m.snapshot.meta.index for m in rig.stepped] == [90]
+            assert rig.stepped[0].snapshot.data == newer
+
+    run(main())
+
+
+def test_a_transfer_cut_off_is_reported_and_never_stepped():
+    async def main() -> None:
+        async with Rig(hold=True) as rig:
+            rig.sender.send(install(Handle(os.urandom(32 << 20))))
+            await asyncio.sleep(0.3)
+            assert rig.sender.sent == 0
+            rig.connections[0].transport.abort()  # the follower's node went away
+            await rig.until(lambda: rig.failed)
+            assert rig.failed == [(3, 2)]  # (group, follower): Raft probes it again
+            assert rig.stepped == []
+
+    run(main())
+
+
+def chunk(offset: int, total: int, data: bytes, head=None, index: int = 40) -> list:
+    return [1, 3, index, offset, total, data, head]
+
+
+def test_receiver_drops_a_transfer_whose_start_it_missed():
+    stepped: list[Message] = []
+    receiver = SnapshotReceiver(stepped.append)
+    head = install(None).to_wire()
+    receiver.chunk(chunk(4, 8, b"5678", head))  # its first chunk never came (a reconnect)
+    assert stepped == [] and receiver.partial == 0
+    receiver.chunk(chunk(0, 8, b"1234"))
+    receiver.chunk(chunk(0, 8, b"abcd"))  # restarted: the old pieces are dropped
+    receiver.chunk(chunk(4, 8, b"efgh", head))
+    assert [m.snapshot.data for m in stepped] == [b"abcdefgh"]
+    assert receiver.partial == 0
+
+
+def test_receiver_drops_a_transfer_left_unfinished_for_a_minute():
+    now = [0.0]
+    receiver = SnapshotReceiver(lambda m: None, clock=lambda: now[0])
+    receiver.chunk(chunk(0, 8, b"1234"))
+    assert receiver.partial == 1
+    now[0] = 61.0
+    receiver.chunk([2, 5, 7, 0, 4, b"abcd", None])  # another transfer arrives later
+    assert receiver.partial == 1  # only the new one is held
+
+
+@pytest.mark.parametrize("body, error", [
+    ([1, 3, 40, 0, 8], "must be"),
+    ([1, 3, -1, 0, 8, b"12", None], "ints >= 0"),
+    ([1, 3, 40, 0, 8, "text", None], "bytes"),
+    ([1, 3, 40, 0, 2, b"123", None], "exceed"),
+])
+def test_receiver_refuses_malformed_chunks(body, error):
+    with pytest.raises(ProtocolError, match=error):
+        SnapshotReceiver(lambda m: None).chunk(body)
+
+
+def test_receiver_refuses_a_last_chunk_that_is_short_or_carries_another_message():
+    head = install(None).to_wire()
+    receiver = SnapshotReceiver(lambda m: None)
+    with pytest.raises(ProtocolError, match="ended at 4 of 8"):
+        receiver.chunk(chunk(0, 8, b"1234", head))
+    with pytest.raises(ProtocolError, match="its own InstallSnapshot"):
+        receiver.chunk(chunk(0, 4, b"1234", install(None, group=9).to_wire()))
+    heartbeat = Message(MsgType.HEARTBEAT, to=2, frm=1, term=2, group=3).to_wire()
+    with pytest.raises(ProtocolError, match="its own InstallSnapshot"):
+        receiver.chunk(chunk(0, 4, b"1234", heartbeat))
+    with pytest.raises(ProtocolError, match="malformed snapshot message"):
+        receiver.chunk(chunk(0, 4, b"1234", ["junk"]))
+
+
+def test_node_options_refuse_a_frame_too_small_for_a_value_and_a_zero_snapshot_interval(capsys):
+    from pykv.server.cli import build_parser
+    from pykv.server.cmd_serve import config_from_args
+
+    parser = build_parser()
+    base = ["serve", "--id", "1", "--data-dir", "/nonexistent"]
+    config = config_from_args(parser.parse_args([*base, "--max-frame-mb", "8", "--snapshot-every", "500"]))
+    assert (config.max_frame, config.snapshot_every) == (8 << 20, 500)
+    for bad, says in ((["--max-frame-mb", "0.5"], "must be at least 2.0"),
+                      (["--snapshot-every", "0"], "must be at least 1"),
+                      (["--snapshot-every", "ten"], "'ten' is not a number")):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, *bad])
+        assert says in capsys.readouterr().err
