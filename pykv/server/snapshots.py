@@ -106,6 +106,9 @@ class SnapshotSender:
                 conn.send(SNAPSHOT_CHUNK, [self.node_id, group, index, offset, total,
                                            bytes(view[offset:end]), head if last else None])
                 await conn.drain()
+                # drain() returns at once while the socket takes everything: yield anyway,
+                # or a big image would hold the loop (ticks, heartbeats) until it is all sent.
+                await asyncio.sleep(0)
                 if conn.closed:
                     raise ConnectionError(f"the connection to node {to} closed")
                 if last:
@@ -174,8 +177,10 @@ class SnapshotReceiver:
         if incoming.received != total:
             raise ProtocolError(f"snapshot of group {group} ended at {incoming.received} of {total} bytes")
         msg = _message(head, frm, group, index)
+        image = b"".join(incoming.chunks)
+        incoming.chunks.clear()  # not two copies of the image while it is restored
         self.received += 1
-        self._step(replace(msg, snapshot=Snapshot(msg.snapshot.meta, b"".join(incoming.chunks))))
+        self._step(replace(msg, snapshot=Snapshot(msg.snapshot.meta, image)))
 
     def _drop_stale(self, now: float) -> None:
         for key, incoming in list(self._incoming.items()):

@@ -131,6 +131,30 @@ def test_an_image_larger_than_a_frame_arrives_whole_with_its_message():
     run(main())
 
 
+def test_the_loop_runs_other_work_between_two_chunks():
+    # A node's loop also ticks every Raft group and sends heartbeats: a sender that held it
+    # for a whole big image would get its groups' leaders deposed meanwhile.
+    image = os.urandom(16 << 20)
+
+    async def main() -> None:
+        async with Rig() as rig:
+            loop = asyncio.get_running_loop()
+            turns = 0
+
+            def ticker() -> None:
+                nonlocal turns
+                turns += 1
+                if not rig.stepped:
+                    loop.call_soon(ticker)
+
+            loop.call_soon(ticker)
+            rig.sender.send(install(Handle(image)))
+            await rig.until(lambda: rig.sender.sent)
+            assert turns >= len(image) // CHUNK
+
+    run(main())
+
+
 def test_a_resent_snapshot_already_on_its_way_is_not_sent_again():
     # Raft sends InstallSnapshot again each time it probes a follower still catching up.
     image = os.urandom(2 << 20)
