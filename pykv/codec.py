@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 import msgpack
 import zstandard
@@ -30,6 +31,21 @@ def unpack(data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise CorruptData(f"undecodable msgpack ({len(data)} bytes): {exc}") from exc
+
+
+def unpack_stream(source: BinaryIO) -> Iterator[Any]:
+    """Decode, one by one, the pack()ed objects written back to back into a binary file,
+    reading it a piece at a time; raise CorruptData on garbage."""
+    unpacker = msgpack.Unpacker(source, raw=False, strict_map_key=False,
+                                max_buffer_size=_MAX_STREAM_OBJECT)
+    try:
+        yield from unpacker
+    except (ValueError, msgpack.FormatError, msgpack.StackError, msgpack.BufferFull) as exc:
+        raise CorruptData(f"undecodable msgpack stream: {exc}") from exc
+
+
+# The largest object unpack_stream() accepts: big enough for any run a writer packs.
+_MAX_STREAM_OBJECT = 1 << 30
 
 
 def encode_value(value: Value, limit: int = MAX_VALUE_BYTES) -> bytes:

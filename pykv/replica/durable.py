@@ -15,6 +15,10 @@ the snapshot (the snapshot file itself is written and fsync'd *before* the marke
 marker never points at a missing file); entries overwrite the stored log from their first
 index on (a new leader may have truncated a conflicting suffix); the last hard state wins.
 
+A snapshot file is a header, ``pack([meta, None, written_at, has_image])``, followed by
+the image itself (the state machine's ``snapshot_parts``), so an image is written and read
+a piece at a time (files of earlier releases hold the image inside the header: still read).
+
 Memory: a snapshot's image stays in its file. What Raft keeps of it is a ``SnapshotFile``
 handle, loaded only to restore a state machine or to send InstallSnapshot, so a node does
 not hold a copy of every shard's state (a shard whose storage is its own snapshot writes
@@ -29,17 +33,25 @@ record restates every group's hard state (so the hard states survive the deletio
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
+import tempfile
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import msgpack
 
 from pykv._engine.wal import WalWriter, read_wal
 from pykv.codec import pack, unpack
 from pykv.errors import CorruptData
 from pykv.raft.messages import Entry, HardState, PersistentState, Snapshot, SnapshotMeta
+
+COPY_BYTES = 1 << 20  # an image is copied into its snapshot file this much at a time
 
 
 @dataclass
@@ -59,13 +71,45 @@ class SnapshotFile:
     path: Path
     index: int
 
-    def load(self) -> Any:
-        meta_wire, data, _ = unpack(self.path.read_bytes())
-        if SnapshotMeta.from_wire(meta_wire).index != self.index:
-            # The file is only replaced together with the handle Raft keeps (both on the
-            # driver's thread): a stale handle is a bug, and sending the wrong image is worse.
-            raise CorruptData(f"{self.path} no longer holds the snapshot at index {self.index}")
-        return data
+    def open(self) -> BinaryIO | None:
+        """The image as a file to stream, positioned at its start; None when the snapshot
+        keeps no image (its state machine's storage is the snapshot)."""
+        f = open(self.path, "rb")
+        try:
+            meta_wire, inline, _, has_image, offset = _read_header(f)
+            if SnapshotMeta.from_wire(meta_wire).index != self.index:
+                # The file is only replaced together with the handle Raft keeps (both on the
+                # driver's thread): a stale handle is a bug, and sending the wrong image is worse.
+                raise CorruptData(f"{self.path} no longer holds the snapshot at index {self.index}")
+            if not has_image:
+                f.close()
+                return None if inline is None else io.BytesIO(inline)
+            f.seek(offset)
+            return f
+        except BaseException:
+            f.close()
+            raise
+
+    def load(self) -> bytes | None:
+        image = self.open()
+        if image is None:
+            return None
+        with image:
+            return image.read()
+
+
+def _read_header(f: BinaryIO) -> tuple[Any, Any, int, bool, int]:
+    """A snapshot file's header: (meta wire, an inline image of an older file or None,
+    written_at, whether the image follows, the offset where it starts)."""
+    unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=1 << 31)
+    try:
+        header = next(unpacker)
+    except (StopIteration, ValueError, msgpack.FormatError, msgpack.StackError) as exc:
+        raise CorruptData(f"{getattr(f, 'name', 'a snapshot file')} has no readable header: {exc}") from exc
+    if len(header) == 3:  # an earlier release: [meta, image, written_at]
+        return header[0], header[1], header[2], False, unpacker.tell()
+    meta_wire, _, written_at, has_image = header
+    return meta_wire, None, written_at, bool(has_image), unpacker.tell()
 
 
 def snapshot_data(data: Any) -> Any:
@@ -73,6 +117,36 @@ def snapshot_data(data: Any) -> Any:
     ``load()``: a SnapshotFile, or pykv.replica.host.StateImage)."""
     load = getattr(data, "load", None)
     return load() if load is not None else data
+
+
+def spool(parts: Iterable[bytes], directory: Path | None = None) -> BinaryIO:
+    """``parts`` written into an unnamed temporary file, rewound (it goes when closed)."""
+    f = tempfile.TemporaryFile(dir=directory)
+    try:
+        for part in parts:
+            f.write(part)
+        f.seek(0)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+@contextmanager
+def open_image(data: Any) -> Iterator[BinaryIO | None]:
+    """A snapshot's image as a binary file to stream from, whatever holds it: bytes, or a
+    handle with ``open()`` (a file) or only ``load()``; None when there is no image."""
+    opener = getattr(data, "open", None)
+    if opener is not None:
+        image = opener()
+    else:
+        loaded = snapshot_data(data)
+        image = None if loaded is None else io.BytesIO(loaded)
+    try:
+        yield image
+    finally:
+        if image is not None:
+            image.close()
 
 
 @dataclass
@@ -121,7 +195,8 @@ class NodeLog:
         groups: dict[int, _Recovered] = {}
         for path in self.snap_dir.glob("g*.snap"):
             group = int(path.stem[1:])
-            meta_wire, _, written_at = unpack(path.read_bytes())
+            with open(path, "rb") as f:
+                meta_wire, _, written_at, _, _ = _read_header(f)
             if written_at < dropped.get(group, 0):
                 continue
             meta = SnapshotMeta.from_wire(meta_wire)
@@ -181,8 +256,10 @@ class NodeLog:
         path = self._snap_path(group)
         tmp = path.with_suffix(".tmp")
         written_at = self.wal.last_lsn if hasattr(self, "wal") else 0
-        with open(tmp, "wb") as f:
-            f.write(pack([snapshot.meta.to_wire(), snapshot_data(snapshot.data), written_at]))
+        with open(tmp, "wb") as f, open_image(snapshot.data) as image:
+            f.write(pack([snapshot.meta.to_wire(), None, written_at, image is not None]))
+            if image is not None:
+                shutil.copyfileobj(image, f, COPY_BYTES)  # a piece at a time
             f.flush()
             if self._fsync != "off":
                 os.fsync(f.fileno())

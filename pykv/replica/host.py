@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 from pykv.errors import CorruptData, Unavailable
 from pykv.raft.errors import NotLeader
@@ -45,7 +45,7 @@ from pykv.raft.messages import (
 )
 from pykv.raft.node import RaftConfig, RaftNode, bootstrap_state
 from pykv.raft.quiescence import NodeLiveness
-from pykv.replica.durable import GroupWork, NodeLog, snapshot_data
+from pykv.replica.durable import GroupWork, NodeLog, open_image, snapshot_data, spool
 from pykv.replica.failpoints import failpoint
 from pykv.replica.shard import ShardState, encode_command
 
@@ -208,13 +208,13 @@ class ReplicaHost:
             and sm.applied_index < state.snapshot.meta.index
         ):
             # A durable state machine may already be past the snapshot: then it is kept.
-            image = snapshot_data(state.snapshot.data)
-            if image is None:
-                raise CorruptData(
-                    f"shard group {gid}: its storage is at index {sm.applied_index}, behind "
-                    f"its snapshot at {state.snapshot.meta.index}, which keeps no image"
-                )
-            sm.restore(image)
+            with open_image(state.snapshot.data) as image:
+                if image is None:
+                    raise CorruptData(
+                        f"shard group {gid}: its storage is at index {sm.applied_index}, behind "
+                        f"its snapshot at {state.snapshot.meta.index}, which keeps no image"
+                    )
+                sm.restore(image)
         if sm.durable and raft.log.offset > 0:
             raft.hold_snapshot_data(raft.log.offset, StateImage(sm))
         self.log.release(gid)  # the group holds its log now; the snapshot stays in its file
@@ -425,7 +425,10 @@ class ReplicaHost:
     def _apply_group(self, group: Group, rd: Ready) -> None:
         if rd.snapshot is not None and rd.snapshot.data is not None:
             index = rd.snapshot.meta.index
-            group.state.restore(rd.snapshot.data)
+            with open_image(rd.snapshot.data) as image:
+                if image is None:
+                    raise CorruptData(f"shard group {group.gid}: a snapshot to install has no image")
+                group.state.restore(image)  # streamed: the image may not fit in memory
             group.snapshot_index = index
             self.log.compacted(group.gid, index)
             # Persisted before apply: Raft may hold a handle instead of the image.
@@ -561,6 +564,10 @@ class StateImage:
 
     def load(self) -> bytes:
         return self.state.snapshot()
+
+    def open(self) -> BinaryIO:
+        """The image in a temporary file, written a piece at a time (never all in memory)."""
+        return spool(self.state.snapshot_parts())
 
 
 def _with_snapshot_data(msg: Message) -> Message:

@@ -13,8 +13,8 @@ map, which every node (founding or not) computes identically from its configurat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
 
 from pykv.cluster.shardmap import ShardMap
 from pykv.codec import pack, unpack
@@ -62,9 +62,10 @@ class MetaState(ShardState):
         self.map_bytes = cmd[2]
         return cmd[1], None
 
-    def snapshot(self) -> bytes:
-        return pack([super().snapshot(), self.map_bytes])
+    def snapshot_parts(self) -> Iterator[bytes]:
+        # One part: the group holds no keys, only the shard map.
+        yield pack([b"".join(super().snapshot_parts()), self.map_bytes])
 
-    def restore(self, data: bytes) -> None:
-        inner, self.map_bytes = unpack(data)
+    def restore(self, image: bytes | BinaryIO) -> None:
+        inner, self.map_bytes = unpack(image if isinstance(image, bytes) else image.read())
         super().restore(inner)

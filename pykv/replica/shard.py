@@ -45,16 +45,18 @@ Raft log in the node's WAL plus snapshots of this state (``snapshot``/``restore`
 
 from __future__ import annotations
 
+import io
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
+import msgpack
 from sortedcontainers import SortedDict
 
 from pykv import errors
-from pykv.codec import pack, unpack
-from pykv.errors import ProtocolError, TransactionConflict
+from pykv.codec import pack, unpack, unpack_stream
+from pykv.errors import CorruptData, ProtocolError, TransactionConflict
 from pykv.txn.model import ABSENT, CommitRequest, KeyUpdate, Versioned, first_live
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
@@ -68,6 +70,12 @@ REMEMBERED_TXIDS = 200_000  # per shard and table, unless the node says (remembe
 # rates a 2-core machine reaches, and a retry comes within the client's timeout (10 s).
 REMEMBERED_PER_NODE = 500_000
 MIN_REMEMBERED = 10_000
+
+# Snapshot images (snapshot_parts): the format, versions per run, the trailer's tag.
+IMAGE_FORMAT = 2
+IMAGE_RUN = 1_000
+IMAGE_RUN_BYTES = 1 << 20
+IMAGE_END = "end"
 
 
 def remembered_per_shard(partitions: int) -> int:
@@ -457,11 +465,18 @@ class ShardState:
 
     def snapshot(self) -> bytes:
         """The whole state as bytes (what InstallSnapshot carries and what restart loads)."""
-        return pack(
+        return b"".join(self.snapshot_parts())
+
+    def snapshot_parts(self) -> Iterator[bytes]:
+        """The image as a stream of msgpack objects, made as it is read, so that neither
+        end holds a whole shard in memory: a header (everything but the versions), runs
+        of at most IMAGE_RUN versions, and a trailer that counts them (a cut image is
+        refused, not half restored)."""
+        yield pack(
             {
+                "format": IMAGE_FORMAT,
                 "shard": self.shard,
                 "applied": self.applied_index,
-                "versions": [[k, v.to_wire()] for k, v in self._all_versions()],
                 "resolvers": self.resolver_names,
                 "outcomes": self.outcomes.entries(),
                 "decisions": self.decisions.entries(),
@@ -469,12 +484,35 @@ class ShardState:
                 "prepared": [_prepared_wire(p) for p in self.prepared.values()],
             }
         )
+        # A run is packed pair by pair (a msgpack array header, then the packed pairs), so
+        # it ends at IMAGE_RUN versions or IMAGE_RUN_BYTES, whichever comes first.
+        run: list[bytes] = []
+        size = count = 0
+        for k, v in self._all_versions():
+            pair = pack([k, v.to_wire()])
+            run.append(pair)
+            size += len(pair)
+            if len(run) == IMAGE_RUN or size >= IMAGE_RUN_BYTES:
+                count += len(run)
+                yield _array_header(len(run)) + b"".join(run)
+                run, size = [], 0
+        count += len(run)
+        if run:
+            yield _array_header(len(run)) + b"".join(run)
+        yield pack([IMAGE_END, count])
 
-    def restore(self, data: bytes) -> None:
-        """Replace the whole state with a snapshot()."""
-        raw = unpack(data)
+    def restore(self, image: bytes | BinaryIO) -> None:
+        """Replace the whole state with a snapshot() image (bytes, or a file to stream)."""
+        objects = unpack_stream(io.BytesIO(image) if isinstance(image, bytes) else image)
+        raw = next(objects, None)
+        if not isinstance(raw, dict):
+            raise CorruptData("a shard image must start with its header")
+        if "format" in raw:
+            versions: Iterator = _image_versions(objects)
+        else:  # the one-object image of earlier releases
+            versions = iter(raw["versions"])
         self.applied_index = raw["applied"]
-        self._replace_versions((k, Versioned.from_wire(v)) for k, v in raw["versions"])
+        self._replace_versions((k, Versioned.from_wire(v)) for k, v in versions)
         self.resolvers = ResolverRegistry()
         self.resolver_names = {}
         for prefix, name in raw["resolvers"].items():
@@ -494,6 +532,25 @@ class ShardState:
         request = CommitRequest.from_wire(request_wire)
         return Prepared(txid, coord, list(parts), [KeyUpdate.from_wire(u) for u in updates],
                         *self._lock_modes(request), request, since=since)
+
+
+def _array_header(length: int) -> bytes:
+    return msgpack.Packer().pack_array_header(length)
+
+
+def _image_versions(objects: Iterator[Any]) -> Iterator[list]:
+    """The [key, version wire] pairs of a streamed image, checked against its trailer."""
+    count = 0
+    for obj in objects:
+        if isinstance(obj, list) and len(obj) == 2 and obj[0] == IMAGE_END:
+            if obj[1] != count:
+                raise CorruptData(f"a shard image holds {count} versions; its trailer says {obj[1]}")
+            return
+        if not isinstance(obj, list):
+            raise CorruptData("a shard image's versions must come in runs (lists)")
+        count += len(obj)
+        yield from obj
+    raise CorruptData(f"a shard image ends after {count} versions, without its trailer")
 
 
 def _forgotten_outcome(txid: int) -> Outcome:

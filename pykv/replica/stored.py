@@ -31,7 +31,7 @@ import struct
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pykv.codec import decode_value, encode_value, pack, unpack
 from pykv.replica.shard import (
@@ -54,6 +54,8 @@ _APPLIED = b"\xffa"
 _APPLIED_ROW = Update(_APPLIED, b"", b"", 0)  # marks "some entry applied"; flush() writes the index
 _PREPARED = b"\xffp"
 _RESTORE_RUN = 4096  # remembered entries per run row when a snapshot is installed
+_RESTORE_BATCH = 2000  # rows per storage submit when a snapshot is installed, at most,
+_RESTORE_BATCH_BYTES = 4 << 20  # and bytes of values
 _RUNS = b"\xffm"  # + a big-endian run number: [[kind, txid, value, timestamp], ...] remembered in a flush
 _WATERMARKS = b"\xffw"  # [outcomes, decisions]: the newest request timestamps forgotten
 _TXID = struct.Struct(">Q")
@@ -262,12 +264,17 @@ class StoredShardState(ShardState):
         self._runs = _Runs(self.remembered)  # a fresh storage: no runs on disk
         self._watermarks_stored = False
         self._reset_store()
-        rows = [
-            Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp)
-            for k, v in items
-        ]
-        for start in range(0, len(rows), 2000):
-            self.store.submit(rows[start:start + 2000])
+        batch: list[Update] = []
+        size = 0
+        for k, v in items:  # submitted a bounded batch at a time: an image may not fit in memory
+            row = Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp)
+            batch.append(row)
+            size += len(row.value or b"")
+            if len(batch) == _RESTORE_BATCH or size >= _RESTORE_BATCH_BYTES:
+                self.store.submit(batch)
+                batch, size = [], 0
+        if batch:
+            self.store.submit(batch)
 
     def _reset_store(self) -> None:
         self.store.close()
@@ -297,9 +304,9 @@ class StoredShardState(ShardState):
                 return  # the replicated metadata sorts after every user key
             yield raw.decode("utf-8"), _versioned(stored)
 
-    def restore(self, data: bytes) -> None:
+    def restore(self, image: bytes | BinaryIO) -> None:
         """Replace everything with a snapshot (InstallSnapshot), durably, metadata included."""
-        super().restore(data)  # replaces the versions (fresh store) and the metadata in memory
+        super().restore(image)  # replaces the versions (fresh store) and the metadata in memory
         rows = [Update(_APPLIED, pack(self.applied_index), b"", 0), self._watermarks_row()]
         remembered = [("o", *entry) for entry in self.outcomes.entries()]
         remembered += [("d", *entry) for entry in self.decisions.entries()]
@@ -311,8 +318,8 @@ class StoredShardState(ShardState):
         rows += [Update(_meta_key("p", t), pack(_prepared_wire(p)), b"", 0)
                  for t, p in self.prepared.items()]
         self._batch = []
-        for start in range(0, len(rows), 2000):
-            self.store.submit(rows[start:start + 2000])
+        for start in range(0, len(rows), _RESTORE_BATCH):
+            self.store.submit(rows[start:start + _RESTORE_BATCH])
         self.make_durable()
 
     # --- durability and lifetime ------------------------------------------------------------------

@@ -304,7 +304,7 @@ class Node:
             config.node_id, self._peer_connection, self._snapshot_failed,
             chunk_bytes=min(CHUNK_BYTES, config.max_frame // 2),
         )
-        self.snapshots_in = SnapshotReceiver(self._step_one)
+        self.snapshots_in = SnapshotReceiver(self._step_one, config.data_dir / "incoming")
         self.stopped = asyncio.Event()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -378,6 +378,7 @@ class Node:
         if self._server is not None:
             self._server.close()
         self.snapshots_out.close()
+        self.snapshots_in.close()
         for task in [*self._tasks, *self._finishing]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._finishing, return_exceptions=True)

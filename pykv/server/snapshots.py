@@ -4,9 +4,12 @@ Raft hands the node a SNAP message carrying a handle to the image (pykv.replica.
 Rather than one frame holding the whole image (refused beyond ``max_frame``, and blocking
 every other group's traffic on that connection while it travels), ``SnapshotSender``
 streams the image to the follower's node as SNAPSHOT_CHUNK frames of at most ``chunk_bytes``,
-waiting for the connection to drain between two, and the last chunk carries the Raft
-message itself. ``SnapshotReceiver`` puts the chunks back together and steps that message
-once the whole image has arrived.
+read from a file (the snapshot's own, or one the shard's image is written into as it is
+made), waiting for the connection to drain between two, and the last chunk carries the
+Raft message itself. ``SnapshotReceiver`` writes the chunks into a file and steps that
+message, holding a handle to the file, once the whole image has arrived; the node then
+persists and restores the image from the file a piece at a time, so neither end holds a
+whole shard in memory.
 
 A chunk body is ``[from node, group, snapshot index, offset, total bytes, data, message]``
 where ``message`` is the SNAP message's wire form (its image left out) on the last chunk
@@ -18,17 +21,22 @@ snapshot again when it next probes the follower.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from pykv.client.transport import SNAPSHOT_CHUNK
-from pykv.errors import ProtocolError
+from pykv.errors import CorruptData, ProtocolError
 from pykv.net.protocol import Connection
 from pykv.raft.messages import Message, MsgType, Snapshot
-from pykv.replica.durable import snapshot_data
+from pykv.replica.durable import open_image
 
 log = logging.getLogger("pykv.snapshots")
 
@@ -90,30 +98,33 @@ class SnapshotSender:
         assert msg.snapshot is not None
         to, group, index = msg.to, msg.group, msg.snapshot.meta.index
         try:
-            # Made (or read from its file) only now: not again for each probe while it travels.
-            image = snapshot_data(msg.snapshot.data)
-            conn = await self._connect(to)
-            if conn is None:
-                raise ConnectionError(f"node {to} is unreachable")
-            head = replace(msg, snapshot=Snapshot(msg.snapshot.meta, None)).to_wire()
-            total = len(image)
-            started = time.monotonic()
-            view = memoryview(image)
-            offset = 0
-            while True:
-                end = min(total, offset + self.chunk_bytes)
-                last = end == total
-                conn.send(SNAPSHOT_CHUNK, [self.node_id, group, index, offset, total,
-                                           bytes(view[offset:end]), head if last else None])
-                await conn.drain()
-                # drain() returns at once while the socket takes everything: yield anyway,
-                # or a big image would hold the loop (ticks, heartbeats) until it is all sent.
-                await asyncio.sleep(0)
-                if conn.closed:
-                    raise ConnectionError(f"the connection to node {to} closed")
-                if last:
-                    break
-                offset = end
+            # Made (or opened in its file) only now: not again for each probe while it travels.
+            with open_image(msg.snapshot.data) as image:
+                if image is None:
+                    raise CorruptData("the snapshot keeps no image to send")
+                total = _remaining(image)
+                conn = await self._connect(to)
+                if conn is None:
+                    raise ConnectionError(f"node {to} is unreachable")
+                head = replace(msg, snapshot=Snapshot(msg.snapshot.meta, None)).to_wire()
+                started = time.monotonic()
+                offset = 0
+                while True:
+                    data = image.read(self.chunk_bytes)
+                    last = offset + len(data) >= total
+                    if not data and not last:
+                        raise CorruptData(f"the image ended at {offset} of {total} bytes")
+                    conn.send(SNAPSHOT_CHUNK, [self.node_id, group, index, offset, total,
+                                               data, head if last else None])
+                    await conn.drain()
+                    # drain() returns at once while the socket takes everything: yield anyway,
+                    # or a big image would hold the loop (ticks, heartbeats) until it is all sent.
+                    await asyncio.sleep(0)
+                    if conn.closed:
+                        raise ConnectionError(f"the connection to node {to} closed")
+                    if last:
+                        break
+                    offset += len(data)
             self.sent += 1
             log.info("sent the snapshot of group %d at index %d to node %d: %d bytes in %.2fs",
                      group, index, to, total, time.monotonic() - started)
@@ -130,21 +141,53 @@ class SnapshotSender:
         self._outgoing.clear()
 
 
+@dataclass(eq=False)
+class ReceivedImage:
+    """A received image, in a file of its own until nothing refers to it any more (the
+    snapshot was persisted and restored, and Raft then holds the node's own handle)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        weakref.finalize(self, _unlink, self.path)
+
+    def open(self) -> BinaryIO:
+        return open(self.path, "rb")
+
+    def load(self) -> bytes:
+        return self.path.read_bytes()
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
 @dataclass
 class _Incoming:
     index: int
     total: int
-    chunks: list[bytes] = field(default_factory=list)
+    file: BinaryIO
     received: int = 0
     updated: float = 0.0
 
+    def abandon(self) -> None:
+        self.file.close()
+        _unlink(Path(self.file.name))
+
 
 class SnapshotReceiver:
-    """Puts images back together from SNAPSHOT_CHUNK bodies and steps each whole message."""
+    """Puts images back together from SNAPSHOT_CHUNK bodies and steps each whole message.
 
-    def __init__(self, step: Callable[[Message], None], *,
+    Chunks go straight into a file in ``directory`` (emptied when the receiver starts: what
+    is there was left by a crash), so an image never has to fit in memory.
+    """
+
+    def __init__(self, step: Callable[[Message], None], directory: Path, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._step = step
+        self.directory = Path(directory)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._incoming: dict[tuple[int, int], _Incoming] = {}
         self.received = 0  # whole images stepped (for status and tests)
@@ -157,40 +200,70 @@ class SnapshotReceiver:
         key = (frm, group)
         incoming = self._incoming.get(key)
         if offset == 0:
-            incoming = self._incoming[key] = _Incoming(index, total)
+            if incoming is not None:
+                incoming.abandon()
+            incoming = self._incoming[key] = self._start(frm, group, index, total)
         elif incoming is None or (incoming.index, incoming.total, incoming.received) != (index, total, offset):
             # The start of this transfer went missing (a reconnect, or a newer snapshot
             # started): drop it; Raft sends the snapshot again.
-            self._incoming.pop(key, None)
+            self._abandon(key)
             log.warning("dropped a chunk of group %d's snapshot at index %d from node %d: "
                         "it does not continue a transfer", group, index, frm)
             return
-        incoming.chunks.append(data)
         incoming.received += len(data)
         incoming.updated = now
         if incoming.received > total:
-            self._incoming.pop(key, None)
+            self._abandon(key)
             raise ProtocolError(f"snapshot chunks of group {group} exceed their total of {total} bytes")
+        incoming.file.write(data)
         if head is None:
             return
-        del self._incoming[key]
         if incoming.received != total:
+            self._abandon(key)
             raise ProtocolError(f"snapshot of group {group} ended at {incoming.received} of {total} bytes")
-        msg = _message(head, frm, group, index)
-        image = b"".join(incoming.chunks)
-        incoming.chunks.clear()  # not two copies of the image while it is restored
+        try:
+            msg = _message(head, frm, group, index)
+        except ProtocolError:
+            self._abandon(key)
+            raise
+        del self._incoming[key]
+        incoming.file.close()
         self.received += 1
+        image = ReceivedImage(Path(incoming.file.name))
         self._step(replace(msg, snapshot=Snapshot(msg.snapshot.meta, image)))
+
+    def _start(self, frm: int, group: int, index: int, total: int) -> _Incoming:
+        name = f"g{group}-i{index}-from{frm}-"
+        f = tempfile.NamedTemporaryFile(dir=self.directory, prefix=name, suffix=".img",
+                                        delete=False, buffering=0)  # chunks are big already
+        return _Incoming(index, total, f)  # type: ignore[arg-type]
+
+    def _abandon(self, key: tuple[int, int]) -> None:
+        incoming = self._incoming.pop(key, None)
+        if incoming is not None:
+            incoming.abandon()
 
     def _drop_stale(self, now: float) -> None:
         for key, incoming in list(self._incoming.items()):
             if now - incoming.updated > STALE_AFTER_S:
-                del self._incoming[key]
+                self._abandon(key)
+
+    def close(self) -> None:
+        for key in list(self._incoming):
+            self._abandon(key)
 
     @property
     def partial(self) -> int:
         """Transfers under way."""
         return len(self._incoming)
+
+
+def _remaining(f: BinaryIO) -> int:
+    """Bytes from f's position to its end."""
+    here = f.tell()
+    end = f.seek(0, io.SEEK_END)
+    f.seek(here)
+    return end - here
 
 
 def _parse(body: Any) -> tuple[int, int, int, int, int, bytes, Any]:

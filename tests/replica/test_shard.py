@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -254,3 +255,59 @@ def test_remembered_keeps_the_newest_and_the_highest_forgotten_timestamp(cap, st
     # Every forgotten txid's own request would be refused; nothing is while none is forgotten.
     assert all(table.forgot(s) for s in forgotten)
     assert forgotten or not any(table.forgot(s) for s in range(0, 1_001))
+
+
+def test_an_image_streams_in_runs_and_a_cut_or_old_one_is_handled():
+    import io
+
+    from pykv.codec import unpack_stream
+    from pykv.errors import CorruptData
+    from pykv.replica.shard import IMAGE_RUN
+
+    log = Log()
+    keys = 2 * IMAGE_RUN + 5
+    for i in range(0, keys, 50):
+        log.run(COMMIT, CommitRequest(
+            100 + i, 1, {}, tuple(WriteOp(f"k{j:05d}", OpKind.PUT, j) for j in range(i, min(keys, i + 50)))
+        ).to_wire())
+    log.run(PREPARE, put(99_000, "locked", 1).to_wire(), 3, [0, 3])
+    image = log.state.snapshot()
+    objects = list(unpack_stream(io.BytesIO(image)))
+    # a header, runs of at most IMAGE_RUN versions, a trailer that counts them
+    assert [len(o) for o in objects[1:-1]] == [IMAGE_RUN, IMAGE_RUN, 5]
+    assert objects[-1] == ["end", keys]
+
+    copy = ShardState(0)
+    copy.restore(io.BytesIO(image))  # from a file, a run at a time
+    assert copy.snapshot() == image and copy.locked("locked")
+
+    for cut in (len(image) - 3, len(image) // 2):
+        with pytest.raises(CorruptData, match="without its trailer"):
+            ShardState(0).restore(io.BytesIO(image[:cut]))
+
+    # An image of an earlier release: one object, its versions inside.
+    header = objects[0]
+    old = {k: v for k, v in header.items() if k != "format"}
+    old["versions"] = [pair for run in objects[1:-1] for pair in run]
+    older = ShardState(0)
+    older.restore(pack(old))
+    assert older.snapshot() == image
+
+
+def test_the_metadata_group_snapshots_and_restores_its_shard_map():
+    import io
+
+    from pykv.cluster.shardmap import ShardMap
+    from pykv.replica.meta import SET_MAP, MetaState
+
+    founding = ShardMap(version=1, nodes=(1, 2, 3), addresses={}, partitions=8, vnodes=4, replicas=3)
+    grown = ShardMap(version=2, nodes=(1, 2, 3, 4), addresses={}, partitions=8, vnodes=4, replicas=3)
+    state = MetaState(1 << 20)
+    state.apply(1, encode_command(SET_MAP, None, founding.encode()))
+    state.apply(2, encode_command(SET_MAP, None, grown.encode()))
+    image = state.snapshot()
+    assert image == b"".join(state.snapshot_parts())
+    for source in (image, io.BytesIO(image)):  # bytes, or a file to stream (InstallSnapshot)
+        copy = MetaState(1 << 20)
+        copy.restore(source)
+        assert copy.shard_map == grown and copy.applied_index == 2

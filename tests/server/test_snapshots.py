@@ -74,10 +74,10 @@ class Follower(ServerProtocol):
 
 
 class Rig:
-    def __init__(self, *, hold: bool = False) -> None:
+    def __init__(self, directory, *, hold: bool = False) -> None:
         self.hold = hold
         self.stepped: list[Message] = []
-        self.receiver = SnapshotReceiver(self.stepped.append)
+        self.receiver = SnapshotReceiver(self.stepped.append, directory)
         self.connections: list[Follower] = []
         self.chunks = 0
         self.failed: list[tuple[int, int]] = []
@@ -111,18 +111,18 @@ class Rig:
             await asyncio.sleep(0.01)
 
 
-def test_an_image_larger_than_a_frame_arrives_whole_with_its_message():
+def test_an_image_larger_than_a_frame_arrives_whole_with_its_message(tmp_path):
     image = os.urandom(3 << 20)  # incompressible, 12 times max_frame
     with pytest.raises(ProtocolError, match="max_frame"):
         encode_frame(SNAPSHOT_CHUNK, install(image).to_wire(), max_frame=MAX_FRAME)
 
     async def main() -> None:
-        async with Rig() as rig:
+        async with Rig(tmp_path) as rig:
             handle = Handle(image)
             rig.sender.send(install(handle))
             await rig.until(lambda: rig.stepped)
             (msg,) = rig.stepped
-            assert msg.snapshot.data == image
+            assert msg.snapshot.data.load() == image
             assert (msg.type, msg.frm, msg.to, msg.group, msg.term) == (MsgType.SNAP, 1, 2, 3, 2)
             assert msg.snapshot.meta == install(b"").snapshot.meta
             assert rig.chunks == len(image) // CHUNK
@@ -131,13 +131,13 @@ def test_an_image_larger_than_a_frame_arrives_whole_with_its_message():
     run(main())
 
 
-def test_the_loop_runs_other_work_between_two_chunks():
+def test_the_loop_runs_other_work_between_two_chunks(tmp_path):
     # A node's loop also ticks every Raft group and sends heartbeats: a sender that held it
     # for a whole big image would get its groups' leaders deposed meanwhile.
     image = os.urandom(16 << 20)
 
     async def main() -> None:
-        async with Rig() as rig:
+        async with Rig(tmp_path) as rig:
             loop = asyncio.get_running_loop()
             turns = 0
 
@@ -155,12 +155,12 @@ def test_the_loop_runs_other_work_between_two_chunks():
     run(main())
 
 
-def test_a_resent_snapshot_already_on_its_way_is_not_sent_again():
+def test_a_resent_snapshot_already_on_its_way_is_not_sent_again(tmp_path):
     # Raft sends InstallSnapshot again each time it probes a follower still catching up.
     image = os.urandom(2 << 20)
 
     async def main() -> None:
-        async with Rig() as rig:
+        async with Rig(tmp_path) as rig:
             handle = Handle(image)
             for _ in range(5):
                 rig.sender.send(install(handle))
@@ -175,9 +175,9 @@ def test_a_resent_snapshot_already_on_its_way_is_not_sent_again():
     run(main())
 
 
-def test_a_newer_snapshot_replaces_one_under_way_and_only_it_is_stepped():
+def test_a_newer_snapshot_replaces_one_under_way_and_only_it_is_stepped(tmp_path):
     async def main() -> None:
-        async with Rig(hold=True) as rig:
+        async with Rig(tmp_path, hold=True) as rig:
             rig.sender.send(install(Handle(os.urandom(32 << 20)), index=40))
             await asyncio.sleep(0.3)  # stuck: far more than the socket buffers hold
             assert rig.sender.sent == 0
@@ -187,14 +187,14 @@ def test_a_newer_snapshot_replaces_one_under_way_and_only_it_is_stepped():
             await rig.until(lambda: rig.stepped)
             await asyncio.sleep(0.1)
             assert [m.snapshot.meta.index for m in rig.stepped] == [90]
-            assert rig.stepped[0].snapshot.data == newer
+            assert rig.stepped[0].snapshot.data.load() == newer
 
     run(main())
 
 
-def test_a_transfer_cut_off_is_reported_and_never_stepped():
+def test_a_transfer_cut_off_is_reported_and_never_stepped(tmp_path):
     async def main() -> None:
-        async with Rig(hold=True) as rig:
+        async with Rig(tmp_path, hold=True) as rig:
             rig.sender.send(install(Handle(os.urandom(32 << 20))))
             await asyncio.sleep(0.3)
             assert rig.sender.sent == 0
@@ -210,22 +210,41 @@ def chunk(offset: int, total: int, data: bytes, head=None, index: int = 40) -> l
     return [1, 3, index, offset, total, data, head]
 
 
-def test_receiver_drops_a_transfer_whose_start_it_missed():
+def test_receiver_drops_a_transfer_whose_start_it_missed(tmp_path):
     stepped: list[Message] = []
-    receiver = SnapshotReceiver(stepped.append)
+    receiver = SnapshotReceiver(stepped.append, tmp_path)
     head = install(None).to_wire()
     receiver.chunk(chunk(4, 8, b"5678", head))  # its first chunk never came (a reconnect)
     assert stepped == [] and receiver.partial == 0
     receiver.chunk(chunk(0, 8, b"1234"))
     receiver.chunk(chunk(0, 8, b"abcd"))  # restarted: the old pieces are dropped
     receiver.chunk(chunk(4, 8, b"efgh", head))
-    assert [m.snapshot.data for m in stepped] == [b"abcdefgh"]
+    assert [m.snapshot.data.load() for m in stepped] == [b"abcdefgh"]
     assert receiver.partial == 0
 
 
-def test_receiver_drops_a_transfer_left_unfinished_for_a_minute():
+def test_images_are_files_that_go_once_done_with(tmp_path):
+    (tmp_path / "g1-i9-from2-old.img").write_bytes(b"left by a crash")
+    stepped: list[Message] = []
+    receiver = SnapshotReceiver(stepped.append, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    receiver.chunk(chunk(0, 8, b"1234"))
+    (partial,) = tmp_path.iterdir()
+    assert partial.read_bytes() == b"1234"  # on disk, not in memory
+    receiver.chunk(chunk(4, 8, b"5678", install(None).to_wire()))
+    assert stepped[0].snapshot.data.path == partial and partial.read_bytes() == b"12345678"
+    stepped.clear()  # persisted and restored: Raft holds the node's own handle now
+    assert list(tmp_path.iterdir()) == []
+    receiver.chunk(chunk(0, 8, b"1234"))
+    receiver.chunk(chunk(0, 4, b"abcd"))  # a new transfer: the old partial file goes
+    assert [p.read_bytes() for p in tmp_path.iterdir()] == [b"abcd"]
+    receiver.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_receiver_drops_a_transfer_left_unfinished_for_a_minute(tmp_path):
     now = [0.0]
-    receiver = SnapshotReceiver(lambda m: None, clock=lambda: now[0])
+    receiver = SnapshotReceiver(lambda m: None, tmp_path, clock=lambda: now[0])
     receiver.chunk(chunk(0, 8, b"1234"))
     assert receiver.partial == 1
     now[0] = 61.0
@@ -239,14 +258,14 @@ def test_receiver_drops_a_transfer_left_unfinished_for_a_minute():
     ([1, 3, 40, 0, 8, "text", None], "bytes"),
     ([1, 3, 40, 0, 2, b"123", None], "exceed"),
 ])
-def test_receiver_refuses_malformed_chunks(body, error):
+def test_receiver_refuses_malformed_chunks(body, error, tmp_path):
     with pytest.raises(ProtocolError, match=error):
-        SnapshotReceiver(lambda m: None).chunk(body)
+        SnapshotReceiver(lambda m: None, tmp_path).chunk(body)
 
 
-def test_receiver_refuses_a_last_chunk_that_is_short_or_carries_another_message():
+def test_receiver_refuses_a_last_chunk_that_is_short_or_carries_another_message(tmp_path):
     head = install(None).to_wire()
-    receiver = SnapshotReceiver(lambda m: None)
+    receiver = SnapshotReceiver(lambda m: None, tmp_path)
     with pytest.raises(ProtocolError, match="ended at 4 of 8"):
         receiver.chunk(chunk(0, 8, b"1234", head))
     with pytest.raises(ProtocolError, match="its own InstallSnapshot"):
