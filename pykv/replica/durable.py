@@ -36,7 +36,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -117,19 +116,6 @@ def snapshot_data(data: Any) -> Any:
     ``load()``: a SnapshotFile, or pykv.replica.host.StateImage)."""
     load = getattr(data, "load", None)
     return load() if load is not None else data
-
-
-def spool(parts: Iterable[bytes], directory: Path | None = None) -> BinaryIO:
-    """``parts`` written into an unnamed temporary file, rewound (it goes when closed)."""
-    f = tempfile.TemporaryFile(dir=directory)
-    try:
-        for part in parts:
-            f.write(part)
-        f.seek(0)
-    except BaseException:
-        f.close()
-        raise
-    return f
 
 
 @contextmanager

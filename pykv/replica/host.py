@@ -25,15 +25,17 @@ and send nothing; the host keeps the node liveness they rely on (pykv.raft.quies
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO
+from functools import partial
+from typing import Any
 
 from pykv.errors import CorruptData, Unavailable
 from pykv.raft.errors import NotLeader
 from pykv.raft.messages import (
     ConfChange,
     ConfChangeKind,
+    Entry,
     EntryKind,
     Message,
     MsgType,
@@ -45,7 +47,7 @@ from pykv.raft.messages import (
 )
 from pykv.raft.node import RaftConfig, RaftNode, bootstrap_state
 from pykv.raft.quiescence import NodeLiveness
-from pykv.replica.durable import GroupWork, NodeLog, open_image, snapshot_data, spool
+from pykv.replica.durable import GroupWork, NodeLog, open_image, snapshot_data
 from pykv.replica.failpoints import failpoint
 from pykv.replica.shard import ShardState, encode_command
 
@@ -92,6 +94,9 @@ class Group:
     read_ready: list[_Read] = field(default_factory=list)  # index known; wait for apply/locks
     conf_pending: dict[int, tuple[int, Done]] = field(default_factory=dict)  # index -> (term, done)
     snapshot_index: int = 0
+    # While an image of the state is being written out a piece at a time (image_parts),
+    # committed entries wait here instead of being applied, so the image is of one index.
+    held: list[Entry] | None = None
 
     def status(self) -> dict:
         raft = self.raft
@@ -216,7 +221,7 @@ class ReplicaHost:
                     )
                 sm.restore(image)
         if sm.durable and raft.log.offset > 0:
-            raft.hold_snapshot_data(raft.log.offset, StateImage(sm))
+            raft.hold_snapshot_data(raft.log.offset, self._image_of(gid, sm))
         self.log.release(gid)  # the group holds its log now; the snapshot stays in its file
         group = Group(gid, raft, sm, snapshot_index=raft.log.offset)
         self.groups[gid] = group
@@ -227,6 +232,7 @@ class ReplicaHost:
         """This node is no longer a member of ``gid``: stop hosting it and forget its data."""
         group = self.groups.pop(gid, None)
         if group is not None:
+            group.held = None  # an image under way is abandoned
             self._fail_all(group, Unavailable(f"shard group {gid} left this node"))
             self.log.drop(gid)
             group.state.destroy()
@@ -424,6 +430,10 @@ class ReplicaHost:
 
     def _apply_group(self, group: Group, rd: Ready) -> None:
         if rd.snapshot is not None and rd.snapshot.data is not None:
+            if group.held is not None:
+                # The state being imaged is replaced: that image is abandoned (image_parts
+                # notices), and the entries it held back are older than the snapshot.
+                group.held = None
             index = rd.snapshot.meta.index
             with open_image(rd.snapshot.data) as image:
                 if image is None:
@@ -432,11 +442,31 @@ class ReplicaHost:
             group.snapshot_index = index
             self.log.compacted(group.gid, index)
             # Persisted before apply: Raft may hold a handle instead of the image.
-            held = StateImage(group.state) if group.state.durable else self.log.snapshot_file(group.gid, index)
+            held = (self._image_of(group.gid, group.state) if group.state.durable
+                    else self.log.snapshot_file(group.gid, index))
             group.raft.hold_snapshot_data(index, held)
             failpoint("replica.after_snapshot_install")
+        if group.held is not None:
+            group.held.extend(rd.committed_entries)
+        else:
+            self._apply_entries(group, rd.committed_entries)
+        for rs in rd.read_states:
+            reads = group.read_waiting.pop(rs.context, None)
+            if reads:
+                for r in reads:
+                    r.index = rs.index
+                group.read_ready.extend(reads)
+        if group.read_ready:
+            self._serve_reads(group)
+        if rd.soft_state is not None:
+            if rd.soft_state.role != Role.LEADER:
+                self._fail_all(group, NotLeader(rd.soft_state.leader, "leadership changed"))
+            if self.on_role_change is not None:
+                self.on_role_change(group.gid, rd.soft_state.role, rd.soft_state.leader)
+
+    def _apply_entries(self, group: Group, entries: Iterable[Entry]) -> None:
         state = group.state
-        for entry in rd.committed_entries:
+        for entry in entries:
             if entry.index <= state.applied_index:
                 continue  # already in the restored snapshot
             if entry.kind != EntryKind.NORMAL or entry.data is None:
@@ -455,19 +485,31 @@ class ReplicaHost:
                 seq = proposal[1]
             self._complete_index(group, entry.index, seq, result)
         state.batch_applied()  # a durable state writes many batches as one record
-        for rs in rd.read_states:
-            reads = group.read_waiting.pop(rs.context, None)
-            if reads:
-                for r in reads:
-                    r.index = rs.index
-                group.read_ready.extend(reads)
-        if group.read_ready:
-            self._serve_reads(group)
-        if rd.soft_state is not None:
-            if rd.soft_state.role != Role.LEADER:
-                self._fail_all(group, NotLeader(rd.soft_state.leader, "leadership changed"))
-            if self.on_role_change is not None:
-                self.on_role_change(group.gid, rd.soft_state.role, rd.soft_state.leader)
+
+    def _image_of(self, gid: int, state: ShardState) -> StateImage:
+        return StateImage(state, partial(self.image_parts, gid))
+
+    def image_parts(self, gid: int) -> Iterator[bytes]:
+        """The group's state image a part at a time (snapshot_parts), for a driver that
+        writes it out between other work: until the generator ends or is closed, the
+        group's committed entries are held back, not applied, so every part is of the same
+        index. Raises CorruptData if the group installs a snapshot or leaves meanwhile."""
+        group = self._group(gid)
+        if group.held is not None:
+            raise Unavailable(f"shard group {gid} is already being imaged")
+        group.held = held = []
+        try:
+            for part in group.state.snapshot_parts():
+                yield part
+                if group.held is not held or self.groups.get(gid) is not group:
+                    raise CorruptData(f"shard group {gid} changed while it was imaged")
+        finally:
+            if group.held is held:
+                group.held = None
+                self._apply_entries(group, held)
+                if group.read_ready:
+                    self._serve_reads(group)
+                self._dirty.add(gid)
 
     def _complete_index(self, group: Group, index: int, seq: int | None, result: Any) -> None:
         expected = group.by_index.pop(index, None)
@@ -519,6 +561,8 @@ class ReplicaHost:
             r.done(None, exc)
 
     def _maybe_snapshot(self, group: Group) -> None:
+        if group.held is not None:
+            return  # being imaged: compacted once it is released
         applied = group.state.applied_index
         if applied - group.snapshot_index < self.snapshot_every or group.raft.applied_index < applied:
             return
@@ -535,7 +579,7 @@ class ReplicaHost:
         if group.state.durable:
             # Its storage, durable up to index now, is the snapshot: no image is written.
             self.log.save_snapshot(group.gid, Snapshot(meta, None))
-            held: Any = StateImage(group.state)
+            held: Any = self._image_of(group.gid, group.state)
         else:
             held = self.log.save_snapshot(group.gid, Snapshot(meta, group.state.snapshot()))
         group.raft.compact(index, held)  # a handle: the image is not kept in memory
@@ -561,13 +605,12 @@ class StateImage:
     (``_apply_group``), which the leader's log still holds."""
 
     state: ShardState
+    # The host's image_parts for the group: the image a part at a time, applies held back.
+    parts: Callable[[], Iterator[bytes]] | None = None
 
     def load(self) -> bytes:
         return self.state.snapshot()
 
-    def open(self) -> BinaryIO:
-        """The image in a temporary file, written a piece at a time (never all in memory)."""
-        return spool(self.state.snapshot_parts())
 
 
 def _with_snapshot_data(msg: Message) -> Message:

@@ -303,6 +303,7 @@ class Node:
         self.snapshots_out = SnapshotSender(
             config.node_id, self._peer_connection, self._snapshot_failed,
             chunk_bytes=min(CHUNK_BYTES, config.max_frame // 2),
+            directory=config.data_dir / "outgoing",
         )
         self.snapshots_in = SnapshotReceiver(self._step_one, config.data_dir / "incoming")
         self.stopped = asyncio.Event()

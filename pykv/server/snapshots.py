@@ -21,6 +21,7 @@ snapshot again when it next probes the follower.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import shutil
@@ -66,8 +67,12 @@ class SnapshotSender:
         failed: Callable[[int, int], None],
         *,
         chunk_bytes: int = CHUNK_BYTES,
+        directory: Path | None = None,
     ) -> None:
         self.node_id = node_id
+        self.directory = directory  # where images are written before they are sent
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
         self._connect = connect  # peer id -> its connection, or None when unreachable
         self._failed = failed  # (group, peer): the transfer broke off; Raft should retry
         self.chunk_bytes = chunk_bytes
@@ -99,7 +104,7 @@ class SnapshotSender:
         to, group, index = msg.to, msg.group, msg.snapshot.meta.index
         try:
             # Made (or opened in its file) only now: not again for each probe while it travels.
-            with open_image(msg.snapshot.data) as image:
+            with await self._open(msg.snapshot.data) as image:
                 if image is None:
                     raise CorruptData("the snapshot keeps no image to send")
                 total = _remaining(image)
@@ -134,6 +139,30 @@ class SnapshotSender:
             log.warning("sending the snapshot of group %d at index %d to node %d failed: %s",
                         group, index, to, exc)
             self._failed(group, to)
+
+    async def _open(self, data: Any) -> contextlib.AbstractContextManager[BinaryIO | None]:
+        """The image as a file. A state machine's image (pykv.replica.host.StateImage) is
+        written into a temporary file a part at a time, the loop running other work in
+        between (the group's applies wait meanwhile: replica.host.image_parts), so that
+        imaging a big shard holds neither the loop nor the whole image in memory."""
+        parts = getattr(data, "parts", None)
+        if parts is None:
+            return open_image(data)
+        f = tempfile.TemporaryFile(dir=self.directory)  # on the node's disk, not a tmpfs
+        try:
+            with contextlib.closing(parts()) as image_parts:
+                written = 0
+                for part in image_parts:
+                    f.write(part)
+                    written += len(part)
+                    if written >= self.chunk_bytes:
+                        written = 0
+                        await asyncio.sleep(0)
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     def close(self) -> None:
         for outgoing in self._outgoing.values():

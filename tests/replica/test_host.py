@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pykv.errors import CorruptData
 from pykv.raft.errors import NotLeader
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog, SnapshotFile
@@ -271,3 +272,48 @@ def test_a_host_beats_all_the_groups_it_leads_on_the_same_tick(tmp_path):
     for node in set(leaders.values()):
         ticks = heartbeat_ticks[node]
         assert all(t % 4 == 0 for t in ticks), f"node {node} beat off the shared tick: {ticks}"
+
+
+def _propose(c: Cluster, txid: int, key: str, value) -> list:
+    done: list = []
+    request = CommitRequest(txid, 1, {}, (WriteOp(key, OpKind.PUT, value),))
+    c.leader().propose(GROUP, COMMIT, [request.to_wire()], lambda r, e: done.append((r, e)))
+    return done
+
+
+def test_imaging_a_shard_holds_its_applies_back_until_the_image_is_written(tmp_path):
+    import io
+
+    c = Cluster(tmp_path, stored=True)
+    for i in range(30):
+        c.commit(i + 1, f"k{i:02d}", i)
+    leader = c.leader()
+    group = leader.groups[GROUP]
+    at = group.state.applied_index
+    parts = leader.image_parts(GROUP)
+    image = [next(parts)]  # imaging started: the state must stay at one index
+    done = _propose(c, 100, "k00", "changed")
+    c.run_until(lambda: group.raft.commit_index > at)
+    for _ in range(5):
+        c.round()  # committed, but held back: the image stays consistent
+    assert group.state.applied_index == at and not done
+    assert c.value(leader.node_id, "k00") == 0
+    with pytest.raises(Exception, match="already being imaged"):
+        next(leader.image_parts(GROUP))
+    image += list(parts)  # the image is done: the held entries are applied at once
+    assert done == [(None, None)] and c.value(leader.node_id, "k00") == "changed"
+    copy = ShardState(GROUP)
+    copy.restore(io.BytesIO(b"".join(image)))
+    assert copy.applied_index == at and copy.get("k00").value == 0 and copy.get("k29").value == 29
+
+
+def test_an_image_is_abandoned_when_its_group_leaves(tmp_path):
+    c = Cluster(tmp_path)
+    for i in range(3):
+        c.commit(i + 1, f"k{i}", i)
+    leader = c.leader()
+    parts = leader.image_parts(GROUP)
+    next(parts)
+    leader.remove_group(GROUP)
+    with pytest.raises(CorruptData, match="changed while it was imaged"):
+        list(parts)
