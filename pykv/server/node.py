@@ -74,7 +74,7 @@ from pykv.errors import Error, ProtocolError, Timeout, Unavailable
 from pykv.net.framing import DEFAULT_MAX_FRAME, RESPONSE, encode_frame
 from pykv.net.protocol import Connection, ServerProtocol, parse_address
 from pykv.raft.errors import ConfChangeRejected, NotLeader
-from pykv.raft.messages import ConfChangeKind, Message
+from pykv.raft.messages import ConfChangeKind, Message, Role
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
 from pykv.replica.host import Done, ReplicaHost, snapshot_every_for
@@ -332,6 +332,7 @@ class Node:
             snapshot_every=cfg.snapshot_every or snapshot_every_for(cfg.partitions),
             state_factory=self._state_factory(),
         )
+        self.host.on_role_change = self._role_changed
         recovered = set(self.nodelog.groups())
         fresh = not recovered and not self.nodelog.dropped
         if META_GROUP in recovered:
@@ -481,6 +482,10 @@ class Node:
     async def _peer_connection(self, peer_id: int) -> Connection | None:
         peer = self._peer(peer_id)
         return None if peer is None else await peer.connection()
+
+    def _role_changed(self, gid: int, role: Role, leader: int | None) -> None:
+        if role != Role.LEADER:
+            self.snapshots_out.cancel_group(gid)  # the new leader sends its own
 
     def _snapshot_failed(self, gid: int, to: int) -> None:
         if self.host is not None:

@@ -164,6 +164,12 @@ class SnapshotSender:
             raise
         return f
 
+    def cancel_group(self, group: int) -> None:
+        """Stop sending the group's images (this node no longer leads it)."""
+        for (_, gid), outgoing in list(self._outgoing.items()):
+            if gid == group:
+                outgoing.task.cancel()
+
     def close(self) -> None:
         for outgoing in self._outgoing.values():
             outgoing.task.cancel()

@@ -192,6 +192,22 @@ def test_a_newer_snapshot_replaces_one_under_way_and_only_it_is_stepped(tmp_path
     run(main())
 
 
+def test_a_node_that_stops_leading_a_group_stops_sending_its_images(tmp_path):
+    async def main() -> None:
+        async with Rig(tmp_path, hold=True) as rig:
+            rig.sender.send(install(Handle(os.urandom(32 << 20)), group=3))
+            other = os.urandom(1 << 20)
+            rig.sender.send(install(Handle(other), group=4, to=2))
+            await asyncio.sleep(0.2)
+            rig.sender.cancel_group(3)  # a new leader of group 3 sends its own image
+            rig.release()
+            await rig.until(lambda: rig.sender.sent == 1)
+            await asyncio.sleep(0.2)
+            assert [m.group for m in rig.stepped] == [4] and rig.failed == []
+
+    run(main())
+
+
 def test_a_transfer_cut_off_is_reported_and_never_stepped(tmp_path):
     async def main() -> None:
         async with Rig(tmp_path, hold=True) as rig:
