@@ -442,8 +442,14 @@ class ReplicaHost:
             group.snapshot_index = index
             self.log.compacted(group.gid, index)
             # Persisted before apply: Raft may hold a handle instead of the image.
-            held = (self._image_of(group.gid, group.state) if group.state.durable
-                    else self.log.snapshot_file(group.gid, index))
+            if group.state.durable:
+                # restore() made the storage durable at index: it is the snapshot now, and
+                # the copy of the image in the snapshot file (kept for a crash before the
+                # restore) can go, as local compaction writes none.
+                self.log.save_snapshot(group.gid, Snapshot(rd.snapshot.meta, None))
+                held: Any = self._image_of(group.gid, group.state)
+            else:
+                held = self.log.snapshot_file(group.gid, index)
             group.raft.hold_snapshot_data(index, held)
             failpoint("replica.after_snapshot_install")
         if group.held is not None:

@@ -184,6 +184,10 @@ def test_a_stored_shard_is_its_own_snapshot_and_makes_an_image_only_for_a_laggin
     assert SnapshotFile(snap_file, raft.log.offset).load() is None
     c.start(3)  # far behind: the leader makes an image of its live state for it
     c.run_until(lambda: all(c.value(3, f"k{i}") == i for i in range(20)))
+    # Installed, its storage is the snapshot: the image's copy left the snapshot file.
+    installed = c.hosts[3].groups[GROUP].snapshot_index
+    assert installed > 1
+    assert SnapshotFile(tmp_path / "n3" / "snap" / f"g{GROUP}.snap", installed).load() is None
     c.crash(3)  # and it restarts from its own storage and the log after the snapshot
     c.start(3)
     c.commit(99, "after", "x")
