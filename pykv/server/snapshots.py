@@ -103,16 +103,17 @@ class SnapshotSender:
         assert msg.snapshot is not None
         to, group, index = msg.to, msg.group, msg.snapshot.meta.index
         try:
+            conn = await self._connect(to)
+            if conn is None:
+                raise ConnectionError(f"node {to} is unreachable")
+            started = time.monotonic()
             # Made (or opened in its file) only now: not again for each probe while it travels.
             with await self._open(msg.snapshot.data) as image:
                 if image is None:
                     raise CorruptData("the snapshot keeps no image to send")
                 total = _remaining(image)
-                conn = await self._connect(to)
-                if conn is None:
-                    raise ConnectionError(f"node {to} is unreachable")
+                made = time.monotonic() - started
                 head = replace(msg, snapshot=Snapshot(msg.snapshot.meta, None)).to_wire()
-                started = time.monotonic()
                 offset = 0
                 while True:
                     data = image.read(self.chunk_bytes)
@@ -131,8 +132,9 @@ class SnapshotSender:
                         break
                     offset += len(data)
             self.sent += 1
-            log.info("sent the snapshot of group %d at index %d to node %d: %d bytes in %.2fs",
-                     group, index, to, total, time.monotonic() - started)
+            log.info("sent the snapshot of group %d at index %d to node %d: %d bytes, made in "
+                     "%.2fs, sent in %.2fs", group, index, to, total, made,
+                     time.monotonic() - started - made)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure: Raft retries the snapshot
