@@ -46,6 +46,7 @@ from pykv.raft.messages import (
     SnapshotMeta,
 )
 from pykv.raft.node import RaftConfig, RaftNode, bootstrap_state
+from pykv.raft.progress import ProgressState
 from pykv.raft.quiescence import NodeLiveness
 from pykv.replica.durable import GroupWork, NodeLog, open_image, snapshot_data
 from pykv.replica.failpoints import failpoint
@@ -97,6 +98,7 @@ class Group:
     # While an image of the state is being written out a piece at a time (image_parts),
     # committed entries wait here instead of being applied, so the image is of one index.
     held: list[Entry] | None = None
+    sending: set[int] = field(default_factory=set)  # nodes a snapshot is travelling to
 
     def status(self) -> dict:
         raft = self.raft
@@ -396,6 +398,22 @@ class ReplicaHost:
                 batch.late.extend(messages)
         return batch
 
+    def snapshot_sending(self, gid: int, to: int, sending: bool) -> None:
+        """A snapshot of group ``gid`` started (or stopped) travelling to node ``to``.
+
+        While one travels, the group's log is not compacted: the follower resumes from the
+        entries after the snapshot's index, and if they were gone by the time it arrived
+        it would need another snapshot, and so on for ever while writes continue.
+        """
+        group = self.groups.get(gid)
+        if group is None:
+            return
+        if sending:
+            group.sending.add(to)
+        else:
+            group.sending.discard(to)
+            self._dirty.add(gid)
+
     def snapshot_failed(self, gid: int, to: int) -> None:
         """Sending group ``gid``'s snapshot to node ``to`` broke off: Raft probes it again."""
         group = self.groups.get(gid)
@@ -567,10 +585,15 @@ class ReplicaHost:
             r.done(None, exc)
 
     def _maybe_snapshot(self, group: Group) -> None:
-        if group.held is not None:
-            return  # being imaged: compacted once it is released
+        if group.held is not None or group.sending:
+            return  # being imaged, or a snapshot is on its way: compacted afterwards
+        every = self.snapshot_every
+        if _installing(group.raft):
+            # A follower is installing a snapshot that has arrived: leave it the entries
+            # after it a while longer, within twice the usual log (it may never answer).
+            every *= 2
         applied = group.state.applied_index
-        if applied - group.snapshot_index < self.snapshot_every or group.raft.applied_index < applied:
+        if applied - group.snapshot_index < every or group.raft.applied_index < applied:
             return
         self.snapshot_group(group)
 
@@ -634,6 +657,16 @@ def _written(group: Group, keys: tuple[str, ...]) -> None:
         left = writing.pop(key) - 1
         if left:
             writing[key] = left
+
+
+def _installing(raft: RaftNode) -> bool:
+    """Whether, as leader, raft waits for a follower to install a snapshot it was sent."""
+    if not raft.is_leader():
+        return False
+    return any(
+        (pr := raft.progress(n)) is not None and pr.state == ProgressState.SNAPSHOT
+        for n in raft.conf.members() if n != raft.id
+    )
 
 
 def _term_unchanged(group: Group, rd: Ready) -> bool:

@@ -301,7 +301,7 @@ class Node:
         self.router = Router(list(config.peers.values()), timeout=5.0, max_frame=config.max_frame)
         self._maintainer: Maintainer | None = None  # the shard stores' compaction thread
         self.snapshots_out = SnapshotSender(
-            config.node_id, self._peer_connection, self._snapshot_failed,
+            config.node_id, self._peer_connection, self._snapshot_failed, self._snapshot_sending,
             chunk_bytes=min(CHUNK_BYTES, config.max_frame // 2),
             directory=config.data_dir / "outgoing",
         )
@@ -486,6 +486,10 @@ class Node:
     def _role_changed(self, gid: int, role: Role, leader: int | None) -> None:
         if role != Role.LEADER:
             self.snapshots_out.cancel_group(gid)  # the new leader sends its own
+
+    def _snapshot_sending(self, gid: int, to: int, active: bool) -> None:
+        if self.host is not None:
+            self.host.snapshot_sending(gid, to, active)
 
     def _snapshot_failed(self, gid: int, to: int) -> None:
         if self.host is not None:

@@ -44,17 +44,13 @@ log = logging.getLogger("pykv.snapshots")
 CHUNK_BYTES = 1 << 20
 # A partial image that has not grown for this long is dropped (its sender is gone).
 STALE_AFTER_S = 60.0
+# A transfer whose connection takes no data for this long fails (Raft then retries).
+STALL_TIMEOUT_S = 30.0
 
 
 def is_install(msg: Message) -> bool:
     """Whether msg is an InstallSnapshot carrying an image (or a handle to one)."""
     return msg.type == MsgType.SNAP and msg.snapshot is not None
-
-
-@dataclass
-class _Outgoing:
-    index: int
-    task: asyncio.Task
 
 
 class SnapshotSender:
@@ -65,6 +61,7 @@ class SnapshotSender:
         node_id: int,
         connect: Callable[[int], Awaitable[Connection | None]],
         failed: Callable[[int, int], None],
+        sending: Callable[[int, int, bool], None] = lambda group, to, active: None,
         *,
         chunk_bytes: int = CHUNK_BYTES,
         directory: Path | None = None,
@@ -75,29 +72,30 @@ class SnapshotSender:
             Path(directory).mkdir(parents=True, exist_ok=True)
         self._connect = connect  # peer id -> its connection, or None when unreachable
         self._failed = failed  # (group, peer): the transfer broke off; Raft should retry
+        self._sending = sending  # (group, peer, active): a transfer started or ended
         self.chunk_bytes = chunk_bytes
-        self._outgoing: dict[tuple[int, int], _Outgoing] = {}
+        self._outgoing: dict[tuple[int, int], asyncio.Task] = {}  # (peer, group) -> transfer
         self.sent = 0  # images streamed to the end (for status and tests)
 
     def send(self, msg: Message) -> None:
-        """Start streaming msg's image, unless the same snapshot is already on its way there
-        (Raft re-sends it each time it probes a follower that is still catching up)."""
+        """Start streaming msg's image, unless one is already on its way there: Raft sends
+        InstallSnapshot again each time it probes a follower still catching up, with a newer
+        snapshot if one was taken meanwhile, and replacing a transfer under way with a newer
+        one would, under steady writes, never let any of them arrive."""
         assert msg.snapshot is not None
         key = (msg.to, msg.group)
-        index = msg.snapshot.meta.index
         running = self._outgoing.get(key)
-        if running is not None and not running.task.done():
-            if running.index == index:
-                return
-            running.task.cancel()  # a newer snapshot replaces it
+        if running is not None and not running.done():
+            return
         task = asyncio.get_running_loop().create_task(self._stream(msg))
-        self._outgoing[key] = _Outgoing(index, task)
+        self._outgoing[key] = task
+        self._sending(msg.group, msg.to, True)
         task.add_done_callback(lambda t: self._ended(key, t))
 
     def _ended(self, key: tuple[int, int], task: asyncio.Task) -> None:
-        current = self._outgoing.get(key)
-        if current is not None and current.task is task:
+        if self._outgoing.get(key) is task:
             del self._outgoing[key]
+            self._sending(key[1], key[0], False)
 
     async def _stream(self, msg: Message) -> None:
         assert msg.snapshot is not None
@@ -122,7 +120,9 @@ class SnapshotSender:
                         raise CorruptData(f"the image ended at {offset} of {total} bytes")
                     conn.send(SNAPSHOT_CHUNK, [self.node_id, group, index, offset, total,
                                                data, head if last else None])
-                    await conn.drain()
+                    # A peer that stops reading for this long is taken for gone (a half-open
+                    # connection would otherwise hold the transfer, and the log, for ever).
+                    await asyncio.wait_for(conn.drain(), STALL_TIMEOUT_S)
                     # drain() returns at once while the socket takes everything: yield anyway,
                     # or a big image would hold the loop (ticks, heartbeats) until it is all sent.
                     await asyncio.sleep(0)
@@ -168,14 +168,13 @@ class SnapshotSender:
 
     def cancel_group(self, group: int) -> None:
         """Stop sending the group's images (this node no longer leads it)."""
-        for (_, gid), outgoing in list(self._outgoing.items()):
+        for (_, gid), task in list(self._outgoing.items()):
             if gid == group:
-                outgoing.task.cancel()
+                task.cancel()
 
     def close(self) -> None:
-        for outgoing in self._outgoing.values():
-            outgoing.task.cancel()
-        self._outgoing.clear()
+        for task in self._outgoing.values():
+            task.cancel()
 
 
 @dataclass(eq=False)
@@ -205,6 +204,7 @@ class _Incoming:
     total: int
     file: BinaryIO
     received: int = 0
+    started: float = 0.0
     updated: float = 0.0
 
     def abandon(self) -> None:
@@ -238,14 +238,20 @@ class SnapshotReceiver:
         incoming = self._incoming.get(key)
         if offset == 0:
             if incoming is not None:
+                log.warning("abandoned the snapshot of group %d at index %d from node %d at %d of "
+                            "%d bytes: another one started", group, incoming.index, frm,
+                            incoming.received, incoming.total)
                 incoming.abandon()
             incoming = self._incoming[key] = self._start(frm, group, index, total)
+            incoming.started = now
         elif incoming is None or (incoming.index, incoming.total, incoming.received) != (index, total, offset):
             # The start of this transfer went missing (a reconnect, or a newer snapshot
             # started): drop it; Raft sends the snapshot again.
             self._abandon(key)
-            log.warning("dropped a chunk of group %d's snapshot at index %d from node %d: "
-                        "it does not continue a transfer", group, index, frm)
+            log.warning("dropped a chunk of group %d's snapshot at index %d from node %d at "
+                        "offset %d: it does not continue a transfer (%s)", group, index, frm,
+                        offset, "none under way" if incoming is None else
+                        f"at index {incoming.index}, {incoming.received} of {incoming.total} bytes")
             return
         incoming.received += len(data)
         incoming.updated = now
@@ -266,6 +272,8 @@ class SnapshotReceiver:
         del self._incoming[key]
         incoming.file.close()
         self.received += 1
+        log.info("received the snapshot of group %d at index %d from node %d: %d bytes in %.2fs",
+                 group, index, frm, total, now - incoming.started)
         image = ReceivedImage(Path(incoming.file.name))
         self._step(replace(msg, snapshot=Snapshot(msg.snapshot.meta, image)))
 

@@ -321,3 +321,21 @@ def test_an_image_is_abandoned_when_its_group_leaves(tmp_path):
     leader.remove_group(GROUP)
     with pytest.raises(CorruptData, match="changed while it was imaged"):
         list(parts)
+
+
+def test_the_log_is_not_compacted_while_a_snapshot_travels(tmp_path):
+    c = Cluster(tmp_path, snapshot_every=5, stored=True)
+    for i in range(8):
+        c.commit(i + 1, f"k{i}", i)
+    leader = c.leader()
+    raft = leader.groups[GROUP].raft
+    before = raft.log.offset
+    assert before > 0
+    leader.snapshot_sending(GROUP, 3, True)  # an image is on its way to node 3
+    for i in range(8, 30):
+        c.commit(i + 1, f"k{i}", i)
+    # Node 3 will resume from the entries after the image's index: they must still be here.
+    assert raft.log.offset == before
+    leader.snapshot_sending(GROUP, 3, False)
+    c.commit(99, "after", 1)
+    c.run_until(lambda: raft.log.offset > before)
