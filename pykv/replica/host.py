@@ -587,13 +587,13 @@ class ReplicaHost:
     def _maybe_snapshot(self, group: Group) -> None:
         if group.held is not None or group.sending:
             return  # being imaged, or a snapshot is on its way: compacted afterwards
-        every = self.snapshot_every
-        if _installing(group.raft):
+        applied = group.state.applied_index
+        since = applied - group.snapshot_index
+        if since < self.snapshot_every or group.raft.applied_index < applied:
+            return
+        if since < 2 * self.snapshot_every and _installing(group.raft):
             # A follower is installing a snapshot that has arrived: leave it the entries
             # after it a while longer, within twice the usual log (it may never answer).
-            every *= 2
-        applied = group.state.applied_index
-        if applied - group.snapshot_index < every or group.raft.applied_index < applied:
             return
         self.snapshot_group(group)
 
