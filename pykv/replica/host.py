@@ -95,9 +95,6 @@ class Group:
     read_ready: list[_Read] = field(default_factory=list)  # index known; wait for apply/locks
     conf_pending: dict[int, tuple[int, Done]] = field(default_factory=dict)  # index -> (term, done)
     snapshot_index: int = 0
-    # While an image of the state is being written out a piece at a time (image_parts),
-    # committed entries wait here instead of being applied, so the image is of one index.
-    held: list[Entry] | None = None
     sending: set[int] = field(default_factory=set)  # nodes a snapshot is travelling to
 
     def status(self) -> dict:
@@ -234,7 +231,6 @@ class ReplicaHost:
         """This node is no longer a member of ``gid``: stop hosting it and forget its data."""
         group = self.groups.pop(gid, None)
         if group is not None:
-            group.held = None  # an image under way is abandoned
             self._fail_all(group, Unavailable(f"shard group {gid} left this node"))
             self.log.drop(gid)
             group.state.destroy()
@@ -448,10 +444,6 @@ class ReplicaHost:
 
     def _apply_group(self, group: Group, rd: Ready) -> None:
         if rd.snapshot is not None and rd.snapshot.data is not None:
-            if group.held is not None:
-                # The state being imaged is replaced: that image is abandoned (image_parts
-                # notices), and the entries it held back are older than the snapshot.
-                group.held = None
             index = rd.snapshot.meta.index
             with open_image(rd.snapshot.data) as image:
                 if image is None:
@@ -470,10 +462,7 @@ class ReplicaHost:
                 held = self.log.snapshot_file(group.gid, index)
             group.raft.hold_snapshot_data(index, held)
             failpoint("replica.after_snapshot_install")
-        if group.held is not None:
-            group.held.extend(rd.committed_entries)
-        else:
-            self._apply_entries(group, rd.committed_entries)
+        self._apply_entries(group, rd.committed_entries)
         for rs in rd.read_states:
             reads = group.read_waiting.pop(rs.context, None)
             if reads:
@@ -514,26 +503,16 @@ class ReplicaHost:
         return StateImage(state, partial(self.image_parts, gid))
 
     def image_parts(self, gid: int) -> Iterator[bytes]:
-        """The group's state image a part at a time (snapshot_parts), for a driver that
-        writes it out between other work: until the generator ends or is closed, the
-        group's committed entries are held back, not applied, so every part is of the same
-        index. Raises CorruptData if the group installs a snapshot or leaves meanwhile."""
+        """The group's state image a part at a time (ShardState.snapshot_parts), for a
+        driver that writes it out between other work: commands go on being applied, and
+        the image stays the state's as it was when the first part was taken (copy on
+        write). Raises CorruptData if the group leaves, or its state is replaced (a
+        snapshot installed), meanwhile."""
         group = self._group(gid)
-        if group.held is not None:
-            raise Unavailable(f"shard group {gid} is already being imaged")
-        group.held = held = []
-        try:
-            for part in group.state.snapshot_parts():
-                yield part
-                if group.held is not held or self.groups.get(gid) is not group:
-                    raise CorruptData(f"shard group {gid} changed while it was imaged")
-        finally:
-            if group.held is held:
-                group.held = None
-                self._apply_entries(group, held)
-                if group.read_ready:
-                    self._serve_reads(group)
-                self._dirty.add(gid)
+        for part in group.state.snapshot_parts():
+            yield part
+            if self.groups.get(gid) is not group:
+                raise CorruptData(f"shard group {gid} left this node while it was imaged")
 
     def _complete_index(self, group: Group, index: int, seq: int | None, result: Any) -> None:
         expected = group.by_index.pop(index, None)
@@ -585,8 +564,8 @@ class ReplicaHost:
             r.done(None, exc)
 
     def _maybe_snapshot(self, group: Group) -> None:
-        if group.held is not None or group.sending:
-            return  # being imaged, or a snapshot is on its way: compacted afterwards
+        if group.sending:
+            return  # a snapshot is on its way: compacted once it has arrived
         applied = group.state.applied_index
         since = applied - group.snapshot_index
         if since < self.snapshot_every or group.raft.applied_index < applied:
@@ -634,7 +613,7 @@ class StateImage:
     (``_apply_group``), which the leader's log still holds."""
 
     state: ShardState
-    # The host's image_parts for the group: the image a part at a time, applies held back.
+    # The host's image_parts for the group: the image a part at a time (copy on write).
     parts: Callable[[], Iterator[bytes]] | None = None
 
     def load(self) -> bytes:

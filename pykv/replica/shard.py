@@ -46,6 +46,7 @@ Raft log in the node's WAL plus snapshots of this state (``snapshot``/``restore`
 from __future__ import annotations
 
 import io
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ IMAGE_FORMAT = 2
 IMAGE_RUN = 1_000
 IMAGE_RUN_BYTES = 1 << 20
 IMAGE_END = "end"
+_WALK_BATCH = 1_000  # keys per step of a walk over the versions (_all_versions)
 
 
 def remembered_per_shard(partitions: int) -> int:
@@ -159,6 +161,7 @@ class ShardState:
         self.decisions = Remembered(self.remembered)  # coordinator records: txid -> commit
         self.applied_index = 0
         self.clock = lambda: 0.0  # node-local time source for Prepared.since (set by the host)
+        self._imaging: _Imaging | None = None  # the image under way (snapshot_parts), if any
 
     # --- StateView --------------------------------------------------------------------------
 
@@ -229,9 +232,21 @@ class ShardState:
         return len(self.versions)
 
     def _all_versions(self) -> Iterator[tuple[str, Versioned]]:
-        return iter(self.versions.items())
+        """Every stored version in key order, a batch of keys at a time, so that writes may
+        come between two steps (an image made between other work: snapshot_parts)."""
+        versions = self.versions
+        low, inclusive = None, True
+        while batch := list(itertools.islice(
+            versions.irange(low, None, inclusive=(inclusive, True)), _WALK_BATCH
+        )):
+            for key in batch:
+                version = versions.get(key)
+                if version is not None:
+                    yield key, version
+            low, inclusive = batch[-1], False
 
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
+        self._imaging = None  # an image under way was of the state being replaced
         self.versions = SortedDict(items)
 
     def _remember(self, txid: int, outcome: Outcome, timestamp: int) -> Outcome:
@@ -246,6 +261,11 @@ class ShardState:
         return outcome
 
     def _store(self, updates: list[KeyUpdate]) -> None:
+        if self._imaging is not None:
+            self._imaging.keep(self, updates)
+        self._write(updates)
+
+    def _write(self, updates: list[KeyUpdate]) -> None:
         for u in updates:
             self.versions[u.key] = Versioned(u.value, u.clock, u.timestamp)
 
@@ -471,7 +491,23 @@ class ShardState:
         """The image as a stream of msgpack objects, made as it is read, so that neither
         end holds a whole shard in memory: a header (everything but the versions), runs
         of at most IMAGE_RUN versions, and a trailer that counts them (a cut image is
-        refused, not half restored)."""
+        refused, not half restored).
+
+        The image is of the state when the first part is taken, even if commands are
+        applied between two parts: a key written before the image has passed it keeps
+        its version of then aside (copy on write, ``_Imaging``). Raises CorruptData if
+        the whole state is replaced meanwhile (a snapshot installed, a wipe).
+        """
+        if self._imaging is not None:
+            raise errors.Unavailable(f"shard {self.shard} is already being imaged")
+        imaging = self._imaging = _Imaging()
+        try:
+            yield from self._image(imaging)
+        finally:
+            if self._imaging is imaging:
+                self._imaging = None
+
+    def _image(self, imaging: _Imaging) -> Iterator[bytes]:
         yield pack(
             {
                 "format": IMAGE_FORMAT,
@@ -488,13 +524,16 @@ class ShardState:
         # it ends at IMAGE_RUN versions or IMAGE_RUN_BYTES, whichever comes first.
         run: list[bytes] = []
         size = count = 0
-        for k, v in self._all_versions():
+        for k, v in itertools.chain(imaging.versions(self._all_versions()), imaging.rest()):
             pair = pack([k, v.to_wire()])
             run.append(pair)
             size += len(pair)
+            imaging.passed = k
             if len(run) == IMAGE_RUN or size >= IMAGE_RUN_BYTES:
                 count += len(run)
                 yield _array_header(len(run)) + b"".join(run)
+                if self._imaging is not imaging:
+                    raise CorruptData(f"shard {self.shard} was replaced while it was imaged")
                 run, size = [], 0
         count += len(run)
         if run:
@@ -532,6 +571,39 @@ class ShardState:
         request = CommitRequest.from_wire(request_wire)
         return Prepared(txid, coord, list(parts), [KeyUpdate.from_wire(u) for u in updates],
                         *self._lock_modes(request), request, since=since)
+
+
+class _Imaging:
+    """Copy on write for an image made between other work: the version, as the image
+    began, of every key written since that the image had not passed yet (None: the key
+    did not exist then). Bounded by the keys written while the image is made."""
+
+    def __init__(self) -> None:
+        self.passed: str | None = None  # the last key put into the image
+        self.kept: dict[str, Versioned | None] = {}
+
+    def keep(self, state: ShardState, updates: list[KeyUpdate]) -> None:
+        kept, passed = self.kept, self.passed
+        for u in updates:
+            key = u.key
+            if (passed is None or key > passed) and key not in kept:
+                version = state.get(key)
+                kept[key] = version if version.clock else None  # no clock: never written
+
+    def versions(self, live: Iterator[tuple[str, Versioned]]) -> Iterator[tuple[str, Versioned]]:
+        """The live walk of the versions, each as it was when the image began."""
+        kept = self.kept
+        for key, version in live:
+            if key in kept:
+                if kept[key] is None:
+                    continue  # written since, and not there before (the mark stays)
+                version = kept.pop(key)  # type: ignore[assignment]
+            yield key, version
+
+    def rest(self) -> Iterator[tuple[str, Versioned]]:
+        """Kept keys the live walk no longer found (it went on without them)."""
+        for key in sorted(k for k, v in self.kept.items() if v is not None):
+            yield key, self.kept[key]  # type: ignore[misc]
 
 
 def _array_header(length: int) -> bytes:

@@ -219,7 +219,7 @@ class StoredShardState(ShardState):
             encoded = pack(value)
         self._batch.append(Update(row_key, encoded, b"", 0))
 
-    def _store(self, updates: list[KeyUpdate]) -> None:
+    def _write(self, updates: list[KeyUpdate]) -> None:
         for u in updates:
             self._batch.append(
                 Update(u.key.encode("utf-8"), _encoded(u.value), u.clock, u.timestamp)
@@ -260,6 +260,7 @@ class StoredShardState(ShardState):
             yield raw.decode("utf-8"), _versioned(stored)
 
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
+        self._imaging = None  # an image under way was of the state being replaced
         self._rows, self._overlay, self._prepared_rows = [], {}, {}
         self._runs = _Runs(self.remembered)  # a fresh storage: no runs on disk
         self._watermarks_stored = False

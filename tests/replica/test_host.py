@@ -285,30 +285,32 @@ def _propose(c: Cluster, txid: int, key: str, value) -> list:
     return done
 
 
-def test_imaging_a_shard_holds_its_applies_back_until_the_image_is_written(tmp_path):
+def test_commits_go_on_while_a_shard_is_imaged_and_the_image_stays_of_one_index(tmp_path, monkeypatch):
     import io
 
+    from pykv.replica import shard as shard_module
+
+    monkeypatch.setattr(shard_module, "IMAGE_RUN", 4)  # many parts, commits between them
     c = Cluster(tmp_path, stored=True)
     for i in range(30):
         c.commit(i + 1, f"k{i:02d}", i)
     leader = c.leader()
     group = leader.groups[GROUP]
     at = group.state.applied_index
+    expected = group.state.snapshot()  # the image taken in one go, for comparison
     parts = leader.image_parts(GROUP)
-    image = [next(parts)]  # imaging started: the state must stay at one index
-    done = _propose(c, 100, "k00", "changed")
-    c.run_until(lambda: group.raft.commit_index > at)
-    for _ in range(5):
-        c.round()  # committed, but held back: the image stays consistent
-    assert group.state.applied_index == at and not done
-    assert c.value(leader.node_id, "k00") == 0
+    image = [next(parts), next(parts)]  # imaging has begun: k00..k03 are in
+    for txid, key in ((100, "k00"), (101, "k20"), (102, "k29"), (103, "new")):
+        assert c.commit(txid, key, "changed") is None  # not held back
+    assert group.state.applied_index > at and c.value(leader.node_id, "k20") == "changed"
     with pytest.raises(Exception, match="already being imaged"):
         next(leader.image_parts(GROUP))
-    image += list(parts)  # the image is done: the held entries are applied at once
-    assert done == [(None, None)] and c.value(leader.node_id, "k00") == "changed"
+    image += list(parts)
+    assert b"".join(image) == expected  # the state as it was when the image began
     copy = ShardState(GROUP)
     copy.restore(io.BytesIO(b"".join(image)))
-    assert copy.applied_index == at and copy.get("k00").value == 0 and copy.get("k29").value == 29
+    assert copy.applied_index == at and copy.get("k20").value == 20
+    assert not copy.get("new").clock
 
 
 def test_an_image_is_abandoned_when_its_group_leaves(tmp_path):
@@ -319,7 +321,7 @@ def test_an_image_is_abandoned_when_its_group_leaves(tmp_path):
     parts = leader.image_parts(GROUP)
     next(parts)
     leader.remove_group(GROUP)
-    with pytest.raises(CorruptData, match="changed while it was imaged"):
+    with pytest.raises(CorruptData, match="left this node while it was imaged"):
         list(parts)
 
 

@@ -311,3 +311,57 @@ def test_the_metadata_group_snapshots_and_restores_its_shard_map():
         copy = MetaState(1 << 20)
         copy.restore(source)
         assert copy.shard_map == grown and copy.applied_index == 2
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_an_image_made_between_commits_is_the_state_when_it_began(tmp_path, monkeypatch, stored):
+    from pykv.replica import shard as shard_module
+    from pykv.replica.stored import StoredShardState
+
+    monkeypatch.setattr(shard_module, "IMAGE_RUN", 3)  # many parts, commands between them
+    for seed in range(25):
+        rng = random.Random(seed)
+        state = (StoredShardState(0, tmp_path / f"s{seed}") if stored else ShardState(0))
+        log = Log(state)
+        txid = 1000
+        names = [f"k{i:03d}" for i in range(0, 80, 2)]
+        for name in names:
+            txid += 1
+            log.run(COMMIT, put(txid, name, rng.randrange(100)).to_wire())
+        expected = state.snapshot()
+        parts = state.snapshot_parts()
+        image = [next(parts)]
+        for part in parts:
+            image.append(part)
+            for _ in range(rng.randrange(4)):  # writes land before and behind the image
+                txid += 1
+                key = f"k{rng.randrange(90):03d}"  # odd ones are new keys
+                if rng.random() < 0.25:
+                    op = WriteOp(key, OpKind.DELETE)
+                else:
+                    op = WriteOp(key, OpKind.PUT, rng.randrange(1000))
+                log.run(COMMIT, CommitRequest(txid, 1, {}, (op,)).to_wire())
+                state.flush()  # into the storage the image is walking (stored)
+        assert b"".join(image) == expected, f"seed {seed}"
+        if stored:
+            state.close()
+
+
+def test_an_image_under_way_is_abandoned_when_the_state_is_replaced():
+    from pykv.errors import CorruptData
+    from pykv.replica import shard as shard_module
+
+    log = Log()
+    for i in range(10):
+        log.run(COMMIT, put(2000 + i, f"w{i}", i).to_wire())
+    original = shard_module.IMAGE_RUN
+    shard_module.IMAGE_RUN = 2
+    try:
+        parts = log.state.snapshot_parts()
+        next(parts), next(parts)
+        assert log.run(WIPE) is None
+        with pytest.raises(CorruptData, match="replaced while it was imaged"):
+            list(parts)
+        assert log.state.snapshot_parts() is not None and next(log.state.snapshot_parts())
+    finally:
+        shard_module.IMAGE_RUN = original
