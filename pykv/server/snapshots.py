@@ -145,7 +145,8 @@ class SnapshotSender:
     async def _open(self, data: Any) -> contextlib.AbstractContextManager[BinaryIO | None]:
         """The image as a file. A state machine's image (pykv.replica.host.StateImage) is
         written into a temporary file a part at a time, the loop running other work in
-        between (the group's applies wait meanwhile: replica.host.image_parts), so that
+        between (the shard goes on committing: the image is copy on write, see
+        replica.host.image_parts), so that
         imaging a big shard holds neither the loop nor the whole image in memory."""
         parts = getattr(data, "parts", None)
         if parts is None:
