@@ -48,9 +48,9 @@ from __future__ import annotations
 import io
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import msgpack
 from sortedcontainers import SortedDict
@@ -78,6 +78,8 @@ IMAGE_RUN = 1_000
 IMAGE_RUN_BYTES = 1 << 20
 IMAGE_END = "end"
 _WALK_BATCH = 1_000  # keys per step of a walk over the versions (_all_versions)
+
+T = TypeVar("T")
 
 
 def remembered_per_shard(partitions: int) -> int:
@@ -522,23 +524,20 @@ class ShardState:
         )
         # A run is packed pair by pair (a msgpack array header, then the packed pairs), so
         # it ends at IMAGE_RUN versions or IMAGE_RUN_BYTES, whichever comes first.
-        run: list[bytes] = []
-        size = count = 0
-        for k, v in itertools.chain(imaging.versions(self._all_versions()), imaging.rest()):
-            pair = pack([k, v.to_wire()])
-            run.append(pair)
-            size += len(pair)
-            imaging.passed = k
-            if len(run) == IMAGE_RUN or size >= IMAGE_RUN_BYTES:
-                count += len(run)
-                yield _array_header(len(run)) + b"".join(run)
-                if self._imaging is not imaging:
-                    raise CorruptData(f"shard {self.shard} was replaced while it was imaged")
-                run, size = [], 0
-        count += len(run)
-        if run:
+        count = 0
+        for run in bounded_runs(self._image_pairs(imaging), len, IMAGE_RUN, IMAGE_RUN_BYTES):
+            count += len(run)
             yield _array_header(len(run)) + b"".join(run)
         yield pack([IMAGE_END, count])
+
+    def _image_pairs(self, imaging: _Imaging) -> Iterator[bytes]:
+        """The image's versions, each packed as it is taken (commands may be applied
+        between two runs: the first pair taken after them checks the state is the same)."""
+        for k, v in itertools.chain(imaging.versions(self._all_versions()), imaging.rest()):
+            if self._imaging is not imaging:
+                raise CorruptData(f"shard {self.shard} was replaced while it was imaged")
+            imaging.passed = k
+            yield pack([k, v.to_wire()])
 
     def restore(self, image: bytes | BinaryIO) -> None:
         """Replace the whole state with a snapshot() image (bytes, or a file to stream)."""
@@ -604,6 +603,24 @@ class _Imaging:
         """Kept keys the live walk no longer found (it went on without them)."""
         for key in sorted(k for k, v in self.kept.items() if v is not None):
             yield key, self.kept[key]  # type: ignore[misc]
+
+
+def bounded_runs(
+    items: Iterable[T], size_of: Callable[[T], int], max_items: int, max_bytes: int
+) -> Iterator[list[T]]:
+    """``items`` in consecutive runs, each ending at ``max_items`` items or once its
+    ``size_of`` total reaches ``max_bytes``, whichever comes first (the last may be short).
+    A run is taken only when asked for: what follows it is not read before."""
+    run: list[T] = []
+    size = 0
+    for item in items:
+        run.append(item)
+        size += size_of(item)
+        if len(run) == max_items or size >= max_bytes:
+            yield run
+            run, size = [], 0
+    if run:
+        yield run
 
 
 def _array_header(length: int) -> bytes:

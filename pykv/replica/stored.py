@@ -39,6 +39,7 @@ from pykv.replica.shard import (
     Prepared,
     ShardState,
     _prepared_wire,
+    bounded_runs,
 )
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
@@ -77,6 +78,10 @@ def _versioned(stored: StoredVersion) -> Versioned:
         return ABSENT if not stored.clock else Versioned(MISSING, stored.clock, stored.timestamp)
     value = MISSING if stored.value == _TOMBSTONE else decode_value(stored.value)
     return Versioned(value, stored.clock, stored.timestamp)
+
+
+def _value_size(row: Update) -> int:
+    return len(row.value or b"")
 
 
 def _encoded(value: Any) -> bytes:
@@ -265,16 +270,9 @@ class StoredShardState(ShardState):
         self._runs = _Runs(self.remembered)  # a fresh storage: no runs on disk
         self._watermarks_stored = False
         self._reset_store()
-        batch: list[Update] = []
-        size = 0
-        for k, v in items:  # submitted a bounded batch at a time: an image may not fit in memory
-            row = Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp)
-            batch.append(row)
-            size += len(row.value or b"")
-            if len(batch) == _RESTORE_BATCH or size >= _RESTORE_BATCH_BYTES:
-                self.store.submit(batch)
-                batch, size = [], 0
-        if batch:
+        rows = (Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp) for k, v in items)
+        # Submitted a bounded batch at a time: an image may not fit in memory.
+        for batch in bounded_runs(rows, _value_size, _RESTORE_BATCH, _RESTORE_BATCH_BYTES):
             self.store.submit(batch)
 
     def _reset_store(self) -> None:
