@@ -109,6 +109,7 @@ class Group:
             "voters": sorted(raft.conf.voters),
             "learners": sorted(raft.conf.learners),
             "prepared": len(self.state.prepared),
+            "unfinished": len(self.state.unfinished),  # commits not yet applied everywhere
             "keys": self.state.key_count(),
             "quiesced": raft.quiesced,
         }

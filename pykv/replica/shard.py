@@ -17,8 +17,12 @@ for each command. Commands (``Command`` below, packed with msgpack into Raft ent
   validated and applied like ``commit``, recording decision commit when it passes and
   abort when it fails. If a decision is already recorded (a participant gave up waiting
   and recorded abort), that decision stands. This saves the separate prepare and decide
-  rounds on the coordinator shard.
+  rounds on the coordinator shard. A commit decision is kept (``Unfinished``) until
+  ``release``, so a participant never finds its decision forgotten. It may carry txids
+  to release too (saving a command of their own).
 - ``finish``: apply (commit) or drop (abort) what ``prepare`` kept, and unlock.
+- ``release``: the other participants all finished these commits (their coordinator's
+  leader saw each FINISH applied): their decisions may now be forgotten in turn.
 - ``resolver``: register (or, with no name, unregister) a built-in resolver for a key
   prefix, at the same log position on every replica.
 - ``wipe``: forget every key, resolver and outcome (lets tests reuse one cluster).
@@ -92,6 +96,7 @@ def remembered_per_shard(partitions: int) -> int:
 COMMIT, PREPARE, DECIDE, FINISH, RESOLVER, NOOP = "c", "p", "d", "f", "r", "n"
 WIPE = "w"
 COMMIT_DECIDE = "x"
+RELEASE = "l"  # [txids]: every other participant finished these commits (see Unfinished)
 
 Outcome = list | None
 """None when a command succeeded; [error class name, message] when it was refused."""
@@ -139,6 +144,19 @@ class Prepared:
     since: float = field(default=0.0, compare=False)
 
 
+@dataclass
+class Unfinished:
+    """A commit this shard recorded as coordinator that some participant may not have
+    applied yet. Kept, never forgotten, until RELEASE says they all have: a participant
+    still prepared must always find its decision (a forgotten commit would leave it locked
+    for ever, or an abort guessed in its place would break atomicity)."""
+
+    participants: list[int]  # the other participants' shards
+    timestamp: int  # its request's, for the decisions' watermark once it is released
+    # Node-local (not replicated): when this replica recorded it, for the coordinator's sweep.
+    since: float = field(default=0.0, compare=False)
+
+
 class ShardState:
     """The deterministic state of one shard, and the StateView that validation reads."""
 
@@ -161,6 +179,7 @@ class ShardState:
         self.locks: dict[str, int] = {}  # key -> txid of the prepared txn holding it exclusively
         self.shared: dict[str, set[int]] = {}  # key -> txids holding it in the commutative mode
         self.decisions = Remembered(self.remembered)  # coordinator records: txid -> commit
+        self.unfinished: dict[int, Unfinished] = {}  # commits not yet released (never forgotten)
         self.applied_index = 0
         self.clock = lambda: 0.0  # node-local time source for Prepared.since (set by the host)
         self._imaging: _Imaging | None = None  # the image under way (snapshot_parts), if any
@@ -195,10 +214,15 @@ class ShardState:
             return proposal, self._prepare(CommitRequest.from_wire(cmd[2]), cmd[3], list(cmd[4]))
         if tag == DECIDE:  # [txid, commit, timestamp of its request (0: unknown)]
             return proposal, self._decide(cmd[2], bool(cmd[3]), cmd[4] if len(cmd) > 4 else 0)
-        if tag == COMMIT_DECIDE:
-            return proposal, self._commit_decide(CommitRequest.from_wire(cmd[2]))
+        if tag == COMMIT_DECIDE:  # [request, the other participants, txids to release]
+            if len(cmd) > 4:
+                self._release(cmd[4])
+            others = [int(s) for s in cmd[3]] if len(cmd) > 3 else []  # older logs: none
+            return proposal, self._commit_decide(CommitRequest.from_wire(cmd[2]), others)
         if tag == FINISH:
             return proposal, self._finish(cmd[2], bool(cmd[3]))
+        if tag == RELEASE:
+            return proposal, self._release(cmd[2])
         if tag == RESOLVER:
             return proposal, self._register(cmd[2], cmd[3])
         if tag == WIPE:
@@ -371,24 +395,34 @@ class ShardState:
                 if not holders:
                     del self.shared[key]
 
-    def _decide(self, txid: int, commit: bool, timestamp: int) -> bool | None:
+    def decision(self, txid: int) -> bool | None:
+        """The decision recorded for txid as coordinator: True commit, False abort, None none."""
+        if txid in self.unfinished:
+            return True
+        return self.decisions.get(txid)
+
+    def _decide(self, txid: int, commit: bool, timestamp: int) -> bool:
         """Record ``commit`` unless a decision is recorded already; the one that stands.
-        None when the transaction is so old that its decision may have been forgotten: a
-        guess could contradict what the participants already applied."""
-        recorded = self.decisions.get(txid)
+
+        A participant asks this (with abort) when its coordinator went quiet. Nothing
+        recorded means the transaction never committed, however old it is: a commit is
+        kept (Unfinished) until every participant has applied it, and the asker has not.
+        """
+        recorded = self.decision(txid)
         if recorded is None:
-            if self.decisions.forgot(timestamp):
-                return None
             recorded = commit
-            forgotten = self.decisions.add(txid, commit, timestamp)
-            self._journal("d", txid, (commit, timestamp))
-            if forgotten is not None:
-                self._journal("d", forgotten, _FORGET)
+            self._record_decision(txid, commit, timestamp)
         return recorded
 
-    def _commit_decide(self, request: CommitRequest) -> Outcome:
+    def _record_decision(self, txid: int, commit: bool, timestamp: int) -> None:
+        forgotten = self.decisions.add(txid, commit, timestamp)
+        self._journal("d", txid, (commit, timestamp))
+        if forgotten is not None:
+            self._journal("d", forgotten, _FORGET)
+
+    def _commit_decide(self, request: CommitRequest, others: list[int]) -> Outcome:
         txid = request.txid
-        recorded = self.decisions.get(txid)
+        recorded = self.decision(txid)
         if recorded is not None:
             if recorded:
                 return None
@@ -398,8 +432,23 @@ class ShardState:
         if self.decisions.forgot(request.timestamp):
             return _forgotten_outcome(txid)
         outcome = self._commit(request)
-        self._decide(txid, outcome is None, request.timestamp)
+        if outcome is None and others:
+            unfinished = Unfinished(others, request.timestamp, since=self.clock())
+            self.unfinished[txid] = unfinished
+            self._journal("u", txid, unfinished)
+        else:
+            self._decide(txid, outcome is None, request.timestamp)
         return outcome
+
+    def _release(self, txids: list[int]) -> Outcome:
+        """Every other participant applied these commits: remember them like any decision
+        from now on (forgotten in turn, the watermark refusing late retries)."""
+        for txid in txids:
+            unfinished = self.unfinished.pop(txid, None)
+            if unfinished is not None:
+                self._journal("u", txid, _FORGET)
+                self._record_decision(txid, True, unfinished.timestamp)
+        return None
 
     def _finish(self, txid: int, commit: bool) -> Outcome:
         prepared = self.prepared.pop(txid, None)
@@ -440,6 +489,8 @@ class ShardState:
             self._journal("o", txid, _FORGET)
         for txid in self.decisions:
             self._journal("d", txid, _FORGET)
+        for txid in self.unfinished:
+            self._journal("u", txid, _FORGET)
         for prefix in self.resolver_names:
             self._journal("r", prefix, _FORGET)
         self._replace_versions(iter(()))
@@ -447,6 +498,7 @@ class ShardState:
         self.resolver_names = {}
         self.outcomes.clear()
         self.decisions.clear()
+        self.unfinished = {}
         return None
 
     def _register(self, prefix: str, name: str | None) -> Outcome:
@@ -520,6 +572,7 @@ class ShardState:
                 "decisions": self.decisions.entries(),
                 "watermarks": [self.outcomes.watermark, self.decisions.watermark],
                 "prepared": [_prepared_wire(p) for p in self.prepared.values()],
+                "unfinished": [[t, u.participants, u.timestamp] for t, u in self.unfinished.items()],
             }
         )
         # A run is packed pair by pair (a msgpack array header, then the packed pairs), so
@@ -564,6 +617,10 @@ class ShardState:
         now = self.clock()
         for wire in raw["prepared"]:
             self._lock(self._prepared_from_wire(wire, now))
+        self.unfinished = {  # older images: none
+            txid: Unfinished(list(parts), stamp, since=now)
+            for txid, parts, stamp in raw.get("unfinished", ())
+        }
 
     def _prepared_from_wire(self, wire: list, since: float) -> Prepared:
         txid, coord, parts, updates, request_wire = wire

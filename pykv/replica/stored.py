@@ -38,6 +38,7 @@ from pykv.replica.shard import (
     _FORGET,
     Prepared,
     ShardState,
+    Unfinished,
     _prepared_wire,
     bounded_runs,
 )
@@ -54,12 +55,14 @@ _TOMBSTONE = b""
 _APPLIED = b"\xffa"
 _APPLIED_ROW = Update(_APPLIED, b"", b"", 0)  # marks "some entry applied"; flush() writes the index
 _PREPARED = b"\xffp"
+_UNFINISHED = b"\xffu"  # + txid: [txid, participants, timestamp] of a commit not yet released
 _RESTORE_RUN = 4096  # remembered entries per run row when a snapshot is installed
 _RESTORE_BATCH = 2000  # rows per storage submit when a snapshot is installed, at most,
 _RESTORE_BATCH_BYTES = 4 << 20  # and bytes of values
 _RUNS = b"\xffm"  # + a big-endian run number: [[kind, txid, value, timestamp], ...] remembered in a flush
 _WATERMARKS = b"\xffw"  # [outcomes, decisions]: the newest request timestamps forgotten
 _TXID = struct.Struct(">Q")
+_BORN_AND_GONE = (_PREPARED, _UNFINISHED)  # records that most often go within their flush
 # Pending (written, not yet released) versions are released every this many records.
 _RELEASE_EVERY = 256
 # Rows applied but not yet written to the storage before a batch writes them at once; the
@@ -71,6 +74,10 @@ def _meta_key(kind: str, key: Any) -> bytes:
     if kind == "r":
         return _META + b"r" + str(key).encode("utf-8")
     return _META + kind.encode() + _TXID.pack(key & 0xFFFFFFFFFFFFFFFF)
+
+
+def _unfinished_row(txid: int, unfinished: Unfinished) -> bytes:
+    return pack([txid, unfinished.participants, unfinished.timestamp])
 
 
 def _versioned(stored: StoredVersion) -> Versioned:
@@ -144,6 +151,9 @@ class StoredShardState(ShardState):
                 self.decisions.watermark = max(self.decisions.watermark, value[1])
             elif kind == b"p":
                 self._lock_quietly(self._prepared_from_wire(value, now))
+            elif kind == b"u":
+                txid, participants, stamp = value
+                self.unfinished[txid] = Unfinished(participants, stamp, since=now)
             elif kind == b"r":
                 super()._register(rest.decode("utf-8"), value)
         self._batch = []  # loading re-journals nothing
@@ -177,12 +187,13 @@ class StoredShardState(ShardState):
         latest: dict[bytes, Update] = {}
         born: list[bytes] = []  # prepared-transaction records first written in this run
         for row in self._rows:  # a key written twice keeps its last value
-            if latest.pop(row.key, None) is None and row.value is not None and row.key.startswith(_PREPARED):
+            if latest.pop(row.key, None) is None and row.value is not None and row.key.startswith(_BORN_AND_GONE):
                 born.append(row.key)
             latest[row.key] = row
         for key in born:
-            # Prepared and finished within this run: the storage never held the record (a
-            # txid is prepared only while no record of it is live), so neither row goes.
+            # Prepared and finished (or recorded and released) within this run: the storage
+            # never held the record (a txid has one only while none of it is live), so
+            # neither row goes.
             if latest[key].value is None:
                 del latest[key]
         for key, prepared in self._prepared_rows.items():
@@ -220,6 +231,8 @@ class StoredShardState(ShardState):
         elif isinstance(value, Prepared):
             self._prepared_rows[row_key] = value
             encoded = b""  # a placeholder: flush() encodes the record if it is still live
+        elif isinstance(value, Unfinished):
+            encoded = _unfinished_row(key, value)
         else:
             encoded = pack(value)
         self._batch.append(Update(row_key, encoded, b"", 0))
@@ -316,6 +329,8 @@ class StoredShardState(ShardState):
         rows += [Update(_meta_key("r", p), pack(n), b"", 0) for p, n in self.resolver_names.items()]
         rows += [Update(_meta_key("p", t), pack(_prepared_wire(p)), b"", 0)
                  for t, p in self.prepared.items()]
+        rows += [Update(_meta_key("u", t), _unfinished_row(t, u), b"", 0)
+                 for t, u in self.unfinished.items()]
         self._batch = []
         for start in range(0, len(rows), _RESTORE_BATCH):
             self.store.submit(rows[start:start + _RESTORE_BATCH])

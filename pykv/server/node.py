@@ -19,9 +19,11 @@ callback of its proposal or read (no asyncio future per request). The node's own
 await a reply (recovery, removing a dead member) send it requests the same way (``_ask``).
 
 Multi-shard transactions are coordinated by the client (pykv.client) over the shards'
-Raft groups; the node's part is a recovery task: a prepared transaction left undecided
-for ``recovery_after`` seconds is settled by asking its coordinator shard to record a
-decision (the first recorded decision wins, normally the client's), then finishing it.
+Raft groups. The node that leads a coordinator shard tells the other participants the
+decision (FINISH) and releases a commit once they all applied it (pykv.replica.finishing);
+and a recovery task settles a prepared transaction left undecided for ``recovery_after``
+seconds by asking its coordinator shard to record a decision (the first recorded decision
+wins, normally the client's), then finishing it.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ from pykv.raft.errors import ConfChangeRejected, NotLeader
 from pykv.raft.messages import ConfChangeKind, Message, Role
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
+from pykv.replica.finishing import FinishTracker
 from pykv.replica.host import Done, ReplicaHost, snapshot_every_for
 from pykv.replica.meta import SET_MAP, MetaState, meta_replicas
 from pykv.replica.shard import COMMIT as CMD_COMMIT
@@ -84,6 +87,7 @@ from pykv.replica.shard import COMMIT_DECIDE as CMD_COMMIT_DECIDE
 from pykv.replica.shard import DECIDE as CMD_DECIDE
 from pykv.replica.shard import FINISH as CMD_FINISH
 from pykv.replica.shard import PREPARE as CMD_PREPARE
+from pykv.replica.shard import RELEASE as CMD_RELEASE
 from pykv.replica.shard import RESOLVER as CMD_RESOLVER
 from pykv.replica.shard import WIPE as CMD_WIPE
 from pykv.replica.shard import ShardState, remembered_per_shard
@@ -298,6 +302,7 @@ class Node:
         self._stopping = False
         self._resolving: set[tuple[int, int]] = set()
         self._finishing: set[asyncio.Task] = set()  # FINISH calls to participants elsewhere
+        self.finishes = FinishTracker()  # commits this node coordinates, until released
         self.router = Router(list(config.peers.values()), timeout=5.0, max_frame=config.max_frame)
         self._maintainer: Maintainer | None = None  # the shard stores' compaction thread
         self.snapshots_out = SnapshotSender(
@@ -553,12 +558,12 @@ class Node:
             request = self._stamped(body[1])
             done = _answer(_outcome_reply, respond)
             self._propose_to(shard, CMD_COMMIT, [request], done, _writes(request))
-        elif kind == COMMIT_DECIDE:
+        elif kind == COMMIT_DECIDE:  # [shard, request, the other participants]
             request = self._stamped(body[1])
-            done = _answer(_outcome_reply, respond)
-            if len(body) > 2:
-                done = self._then_finish(done, request["txid"], [int(s) for s in body[2]])
-            self._propose_to(shard, CMD_COMMIT_DECIDE, [request], done, _writes(request))
+            others = [int(s) for s in body[2]] if len(body) > 2 else []
+            done = self._then_finish(_answer(_outcome_reply, respond), shard, request["txid"], others)
+            args = self.finishes.commit_decide_args(shard, request, others)
+            self._propose_to(shard, CMD_COMMIT_DECIDE, args, done, _writes(request))
         elif kind == PREPARE:
             request = self._stamped(body[1])
             done = _answer(lambda vote: [OK, vote], respond)
@@ -566,9 +571,13 @@ class Node:
                 shard, CMD_PREPARE, [request, int(body[2]), list(body[3])], done, _writes(request)
             )
         elif kind == DECIDE:  # [shard, txid, commit, the timestamp of its request]
+            if body[2] is not False:
+                # Only COMMIT_DECIDE records a commit: it knows the participants that must
+                # apply it before the decision may be forgotten (ShardState.unfinished).
+                raise ProtocolError("DECIDE records an abort only; a commit is COMMIT_DECIDE")
             done = _answer(lambda d: [OK, d], respond)
             stamp = [int(body[3])] if len(body) > 3 else []
-            self._propose_to(shard, CMD_DECIDE, [int(body[1]), bool(body[2]), *stamp], done)
+            self._propose_to(shard, CMD_DECIDE, [int(body[1]), False, *stamp], done)
         elif kind == FINISH:
             done = _answer(_outcome_reply, respond)
             self._propose_to(shard, CMD_FINISH, [int(body[1]), bool(body[2])], done)
@@ -664,41 +673,79 @@ class Node:
 
     # --- 2PC: finishing a decided transaction, and recovery --------------------------------------
 
-    def _then_finish(self, done: Done, txid: int, shards: list[int]) -> Done:
+    def _then_finish(self, done: Done, coordinator: int, txid: int, others: list[int]) -> Done:
         """``done`` for COMMIT_DECIDE, then FINISH on the other participants (_finish_decided)."""
+        if not others:
+            return done
 
         def decided(outcome: Any, error: BaseException | None) -> None:
             done(outcome, error)
             if error is None:  # recorded: None is commit, an error outcome is abort
-                self._finish_decided(outcome is None, txid, shards)
+                self._finish_decided(outcome is None, coordinator, txid, others)
 
         return decided
 
-    def _finish_decided(self, commit: bool, txid: int, shards: list[int]) -> None:
+    def _finish_decided(self, commit: bool, coordinator: int, txid: int, shards: list[int]) -> None:
         """The coordinator shard recorded its decision: tell the other participants.
 
         Done here rather than by the client: a participant led by this node finishes with a
         local proposal (no network), and the keys it locked are released one client round
         trip sooner. Only a recorded decision is passed on; when the outcome is unknown
-        (leadership lost), the participants settle it with the coordinator shard.
+        (leadership lost), the participants settle it with the coordinator shard. A commit
+        is released on the coordinator shard once every participant answered (FinishTracker).
         """
+        if commit and not self.finishes.start(coordinator, txid, shards):
+            return  # a round for it is under way
         for shard in shards:
+            answered = self._finish_answered(commit, coordinator, txid, shard)
             group = self.host.groups.get(shard) if self.host is not None else None
             if group is not None and group.raft.is_leader():
                 try:
-                    # Nobody waits for it: a lost FINISH is settled by recovery.
-                    self._propose_to(shard, CMD_FINISH, [txid, commit], _nobody_waits)
+                    self._propose_to(shard, CMD_FINISH, [txid, commit], answered)
                     continue
                 except (NotLeader, Unavailable):
                     pass  # leadership moved just now: go through the router
-            task = asyncio.get_running_loop().create_task(self.router.call(shard, FINISH, [shard, txid, commit]))
+            task = asyncio.get_running_loop().create_task(self._finish_elsewhere(shard, txid, commit, answered))
             self._finishing.add(task)
-            task.add_done_callback(self._finished_task)
+            task.add_done_callback(self._finishing.discard)
 
-    def _finished_task(self, task: asyncio.Task) -> None:
-        self._finishing.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a lost FINISH is settled by the participant's recovery
+    def _finish_answered(self, commit: bool, coordinator: int, txid: int, shard: int) -> Done:
+        """The completion of one FINISH: counts towards releasing a commit (FinishTracker)."""
+
+        def answered(outcome: Any, error: BaseException | None) -> None:
+            if not commit:
+                return  # nothing to release: a lost FINISH(abort) is settled by recovery
+            if error is None and outcome is None:
+                self.finishes.finished(coordinator, txid, shard)
+            else:
+                self.finishes.failed(coordinator, txid)
+
+        return answered
+
+    async def _finish_elsewhere(self, shard: int, txid: int, commit: bool, answered: Done) -> None:
+        try:
+            outcome = await self.router.call(shard, FINISH, [shard, txid, commit])
+        except (Error, asyncio.TimeoutError, OSError) as exc:
+            answered(None, exc)  # a lost FINISH is settled by the participant's recovery
+        else:
+            answered(outcome, None)
+
+    def _release_finished(self, now: float) -> None:
+        """Release the commits every participant applied that no COMMIT_DECIDE carried;
+        send FINISH again for those unfinished too long (a lost FINISH or answer, or decided
+        under an earlier leader)."""
+        host = self.host
+        assert host is not None
+        for gid, txids in self.finishes.take_releases().items():
+            group = host.groups.get(gid)
+            if group is not None and group.raft.is_leader():
+                with contextlib.suppress(NotLeader, Unavailable):  # the next leader sweeps
+                    self._propose_to(gid, CMD_RELEASE, [txids], _nobody_waits)
+        for gid, group in list(host.groups.items()):
+            if gid == META_GROUP or not group.raft.is_leader():
+                continue
+            for txid, others in self.finishes.overdue(gid, group.state, now, self.config.recovery_after):
+                self._finish_decided(True, gid, txid, others)
 
     # --- 2PC recovery ---------------------------------------------------------------------------
 
@@ -709,6 +756,7 @@ class Node:
         while not self._stopping:
             await asyncio.sleep(self.config.recovery_after / 4)
             now = time.monotonic()
+            self._release_finished(now)
             for gid, group in list(host.groups.items()):
                 if not group.raft.is_leader():
                     continue
@@ -724,16 +772,11 @@ class Node:
 
     async def _settle(self, gid: int, txid: int, coordinator_shard: int, timestamp: int) -> None:
         try:
-            # Ask for abort; the coordinator shard returns whatever was recorded first.
+            # Ask for abort; the coordinator shard returns whatever was recorded first (it
+            # keeps a commit until every participant applied it: see FinishTracker).
             decision = await self.router.call(
                 coordinator_shard, DECIDE, [coordinator_shard, txid, False, timestamp]
             )
-            if decision is None:
-                # Prepared for so long that the coordinator shard may have forgotten the
-                # decision: guessing could break atomicity, so the keys stay locked.
-                log.error("cannot settle transaction %d on shard %d: shard %d no longer "
-                          "remembers its decision", txid, gid, coordinator_shard)
-                return
             reply = await asyncio.wait_for(self._ask(FINISH, [gid, txid, bool(decision)]), 5.0)
             # Applied, the outcome is the transaction's: OK, or TransactionConflict (aborted).
             if reply[0] != OK and reply[1] != "TransactionConflict":

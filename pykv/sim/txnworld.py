@@ -6,9 +6,11 @@ each replica a real ``pykv.replica.shard.ShardState`` (OCC validation, prepared 
 coordinator shard's decision, snapshots). Clients run list-append transactions (read two
 lists, append a unique element to each) and commit them as ``pykv.client.cluster`` does:
 one COMMIT on a single shard, else PREPARE on the other participants, COMMIT_DECIDE on the
-coordinator shard, whose leader then sends FINISH (``Node._finish_decided``); nodes settle
-prepared transactions whose coordinator went quiet as ``Node._settle`` does (DECIDE abort,
-then FINISH with what the coordinator shard recorded). A scanner takes consistent scans of
+coordinator shard, whose leader then sends FINISH (``Node._finish_decided``) and releases
+the commit once every participant applied it, sending FINISH again for commits left
+unfinished (``Node._release_finished``); nodes settle prepared transactions whose
+coordinator went quiet as ``Node._settle`` does (DECIDE abort, then FINISH with what the
+coordinator shard recorded). A scanner takes consistent scans of
 every list as ``KeyValueStore.scan`` does (``ScanPasses``: passes over every shard until two
 agree), recorded as read-only transactions. Requests travel through the same faulty network
 as Raft's messages and are retried at the leader a redirect names.
@@ -21,12 +23,13 @@ everything in flight.
 
 Checked after the faults heal and the cluster settles: the history of every transaction
 whose client learned its fate, and of those it did not, is strictly serializable
-(``pykv.sim.listappend``), no replica still holds a prepared transaction, and the replicas
-of every shard hold the same versions.
+(``pykv.sim.listappend``), no replica still holds a prepared transaction or an unreleased
+commit, and the replicas of every shard hold the same versions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import random
 import shutil
@@ -42,8 +45,9 @@ from pykv.raft import Message, RaftConfig
 from pykv.raft.errors import NotLeader
 from pykv.raft.messages import PersistentState, Snapshot
 from pykv.replica.durable import GroupWork
+from pykv.replica.finishing import FinishTracker
 from pykv.replica.host import ReplicaHost
-from pykv.replica.shard import COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE, ShardState
+from pykv.replica.shard import COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE, RELEASE, ShardState
 from pykv.replica.stored import StoredShardState
 from pykv.sim.listappend import Txn, check_serializable
 from pykv.txn.model import CommitRequest, ScanPasses, Versioned, WriteOp
@@ -91,8 +95,10 @@ TXN_MIXES = {
     "lossy": TxnSimParams(loss=0.2, attempt_timeout=0.15),
     "snapshots": TxnSimParams(snapshot_every=5, crash_every=1.0),
     "stored": TxnSimParams(stored=True, snapshot_every=15, crash_every=1.5),
-    # Shards remember only the last 4 txids: retries and recovery reach forgotten ones.
-    "forgetful": TxnSimParams(remembered=4, loss=0.1),
+    # Shards remember only the last 2 txids: retries and recovery reach forgotten ones. A
+    # participant whose FINISH died with its coordinator's node asks for the decision
+    # only after 3 s, when the coordinator shard has decided many more since.
+    "forgetful": TxnSimParams(remembered=2, loss=0.1, recovery_after=3.0, crash_every=1.0),
 }
 
 
@@ -188,7 +194,6 @@ class Call:
     kind: str  # "read" or a shard command tag
     args: list
     writes: tuple[str, ...] = ()
-    finish: tuple[int, ...] = ()  # COMMIT_DECIDE: the other participants, told the decision
 
 
 @dataclass
@@ -221,7 +226,9 @@ class TxnWorld:
         self._waiting: dict[int, Task] = {}  # request id -> the task waiting for its reply
         self._next_request = 0
         self._settling: set[tuple[int, int]] = set()
-        self.undecidable: set[int] = set()  # prepared txids whose decision was forgotten
+        # Per node, the FINISH rounds of the commits it coordinates (Node.finishes).
+        self.finishes: dict[int, FinishTracker] = {}
+        self.lives: Counter = Counter()  # per node, how many times it crashed
         self._elements = 0
         self.faulty = True
         self.accepting = True
@@ -267,6 +274,7 @@ class TxnWorld:
         for gid in range(self.p.shards):
             host.add_group(gid, list(self.ids))
         self.hosts[node] = host
+        self.finishes[node] = FinishTracker()  # node-local: a crash forgets the rounds
 
     def _state_factory(self, node: int) -> Callable[[int], ShardState]:
         remembered = self.p.remembered
@@ -283,6 +291,7 @@ class TxnWorld:
         are lost, and the Raft log on the disk replays them."""
         host = self.hosts[node]
         self.hosts[node] = None
+        self.lives[node] += 1  # its own tasks (FINISH, recovery) die with it: node_task
         if host is not None and self.p.stored:
             for group in host.groups.values():
                 group.state.store.close()  # no flush: the unwritten rows die with the node
@@ -378,6 +387,19 @@ class TxnWorld:
         self._deliver(-1, call.node, lambda: self._serve(rid, call))
         self.at(self.p.attempt_timeout, lambda: self._reply(rid, TIMEOUT))
 
+    def node_task(self, node: int, task: Task) -> Task:
+        """``task`` run by ``node``: it ends when the node crashes, as a node's asyncio tasks
+        do (a client's tasks outlive any node)."""
+        life = self.lives[node]
+        value = None
+        with contextlib.closing(task):
+            while self.lives[node] == life:
+                try:
+                    instruction = task.send(value)
+                except StopIteration:
+                    return
+                value = yield instruction
+
     def _reply(self, rid: int, reply: Any) -> None:
         task = self._waiting.pop(rid, None)
         if task is not None:
@@ -415,27 +437,62 @@ class TxnWorld:
 
                 host.read(call.group, items, None, done)
             else:
-                if call.finish:
-                    done = self._then_finish(done, call.args[0]["txid"], call.finish)
-                host.propose(call.group, call.kind, call.args, done, call.writes)
+                args = call.args
+                if call.kind == COMMIT_DECIDE:  # as Node.handle: it carries releases
+                    args = self.finishes[call.node].commit_decide_args(call.group, *args)
+                    done = self._then_finish(done, call.node, call.group, args[0]["txid"], args[1])
+                host.propose(call.group, call.kind, args, done, call.writes)
         except Unavailable as exc:  # NotLeader too: the caller retries. Anything else is a
             done(None, exc)  # bug, and it stops the run loudly.
         self._cycle(call.node)
 
-    def _then_finish(self, done: Callable, txid: int, others: tuple[int, ...]) -> Callable:
-        """COMMIT_DECIDE's leader passes the recorded decision on (Node._finish_decided)."""
+    def _then_finish(self, done: Callable, node: int, group: int, txid: int, others: list[int]) -> Callable:
+        """COMMIT_DECIDE's leader passes the recorded decision on (Node._then_finish)."""
 
         def decided(outcome: Any, error: BaseException | None) -> None:
             done(outcome, error)
             if error is None:
-                for shard in others:
-                    self.spawn(self._call(shard, FINISH, [txid, outcome is None]))
+                self._finish_decided(node, outcome is None, group, txid, list(others))
 
         return decided
 
+    def _finish_decided(self, node: int, commit: bool, group: int, txid: int, others: list[int]) -> None:
+        """FINISH on every other participant; a commit is released once all have applied it
+        (Node._finish_decided, FinishTracker)."""
+        finishes = self.finishes[node]
+        if commit and not finishes.start(group, txid, others):
+            return
+        for shard in others:
+            self.spawn(self.node_task(node, self._finish_one(finishes, commit, group, txid, shard)))
+
+    def _finish_one(self, finishes: FinishTracker, commit: bool, group: int, txid: int, shard: int) -> Task:
+        status, outcome = yield from self._call(shard, FINISH, [txid, commit])
+        if commit and status == "ok" and outcome is None:
+            finishes.finished(group, txid, shard)
+        elif commit:
+            finishes.failed(group, txid)
+
+    def _release_finished(self) -> None:
+        """Every leader releases what its participants applied and sweeps the commits left
+        unfinished too long (Node._release_finished)."""
+        for node, host in self.hosts.items():
+            if host is None:
+                continue
+            finishes = self.finishes[node]
+            for gid, txids in finishes.take_releases().items():
+                if host.groups[gid].raft.is_leader():
+                    with contextlib.suppress(Unavailable):  # the next leader sweeps them
+                        host.propose(gid, RELEASE, [txids], lambda result, error: None)
+                        self.events["releases proposed"] += 1
+            for gid, group in host.groups.items():
+                if group.raft.is_leader():
+                    for txid, others in finishes.overdue(gid, group.state, self.now, self.p.recovery_after):
+                        self.events["unfinished commits swept"] += 1
+                        self._finish_decided(node, True, gid, txid, others)
+            self._cycle(node)
+
     def _call(
         self, group: int, kind: str, args: list, writes: tuple[str, ...] = (),
-        finish: tuple[int, ...] = (),
     ) -> Task:
         """One request to a shard's leader, retried as pykv.client.router does, until the
         call timeout: ``("ok", result)``, or ``("unknown", None)`` when it gave up."""
@@ -443,7 +500,7 @@ class TxnWorld:
         attempt = 0
         while self.now < deadline:
             node = self.leader_hint.get(group) or self.ids[attempt % len(self.ids)]
-            reply = yield Call(node, group, kind, args, writes, finish)
+            reply = yield Call(node, group, kind, args, writes)
             status, value = reply
             if status == "ok":
                 self.leader_hint[group] = node
@@ -548,7 +605,7 @@ class TxnWorld:
             self.events["clients vanished after prepare"] += 1
             return None  # the client is gone: the prepared shards must settle it themselves
         status, outcome = yield from self._call(
-            coordinator, COMMIT_DECIDE, [request.to_wire(keys[coordinator])], written, tuple(others)
+            coordinator, COMMIT_DECIDE, [request.to_wire(keys[coordinator]), others], written
         )
         return _fate(status, outcome)
 
@@ -558,7 +615,8 @@ class TxnWorld:
 
     def _recover(self) -> None:
         """Every leader settles transactions prepared for too long (Node._recover_prepared)."""
-        for host in self.hosts.values():
+        self._release_finished()
+        for node, host in self.hosts.items():
             if host is None:
                 continue
             for gid, group in host.groups.items():
@@ -567,20 +625,15 @@ class TxnWorld:
                 for txid, prepared in group.state.prepared.items():
                     if self.now - prepared.since >= self.p.recovery_after and (gid, txid) not in self._settling:
                         self._settling.add((gid, txid))
-                        self.spawn(self._settle(
+                        self.spawn(self.node_task(node, self._settle(
                             gid, txid, prepared.coordinator_shard, prepared.request.timestamp
-                        ))
+                        )))
         self.at(self.p.recovery_after / 4, self._recover)
 
     def _settle(self, gid: int, txid: int, coordinator_shard: int, timestamp: int) -> Task:
         try:
             status, decision = yield from self._call(coordinator_shard, DECIDE, [txid, False, timestamp])
-            if status == "ok" and decision is None:
-                # The coordinator shard may have forgotten the decision: the node leaves the
-                # transaction prepared rather than guess (Node._settle).
-                self.undecidable.add(txid)
-                self.events["prepares left undecidable"] += 1
-            elif status == "ok":
+            if status == "ok":
                 status, _ = yield from self._call(gid, FINISH, [txid, bool(decision)])
                 self.events["prepares settled by recovery"] += status == "ok"
         finally:
@@ -596,9 +649,12 @@ class TxnWorld:
         result.unknown = sum(1 for t in self.history if t.committed is None)
         for gid in range(self.p.shards):
             replicas = [h.groups[gid].state for h in self.hosts.values() if h is not None]
-            prepared = {t for s in replicas for t in s.prepared} - self.undecidable
+            prepared = {t for s in replicas for t in s.prepared}
             if prepared:
                 return _violation(result, "stuck prepare", f"shard {gid} still holds {sorted(prepared)}")
+            unfinished = {t for s in replicas for t in s.unfinished}
+            if unfinished:
+                return _violation(result, "commit never released", f"shard {gid} keeps {sorted(unfinished)}")
             versions = [s.scan("", None, None, None, True) for s in replicas]
             if any(v != versions[0] for v in versions):
                 return _violation(result, "replicas differ", f"shard {gid}")

@@ -17,6 +17,7 @@ from pykv.replica.shard import (
     FINISH,
     MIN_REMEMBERED,
     PREPARE,
+    RELEASE,
     REMEMBERED_PER_NODE,
     RESOLVER,
     WIPE,
@@ -25,6 +26,7 @@ from pykv.replica.shard import (
     encode_command,
     remembered_per_shard,
 )
+from pykv.replica.stored import StoredShardState
 from pykv.txn.model import CommitRequest, Isolation, Versioned, WriteOp
 from pykv.types import OpKind
 
@@ -83,12 +85,33 @@ def test_a_retry_of_a_forgotten_transaction_is_refused_never_applied_twice():
     assert outcome[0] == "OutcomeUnknown" and "unknown" in outcome[1]  # the client: outcome unknown
     assert log.state.get("n").value == 4  # not applied a second time
     assert log.run(COMMIT, dataclasses.replace(incr(5, "n"), timestamp=50).to_wire()) is None
-    # The coordinator shard likewise: no decision is guessed for a forgotten transaction.
-    state = ShardState(0, remembered=1)
-    state.apply(1, encode_command(DECIDE, None, 7, True, 70))
-    state.apply(2, encode_command(DECIDE, None, 8, True, 80))  # 7 forgotten
-    _, decision = state.apply(3, encode_command(DECIDE, None, 7, False, 70))
-    assert decision is None and 7 not in state.decisions
+
+
+def test_a_coordinator_keeps_a_commit_until_every_participant_finished_it():
+    """A participant still prepared always finds its decision, however many transactions
+    the coordinator shard has decided since: a commit is never forgotten before RELEASE,
+    and nothing recorded therefore means abort, even for a very old transaction."""
+    log = Log(ShardState(0, remembered=1))
+    committed = dataclasses.replace(put(7, "k", "v"), timestamp=70)
+    assert log.run(COMMIT_DECIDE, committed.to_wire(), [1, 2]) is None
+    assert 7 in log.state.unfinished and 7 not in log.state.decisions
+    for txid in (8, 9):  # abort decisions rotate the table (remembered=1): 8 is forgotten
+        assert log.run(DECIDE, txid, False, 10 * txid) is False
+    assert 8 not in log.state.decisions and log.state.decisions.forgot(80)
+    assert log.run(DECIDE, 7, False, 70) is True  # participant 1 gave up waiting: commit
+    assert log.run(DECIDE, 8, False, 80) is False  # forgotten abort: still abort, not a guess
+    assert log.run(RELEASE, [7]) is None  # both participants applied it
+    assert 7 not in log.state.unfinished and log.state.decisions.get(7) is True
+    assert log.run(DECIDE, 10, False, 100) is False  # 7 is forgotten now, like any decision
+    assert 7 not in log.state.decisions and log.state.decisions.forgot(70)
+    # A late retry of its commit is refused (the watermark), never applied again.
+    assert log.run(COMMIT_DECIDE, committed.to_wire(), [1, 2])[0] == "OutcomeUnknown"
+    assert log.state.get("k").value == "v"
+    # A COMMIT_DECIDE may carry the txids to release (no command of their own).
+    later = [dataclasses.replace(put(t, "k", t), timestamp=10 * t).to_wire() for t in (11, 12)]
+    assert log.run(COMMIT_DECIDE, later[0], [1]) is None
+    assert log.run(COMMIT_DECIDE, later[1], [2], [11]) is None
+    assert list(log.state.unfinished) == [12] and log.state.decision(11) is True
 
 
 def test_a_conflicting_commit_is_refused_with_the_validation_error():
@@ -211,7 +234,7 @@ def commands(draw):
     out = []
     for txid in range(1, draw(st.integers(1, 25))):
         key = draw(st.sampled_from(_KEYS))
-        kind = draw(st.sampled_from(["commit", "incr", "prepare", "finish", "decide"]))
+        kind = draw(st.sampled_from(["commit", "incr", "prepare", "finish", "decide", "coordinate", "release"]))
         if kind == "commit":
             out.append((COMMIT, put(txid, key, txid).to_wire()))
         elif kind == "incr":
@@ -220,6 +243,11 @@ def commands(draw):
             out.append((PREPARE, incr(txid, key).to_wire(), 0, [0, 1]))
         elif kind == "finish":
             out.append((FINISH, draw(st.integers(1, txid)), draw(st.booleans())))
+        elif kind == "coordinate":
+            released = [draw(st.integers(1, txid))] if draw(st.booleans()) else []
+            out.append((COMMIT_DECIDE, put(txid, key, txid).to_wire(), [1], *([released] if released else [])))
+        elif kind == "release":
+            out.append((RELEASE, [draw(st.integers(1, txid))]))
         else:
             out.append((DECIDE, draw(st.integers(1, txid)), draw(st.booleans())))
     return out
@@ -316,7 +344,6 @@ def test_the_metadata_group_snapshots_and_restores_its_shard_map():
 @pytest.mark.parametrize("stored", [False, True])
 def test_an_image_made_between_commits_is_the_state_when_it_began(tmp_path, monkeypatch, stored):
     from pykv.replica import shard as shard_module
-    from pykv.replica.stored import StoredShardState
 
     monkeypatch.setattr(shard_module, "IMAGE_RUN", 3)  # many parts, commands between them
     for seed in range(25):

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from pykv.replica.shard import COMMIT, DECIDE, FINISH, PREPARE, RESOLVER, ShardState, encode_command
+from pykv.replica.shard import (
+    COMMIT,
+    COMMIT_DECIDE,
+    DECIDE,
+    FINISH,
+    PREPARE,
+    RELEASE,
+    RESOLVER,
+    ShardState,
+    encode_command,
+)
 from pykv.replica.stored import StoredShardState
 from pykv.txn.model import ABSENT, CommitRequest, WriteOp
 from pykv.types import OpKind
@@ -124,6 +134,33 @@ def test_a_transaction_prepared_and_finished_between_two_writes_leaves_no_record
     assert again.get("p").value == "x" and again.get("q") == ABSENT
     live = [key for key, stored in again.store.scan(prefix=b"\xffp") if stored.value is not None]
     assert len(live) == 1
+    again.close()
+
+
+def test_unfinished_commits_survive_a_reopen_and_a_snapshot(tmp_path):
+    """A coordinator's commit that a participant may not have applied yet (Unfinished) is
+    never lost; one recorded and released within a run of writes leaves no record."""
+    state = StoredShardState(0, tmp_path / "g0", remembered=2)
+    state.apply(1, encode_command(COMMIT_DECIDE, None, _put(7, "a", 1).to_wire(), [1]))
+    state.apply(2, encode_command(COMMIT_DECIDE, None, _put(8, "b", 2).to_wire(), [2, 3]))
+    state.apply(3, encode_command(RELEASE, None, [8]))  # same run of writes
+    state.flush()
+    state.apply(4, encode_command(COMMIT_DECIDE, None, _put(9, "c", 3).to_wire(), [1]))
+    state.close()
+
+    again = StoredShardState(0, tmp_path / "g0", remembered=2)
+    assert {t: u.participants for t, u in again.unfinished.items()} == {7: [1], 9: [1]}
+    assert again.decision(8) is True and again.get("b").value == 2
+    live = [key for key, stored in again.store.scan(prefix=b"\xffu") if stored.value is not None]
+    assert len(live) == 2
+    again.apply(5, encode_command(RELEASE, None, [7]))
+    copy = ShardState(0)
+    copy.restore(again.snapshot())
+    assert list(copy.unfinished) == [9] and copy.decision(7) is True
+    restored = StoredShardState(0, tmp_path / "g1")
+    restored.restore(again.snapshot())
+    restored.close()
+    assert list(StoredShardState(0, tmp_path / "g1").unfinished) == [9]
     again.close()
 
 

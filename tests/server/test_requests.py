@@ -91,6 +91,8 @@ async def _replies(tmp_path: Path) -> dict[str, list]:
         got["unknown kind"] = _serve(node, 63, [0])
         got["no shard"] = _serve(node, READ, None)
         got["malformed COMMIT"] = _serve(node, COMMIT, [0, "junk"])
+        # Only COMMIT_DECIDE may record a commit (it names the participants to wait for).
+        got["DECIDE commit"] = _serve(node, DECIDE, [0, 1, True])
         return got
     finally:
         await node.stop()
@@ -105,6 +107,6 @@ def test_every_request_kind_is_answered_through_respond_exactly_once(tmp_path):
     assert got["JOIN"] == got["LEAVE"] == [[REDIRECT, None]]  # metadata proposals
     assert got["LEAVE of a non-member"] == [[OK, 1]]  # nothing to do: the map's version
     assert got["PING"] == got["HOST"] == [[OK, None]]
-    for name in ("unknown kind", "no shard", "malformed COMMIT"):
+    for name in ("unknown kind", "no shard", "malformed COMMIT", "DECIDE commit"):
         (reply,) = got[name]
         assert reply[:2] == [FAILED, "ProtocolError"], name

@@ -122,7 +122,9 @@ def test_an_image_larger_than_a_frame_arrives_whole_with_its_message(tmp_path):
         async with Rig(tmp_path) as rig:
             handle = Handle(image)
             rig.sender.send(install(handle))
-            await rig.until(lambda: rig.stepped)
+            # The sender counts it once its last chunk has drained, which may come after
+            # the receiver stepped the message.
+            await rig.until(lambda: rig.stepped and rig.sender.sent)
             (msg,) = rig.stepped
             assert msg.snapshot.data.load() == image
             assert (msg.type, msg.frm, msg.to, msg.group, msg.term) == (MsgType.SNAP, 1, 2, 3, 2)

@@ -52,6 +52,30 @@ def _keys_on_every_shard(db, prefix: str) -> list[str]:
     return sorted(found.values())
 
 
+def _settled_everywhere(cluster, timeout: float = 10.0) -> bool:
+    """Whether every replica soon holds no prepared transaction and no unreleased commit."""
+    deadline = time.monotonic() + timeout
+    while True:
+        groups = [g for n in (1, 2, 3) for g in cluster.status(n)["groups"].values()]
+        if all(g["prepared"] == 0 and g["unfinished"] == 0 for g in groups):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_a_commit_is_released_once_every_participant_applied_it(cluster):
+    """The coordinator shard keeps a commit's decision until every participant applied it
+    (so a participant that was away still finds it), then lets it go: nothing accumulates."""
+    with pykv.client.connect(cluster.addresses) as db:
+        keys = _keys_on_every_shard(db, "released/")
+        for round_ in range(20):
+            with db.transaction() as tx:
+                for key in keys[round_ % 3::3]:
+                    tx.put(key, round_)
+        assert _settled_everywhere(cluster)
+
+
 @pytest.mark.parametrize(
     ("failpoint", "expected"),
     [("txn.2pc.after_prepare", "old"), ("txn.2pc.after_decide", "new")],
@@ -71,14 +95,9 @@ def test_coordinator_crash_leaves_no_transaction_in_doubt(cluster, failpoint, ex
         assert "committed" not in crashed.stdout
         # Reads wait for the prepared keys to be settled, then all agree.
         assert [db.get(k) for k in keys] == [expected] * len(keys)
-        # Every replica (followers learn the commit index a heartbeat later) unlocks.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            statuses = [cluster.status(n) for n in (1, 2, 3)]
-            if all(g["prepared"] == 0 for s in statuses for g in s["groups"].values()):
-                break
-            time.sleep(0.05)
-        assert all(g["prepared"] == 0 for s in statuses for g in s["groups"].values())
+        # Every replica (followers learn the commit index a heartbeat later) unlocks, and
+        # the coordinator shard releases a commit once every participant applied it.
+        assert _settled_everywhere(cluster)
         # And the keys are writable again.
         with db.transaction() as tx:
             for key in keys:

@@ -72,6 +72,25 @@ def test_the_check_catches_a_participant_that_loses_a_committed_part(monkeypatch
     assert not result.ok and result.kind == "not serializable"
 
 
+def test_a_participant_never_finds_its_commit_forgotten(monkeypatch):
+    """Seed 6 (the "forgetful" mix: shards remember 2 txids) has a participant that asks
+    its coordinator shard for a decision long after the commit, the coordinator having
+    decided many transactions since. The commit is kept until every participant applied it
+    (ShardState.unfinished), so the participant commits too; with commits forgotten like
+    any decision, it records abort and the history breaks."""
+    assert txnworld.txn_params_for(6)[0] == "forgetful"
+    result = run_txn_seed(6)
+    assert result.ok, f"{result.kind}: {result.detail}"
+    assert result.events["releases proposed"] > 0
+    commit_decide = shard.ShardState._commit_decide
+    monkeypatch.setattr(
+        shard.ShardState, "_commit_decide",
+        lambda self, request, others: commit_decide(self, request, []),  # never kept
+    )
+    result = run_txn_seed(6)
+    assert not result.ok and result.kind == "not serializable"
+
+
 def test_consistent_scans_are_snapshots_and_one_pass_scans_are_caught(monkeypatch):
     """A scanner records each consistent scan of every list as a read-only transaction; the
     strict-serializability check passes it (above) only if it is one snapshot. A scan that
