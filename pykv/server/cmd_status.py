@@ -59,9 +59,10 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
             for shard, group in _groups(status):
                 best_commit[shard] = max(best_commit.get(shard, 0), group["commit"])
     table = Table(title="pykv status")
-    # prepared: transactions holding locks on the replica, waiting for their decision.
+    # prepared: transactions holding locks on the replica, waiting for their decision;
+    # unfinished: commits it coordinated that some participant has not applied yet.
     columns = ("node", "address", "shard", "role", "leader", "term", "commit", "applied", "lag",
-               "prepared", "keys")
+               "prepared", "unfinished", "keys")
     for column in columns:
         table.add_column(column, justify="right" if column not in ("address", "role") else "left")
     for address, status in statuses.items():
@@ -76,7 +77,7 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
                 f"[{style}]{role}[/{style}]" if style else role,
                 str(group["leader"]), str(group["term"]), str(group["commit"]),
                 str(group["applied"]), str(best_commit[shard] - group["applied"]),
-                str(group.get("prepared", 0)), str(group["keys"]),
+                str(group.get("prepared", 0)), str(group.get("unfinished", 0)), str(group["keys"]),
             )
     return table
 

@@ -186,6 +186,7 @@ def test_cli_put_get_txn_and_status(cluster):
     table = _cli("status", "--addresses", addr)
     assert table.returncode == 0 and "meta" in table.stdout and "leader" in table.stdout
     assert "prepared" in table.stdout  # transactions holding locks, per replica
+    assert "unfinished" in table.stdout  # commits some participant has not applied yet
     # one address is enough: status finds the other nodes through the shard map
     status = _cli("status", "--json", "--addresses", cluster.addresses[1])
     assert status.returncode == 0
