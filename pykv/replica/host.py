@@ -12,7 +12,9 @@ The host is synchronous and owns no socket and no thread: the server's event loo
    acknowledgement must never come from a node that could forget it in a crash;
 5. ``batch.late``: every other message, sent only now (persist before send);
 6. ``apply(batch)``: restore snapshots, apply committed entries to the shard state machines
-   in log order, complete waiting proposals and reads, then ``advance`` every group.
+   in log order, complete waiting proposals and reads, then ``advance`` every group. A
+   driver may have snapshots restored off its thread (``restore_in_background``): such a
+   group sits out the cycle until its restore is done.
    A durable state machine writes what it applied every ``flush_ticks`` ticks (or when
    much is pending), not every batch: the Raft log already holds it.
 
@@ -96,9 +98,19 @@ class Group:
     conf_pending: dict[int, tuple[int, Done]] = field(default_factory=dict)  # index -> (term, done)
     snapshot_index: int = 0
     sending: set[int] = field(default_factory=set)  # nodes a snapshot is travelling to
+    # The Ready whose snapshot is being restored off the loop (restore_in_background): the
+    # group takes no other Ready, and nothing but the restore touches its state, until then.
+    restoring: Ready | None = None
+    removed: bool = False  # left the node while restoring: its data goes once restored
 
     def status(self) -> dict:
         raft = self.raft
+        if self.restoring is not None:  # the state is being replaced: none of it to report
+            return {"leader": raft.leader_id, "role": Role(raft.role).name.lower(), "term": raft.term,
+                    "commit": raft.commit_index, "applied": 0, "last_index": raft.last_index(),
+                    "voters": sorted(raft.conf.voters), "learners": sorted(raft.conf.learners),
+                    "prepared": 0, "unfinished": 0, "keys": 0, "quiesced": raft.quiesced,
+                    "restoring": True}
         info = {
             "leader": raft.leader_id,
             "role": Role(raft.role).name.lower(),
@@ -183,6 +195,11 @@ class ReplicaHost:
         self.liveness = NodeLiveness(node_id, self.raft_config.election_ticks)
         self._keepalives: list[Message] = []
         self.on_role_change: Callable[[int, Role, int | None], None] | None = None
+        # Restoring a snapshot's image takes seconds per GB. With this hook the host hands
+        # it over: ``restore_in_background(gid, work, then)`` runs ``work()`` elsewhere (a
+        # thread), then calls ``then(error)`` back on the host's own thread; the node's
+        # other groups go on meanwhile. Without it, apply() restores in place.
+        self.restore_in_background: Callable[[int, Callable[[], None], Callable[[BaseException | None], None]], None] | None = None
 
     # --- groups -----------------------------------------------------------------------------
 
@@ -234,7 +251,10 @@ class ReplicaHost:
         if group is not None:
             self._fail_all(group, Unavailable(f"shard group {gid} left this node"))
             self.log.drop(gid)
-            group.state.destroy()
+            if group.restoring is not None:
+                group.removed = True  # _restored destroys it: the restore still writes there
+            else:
+                group.state.destroy()
 
     def propose_conf_change(self, gid: int, kind: ConfChangeKind, node: int, done: Done) -> None:
         """Propose one membership step; ``done`` once it is applied (raises NotLeader etc.)."""
@@ -258,7 +278,7 @@ class ReplicaHost:
         dirty = self._dirty
         for gid, group in self.groups.items():
             raft = group.raft
-            if flush:
+            if flush and group.restoring is None:
                 group.state.flush()
             if raft.quiesced:
                 if beat and self.liveness.watch(raft):
@@ -379,7 +399,7 @@ class ReplicaHost:
         dirty, self._dirty = self._dirty, set()
         for gid in dirty:
             group = self.groups.get(gid)
-            if group is None or not group.raft.has_ready():
+            if group is None or group.restoring is not None or not group.raft.has_ready():
                 continue
             rd = group.raft.ready()
             batch.readies.append((group, rd))
@@ -436,33 +456,81 @@ class ReplicaHost:
     def apply(self, batch: Batch) -> None:
         """Apply every group's committed entries and reads, then advance every group."""
         for group, rd in batch.readies:
+            if self._restores_later(group, rd):
+                continue
             try:
                 self._apply_group(group, rd)
             finally:
-                group.raft.advance(rd)
-                self._dirty.add(group.gid)  # advancing may commit more, or apply more
+                self._advance(group, rd)
             self._maybe_snapshot(group)
 
+    def _advance(self, group: Group, rd: Ready) -> None:
+        group.raft.advance(rd)
+        self._dirty.add(group.gid)  # advancing may commit more, or apply more
+
     def _apply_group(self, group: Group, rd: Ready) -> None:
-        if rd.snapshot is not None and rd.snapshot.data is not None:
-            index = rd.snapshot.meta.index
-            with open_image(rd.snapshot.data) as image:
-                if image is None:
-                    raise CorruptData(f"shard group {group.gid}: a snapshot to install has no image")
-                group.state.restore(image)  # streamed: the image may not fit in memory
-            group.snapshot_index = index
-            self.log.compacted(group.gid, index)
-            # Persisted before apply: Raft may hold a handle instead of the image.
-            if group.state.durable:
-                # restore() made the storage durable at index: it is the snapshot now, and
-                # the copy of the image in the snapshot file (kept for a crash before the
-                # restore) can go, as local compaction writes none.
-                self.log.save_snapshot(group.gid, Snapshot(rd.snapshot.meta, None))
-                held: Any = self._image_of(group.gid, group.state)
-            else:
-                held = self.log.snapshot_file(group.gid, index)
-            group.raft.hold_snapshot_data(index, held)
-            failpoint("replica.after_snapshot_install")
+        if _installs(rd):
+            self._restore(group, rd)
+            self._installed(group, rd)
+        self._apply_ready(group, rd)
+
+    def _restores_later(self, group: Group, rd: Ready) -> bool:
+        """Hand the restore of ``rd``'s snapshot over to restore_in_background, if set: the
+        rest of the Ready is applied, and the group advanced, once it is done (_restored).
+        Only a durable state's: the node reads the metadata group's state (the shard map,
+        in memory and small) on its own thread at any time."""
+        if self.restore_in_background is None or not group.state.durable or not _installs(rd):
+            return False
+        group.restoring = rd
+        self.restore_in_background(
+            group.gid, partial(self._restore, group, rd), partial(self._restored, group, rd)
+        )
+        return True
+
+    def _restore(self, group: Group, rd: Ready) -> None:
+        """Replace the group's state with the image of ``rd``'s snapshot (persisted already)."""
+        assert rd.snapshot is not None
+        with open_image(rd.snapshot.data) as image:
+            if image is None:
+                raise CorruptData(f"shard group {group.gid}: a snapshot to install has no image")
+            group.state.restore(image)  # streamed: the image may not fit in memory
+
+    def _restored(self, group: Group, rd: Ready, error: BaseException | None) -> None:
+        """The background restore of ``rd`` ended: finish applying it (or raise its error:
+        a replica whose state is half replaced must not go on)."""
+        group.restoring = None
+        if group.removed:
+            group.state.destroy()
+            return
+        if error is not None:
+            raise error
+        try:
+            self._installed(group, rd)
+            self._apply_ready(group, rd)
+        finally:
+            self._advance(group, rd)
+        self._maybe_snapshot(group)
+
+    def _installed(self, group: Group, rd: Ready) -> None:
+        """The state holds ``rd``'s snapshot now: Raft's log and files follow."""
+        assert rd.snapshot is not None
+        index = rd.snapshot.meta.index
+        group.snapshot_index = index
+        self.log.compacted(group.gid, index)
+        # Persisted before apply: Raft may hold a handle instead of the image.
+        if group.state.durable:
+            # restore() made the storage durable at index: it is the snapshot now, and
+            # the copy of the image in the snapshot file (kept for a crash before the
+            # restore) can go, as local compaction writes none.
+            self.log.save_snapshot(group.gid, Snapshot(rd.snapshot.meta, None))
+            held: Any = self._image_of(group.gid, group.state)
+        else:
+            held = self.log.snapshot_file(group.gid, index)
+        group.raft.hold_snapshot_data(index, held)
+        failpoint("replica.after_snapshot_install")
+
+    def _apply_ready(self, group: Group, rd: Ready) -> None:
+        """Apply the Ready's committed entries, serve its reads, report a role change."""
         self._apply_entries(group, rd.committed_entries)
         for rs in rd.read_states:
             reads = group.read_waiting.pop(rs.context, None)
@@ -604,6 +672,11 @@ class ReplicaHost:
 
     def status(self) -> dict[int, dict]:
         return {gid: g.status() for gid, g in sorted(self.groups.items())}
+
+
+def _installs(rd: Ready) -> bool:
+    """Whether the Ready carries a snapshot to restore the state machine from."""
+    return rd.snapshot is not None and rd.snapshot.data is not None
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
             continue
         for shard, group in _groups(status):
             role = group["role"] + (" (quiesced)" if group.get("quiesced") else "")
+            role += " (restoring)" if group.get("restoring") else ""
             style = "bold green" if group["role"] == "leader" else ""
             table.add_row(
                 str(status["node_id"]), address, shard,

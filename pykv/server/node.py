@@ -237,6 +237,14 @@ def _answer(convert: Callable[[Any], Any], respond: Callable[[Any], None]) -> Do
     return done
 
 
+def _exit_for_restart(what: str) -> None:
+    """Crash-only: exit the process (logging the exception being handled) rather than go on
+    in a state that may be half changed; a restart recovers from the WAL."""
+    log.exception("%s; exiting so the node restarts from its WAL", what)
+    logging.shutdown()
+    os._exit(70)
+
+
 def _nobody_waits(result: Any, error: BaseException | None) -> None:
     """The completion callback of a proposal whose outcome nobody waits for."""
 
@@ -298,6 +306,9 @@ class Node:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pykv-persist")
+        # Snapshot images are restored here, off the loop (seconds per GB): the node's other
+        # groups go on ticking, answering and leading meanwhile.
+        self._restorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pykv-restore")
         self._wake: asyncio.Future | None = None
         self._stopping = False
         self._resolving: set[tuple[int, int]] = set()
@@ -338,6 +349,7 @@ class Node:
             state_factory=self._state_factory(),
         )
         self.host.on_role_change = self._role_changed
+        self.host.restore_in_background = self._restore_in_background
         recovered = set(self.nodelog.groups())
         fresh = not recovered and not self.nodelog.dropped
         if META_GROUP in recovered:
@@ -394,6 +406,8 @@ class Node:
             if peer.conn is not None:
                 peer.conn.close()
         self._io.shutdown(wait=True)
+        # A restore under way writes into its shard's storage until it ends.
+        await asyncio.get_running_loop().run_in_executor(None, self._restorer.shutdown)
         if self.host is not None:
             self.host.close()
         if self._maintainer is not None:
@@ -417,9 +431,7 @@ class Node:
         except asyncio.CancelledError:
             raise
         except BaseException:
-            log.exception("the driver loop failed; exiting so the node restarts from its WAL")
-            logging.shutdown()
-            os._exit(70)
+            _exit_for_restart("the driver loop failed")
 
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -459,6 +471,28 @@ class Node:
             finally:
                 handle.cancel()
                 self._wake = None
+
+    def _restore_in_background(
+        self, gid: int, work: Callable[[], None], then: Callable[[BaseException | None], None]
+    ) -> None:
+        """ReplicaHost.restore_in_background: ``work`` on the restore thread, ``then`` here."""
+        started = time.monotonic()
+
+        def restored(future: asyncio.Future) -> None:
+            error = None if future.cancelled() else future.exception()
+            try:
+                then(error)
+            except BaseException:
+                # Crash-only, as the driver: a state half replaced must not serve.
+                _exit_for_restart(f"restoring a snapshot of shard group {gid} failed")
+            log.info("restored a snapshot of shard group %d in %.2fs (off the loop)",
+                     gid, time.monotonic() - started)
+            self._wakeup()
+
+        if self._stopping:
+            return  # the restart restores it (the snapshot is persisted)
+        future = asyncio.get_running_loop().run_in_executor(self._restorer, work)
+        future.add_done_callback(restored)
 
     def _send(self, messages: list[Message]) -> None:
         if not messages:

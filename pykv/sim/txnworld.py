@@ -37,6 +37,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -273,8 +274,34 @@ class TxnWorld:
         )
         for gid in range(self.p.shards):
             host.add_group(gid, list(self.ids))
+        host.restore_in_background = partial(self._restore_later, node, host)
         self.hosts[node] = host
         self.finishes[node] = FinishTracker()  # node-local: a crash forgets the rounds
+
+    def _restore_later(
+        self, node: int, host: ReplicaHost, gid: int, work: Callable[[], None],
+        then: Callable[[BaseException | None], None],
+    ) -> None:
+        """As the node's restore thread: the image is restored a while later, unless the
+        node crashes first. Meanwhile the state is out of bounds: the host must not touch
+        it (any use raises, and stops the run)."""
+        group = host.groups[gid]
+        real, group.state = group.state, _Restoring(group.state)  # type: ignore[assignment]
+        self.events["snapshots restored in the background"] += 1
+
+        def restored() -> None:
+            if self.hosts.get(node) is not host:
+                return  # crashed: the restore died with the node
+            group.state = real
+            error = None
+            try:
+                work()
+            except Exception as exc:  # noqa: BLE001 - handed to the host, as the node does
+                error = exc
+            then(error)
+            self._cycle(node)
+
+        self.at(self.rng.uniform(0.05, 0.5), restored)
 
     def _state_factory(self, node: int) -> Callable[[int], ShardState]:
         remembered = self.p.remembered
@@ -294,7 +321,8 @@ class TxnWorld:
         self.lives[node] += 1  # its own tasks (FINISH, recovery) die with it: node_task
         if host is not None and self.p.stored:
             for group in host.groups.values():
-                group.state.store.close()  # no flush: the unwritten rows die with the node
+                state = getattr(group.state, "real", group.state)  # restoring: _Restoring
+                state.store.close()  # no flush: the unwritten rows die with the node
 
     def close(self) -> None:
         for node in self.ids:
@@ -671,6 +699,16 @@ class TxnWorld:
         if not checked.ok:
             return _violation(result, "not serializable", checked.explanation)
         return result
+
+
+class _Restoring:
+    """Stands for a state being restored off the host's thread: touching it is a bug."""
+
+    def __init__(self, real: ShardState) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the host used {name!r} of shard {self.real.shard} while it was restoring")
 
 
 def _refusal(error: BaseException) -> tuple[str, Any]:

@@ -341,3 +341,51 @@ def test_the_log_is_not_compacted_while_a_snapshot_travels(tmp_path):
     leader.snapshot_sending(GROUP, 3, False)
     c.commit(99, "after", 1)
     c.run_until(lambda: raft.log.offset > before)
+
+
+def test_a_snapshot_restored_off_the_loop_holds_its_group_back_until_it_is_done(tmp_path):
+    """With restore_in_background, a replica installing a snapshot hands the restore over
+    (to a thread, on a node) and sits out the cycle: no Ready, no flush, no state in its
+    status, while its group's Raft still takes messages. Once the restore is handed back,
+    the rest of that Ready applies and the replica catches up."""
+    c = Cluster(tmp_path, snapshot_every=5, stored=True)
+    c.commit(1, "first", 0)
+    c.crash(3)
+    for i in range(20):
+        c.commit(i + 2, f"k{i}", i)
+    c.start(3)
+    handed: list = []
+    c.hosts[3].restore_in_background = lambda gid, work, then: handed.append((gid, work, then))
+    c.run_until(lambda: bool(handed))
+    group = c.hosts[3].groups[GROUP]
+    assert group.restoring is not None and handed[0][0] == GROUP
+    assert group.status()["restoring"] is True
+    for _ in range(20):  # held back: the rest of the cluster goes on, this replica waits
+        c.round()
+    assert group.restoring is not None and c.hosts[3].collect().readies == []
+    c.commit(50, "during", "x")  # a quorum without it
+    gid, work, then = handed.pop()
+    work()  # on the node: the restore thread
+    then(None)  # and back on the loop
+    assert group.restoring is None and "restoring" not in group.status()
+    c.run_until(lambda: c.value(3, "k19") == 19 and c.value(3, "during") == "x")
+    assert handed == []  # one snapshot was enough
+
+
+def test_a_group_that_leaves_while_restoring_is_destroyed_once_the_restore_ends(tmp_path):
+    c = Cluster(tmp_path, snapshot_every=5, stored=True)
+    c.commit(1, "first", 0)
+    c.crash(3)
+    for i in range(20):
+        c.commit(i + 2, f"k{i}", i)
+    c.start(3)
+    handed: list = []
+    c.hosts[3].restore_in_background = lambda gid, work, then: handed.append((work, then))
+    c.run_until(lambda: bool(handed))
+    group = c.hosts[3].groups[GROUP]
+    c.hosts[3].remove_group(GROUP)
+    assert group.state.path.exists()  # the restore may still be writing there
+    work, then = handed.pop()
+    work()
+    then(None)
+    assert not group.state.path.exists()
