@@ -15,9 +15,13 @@ the snapshot (the snapshot file itself is written and fsync'd *before* the marke
 marker never points at a missing file); entries overwrite the stored log from their first
 index on (a new leader may have truncated a conflicting suffix); the last hard state wins.
 
-A snapshot file is a header, ``pack([meta, None, written_at, has_image])``, followed by
-the image itself (the state machine's ``snapshot_parts``), so an image is written and read
-a piece at a time (files of earlier releases hold the image inside the header: still read).
+A snapshot file is a header, ``pack([meta, None, written_at, has_image, image_at])``,
+followed by the image itself (the state machine's ``snapshot_parts``), so an image is
+written and read a piece at a time (files of earlier releases hold the image inside the
+header, or have no ``image_at``: the image follows the header; still read). An image that
+arrived from a leader was written into a file with ``HEADER_ROOM`` bytes free in front
+(``image_file``): that file becomes the snapshot file by writing the header into its room
+and linking it into place, never copying the image.
 
 Memory: a snapshot's image stays in its file. What Raft keeps of it is a ``SnapshotFile``
 handle, loaded only to restore a state machine or to send InstallSnapshot, so a node does
@@ -51,6 +55,16 @@ from pykv.errors import CorruptData
 from pykv.raft.messages import Entry, HardState, PersistentState, Snapshot, SnapshotMeta
 
 COPY_BYTES = 1 << 20  # an image is copied into its snapshot file this much at a time
+HEADER_ROOM = 64 << 10  # bytes a received image's file leaves free for the header (image_file)
+
+
+def image_file(path: Path) -> BinaryIO:
+    """A new unbuffered file to write a received image into, positioned after the room
+    for a snapshot header: ``NodeLog.save_snapshot`` adopts such a file instead of copying
+    it, given a snapshot whose data names it (``roomy_file``)."""
+    f = open(path, "w+b", buffering=0)
+    f.seek(HEADER_ROOM)
+    return f
 
 
 @dataclass
@@ -107,8 +121,8 @@ def _read_header(f: BinaryIO) -> tuple[Any, Any, int, bool, int]:
         raise CorruptData(f"{getattr(f, 'name', 'a snapshot file')} has no readable header: {exc}") from exc
     if len(header) == 3:  # an earlier release: [meta, image, written_at]
         return header[0], header[1], header[2], False, unpacker.tell()
-    meta_wire, _, written_at, has_image = header
-    return meta_wire, None, written_at, bool(has_image), unpacker.tell()
+    meta_wire, _, written_at, has_image, *image_at = header
+    return meta_wire, None, written_at, bool(has_image), image_at[0] if image_at else unpacker.tell()
 
 
 def snapshot_data(data: Any) -> Any:
@@ -242,17 +256,35 @@ class NodeLog:
         path = self._snap_path(group)
         tmp = path.with_suffix(".tmp")
         written_at = self.wal.last_lsn if hasattr(self, "wal") else 0
-        with open(tmp, "wb") as f, open_image(snapshot.data) as image:
-            f.write(pack([snapshot.meta.to_wire(), None, written_at, image is not None]))
-            if image is not None:
-                shutil.copyfileobj(image, f, COPY_BYTES)  # a piece at a time
-            f.flush()
-            if self._fsync != "off":
-                os.fsync(f.fileno())
+        header = [snapshot.meta.to_wire(), None, written_at]
+        roomy = getattr(snapshot.data, "roomy_file", None)
+        if roomy is None or not self._adopt(roomy, pack([*header, True, HEADER_ROOM]), tmp):
+            with open(tmp, "wb") as f, open_image(snapshot.data) as image:
+                f.write(pack([*header, image is not None]))
+                if image is not None:
+                    shutil.copyfileobj(image, f, COPY_BYTES)  # a piece at a time
+                f.flush()
+                if self._fsync != "off":
+                    os.fsync(f.fileno())
         os.replace(tmp, path)
         if self._fsync != "off":
             _fsync_dir(self.snap_dir)
         return self.snapshot_file(group, snapshot.meta.index)
+
+    def _adopt(self, roomy: Path, header: bytes, tmp: Path) -> bool:
+        """Make ``roomy`` (an image_file) a snapshot file at ``tmp`` without copying the
+        image: the header goes into its room, then a second link to it. False if the
+        header does not fit (the caller copies instead)."""
+        if len(header) > HEADER_ROOM:
+            return False
+        with open(roomy, "r+b") as f:
+            f.write(header)
+            f.flush()
+            if self._fsync != "off":
+                os.fsync(f.fileno())  # the image's own bytes too
+        tmp.unlink(missing_ok=True)
+        os.link(roomy, tmp)
+        return True
 
     def snapshot_file(self, group: int, index: int) -> SnapshotFile:
         """The handle to the group's saved snapshot at ``index``."""

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -37,13 +38,15 @@ from pykv.client.transport import SNAPSHOT_CHUNK
 from pykv.errors import CorruptData, ProtocolError
 from pykv.net.protocol import Connection
 from pykv.raft.messages import Message, MsgType, Snapshot
-from pykv.replica.durable import open_image
+from pykv.replica.durable import HEADER_ROOM, image_file, open_image
 
 log = logging.getLogger("pykv.snapshots")
 
 CHUNK_BYTES = 1 << 20
 # A partial image that has not grown for this long is dropped (its sender is gone).
 STALE_AFTER_S = 60.0
+# A received image is written back by the kernel every this many bytes, off the loop.
+SYNC_EVERY = 32 << 20
 # A transfer whose connection takes no data for this long fails (Raft then retries).
 STALL_TIMEOUT_S = 30.0
 
@@ -183,16 +186,24 @@ class ReceivedImage:
     """A received image, in a file of its own until nothing refers to it any more (the
     snapshot was persisted and restored, and Raft then holds the node's own handle)."""
 
-    path: Path
+    path: Path  # an image_file: the image starts HEADER_ROOM bytes in
 
     def __post_init__(self) -> None:
         weakref.finalize(self, _unlink, self.path)
 
+    @property
+    def roomy_file(self) -> Path:
+        """Persisting the snapshot adopts this file rather than copy it (NodeLog.save_snapshot)."""
+        return self.path
+
     def open(self) -> BinaryIO:
-        return open(self.path, "rb")
+        f = open(self.path, "rb")
+        f.seek(HEADER_ROOM)
+        return f
 
     def load(self) -> bytes:
-        return self.path.read_bytes()
+        with self.open() as f:
+            return f.read()
 
 
 def _unlink(path: Path) -> None:
@@ -207,6 +218,7 @@ class _Incoming:
     received: int = 0
     started: float = 0.0
     updated: float = 0.0
+    unsynced: int = 0  # bytes written since the last background sync (_sync_soon)
 
     def abandon(self) -> None:
         self.file.close()
@@ -260,6 +272,10 @@ class SnapshotReceiver:
             self._abandon(key)
             raise ProtocolError(f"snapshot chunks of group {group} exceed their total of {total} bytes")
         incoming.file.write(data)
+        incoming.unsynced += len(data)
+        if incoming.unsynced >= SYNC_EVERY:
+            incoming.unsynced = 0
+            _sync_soon(incoming.file)
         if head is None:
             return
         if incoming.received != total:
@@ -279,10 +295,9 @@ class SnapshotReceiver:
         self._step(replace(msg, snapshot=Snapshot(msg.snapshot.meta, image)))
 
     def _start(self, frm: int, group: int, index: int, total: int) -> _Incoming:
-        name = f"g{group}-i{index}-from{frm}-"
-        f = tempfile.NamedTemporaryFile(dir=self.directory, prefix=name, suffix=".img",
-                                        delete=False, buffering=0)  # chunks are big already
-        return _Incoming(index, total, f)  # type: ignore[arg-type]
+        fd, path = tempfile.mkstemp(dir=self.directory, prefix=f"g{group}-i{index}-from{frm}-", suffix=".img")
+        os.close(fd)
+        return _Incoming(index, total, image_file(Path(path)))  # unbuffered: chunks are big already
 
     def _abandon(self, key: tuple[int, int]) -> None:
         incoming = self._incoming.pop(key, None)
@@ -302,6 +317,18 @@ class SnapshotReceiver:
     def partial(self) -> int:
         """Transfers under way."""
         return len(self._incoming)
+
+
+def _sync_soon(f: BinaryIO) -> None:
+    """Have the kernel write what the file holds so far, on a worker thread: when the whole
+    image is persisted (fsync'd on the loop), little is left to write."""
+    with contextlib.suppress(RuntimeError):  # no loop (a test driving the receiver by hand)
+        asyncio.get_running_loop().run_in_executor(None, _fdatasync_quietly, f.fileno())
+
+
+def _fdatasync_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):  # closed meanwhile (abandoned, or done): nothing to do
+        os.fdatasync(fd)
 
 
 def _remaining(f: BinaryIO) -> int:

@@ -6,7 +6,7 @@ import pytest
 
 from pykv.errors import CorruptData
 from pykv.raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
-from pykv.replica.durable import GroupWork, NodeLog, SnapshotFile, snapshot_data
+from pykv.replica.durable import GroupWork, NodeLog, SnapshotFile, image_file, snapshot_data
 
 
 def _entries(term: int, first: int, last: int, tag: str = "") -> tuple[Entry, ...]:
@@ -121,6 +121,33 @@ def test_a_snapshot_image_streams_into_its_file_and_out_again(tmp_path):
     assert recovered.meta == meta and snapshot_data(recovered.data) == image
     with pytest.raises(CorruptData, match="no longer holds the snapshot at index 9"):
         SnapshotFile(handle.path, 9).open()
+
+
+def test_a_received_image_becomes_the_snapshot_file_without_a_copy(tmp_path):
+    import os
+
+    from pykv.server.snapshots import ReceivedImage
+
+    image = os.urandom(1 << 20)
+    with image_file(tmp_path / "incoming.img") as f:
+        f.write(image)
+    received = ReceivedImage(tmp_path / "incoming.img")
+    log = NodeLog(tmp_path / "node")
+    meta = SnapshotMeta(7, 2, ConfState(frozenset({1, 2, 3})))
+    handle = log.save_snapshot(1, Snapshot(meta, received))
+    assert os.stat(handle.path).st_ino == os.stat(received.path).st_ino  # linked, not copied
+    assert handle.load() == received.load() == image
+    del received  # restored: the receiver's name for it goes, the snapshot file stays
+    assert not (tmp_path / "incoming.img").exists() and handle.load() == image
+    log.close()
+    recovered = NodeLog(tmp_path / "node").persistent_state(1).snapshot
+    assert recovered.meta == meta and snapshot_data(recovered.data) == image
+    # A header too big for the room (a configuration of thousands of nodes): copied instead.
+    many = SnapshotMeta(8, 2, ConfState(frozenset(range(1, 20_000))))
+    with image_file(tmp_path / "again.img") as f:
+        f.write(image)
+    handle = NodeLog(tmp_path / "node2").save_snapshot(1, Snapshot(many, ReceivedImage(tmp_path / "again.img")))
+    assert handle.load() == image and os.stat(handle.path).st_nlink == 1
 
 
 def test_a_snapshot_file_of_an_earlier_release_is_still_read(tmp_path):
