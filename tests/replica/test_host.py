@@ -343,11 +343,9 @@ def test_the_log_is_not_compacted_while_a_snapshot_travels(tmp_path):
     c.run_until(lambda: raft.log.offset > before)
 
 
-def test_a_snapshot_restored_off_the_loop_holds_its_group_back_until_it_is_done(tmp_path):
-    """With restore_in_background, a replica installing a snapshot hands the restore over
-    (to a thread, on a node) and sits out the cycle: no Ready, no flush, no state in its
-    status, while its group's Raft still takes messages. Once the restore is handed back,
-    the rest of that Ready applies and the replica catches up."""
+def _restoring_in_background(tmp_path) -> tuple[Cluster, list]:
+    """Node 3 back from a crash, far behind, handing its snapshot's restore over (kept in
+    the list returned, as (gid, work, then), for the test to run when it likes)."""
     c = Cluster(tmp_path, snapshot_every=5, stored=True)
     c.commit(1, "first", 0)
     c.crash(3)
@@ -357,6 +355,15 @@ def test_a_snapshot_restored_off_the_loop_holds_its_group_back_until_it_is_done(
     handed: list = []
     c.hosts[3].restore_in_background = lambda gid, work, then: handed.append((gid, work, then))
     c.run_until(lambda: bool(handed))
+    return c, handed
+
+
+def test_a_snapshot_restored_off_the_loop_holds_its_group_back_until_it_is_done(tmp_path):
+    """With restore_in_background, a replica installing a snapshot hands the restore over
+    (to a thread, on a node) and sits out the cycle: no Ready, no flush, no state in its
+    status, while its group's Raft still takes messages. Once the restore is handed back,
+    the rest of that Ready applies and the replica catches up."""
+    c, handed = _restoring_in_background(tmp_path)
     group = c.hosts[3].groups[GROUP]
     assert group.restoring is not None and handed[0][0] == GROUP
     assert group.status()["restoring"] is True
@@ -373,19 +380,11 @@ def test_a_snapshot_restored_off_the_loop_holds_its_group_back_until_it_is_done(
 
 
 def test_a_group_that_leaves_while_restoring_is_destroyed_once_the_restore_ends(tmp_path):
-    c = Cluster(tmp_path, snapshot_every=5, stored=True)
-    c.commit(1, "first", 0)
-    c.crash(3)
-    for i in range(20):
-        c.commit(i + 2, f"k{i}", i)
-    c.start(3)
-    handed: list = []
-    c.hosts[3].restore_in_background = lambda gid, work, then: handed.append((work, then))
-    c.run_until(lambda: bool(handed))
+    c, handed = _restoring_in_background(tmp_path)
     group = c.hosts[3].groups[GROUP]
     c.hosts[3].remove_group(GROUP)
     assert group.state.path.exists()  # the restore may still be writing there
-    work, then = handed.pop()
+    _, work, then = handed.pop()
     work()
     then(None)
     assert not group.state.path.exists()
