@@ -33,14 +33,23 @@ def unpack(data: bytes) -> Any:
         raise CorruptData(f"undecodable msgpack ({len(data)} bytes): {exc}") from exc
 
 
+def stream_unpacker(source: BinaryIO) -> msgpack.Unpacker:
+    """An Unpacker of the pack()ed objects written back to back into a binary file, reading
+    it a piece at a time (its ``tell()``: where the objects read so far end). Iterating it
+    raises one of UNPACK_ERRORS on garbage."""
+    return msgpack.Unpacker(source, raw=False, strict_map_key=False,
+                            max_buffer_size=_MAX_STREAM_OBJECT)
+
+
+UNPACK_ERRORS = (ValueError, msgpack.FormatError, msgpack.StackError, msgpack.BufferFull)
+
+
 def unpack_stream(source: BinaryIO) -> Iterator[Any]:
     """Decode, one by one, the pack()ed objects written back to back into a binary file,
     reading it a piece at a time; raise CorruptData on garbage."""
-    unpacker = msgpack.Unpacker(source, raw=False, strict_map_key=False,
-                                max_buffer_size=_MAX_STREAM_OBJECT)
     try:
-        yield from unpacker
-    except (ValueError, msgpack.FormatError, msgpack.StackError, msgpack.BufferFull) as exc:
+        yield from stream_unpacker(source)
+    except UNPACK_ERRORS as exc:
         raise CorruptData(f"undecodable msgpack stream: {exc}") from exc
 
 

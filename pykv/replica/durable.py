@@ -47,10 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import msgpack
-
 from pykv._engine.wal import WalWriter, read_wal
-from pykv.codec import pack, unpack
+from pykv.codec import UNPACK_ERRORS, pack, stream_unpacker, unpack
 from pykv.errors import CorruptData
 from pykv.raft.messages import Entry, HardState, PersistentState, Snapshot, SnapshotMeta
 
@@ -114,10 +112,10 @@ class SnapshotFile:
 def _read_header(f: BinaryIO) -> tuple[Any, Any, int, bool, int]:
     """A snapshot file's header: (meta wire, an inline image of an older file or None,
     written_at, whether the image follows, the offset where it starts)."""
-    unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=1 << 31)
+    unpacker = stream_unpacker(f)
     try:
         header = next(unpacker)
-    except (StopIteration, ValueError, msgpack.FormatError, msgpack.StackError) as exc:
+    except (StopIteration, *UNPACK_ERRORS) as exc:
         raise CorruptData(f"{getattr(f, 'name', 'a snapshot file')} has no readable header: {exc}") from exc
     if len(header) == 3:  # an earlier release: [meta, image, written_at]
         return header[0], header[1], header[2], False, unpacker.tell()
