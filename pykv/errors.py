@@ -85,3 +85,12 @@ class CorruptData(Error):
 
 class ProtocolError(Error):
     """A peer sent a malformed, oversized or unexpected frame."""
+
+
+def by_name(name: str, message: str) -> Error:
+    """The pykv error named ``name`` (an error that crossed the wire or a replicated log as
+    [name, message]); a plain Error for a name this version does not know."""
+    cls = globals().get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Error)):
+        cls = Error
+    return cls(message)

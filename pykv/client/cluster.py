@@ -27,6 +27,7 @@ Commit protocol, as the client drives it:
   pykv.server.node), so no transaction stays in doubt; keys of a prepared transaction
   stay locked until then, and reads of them wait, so nobody sees half a transaction.
 
+The steps themselves are pykv.replica.commitflow's, which the transaction simulator runs too.
 Every call is retried across leader changes until the timeout; that is safe because the
 replicas remember each transaction id's outcome (a retried commit never applies twice).
 """
@@ -42,21 +43,22 @@ from typing import Any, TypeVar
 from pykv.client.router import Router
 from pykv.client.transport import COMMIT, COMMIT_DECIDE, FINISH, PREPARE, READ, RESOLVER, SCAN, WIPE
 from pykv.errors import (
-    Error,
     InvalidOperation,
     StoreClosed,
     Timeout,
     TransactionConflict,
-    Unavailable,
 )
 from pykv.net.protocol import new_event_loop
+from pykv.replica import shard as cmd
+from pykv.replica.commitflow import commit_rounds
 from pykv.replica.failpoints import failpoint
 from pykv.txn.model import CommitRequest, Versioned, first_live
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 
 T = TypeVar("T")
 
-ALREADY_COMMITTED = "Committed"  # a prepare's answer when a retry finds the txn committed
+# The request kind that carries each shard command of a commit (pykv.replica.commitflow).
+_KINDS = {cmd.COMMIT: COMMIT, cmd.PREPARE: PREPARE, cmd.COMMIT_DECIDE: COMMIT_DECIDE, cmd.FINISH: FINISH}
 
 
 class AsyncCluster:
@@ -106,18 +108,23 @@ class AsyncCluster:
         if not request.writes:
             await self._confirm_reads(request)
             return
-        reads = request.reads
-        by_shard: dict[int, set[str]] = {}
-        for key in reads:
-            by_shard.setdefault(router.shard_of(key), set()).add(key)
-        for op in request.writes:
-            if op.key not in reads:  # a key read and written is placed already
-                by_shard.setdefault(router.shard_of(op.key), set()).add(op.key)
-        if len(by_shard) == 1:
-            (shard,) = by_shard
-            await self.router.call(shard, COMMIT, [shard, request.to_wire()])
-            return
-        await self._two_phase(request, by_shard)
+        flow = commit_rounds(request, router.shard_of)
+        results: list[Any] | None = None
+        while True:
+            try:
+                round_ = flow.send(results)
+            except StopIteration:
+                return
+            calls = [router.call(s.shard, _KINDS[s.command], [s.shard, *s.args]) for s in round_.sends]
+            if not round_.wait:
+                self._in_background(calls)  # a lost FINISH is settled by the participant's recovery
+                results = None
+                continue
+            if round_.name == "decide":
+                failpoint("txn.2pc.after_prepare")
+            results = await settled(calls)
+            if round_.name == "decide":
+                failpoint("txn.2pc.after_decide")
 
     async def _confirm_reads(self, request: CommitRequest) -> None:
         """Commit a read-only transaction: every version it read must still be current.
@@ -135,47 +142,9 @@ class AsyncCluster:
                     f"transaction {request.txid}: {key!r} changed after it was read"
                 )
 
-    async def _two_phase(self, request: CommitRequest, by_shard: dict[int, set[str]]) -> None:
-        shards = sorted(by_shard)
-        # Spread coordinator duty over the shards, deterministically per transaction.
-        coordinator = shards[request.txid % len(shards)]
-        others = [s for s in shards if s != coordinator]
-        votes = await settled([
-            self.router.call(s, PREPARE, [s, request.to_wire(by_shard[s]), coordinator, shards])
-            for s in others
-        ])
-        failpoint("txn.2pc.after_prepare")
-        refusal: BaseException | None = None
-        for vote in votes:
-            if isinstance(vote, BaseException):
-                refusal = refusal or vote
-            elif vote is not None and vote[0] != ALREADY_COMMITTED:
-                refusal = refusal or _vote_error(vote)
-        if refusal is not None:
-            # No decision record is needed for an abort: a participant that never hears
-            # FINISH asks the coordinator shard, which (with nothing recorded) records abort.
-            self._finish_later(others, request.txid, False)
-            if isinstance(refusal, (Timeout, Unavailable)):
-                raise TransactionConflict(
-                    f"transaction {request.txid} aborted: a participant did not vote ({refusal})"
-                )
-            raise refusal
-        # The coordinator's own part and the decision record: one proposal, one round. The
-        # coordinator shard's leader then sends FINISH to the others (commit or abort, as
-        # recorded); until they apply it, their prepared keys stay locked and reads of them
-        # wait, so nobody sees half of the transaction. On Timeout or Unavailable the
-        # outcome is unknown: the participants settle it with the coordinator shard.
-        await self.router.call(
-            coordinator, COMMIT_DECIDE,
-            [coordinator, request.to_wire(by_shard[coordinator]), others],
-        )
-        failpoint("txn.2pc.after_decide")
-
-    def _finish_later(self, shards: list[int], txid: int, commit: bool) -> None:
-        for s in shards:
-            task = asyncio.get_running_loop().create_task(
-                self.router.call(s, FINISH, [s, txid, commit])
-            )
+    def _in_background(self, calls: list[Coroutine[Any, Any, Any]]) -> None:
+        for call in calls:
+            task = asyncio.get_running_loop().create_task(call)
             self._background.add(task)
             task.add_done_callback(self._finished_task)
 
@@ -235,12 +204,6 @@ async def settled(calls: list[Coroutine[Any, Any, T]]) -> list[T | Exception]:
         for task in tasks:
             task.cancel()  # when this task is cancelled, as gather cancels its children
     return results
-
-
-def _vote_error(vote: list) -> Error:
-    from pykv.client.transport import error_from_reply
-
-    return error_from_reply(vote[0], vote[1])
 
 
 class ClusterResolvers(ResolverRegistry):

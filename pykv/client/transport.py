@@ -52,11 +52,7 @@ class Redirect(Exception):
         self.leader = leader
 
 
-def error_from_reply(name: str, message: str) -> errors.Error:
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.Error)):
-        cls = errors.Error
-    return cls(message)
+error_from_reply = errors.by_name
 
 
 def unwrap(reply: Any) -> Any:

@@ -97,6 +97,7 @@ COMMIT, PREPARE, DECIDE, FINISH, RESOLVER, NOOP = "c", "p", "d", "f", "r", "n"
 WIPE = "w"
 COMMIT_DECIDE = "x"
 RELEASE = "l"  # [txids]: every other participant finished these commits (see Unfinished)
+ALREADY_COMMITTED = "Committed"  # a prepare's vote when a retry finds the txn committed
 
 Outcome = list | None
 """None when a command succeeded; [error class name, message] when it was refused."""
@@ -104,17 +105,6 @@ Outcome = list | None
 
 def error_outcome(exc: BaseException) -> list:
     return [type(exc).__name__, str(exc)]
-
-
-def raise_outcome(outcome: Outcome) -> None:
-    """Raise the pykv error an outcome names (the inverse of error_outcome)."""
-    if outcome is None:
-        return
-    name, message = outcome[0], outcome[1]
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.Error)):
-        cls = errors.Error
-    raise cls(message)
 
 
 def encode_command(tag: str, proposal: Any, *args: Any) -> bytes:
@@ -363,7 +353,7 @@ class ShardState:
         if txid in self.outcomes:
             outcome = self.outcomes[txid]
             if outcome is None:
-                return ["Committed", f"transaction {txid} already committed"]
+                return [ALREADY_COMMITTED, f"transaction {txid} already committed"]
             return outcome
         if self.outcomes.forgot(request.timestamp):
             return _forgotten_outcome(txid)  # a no vote: it may have finished here long ago

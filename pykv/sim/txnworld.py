@@ -41,14 +41,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pykv.errors import TransactionConflict, Unavailable
+from pykv.errors import Error, Timeout, TransactionConflict, Unavailable, by_name
 from pykv.raft import Message, RaftConfig
 from pykv.raft.errors import NotLeader
 from pykv.raft.messages import PersistentState, Snapshot
+from pykv.replica.commitflow import commit_rounds
 from pykv.replica.durable import GroupWork
 from pykv.replica.finishing import FinishTracker
 from pykv.replica.host import ReplicaHost
-from pykv.replica.shard import COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE, RELEASE, ShardState
+from pykv.replica.shard import COMMIT_DECIDE, DECIDE, FINISH, PREPARE, RELEASE, ShardState
 from pykv.replica.stored import StoredShardState
 from pykv.sim.listappend import Txn, check_serializable
 from pykv.txn.model import CommitRequest, ScanPasses, Versioned, WriteOp
@@ -610,32 +611,34 @@ class TxnWorld:
         self._record(txid, ops, committed, start)
 
     def _commit(self, request: CommitRequest, rng: random.Random) -> Generator[Any, Any, bool | None]:
-        """True committed, False aborted, None unknown (pykv.client.cluster's commit)."""
-        shards = sorted({self.shard_of(k) for k in request.reads})
-        keys = {s: {k for k in request.reads if self.shard_of(k) == s} for s in shards}
+        """True committed, False aborted, None unknown: the client's own rounds
+        (pykv.replica.commitflow), a round's requests sent one after another."""
         written = tuple(op.key for op in request.writes)
-        if len(shards) == 1:
-            status, outcome = yield from self._call(shards[0], COMMIT, [request.to_wire()], written)
-            return _fate(status, outcome)
-        coordinator = shards[request.txid % len(shards)]
-        others = [s for s in shards if s != coordinator]
-        refused = False
-        for s in others:
-            status, vote = yield from self._call(
-                s, PREPARE, [request.to_wire(keys[s]), coordinator, shards], written
-            )
-            refused = refused or status != "ok" or (vote is not None and vote[0] != "Committed")
-        if refused:
-            for s in others:
-                self.spawn(self._call(s, FINISH, [request.txid, False]))
+        flow = commit_rounds(request, self.shard_of)
+        results: list | None = None
+        try:
+            while True:
+                round_ = flow.send(results)
+                if not round_.wait:
+                    for send in round_.sends:
+                        self.spawn(self._call(send.shard, send.command, send.args, written))
+                    results = None
+                    continue
+                if round_.name == "decide" and rng.random() < self.p.vanish:
+                    self.events["clients vanished after prepare"] += 1
+                    return None  # the client is gone: the prepared shards must settle it themselves
+                results = []
+                for send in round_.sends:
+                    status, value = yield from self._call(send.shard, send.command, send.args, written)
+                    results.append(_result(send.command, status, value))
+        except StopIteration:
+            return True
+        except Timeout:  # OutcomeUnknown too: the shard no longer knows (a forgotten txid)
+            return None
+        except Error:
             return False
-        if rng.random() < self.p.vanish:
-            self.events["clients vanished after prepare"] += 1
-            return None  # the client is gone: the prepared shards must settle it themselves
-        status, outcome = yield from self._call(
-            coordinator, COMMIT_DECIDE, [request.to_wire(keys[coordinator]), others], written
-        )
-        return _fate(status, outcome)
+        finally:
+            flow.close()
 
     def _record(self, txid: int, ops: list, committed: bool | None, start: float) -> None:
         end = self.now if committed is not None else None
@@ -717,10 +720,15 @@ def _refusal(error: BaseException) -> tuple[str, Any]:
     return ("unavailable", str(error))
 
 
-def _fate(status: str, outcome: Any) -> bool | None:
-    if status != "ok" or (outcome is not None and outcome[0] == "OutcomeUnknown"):
-        return None  # gave up, or the shard no longer knows (a retry of a forgotten txid)
-    return outcome is None
+def _result(command: str, status: str, value: Any) -> Any:
+    """A reply as the commit flow takes it (as pykv.client's router hands it over): a
+    prepare's vote as it is, another command's refusal as the error it names, giving up as
+    Timeout."""
+    if status != "ok":
+        return Timeout("gave up")
+    if command == PREPARE or value is None:
+        return value
+    return by_name(value[0], value[1])
 
 
 def _violation(result: TxnSimResult, kind: str, detail: str) -> TxnSimResult:
