@@ -47,6 +47,12 @@ class NonResolvableConflict(TransactionConflict):
     """A write-write conflict that the key's resolver refused to merge."""
 
 
+class KeyLocked(TransactionConflict):
+    """A key the commit needs is locked by a prepared transaction that has not finished
+    yet (a cluster's two-phase commit). The client sends the same commit again a few times
+    over some milliseconds before it raises this."""
+
+
 class TransactionAborted(Error):
     """The transaction id is unknown, already committed, or already aborted."""
 

@@ -120,6 +120,8 @@ class AsyncCluster:
                 self._in_background(calls)  # a lost FINISH is settled by the participant's recovery
                 results = None
                 continue
+            if round_.pause:
+                await asyncio.sleep(round_.pause)
             if round_.name == "decide":
                 failpoint("txn.2pc.after_prepare")
             results = await settled(calls)

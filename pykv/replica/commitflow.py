@@ -13,6 +13,13 @@ protocol rather than a copy of it.
   shard's leader then sends FINISH to the others. A refused prepare aborts: FINISH(abort)
   goes to the others, nobody waiting for it (a participant that never hears it asks the
   coordinator shard, which then records abort).
+
+A COMMIT or PREPARE refused because a key is locked (KeyLocked: a prepared transaction not
+finished yet, typically one whose FINISH is a few milliseconds away) changed nothing on its
+shard, so the same request goes again after a pause (LOCK_PAUSES) before the commit gives
+up: a client that commits transactions on the same keys one after another does not see a
+conflict that only the previous one's FINISH in flight caused. (COMMIT_DECIDE is not sent
+again: a refusal there records the abort.)
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pykv.errors import Timeout, TransactionConflict, Unavailable, by_name
+from pykv.errors import KeyLocked, Timeout, TransactionConflict, Unavailable, by_name
 from pykv.replica.shard import ALREADY_COMMITTED, COMMIT, COMMIT_DECIDE, FINISH, PREPARE
 from pykv.txn.model import CommitRequest
 
+# Seconds to wait before sending a request refused on a lock again, one pause per retry.
+LOCK_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.04)
 
-@dataclass(frozen=True)
+
+@dataclass(slots=True)
 class Send:
     """One request: a shard command (its tag in pykv.replica.shard) and its arguments."""
 
@@ -35,7 +45,7 @@ class Send:
     args: list
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Round:
     """Requests to send at once. ``wait``: their results come back to the flow (in order:
     each the request's result, or the exception it raised); else nobody waits for them."""
@@ -43,6 +53,7 @@ class Round:
     name: str  # "commit", "prepare", "decide" or "abort"
     sends: list[Send] = field(default_factory=list)
     wait: bool = True
+    pause: float = 0.0  # seconds to wait before sending (a retry after KeyLocked)
 
 
 CommitFlow = Generator[Round, "list[Any] | None", None]
@@ -67,17 +78,17 @@ def commit_rounds(request: CommitRequest, shard_of: Callable[[str], int]) -> Com
     by_shard = placement(request, shard_of)
     if len(by_shard) == 1:
         (shard,) = by_shard
-        (result,) = yield Round("commit", [Send(shard, COMMIT, [request.to_wire()])])  # type: ignore[misc]
+        (result,) = yield from _until_unlocked("commit", [Send(shard, COMMIT, [request.to_wire()])])
         _raise_if_error(result)
         return
     shards = sorted(by_shard)
     # Spread coordinator duty over the shards, deterministically per transaction.
     coordinator = shards[request.txid % len(shards)]
     others = [s for s in shards if s != coordinator]
-    votes = yield Round("prepare", [
+    votes = yield from _until_unlocked("prepare", [
         Send(s, PREPARE, [request.to_wire(by_shard[s]), coordinator, shards]) for s in others
     ])
-    refusal = _refusal(votes or [])
+    refusal = _refusal(votes)
     if refusal is not None:
         yield Round("abort", [Send(s, FINISH, [request.txid, False]) for s in others], wait=False)
         if isinstance(refusal, (Timeout, Unavailable)):
@@ -94,12 +105,37 @@ def commit_rounds(request: CommitRequest, shard_of: Callable[[str], int]) -> Com
     _raise_if_error(result)
 
 
+def _until_unlocked(name: str, sends: list[Send]) -> Generator[Round, Any, list[Any]]:
+    """Send a round; send again, after a pause, the requests refused on a lock while that
+    is all that went wrong (LOCK_PAUSES). The results, in the order of ``sends``."""
+    results: list[Any] = [None] * len(sends)
+    waiting = list(range(len(sends)))
+    for pause in (0.0, *LOCK_PAUSES):
+        got = yield Round(name, [sends[i] for i in waiting], pause=pause)
+        for i, result in zip(waiting, got, strict=True):
+            results[i] = result
+        waiting = [i for i in waiting if _locked(results[i])]
+        if not waiting or any(_no(r) and not _locked(r) for r in results):
+            break
+    return results
+
+
+def _locked(result: Any) -> bool:
+    """A refusal on a lock: KeyLocked raised, or a vote naming it."""
+    return isinstance(result, KeyLocked) or (isinstance(result, list) and result[0] == KeyLocked.__name__)
+
+
+def _no(result: Any) -> bool:
+    """A refusal of any kind (as opposed to None, a yes)."""
+    return isinstance(result, BaseException) or (isinstance(result, list) and result[0] != ALREADY_COMMITTED)
+
+
 def _refusal(votes: list[Any]) -> BaseException | None:
     """The first no among the votes (an exception, or a refusal [error name, message])."""
     for vote in votes:
         if isinstance(vote, BaseException):
             return vote
-        if vote is not None and vote[0] != ALREADY_COMMITTED:
+        if _no(vote):
             return by_name(vote[0], vote[1])
     return None
 

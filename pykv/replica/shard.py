@@ -33,8 +33,8 @@ Retries are safe: the outcome of every finished transaction id is remembered (th
 instead of applying twice. Beyond that window a retry is refused, not applied: the newest
 request timestamp among the forgotten txids is kept (``Remembered.watermark``), and an
 unknown txid at or below it gets ``OutcomeUnknown``. A single-shard commit that touches a key locked by a prepared
-transaction is refused with TransactionConflict (retryable), which keeps prepared
-transactions atomic without blocking the log.
+transaction is refused with KeyLocked (a TransactionConflict; not remembered, so the same
+command may be sent again), which keeps prepared transactions atomic without blocking the log.
 
 Locks come in two modes. A key a transaction reads, or writes with a plain put/delete or
 after observing it, is locked *exclusively*. A key it only changes by blind ``incr`` or
@@ -328,7 +328,7 @@ class ShardState:
         """
         busy = self._locked_keys(request.txid, *modes)
         if busy:
-            conflict = TransactionConflict(f"key {busy[0]!r} is locked by a prepared transaction")
+            conflict = errors.KeyLocked(f"key {busy[0]!r} is locked by a prepared transaction")
             return None, error_outcome(conflict)
         try:
             return validate(request, self, self.resolvers), None

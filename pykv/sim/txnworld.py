@@ -627,6 +627,8 @@ class TxnWorld:
                 if round_.name == "decide" and rng.random() < self.p.vanish:
                     self.events["clients vanished after prepare"] += 1
                     return None  # the client is gone: the prepared shards must settle it themselves
+                if round_.pause:
+                    yield Sleep(round_.pause)
                 results = []
                 for send in round_.sends:
                     status, value = yield from self._call(send.shard, send.command, send.args, written)

@@ -129,11 +129,13 @@ def test_prepared_keys_are_locked_until_finish():
     assert log.run(PREPARE, put(10, "k", "new").to_wire(), 1, [0, 1]) is None
     assert log.state.locked("k")
     assert log.state.get("k").exists is False  # not applied yet
-    assert log.run(COMMIT, put(11, "k", "other").to_wire())[0] == "TransactionConflict"
+    assert log.run(COMMIT, put(11, "k", "other").to_wire())[0] == "KeyLocked"
     assert log.run(FINISH, 10, True) is None
     assert not log.state.locked("k")
     assert log.state.get("k").value == "new"
-    assert log.run(COMMIT, put(12, "k", "later").to_wire()) is None
+    # Refused on a lock, nothing was remembered: the same commit, sent again, goes through.
+    assert log.run(COMMIT, put(11, "k", "later").to_wire()) is None
+    assert log.state.get("k").value == "later"
 
 
 def test_an_aborted_prepare_applies_nothing_and_a_late_prepare_votes_no():
@@ -168,7 +170,7 @@ def test_blind_increments_share_their_locks_and_both_count():
     assert log.run(PREPARE, incr(41, "n", 10).to_wire(), 1, [0, 1]) is None
     assert log.run(COMMIT, incr(42, "n", 100).to_wire()) is None  # commutes too
     # A plain put must wait for both prepared increments.
-    assert log.run(COMMIT, put(43, "n", 0).to_wire())[0] == "TransactionConflict"
+    assert log.run(COMMIT, put(43, "n", 0).to_wire())[0] == "KeyLocked"
     log.run(FINISH, 41, True)
     log.run(FINISH, 40, True)
     assert log.state.get("n").value == 111

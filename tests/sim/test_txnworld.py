@@ -73,13 +73,15 @@ def test_the_check_catches_a_participant_that_loses_a_committed_part(monkeypatch
 
 
 def test_a_participant_never_finds_its_commit_forgotten(monkeypatch):
-    """Seed 6 (the "forgetful" mix: shards remember 2 txids) has a participant that asks
+    """Seed 41 (the "forgetful" mix: shards remember 2 txids) has a participant that asks
     its coordinator shard for a decision long after the commit, the coordinator having
     decided many transactions since. The commit is kept until every participant applied it
     (ShardState.unfinished), so the participant commits too; with commits forgotten like
-    any decision, it records abort and the history breaks."""
-    assert txnworld.txn_params_for(6)[0] == "forgetful"
-    result = run_txn_seed(6)
+    any decision, it records abort and the history breaks. (About one forgetful seed in
+    ten shows the case; if a change to the simulator moves it, pick another that fails
+    with the monkeypatch below.)"""
+    assert txnworld.txn_params_for(41)[0] == "forgetful"
+    result = run_txn_seed(41)
     assert result.ok, f"{result.kind}: {result.detail}"
     assert result.events["releases proposed"] > 0
     commit_decide = shard.ShardState._commit_decide
@@ -87,7 +89,7 @@ def test_a_participant_never_finds_its_commit_forgotten(monkeypatch):
         shard.ShardState, "_commit_decide",
         lambda self, request, others: commit_decide(self, request, []),  # never kept
     )
-    result = run_txn_seed(6)
+    result = run_txn_seed(41)
     assert not result.ok and result.kind == "not serializable"
 
 
