@@ -479,6 +479,8 @@ class Node:
         started = time.monotonic()
 
         def restored(future: asyncio.Future) -> None:
+            if self._stopping:
+                return  # the node is closing its files: the restart applies the snapshot
             error = None if future.cancelled() else future.exception()
             try:
                 then(error)
