@@ -41,7 +41,17 @@ from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from pykv.client.router import Router
-from pykv.client.transport import COMMIT, COMMIT_DECIDE, FINISH, PREPARE, READ, RESOLVER, SCAN, WIPE
+from pykv.client.transport import (
+    COMMIT,
+    COMMIT_DECIDE,
+    DECIDE,
+    FINISH,
+    PREPARE,
+    READ,
+    RESOLVER,
+    SCAN,
+    WIPE,
+)
 from pykv.errors import (
     InvalidOperation,
     StoreClosed,
@@ -58,7 +68,8 @@ from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 T = TypeVar("T")
 
 # The request kind that carries each shard command of a commit (pykv.replica.commitflow).
-_KINDS = {cmd.COMMIT: COMMIT, cmd.PREPARE: PREPARE, cmd.COMMIT_DECIDE: COMMIT_DECIDE, cmd.FINISH: FINISH}
+_KINDS = {cmd.COMMIT: COMMIT, cmd.PREPARE: PREPARE, cmd.COMMIT_DECIDE: COMMIT_DECIDE,
+          cmd.DECIDE: DECIDE, cmd.FINISH: FINISH}
 
 
 class AsyncCluster:

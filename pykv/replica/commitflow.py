@@ -18,8 +18,9 @@ A COMMIT or PREPARE refused because a key is locked (KeyLocked: a prepared trans
 finished yet, typically one whose FINISH is a few milliseconds away) changed nothing on its
 shard, so the same request goes again after a pause (LOCK_PAUSES) before the commit gives
 up: a client that commits transactions on the same keys one after another does not see a
-conflict that only the previous one's FINISH in flight caused. (COMMIT_DECIDE is not sent
-again: a refusal there records the abort.)
+conflict that only the previous one's FINISH in flight caused. A COMMIT_DECIDE still
+locked after the pauses is given up with DECIDE(abort), so that the prepared parts do not
+wait for their recovery.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pykv.errors import KeyLocked, Timeout, TransactionConflict, Unavailable, by_name
-from pykv.replica.shard import ALREADY_COMMITTED, COMMIT, COMMIT_DECIDE, FINISH, PREPARE
+from pykv.replica.shard import ALREADY_COMMITTED, COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE
 from pykv.txn.model import CommitRequest
 
 # Seconds to wait before sending a request refused on a lock again, one pause per retry.
@@ -50,7 +51,7 @@ class Round:
     """Requests to send at once. ``wait``: their results come back to the flow (in order:
     each the request's result, or the exception it raised); else nobody waits for them."""
 
-    name: str  # "commit", "prepare", "decide" or "abort"
+    name: str  # "commit", "prepare", "decide", "give up" or "abort"
     sends: list[Send] = field(default_factory=list)
     wait: bool = True
     pause: float = 0.0  # seconds to wait before sending (a retry after KeyLocked)
@@ -99,9 +100,19 @@ def commit_rounds(request: CommitRequest, shard_of: Callable[[str], int]) -> Com
     # The coordinator's own part and the decision record: one proposal, one round. Until
     # the others apply FINISH their prepared keys stay locked and reads of them wait, so
     # nobody sees half of the transaction.
-    (result,) = yield Round("decide", [  # type: ignore[misc]
+    (result,) = yield from _until_unlocked("decide", [
         Send(coordinator, COMMIT_DECIDE, [request.to_wire(by_shard[coordinator]), others])
     ])
+    if _locked(result):
+        # Its own part is still locked, and nothing is recorded: record abort rather than
+        # leave the others locked until their recovery does (an earlier copy of the
+        # COMMIT_DECIDE may still have committed meanwhile: then that decision stands).
+        (decision,) = yield Round("give up", [Send(coordinator, DECIDE, [request.txid, False, request.timestamp])])
+        if decision is True:
+            return
+        if decision is not False:
+            raise Timeout(f"transaction {request.txid}: its decision is unknown ({decision})")
+        yield Round("abort", [Send(s, FINISH, [request.txid, False]) for s in others], wait=False)
     _raise_if_error(result)
 
 

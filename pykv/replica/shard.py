@@ -15,8 +15,9 @@ for each command. Commands (``Command`` below, packed with msgpack into Raft ent
 - ``commit_decide``: the coordinator shard's own part of a multi-shard transaction and
   its decision record in one proposal, sent once every other participant voted yes:
   validated and applied like ``commit``, recording decision commit when it passes and
-  abort when it fails. If a decision is already recorded (a participant gave up waiting
-  and recorded abort), that decision stands. This saves the separate prepare and decide
+  abort when it fails (but nothing when its part only found a key locked: the client
+  sends it again, or records abort with ``decide``). If a decision is already recorded
+  (a participant gave up waiting and recorded abort), that decision stands. This saves the separate prepare and decide
   rounds on the coordinator shard. A commit decision is kept (``Unfinished``) until
   ``release``, so a participant never finds its decision forgotten. It may carry txids
   to release too (saving a command of their own).
@@ -105,6 +106,14 @@ Outcome = list | None
 
 def error_outcome(exc: BaseException) -> list:
     return [type(exc).__name__, str(exc)]
+
+
+def recorded_decision(outcome: Outcome) -> bool | None:
+    """What the outcome of a COMMIT_DECIDE recorded: True commit, False abort, or None
+    nothing (its own part was refused on a key a prepared transaction holds: KeyLocked)."""
+    if outcome is None:
+        return True
+    return None if outcome[0] == errors.KeyLocked.__name__ else False
 
 
 def encode_command(tag: str, proposal: Any, *args: Any) -> bytes:
@@ -422,6 +431,8 @@ class ShardState:
         if self.decisions.forgot(request.timestamp):
             return _forgotten_outcome(txid)
         outcome = self._commit(request)
+        if recorded_decision(outcome) is None:
+            return outcome  # refused on a lock: nothing recorded, the same command may come again
         if outcome is None and others:
             unfinished = Unfinished(others, request.timestamp, since=self.clock())
             self.unfinished[txid] = unfinished

@@ -90,7 +90,7 @@ from pykv.replica.shard import PREPARE as CMD_PREPARE
 from pykv.replica.shard import RELEASE as CMD_RELEASE
 from pykv.replica.shard import RESOLVER as CMD_RESOLVER
 from pykv.replica.shard import WIPE as CMD_WIPE
-from pykv.replica.shard import ShardState, remembered_per_shard
+from pykv.replica.shard import ShardState, recorded_decision, remembered_per_shard
 from pykv.replica.stored import StoredShardState
 from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender, is_install
 from pykv.storage.cache import SharedCache
@@ -716,8 +716,9 @@ class Node:
 
         def decided(outcome: Any, error: BaseException | None) -> None:
             done(outcome, error)
-            if error is None:  # recorded: None is commit, an error outcome is abort
-                self._finish_decided(outcome is None, coordinator, txid, others)
+            commit = None if error is not None else recorded_decision(outcome)
+            if commit is not None:  # recorded (not refused on a lock, not unknown)
+                self._finish_decided(commit, coordinator, txid, others)
 
         return decided
 

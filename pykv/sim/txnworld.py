@@ -49,7 +49,15 @@ from pykv.replica.commitflow import commit_rounds
 from pykv.replica.durable import GroupWork
 from pykv.replica.finishing import FinishTracker
 from pykv.replica.host import ReplicaHost
-from pykv.replica.shard import COMMIT_DECIDE, DECIDE, FINISH, PREPARE, RELEASE, ShardState
+from pykv.replica.shard import (
+    COMMIT_DECIDE,
+    DECIDE,
+    FINISH,
+    PREPARE,
+    RELEASE,
+    ShardState,
+    recorded_decision,
+)
 from pykv.replica.stored import StoredShardState
 from pykv.sim.listappend import Txn, check_serializable
 from pykv.txn.model import CommitRequest, ScanPasses, Versioned, WriteOp
@@ -480,8 +488,9 @@ class TxnWorld:
 
         def decided(outcome: Any, error: BaseException | None) -> None:
             done(outcome, error)
-            if error is None:
-                self._finish_decided(node, outcome is None, group, txid, list(others))
+            commit = None if error is not None else recorded_decision(outcome)
+            if commit is not None:
+                self._finish_decided(node, commit, group, txid, list(others))
 
         return decided
 
@@ -628,7 +637,10 @@ class TxnWorld:
                     self.events["clients vanished after prepare"] += 1
                     return None  # the client is gone: the prepared shards must settle it themselves
                 if round_.pause:
+                    self.events["requests sent again after a lock"] += len(round_.sends)
                     yield Sleep(round_.pause)
+                if round_.name == "give up":
+                    self.events["decisions given up on a lock"] += 1
                 results = []
                 for send in round_.sends:
                     status, value = yield from self._call(send.shard, send.command, send.args, written)
@@ -728,8 +740,8 @@ def _result(command: str, status: str, value: Any) -> Any:
     Timeout."""
     if status != "ok":
         return Timeout("gave up")
-    if command == PREPARE or value is None:
-        return value
+    if command == PREPARE or not isinstance(value, list):
+        return value  # a vote, None (done) or a decision (DECIDE)
     return by_name(value[0], value[1])
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from pykv.errors import KeyLocked, Timeout, TransactionConflict
 from pykv.replica.commitflow import LOCK_PAUSES, Round, commit_rounds
-from pykv.replica.shard import COMMIT, COMMIT_DECIDE, FINISH, PREPARE
+from pykv.replica.shard import COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE
 from pykv.txn.model import CommitRequest, WriteOp
 from pykv.types import OpKind
 
@@ -96,3 +96,28 @@ def test_an_unanswered_prepare_aborts_and_an_unanswered_decision_is_unknown():
 def test_a_yes_or_an_already_committed_vote_goes_on_to_the_decision(vote):
     rounds, raised = _drive(_request(5, "a", "b"), lambda r, n: [vote] if r.name == "prepare" else [None])
     assert raised is None and [r.name for r in rounds] == ["prepare", "decide"]
+
+
+def test_a_decision_refused_on_a_lock_is_sent_again_then_given_up_as_an_abort():
+    def answer(round_, n):
+        if round_.name == "prepare":
+            return [None]
+        if round_.name == "decide":
+            return [KeyLocked("locked")]
+        return [False]  # the DECIDE(abort) is recorded
+
+    rounds, raised = _drive(_request(4, "a", "b"), answer)  # coordinator: shards[4 % 2] = 0
+    assert isinstance(raised, KeyLocked)
+    assert [r.name for r in rounds] == ["prepare", *["decide"] * (1 + len(LOCK_PAUSES)), "give up", "abort"]
+    give_up = rounds[-2].sends[0]
+    assert (give_up.shard, give_up.command, give_up.args[:2]) == (0, DECIDE, [4, False])
+    assert [(s.shard, s.command) for s in rounds[-1].sends] == [(1, FINISH)] and not rounds[-1].wait
+    # An earlier copy of the COMMIT_DECIDE committed after all: DECIDE answers commit.
+    rounds, raised = _drive(_request(4, "a", "b"), lambda r, n: [True] if r.name == "give up" else answer(r, n))
+    assert raised is None and rounds[-1].name == "give up"
+    # Unlocked on a retry: committed, no give up.
+    rounds, raised = _drive(
+        _request(4, "a", "b"),
+        lambda r, n: [KeyLocked("locked")] if r.name == "decide" and n == 2 else [None],
+    )
+    assert raised is None and [r.name for r in rounds] == ["prepare", "decide", "decide"]

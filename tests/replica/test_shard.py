@@ -164,6 +164,17 @@ def test_the_first_decision_recorded_wins():
     assert log.state.get("c").value == 2
 
 
+def test_a_coordinator_part_refused_on_a_lock_records_no_decision():
+    log = Log()
+    assert log.run(PREPARE, put(50, "k", "first").to_wire(), 1, [0, 1]) is None
+    # Transaction 51 coordinates on this shard and needs "k": refused, nothing recorded.
+    assert log.run(COMMIT_DECIDE, put(51, "k", "second").to_wire(), [1])[0] == "KeyLocked"
+    assert log.state.decision(51) is None and 51 not in log.state.outcomes
+    assert log.run(FINISH, 50, True) is None
+    assert log.run(COMMIT_DECIDE, put(51, "k", "second").to_wire(), [1]) is None  # sent again
+    assert log.state.decision(51) is True and log.state.get("k").value == "second"
+
+
 def test_blind_increments_share_their_locks_and_both_count():
     log = Log()
     assert log.run(PREPARE, incr(40, "n", 1).to_wire(), 1, [0, 1]) is None
