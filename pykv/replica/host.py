@@ -105,26 +105,23 @@ class Group:
 
     def status(self) -> dict:
         raft = self.raft
-        if self.restoring is not None:  # the state is being replaced: none of it to report
-            return {"leader": raft.leader_id, "role": Role(raft.role).name.lower(), "term": raft.term,
-                    "commit": raft.commit_index, "applied": 0, "last_index": raft.last_index(),
-                    "voters": sorted(raft.conf.voters), "learners": sorted(raft.conf.learners),
-                    "prepared": 0, "unfinished": 0, "keys": 0, "quiesced": raft.quiesced,
-                    "restoring": True}
-        info = {
+        info: dict[str, Any] = {
             "leader": raft.leader_id,
             "role": Role(raft.role).name.lower(),
             "term": raft.term,
             "commit": raft.commit_index,
-            "applied": self.state.applied_index,
             "last_index": raft.last_index(),
             "voters": sorted(raft.conf.voters),
             "learners": sorted(raft.conf.learners),
-            "prepared": len(self.state.prepared),
-            "unfinished": len(self.state.unfinished),  # commits not yet applied everywhere
-            "keys": self.state.key_count(),
             "quiesced": raft.quiesced,
         }
+        if self.restoring is not None:  # the state is being replaced: none of it to report
+            info.update(applied=0, prepared=0, unfinished=0, keys=0, restoring=True)
+        else:
+            state = self.state
+            info.update(applied=state.applied_index, prepared=len(state.prepared),
+                        unfinished=len(state.unfinished),  # commits not yet applied everywhere
+                        keys=state.key_count())
         if raft.is_leader():
             info["match"] = {
                 str(n): raft.progress(n).match for n in raft.conf.members() if raft.progress(n)
