@@ -126,13 +126,13 @@ class AsyncCluster:
                 round_ = flow.send(results)
             except StopIteration:
                 return
+            if round_.pause:
+                await asyncio.sleep(round_.pause)
             calls = [router.call(s.shard, _KINDS[s.command], [s.shard, *s.args]) for s in round_.sends]
             if not round_.wait:
                 self._in_background(calls)  # a lost FINISH is settled by the participant's recovery
                 results = None
                 continue
-            if round_.pause:
-                await asyncio.sleep(round_.pause)
             if round_.name == "decide":
                 failpoint("txn.2pc.after_prepare")
             results = await settled(calls)
