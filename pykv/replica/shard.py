@@ -438,7 +438,7 @@ class ShardState:
             self.unfinished[txid] = unfinished
             self._journal("u", txid, unfinished)
         else:
-            self._decide(txid, outcome is None, request.timestamp)
+            self._record_decision(txid, outcome is None, request.timestamp)  # none was recorded
         return outcome
 
     def _release(self, txids: list[int]) -> Outcome:
@@ -573,7 +573,7 @@ class ShardState:
                 "decisions": self.decisions.entries(),
                 "watermarks": [self.outcomes.watermark, self.decisions.watermark],
                 "prepared": [_prepared_wire(p) for p in self.prepared.values()],
-                "unfinished": [[t, u.participants, u.timestamp] for t, u in self.unfinished.items()],
+                "unfinished": [_unfinished_wire(t, u) for t, u in self.unfinished.items()],
             }
         )
         # A run is packed pair by pair (a msgpack array header, then the packed pairs), so
@@ -618,10 +618,9 @@ class ShardState:
         now = self.clock()
         for wire in raw["prepared"]:
             self._lock(self._prepared_from_wire(wire, now))
-        self.unfinished = {  # older images: none
-            txid: Unfinished(list(parts), stamp, since=now)
-            for txid, parts, stamp in raw.get("unfinished", ())
-        }
+        self.unfinished = dict(  # older images: none
+            _unfinished_from_wire(wire, now) for wire in raw.get("unfinished", ())
+        )
 
     def _prepared_from_wire(self, wire: list, since: float) -> Prepared:
         txid, coord, parts, updates, request_wire = wire
@@ -785,3 +784,12 @@ _FORGET = object()
 def _prepared_wire(p: Prepared) -> list:
     return [p.txid, p.coordinator_shard, p.participants, [u.to_wire() for u in p.updates],
             p.request.to_wire()]
+
+
+def _unfinished_wire(txid: int, u: Unfinished) -> list:
+    return [txid, u.participants, u.timestamp]
+
+
+def _unfinished_from_wire(wire: list, since: float) -> tuple[int, Unfinished]:
+    txid, participants, timestamp = wire
+    return txid, Unfinished(list(participants), timestamp, since=since)

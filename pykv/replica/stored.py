@@ -29,7 +29,7 @@ from __future__ import annotations
 import shutil
 import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,6 +40,8 @@ from pykv.replica.shard import (
     ShardState,
     Unfinished,
     _prepared_wire,
+    _unfinished_from_wire,
+    _unfinished_wire,
     bounded_runs,
 )
 from pykv.storage.cache import SharedCache
@@ -76,8 +78,11 @@ def _meta_key(kind: str, key: Any) -> bytes:
     return _META + kind.encode() + _TXID.pack(key & 0xFFFFFFFFFFFFFFFF)
 
 
-def _unfinished_row(txid: int, unfinished: Unfinished) -> bytes:
-    return pack([txid, unfinished.participants, unfinished.timestamp])
+def _record_bytes(txid: int, record: Prepared | Unfinished) -> bytes:
+    """A prepared transaction's or an unfinished commit's row value."""
+    if isinstance(record, Prepared):
+        return pack(_prepared_wire(record))
+    return pack(_unfinished_wire(txid, record))
 
 
 def _versioned(stored: StoredVersion) -> Versioned:
@@ -118,9 +123,10 @@ class StoredShardState(ShardState):
         # (what get() must already see). One flush = one atomic storage record for a run
         # of log entries (many batches), ending with the applied index of the last one.
         self._rows: list[Update] = []
-        # Prepared transactions journaled since the last flush, encoded only by the flush:
-        # most finish before it, and then neither their record nor its removal is written.
-        self._prepared_rows: dict[bytes, Prepared] = {}
+        # Prepared transactions and unfinished commits journaled since the last flush,
+        # encoded only by the flush: most finish (or are released) before it, and then
+        # neither their record nor its removal is written.
+        self._deferred_rows: dict[bytes, tuple[int, Prepared | Unfinished]] = {}
         self._overlay: dict[str, Versioned] = {}
         self._since_release = 0
         self._runs = _Runs(self.remembered)
@@ -152,8 +158,8 @@ class StoredShardState(ShardState):
             elif kind == b"p":
                 self._lock_quietly(self._prepared_from_wire(value, now))
             elif kind == b"u":
-                txid, participants, stamp = value
-                self.unfinished[txid] = Unfinished(participants, stamp, since=now)
+                txid, unfinished = _unfinished_from_wire(value, now)
+                self.unfinished[txid] = unfinished
             elif kind == b"r":
                 super()._register(rest.decode("utf-8"), value)
         self._batch = []  # loading re-journals nothing
@@ -196,14 +202,14 @@ class StoredShardState(ShardState):
             # neither row goes.
             if latest[key].value is None:
                 del latest[key]
-        for key, prepared in self._prepared_rows.items():
+        for key, (txid, record) in self._deferred_rows.items():
             if key in latest and latest[key].value is not None:
-                latest[key] = Update(key, pack(_prepared_wire(prepared)), b"", 0)
+                latest[key] = Update(key, _record_bytes(txid, record), b"", 0)
         for row in self._runs.rows():
             latest[row.key] = row
         latest[_WATERMARKS] = self._watermarks_row()
         latest[_APPLIED] = Update(_APPLIED, pack(self.applied_index), b"", 0)
-        self._rows, self._prepared_rows = [], {}
+        self._rows, self._deferred_rows = [], {}
         lsn = self.store.submit(list(latest.values()))
         self._overlay.clear()
         self._since_release += 1
@@ -228,11 +234,9 @@ class StoredShardState(ShardState):
         row_key = _meta_key(kind, key)
         if value is _FORGET:
             encoded = None
-        elif isinstance(value, Prepared):
-            self._prepared_rows[row_key] = value
+        elif isinstance(value, (Prepared, Unfinished)):
+            self._deferred_rows[row_key] = (key, value)
             encoded = b""  # a placeholder: flush() encodes the record if it is still live
-        elif isinstance(value, Unfinished):
-            encoded = _unfinished_row(key, value)
         else:
             encoded = pack(value)
         self._batch.append(Update(row_key, encoded, b"", 0))
@@ -279,12 +283,16 @@ class StoredShardState(ShardState):
 
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
         self._imaging = None  # an image under way was of the state being replaced
-        self._rows, self._overlay, self._prepared_rows = [], {}, {}
+        self._rows, self._overlay, self._deferred_rows = [], {}, {}
         self._runs = _Runs(self.remembered)  # a fresh storage: no runs on disk
         self._watermarks_stored = False
         self._reset_store()
-        rows = (Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp) for k, v in items)
-        # Submitted a bounded batch at a time: an image may not fit in memory.
+        self._submit_bounded(
+            Update(k.encode("utf-8"), _encoded(v.value), v.clock, v.timestamp) for k, v in items
+        )
+
+    def _submit_bounded(self, rows: Iterable[Update]) -> None:
+        """Submit rows a bounded batch at a time: an image may not fit in memory."""
         for batch in bounded_runs(rows, _value_size, _RESTORE_BATCH, _RESTORE_BATCH_BYTES):
             self.store.submit(batch)
 
@@ -327,13 +335,10 @@ class StoredShardState(ShardState):
                 self._runs.record(*entry)
             rows += self._runs.rows()
         rows += [Update(_meta_key("r", p), pack(n), b"", 0) for p, n in self.resolver_names.items()]
-        rows += [Update(_meta_key("p", t), pack(_prepared_wire(p)), b"", 0)
-                 for t, p in self.prepared.items()]
-        rows += [Update(_meta_key("u", t), _unfinished_row(t, u), b"", 0)
-                 for t, u in self.unfinished.items()]
+        rows += [Update(_meta_key("p", t), _record_bytes(t, p), b"", 0) for t, p in self.prepared.items()]
+        rows += [Update(_meta_key("u", t), _record_bytes(t, u), b"", 0) for t, u in self.unfinished.items()]
         self._batch = []
-        for start in range(0, len(rows), _RESTORE_BATCH):
-            self.store.submit(rows[start:start + _RESTORE_BATCH])
+        self._submit_bounded(rows)
         self.make_durable()
 
     # --- durability and lifetime ------------------------------------------------------------------
