@@ -34,19 +34,21 @@ class FinishTracker:
         self._waiting[key] = set(participants)
         return True
 
-    def finished(self, group: int, txid: int, participant: int) -> None:
-        """``participant`` applied the commit; once all have, the txid may be released."""
-        waiting = self._waiting.get((group, txid))
+    def answered(self, group: int, txid: int, participant: int, applied: bool) -> None:
+        """``participant``'s answer to FINISH. Applied: once all have, the txid may be
+        released. Anything else (no answer, an error) ends the round; a later sweep starts
+        another. A FINISH outside a round (an abort's) changes nothing."""
+        key = (group, txid)
+        waiting = self._waiting.get(key)
         if waiting is None:
+            return
+        if not applied:
+            del self._waiting[key]
             return
         waiting.discard(participant)
         if not waiting:
-            del self._waiting[(group, txid)]
+            del self._waiting[key]
             self._done[group].append(txid)
-
-    def failed(self, group: int, txid: int) -> None:
-        """A participant did not answer: the round ends; a later sweep starts another."""
-        self._waiting.pop((group, txid), None)
 
     def commit_decide_args(self, group: int, request: object, others: list[int]) -> list:
         """The arguments of a COMMIT_DECIDE command to ``group``, carrying the txids that

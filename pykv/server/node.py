@@ -40,6 +40,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -734,7 +735,7 @@ class Node:
         if commit and not self.finishes.start(coordinator, txid, shards):
             return  # a round for it is under way
         for shard in shards:
-            answered = self._finish_answered(commit, coordinator, txid, shard)
+            answered = partial(self._finish_answered, coordinator, txid, shard)
             group = self.host.groups.get(shard) if self.host is not None else None
             if group is not None and group.raft.is_leader():
                 try:
@@ -746,18 +747,11 @@ class Node:
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
 
-    def _finish_answered(self, commit: bool, coordinator: int, txid: int, shard: int) -> Done:
+    def _finish_answered(
+        self, coordinator: int, txid: int, shard: int, outcome: Any, error: BaseException | None
+    ) -> None:
         """The completion of one FINISH: counts towards releasing a commit (FinishTracker)."""
-
-        def answered(outcome: Any, error: BaseException | None) -> None:
-            if not commit:
-                return  # nothing to release: a lost FINISH(abort) is settled by recovery
-            if error is None and outcome is None:
-                self.finishes.finished(coordinator, txid, shard)
-            else:
-                self.finishes.failed(coordinator, txid)
-
-        return answered
+        self.finishes.answered(coordinator, txid, shard, error is None and outcome is None)
 
     async def _finish_elsewhere(self, shard: int, txid: int, commit: bool, answered: Done) -> None:
         try:

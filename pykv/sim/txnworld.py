@@ -505,10 +505,7 @@ class TxnWorld:
 
     def _finish_one(self, finishes: FinishTracker, commit: bool, group: int, txid: int, shard: int) -> Task:
         status, outcome = yield from self._call(shard, FINISH, [txid, commit])
-        if commit and status == "ok" and outcome is None:
-            finishes.finished(group, txid, shard)
-        elif commit:
-            finishes.failed(group, txid)
+        finishes.answered(group, txid, shard, status == "ok" and outcome is None)
 
     def _release_finished(self) -> None:
         """Every leader releases what its participants applied and sweeps the commits left
