@@ -52,9 +52,6 @@ class Redirect(Exception):
         self.leader = leader
 
 
-error_from_reply = errors.by_name
-
-
 def unwrap(reply: Any) -> Any:
     """The result of a tagged reply; raises Redirect or the pykv error it names."""
     if not isinstance(reply, list) or not reply:
@@ -65,7 +62,7 @@ def unwrap(reply: Any) -> Any:
     if tag == REDIRECT:
         raise Redirect(reply[1])
     if tag == FAILED:
-        raise error_from_reply(reply[1], reply[2])
+        raise errors.by_name(reply[1], reply[2])
     raise ProtocolError(f"unknown reply tag {tag!r}")
 
 
@@ -73,5 +70,5 @@ __all__ = [
     "COMMIT", "COMMIT_DECIDE", "CONF", "DROP", "HOST", "JOIN",
     "LEAVE", "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PING", "PREPARE", "RAFT", "READ",
     "REDIRECT", "RESOLVER", "Redirect", "SCAN", "SHARD_MAP", "SNAPSHOT_CHUNK", "STATUS",
-    "error_from_reply", "unwrap",
+    "unwrap",
 ]
