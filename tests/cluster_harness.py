@@ -147,6 +147,13 @@ class LocalCluster:
         path = self.data_dir / f"node-{node_id}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def print_log_tails(self, lines: int = 30) -> None:
+        """The last lines of every node's log, on stdout."""
+        with contextlib.suppress(Exception):
+            for node_id in sorted(self.config.nodes):
+                tail = self.log_text(node_id).splitlines()[-lines:]
+                print(f"--- node {node_id}: last {len(tail)} log lines ---", *tail, sep="\n")
+
 
 def wipe_cluster(addresses: list[str]) -> None:
     """Empty a running cluster: every key, resolver registration and remembered outcome.
@@ -177,6 +184,9 @@ def local_cluster(tmp_path: Path, nodes: int = 3, **options) -> Iterator[LocalCl
     try:
         cluster.up()
         yield cluster
+    except BaseException:
+        cluster.print_log_tails()  # pytest shows it with the failure (CI keeps no data dir)
+        raise
     finally:
         with contextlib.suppress(Exception):
             for node_id in cluster.alive():

@@ -195,13 +195,14 @@ def _status_table(rows: dict[int, str]) -> Table:
 
 def wait_until_ready(
     config: ClusterConfig, timeout: float, console: Console | None = None,
-    data_dir: Path | None = None,
-) -> set[int] | None:
+    data_dir: Path | None = None, failure: str = "not every shard had a leader",
+) -> set[int]:
     """Poll every node until every shard it knows of has a leader.
 
-    Returns None on timeout, else the nodes that found themselves taken out of the cluster
-    while they were down (by ``cluster remove`` elsewhere, or as dead after --dead-after):
-    they host nothing and never join again, so they are not waited for.
+    Returns the nodes that found themselves taken out of the cluster while they were down
+    (by ``cluster remove`` elsewhere, or as dead after --dead-after): they host nothing and
+    never join again, so they are not waited for. On timeout, raises TimeoutError with
+    ``failure`` and what each node reported last.
     """
     deadline = time.monotonic() + timeout
     rows = {nid: "starting" for nid in config.active()}
@@ -246,7 +247,8 @@ def wait_until_ready(
             if ready:
                 return removed
             time.sleep(0.1)
-        return None
+        waiting = "; ".join(f"node {nid}: {row}" for nid, row in sorted(rows.items()))
+        raise TimeoutError(f"{failure} in {timeout}s ({waiting})")
     finally:
         if live:
             live.stop()
@@ -282,9 +284,10 @@ def cluster_up(
     for node_id in sorted(config.active()):
         if node_id not in alive:
             start_node(config, node_id, data_dir, env=env)
-    removed = wait_until_ready(config, timeout, console, data_dir)
-    if removed is None:
-        raise TimeoutError(f"the cluster in {data_dir} did not elect every leader in {timeout}s")
+    removed = wait_until_ready(
+        config, timeout, console, data_dir,
+        failure=f"the cluster in {data_dir} did not elect every leader",
+    )
     for node_id in sorted(removed):
         _forget_removed_node(config, node_id, data_dir, console)
     return config
@@ -342,8 +345,8 @@ def cluster_remove(data_dir: Path, node_id: int, *, timeout: float = 120.0,
         replicas=config.replicas, vnodes=config.vnodes, initial=config.initial,
         state=config.state, removed=config.removed, reads=config.reads,
     )
-    if wait_until_ready(remaining, timeout, console, data_dir) is None:
-        raise TimeoutError(f"the shards of node {node_id} did not move away in {timeout}s")
+    wait_until_ready(remaining, timeout, console, data_dir,
+                     failure=f"the shards of node {node_id} did not move away")
     deadline = time.monotonic() + timeout
     # The metadata group follows the map too: stop the node only once the group no longer
     # counts it, or removing founders one after the other would leave it without a quorum.
