@@ -98,14 +98,18 @@ class LocalCluster:
         assert pid is not None, f"node {node_id} has no pid file"
         os.killpg(pid, sig)
 
-    def kill(self, node_id: int) -> None:
-        """SIGKILL a node and wait until it is gone."""
-        pid = self.pid(node_id)
+    def kill(self, node_id: int, timeout: float = 30.0) -> None:
+        """SIGKILL a node and wait until it is gone.
+
+        A process dies only once its threads leave the kernel (an fsync on a busy disk can
+        take seconds), and a `cluster up` meanwhile would take it for running and not
+        restart it: so wait, and fail clearly if it outlives the timeout.
+        """
         self.signal(node_id, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and node_id in self.alive():
+        deadline = time.monotonic() + timeout
+        while node_id in self.alive():
+            assert time.monotonic() < deadline, f"node {node_id} still alive {timeout}s after SIGKILL"
             time.sleep(0.02)
-        assert pid is not None
 
     def status(self, node_id: int) -> dict:
         return fetch_status(self.address(node_id), timeout=2.0)
