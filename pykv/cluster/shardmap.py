@@ -4,18 +4,19 @@ A :class:`ShardMap` is what every node and client agrees on to route a key: the 
 parameters and the member nodes give each partition's replica set, ``addresses`` say
 where each node listens, and ``leaders`` is an optional, possibly stale hint of each
 partition's current Raft leader. Maps are immutable; a change makes a new map with a
-higher ``version``. :func:`plan_rebalance` turns two maps into the single-server
-membership changes each partition's Raft group must make, in a safe order.
+higher ``version``. :func:`next_step` gives the single-server membership change that
+takes a partition's Raft group on towards its replica set, in a safe order.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from pykv.cluster.ring import HashRing, Node, node_token
+from pykv.cluster.ring import HashRing, Node
 from pykv.codec import pack, unpack
 from pykv.errors import CorruptData, InvalidArgument
 
@@ -154,11 +155,12 @@ def _check_address(address: object) -> None:
 
 
 class StepKind(enum.Enum):
-    """One single-server membership change of a partition's Raft group."""
+    """One single-server membership change of a partition's Raft group (its value names it
+    in a CONF request)."""
 
     ADD_LEARNER = "add_learner"  # joins, receives the log/snapshot, does not vote
     PROMOTE = "promote"  # a caught-up learner becomes a voter
-    TRANSFER_LEADER = "transfer_leader"  # hand leadership away before the leader leaves
+    TRANSFER_LEADER = "transfer"  # hand leadership away before the leader leaves
     REMOVE = "remove"  # a voter leaves the group
 
 
@@ -168,56 +170,28 @@ class Step:
     node: Node
 
 
-@dataclass(frozen=True)
-class Move:
-    """How one partition's replica set goes from ``old`` to ``new``, one server at a time."""
+def next_step(
+    voters: Iterable[Node], learners: Iterable[Node], leader: Node | None, target: Iterable[Node],
+) -> Step | None:
+    """The next single-server membership change that takes a group towards ``target``
+    (None once its members are exactly ``target``, all voting).
 
-    partition: int
-    old: tuple[Node, ...]
-    new: tuple[Node, ...]
-    add: tuple[Node, ...]
-    remove: tuple[Node, ...]
-    steps: tuple[Step, ...]
-
-
-def plan_rebalance(old: ShardMap, new: ShardMap) -> list[Move]:
-    """The membership changes that take every partition from old's replicas to new's.
-
-    Per partition, each incoming node is added as a learner and promoted once caught up
-    before an outgoing voter is removed, so the group never has fewer voters than the
-    smaller of its old and new sizes; the current leader (hinted, or the preferred
-    replica) leaves last, after a leadership transfer to a node that stays.
+    Each incoming node is added as a learner and promoted once caught up (the leader refuses
+    before) ahead of any removal, so the group never has fewer voters than the smaller of
+    its old and new sizes; a learner the target no longer names is removed unpromoted; the
+    leader leaves last, after handing leadership to a target voter. Used by the metadata
+    leader on every group (pykv.server.node) and by the transaction simulator's moves.
     """
-    if new.partitions != old.partitions:
-        raise InvalidArgument(
-            f"cannot rebalance between {old.partitions} and {new.partitions} partitions"
-        )
-    if new.version <= old.version:
-        raise InvalidArgument(f"new map version {new.version} is not after {old.version}")
-    moves = []
-    for partition in range(old.partitions):
-        before, after = old.replicas_of(partition), new.replicas_of(partition)
-        if set(before) == set(after):
-            continue
-        add = tuple(n for n in after if n not in before)
-        leader = old.leader_hint(partition)
-        leaving = sorted((n for n in before if n not in after), key=node_token)
-        remove = tuple(n for n in leaving if n != leader) + tuple(n for n in leaving if n == leader)
-        moves.append(
-            Move(partition, before, after, add, remove, _steps(add, remove, leader, after))
-        )
-    return moves
-
-
-def _steps(
-    add: tuple[Node, ...], remove: tuple[Node, ...], leader: Node, after: tuple[Node, ...]
-) -> tuple[Step, ...]:
-    steps: list[Step] = []
-    for i in range(max(len(add), len(remove))):
-        if i < len(add):
-            steps += [Step(StepKind.ADD_LEARNER, add[i]), Step(StepKind.PROMOTE, add[i])]
-        if i < len(remove):
-            if remove[i] == leader:
-                steps.append(Step(StepKind.TRANSFER_LEADER, after[0]))
-            steps.append(Step(StepKind.REMOVE, remove[i]))
-    return tuple(steps)
+    voters, learners, target = set(voters), set(learners), list(target)
+    missing = [n for n in target if n not in voters | learners]
+    if missing:
+        return Step(StepKind.ADD_LEARNER, missing[0])
+    promote = sorted(learners & set(target))
+    if promote:
+        return Step(StepKind.PROMOTE, promote[0])
+    extra = sorted((voters | learners) - set(target), key=lambda n: (n == leader, n))
+    if not extra:
+        return None
+    if extra[0] == leader:
+        return Step(StepKind.TRANSFER_LEADER, target[0])
+    return Step(StepKind.REMOVE, extra[0])

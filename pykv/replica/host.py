@@ -32,8 +32,9 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+from pykv.cluster.shardmap import Step, StepKind
 from pykv.errors import CorruptData, Unavailable
-from pykv.raft.errors import NotLeader
+from pykv.raft.errors import ConfChangeRejected, NotLeader
 from pykv.raft.messages import (
     ConfChange,
     ConfChangeKind,
@@ -53,6 +54,13 @@ from pykv.raft.quiescence import NodeLiveness
 from pykv.replica.durable import GroupWork, NodeLog, open_image, snapshot_data
 from pykv.replica.failpoints import failpoint
 from pykv.replica.shard import ShardState, encode_command
+
+# The Raft change behind each membership step (a transfer is not one).
+_CONF_KINDS = {
+    StepKind.ADD_LEARNER: ConfChangeKind.ADD_LEARNER,
+    StepKind.PROMOTE: ConfChangeKind.ADD_NODE,
+    StepKind.REMOVE: ConfChangeKind.REMOVE_NODE,
+}
 
 Done = Callable[[Any, BaseException | None], None]
 
@@ -101,7 +109,6 @@ class Group:
     # The Ready whose snapshot is being restored off the loop (restore_in_background): the
     # group takes no other Ready, and nothing but the restore touches its state, until then.
     restoring: Ready | None = None
-    removed: bool = False  # left the node while restoring: its data goes once restored
 
     def status(self) -> dict:
         raft = self.raft
@@ -180,6 +187,9 @@ class ReplicaHost:
         self.flush_ticks = flush_ticks
         self._ticks = 0
         self.groups: dict[int, Group] = {}
+        # Groups removed while a background restore still writes into their storage: their
+        # data goes once it ends, and the group is not hosted again before.
+        self.leaving: dict[int, Group] = {}
         # Proposal ids are [incarnation, seq]: a restarted node never mistakes an old
         # entry for one of its new proposals.
         self.incarnation = self.rng.getrandbits(48)
@@ -211,6 +221,11 @@ class ReplicaHost:
         ``voters=None`` joins an existing group empty, to be filled by the leader (a new
         replica during a rebalance: it catches up from a snapshot or the log).
         """
+        if gid in self.leaving:
+            raise Unavailable(
+                f"shard group {gid}: the replica that left this node is still being restored "
+                "(its storage is in use); host it again once that ends"
+            )
         state = self.log.persistent_state(gid)
         if state is None:
             state = bootstrap_state(voters) if voters else PersistentState()
@@ -249,20 +264,44 @@ class ReplicaHost:
             self._fail_all(group, Unavailable(f"shard group {gid} left this node"))
             self.log.drop(gid)
             if group.restoring is not None:
-                group.removed = True  # _restored destroys it: the restore still writes there
+                self.leaving[gid] = group  # _restored destroys it: the restore still writes there
             else:
                 group.state.destroy()
 
-    def propose_conf_change(self, gid: int, kind: ConfChangeKind, node: int, done: Done) -> None:
-        """Propose one membership step; ``done`` once it is applied (raises NotLeader etc.)."""
-        group = self._group(gid)
-        term, index = group.raft.propose_conf_change(ConfChange.single(kind, node))
-        group.conf_pending[index] = (term, done)
-        self._dirty.add(gid)
+    def members(self, gid: int) -> dict[str, Any]:
+        """The group's members as its leader knows them (NotLeader elsewhere): leader,
+        voters, learners, commit index and each member's match index (string keys)."""
+        raft = self._leading(gid).raft
+        match = {str(n): raft.progress(n).match for n in raft.conf.members() if raft.progress(n)}
+        return {
+            "leader": raft.leader_id, "voters": sorted(raft.conf.voters),
+            "learners": sorted(raft.conf.learners), "commit": raft.commit_index, "match": match,
+        }
 
-    def transfer_leadership(self, gid: int, to: int) -> None:
-        self._group(gid).raft.transfer_leadership(to)
+    def change_membership(self, gid: int, step: Step, done: Done) -> None:
+        """One membership step on the group's leader (NotLeader elsewhere); ``done`` once it
+        is applied, or at once for a leadership transfer (which may still fail: the caller
+        finds out from the members). A step Raft refuses for now raises Unavailable."""
+        group = self._leading(gid)
         self._dirty.add(gid)
+        if step.kind is StepKind.TRANSFER_LEADER:
+            group.raft.transfer_leadership(step.node)
+            done(None, None)
+            return
+        if step.kind is StepKind.ADD_LEARNER:
+            # Snapshot first, so the learner catches up from a snapshot, not the whole log.
+            self.snapshot_group(group)
+        try:
+            term, index = group.raft.propose_conf_change(ConfChange.single(_CONF_KINDS[step.kind], step.node))
+        except ConfChangeRejected as exc:
+            raise Unavailable(f"membership change refused for now: {exc}") from None
+        group.conf_pending[index] = (term, done)
+
+    def _leading(self, gid: int) -> Group:
+        group = self._group(gid)
+        if not group.raft.is_leader():
+            raise NotLeader(group.raft.leader_id)
+        return group
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -331,9 +370,7 @@ class ReplicaHost:
         self, gid: int, fn: Callable[[ShardState], Any], keys: tuple[str, ...] | None, done: Done
     ) -> None:
         """Run ``fn(state)`` as a linearizable read on the leader (ReadIndex), then ``done``."""
-        group = self._group(gid)
-        if not group.raft.is_leader():
-            raise NotLeader(group.raft.leader_id)
+        group = self._leading(gid)
         group.read_queue.append(_Read(fn, keys, done))
         self._dirty.add(gid)
 
@@ -343,9 +380,7 @@ class ReplicaHost:
         ``(False, None)`` when it should wait, as a linearizable read does: the state is behind
         the commit index, or a prepared transaction may still change one of the keys.
         """
-        group = self._group(gid)
-        if not group.raft.is_leader():
-            raise NotLeader(group.raft.leader_id)
+        group = self._leading(gid)
         if (
             group.state.applied_index < group.raft.commit_index
             or any(k in group.writing for k in keys)
@@ -496,7 +531,8 @@ class ReplicaHost:
         """The background restore of ``rd`` ended: finish applying it (or raise its error:
         a replica whose state is half replaced must not go on)."""
         group.restoring = None
-        if group.removed:
+        if self.leaving.get(group.gid) is group:
+            del self.leaving[group.gid]
             group.state.destroy()
             return
         if error is not None:

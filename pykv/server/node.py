@@ -72,12 +72,12 @@ from pykv.client.transport import (
     WIPE,
 )
 from pykv.cluster.liveness import Removal, decide_removal
-from pykv.cluster.shardmap import ShardMap
+from pykv.cluster.shardmap import ShardMap, Step, StepKind, next_step
 from pykv.errors import Error, ProtocolError, Timeout, Unavailable
 from pykv.net.framing import DEFAULT_MAX_FRAME, RESPONSE, encode_frame
 from pykv.net.protocol import Connection, ServerProtocol, parse_address
-from pykv.raft.errors import ConfChangeRejected, NotLeader
-from pykv.raft.messages import ConfChangeKind, Message, Role
+from pykv.raft.errors import NotLeader
+from pykv.raft.messages import Message, Role
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
 from pykv.replica.finishing import FinishTracker
@@ -625,7 +625,7 @@ class Node:
         elif kind == LEAVE:
             self._leave(int(body[1]), respond)
         elif kind == MEMBERS:
-            respond(self._members(shard))
+            respond([OK, self.host.members(shard)])
         elif kind == CONF:
             self._conf(shard, str(body[1]), int(body[2]), respond)
         elif kind == HOST:
@@ -928,45 +928,12 @@ class Node:
 
         self._propose_to(META_GROUP, SET_MAP, [proposed.encode()], _answer(reply, respond))
 
-    def _members(self, shard: int) -> list:
-        host = self.host
-        assert host is not None
-        group = host.groups.get(shard)
-        if group is None:
-            raise Unavailable(f"node {self.config.node_id} does not host shard {shard}")
-        raft = group.raft
-        if not raft.is_leader():
-            raise NotLeader(raft.leader_id)
-        match = {str(n): raft.progress(n).match for n in raft.conf.members() if raft.progress(n)}
-        return [OK, {
-            "leader": raft.leader_id, "voters": sorted(raft.conf.voters),
-            "learners": sorted(raft.conf.learners), "commit": raft.commit_index, "match": match,
-        }]
-
     def _conf(self, shard: int, step: str, node: int, respond: Callable[[Any], None]) -> None:
-        host = self.host
-        assert host is not None
-        group = host.groups.get(shard)
-        if group is None:
-            raise Unavailable(f"node {self.config.node_id} does not host shard {shard}")
-        if not group.raft.is_leader():
-            raise NotLeader(group.raft.leader_id)
-        if step == "transfer":
-            host.transfer_leadership(shard, node)
-            self._wakeup()
-            respond([OK, None])
-            return
-        kinds = {"add_learner": ConfChangeKind.ADD_LEARNER, "promote": ConfChangeKind.ADD_NODE,
-                 "remove": ConfChangeKind.REMOVE_NODE}
-        if step not in kinds:
-            raise ProtocolError(f"unknown membership step {step!r}")
-        if step == "add_learner":
-            # Snapshot first, so the learner catches up from a snapshot, not the whole log.
-            host.snapshot_group(group)
         try:
-            host.propose_conf_change(shard, kinds[step], node, _answer(lambda _: [OK, None], respond))
-        except ConfChangeRejected as exc:
-            raise Unavailable(f"membership change refused for now: {exc}") from None
+            kind = StepKind(step)
+        except ValueError:
+            raise ProtocolError(f"unknown membership step {step!r}") from None
+        self.host.change_membership(shard, Step(kind, node), _answer(lambda _: [OK, None], respond))
         self._wakeup()
 
     async def _membership(self) -> None:
@@ -1094,6 +1061,13 @@ class Node:
             *(self._reconcile(gid, target) for gid, target in targets.items()),
             return_exceptions=True,
         )
+        for gid, result in zip(targets, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(
+                result, (Error, OSError, asyncio.TimeoutError)
+            ):
+                # Not the network or a refusal for now: a bug, which would otherwise only
+                # show as shards moving for ever.
+                log.error("shard %d: placement step failed", gid, exc_info=result)
         self.pending_moves = sum(1 for r in results if r is not True)
         if not self.pending_moves:
             self._balanced_version = current.version
@@ -1177,36 +1151,21 @@ class Node:
         """One membership step of group ``shard`` (a data shard or the metadata group)
         towards the replica set ``target``; True when it is there."""
         info = await self.router.call(shard, MEMBERS, [shard], timeout=2.0)
-        voters, learners = set(info["voters"]), set(info["learners"])
-        missing = [n for n in target if n not in voters | learners]
-        if missing:
-            node = missing[0]
-            await self.router.call_address(self.address_of(node), HOST, [shard], 2.0)
-            await self.router.call(shard, CONF, [shard, "add_learner", node], timeout=5.0)
-            log.info("shard %d: added node %d as a learner", shard, node)
-            return False
-        for node in sorted(learners):
-            # Make sure the learner hosts the group: a learner that restarted before it
-            # persisted anything of the group has forgotten it (HOST is idempotent).
-            await self.router.call_address(self.address_of(node), HOST, [shard], 2.0)
-            await self.router.call(shard, CONF, [shard, "promote", node], timeout=5.0)
-            log.info("shard %d: promoted node %d to voter", shard, node)
-            return False
-        extra = sorted((voters | learners) - set(target))
-        if extra:
-            node = extra[0]
-            if node == info["leader"]:
-                await self.router.call(shard, CONF, [shard, "transfer", target[0]], timeout=2.0)
-                log.info("shard %d: transferring leadership from node %d to node %d", shard, node, target[0])
-                return False
-            await self.router.call(shard, CONF, [shard, "remove", node], timeout=5.0)
-            log.info("shard %d: removed node %d", shard, node)
-            address = self.address_of(node)
+        step = next_step(info["voters"], info["learners"], info["leader"], target)
+        if step is None:
+            return True
+        if step.kind in (StepKind.ADD_LEARNER, StepKind.PROMOTE):
+            # The node must host the group; HOST is idempotent, and again before a promotion:
+            # a learner that restarted before it persisted anything of the group forgot it.
+            await self.router.call_address(self.address_of(step.node), HOST, [shard], 2.0)
+        await self.router.call(shard, CONF, [shard, step.kind.value, step.node], timeout=5.0)
+        log.info("shard %d: %s node %d (towards %s)", shard, step.kind.value, step.node, _ids(tuple(target)))
+        if step.kind is StepKind.REMOVE:
+            address = self.address_of(step.node)
             if address is not None:
                 with contextlib.suppress(Error, OSError):
                     await self.router.call_address(address, DROP, [shard], 2.0)
-            return False
-        return True
+        return False
 
 
 class _Silence:

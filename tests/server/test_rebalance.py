@@ -171,7 +171,7 @@ def _wait_meta(cluster, keep: set[int], gone: set[int], timeout: float = 30.0) -
 def _meta_steps(cluster) -> int:
     """Membership steps taken on the metadata group so far (add a learner, promote, transfer
     leadership, remove), as the metadata leaders logged them."""
-    step = re.compile(rf"shard {META_GROUP}: (added|promoted|transferring|removed) ")
+    step = re.compile(rf"shard {META_GROUP}: (add_learner|promote|transfer|remove) node ")
     return sum(len(step.findall(cluster.log_text(n))) for n in cluster.config.nodes)
 
 
