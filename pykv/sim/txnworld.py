@@ -1,8 +1,9 @@
 """A simulated cluster for transactions: real shard replicas and two-phase commit under faults.
 
 ``pykv.sim.world`` proves Raft with a toy state machine. This world drives what a node runs
-above Raft: on every node a ``pykv.replica.host.ReplicaHost`` hosting every shard group,
-each replica a real ``pykv.replica.shard.ShardState`` (OCC validation, prepared locks, the
+above Raft: on every node a ``pykv.replica.host.ReplicaHost`` hosting the shard groups the
+map places there (every one, unless a mix sets fewer replicas and moves them about as the
+metadata leader does: ``_mover``), each replica a real ``pykv.replica.shard.ShardState`` (OCC validation, prepared locks, the
 coordinator shard's decision, snapshots). Clients run list-append transactions (read two
 lists, append a unique element to each) and commit them as ``pykv.client.cluster`` does:
 one COMMIT on a single shard, else PREPARE on the other participants, COMMIT_DECIDE on the
@@ -23,8 +24,9 @@ everything in flight.
 
 Checked after the faults heal and the cluster settles: the history of every transaction
 whose client learned its fate, and of those it did not, is strictly serializable
-(``pykv.sim.listappend``), no replica still holds a prepared transaction or an unreleased
-commit, and the replicas of every shard hold the same versions.
+(``pykv.sim.listappend``), every group is where the map places it, no replica still holds
+a prepared transaction or an unreleased commit, and the replicas of every shard hold the
+same versions.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pykv.cluster.shardmap import Step, StepKind, next_step
 from pykv.errors import Error, Timeout, TransactionConflict, Unavailable, by_name
 from pykv.raft import Message, RaftConfig
 from pykv.raft.errors import NotLeader
@@ -64,6 +67,9 @@ from pykv.txn.model import CommitRequest, ScanPasses, Versioned, WriteOp
 from pykv.types import OpKind
 
 TICK = 0.01  # virtual seconds per Raft tick
+# The requests of placement work besides the shard commands (the node's MEMBERS, CONF,
+# HOST and DROP): a group's members, a membership step, host a replica, drop one.
+MEMBERS, CONF, HOST, DROP = "members", "conf", "host", "drop"
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,14 @@ class TxnSimParams:
     # Txids each shard remembers per table (None: the default). Small, retries reach txids
     # already forgotten, which must be refused rather than applied again.
     remembered: int | None = None
+    # Replicas per shard (0: every node hosts every shard), and the mean virtual seconds
+    # between replica moves during the faults (0: none). A move gives one replica of a shard
+    # to a node outside it in the map; the groups get there one membership step at a time,
+    # as the metadata leader takes them (Node._reconcile, shardmap.next_step): the new node
+    # hosts an empty replica, joins as a learner and catches up from a snapshot, is
+    # promoted, leadership leaves a node that goes, which is removed and drops its replica.
+    replicas: int = 0
+    moves_every: float = 0.0
     raft: RaftConfig = field(default_factory=lambda: RaftConfig(election_ticks=10, heartbeat_ticks=2))
 
 
@@ -109,6 +123,9 @@ TXN_MIXES = {
     # participant whose FINISH died with its coordinator's node asks for the decision
     # only after 3 s, when the coordinator shard has decided many more since.
     "forgetful": TxnSimParams(remembered=2, loss=0.1, recovery_after=3.0, crash_every=1.0),
+    # Five nodes, three replicas per shard, and replicas moving while transactions prepare,
+    # commit and settle: prepared and unfinished transactions travel in the snapshots.
+    "moves": TxnSimParams(nodes=5, replicas=3, moves_every=0.7, snapshot_every=10),
 }
 
 
@@ -239,6 +256,11 @@ class TxnWorld:
         # Per node, the FINISH rounds of the commits it coordinates (Node.finishes).
         self.finishes: dict[int, FinishTracker] = {}
         self.lives: Counter = Counter()  # per node, how many times it crashed
+        # Where the map places each shard's replicas (the metadata group's map, which the
+        # simulated metadata leader changes for moves: _mover).
+        self.placement = {gid: self._founders(gid) for gid in range(self.p.shards)}
+        self._started: set[int] = set()
+        self._dropping: set[tuple[int, int]] = set()  # (node, shard): a stale replica's check
         self._elements = 0
         self.faulty = True
         self.accepting = True
@@ -260,6 +282,8 @@ class TxnWorld:
             self.spawn(self._client(c))
         for c in range(p.scanners):
             self.spawn(self._scanner(p.clients + c))
+        if p.moves_every:
+            self.spawn(self._mover())
         self.at(self.rng.expovariate(1 / p.crash_every), self._crash_some)
         self.at(self.rng.expovariate(1 / p.partition_every), self._partition_some)
         self.at(p.recovery_after / 4, self._recover)
@@ -281,8 +305,13 @@ class TxnWorld:
             rng=random.Random(self.rng.getrandbits(32)), clock=lambda: self.now,
             snapshot_every=self.p.snapshot_every, state_factory=self._state_factory(node),
         )
-        for gid in range(self.p.shards):
-            host.add_group(gid, list(self.ids))
+        if node in self._started:  # a restart: the groups its disk holds (Node.start)
+            groups = {gid: None for gid in sorted(self.disks[node].states)}
+        else:  # the first start: found the groups the map places here
+            groups = {gid: voters for gid, voters in self.placement.items() if node in voters}
+            self._started.add(node)
+        for gid, voters in groups.items():
+            host.add_group(gid, voters)
         host.restore_in_background = partial(self._restore_later, node, host)
         self.hosts[node] = host
         self.finishes[node] = FinishTracker()  # node-local: a crash forgets the rounds
@@ -312,6 +341,11 @@ class TxnWorld:
 
         self.at(self.rng.uniform(0.05, 0.5), restored)
 
+    def _founders(self, gid: int) -> list[int]:
+        """A shard's first replicas: ``replicas`` nodes in turn from its own (all by default)."""
+        count = self.p.replicas or self.p.nodes
+        return [self.ids[(gid + i) % self.p.nodes] for i in range(count)]
+
     def _state_factory(self, node: int) -> Callable[[int], ShardState]:
         remembered = self.p.remembered
         if not self.p.stored:
@@ -329,7 +363,7 @@ class TxnWorld:
         self.hosts[node] = None
         self.lives[node] += 1  # its own tasks (FINISH, recovery) die with it: node_task
         if host is not None and self.p.stored:
-            for group in host.groups.values():
+            for group in [*host.groups.values(), *host.leaving.values()]:
                 state = getattr(group.state, "real", group.state)  # restoring: _Restoring
                 state.store.close()  # no flush: the unwritten rows die with the node
 
@@ -473,6 +507,17 @@ class TxnWorld:
                     return [[k, v.to_wire()] for k, v in state.scan("list", None, None, None, True)]
 
                 host.read(call.group, items, None, done)
+            elif call.kind == MEMBERS:
+                done(host.members(call.group), None)
+            elif call.kind == CONF:
+                host.change_membership(call.group, Step(StepKind(call.args[0]), call.args[1]), done)
+            elif call.kind == HOST:  # idempotent, as the node's HOST
+                if call.group not in host.groups:
+                    host.add_group(call.group, None)
+                done(None, None)
+            elif call.kind == DROP:  # the node's DROP: this node was removed from the group
+                host.remove_group(call.group)
+                done(None, None)
             else:
                 args = call.args
                 if call.kind == COMMIT_DECIDE:  # as Node.handle: it carries releases
@@ -515,7 +560,8 @@ class TxnWorld:
                 continue
             finishes = self.finishes[node]
             for gid, txids in finishes.take_releases().items():
-                if host.groups[gid].raft.is_leader():
+                group = host.groups.get(gid)  # a replica that moved away since: its new leader sweeps
+                if group is not None and group.raft.is_leader():
                     with contextlib.suppress(Unavailable):  # the next leader sweeps them
                         host.propose(gid, RELEASE, [txids], lambda result, error: None)
                         self.events["releases proposed"] += 1
@@ -670,7 +716,80 @@ class TxnWorld:
                         self.spawn(self.node_task(node, self._settle(
                             gid, txid, prepared.coordinator_shard, prepared.request.timestamp
                         )))
+        if self.p.moves_every:
+            self._drop_stale_replicas()
         self.at(self.p.recovery_after / 4, self._recover)
+
+    # --- placement: replicas moving between nodes -----------------------------------------------
+
+    def _mover(self) -> Task:
+        """The metadata leader's placement work: during the faults, now and then one replica
+        of a shard moves in the map; every group is taken there a step per round
+        (Node._rebalance_round), until all are placed once the faults are over."""
+        rng = random.Random(self.rng.getrandbits(32))
+        next_move = rng.expovariate(1 / self.p.moves_every)
+        while True:
+            if self.faulty and self.now >= next_move:
+                self._move_one(rng)
+                next_move = self.now + rng.expovariate(1 / self.p.moves_every)
+            placed = True
+            for gid in range(self.p.shards):
+                placed &= yield from self._reconcile(gid)
+            if placed and not self.faulty:
+                return
+            yield Sleep(0.1)
+
+    def _move_one(self, rng: random.Random) -> None:
+        gid = rng.randrange(self.p.shards)
+        current = self.placement[gid]
+        outside = [n for n in self.ids if n not in current]
+        if outside:
+            leaving, coming = rng.choice(current), rng.choice(outside)
+            self.placement[gid] = [coming if n == leaving else n for n in current]
+            self.events["replica moves"] += 1
+
+    def _reconcile(self, gid: int) -> Generator[Any, Any, bool]:
+        """One membership step of a group towards its placement (Node._reconcile); True
+        when it is there."""
+        status, info = yield from self._call(gid, MEMBERS, [])
+        if status != "ok":
+            return False
+        step = next_step(info["voters"], info["learners"], info["leader"], self.placement[gid])
+        if step is None:
+            return True
+        if step.kind in (StepKind.ADD_LEARNER, StepKind.PROMOTE):
+            status, _ = yield Call(step.node, gid, HOST, [])
+            if status != "ok":
+                return False
+        status, _ = yield from self._call(gid, CONF, [step.kind.value, step.node])
+        self.events[f"membership steps: {step.kind.value}"] += status == "ok"
+        if status == "ok" and step.kind is StepKind.REMOVE:
+            yield Call(step.node, gid, DROP, [])  # once: a lost one leaves it to the node
+        return False
+
+    def _drop_stale_replicas(self) -> None:
+        """A replica the map no longer places on its node asks its group's leader whether it
+        still belongs, and goes when not (Node._drop_stale_replicas): one removed while its
+        node was down, or whose DROP was lost."""
+        for node, host in self.hosts.items():
+            if host is None:
+                continue
+            for gid, group in host.groups.items():
+                stale = node not in self.placement[gid] and not group.raft.is_leader()
+                if stale and (node, gid) not in self._dropping:
+                    self._dropping.add((node, gid))
+                    self.spawn(self.node_task(node, self._drop_if_removed(node, gid)))
+
+    def _drop_if_removed(self, node: int, gid: int) -> Task:
+        try:
+            status, info = yield from self._call(gid, MEMBERS, [])
+            host = self.hosts.get(node)
+            if status == "ok" and node not in info["voters"] + info["learners"] and host is not None:
+                if gid in host.groups:
+                    host.remove_group(gid)
+                    self.events["stale replicas dropped"] += 1
+        finally:
+            self._dropping.discard((node, gid))
 
     def _settle(self, gid: int, txid: int, coordinator_shard: int, timestamp: int) -> Task:
         try:
@@ -690,7 +809,13 @@ class TxnWorld:
         result.aborted = sum(1 for t in self.history if t.committed is False)
         result.unknown = sum(1 for t in self.history if t.committed is None)
         for gid in range(self.p.shards):
-            replicas = [h.groups[gid].state for h in self.hosts.values() if h is not None]
+            hosting = {n: h.groups[gid] for n, h in self.hosts.items() if h is not None and gid in h.groups}
+            placed = set(self.placement[gid])
+            confs = {(frozenset(g.raft.conf.voters), frozenset(g.raft.conf.learners)) for g in hosting.values()}
+            if set(hosting) != placed or confs != {(frozenset(placed), frozenset())}:
+                return _violation(result, "replicas not placed", f"shard {gid} is on nodes "
+                                  f"{sorted(hosting)} (members {confs}), placed on {sorted(placed)}")
+            replicas = [g.state for g in hosting.values()]
             prepared = {t for s in replicas for t in s.prepared}
             if prepared:
                 return _violation(result, "stuck prepare", f"shard {gid} still holds {sorted(prepared)}")
@@ -701,12 +826,13 @@ class TxnWorld:
             if any(v != versions[0] for v in versions):
                 return _violation(result, "replicas differ", f"shard {gid}")
         # Close every list's history with a read of its final value.
-        final = self.hosts[self.ids[0]]
-        assert final is not None
         reads = []
         for i in range(self.p.lists):
             key = f"list{i}"
-            seen = final.groups[self.shard_of(key)].state.get(key)
+            gid = self.shard_of(key)
+            final = self.hosts[self.placement[gid][0]]
+            assert final is not None
+            seen = final.groups[gid].state.get(key)
             reads.append(("r", key, tuple(seen.value) if seen.exists else None))
         self.history.append(Txn(0, tuple(reads), True, self.now, self.now))
         checked = check_serializable(self.history, strict=True)
