@@ -37,7 +37,7 @@ import random
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -313,7 +313,7 @@ class Node:
         self._wake: asyncio.Future | None = None
         self._stopping = False
         self._resolving: set[tuple[int, int]] = set()
-        self._finishing: set[asyncio.Task] = set()  # FINISH calls to participants elsewhere
+        self._background: set[asyncio.Task] = set()  # FINISH calls elsewhere, DROP checks
         self.finishes = FinishTracker()  # commits this node coordinates, until released
         self.router = Router(list(config.peers.values()), timeout=5.0, max_frame=config.max_frame)
         self._maintainer: Maintainer | None = None  # the shard stores' compaction thread
@@ -399,9 +399,9 @@ class Node:
             self._server.close()
         self.snapshots_out.close()
         self.snapshots_in.close()
-        for task in [*self._tasks, *self._finishing]:
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._finishing, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
         await self.router.close()
         for peer in self.peers.values():
             if peer.conn is not None:
@@ -634,8 +634,10 @@ class Node:
                 log.info("hosting an empty replica of shard %d, to be filled by its leader", shard)
             respond([OK, None])
         elif kind == DROP:
-            if self._drop_group(shard):
-                log.info("dropped shard %d: this node was removed from its group", shard)
+            # Only once the group's leader confirms it: a DROP that arrives late, after this
+            # node was added to the group again, must not delete a member's data.
+            if shard in self.host.groups:
+                self._background_task(self._drop_if_removed(shard))
             respond([OK, None])
         elif kind == RESOLVER:
             name = None if body[2] is None else str(body[2])
@@ -743,9 +745,13 @@ class Node:
                     continue
                 except (NotLeader, Unavailable):
                     pass  # leadership moved just now: go through the router
-            task = asyncio.get_running_loop().create_task(self._finish_elsewhere(shard, txid, commit, answered))
-            self._finishing.add(task)
-            task.add_done_callback(self._finishing.discard)
+            self._background_task(self._finish_elsewhere(shard, txid, commit, answered))
+
+    def _background_task(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` on the loop; cancelled if still running when the node stops."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _finish_answered(
         self, coordinator: int, txid: int, shard: int, outcome: Any, error: BaseException | None
@@ -1000,13 +1006,21 @@ class Node:
                 placed = me in meta_replicas(current, self.meta_voters)
             else:
                 placed = me in current.replicas_of(gid)
-            if placed:
-                continue
+            if not placed:
+                await self._drop_if_removed(gid)
+
+    async def _drop_if_removed(self, gid: int) -> None:
+        """Drop this node's replica of ``gid`` if the group's leader no longer counts it (no
+        leader to ask: the next sweep asks again)."""
+        me = self.config.node_id
+        try:
             info = await self.router.call(gid, MEMBERS, [gid], timeout=1.0)
-            if me not in info["voters"] and me not in info["learners"]:
-                if self._drop_group(gid, info["voters"]):
-                    log.info("dropped shard %d: its leader %s no longer counts this node",
-                             gid, info["leader"])
+        except (Error, OSError, asyncio.TimeoutError) as exc:
+            log.debug("shard %d: cannot tell whether this node still belongs: %s", gid, exc)
+            return
+        if me not in info["voters"] and me not in info["learners"]:
+            if self._drop_group(gid, info["voters"]):
+                log.info("dropped shard %d: its leader %s no longer counts this node", gid, info["leader"])
 
     def _drop_group(self, gid: int, voters: list[int] | None = None) -> bool:
         """Stop hosting group ``gid`` (this node left it); False when it was not hosted.

@@ -515,8 +515,9 @@ class TxnWorld:
                 if call.group not in host.groups:
                     host.add_group(call.group, None)
                 done(None, None)
-            elif call.kind == DROP:  # the node's DROP: this node was removed from the group
-                host.remove_group(call.group)
+            elif call.kind == DROP:  # the node's DROP: gone once the group's leader confirms it
+                if call.group in host.groups:
+                    self._confirm_membership(call.node, call.group)
                 done(None, None)
             else:
                 args = call.args
@@ -775,10 +776,14 @@ class TxnWorld:
             if host is None:
                 continue
             for gid, group in host.groups.items():
-                stale = node not in self.placement[gid] and not group.raft.is_leader()
-                if stale and (node, gid) not in self._dropping:
-                    self._dropping.add((node, gid))
-                    self.spawn(self.node_task(node, self._drop_if_removed(node, gid)))
+                if node not in self.placement[gid] and not group.raft.is_leader():
+                    self._confirm_membership(node, gid)
+
+    def _confirm_membership(self, node: int, gid: int) -> None:
+        """Ask the group's leader whether ``node`` still belongs; drop its replica if not."""
+        if (node, gid) not in self._dropping:
+            self._dropping.add((node, gid))
+            self.spawn(self.node_task(node, self._drop_if_removed(node, gid)))
 
     def _drop_if_removed(self, node: int, gid: int) -> Task:
         try:

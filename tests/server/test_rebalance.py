@@ -9,6 +9,7 @@ shard's group matches the new shard map.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 import time
@@ -22,7 +23,8 @@ from cluster_harness import local_cluster  # noqa: E402
 
 import pykv.client  # noqa: E402
 from pykv.client.admin import fetch_shard_map  # noqa: E402
-from pykv.client.transport import META_GROUP  # noqa: E402
+from pykv.client.router import Router  # noqa: E402
+from pykv.client.transport import DROP, META_GROUP  # noqa: E402
 from pykv.cluster.ring import HashRing  # noqa: E402
 from pykv.server.cmd_cluster import cluster_remove, start_node  # noqa: E402
 
@@ -227,3 +229,27 @@ def test_metadata_group_follows_the_map_when_founders_are_removed(tmp_path):
                   f"metadata voters {sorted(voters)}")
             write("after-join")
             assert {k: db.get(k) for k in acked} == acked
+
+
+def test_a_drop_for_a_group_the_node_still_belongs_to_is_ignored(tmp_path):
+    """The leader that removes a replica tells its node with DROP, once. A DROP that arrives
+    late, when the node has been added to the group again, must not delete a member's data:
+    the node drops a replica only once the group's leader confirms it no longer counts it."""
+    with local_cluster(tmp_path, nodes=3, partitions=2, replicas=3) as cluster:
+        with pykv.client.connect(cluster.addresses, timeout=15) as db:
+            db.put("kept", 1)
+
+            async def drop(node: int, shard: int) -> None:
+                router = Router([cluster.address(node)], timeout=5.0)
+                try:
+                    await router.call_address(cluster.address(node), DROP, [shard], 2.0)
+                finally:
+                    await router.close()
+
+            shard = next(int(g) for g, s in cluster.status(2)["groups"].items() if s["role"] != "leader")
+            asyncio.run(drop(2, shard))
+            time.sleep(1.0)  # the check with the leader takes a round trip
+            assert str(shard) in cluster.status(2)["groups"]
+            assert "dropped shard" not in cluster.log_text(2)
+            db.put("after", 2)
+            assert db.get("kept") == 1
