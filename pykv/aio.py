@@ -29,7 +29,7 @@ from pykv._engine.vclock import VClock
 from pykv.api import KeyValueStore, Transaction
 from pykv.client.cluster import AsyncCluster
 from pykv.errors import InvalidOperation, StoreClosed, TransactionAborted, TransactionConflict
-from pykv.txn.model import CommitRequest, ScanPasses, Versioned
+from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 from pykv.types import MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key
 
@@ -60,6 +60,9 @@ class _Prefetched:
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
         deleted: bool = False,
     ) -> Iterator:
+        raise InvalidOperation("scan is not part of a transaction")
+
+    def consistent_scan(self, prefix: str, start: str | None, end: str | None, limit: int | None) -> list:
         raise InvalidOperation("scan is not part of a transaction")
 
     def close(self) -> None:
@@ -275,10 +278,7 @@ class AsyncKeyValueStore:
             if bound is not None:
                 check_key(bound)
         if consistent:
-            passes = ScanPasses()
-            while not passes.feed(await self._core.scan(prefix, start, end, limit, True)):
-                pass
-            items = passes.result
+            items = await self._core.consistent_scan(prefix, start, end, limit)
         else:
             items = await self._core.scan(prefix, start, end, limit)
         return [(k, v.value) for k, v in items]

@@ -25,7 +25,7 @@ from pykv.errors import (
     TransactionConflict,
     TransactionTooLarge,
 )
-from pykv.txn.model import MISSING, CommitRequest, Isolation, ScanPasses, Versioned, WriteOp
+from pykv.txn.model import MISSING, CommitRequest, Isolation, Versioned, WriteOp
 from pykv.txn.ops import fold_writes
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import (
@@ -74,6 +74,12 @@ class Backend(Protocol):
     ) -> Iterator[tuple[str, Versioned]]:
         """Live (non-deleted) keys with the prefix in [start, end), in key order, at most limit;
         with ``deleted``, the tombstones of deleted keys in that range too (not counted)."""
+        ...
+
+    def consistent_scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+    ) -> list[tuple[str, Versioned]]:
+        """What ``scan`` returns, as one snapshot of the range (see KeyValueStore.scan)."""
         ...
 
     def close(self) -> None: ...
@@ -600,10 +606,13 @@ class KeyValueStore:
 
         ``consistent`` (the default): one snapshot of the range, across every shard. Each
         value is the one its key held at a single moment, and no key that existed then is
-        missing. It costs at least two passes over the range (pykv.txn.model.ScanPasses),
-        and raises TransactionConflict (retryable) if the range changed during each of 10
-        passes. ``consistent=False``: one pass. Each value is a committed, durable version,
-        but keys on different shards may be seen at different moments.
+        missing. It costs at least two passes over the range (pykv.txn.model.ScanPasses).
+        Embedded, it raises TransactionConflict (retryable) if the range changed during
+        each of 10 passes. On a cluster, a range that changed under 3 passes is locked for
+        one more: writes into it are refused meanwhile (KeyLocked, which commits retry for
+        a few milliseconds), see pykv.replica.commitflow.scan_rounds. ``consistent=False``:
+        one pass. Each value is a committed, durable version, but keys on different shards
+        may be seen at different moments.
         """
         self._ensure_open()
         for bound in (start, end):
@@ -614,10 +623,7 @@ class KeyValueStore:
         if limit is not None and limit < 0:
             raise InvalidArgument(f"limit must be >= 0, not {limit}")
         if consistent:
-            passes = ScanPasses()
-            while not passes.feed(list(self._backend.scan(prefix, start, end, limit, True))):
-                pass
-            items: Iterable[tuple[str, Versioned]] = passes.result
+            items: Iterable[tuple[str, Versioned]] = self._backend.consistent_scan(prefix, start, end, limit)
         else:
             items = self._backend.scan(prefix, start, end, limit)
         return ((key, seen.value) for key, seen in items)

@@ -34,7 +34,7 @@ from pykv.api import KeyValueStore
 from pykv.codec import decode_value, encode_value
 from pykv.errors import InvalidArgument
 from pykv.storage.store import Storage, StoredVersion, Update
-from pykv.txn.model import MISSING, CommitRequest, Versioned, first_live
+from pykv.txn.model import MISSING, CommitRequest, ScanItems, ScanPasses, Versioned, first_live
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import MAX_TXN_OPS, MAX_VALUE_BYTES
@@ -194,6 +194,15 @@ class EmbeddedBackend:
             )
         )
         return iter(first_live(every, limit, deleted))
+
+    def consistent_scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+    ) -> ScanItems:
+        """Passes until two agree (ScanPasses gives up after 10 that all differ)."""
+        passes = ScanPasses()
+        while not passes.feed(list(self.scan(prefix, start, end, limit, True))):
+            pass
+        return passes.result
 
     def stats(self) -> dict[str, Any]:
         return self._storage.stats()

@@ -154,8 +154,11 @@ class SkipsReadValidation:
     def commit(self, request):
         self._inner.commit(dataclasses.replace(request, reads={}))
 
-    def scan(self, prefix, start, end, limit):
-        return self._inner.scan(prefix, start, end, limit)
+    def scan(self, prefix, start, end, limit, deleted=False):
+        return self._inner.scan(prefix, start, end, limit, deleted)
+
+    def consistent_scan(self, prefix, start, end, limit):
+        return self._inner.consistent_scan(prefix, start, end, limit)
 
     def close(self) -> None:
         """The fixture closes the real store."""

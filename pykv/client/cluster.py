@@ -37,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import threading
-from collections.abc import Coroutine, Iterator
+from collections import Counter
+from collections.abc import Coroutine, Generator, Iterator
 from typing import Any, TypeVar
 
+from pykv.api import HybridClock
 from pykv.client.router import Router
 from pykv.client.transport import (
     COMMIT,
@@ -59,17 +61,22 @@ from pykv.errors import (
     TransactionConflict,
 )
 from pykv.net.protocol import new_event_loop
+from pykv.replica import commitflow
 from pykv.replica import shard as cmd
-from pykv.replica.commitflow import commit_rounds
+from pykv.replica.commitflow import Round, commit_rounds, scan_rounds
 from pykv.replica.failpoints import failpoint
-from pykv.txn.model import CommitRequest, Versioned, first_live
+from pykv.txn.model import CommitRequest, KeyRange, ScanItems, Versioned, first_live
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
+from pykv.types import TxnIdSource
 
 T = TypeVar("T")
 
-# The request kind that carries each shard command of a commit (pykv.replica.commitflow).
+# Consistent scans taken again after their range lock was released under them.
+SCAN_ATTEMPTS = 3
+
+# The request kind that carries each command of a commit or scan (pykv.replica.commitflow).
 _KINDS = {cmd.COMMIT: COMMIT, cmd.PREPARE: PREPARE, cmd.COMMIT_DECIDE: COMMIT_DECIDE,
-          cmd.DECIDE: DECIDE, cmd.FINISH: FINISH}
+          cmd.DECIDE: DECIDE, cmd.FINISH: FINISH, commitflow.SCAN: SCAN}
 
 
 class AsyncCluster:
@@ -79,6 +86,10 @@ class AsyncCluster:
         self.router = Router(list(addresses), timeout=timeout)
         self.timeout = timeout
         self._background: set[asyncio.Task] = set()
+        # For the locks of consistent scans (their own transaction ids and timestamps).
+        self._txids = TxnIdSource()
+        self._clock = HybridClock()
+        self.rounds: Counter[str] = Counter()  # rounds of commits and scans sent, by name
 
     async def start(self) -> None:
         await self.router.refresh_map()
@@ -119,13 +130,19 @@ class AsyncCluster:
         if not request.writes:
             await self._confirm_reads(request)
             return
-        flow = commit_rounds(request, router.shard_of)
+        await self._drive(commit_rounds(request, router.shard_of))
+
+    async def _drive(self, flow: Generator[Round, Any, T]) -> T:
+        """Send each round of a commit or scan flow (pykv.replica.commitflow) and hand its
+        results back; returns what the flow returns."""
+        router = self.router
         results: list[Any] | None = None
         while True:
             try:
                 round_ = flow.send(results)
-            except StopIteration:
-                return
+            except StopIteration as done:
+                return done.value
+            self.rounds[round_.name] += 1
             if round_.pause:
                 await asyncio.sleep(round_.pause)
             calls = [router.call(s.shard, _KINDS[s.command], [s.shard, *s.args]) for s in round_.sends]
@@ -180,6 +197,27 @@ class AsyncCluster:
         ))
         runs = [[(k, Versioned.from_wire(v)) for k, v in reply] for reply in replies]
         return first_live(heapq.merge(*runs, key=lambda item: item[0]), limit)
+
+    async def consistent_scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+    ) -> ScanItems:
+        """One snapshot of the range across every shard: passes until two agree, else a lock
+        on the range for one more pass (pykv.replica.commitflow.scan_rounds). A scan whose
+        lock was taken away before it ended (it outlived the shards' recovery time) is taken
+        again, up to SCAN_ATTEMPTS times."""
+        view = await self.router.ensure_map()
+        attempts = SCAN_ATTEMPTS
+        while True:
+            attempts -= 1
+            lock = CommitRequest(
+                self._txids.next_id(), 0, {}, (), timestamp=self._clock.now(),
+                ranges=(KeyRange(prefix, start, end),),
+            )
+            try:
+                return await self._drive(scan_rounds(lock, list(range(view.partitions)), limit))
+            except TransactionConflict:
+                if not attempts:
+                    raise
 
     async def wipe(self) -> None:
         """Forget every key, resolver and remembered outcome on every shard (for tests)."""
@@ -292,6 +330,11 @@ class ClusterBackend:
         deleted: bool = False,
     ) -> Iterator[tuple[str, Versioned]]:
         return iter(self._run(self.core.scan(prefix, start, end, limit, deleted)))
+
+    def consistent_scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+    ) -> ScanItems:
+        return self._run(self.core.consistent_scan(prefix, start, end, limit))
 
     def close(self) -> None:
         if self._closed:

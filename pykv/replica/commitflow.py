@@ -14,6 +14,10 @@ protocol rather than a copy of it.
   goes to the others, nobody waiting for it (a participant that never hears it asks the
   coordinator shard, which then records abort).
 
+A consistent scan runs here too (``scan_rounds``): passes over every shard until two agree,
+and, when the range keeps changing, a lock on the range (a PREPARE that holds the range
+against writers) for one last pass.
+
 A COMMIT or PREPARE refused because a key is locked (KeyLocked: a prepared transaction not
 finished yet, typically one whose FINISH is a few milliseconds away) changed nothing on its
 shard, so the same request goes again after a pause (LOCK_PAUSES) before the commit gives
@@ -25,16 +29,21 @@ wait for their recovery.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pykv.errors import KeyLocked, Timeout, TransactionConflict, Unavailable, by_name
 from pykv.replica.shard import ALREADY_COMMITTED, COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE
-from pykv.txn.model import CommitRequest
+from pykv.txn.model import SCAN_PASSES, CommitRequest, ScanItems, ScanPasses, Versioned, first_live
 
 # Seconds to wait before sending a request refused on a lock again, one pause per retry.
 LOCK_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.04)
+# Passes of a consistent scan that may all differ before it locks the range instead.
+PASSES_BEFORE_LOCKING = 3
+# A Send's command for one pass over one shard: args [prefix, start, end, limit, True].
+SCAN = "scan"
 
 
 @dataclass(slots=True)
@@ -51,7 +60,7 @@ class Round:
     """Requests to send at once. ``wait``: their results come back to the flow (in order:
     each the request's result, or the exception it raised); else nobody waits for them."""
 
-    name: str  # "commit", "prepare", "decide", "give up" or "abort"
+    name: str  # "commit", "prepare", "decide", "give up", "abort"; "scan", "lock", "release"
     sends: list[Send] = field(default_factory=list)
     wait: bool = True
     pause: float = 0.0  # seconds to wait before sending (a retry after KeyLocked)
@@ -114,6 +123,60 @@ def commit_rounds(request: CommitRequest, shard_of: Callable[[str], int]) -> Com
             raise Timeout(f"transaction {request.txid}: its decision is unknown ({decision})")
         yield Round("abort", [Send(s, FINISH, [request.txid, False]) for s in others], wait=False)
     _raise_if_error(result)
+
+
+def scan_rounds(
+    request: CommitRequest, shards: list[int], limit: int | None,
+    passes_before_locking: int = PASSES_BEFORE_LOCKING,
+) -> Generator[Round, Any, ScanItems]:
+    """The rounds of a consistent scan of ``request.ranges[0]`` over ``shards``; returns its
+    live items (at most ``limit``): one snapshot of the range, taken inside the scan.
+
+    Passes over every shard first, until two in a row agree (ScanPasses; cheap while the
+    range is quiet). When the range changed under each of ``passes_before_locking`` passes
+    (writers keep writing there), it is locked: ``request`` (no keys, the range) is
+    PREPAREd on every shard, each shard its own coordinator, so that recovery releases a
+    lock whose client vanished. From then on writes into the range are refused (KeyLocked,
+    which writers retry), and a pass waits for the prepared writers already in it, so one
+    more pass reads a range that does not change until the lock is released with FINISH
+    (abort) on every shard. Every shard's range was then frozen from the moment all were
+    locked and their earlier writers done until the last pass's read: the pass is the range
+    at that moment, provided each release answers that the lock was still held (else
+    TransactionConflict: scan again). Raises Timeout/Unavailable when a shard does not answer.
+    """
+    assert passes_before_locking < SCAN_PASSES, "ScanPasses would give up first"
+    key_range = request.ranges[0]
+    one_pass = [Send(s, SCAN, [*key_range, limit, True]) for s in shards]
+    passes = ScanPasses()
+    for _ in range(passes_before_locking):
+        if passes.feed(_merged((yield Round("scan", one_pass)), limit)):
+            return passes.result
+    votes = yield Round("lock", [Send(s, PREPARE, [request.to_wire(), s, shards]) for s in shards])
+    refusal, items = _refusal(votes), None
+    if refusal is None:
+        replies = yield Round("scan", one_pass)
+        refusal = next((r for r in replies if isinstance(r, BaseException)), None)
+        if refusal is None:
+            items = first_live(_merged(replies, limit), None, deleted=False)
+    release = [Send(s, FINISH, [request.txid, False]) for s in shards]
+    if refusal is not None:
+        yield Round("release", release, wait=False)
+        raise refusal
+    released = yield Round("release", release)
+    if any(r is not None for r in released):
+        # Not released by us while held (recovery took a lock of a scan that ran too long,
+        # or the answer was lost): writers may have changed the range before the pass.
+        raise TransactionConflict(f"scan {request.txid}: a shard no longer held its range lock; scan again")
+    assert items is not None
+    return items
+
+
+def _merged(replies: list[Any], limit: int | None) -> ScanItems:
+    """One pass: the shards' items (tombstones included) in key order, up to ``limit`` live."""
+    for reply in replies:
+        _raise_if_error(reply)
+    runs = [[(k, Versioned.from_wire(v)) for k, v in reply] for reply in replies]
+    return first_live(heapq.merge(*runs, key=lambda item: item[0]), limit)
 
 
 def _until_unlocked(name: str, sends: list[Send]) -> Generator[Round, Any, list[Any]]:

@@ -54,6 +54,7 @@ from pykv.raft.quiescence import NodeLiveness
 from pykv.replica.durable import GroupWork, NodeLog, open_image, snapshot_data
 from pykv.replica.failpoints import failpoint
 from pykv.replica.shard import ShardState, encode_command
+from pykv.txn.model import KeyRange
 
 # The Raft change behind each membership step (a transfer is not one).
 _CONF_KINDS = {
@@ -82,9 +83,10 @@ class _Read:
     """A linearizable read waiting for its ReadIndex, then for the apply index to reach it."""
 
     fn: Callable[[ShardState], Any]  # runs against the state; returns the result
-    # keys that must not be locked by a prepared transaction; None: no key of the shard may be
-    # (a scan, whose keys are not known in advance, must not see half of a decided 2PC)
-    keys: tuple[str, ...] | None
+    # Keys that must not be locked by a prepared transaction, or for a scan (whose keys are
+    # not known in advance) the range in which none may be: a read must not see half of a
+    # decided two-phase commit.
+    keys: tuple[str, ...] | KeyRange
     done: Done
     index: int = 0
 
@@ -367,7 +369,7 @@ class ReplicaHost:
             group.writing[key] = group.writing.get(key, 0) + 1
 
     def read(
-        self, gid: int, fn: Callable[[ShardState], Any], keys: tuple[str, ...] | None, done: Done
+        self, gid: int, fn: Callable[[ShardState], Any], keys: tuple[str, ...] | KeyRange, done: Done
     ) -> None:
         """Run ``fn(state)`` as a linearizable read on the leader (ReadIndex), then ``done``."""
         group = self._leading(gid)
@@ -646,9 +648,9 @@ class ReplicaHost:
         group.read_ready = still
 
     @staticmethod
-    def _read_blocked(state: ShardState, keys: tuple[str, ...] | None) -> bool:
-        if keys is None:
-            return state.any_locked()
+    def _read_blocked(state: ShardState, keys: tuple[str, ...] | KeyRange) -> bool:
+        if isinstance(keys, KeyRange):  # a scan (a KeyRange is a tuple too: test it first)
+            return state.range_locked(keys)
         return any(state.locked(k) for k in keys)
 
     def _fail_all(self, group: Group, exc: BaseException) -> None:

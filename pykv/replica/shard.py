@@ -44,6 +44,13 @@ transactions may hold a shared lock on a key at once, and a FINISH re-validates 
 prepared request against the state at that point, folding the increments onto whatever
 the others committed meanwhile. Exclusive locks exclude every other lock.
 
+A prepared request may also hold key *ranges* (``CommitRequest.ranges``: a consistent
+scan's lock, taken when the range kept changing under its passes). It locks no key; any
+other transaction that would write a key in one is refused with KeyLocked until it is
+finished (released: FINISH abort, which answers None only when the lock was still held and
+recovery had not decided to release it). A scan of a range waits for the prepared
+transactions holding keys in it, and only those.
+
 Values live in memory (a sorted dict, for scans), and the shard is made durable by the
 Raft log in the node's WAL plus snapshots of this state (``snapshot``/``restore``).
 """
@@ -63,7 +70,7 @@ from sortedcontainers import SortedDict
 from pykv import errors
 from pykv.codec import pack, unpack, unpack_stream
 from pykv.errors import CorruptData, ProtocolError, TransactionConflict
-from pykv.txn.model import ABSENT, CommitRequest, KeyUpdate, Versioned, first_live
+from pykv.txn.model import ABSENT, CommitRequest, KeyRange, KeyUpdate, Versioned, first_live
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import OpKind
@@ -177,6 +184,8 @@ class ShardState:
         self.prepared: dict[int, Prepared] = {}
         self.locks: dict[str, int] = {}  # key -> txid of the prepared txn holding it exclusively
         self.shared: dict[str, set[int]] = {}  # key -> txids holding it in the commutative mode
+        # txid -> the key ranges a prepared scan lock holds: no other transaction writes there.
+        self.range_locks: dict[int, tuple[KeyRange, ...]] = {}
         self.decisions = Remembered(self.remembered)  # coordinator records: txid -> commit
         self.unfinished: dict[int, Unfinished] = {}  # commits not yet released (never forgotten)
         self.applied_index = 0
@@ -196,9 +205,9 @@ class ShardState:
         """Whether a prepared transaction may still change the key (reads of it wait)."""
         return key in self.locks or key in self.shared
 
-    def any_locked(self) -> bool:
-        """Whether a prepared transaction may still change some key (scans wait)."""
-        return bool(self.locks or self.shared)
+    def range_locked(self, key_range: KeyRange) -> bool:
+        """Whether a prepared transaction may still change a key of the range (scans wait)."""
+        return any(key_range.holds(k) for k in self.locks) or any(key_range.holds(k) for k in self.shared)
 
     # --- applying commands ------------------------------------------------------------------
 
@@ -325,6 +334,11 @@ class ShardState:
         busy += [k for k in shared if locks.get(k, txid) != txid]
         return busy
 
+    def _in_locked_ranges(self, request: CommitRequest) -> list[str]:
+        """The keys the request writes in a range another transaction's scan holds."""
+        held = [r for txid, ranges in self.range_locks.items() if txid != request.txid for r in ranges]
+        return [op.key for op in request.writes if any(r.holds(op.key) for r in held)]
+
     def _validated(
         self, request: CommitRequest, modes: tuple[list[str], list[str]]
     ) -> tuple[list[KeyUpdate] | None, Outcome]:
@@ -338,6 +352,10 @@ class ShardState:
         busy = self._locked_keys(request.txid, *modes)
         if busy:
             conflict = errors.KeyLocked(f"key {busy[0]!r} is locked by a prepared transaction")
+            return None, error_outcome(conflict)
+        scanned = self._in_locked_ranges(request) if self.range_locks else None
+        if scanned:
+            conflict = errors.KeyLocked(f"key {scanned[0]!r} is in a range a consistent scan holds")
             return None, error_outcome(conflict)
         try:
             return validate(request, self, self.resolvers), None
@@ -381,9 +399,12 @@ class ShardState:
             self.locks[key] = prepared.txid
         for key in prepared.shared:
             self.shared.setdefault(key, set()).add(prepared.txid)
+        if prepared.request.ranges:
+            self.range_locks[prepared.txid] = prepared.request.ranges
 
     def _unlock(self, prepared: Prepared) -> None:
         self._journal("p", prepared.txid, _FORGET)
+        self.range_locks.pop(prepared.txid, None)
         for key in prepared.keys:
             if self.locks.get(key) == prepared.txid:
                 del self.locks[key]
@@ -476,6 +497,11 @@ class ShardState:
                 except errors.Error:
                     updates = prepared.updates
             self._store(updates)
+            return self._remember(txid, None, prepared.request.timestamp)
+        if prepared.request.ranges and self.decision(txid) is None:
+            # A scan's lock released by its scanner: held until now, so the scan's last pass
+            # stands. Recovery records abort (DECIDE) before it releases a lock: the scanner
+            # then learns that its lock may have gone before its pass ended.
             return self._remember(txid, None, prepared.request.timestamp)
         return self._remember(
             txid, error_outcome(TransactionConflict(f"transaction {txid} was aborted")),
@@ -615,6 +641,7 @@ class ShardState:
         self.prepared = {}
         self.locks = {}
         self.shared = {}
+        self.range_locks = {}
         now = self.clock()
         for wire in raw["prepared"]:
             self._lock(self._prepared_from_wire(wire, now))

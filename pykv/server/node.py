@@ -96,7 +96,7 @@ from pykv.replica.stored import StoredShardState
 from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender, is_install
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
-from pykv.txn.model import CommitRequest
+from pykv.txn.model import CommitRequest, KeyRange
 
 log = logging.getLogger("pykv.node")
 # Once every group is where the shard map places it, the metadata leader re-checks them all
@@ -665,10 +665,13 @@ class Node:
         write bumps). Validated by decoding it once; the proposal carries the client's
         encoding of reads and writes as they came, not a decode-and-re-encode of them."""
         CommitRequest.from_wire(wire)  # raises ProtocolError on a malformed request
-        return {
+        stamped = {
             "txid": wire["txid"], "coord": self.config.node_id, "iso": wire["iso"],
             "ts": wire["ts"], "reads": wire["reads"], "writes": wire["writes"],
         }
+        if "ranges" in wire:  # a consistent scan's lock
+            stamped["ranges"] = wire["ranges"]
+        return stamped
 
     def _propose_to(
         self, shard: int, tag: str, args: list, done: Done, writes: tuple[str, ...] = ()
@@ -706,8 +709,8 @@ class Node:
         def fn(state: Any) -> list:
             return [[k, v.to_wire()] for k, v in state.scan(prefix, start, end, limit, deleted)]
 
-        # Waits until no prepared transaction holds a key of the shard.
-        host.read(shard, fn, None, _answer(lambda items: [OK, items], respond))
+        # Waits until no prepared transaction holds a key in the range.
+        host.read(shard, fn, KeyRange(prefix, start, end), _answer(lambda items: [OK, items], respond))
         self._wakeup()
 
     # --- 2PC: finishing a decided transaction, and recovery --------------------------------------

@@ -44,15 +44,16 @@ from pathlib import Path
 from typing import Any
 
 from pykv.cluster.shardmap import Step, StepKind, next_step
-from pykv.errors import Error, Timeout, TransactionConflict, Unavailable, by_name
+from pykv.errors import Error, Timeout, Unavailable, by_name
 from pykv.raft import Message, RaftConfig
 from pykv.raft.errors import NotLeader
 from pykv.raft.messages import PersistentState, Snapshot
-from pykv.replica.commitflow import commit_rounds
+from pykv.replica.commitflow import PASSES_BEFORE_LOCKING, SCAN, Round, commit_rounds, scan_rounds
 from pykv.replica.durable import GroupWork
 from pykv.replica.finishing import FinishTracker
 from pykv.replica.host import ReplicaHost
 from pykv.replica.shard import (
+    COMMIT,
     COMMIT_DECIDE,
     DECIDE,
     FINISH,
@@ -63,7 +64,7 @@ from pykv.replica.shard import (
 )
 from pykv.replica.stored import StoredShardState
 from pykv.sim.listappend import Txn, check_serializable
-from pykv.txn.model import CommitRequest, ScanPasses, Versioned, WriteOp
+from pykv.txn.model import CommitRequest, KeyRange, Versioned, WriteOp
 from pykv.types import OpKind
 
 TICK = 0.01  # virtual seconds per Raft tick
@@ -121,8 +122,11 @@ TXN_MIXES = {
     "stored": TxnSimParams(stored=True, snapshot_every=15, crash_every=1.5),
     # Shards remember only the last 2 txids: retries and recovery reach forgotten ones. A
     # participant whose FINISH died with its coordinator's node asks for the decision
-    # only after 3 s, when the coordinator shard has decided many more since.
-    "forgetful": TxnSimParams(remembered=2, loss=0.1, recovery_after=3.0, crash_every=1.0),
+    # only after 3 s, when the coordinator shard has decided many more since (six
+    # clients and a crash every 0.6 s make that common: about one seed in eight).
+    "forgetful": TxnSimParams(
+        remembered=2, loss=0.1, recovery_after=3.0, crash_every=0.6, clients=6
+    ),
     # Five nodes, three replicas per shard, and replicas moving while transactions prepare,
     # commit and settle: prepared and unfinished transactions travel in the snapshots.
     "moves": TxnSimParams(nodes=5, replicas=3, moves_every=0.7, snapshot_every=10),
@@ -218,9 +222,8 @@ class Call:
 
     node: int
     group: int
-    kind: str  # "read" or a shard command tag
+    kind: str  # "read", "scan", a shard command tag or a placement request
     args: list
-    writes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -229,6 +232,13 @@ class Sleep:
 
 
 TIMEOUT = ("timeout", None)
+VANISHED = object()  # what _drive returns when the client gave up on a flow half-way
+# Rounds before which a client may vanish, and rounds worth counting: their events.
+_VANISHING_BEFORE = {
+    "decide": "clients vanished after prepare", "release": "scanners vanished holding a lock",
+}
+_REQUESTS = (COMMIT, PREPARE, COMMIT_DECIDE)  # the commands whose first argument is a request
+_NOTED_ROUNDS = {"give up": "decisions given up on a lock", "lock": "scans that locked the range"}
 Task = Generator[Any, Any, Any]
 
 
@@ -501,12 +511,13 @@ class TxnWorld:
                     done(result, None)
                 else:
                     host.read(call.group, versions, keys, done)
-            elif call.kind == "scan":  # as the node's SCAN: tombstones included, after locks
+            elif call.kind == SCAN:  # as the node's SCAN: after the locks in the range
+                prefix, start, end, limit, deleted = call.args
 
                 def items(state: ShardState) -> list:
-                    return [[k, v.to_wire()] for k, v in state.scan("list", None, None, None, True)]
+                    return [[k, v.to_wire()] for k, v in state.scan(prefix, start, end, limit, deleted)]
 
-                host.read(call.group, items, None, done)
+                host.read(call.group, items, KeyRange(prefix, start, end), done)
             elif call.kind == MEMBERS:
                 done(host.members(call.group), None)
             elif call.kind == CONF:
@@ -524,7 +535,9 @@ class TxnWorld:
                 if call.kind == COMMIT_DECIDE:  # as Node.handle: it carries releases
                     args = self.finishes[call.node].commit_decide_args(call.group, *args)
                     done = self._then_finish(done, call.node, call.group, args[0]["txid"], args[1])
-                host.propose(call.group, call.kind, args, done, call.writes)
+                # The keys it writes, whose optimistic reads wait for it (Node._writes).
+                writes = tuple(dict.fromkeys(op[0] for op in args[0]["writes"])) if call.kind in _REQUESTS else ()
+                host.propose(call.group, call.kind, args, done, writes)
         except Unavailable as exc:  # NotLeader too: the caller retries. Anything else is a
             done(None, exc)  # bug, and it stops the run loudly.
         self._cycle(call.node)
@@ -573,16 +586,14 @@ class TxnWorld:
                         self._finish_decided(node, True, gid, txid, others)
             self._cycle(node)
 
-    def _call(
-        self, group: int, kind: str, args: list, writes: tuple[str, ...] = (),
-    ) -> Task:
+    def _call(self, group: int, kind: str, args: list) -> Task:
         """One request to a shard's leader, retried as pykv.client.router does, until the
         call timeout: ``("ok", result)``, or ``("unknown", None)`` when it gave up."""
         deadline = self.now + self.p.call_timeout
         attempt = 0
         while self.now < deadline:
             node = self.leader_hint.get(group) or self.ids[attempt % len(self.ids)]
-            reply = yield Call(node, group, kind, args, writes)
+            reply = yield Call(node, group, kind, args)
             status, value = reply
             if status == "ok":
                 self.leader_hint[group] = node
@@ -616,26 +627,24 @@ class TxnWorld:
         n = 0
         while self.accepting:
             n += 1
-            yield from self._scan((client + 1) << 32 | n)
+            yield from self._scan((client + 1) << 32 | n, rng)
             yield Sleep(rng.uniform(0.05, 0.3))
 
-    def _scan(self, txid: int) -> Task:
+    def _scan(self, txid: int, rng: random.Random) -> Task:
+        """A consistent scan of every list, as the client takes it (commitflow.scan_rounds):
+        passes, and a lock on the range when they keep differing; here after 0, 1 or 3
+        passes, so that both ways run often."""
         start = self.now
-        passes = ScanPasses()
-        while True:
-            runs = []
-            for gid in range(self.p.shards):
-                status, items = yield from self._call(gid, "scan", [])
-                if status != "ok":
-                    return  # no scan: nothing to record
-                runs.append([(k, Versioned.from_wire(v)) for k, v in items])
-            try:
-                if passes.feed(list(heapq.merge(*runs, key=lambda item: item[0]))):
-                    break
-            except TransactionConflict:
-                self.events["scans given up"] += 1
-                return
-        found = {key: version.value for key, version in passes.result}
+        lock = CommitRequest(txid, 1, {}, (), timestamp=int(self.now * 1000), ranges=(KeyRange("list"),))
+        passes = rng.choice((0, PASSES_BEFORE_LOCKING, PASSES_BEFORE_LOCKING))
+        try:
+            items = yield from self._drive(scan_rounds(lock, list(range(self.p.shards)), None, passes), rng)
+        except Error:
+            self.events["scans failed"] += 1
+            return
+        if items is VANISHED:
+            return  # nothing to record: the range stays locked until recovery releases it
+        found = {key: version.value for key, version in items}
         reads = [("r", f"list{i}", tuple(found[f"list{i}"]) if f"list{i}" in found else None)
                  for i in range(self.p.lists)]
         self.events["consistent scans"] += 1
@@ -664,37 +673,43 @@ class TxnWorld:
         self._record(txid, ops, committed, start)
 
     def _commit(self, request: CommitRequest, rng: random.Random) -> Generator[Any, Any, bool | None]:
-        """True committed, False aborted, None unknown: the client's own rounds
-        (pykv.replica.commitflow), a round's requests sent one after another."""
-        written = tuple(op.key for op in request.writes)
-        flow = commit_rounds(request, self.shard_of)
-        results: list | None = None
+        """True committed, False aborted, None unknown (the client's own rounds)."""
         try:
-            while True:
-                round_ = flow.send(results)
-                if not round_.wait:
-                    for send in round_.sends:
-                        self.spawn(self._call(send.shard, send.command, send.args, written))
-                    results = None
-                    continue
-                if round_.name == "decide" and rng.random() < self.p.vanish:
-                    self.events["clients vanished after prepare"] += 1
-                    return None  # the client is gone: the prepared shards must settle it themselves
-                if round_.pause:
-                    self.events["requests sent again after a lock"] += len(round_.sends)
-                    yield Sleep(round_.pause)
-                if round_.name == "give up":
-                    self.events["decisions given up on a lock"] += 1
-                results = []
-                for send in round_.sends:
-                    status, value = yield from self._call(send.shard, send.command, send.args, written)
-                    results.append(_result(send.command, status, value))
-        except StopIteration:
-            return True
+            outcome = yield from self._drive(commit_rounds(request, self.shard_of), rng)
         except Timeout:  # OutcomeUnknown too: the shard no longer knows (a forgotten txid)
             return None
         except Error:
             return False
+        return None if outcome is VANISHED else True
+
+    def _drive(self, flow: Generator[Round, Any, Any], rng: random.Random) -> Generator[Any, Any, Any]:
+        """Run a flow of pykv.replica.commitflow as the client does, a round's requests sent
+        one after another; returns what the flow returns, or VANISHED when the client gave
+        up before a commit's decision or a scan's release (the shards settle it)."""
+        results: list | None = None
+        try:
+            while True:
+                try:
+                    round_ = flow.send(results)
+                except StopIteration as done:
+                    return done.value
+                if round_.name in _VANISHING_BEFORE and rng.random() < self.p.vanish:
+                    self.events[_VANISHING_BEFORE[round_.name]] += 1
+                    return VANISHED
+                if round_.name in _NOTED_ROUNDS:
+                    self.events[_NOTED_ROUNDS[round_.name]] += 1
+                if not round_.wait:
+                    for send in round_.sends:
+                        self.spawn(self._call(send.shard, send.command, send.args))
+                    results = None
+                    continue
+                if round_.pause:
+                    self.events["requests sent again after a lock"] += len(round_.sends)
+                    yield Sleep(round_.pause)
+                results = []
+                for send in round_.sends:
+                    status, value = yield from self._call(send.shard, send.command, send.args)
+                    results.append(_result(send.command, status, value))
         finally:
             flow.close()
 
@@ -868,8 +883,8 @@ def _result(command: str, status: str, value: Any) -> Any:
     Timeout."""
     if status != "ok":
         return Timeout("gave up")
-    if command == PREPARE or not isinstance(value, list):
-        return value  # a vote, None (done) or a decision (DECIDE)
+    if command in (PREPARE, SCAN) or not isinstance(value, list):
+        return value  # a vote, a scan's items, None (done) or a decision (DECIDE)
     return by_name(value[0], value[1])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from pykv.errors import ProtocolError, TransactionConflict
 from pykv.types import OpKind, Value, enum_decoder, op_kind
@@ -82,6 +82,30 @@ SCAN_PASSES: Final = 10
 """A consistent scan gives up (TransactionConflict) after this many passes that all differ."""
 
 ScanItems = list[tuple[str, Versioned]]
+
+
+class KeyRange(NamedTuple):
+    """The keys a scan covers: those with ``prefix`` in [start, end) (None: unbounded)."""
+
+    prefix: str
+    start: str | None = None
+    end: str | None = None
+
+    def holds(self, key: str) -> bool:
+        return (
+            key.startswith(self.prefix)
+            and (self.start is None or key >= self.start)
+            and (self.end is None or key < self.end)
+        )
+
+    @classmethod
+    def from_wire(cls, data: Any) -> KeyRange:
+        if (
+            not isinstance(data, (list, tuple)) or len(data) != 3 or not isinstance(data[0], str)
+            or not all(bound is None or isinstance(bound, str) for bound in data[1:])
+        ):
+            raise ProtocolError("a key range must be [prefix, start or None, end or None]")
+        return cls(*data)
 
 
 def first_live(
@@ -189,6 +213,8 @@ class CommitRequest:
     ``writes`` is in program order; several ops on one key fold in that order.
     ``coordinator`` is the node id whose clock entry the commit increments; ``timestamp``
     is the hybrid logical timestamp the coordinator chose (what ``lww`` compares).
+    ``ranges``: key ranges that a prepared request holds against writers (a consistent
+    scan's lock: no other transaction writes a key in them until it is finished).
     """
 
     txid: int
@@ -197,6 +223,7 @@ class CommitRequest:
     writes: tuple[WriteOp, ...]
     isolation: Isolation = Isolation.SERIALIZABLE
     timestamp: int = 0
+    ranges: tuple[KeyRange, ...] = ()
 
     def written_keys(self) -> list[str]:
         """The written keys, each once, in order of first write."""
@@ -211,6 +238,7 @@ class CommitRequest:
             tuple(op for op in self.writes if op.key in keys),
             self.isolation,
             self.timestamp,
+            self.ranges,
         )
 
     def to_wire(self, keys: Container[str] | None = None) -> dict:
@@ -221,7 +249,7 @@ class CommitRequest:
         if keys is not None:
             reads = [item for item in reads if item[0] in keys]
             writes = [op for op in writes if op.key in keys]
-        return {
+        wire = {
             "txid": self.txid,
             "coord": self.coordinator,
             "iso": self.isolation.value,
@@ -229,6 +257,9 @@ class CommitRequest:
             "reads": [[key, version.to_wire()] for key, version in reads],
             "writes": [op.to_wire() for op in writes],
         }
+        if self.ranges:  # only a scan's lock has any: commits' wire form stays as it was
+            wire["ranges"] = [list(r) for r in self.ranges]
+        return wire
 
     @classmethod
     def from_wire(cls, data: Any) -> CommitRequest:
@@ -255,7 +286,11 @@ class CommitRequest:
                 raise ProtocolError("a read must be [key, version]")
             reads[item[0]] = Versioned.from_wire(item[1])
         writes = tuple(WriteOp.from_wire(op) for op in writes_wire)
-        return cls(txid, coordinator, reads, writes, isolation, timestamp)
+        ranges_wire = data.get("ranges", ())
+        if not isinstance(ranges_wire, (list, tuple)):
+            raise ProtocolError("a commit request's ranges must be an array")
+        ranges = tuple(KeyRange.from_wire(r) for r in ranges_wire)
+        return cls(txid, coordinator, reads, writes, isolation, timestamp, ranges)
 
 
 @dataclass(frozen=True, slots=True)

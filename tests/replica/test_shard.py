@@ -27,7 +27,7 @@ from pykv.replica.shard import (
     remembered_per_shard,
 )
 from pykv.replica.stored import StoredShardState
-from pykv.txn.model import CommitRequest, Isolation, Versioned, WriteOp
+from pykv.txn.model import CommitRequest, Isolation, KeyRange, Versioned, WriteOp
 from pykv.types import OpKind
 
 
@@ -247,7 +247,9 @@ def commands(draw):
     out = []
     for txid in range(1, draw(st.integers(1, 25))):
         key = draw(st.sampled_from(_KEYS))
-        kind = draw(st.sampled_from(["commit", "incr", "prepare", "finish", "decide", "coordinate", "release"]))
+        kind = draw(st.sampled_from(
+            ["commit", "incr", "prepare", "finish", "decide", "coordinate", "release", "scan lock"]
+        ))
         if kind == "commit":
             out.append((COMMIT, put(txid, key, txid).to_wire()))
         elif kind == "incr":
@@ -261,6 +263,8 @@ def commands(draw):
             out.append((COMMIT_DECIDE, put(txid, key, txid).to_wire(), [1], *([released] if released else [])))
         elif kind == "release":
             out.append((RELEASE, [draw(st.integers(1, txid))]))
+        elif kind == "scan lock":
+            out.append((PREPARE, scan_lock(txid, key[:1]).to_wire(), 0, [0]))
         else:
             out.append((DECIDE, draw(st.integers(1, txid)), draw(st.booleans())))
     return out
@@ -405,3 +409,64 @@ def test_an_image_under_way_is_abandoned_when_the_state_is_replaced():
         assert log.state.snapshot_parts() is not None and next(log.state.snapshot_parts())
     finally:
         shard_module.IMAGE_RUN = original
+
+
+def scan_lock(txid: int, prefix: str, start: str | None = None, end: str | None = None) -> CommitRequest:
+    return CommitRequest(txid, 1, {}, (), timestamp=1, ranges=(KeyRange(prefix, start, end),))
+
+
+def test_a_scan_lock_keeps_writers_out_of_its_range_until_released():
+    log = Log()
+    log.run(COMMIT, put(1, "u/a", 1).to_wire())
+    assert log.run(PREPARE, scan_lock(2, "u/", None, "u/b").to_wire(), 0, [0]) is None
+    assert not log.state.locked("u/a")  # it locks no key: reads go on
+    refused = log.run(COMMIT, put(3, "u/a", 2).to_wire())
+    assert refused[0] == "KeyLocked" and "consistent scan" in refused[1]
+    assert log.run(PREPARE, put(4, "u/a", 2).to_wire(), 1, [0, 1])[0] == "KeyLocked"
+    # Outside the range (past its end, or another prefix), writes go on.
+    assert log.run(COMMIT, put(5, "u/b", 1).to_wire()) is None
+    assert log.run(COMMIT, put(6, "v/a", 1).to_wire()) is None
+    # Released by its scanner while held: None, and a retried release says the same.
+    assert log.run(FINISH, 2, False) is None
+    assert log.run(FINISH, 2, False) is None
+    assert log.run(COMMIT, put(3, "u/a", 2).to_wire()) is None  # refused on a lock: not remembered
+    assert log.state.get("u/a").value == 2
+
+
+def test_a_scan_waits_for_writers_prepared_in_its_range_and_only_those():
+    log = Log()
+    log.run(PREPARE, put(1, "u/a", 1).to_wire(), 1, [0, 1])
+    log.run(PREPARE, put(2, "v/a", 1).to_wire(), 1, [0, 1])
+    assert log.state.range_locked(KeyRange("u/")) and log.state.range_locked(KeyRange(""))
+    assert log.state.range_locked(KeyRange("u/", None, "u/b"))  # u/a is in [u/, u/b)
+    assert not log.state.range_locked(KeyRange("u/", "u/b"))  # [u/b, ...)
+    assert not log.state.range_locked(KeyRange("w/"))
+    # A scan lock is granted over a prepared writer (which may still finish); no new one.
+    assert log.run(PREPARE, scan_lock(3, "u/").to_wire(), 0, [0]) is None
+    log.run(FINISH, 1, True)
+    assert not log.state.range_locked(KeyRange("u/"))
+    assert log.state.get("u/a").value == 1
+
+
+def test_a_scan_lock_that_recovery_released_is_reported_lost():
+    log = Log()
+    log.run(PREPARE, scan_lock(1, "u/").to_wire(), 0, [0])
+    # Recovery (the scanner looked gone): abort recorded on the lock's own shard, then FINISH.
+    assert log.run(DECIDE, 1, False) is False
+    assert log.run(FINISH, 1, False)[0] == "TransactionConflict"
+    # The scanner's own release, later, learns that the lock went before it: not None.
+    assert log.run(FINISH, 1, False)[0] == "TransactionConflict"
+    assert log.run(COMMIT, put(2, "u/a", 1).to_wire()) is None
+
+
+def test_a_scan_lock_travels_in_snapshots():
+    log = Log()
+    log.run(PREPARE, scan_lock(1, "u/").to_wire(), 0, [0])
+    copy = ShardState(0)
+    copy.restore(log.state.snapshot())
+    assert copy.range_locks == {1: (KeyRange("u/"),)}
+    again = Log(copy)
+    again.index = log.index
+    assert again.run(COMMIT, put(2, "u/a", 1).to_wire())[0] == "KeyLocked"
+    assert again.run(FINISH, 1, False) is None
+    assert copy.range_locks == {}

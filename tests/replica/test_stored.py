@@ -14,7 +14,7 @@ from pykv.replica.shard import (
     encode_command,
 )
 from pykv.replica.stored import StoredShardState
-from pykv.txn.model import ABSENT, CommitRequest, WriteOp
+from pykv.txn.model import ABSENT, CommitRequest, KeyRange, WriteOp
 from pykv.types import OpKind
 
 
@@ -223,4 +223,20 @@ def test_what_was_forgotten_stays_refused_after_a_reopen_and_a_snapshot(tmp_path
     copy = ShardState(0, remembered=2)
     copy.restore(again.snapshot())
     assert copy.outcomes.watermark == 30 and list(copy.outcomes) == list(again.outcomes)
+    again.close()
+
+
+def test_a_scan_lock_survives_a_reopen(tmp_path):
+    lock = CommitRequest(9, 1, {}, (), timestamp=1, ranges=(KeyRange("u/", None, "u/m"),))
+    state = StoredShardState(0, tmp_path / "g0")
+    state.apply(1, encode_command(PREPARE, None, lock.to_wire(), 0, [0]))
+    state.flush()
+    state.close()
+
+    again = StoredShardState(0, tmp_path / "g0")
+    assert again.range_locks == {9: (KeyRange("u/", None, "u/m"),)}
+    assert again.apply(2, encode_command(COMMIT, None, _put(10, "u/a", 1).to_wire()))[1][0] == "KeyLocked"
+    assert again.apply(3, encode_command(COMMIT, None, _put(11, "u/z", 1).to_wire()))[1] is None
+    assert again.apply(4, encode_command(FINISH, None, 9, False))[1] is None
+    assert again.apply(5, encode_command(COMMIT, None, _put(10, "u/a", 1).to_wire()))[1] is None
     again.close()

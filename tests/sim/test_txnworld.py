@@ -11,6 +11,7 @@ import pykv.replica.shard as shard
 from pykv.cluster.shardmap import StepKind, next_step
 from pykv.sim import txnworld
 from pykv.sim.txnworld import TXN_MIXES, TxnWorld, run_txn_seed
+from pykv.txn import model
 from pykv.txn.model import first_live
 
 
@@ -76,9 +77,9 @@ def test_the_check_catches_a_participant_that_loses_a_committed_part(monkeypatch
 
 def test_a_participant_never_finds_its_commit_forgotten(monkeypatch):
     """In the "forgetful" mix (shards remember 2 txids, recovery waits 3 s, a crash every
-    second), a participant whose FINISH died with its coordinator's node asks for the
+    0.6 s), a participant whose FINISH died with its coordinator's node asks for the
     decision long after the commit, the coordinator shard having decided many transactions
-    since; about one seed in ten has it. With commits forgotten like any decision, such a
+    since; about one seed in eight has it. With commits forgotten like any decision, such a
     participant records abort and the history breaks; the coordinator shard keeps a commit
     until every participant applied it (ShardState.unfinished), and the same seed passes."""
     commit_decide = shard.ShardState._commit_decide
@@ -103,7 +104,7 @@ def test_consistent_scans_are_snapshots_and_one_pass_scans_are_caught(monkeypatc
         self.result = first_live(items, None, deleted=False)
         return True
 
-    monkeypatch.setattr(txnworld.ScanPasses, "feed", one_pass)
+    monkeypatch.setattr(model.ScanPasses, "feed", one_pass)
     result = run_txn_seed(0, TXN_MIXES["base"])
     assert not result.ok and result.kind == "not serializable"
 
@@ -135,3 +136,36 @@ def test_the_check_catches_a_move_left_half_done(monkeypatch):
     monkeypatch.setattr(txnworld, "next_step", never_removing)
     result = run_txn_seed(0, TXN_MIXES["moves"])
     assert not result.ok and result.kind == "replicas not placed", result.detail
+
+
+def test_scans_lock_the_range_and_the_check_catches_writers_that_ignore_it(monkeypatch):
+    """Scanners lock the range after 0 or 3 differing passes (commitflow.scan_rounds), so
+    most scans here take the lock; all of them are one snapshot (the check above). A shard
+    that let writers into a locked range would let a scan see half of a transaction."""
+    seen: Counter = Counter()
+    for seed in range(2):
+        seen.update(run_txn_seed(seed, TXN_MIXES["base"]).events)
+    assert seen["scans that locked the range"] >= 4 and seen["consistent scans"] >= 4, seen
+
+    monkeypatch.setattr(shard.ShardState, "_in_locked_ranges", lambda self, request: [])
+    results = [run_txn_seed(seed, TXN_MIXES["base"]) for seed in range(4)]
+    assert any(r.kind == "not serializable" for r in results), [r.kind for r in results]
+
+
+def test_a_scan_whose_lock_recovery_took_fails_rather_than_returns(monkeypatch):
+    """Recovery releases the lock of a scanner that looks gone (recovery_after, 0.15 s in
+    the "recovery-race" mix), possibly while it still scans. The release answers that the
+    lock was no longer held, and the scan fails (scan again). Taking every release as
+    good lets such scans return ranges that writers changed meanwhile."""
+    finish = shard.ShardState._finish
+    results = [run_txn_seed(seed, TXN_MIXES["recovery-race"]) for seed in range(2)]
+    assert all(r.ok for r in results) and sum(r.events["scans failed"] for r in results) > 0
+    scanner = TXN_MIXES["recovery-race"].clients + 1  # its txids: (client + 1) << 32 | n
+
+    def always_released(self, txid, commit):
+        outcome = finish(self, txid, commit)
+        return None if txid >> 32 == scanner else outcome
+
+    monkeypatch.setattr(shard.ShardState, "_finish", always_released)
+    results = [run_txn_seed(seed, TXN_MIXES["recovery-race"]) for seed in range(4)]
+    assert any(r.kind == "not serializable" for r in results), [r.kind for r in results]
