@@ -607,12 +607,12 @@ class KeyValueStore:
         ``consistent`` (the default): one snapshot of the range, across every shard. Each
         value is the one its key held at a single moment, and no key that existed then is
         missing. It costs at least two passes over the range (pykv.txn.model.ScanPasses).
-        Embedded, it raises TransactionConflict (retryable) if the range changed during
-        each of 10 passes. On a cluster, a range that changed under 3 passes is locked for
-        one more: writes into it are refused meanwhile (KeyLocked, which commits retry for
-        a few milliseconds), see pykv.replica.commitflow.scan_rounds. ``consistent=False``:
-        one pass. Each value is a committed, durable version, but keys on different shards
-        may be seen at different moments.
+        When writers changed the range under 3 passes, writers are kept out for one more:
+        embedded, every writing commit waits for that pass; on a cluster, writes into the
+        range are refused meanwhile (KeyLocked, which commits retry for a few milliseconds),
+        see pykv.replica.commitflow.scan_rounds. ``consistent=False``: one pass. Each value
+        is a committed, durable version, but keys on different shards may be seen at
+        different moments.
         """
         self._ensure_open()
         for bound in (start, end):

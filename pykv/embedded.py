@@ -23,6 +23,7 @@ durable, so is everything it saw.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections.abc import Iterator
@@ -34,7 +35,15 @@ from pykv.api import KeyValueStore
 from pykv.codec import decode_value, encode_value
 from pykv.errors import InvalidArgument
 from pykv.storage.store import Storage, StoredVersion, Update
-from pykv.txn.model import MISSING, CommitRequest, ScanItems, ScanPasses, Versioned, first_live
+from pykv.txn.model import (
+    MISSING,
+    PASSES_BEFORE_LOCKING,
+    CommitRequest,
+    ScanItems,
+    ScanPasses,
+    Versioned,
+    first_live,
+)
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import MAX_TXN_OPS, MAX_VALUE_BYTES
@@ -126,6 +135,45 @@ class _KeyLocks:
                 self._changed.notify_all()
 
 
+class _ScanGate:
+    """Lets a consistent scan stop every writing commit for one pass (see consistent_scan).
+
+    Commits that write pass through it (``enter``/``leave``) around validate-and-submit;
+    ``closed()`` waits until none is inside, keeps new ones out meanwhile (a scan waiting
+    goes first, so steady commits cannot starve it), and lets them in again at the end.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._inside = 0  # commits between enter and leave
+        self._scans = 0  # scans waiting for the gate or holding it closed
+
+    def enter(self) -> None:
+        with self._changed:
+            while self._scans:
+                self._changed.wait()
+            self._inside += 1
+
+    def leave(self) -> None:
+        with self._changed:
+            self._inside -= 1
+            if not self._inside and self._scans:
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def closed(self) -> Iterator[None]:
+        with self._changed:
+            self._scans += 1
+            while self._inside:
+                self._changed.wait()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._scans -= 1
+                self._changed.notify_all()
+
+
 class EmbeddedBackend:
     """The Backend of pykv.api over one local Storage directory."""
 
@@ -135,6 +183,7 @@ class EmbeddedBackend:
         self._max_txn_ops = max_txn_ops
         self._state = _CurrentState(storage)
         self._locks = _KeyLocks()
+        self._gate = _ScanGate()
         self._max_value_bytes = max_value_bytes
         self.node_id: int = clock_node_id(storage.node_id())
         self.resolvers = ResolverRegistry()
@@ -158,11 +207,17 @@ class EmbeddedBackend:
         written = request.written_keys()
         exclusive = [key.encode("utf-8") for key in written]
         shared = [key.encode("utf-8") for key in request.reads if key not in written]
-        owner = self._locks.acquire(shared, exclusive)
+        if written:
+            self._gate.enter()
         try:
-            lsn = self._validate_and_submit(request)
+            owner = self._locks.acquire(shared, exclusive)
+            try:
+                lsn = self._validate_and_submit(request)
+            finally:
+                self._locks.release(owner)  # the new versions are visible: later commits see them
         finally:
-            self._locks.release(owner)  # the new versions are visible: later commits see them
+            if written:
+                self._gate.leave()
         if lsn:
             self._storage.wait_durable(lsn)  # no lock held: the waiters share one fsync
 
@@ -198,11 +253,15 @@ class EmbeddedBackend:
     def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
     ) -> ScanItems:
-        """Passes until two agree (ScanPasses gives up after 10 that all differ)."""
+        """Passes until two agree; after PASSES_BEFORE_LOCKING that differ, one pass with
+        every writing commit kept out (_ScanGate): no version can then be submitted, and
+        each one it finds is returned once durable, so the pass is the store at one moment."""
         passes = ScanPasses()
-        while not passes.feed(list(self.scan(prefix, start, end, limit, True))):
-            pass
-        return passes.result
+        for _ in range(PASSES_BEFORE_LOCKING):
+            if passes.feed(list(self.scan(prefix, start, end, limit, True))):
+                return passes.result
+        with self._gate.closed():
+            return list(self.scan(prefix, start, end, limit))
 
     def stats(self) -> dict[str, Any]:
         return self._storage.stats()

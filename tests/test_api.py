@@ -795,9 +795,11 @@ def test_scan_limit_counts_live_keys_past_deleted_ones(store):
 def test_a_consistent_scan_never_sees_a_transfer_half_done(store):
     """Money moves between 12 accounts (spread over the shards of a cluster) as fast as one
     thread can move it, while the range is scanned. A consistent scan is one moment of the
-    store: every account, and the same total, every time; under this much contention some
-    scans give up with TransactionConflict (retryable), never with a torn result. (One-pass
-    scans, consistent=False, saw a wrong total in 40 of 60 scans on both backends.)"""
+    store: every account, and the same total, every time. Under this much contention passes
+    seldom agree, and the scan keeps the writer out for one last pass: it always returns.
+    (One-pass scans, consistent=False, saw a wrong total in 40 of 60 scans on both backends;
+    scans that gave up after 10 passes instead of locking returned 8 of 72 times embedded,
+    with 4 writers.)"""
     accounts = [f"bank/{i:02d}" for i in range(12)]
     with store.transaction() as tx:
         for key in accounts:
@@ -823,20 +825,14 @@ def test_a_consistent_scan_never_sees_a_transfer_half_done(store):
 
     thread = threading.Thread(target=mover)
     thread.start()
-    seen, gave_up = [], 0
+    seen = []
     try:
-        for _ in range(200):
-            try:
-                seen.append(dict(store.scan("bank/")))
-            except pykv.TransactionConflict:
-                gave_up += 1
-            if len(seen) >= 10:
-                break
+        for _ in range(30):
+            seen.append(dict(store.scan("bank/")))  # never TransactionConflict
     finally:
         stop.set()
         thread.join()
     assert errors == []
-    assert len(seen) >= 10, f"only {len(seen)} scans agreed twice in {len(seen) + gave_up}"
     for items in seen:
         assert sorted(items) == accounts and sum(items.values()) == 1200
 

@@ -36,12 +36,17 @@ from typing import Any
 
 from pykv.errors import KeyLocked, Timeout, TransactionConflict, Unavailable, by_name
 from pykv.replica.shard import ALREADY_COMMITTED, COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE
-from pykv.txn.model import SCAN_PASSES, CommitRequest, ScanItems, ScanPasses, Versioned, first_live
+from pykv.txn.model import (
+    PASSES_BEFORE_LOCKING,
+    CommitRequest,
+    ScanItems,
+    ScanPasses,
+    Versioned,
+    first_live,
+)
 
 # Seconds to wait before sending a request refused on a lock again, one pause per retry.
 LOCK_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.04)
-# Passes of a consistent scan that may all differ before it locks the range instead.
-PASSES_BEFORE_LOCKING = 3
 # A Send's command for one pass over one shard: args [prefix, start, end, limit, True].
 SCAN = "scan"
 
@@ -144,7 +149,6 @@ def scan_rounds(
     at that moment, provided each release answers that the lock was still held (else
     TransactionConflict: scan again). Raises Timeout/Unavailable when a shard does not answer.
     """
-    assert passes_before_locking < SCAN_PASSES, "ScanPasses would give up first"
     key_range = request.ranges[0]
     one_pass = [Send(s, SCAN, [*key_range, limit, True]) for s in shards]
     passes = ScanPasses()

@@ -48,7 +48,7 @@ from pykv.errors import Error, Timeout, Unavailable, by_name
 from pykv.raft import Message, RaftConfig
 from pykv.raft.errors import NotLeader
 from pykv.raft.messages import PersistentState, Snapshot
-from pykv.replica.commitflow import PASSES_BEFORE_LOCKING, SCAN, Round, commit_rounds, scan_rounds
+from pykv.replica.commitflow import SCAN, Round, commit_rounds, scan_rounds
 from pykv.replica.durable import GroupWork
 from pykv.replica.finishing import FinishTracker
 from pykv.replica.host import ReplicaHost
@@ -64,7 +64,7 @@ from pykv.replica.shard import (
 )
 from pykv.replica.stored import StoredShardState
 from pykv.sim.listappend import Txn, check_serializable
-from pykv.txn.model import CommitRequest, KeyRange, Versioned, WriteOp
+from pykv.txn.model import PASSES_BEFORE_LOCKING, CommitRequest, KeyRange, Versioned, WriteOp
 from pykv.types import OpKind
 
 TICK = 0.01  # virtual seconds per Raft tick

@@ -7,7 +7,7 @@ from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol
 
-from pykv.errors import ProtocolError, TransactionConflict
+from pykv.errors import ProtocolError
 from pykv.types import OpKind, Value, enum_decoder, op_kind
 
 
@@ -77,9 +77,12 @@ ABSENT: Final = Versioned(MISSING, b"", 0)
 # repeat, so every key kept its version from its first look to its second, and all of them
 # held at once at any moment between the two passes. (Without the tombstones, a key created
 # and deleted between the passes would go unseen.) Each pass must be linearizable per shard.
+# Passes never agree while writers keep writing the range, so after PASSES_BEFORE_LOCKING
+# passes the stores keep writers out for one last pass instead (the embedded store stops
+# every writing commit; a cluster locks the range on every shard: commitflow.scan_rounds).
 
-SCAN_PASSES: Final = 10
-"""A consistent scan gives up (TransactionConflict) after this many passes that all differ."""
+PASSES_BEFORE_LOCKING: Final = 3
+"""Differing passes after which a consistent scan locks writers out for one last pass."""
 
 ScanItems = list[tuple[str, Versioned]]
 
@@ -142,20 +145,13 @@ class ScanPasses:
 
     def __init__(self) -> None:
         self._last: ScanItems | None = None
-        self._passes = 0
         self.result: ScanItems = []
 
     def feed(self, items: ScanItems) -> bool:
-        """True when this pass agrees with the one before; TransactionConflict when the
-        range changed under every one of SCAN_PASSES passes."""
-        self._passes += 1
+        """True when this pass agrees with the one before."""
         if self._last is not None and same_cut(self._last, items):
             self.result = first_live(items, None, deleted=False)
             return True
-        if self._passes >= SCAN_PASSES:
-            raise TransactionConflict(
-                f"the scanned range changed during each of {SCAN_PASSES} passes; scan again"
-            )
         self._last = items
         return False
 
