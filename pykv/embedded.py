@@ -35,15 +35,8 @@ from pykv.api import KeyValueStore
 from pykv.codec import decode_value, encode_value
 from pykv.errors import InvalidArgument
 from pykv.storage.store import Storage, StoredVersion, Update
-from pykv.txn.model import (
-    MISSING,
-    PASSES_BEFORE_LOCKING,
-    CommitRequest,
-    ScanItems,
-    ScanPasses,
-    Versioned,
-    first_live,
-)
+from pykv.txn import model
+from pykv.txn.model import MISSING, CommitRequest, Versioned, first_live
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import MAX_TXN_OPS, MAX_VALUE_BYTES
@@ -252,12 +245,12 @@ class EmbeddedBackend:
 
     def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
-    ) -> ScanItems:
+    ) -> model.ScanItems:
         """Passes until two agree; after PASSES_BEFORE_LOCKING that differ, one pass with
         every writing commit kept out (_ScanGate): no version can then be submitted, and
         each one it finds is returned once durable, so the pass is the store at one moment."""
-        passes = ScanPasses()
-        for _ in range(PASSES_BEFORE_LOCKING):
+        passes = model.ScanPasses()
+        for _ in range(model.PASSES_BEFORE_LOCKING):
             if passes.feed(list(self.scan(prefix, start, end, limit, True))):
                 return passes.result
         with self._gate.closed():

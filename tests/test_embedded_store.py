@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import pytest
+from transfers import Transfers
 
 import pykv
 from pykv._engine.vclock import AFTER
@@ -179,38 +180,12 @@ def test_a_consistent_scan_keeps_writers_out_for_its_last_pass(tmp_path):
     """Four threads move money between 400 accounts without pause: passes over the range
     seldom agree, so after three the scan stops every writing commit for one last pass
     (EmbeddedBackend._ScanGate). Every scan returns, with the full total."""
-    import random
-    import threading
-
     accounts = [f"acct/{i:03d}" for i in range(400)]
     with pykv.open(tmp_path / "db") as db:
         with db.transaction() as tx:
             for key in accounts:
                 tx.put(key, 10)
-        stop, errors = threading.Event(), []
-
-        def transfers(seed: int) -> None:
-            rng = random.Random(seed)
-            while not stop.is_set():
-                src, dst = rng.sample(accounts, 2)
-                try:
-                    with db.transaction() as tx:
-                        tx.put(src, tx.get(src) - 1)
-                        tx.put(dst, tx.get(dst) + 1)
-                except pykv.TransactionConflict:
-                    continue
-                except Exception as exc:  # noqa: BLE001 - collected for the assertion
-                    errors.append(exc)
-                    return
-
-        threads = [threading.Thread(target=transfers, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        try:
+        with Transfers(db, accounts) as moving:
             totals = [sum(v for _, v in db.scan("acct/")) for _ in range(20)]
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-        assert errors == []
+        assert moving.errors == [] and moving.moved > 0
         assert totals == [4000] * 20

@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster_harness import free_port_range, local_cluster  # noqa: E402
+from transfers import Transfers  # noqa: E402
 
 import pykv.aio  # noqa: E402
 import pykv.client  # noqa: E402
@@ -143,51 +144,25 @@ def test_a_scan_under_steady_transfers_locks_the_range_and_sees_one_snapshot(clu
     """Four threads move money between 16 accounts without pause, so passes over the range
     seldom agree; a consistent scan then locks the range for one pass (writers retry for
     a moment), so every scan returns, and every one has the full total."""
-    import threading
-
     accounts = [f"lockbank/{i:02d}" for i in range(16)]
     db = pykv.client.connect(cluster.addresses)
     try:
         with db.transaction() as tx:
             for key in accounts:
                 tx.put(key, 10)
-        stop, moved, errors = threading.Event(), [0], []
-
-        def transfers(seed: int) -> None:
-            rng = random.Random(seed)
-            while not stop.is_set():
-                src, dst = rng.sample(accounts, 2)
-                try:
-                    with db.transaction() as tx:
-                        tx.put(src, tx.get(src) - 1)
-                        tx.put(dst, tx.get(dst) + 1)
-                    moved[0] += 1
-                except TransactionConflict:
-                    continue
-                except Exception as exc:  # noqa: BLE001 - collected for the assertion
-                    errors.append(exc)
-                    return
-
-        threads = [threading.Thread(target=transfers, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        try:
-            locked_before = db.backend.core.rounds["lock"]
-            totals = []
+        rounds = db.backend.core.rounds
+        locked_before, totals = rounds["lock"], []
+        with Transfers(db, accounts) as moving:
             deadline = time.monotonic() + 4.0
-            while time.monotonic() < deadline or db.backend.core.rounds["lock"] == locked_before:
+            while time.monotonic() < deadline or rounds["lock"] == locked_before:
                 items = list(db.scan("lockbank/"))
                 assert [k for k, _ in items] == accounts
                 totals.append(sum(v for _, v in items))
                 assert time.monotonic() < deadline + 30, "no scan had to lock the range"
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-        assert errors == [] and moved[0] > 0
+        assert moving.errors == [] and moving.moved > 0
         assert set(totals) == {160}, totals
-        print(f"\n{len(totals)} scans, {db.backend.core.rounds['lock'] - locked_before} of them "
-              f"locked the range; {moved[0]} transfers meanwhile")
+        print(f"\n{len(totals)} scans, {rounds['lock'] - locked_before} of them locked the "
+              f"range; {moving.moved} transfers meanwhile")
     finally:
         db.close()
 

@@ -1,0 +1,50 @@
+"""Threads that move money between accounts without pause, for tests of consistent scans.
+
+    with Transfers(db, accounts, threads=4) as moving:
+        ...scan...
+    assert moving.errors == [] and moving.moved > 0
+
+Each transfer is one transaction moving 1 from one random account to another, so the total
+never changes; a conflict is retried, any other error stops that thread and is kept.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pykv
+
+
+class Transfers:
+    def __init__(self, db, accounts: list[str], threads: int = 4) -> None:
+        self.db, self.accounts = db, accounts
+        self.moved = 0
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self._stop.is_set():
+            src, dst = rng.sample(self.accounts, 2)
+            try:
+                with self.db.transaction() as tx:
+                    tx.put(src, tx.get(src) - 1)
+                    tx.put(dst, tx.get(dst) + 1)
+                self.moved += 1
+            except pykv.TransactionConflict:
+                continue
+            except Exception as exc:  # noqa: BLE001 - kept for the test's assertion
+                self.errors.append(exc)
+                return
+
+    def __enter__(self) -> Transfers:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
