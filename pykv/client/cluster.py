@@ -35,7 +35,6 @@ replicas remember each transaction id's outcome (a retried commit never applies 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import threading
 from collections import Counter
 from collections.abc import Coroutine, Generator, Iterator
@@ -63,9 +62,9 @@ from pykv.errors import (
 from pykv.net.protocol import new_event_loop
 from pykv.replica import commitflow
 from pykv.replica import shard as cmd
-from pykv.replica.commitflow import Round, commit_rounds, scan_rounds
+from pykv.replica.commitflow import Round, commit_rounds, merged_pass, scan_rounds
 from pykv.replica.failpoints import failpoint
-from pykv.txn.model import CommitRequest, KeyRange, ScanItems, Versioned, first_live
+from pykv.txn.model import CommitRequest, KeyRange, ScanItems, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 from pykv.types import TxnIdSource
 
@@ -195,8 +194,7 @@ class AsyncCluster:
             self.router.call(s, SCAN, [s, prefix, start, end, limit, *flag])
             for s in range(view.partitions)
         ))
-        runs = [[(k, Versioned.from_wire(v)) for k, v in reply] for reply in replies]
-        return first_live(heapq.merge(*runs, key=lambda item: item[0]), limit)
+        return merged_pass(replies, limit)
 
     async def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,

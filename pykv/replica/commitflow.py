@@ -153,7 +153,7 @@ def scan_rounds(
     one_pass = [Send(s, SCAN, [*key_range, limit, True]) for s in shards]
     passes = ScanPasses()
     for _ in range(passes_before_locking):
-        if passes.feed(_merged((yield Round("scan", one_pass)), limit)):
+        if passes.feed(merged_pass((yield Round("scan", one_pass)), limit)):
             return passes.result
     votes = yield Round("lock", [Send(s, PREPARE, [request.to_wire(), s, shards]) for s in shards])
     refusal, items = _refusal(votes), None
@@ -161,7 +161,7 @@ def scan_rounds(
         replies = yield Round("scan", one_pass)
         refusal = next((r for r in replies if isinstance(r, BaseException)), None)
         if refusal is None:
-            items = first_live(_merged(replies, limit), None, deleted=False)
+            items = first_live(merged_pass(replies, limit), None, deleted=False)
     release = [Send(s, FINISH, [request.txid, False]) for s in shards]
     if refusal is not None:
         yield Round("release", release, wait=False)
@@ -175,8 +175,9 @@ def scan_rounds(
     return items
 
 
-def _merged(replies: list[Any], limit: int | None) -> ScanItems:
-    """One pass: the shards' items (tombstones included) in key order, up to ``limit`` live."""
+def merged_pass(replies: list[Any], limit: int | None) -> ScanItems:
+    """One pass: the shards' items (with what tombstones they sent) in key order, up to
+    ``limit`` live; raises the first error among the replies."""
     for reply in replies:
         _raise_if_error(reply)
     runs = [[(k, Versioned.from_wire(v)) for k, v in reply] for reply in replies]
