@@ -128,8 +128,10 @@ TXN_MIXES = {
         remembered=2, loss=0.1, recovery_after=3.0, crash_every=0.6, clients=6
     ),
     # Five nodes, three replicas per shard, and replicas moving while transactions prepare,
-    # commit and settle: prepared and unfinished transactions travel in the snapshots.
-    "moves": TxnSimParams(nodes=5, replicas=3, moves_every=0.7, snapshot_every=10),
+    # commit and settle: prepared and unfinished transactions and scan locks travel in the
+    # snapshots, restored later in virtual time into stored shards, which a replica that
+    # moves away again may leave while the restore still runs.
+    "moves": TxnSimParams(nodes=5, replicas=3, moves_every=0.7, snapshot_every=10, stored=True),
 }
 
 
