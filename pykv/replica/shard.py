@@ -123,6 +123,12 @@ def recorded_decision(outcome: Outcome) -> bool | None:
     return None if outcome[0] == errors.KeyLocked.__name__ else False
 
 
+def written_keys(request_wire: dict) -> tuple[str, ...]:
+    """The keys a commit request's wire form (already validated) writes, each once: what
+    the host marks as being written, so that optimistic reads of them wait."""
+    return tuple(dict.fromkeys(op[0] for op in request_wire["writes"]))
+
+
 def encode_command(tag: str, proposal: Any, *args: Any) -> bytes:
     """Pack a command; ``proposal`` identifies the proposer's waiting request (or None)."""
     return pack([tag, proposal, *args])

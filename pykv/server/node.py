@@ -91,7 +91,7 @@ from pykv.replica.shard import PREPARE as CMD_PREPARE
 from pykv.replica.shard import RELEASE as CMD_RELEASE
 from pykv.replica.shard import RESOLVER as CMD_RESOLVER
 from pykv.replica.shard import WIPE as CMD_WIPE
-from pykv.replica.shard import ShardState, recorded_decision, remembered_per_shard
+from pykv.replica.shard import ShardState, recorded_decision, remembered_per_shard, written_keys
 from pykv.replica.stored import StoredShardState
 from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender, is_install
 from pykv.storage.cache import SharedCache
@@ -257,11 +257,6 @@ def _error_reply(exc: BaseException) -> list:
         return [FAILED, type(exc).__name__, str(exc)]
     log.exception("unexpected error while serving a request", exc_info=exc)
     return [FAILED, "Error", f"{type(exc).__name__}: {exc}"]
-
-
-def _writes(request: dict) -> tuple[str, ...]:
-    """The keys a stamped (already validated) commit request writes."""
-    return tuple({op[0]: None for op in request["writes"]})
 
 
 def _outcome_reply(outcome: Any) -> list:
@@ -594,18 +589,18 @@ class Node:
         elif kind == COMMIT:
             request = self._stamped(body[1])
             done = _answer(_outcome_reply, respond)
-            self._propose_to(shard, CMD_COMMIT, [request], done, _writes(request))
+            self._propose_to(shard, CMD_COMMIT, [request], done, written_keys(request))
         elif kind == COMMIT_DECIDE:  # [shard, request, the other participants]
             request = self._stamped(body[1])
             others = [int(s) for s in body[2]] if len(body) > 2 else []
             done = self._then_finish(_answer(_outcome_reply, respond), shard, request["txid"], others)
             args = self.finishes.commit_decide_args(shard, request, others)
-            self._propose_to(shard, CMD_COMMIT_DECIDE, args, done, _writes(request))
+            self._propose_to(shard, CMD_COMMIT_DECIDE, args, done, written_keys(request))
         elif kind == PREPARE:
             request = self._stamped(body[1])
             done = _answer(lambda vote: [OK, vote], respond)
             self._propose_to(
-                shard, CMD_PREPARE, [request, int(body[2]), list(body[3])], done, _writes(request)
+                shard, CMD_PREPARE, [request, int(body[2]), list(body[3])], done, written_keys(request)
             )
         elif kind == DECIDE:  # [shard, txid, commit, the timestamp of its request]
             if body[2] is not False:

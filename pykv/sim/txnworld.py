@@ -61,6 +61,7 @@ from pykv.replica.shard import (
     RELEASE,
     ShardState,
     recorded_decision,
+    written_keys,
 )
 from pykv.replica.stored import StoredShardState
 from pykv.sim.listappend import Txn, check_serializable
@@ -537,8 +538,7 @@ class TxnWorld:
                 if call.kind == COMMIT_DECIDE:  # as Node.handle: it carries releases
                     args = self.finishes[call.node].commit_decide_args(call.group, *args)
                     done = self._then_finish(done, call.node, call.group, args[0]["txid"], args[1])
-                # The keys it writes, whose optimistic reads wait for it (Node._writes).
-                writes = tuple(dict.fromkeys(op[0] for op in args[0]["writes"])) if call.kind in _REQUESTS else ()
+                writes = written_keys(args[0]) if call.kind in _REQUESTS else ()  # as the node
                 host.propose(call.group, call.kind, args, done, writes)
         except Unavailable as exc:  # NotLeader too: the caller retries. Anything else is a
             done(None, exc)  # bug, and it stops the run loudly.
