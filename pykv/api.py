@@ -610,9 +610,11 @@ class KeyValueStore:
         When writers changed the range under 3 passes, writers are kept out for one more:
         embedded, every writing commit waits for that pass; on a cluster, writes into the
         range are refused meanwhile (KeyLocked, which commits retry for a few milliseconds),
-        see pykv.replica.commitflow.scan_rounds. ``consistent=False``: one pass. Each value
-        is a committed, durable version, but keys on different shards may be seen at
-        different moments.
+        see pykv.replica.commitflow.scan_rounds; the whole snapshot is then held in memory.
+        ``consistent=False``: one pass, read as the caller iterates (on a cluster a page of
+        about 1 MiB per shard at a time, so any range fits in memory). Each value is a
+        committed, durable version, but keys (on a cluster, keys of different pages) may be
+        seen at different moments.
         """
         self._ensure_open()
         for bound in (start, end):

@@ -36,7 +36,7 @@ from pykv.codec import decode_value, encode_value
 from pykv.errors import InvalidArgument
 from pykv.storage.store import Storage, StoredVersion, Update
 from pykv.txn import model
-from pykv.txn.model import MISSING, CommitRequest, Versioned, first_live
+from pykv.txn.model import MISSING, CommitRequest, Versioned, live_items
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import MAX_TXN_OPS, MAX_VALUE_BYTES
@@ -241,7 +241,7 @@ class EmbeddedBackend:
                 end=None if end is None else end.encode("utf-8"),
             )
         )
-        return iter(first_live(every, limit, deleted))
+        return live_items(every, limit, deleted)  # lazy: the storage walks its index a batch at a time
 
     def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,

@@ -62,7 +62,7 @@ from pykv.errors import (
 from pykv.net.protocol import new_event_loop
 from pykv.replica import commitflow
 from pykv.replica import shard as cmd
-from pykv.replica.commitflow import Round, commit_rounds, merged_pass, scan_rounds
+from pykv.replica.commitflow import PagedPass, Round, Send, commit_rounds, scan_rounds
 from pykv.replica.failpoints import failpoint
 from pykv.txn.model import CommitRequest, KeyRange, ScanItems, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
@@ -134,7 +134,6 @@ class AsyncCluster:
     async def _drive(self, flow: Generator[Round, Any, T]) -> T:
         """Send each round of a commit or scan flow (pykv.replica.commitflow) and hand its
         results back; returns what the flow returns."""
-        router = self.router
         results: list[Any] | None = None
         while True:
             try:
@@ -144,16 +143,38 @@ class AsyncCluster:
             self.rounds[round_.name] += 1
             if round_.pause:
                 await asyncio.sleep(round_.pause)
-            calls = [router.call(s.shard, _KINDS[s.command], [s.shard, *s.args]) for s in round_.sends]
+            calls = self._calls(round_.sends)
             if not round_.wait:
                 self._in_background(calls)  # a lost FINISH is settled by the participant's recovery
                 results = None
                 continue
             if round_.name == "decide":
                 failpoint("txn.2pc.after_prepare")
-            results = await settled(calls)
+            if round_.keep:
+                results = await self._keeping(round_, settled(calls))
+            else:
+                results = await settled(calls)
             if round_.name == "decide":
                 failpoint("txn.2pc.after_decide")
+
+    def _calls(self, sends: list[Send]) -> list[Coroutine[Any, Any, Any]]:
+        router = self.router
+        return [router.call(s.shard, _KINDS[s.command], [s.shard, *s.args]) for s in sends]
+
+    async def _keeping(self, round_: Round, results: Coroutine[Any, Any, list[Any]]) -> list[Any]:
+        """``results``, sending ``round_.keep`` again every ``round_.keep_every`` seconds
+        until they are in (answers unused: see Round.keep)."""
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(round_.keep_every)
+                await settled(self._calls(round_.keep))
+
+        renewing = asyncio.get_running_loop().create_task(renew())
+        try:
+            return await results
+        finally:
+            renewing.cancel()
 
     async def _confirm_reads(self, request: CommitRequest) -> None:
         """Commit a read-only transaction: every version it read must still be current.
@@ -182,19 +203,34 @@ class AsyncCluster:
         if not task.cancelled():
             task.exception()  # a lost FINISH is settled by the participant's recovery
 
+    async def scan_pages(self, paged: PagedPass) -> ScanItems:
+        """The next items of a scan: its shards' next pages (one round), merged in order."""
+        replies = await asyncio.gather(*(
+            self.router.call(s.shard, SCAN, [s.shard, *s.args]) for s in paged.sends()
+        ))
+        paged.feed(replies)
+        return paged.ready()
+
+    async def paged_scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        deleted: bool = False,
+    ) -> PagedPass:
+        """A scan of every shard a page at a time (feed it to scan_pages until done): each
+        page a linearizable read of its shard, pages and shards at different moments."""
+        view = await self.router.ensure_map()
+        return PagedPass(KeyRange(prefix, start, end), list(range(view.partitions)), limit, deleted)
+
     async def scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
         deleted: bool = False,
-    ) -> list[tuple[str, Versioned]]:
-        """One linearizable scan per shard, merged in key order: at most ``limit`` live keys,
-        with ``deleted`` the tombstones of deleted keys among them too."""
-        view = await self.router.ensure_map()
-        flag = [True] if deleted else []
-        replies = await asyncio.gather(*(
-            self.router.call(s, SCAN, [s, prefix, start, end, limit, *flag])
-            for s in range(view.partitions)
-        ))
-        return merged_pass(replies, limit)
+    ) -> ScanItems:
+        """Every item of a paged_scan: at most ``limit`` live keys, with ``deleted`` the
+        tombstones of deleted keys among them too."""
+        paged = await self.paged_scan(prefix, start, end, limit, deleted)
+        items: ScanItems = []
+        while not paged.done:
+            items += await self.scan_pages(paged)
+        return items
 
     async def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
@@ -212,7 +248,8 @@ class AsyncCluster:
                 ranges=(KeyRange(prefix, start, end),),
             )
             try:
-                return await self._drive(scan_rounds(lock, list(range(view.partitions)), limit))
+                shards = list(range(view.partitions))
+                return await self._drive(scan_rounds(lock, shards, limit))
             except TransactionConflict:
                 if not attempts:
                     raise
@@ -327,7 +364,9 @@ class ClusterBackend:
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
         deleted: bool = False,
     ) -> Iterator[tuple[str, Versioned]]:
-        return iter(self._run(self.core.scan(prefix, start, end, limit, deleted)))
+        paged = self._run(self.core.paged_scan(prefix, start, end, limit, deleted))
+        while not paged.done:  # a page per shard at a time, as the caller iterates
+            yield from self._run(self.core.scan_pages(paged))
 
     def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,

@@ -25,7 +25,9 @@ COMMIT = 20  # [shard, request wire] -> outcome  (a single-shard transaction)
 PREPARE = 21  # [shard, request wire, coordinator shard, participants] -> vote outcome
 DECIDE = 22  # [shard, txid, commit?, participants] -> the recorded decision (bool)
 FINISH = 23  # [shard, txid, commit?] -> outcome
-SCAN = 24  # [shard, prefix, start, end, limit] -> [[key, version wire]...]
+SCAN = 24  # [shard, prefix, start, end, limit(, deleted, page bytes)] -> [[key, version wire]...];
+# with page bytes, one page of about that many bytes: [[[key, version wire]...], next start]
+# (None when the range ends there), so that no reply grows with the range
 RESOLVER = 25  # [shard, prefix, builtin name] -> outcome
 COMMIT_DECIDE = 26  # [shard, request wire, other shards?] -> outcome: the coordinator's part +
 # decision; with the other participants' shards, the leader then sends them FINISH

@@ -29,7 +29,7 @@ wait for their recovery.
 
 from __future__ import annotations
 
-import heapq
+from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,8 +37,11 @@ from typing import Any
 from pykv.errors import KeyLocked, Timeout, TransactionConflict, Unavailable, by_name
 from pykv.replica.shard import ALREADY_COMMITTED, COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE
 from pykv.txn.model import (
+    MISSING,
     PASSES_BEFORE_LOCKING,
+    SCAN_PAGE_BYTES,
     CommitRequest,
+    KeyRange,
     ScanItems,
     ScanPasses,
     Versioned,
@@ -47,8 +50,12 @@ from pykv.txn.model import (
 
 # Seconds to wait before sending a request refused on a lock again, one pause per retry.
 LOCK_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.04)
-# A Send's command for one pass over one shard: args [prefix, start, end, limit, True].
+# A Send's command for a page of a pass over one shard: args [prefix, start, end, limit,
+# deleted, page bytes] (PagedPass).
 SCAN = "scan"
+# Seconds between two renewals of a consistent scan's range lock while its pass runs: well
+# within a node's recovery_after (2 s), which would otherwise release the lock.
+LOCK_RENEW_EVERY = 0.5
 
 
 @dataclass(slots=True)
@@ -69,6 +76,10 @@ class Round:
     sends: list[Send] = field(default_factory=list)
     wait: bool = True
     pause: float = 0.0  # seconds to wait before sending (a retry after KeyLocked)
+    # Sent again every ``keep_every`` seconds while the results are awaited, answers unused
+    # (a consistent scan renewing its range lock; its release tells whether it held).
+    keep: list[Send] = field(default_factory=list)
+    keep_every: float = 0.0
 
 
 CommitFlow = Generator[Round, "list[Any] | None", None]
@@ -130,38 +141,113 @@ def commit_rounds(request: CommitRequest, shard_of: Callable[[str], int]) -> Com
     _raise_if_error(result)
 
 
+class PagedPass:
+    """One pass over a range on every shard, a page per shard per round (SCAN with page
+    bytes), merged in key order as the pages come: ``sends`` the round to send, ``feed``
+    its replies, ``ready`` the items that can be taken in order, until ``done``. Only a
+    page per shard is held at a time, so a caller that consumes ``ready`` as it goes (a
+    lazy scan) holds no more than that of a range of any size."""
+
+    def __init__(
+        self, key_range: KeyRange, shards: list[int], limit: int | None, deleted: bool = True,
+        page_bytes: int = SCAN_PAGE_BYTES,
+    ) -> None:
+        self._range, self._limit, self._deleted, self._page_bytes = key_range, limit, deleted, page_bytes
+        self._buffers: dict[int, deque[tuple[str, Versioned]]] = {s: deque() for s in shards}
+        self._resume: dict[int, str | None] = {s: key_range.start for s in shards}
+        self._more = set(shards)  # shards with pages still to fetch
+        self._live = 0  # live items handed out (towards the limit)
+        self._asked: list[int] = []
+
+    @property
+    def done(self) -> bool:
+        return self._limit_reached() or not (self._more or any(self._buffers.values()))
+
+    def sends(self) -> list[Send]:
+        """The next page of every shard that has more and nothing left in hand."""
+        self._asked = [s for s in sorted(self._more) if not self._buffers[s]]
+        prefix, _, end = self._range
+        limit = None if self._limit is None else self._limit - self._live
+        return [
+            Send(s, SCAN, [prefix, self._resume[s], end, limit, self._deleted, self._page_bytes])
+            for s in self._asked
+        ]
+
+    def feed(self, replies: list[Any]) -> None:
+        """The replies to ``sends()``, in order; raises the first error among them."""
+        for shard, reply in zip(self._asked, replies, strict=True):
+            _raise_if_error(reply)
+            items, resume = reply
+            self._buffers[shard].extend((k, Versioned.from_wire(v)) for k, v in items)
+            self._resume[shard] = resume
+            if resume is None:
+                self._more.discard(shard)
+
+    def ready(self) -> ScanItems:
+        """Items in key order up to where a shard must send its next page first."""
+        out: ScanItems = []
+        buffers = self._buffers
+        while not self._limit_reached():
+            if any(not buffers[s] for s in self._more):
+                break  # that shard's next key may come before every key in hand
+            heads = [b for b in buffers.values() if b]
+            if not heads:
+                break
+            item = min(heads, key=lambda b: b[0][0]).popleft()
+            out.append(item)
+            if item[1].value is not MISSING:
+                self._live += 1
+        return out
+
+    def _limit_reached(self) -> bool:
+        return self._limit is not None and self._live >= self._limit
+
+
+def read_pass(
+    key_range: KeyRange, shards: list[int], limit: int | None, page_bytes: int = SCAN_PAGE_BYTES,
+) -> Generator[Round, Any, ScanItems]:
+    """The rounds of one pass (PagedPass), tombstones included: every item at once."""
+    paged = PagedPass(key_range, shards, limit, True, page_bytes)
+    items: ScanItems = []
+    while not paged.done:
+        paged.feed((yield Round("scan", paged.sends())))
+        items += paged.ready()
+    return items
+
+
 def scan_rounds(
     request: CommitRequest, shards: list[int], limit: int | None,
-    passes_before_locking: int = PASSES_BEFORE_LOCKING,
+    passes_before_locking: int = PASSES_BEFORE_LOCKING, page_bytes: int = SCAN_PAGE_BYTES,
+    renew_every: float = LOCK_RENEW_EVERY,
 ) -> Generator[Round, Any, ScanItems]:
     """The rounds of a consistent scan of ``request.ranges[0]`` over ``shards``; returns its
     live items (at most ``limit``): one snapshot of the range, taken inside the scan.
 
-    Passes over every shard first, until two in a row agree (ScanPasses; cheap while the
-    range is quiet). When the range changed under each of ``passes_before_locking`` passes
-    (writers keep writing there), it is locked: ``request`` (no keys, the range) is
-    PREPAREd on every shard, each shard its own coordinator, so that recovery releases a
-    lock whose client vanished. From then on writes into the range are refused (KeyLocked,
-    which writers retry), and a pass waits for the prepared writers already in it, so one
-    more pass reads a range that does not change until the lock is released with FINISH
-    (abort) on every shard. Every shard's range was then frozen from the moment all were
-    locked and their earlier writers done until the last pass's read: the pass is the range
-    at that moment, provided each release answers that the lock was still held (else
-    TransactionConflict: scan again). Raises Timeout/Unavailable when a shard does not answer.
+    Passes over every shard first (each a page per shard at a time: read_pass), until two
+    in a row agree (ScanPasses; cheap while the range is quiet). When the range changed
+    under each of ``passes_before_locking`` passes (writers keep writing there), it is
+    locked: ``request`` (no keys, the range) is PREPAREd on every shard, each shard its own
+    coordinator, so that recovery releases a lock whose client vanished. From then on
+    writes into the range are refused (KeyLocked, which writers retry), and a page waits
+    for the prepared writers already in its part of the range, so one more pass reads a
+    range that does not change until the lock is released with FINISH(abort) on every
+    shard. While that pass runs, the lock is PREPAREd again every ``renew_every`` seconds
+    (Round.keep), which keeps recovery away from a scanner that is alive however long the
+    range. Every shard's range was then frozen from the moment all were locked and their
+    earlier writers done until the last page: the pass is the range at that moment,
+    provided each release answers that the lock was still held (else TransactionConflict:
+    scan again). Raises Timeout/Unavailable when a shard does not answer.
     """
     key_range = request.ranges[0]
-    one_pass = [Send(s, SCAN, [*key_range, limit, True]) for s in shards]
     passes = ScanPasses()
     for _ in range(passes_before_locking):
-        if passes.feed(merged_pass((yield Round("scan", one_pass)), limit)):
+        if passes.feed((yield from read_pass(key_range, shards, limit, page_bytes))):
             return passes.result
-    votes = yield Round("lock", [Send(s, PREPARE, [request.to_wire(), s, shards]) for s in shards])
-    refusal, items = _refusal(votes), None
+    lock = [Send(s, PREPARE, [request.to_wire(), s, shards]) for s in shards]
+    refusal = _refusal((yield Round("lock", lock)))
+    items: ScanItems = []
     if refusal is None:
-        replies = yield Round("scan", one_pass)
-        refusal = next((r for r in replies if isinstance(r, BaseException)), None)
-        if refusal is None:
-            items = first_live(merged_pass(replies, limit), None, deleted=False)
+        refusal = yield from _locked_pass(key_range, shards, limit, page_bytes, items, lock, renew_every)
     release = [Send(s, FINISH, [request.txid, False]) for s in shards]
     if refusal is not None:
         yield Round("release", release, wait=False)
@@ -171,17 +257,25 @@ def scan_rounds(
         # Not released by us while held (recovery took a lock of a scan that ran too long,
         # or the answer was lost): writers may have changed the range before the pass.
         raise TransactionConflict(f"scan {request.txid}: a shard no longer held its range lock; scan again")
-    assert items is not None
-    return items
+    return first_live(items, None, deleted=False)
 
 
-def merged_pass(replies: list[Any], limit: int | None) -> ScanItems:
-    """One pass: the shards' items (with what tombstones they sent) in key order, up to
-    ``limit`` live; raises the first error among the replies."""
-    for reply in replies:
-        _raise_if_error(reply)
-    runs = [[(k, Versioned.from_wire(v)) for k, v in reply] for reply in replies]
-    return first_live(heapq.merge(*runs, key=lambda item: item[0]), limit)
+def _locked_pass(
+    key_range: KeyRange, shards: list[int], limit: int | None, page_bytes: int, items: ScanItems,
+    lock: list[Send], renew_every: float,
+) -> Generator[Round, Any, BaseException | None]:
+    """The pass under the range lock, into ``items``; the first error among the replies,
+    else None. Every round renews the lock while it waits (Round.keep): a page may wait
+    for a writer prepared in the range, which itself may wait for this lock a moment."""
+    paged = PagedPass(key_range, shards, limit, True, page_bytes)
+    while not paged.done:
+        replies = yield Round("scan", paged.sends(), keep=lock, keep_every=renew_every)
+        try:
+            paged.feed(replies)
+        except Exception as exc:  # noqa: BLE001 - a reply's error: release, then raise it
+            return exc
+        items += paged.ready()
+    return None
 
 
 def _until_unlocked(name: str, sends: list[Send]) -> Generator[Round, Any, list[Any]]:

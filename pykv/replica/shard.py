@@ -70,7 +70,15 @@ from sortedcontainers import SortedDict
 from pykv import errors
 from pykv.codec import pack, unpack, unpack_stream
 from pykv.errors import CorruptData, ProtocolError, TransactionConflict
-from pykv.txn.model import ABSENT, CommitRequest, KeyRange, KeyUpdate, Versioned, first_live
+from pykv.txn.model import (
+    ABSENT,
+    CommitRequest,
+    KeyRange,
+    KeyUpdate,
+    Versioned,
+    first_live,
+    scan_page,
+)
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import OpKind
@@ -127,6 +135,18 @@ def written_keys(request_wire: dict) -> tuple[str, ...]:
     """The keys a commit request's wire form (already validated) writes, each once: what
     the host marks as being written, so that optimistic reads of them wait."""
     return tuple(dict.fromkeys(op[0] for op in request_wire["writes"]))
+
+
+def scan_reply(state: ShardState, args: list, max_bytes: int) -> list:
+    """A SCAN's answer for args [prefix, start, end, limit, deleted, page bytes or None]
+    (the node's and the simulator's): with page bytes, one page of at most that many and
+    ``max_bytes`` bytes, [[[key, version wire], ...], the key the next page starts at or
+    None]; without, every item (the reply of clients before pages)."""
+    prefix, start, end, limit, deleted, page_bytes = args
+    if page_bytes is None:
+        return [[k, v.to_wire()] for k, v in state.scan(prefix, start, end, limit, deleted)]
+    items, resume = state.scan_page(prefix, start, end, limit, deleted, min(page_bytes, max_bytes))
+    return [[[k, v.to_wire()] for k, v in items], resume]
 
 
 def encode_command(tag: str, proposal: Any, *args: Any) -> bytes:
@@ -382,7 +402,10 @@ class ShardState:
     def _prepare(self, request: CommitRequest, coordinator_shard: int, participants: list[int]) -> Outcome:
         txid = request.txid
         if txid in self.prepared:
-            return None  # a retried prepare: already voted yes
+            # A retried prepare, or a consistent scan renewing its range lock: already voted
+            # yes, and its recovery waits from now again (commitflow.scan_rounds).
+            self.prepared[txid].since = self.clock()
+            return None
         if txid in self.outcomes:
             outcome = self.outcomes[txid]
             if outcome is None:
@@ -557,6 +580,14 @@ class ShardState:
         """[(key, Versioned)] of live keys with the prefix in [start, end), in key order, at
         most ``limit``; with ``deleted``, deleted keys' tombstones among them too (uncounted)."""
         return first_live(self._range(prefix, start, end), limit, deleted)
+
+    def scan_page(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        deleted: bool, max_bytes: int,
+    ) -> tuple[list, str | None]:
+        """One page of ``scan``, about ``max_bytes`` at most: (items, the key the next page
+        starts at, or None when the range ends here). See pykv.txn.model.scan_page."""
+        return scan_page(self._range(prefix, start, end), limit, deleted, max_bytes)
 
     def _range(self, prefix: str, start: str | None, end: str | None) -> Iterator[tuple[str, Versioned]]:
         """(key, version) of every key with the prefix in [start, end), tombstones included."""

@@ -314,6 +314,13 @@ class StoredShardState(ShardState):
         self.flush()
         return first_live(self._range(prefix, start, end), limit, deleted)
 
+    def scan_page(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        deleted: bool, max_bytes: int,
+    ) -> tuple[list, str | None]:
+        self.flush()
+        return super().scan_page(prefix, start, end, limit, deleted, max_bytes)
+
     def _range(self, prefix: str, start: str | None, end: str | None) -> Iterator[tuple[str, Versioned]]:
         for raw, stored in self.store.scan(
             prefix=prefix.encode("utf-8"),

@@ -91,12 +91,18 @@ from pykv.replica.shard import PREPARE as CMD_PREPARE
 from pykv.replica.shard import RELEASE as CMD_RELEASE
 from pykv.replica.shard import RESOLVER as CMD_RESOLVER
 from pykv.replica.shard import WIPE as CMD_WIPE
-from pykv.replica.shard import ShardState, recorded_decision, remembered_per_shard, written_keys
+from pykv.replica.shard import (
+    ShardState,
+    recorded_decision,
+    remembered_per_shard,
+    scan_reply,
+    written_keys,
+)
 from pykv.replica.stored import StoredShardState
 from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender, is_install
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
-from pykv.txn.model import CommitRequest, KeyRange
+from pykv.txn.model import SCAN_PAGE_BYTES, CommitRequest, KeyRange
 
 log = logging.getLogger("pykv.node")
 # Once every group is where the shard map places it, the metadata leader re-checks them all
@@ -122,7 +128,10 @@ class NodeConfig:
     # A group idle this long quiesces: no ticks, no heartbeats (pykv.raft.node); 0 = never.
     quiesce_ticks: int = 100
     fsync: str = "always"
+    # Seconds a prepared transaction waits before recovery settles it; a consistent scan
+    # renews its range lock more often than that (commitflow.LOCK_RENEW_EVERY).
     recovery_after: float = 2.0
+    scan_page_bytes: int = SCAN_PAGE_BYTES  # about what one SCAN reply carries at most
     max_frame: int = 4 * DEFAULT_MAX_FRAME  # big transactions fit; snapshots go in chunks
     # Applied entries between two snapshots of a group (its Raft log lives in memory until
     # then); None: a share of one node-wide budget (pykv.replica.host.snapshot_every_for).
@@ -613,8 +622,9 @@ class Node:
         elif kind == FINISH:
             done = _answer(_outcome_reply, respond)
             self._propose_to(shard, CMD_FINISH, [int(body[1]), bool(body[2])], done)
-        elif kind == SCAN:
-            self._scan(shard, *body[1:5], respond, deleted=len(body) > 5 and body[5] is True)
+        elif kind == SCAN:  # [shard, prefix, start, end, limit(, deleted, page bytes)]
+            deleted = len(body) > 5 and body[5] is True
+            self._scan(shard, [*body[1:5], deleted, body[6] if len(body) > 6 else None], respond)
         elif kind == JOIN:
             self._join(int(body[1]), str(body[2]), respond)
         elif kind == LEAVE:
@@ -694,18 +704,26 @@ class Node:
         host.read(shard, versions, tuple(keys), _answer(lambda result: [OK, result], respond))
         self._wakeup()
 
-    def _scan(
-        self, shard: int, prefix: str, start: str | None, end: str | None, limit: int | None,
-        respond: Callable[[Any], None], *, deleted: bool = False,
-    ) -> None:
+    def _scan(self, shard: int, args: list, respond: Callable[[Any], None]) -> None:
+        """A scan's reply (a page of it: shard.scan_reply), once no prepared transaction
+        holds a key of the range from where it starts."""
         host = self.host
         assert host is not None
-
-        def fn(state: Any) -> list:
-            return [[k, v.to_wire()] for k, v in state.scan(prefix, start, end, limit, deleted)]
-
-        # Waits until no prepared transaction holds a key in the range.
-        host.read(shard, fn, KeyRange(prefix, start, end), _answer(lambda items: [OK, items], respond))
+        prefix, start, end, limit, _, page_bytes = args
+        if not (
+            isinstance(prefix, str) and all(b is None or isinstance(b, str) for b in (start, end))
+            and (limit is None or (type(limit) is int and limit >= 0))
+            and (page_bytes is None or (type(page_bytes) is int and page_bytes > 0))
+        ):
+            raise ProtocolError(
+                "SCAN needs a str prefix, str or None bounds, an int >= 0 or None limit and"
+                " an int > 0 or None page size"
+            )
+        page_bytes = self.config.scan_page_bytes
+        host.read(
+            shard, lambda state: scan_reply(state, args, page_bytes), KeyRange(prefix, start, end),
+            _answer(lambda page: [OK, page], respond),
+        )
         self._wakeup()
 
     # --- 2PC: finishing a decided transaction, and recovery --------------------------------------

@@ -61,6 +61,7 @@ from pykv.replica.shard import (
     RELEASE,
     ShardState,
     recorded_decision,
+    scan_reply,
     written_keys,
 )
 from pykv.replica.stored import StoredShardState
@@ -93,6 +94,10 @@ class TxnSimParams:
     attempt_timeout: float = 0.3
     call_timeout: float = 3.0
     recovery_after: float = 1.0  # a transaction prepared this long is settled by its shard
+    # Bytes per page of a scan pass: small, so that passes take several rounds of pages and
+    # a locked one renews its lock (every recovery_after / 4) on the way.
+    scan_page_bytes: int = 128
+    renew_every: float | None = None  # seconds between renewals of a scan's lock; None: recovery_after / 4
     snapshot_every: int = 25  # applied entries between snapshots: exercises InstallSnapshot
     # Shard values on disk (pykv.replica.stored, in a temporary directory) rather than in
     # memory: a crash then loses the applied commands a replica had not yet written.
@@ -515,12 +520,8 @@ class TxnWorld:
                 else:
                     host.read(call.group, versions, keys, done)
             elif call.kind == SCAN:  # as the node's SCAN: after the locks in the range
-                prefix, start, end, limit, deleted = call.args
-
-                def items(state: ShardState) -> list:
-                    return [[k, v.to_wire()] for k, v in state.scan(prefix, start, end, limit, deleted)]
-
-                host.read(call.group, items, KeyRange(prefix, start, end), done)
+                args, page_bytes = call.args, self.p.scan_page_bytes
+                host.read(call.group, lambda state: scan_reply(state, args, page_bytes), KeyRange(*args[:3]), done)
             elif call.kind == MEMBERS:
                 done(host.members(call.group), None)
             elif call.kind == CONF:
@@ -640,7 +641,11 @@ class TxnWorld:
         lock = CommitRequest(txid, 1, {}, (), timestamp=int(self.now * 1000), ranges=(KeyRange("list"),))
         passes = rng.choice((0, PASSES_BEFORE_LOCKING, PASSES_BEFORE_LOCKING))
         try:
-            items = yield from self._drive(scan_rounds(lock, list(range(self.p.shards)), None, passes), rng)
+            flow = scan_rounds(
+                lock, list(range(self.p.shards)), None, passes, self.p.scan_page_bytes,
+                self.p.recovery_after / 4 if self.p.renew_every is None else self.p.renew_every,
+            )
+            items = yield from self._drive(flow, rng)
         except Error:
             self.events["scans failed"] += 1
             return
@@ -708,12 +713,29 @@ class TxnWorld:
                 if round_.pause:
                     self.events["requests sent again after a lock"] += len(round_.sends)
                     yield Sleep(round_.pause)
-                results = []
-                for send in round_.sends:
-                    status, value = yield from self._call(send.shard, send.command, send.args)
-                    results.append(_result(send.command, status, value))
+                waiting = [True]  # while this round's results are awaited
+                if round_.keep:
+                    self.spawn(self._keep(round_, waiting))
+                try:
+                    results = []
+                    for send in round_.sends:
+                        status, value = yield from self._call(send.shard, send.command, send.args)
+                        results.append(_result(send.command, status, value))
+                finally:
+                    waiting[0] = False
         finally:
             flow.close()
+
+    def _keep(self, round_: Round, waiting: list[bool]) -> Task:
+        """Send ``round_.keep`` again every ``round_.keep_every`` while the round waits (the
+        client's AsyncCluster._keeping): a scan renewing its range lock."""
+        while True:
+            yield Sleep(round_.keep_every)
+            if not waiting[0]:
+                return
+            self.events["range locks renewed during a locked pass"] += 1
+            for send in round_.keep:
+                yield from self._call(send.shard, send.command, send.args)
 
     def _record(self, txid: int, ops: list, committed: bool | None, start: float) -> None:
         end = self.now if committed is not None else None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol
 
+from pykv.codec import size_bound
 from pykv.errors import ProtocolError
 from pykv.types import OpKind, Value, enum_decoder, op_kind
 
@@ -111,23 +112,52 @@ class KeyRange(NamedTuple):
         return cls(*data)
 
 
-def first_live(
+def live_items(
     items: Iterable[tuple[str, Versioned]], limit: int | None, deleted: bool = True
-) -> ScanItems:
+) -> Iterator[tuple[str, Versioned]]:
     """Items in order up to the ``limit``-th live one; tombstones (deleted keys) ride along
     uncounted, or with ``deleted=False`` are left out. What every scan returns."""
-    out: ScanItems = []
     live = 0
     for item in items:
         if limit is not None and live >= limit:
-            break
+            return
         if item[1].value is MISSING:
             if deleted:
-                out.append(item)
+                yield item
             continue
-        out.append(item)
+        yield item
         live += 1
-    return out
+
+
+def first_live(
+    items: Iterable[tuple[str, Versioned]], limit: int | None, deleted: bool = True
+) -> ScanItems:
+    """live_items as a list."""
+    return list(live_items(items, limit, deleted))
+
+
+SCAN_PAGE_BYTES: Final = 1 << 20
+"""About how many bytes of keys and versions one page of a scan carries (scan_page)."""
+
+
+def scan_page(
+    items: Iterable[tuple[str, Versioned]], limit: int | None, deleted: bool, max_bytes: int
+) -> tuple[ScanItems, str | None]:
+    """live_items, cut once about ``max_bytes`` are taken (a page has at least one item,
+    however big): (the page, the key the next page starts at, or None at the end). A
+    shard answers a scan a page at a time, so neither its reply nor its memory grows with
+    the range."""
+    page: ScanItems = []
+    size = 0
+    for item in live_items(items, limit, deleted):
+        if size >= max_bytes:
+            return page, item[0]
+        page.append(item)
+        version = item[1]
+        size += len(item[0]) + len(version.clock) + 9 + (
+            0 if version.value is MISSING else size_bound(version.value)
+        )
+    return page, None
 
 
 def same_cut(first: ScanItems, second: ScanItems) -> bool:

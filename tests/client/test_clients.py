@@ -18,6 +18,7 @@ from transfers import Transfers  # noqa: E402
 import pykv.aio  # noqa: E402
 import pykv.client  # noqa: E402
 from pykv.api import HybridClock  # noqa: E402
+from pykv.client.cluster import settled  # noqa: E402
 from pykv.client.transport import PREPARE  # noqa: E402
 from pykv.errors import (  # noqa: E402
     InvalidOperation,
@@ -27,6 +28,8 @@ from pykv.errors import (  # noqa: E402
     TransactionConflict,
     Unavailable,
 )
+from pykv.replica import shard as cmd  # noqa: E402
+from pykv.replica.commitflow import LOCK_RENEW_EVERY, Round, Send  # noqa: E402
 from pykv.txn.model import CommitRequest, KeyRange  # noqa: E402
 from pykv.types import TxnIdSource  # noqa: E402
 
@@ -300,3 +303,53 @@ def test_bench_reads_of_a_transaction_behave_like_gather(cluster):
             await db.close()
 
     asyncio.run(main())
+
+
+def test_a_scanner_that_holds_its_range_lock_longer_than_recovery_keeps_it(cluster):
+    """A locked pass may outlast the shards' recovery time (recovery_after, 2 s): a big
+    range, or a page that waits for a writer. While each round waits, the client PREPAREs
+    the lock again (Round.keep), so recovery leaves it alone and the release, 3 s later,
+    finds it held. The same wait without renewals loses the lock to recovery."""
+    db = pykv.client.connect(cluster.addresses)
+    core = db.backend.core
+    shards = list(range(4))
+
+    async def hold(seconds: float, renew: bool) -> list:
+        lock = CommitRequest(
+            TxnIdSource().next_id(), 0, {}, (), timestamp=HybridClock().now(),
+            ranges=(KeyRange("renewed/"),),
+        )
+        prepares = [Send(s, cmd.PREPARE, [lock.to_wire(), s, shards]) for s in shards]
+        assert await settled(core._calls(prepares)) == [None] * 4
+        waiting = Round("scan", [], keep=prepares if renew else [], keep_every=LOCK_RENEW_EVERY)
+        await core._keeping(waiting, asyncio.sleep(seconds, result=[]))
+        return await settled(core._calls([Send(s, cmd.FINISH, [lock.txid, False]) for s in shards]))
+
+    try:
+        assert db.backend._run(hold(3.0, renew=True)) == [None] * 4
+        released = db.backend._run(hold(3.0, renew=False))
+        assert any(r is not None for r in released), released  # recovery took it first
+    finally:
+        db.close()
+
+
+def test_a_scan_of_a_range_larger_than_a_frame_comes_in_pages(tmp_path):
+    """19 values of 950 KB on one shard: 18 MB, more than the biggest frame (16 MiB). A
+    shard answers a scan about 1 MiB at a time, so the range comes whole, consistent or
+    not."""
+    values = {f"big/{i:02d}": random.Random(i).randbytes(950_000) for i in range(19)}
+    with local_cluster(tmp_path, nodes=3, partitions=1) as big:
+        db = pykv.client.connect(big.addresses, timeout=30)
+        try:
+            for key, value in values.items():
+                db.put(key, value)
+            db.put("big/zz", 1)
+            db.delete("big/zz")
+            assert dict(db.scan("big/", consistent=False)) == values
+            assert dict(db.scan("big/")) == values
+            assert [k for k, _ in db.scan("big/", start="big/17")] == ["big/17", "big/18"]
+            assert [k for k, _ in db.scan("big/", consistent=False, limit=2)] == ["big/00", "big/01"]
+            lazily = db.scan("big/", consistent=False)  # fetches pages as it is iterated
+            assert next(lazily)[0] == "big/00"
+        finally:
+            db.close()

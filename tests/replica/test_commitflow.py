@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pykv.errors import KeyLocked, Timeout, TransactionConflict
-from pykv.replica.commitflow import LOCK_PAUSES, Round, commit_rounds
+from pykv.replica.commitflow import LOCK_PAUSES, PagedPass, Round, Send, commit_rounds, scan_rounds
 from pykv.replica.shard import COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE
-from pykv.txn.model import CommitRequest, WriteOp
+from pykv.txn.model import CommitRequest, KeyRange, Versioned, WriteOp
 from pykv.types import OpKind
 
 LOCKED = ["KeyLocked", "key 'a' is locked by a prepared transaction"]
@@ -121,3 +121,86 @@ def test_a_decision_refused_on_a_lock_is_sent_again_then_given_up_as_an_abort():
         lambda r, n: [KeyLocked("locked")] if r.name == "decide" and n == 2 else [None],
     )
     assert raised is None and [r.name for r in rounds] == ["prepare", "decide", "decide"]
+
+
+# --- scans: pages from every shard, merged in key order ------------------------------------
+
+
+class _Shards:
+    """Shards that answer SCAN a page of ``size`` items at a time, from sorted keys."""
+
+    def __init__(self, keys_by_shard: dict[int, list[str]], size: int) -> None:
+        self.keys, self.size, self.sent = keys_by_shard, size, []
+
+    def answer(self, send: Send) -> list:
+        self.sent.append(send)
+        prefix, start, end, limit, deleted, page_bytes = send.args
+        assert page_bytes == 1234 and deleted is True
+        keys = [k for k in self.keys[send.shard] if start is None or k >= start]
+        keys = keys[:limit] if limit is not None else keys
+        page = keys[:self.size]
+        more = keys[self.size] if len(keys) > self.size else None
+        return [[[k, Versioned(k.upper(), b"c", 1).to_wire()] for k in page], more]
+
+
+def test_a_paged_pass_merges_pages_in_key_order_and_holds_one_page_per_shard():
+    shards = _Shards({0: ["a", "d", "e", "f", "g"], 1: ["b", "c"], 2: []}, size=2)
+    paged = PagedPass(KeyRange(""), [0, 1, 2], None, True, 1234)
+    out, rounds = [], 0
+    while not paged.done:
+        sends = paged.sends()
+        assert len({s.shard for s in sends}) == len(sends) and rounds < 10
+        paged.feed([shards.answer(s) for s in sends])
+        ready = paged.ready()
+        # Nothing is handed out past a shard that has more to send: its next key may be less.
+        assert all(k < "f" for k, _ in ready) if rounds == 0 else True
+        out += ready
+        rounds += 1
+    assert [(k, v.value) for k, v in out] == [(k, k.upper()) for k in "abcdefg"]
+    assert rounds == 3  # shard 0 in pages [a d] [e f] [g]; shards 1 and 2 in one each
+    assert [s.args[1] for s in shards.sent if s.shard == 0] == [None, "e", "g"]
+
+
+def test_a_paged_pass_stops_at_the_limit_of_live_keys():
+    shards = _Shards({0: ["a", "c", "e"], 1: ["b", "d", "f"]}, size=1)
+    paged = PagedPass(KeyRange(""), [0, 1], 3, True, 1234)
+    out = []
+    while not paged.done:
+        paged.feed([shards.answer(s) for s in paged.sends()])
+        out += paged.ready()
+    assert [k for k, _ in out] == ["a", "b", "c"]
+
+
+def test_a_locked_scan_renews_its_lock_while_each_page_is_awaited():
+    """After the passes differ, the lock round PREPAREs every shard; each round of the
+    locked pass carries that lock to send again while it waits (Round.keep); FINISH(abort)
+    releases it, and a release that finds the lock gone makes the scan fail."""
+    request = CommitRequest(7, 0, {}, (), ranges=(KeyRange("k"),))
+    versions = iter(range(100))
+
+    def answer(round_: Round) -> list:
+        if round_.name == "scan":  # every pass differs: a new version each time
+            return [[[["k1", [b"v%d" % next(versions), 1, 1]]] if s.shard == 0 else [], None] for s in round_.sends]
+        return [None] * len(round_.sends)
+
+    for released, expected in ((None, [("k1", 1)]), (["TransactionConflict", "aborted"], None)):
+        flow = scan_rounds(request, [0, 1], None, 3, 1234, 0.4)
+        rounds, results = [], None
+        try:
+            while True:
+                round_ = flow.send(results)
+                rounds.append(round_)
+                if round_.name == "release":
+                    results = [released, None]
+                else:
+                    results = answer(round_)
+        except StopIteration as done:
+            assert [(k, v.value) for k, v in done.value] == expected
+        except TransactionConflict:
+            assert expected is None
+        names = [r.name for r in rounds]
+        assert names == ["scan", "scan", "scan", "lock", "scan", "release"]
+        lock, locked_pass = rounds[3], rounds[4]
+        assert [s.command for s in lock.sends] == [PREPARE, PREPARE]
+        assert locked_pass.keep == lock.sends and locked_pass.keep_every == 0.4
+        assert all(not r.keep for r in rounds[:3])

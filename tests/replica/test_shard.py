@@ -25,6 +25,7 @@ from pykv.replica.shard import (
     ShardState,
     encode_command,
     remembered_per_shard,
+    scan_reply,
 )
 from pykv.replica.stored import StoredShardState
 from pykv.txn.model import CommitRequest, Isolation, KeyRange, Versioned, WriteOp
@@ -237,6 +238,47 @@ def test_scan_skips_tombstones_and_respects_bounds():
     assert [k for k, _ in log.state.scan("p/", None, None, None)] == ["p/a", "p/c"]
     assert [k for k, _ in log.state.scan("", "p/b", "q/b", None)] == ["p/c", "q/a"]
     assert [k for k, _ in log.state.scan("", None, None, 1)] == ["p/a"]
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["memory", "stored"])
+def test_a_scan_comes_in_pages_that_cover_the_range_once(tmp_path, stored):
+    """A SCAN with a page size answers about that many bytes and where to go on (the next
+    key), so no reply grows with the range; a value bigger than a page still comes, alone."""
+    log = Log(StoredShardState(0, tmp_path / "s") if stored else ShardState(0))
+    keys = [f"p/{i:02d}" for i in range(40)]
+    for i, key in enumerate(keys):
+        log.run(COMMIT, put(100 + i, key, "x" * 50 if key != "p/07" else "y" * 5000).to_wire())
+    log.run(COMMIT, CommitRequest(99, 1, {}, (WriteOp("p/03", OpKind.DELETE),)).to_wire())
+    log.run(COMMIT, put(98, "q/00", 1).to_wire())
+    pages, start = [], None
+    while True:
+        items, start = scan_reply(log.state, ["p/", start, None, None, True, 300], 1 << 20)
+        pages.append([k for k, _ in items])
+        if start is None:
+            break
+    assert [k for page in pages for k in page] == keys  # every key once, p/03's tombstone too
+    assert ["p/07"] in pages and max(len(p) for p in pages) <= 5  # ~64 bytes per item
+    assert all(page for page in pages)
+    # Tombstones left out, a limit of live keys across pages, and the node's own cap.
+    items, start = scan_reply(log.state, ["p/", "p/02", None, 3, False, 1 << 20], 1 << 20)
+    assert [k for k, _ in items] == ["p/02", "p/04", "p/05"] and start is None
+    items, start = scan_reply(log.state, ["p/", None, None, None, False, 1 << 20], 300)
+    assert len(items) <= 5 and start is not None
+    # Without a page size, the reply of clients before pages: every item, as a plain list.
+    every = scan_reply(log.state, ["p/", None, "p/10", None, False, None], 300)
+    assert [k for k, _ in every] == [k for k in keys[:10] if k != "p/03"]
+
+
+def test_a_retried_prepare_restarts_its_recovery_wait():
+    """A consistent scan renews its range lock by PREPAREing it again: each replica's
+    clock for recovery (Prepared.since) then starts over."""
+    log = Log()
+    now = [10.0]
+    log.state.clock = lambda: now[0]
+    assert log.run(PREPARE, scan_lock(1, "u/").to_wire(), 0, [0]) is None
+    now[0] = 12.5
+    assert log.run(PREPARE, scan_lock(1, "u/").to_wire(), 0, [0]) is None
+    assert log.state.prepared[1].since == 12.5
 
 
 _KEYS = ["a", "b", "c"]

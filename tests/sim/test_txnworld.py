@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 
 import pytest
@@ -154,18 +155,56 @@ def test_scans_lock_the_range_and_the_check_catches_writers_that_ignore_it(monke
 
 def test_a_scan_whose_lock_recovery_took_fails_rather_than_returns(monkeypatch):
     """Recovery releases the lock of a scanner that looks gone (recovery_after, 0.15 s in
-    the "recovery-race" mix), possibly while it still scans. The release answers that the
-    lock was no longer held, and the scan fails (scan again). Taking every release as
-    good lets such scans return ranges that writers changed meanwhile."""
+    the "recovery-race" mix), possibly while it still scans; here the scanner does not
+    renew its lock, so that happens often. The release answers that the lock was no longer
+    held, and the scan fails (scan again). Taking every release as good lets such scans
+    return ranges that writers changed meanwhile."""
+    unrenewed = dataclasses.replace(TXN_MIXES["recovery-race"], renew_every=math.inf)
     finish = shard.ShardState._finish
-    results = [run_txn_seed(seed, TXN_MIXES["recovery-race"]) for seed in range(2)]
+    results = [run_txn_seed(seed, unrenewed) for seed in range(2)]
     assert all(r.ok for r in results) and sum(r.events["scans failed"] for r in results) > 0
-    scanner = TXN_MIXES["recovery-race"].clients + 1  # its txids: (client + 1) << 32 | n
+    scanner = unrenewed.clients + 1  # its txids: (client + 1) << 32 | n
 
     def always_released(self, txid, commit):
         outcome = finish(self, txid, commit)
         return None if txid >> 32 == scanner else outcome
 
     monkeypatch.setattr(shard.ShardState, "_finish", always_released)
-    results = [run_txn_seed(seed, TXN_MIXES["recovery-race"]) for seed in range(4)]
+    results = [run_txn_seed(seed, unrenewed) for seed in range(4)]
     assert any(r.kind == "not serializable" for r in results), [r.kind for r in results]
+
+
+def test_a_scanner_renewing_its_lock_keeps_it_however_long_its_pass_waits(monkeypatch):
+    """A locked pass can outlast recovery_after (0.3 s here): a page waits for writers
+    prepared in the range, which wait for the lock a moment and give up. The scanner
+    PREPAREs its lock again every recovery_after / 4 while it waits (Round.keep), so
+    recovery leaves a live scanner's lock alone and every locked scan returns; without
+    renewals, or when a renewal does not restart the recovery wait, many fail."""
+    calm = dataclasses.replace(
+        TXN_MIXES["base"], recovery_after=0.3, loss=0.0, vanish=0.0, crash_every=1e9,
+        partition_every=1e9,
+    )
+    seen: Counter = Counter()
+    for seed in range(2):
+        result = run_txn_seed(seed, calm)
+        assert result.ok, result.detail
+        seen.update(result.events)
+    assert seen["range locks renewed during a locked pass"] > 0 and seen["scans that locked the range"] >= 10
+    assert seen["scans failed"] == 0, seen
+
+    def failed(params) -> int:
+        return sum(run_txn_seed(seed, params).events["scans failed"] for seed in range(2))
+
+    assert failed(dataclasses.replace(calm, renew_every=math.inf)) > 0
+    prepare = shard.ShardState._prepare
+
+    def not_restarting(self, request, coordinator_shard, participants):
+        held = self.prepared.get(request.txid)
+        since = held.since if held is not None else None
+        outcome = prepare(self, request, coordinator_shard, participants)
+        if held is not None:
+            held.since = since
+        return outcome
+
+    monkeypatch.setattr(shard.ShardState, "_prepare", not_restarting)
+    assert failed(calm) > 0
