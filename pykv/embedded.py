@@ -129,42 +129,52 @@ class _KeyLocks:
 
 
 class _ScanGate:
-    """Lets a consistent scan stop every writing commit for one pass (see consistent_scan).
+    """Lets a consistent scan keep writers out of its range for one pass (consistent_scan).
 
-    Commits that write pass through it (``enter``/``leave``) around validate-and-submit;
-    ``closed()`` waits until none is inside, keeps new ones out meanwhile (a scan waiting
-    goes first, so steady commits cannot starve it), and lets them in again at the end.
+    Writing commits pass through it (``enter``/``leave``) around validate-and-submit, with
+    the keys they write; ``closed(key_range)`` waits until no commit inside writes a key
+    of the range, keeps new ones that would out meanwhile (a scan waiting goes first, so
+    steady commits cannot starve it), and lets them in again at the end. Commits writing
+    only elsewhere never wait.
     """
 
     def __init__(self) -> None:
         self._changed = threading.Condition(threading.Lock())
-        self._inside = 0  # commits between enter and leave
-        self._scans = 0  # scans waiting for the gate or holding it closed
+        self._inside: dict[int, list[str]] = {}  # commits between enter and leave: what they write
+        self._tickets = itertools.count()
+        self._ranges: list[model.KeyRange] = []  # of scans waiting for the gate or holding it
 
-    def enter(self) -> None:
+    def enter(self, written: list[str]) -> int:
+        """Wait while a scan holds (or waits for) a range with a written key; a ticket."""
         with self._changed:
-            while self._scans:
+            while self._ranges and _writes_into(written, self._ranges):
                 self._changed.wait()
-            self._inside += 1
+            ticket = next(self._tickets)
+            self._inside[ticket] = written
+            return ticket
 
-    def leave(self) -> None:
+    def leave(self, ticket: int) -> None:
         with self._changed:
-            self._inside -= 1
-            if not self._inside and self._scans:
+            del self._inside[ticket]
+            if self._ranges:
                 self._changed.notify_all()
 
     @contextlib.contextmanager
-    def closed(self) -> Iterator[None]:
+    def closed(self, key_range: model.KeyRange) -> Iterator[None]:
         with self._changed:
-            self._scans += 1
-            while self._inside:
+            self._ranges.append(key_range)
+            while any(_writes_into(written, [key_range]) for written in self._inside.values()):
                 self._changed.wait()
         try:
             yield
         finally:
             with self._changed:
-                self._scans -= 1
+                self._ranges.remove(key_range)
                 self._changed.notify_all()
+
+
+def _writes_into(written: list[str], ranges: list[model.KeyRange]) -> bool:
+    return any(r.holds(key) for r in ranges for key in written)
 
 
 class EmbeddedBackend:
@@ -200,8 +210,7 @@ class EmbeddedBackend:
         written = request.written_keys()
         exclusive = [key.encode("utf-8") for key in written]
         shared = [key.encode("utf-8") for key in request.reads if key not in written]
-        if written:
-            self._gate.enter()
+        ticket = self._gate.enter(written) if written else None
         try:
             owner = self._locks.acquire(shared, exclusive)
             try:
@@ -209,8 +218,8 @@ class EmbeddedBackend:
             finally:
                 self._locks.release(owner)  # the new versions are visible: later commits see them
         finally:
-            if written:
-                self._gate.leave()
+            if ticket is not None:
+                self._gate.leave(ticket)
         if lsn:
             self._storage.wait_durable(lsn)  # no lock held: the waiters share one fsync
 
@@ -247,13 +256,14 @@ class EmbeddedBackend:
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
     ) -> model.ScanItems:
         """Passes until two agree; after PASSES_BEFORE_LOCKING that differ, one pass with
-        every writing commit kept out (_ScanGate): no version can then be submitted, and
-        each one it finds is returned once durable, so the pass is the store at one moment."""
+        the commits that write into the range kept out (_ScanGate): no version of it can
+        then be submitted, and each one it finds is returned once durable, so the pass is
+        the range at one moment."""
         passes = model.ScanPasses()
         for _ in range(model.PASSES_BEFORE_LOCKING):
             if passes.feed(list(self.scan(prefix, start, end, limit, True))):
                 return passes.result
-        with self._gate.closed():
+        with self._gate.closed(model.KeyRange(prefix, start, end)):
             return list(self.scan(prefix, start, end, limit))
 
     def stats(self) -> dict[str, Any]:

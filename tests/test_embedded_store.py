@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -13,6 +14,8 @@ from transfers import Transfers
 
 import pykv
 from pykv._engine.vclock import AFTER
+from pykv.embedded import _ScanGate
+from pykv.txn.model import KeyRange
 
 
 def test_everything_committed_survives_a_reopen(tmp_path):
@@ -189,3 +192,34 @@ def test_a_consistent_scan_keeps_writers_out_for_its_last_pass(tmp_path):
             totals = [sum(v for _, v in db.scan("acct/")) for _ in range(20)]
         assert moving.errors == [] and moving.moved > 0
         assert totals == [4000] * 20
+
+
+def test_a_scan_gate_keeps_out_only_the_commits_that_write_into_its_range():
+    """The last pass of a consistent scan waits for the commits already writing into its
+    range, and keeps new ones out until it ends; commits writing elsewhere never wait."""
+    gate = _ScanGate()
+    inside = gate.enter(["a/1"])  # a commit writing into the range, under way
+    closed, scanned = threading.Event(), threading.Event()
+
+    def scan() -> None:
+        with gate.closed(KeyRange("a/")):
+            closed.set()
+            scanned.wait(10)
+
+    def commit(written: list[str]) -> threading.Event:
+        done = threading.Event()
+        threading.Thread(target=lambda: (gate.leave(gate.enter(written)), done.set()), daemon=True).start()
+        return done
+
+    scanner = threading.Thread(target=scan, daemon=True)
+    scanner.start()
+    assert not closed.wait(0.3)  # waits for the commit under way in its range
+    assert commit(["b/1"]).wait(5)  # elsewhere: in and out while the scan waits
+    gate.leave(inside)
+    assert closed.wait(10)
+    assert commit(["b/1", "c/1"]).wait(5)  # and while it holds the range
+    into_range = commit(["b/2", "a/2"])
+    assert not into_range.wait(0.3)  # kept out while the pass runs
+    scanned.set()
+    assert into_range.wait(10)
+    scanner.join()
