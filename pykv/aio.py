@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from pykv._engine.vclock import VClock
@@ -273,15 +273,30 @@ class AsyncKeyValueStore:
     ) -> list[tuple[str, Any]]:
         """(key, value) of live keys with the prefix in [start, end), in key order; one
         snapshot of the range unless ``consistent=False`` (see KeyValueStore.scan)."""
-        self._ensure_open()
-        for bound in (start, end, prefix or None):
-            if bound is not None:
-                check_key(bound)
+        self._check_scan(prefix, start, end)
         if consistent:
             items = await self._core.consistent_scan(prefix, start, end, limit)
         else:
             items = await self._core.scan(prefix, start, end, limit)
         return [(k, v.value) for k, v in items]
+
+    async def scan_iter(
+        self, prefix: str = "", *, start: str | None = None, end: str | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """``scan(consistent=False)`` read as the caller iterates (``async for``): the
+        shards send a page (about 1 MiB) at a time, so a range of any size fits in memory."""
+        self._check_scan(prefix, start, end)
+        paged = await self._core.paged_scan(prefix, start, end, limit)
+        while not paged.done:
+            for key, version in await self._core.scan_pages(paged):
+                yield key, version.value
+
+    def _check_scan(self, prefix: str, start: str | None, end: str | None) -> None:
+        self._ensure_open()
+        for bound in (start, end, prefix or None):
+            if bound is not None:
+                check_key(bound)
 
     async def register_resolver(self, prefix: str, resolver: str) -> None:
         """Use a built-in resolver (by name) for keys with the prefix, on every replica."""

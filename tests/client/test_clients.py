@@ -62,6 +62,7 @@ def test_asyncio_client_offers_the_same_api(cluster):
             await db.delete("aio:c")
             assert await db.get("aio:c") is None
             assert [k for k, _ in await db.scan("aio:")] == ["aio:a", "aio:b", "aio:n"]
+            assert [k async for k, _ in db.scan_iter("aio:", start="aio:b")] == ["aio:b", "aio:n"]
 
             # Many coroutines on one client at once; transact reruns on conflict.
             await db.put("aio:counter", 0)
@@ -336,7 +337,7 @@ def test_a_scanner_that_holds_its_range_lock_longer_than_recovery_keeps_it(clust
 def test_a_scan_of_a_range_larger_than_a_frame_comes_in_pages(tmp_path):
     """19 values of 950 KB on one shard: 18 MB, more than the biggest frame (16 MiB). A
     shard answers a scan about 1 MiB at a time, so the range comes whole, consistent or
-    not."""
+    not, sync or asyncio."""
     values = {f"big/{i:02d}": random.Random(i).randbytes(950_000) for i in range(19)}
     with local_cluster(tmp_path, nodes=3, partitions=1) as big:
         db = pykv.client.connect(big.addresses, timeout=30)
@@ -353,3 +354,12 @@ def test_a_scan_of_a_range_larger_than_a_frame_comes_in_pages(tmp_path):
             assert next(lazily)[0] == "big/00"
         finally:
             db.close()
+
+        async def scan_iter() -> dict:
+            adb = await pykv.aio.connect(big.addresses, timeout=30)
+            try:
+                return {k: v async for k, v in adb.scan_iter("big/")}
+            finally:
+                await adb.close()
+
+        assert asyncio.run(scan_iter()) == values
