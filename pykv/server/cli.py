@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "get": ("pykv.server.cmd_kv", "read a key"),
     "put": ("pykv.server.cmd_kv", "write a key"),
     "txn": ("pykv.server.cmd_kv", "run a transaction of reads and writes"),
+    "scan": ("pykv.server.cmd_kv", "print the keys of a range and their values, in key order"),
 }
 
 

@@ -1,13 +1,16 @@
-"""`pykv get|put|txn`: read, write and run small transactions against a cluster from the shell.
+"""`pykv get|put|txn|scan`: read, write, run small transactions and list keys from the shell.
 
     pykv get user:1 --addresses 127.0.0.1:7401
     pykv put user:1 alice --addresses 127.0.0.1:7401          (--type int|str|json)
     pykv txn --addresses 127.0.0.1:7401 get:a put:b=2 incr:c=5 append:log=x delete:d
+    pykv scan user: --addresses 127.0.0.1:7401                (--start, --end, --limit, --plain)
 
 Values print as JSON (strings too, so that "1" and 1 differ); bytes as base64 in
 {"base64": ...}. ``get`` of an absent key prints nothing and exits 1. ``txn`` runs all its
 operations in one transaction (reads see the transaction's own writes) and prints one
-JSON object: the value each ``get`` saw, keyed by position and key.
+JSON object: the value each ``get`` saw, keyed by position and key. ``scan`` prints one JSON
+object per key, ``{"key": ..., "value": ...}``, in key order: one snapshot of the range, or
+with ``--plain`` one pass printed as the pages come (any size, no snapshot).
 """
 
 from __future__ import annotations
@@ -156,4 +159,29 @@ def run_txn(args: argparse.Namespace) -> int:
         print(f"pykv: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(results))
+    return 0
+
+
+# --- scan ------------------------------------------------------------------------------------
+
+
+def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prefix", nargs="?", default="", help="keys starting with this (default: all)")
+    parser.add_argument("--start", help="first key (inclusive)")
+    parser.add_argument("--end", help="end key (exclusive)")
+    parser.add_argument("--limit", type=int, help="at most this many keys")
+    parser.add_argument("--plain", action="store_true",
+                        help="one pass printed as it is read, not one snapshot (scan consistent=False)")
+    _connect_args(parser)
+
+
+def run_scan(args: argparse.Namespace) -> int:
+    try:
+        with connect(args.addresses, timeout=args.timeout) as db:
+            items = db.scan(args.prefix, start=args.start, end=args.end, limit=args.limit,
+                            consistent=not args.plain)
+            for key, value in items:
+                print(json.dumps({"key": key, "value": _to_json(value)}))
+    except Error as exc:
+        return _fail(exc)
     return 0

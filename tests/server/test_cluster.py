@@ -180,6 +180,14 @@ def test_cli_put_get_txn_and_status(cluster):
     got = _cli("get", "cli:s", "--addresses", cluster.addresses[2])
     assert (got.returncode, got.stdout.strip()) == (0, '"hi"')
     assert _cli("get", "cli:absent", "--addresses", addr).returncode == 1
+    for flags in ([], ["--plain"]):
+        listed = _cli("scan", "cli:", *flags, "--addresses", addr)
+        assert listed.returncode == 0, listed.stderr
+        assert [json.loads(line) for line in listed.stdout.splitlines()] == [
+            {"key": "cli:n", "value": 42}, {"key": "cli:s", "value": "hi"}
+        ]
+    listed = _cli("scan", "cli:", "--start", "cli:o", "--limit", "1", "--addresses", addr)
+    assert [json.loads(line)["key"] for line in listed.stdout.splitlines()] == ["cli:s"]
     status = _cli("status", "--json", "--addresses", *cluster.addresses)
     assert status.returncode == 0
     assert len(json.loads(status.stdout)) == 3
