@@ -113,6 +113,10 @@ class TxnSimParams:
     # promoted, leadership leaves a node that goes, which is removed and drops its replica.
     replicas: int = 0
     moves_every: float = 0.0
+    # Probability that the DROP telling a removed replica's node to delete it arrives 0.3 to
+    # 2 s late; the next move then brings the replica back to that node, so the DROP often
+    # finds it a member again (Node's DROP must then keep it).
+    late_drops: float = 0.0
     raft: RaftConfig = field(default_factory=lambda: RaftConfig(election_ticks=10, heartbeat_ticks=2))
 
 
@@ -137,7 +141,9 @@ TXN_MIXES = {
     # commit and settle: prepared and unfinished transactions and scan locks travel in the
     # snapshots, restored later in virtual time into stored shards, which a replica that
     # moves away again may leave while the restore still runs.
-    "moves": TxnSimParams(nodes=5, replicas=3, moves_every=0.7, snapshot_every=10, stored=True),
+    "moves": TxnSimParams(
+        nodes=5, replicas=3, moves_every=0.7, snapshot_every=10, stored=True, late_drops=0.3
+    ),
 }
 
 
@@ -279,6 +285,7 @@ class TxnWorld:
         self.placement = {gid: self._founders(gid) for gid in range(self.p.shards)}
         self._started: set[int] = set()
         self._dropping: set[tuple[int, int]] = set()  # (node, shard): a stale replica's check
+        self._coming_back: list[tuple[int, int]] = []  # (shard, node) whose DROP arrives late
         self._elements = 0
         self.faulty = True
         self.accepting = True
@@ -781,8 +788,14 @@ class TxnWorld:
 
     def _move_one(self, rng: random.Random) -> None:
         gid = rng.randrange(self.p.shards)
+        back = None
+        if self._coming_back:  # a replica whose DROP is late goes back to its node
+            gid, back = self._coming_back.pop(0)
         current = self.placement[gid]
         outside = [n for n in self.ids if n not in current]
+        if back in outside:
+            outside = [back]
+            self.events["replicas moved back while their DROP was late"] += 1
         if outside:
             leaving, coming = rng.choice(current), rng.choice(outside)
             self.placement[gid] = [coming if n == leaving else n for n in current]
@@ -804,8 +817,18 @@ class TxnWorld:
         status, _ = yield from self._call(gid, CONF, [step.kind.value, step.node])
         self.events[f"membership steps: {step.kind.value}"] += status == "ok"
         if status == "ok" and step.kind is StepKind.REMOVE:
-            yield Call(step.node, gid, DROP, [])  # once: a lost one leaves it to the node
+            drop = Call(step.node, gid, DROP, [])  # once: a lost one leaves it to the node
+            if self.faulty and self.rng.random() < self.p.late_drops:
+                self.events["DROPs arriving late"] += 1
+                self.spawn(self._later(self.rng.uniform(0.3, 2.0), drop))
+                self._coming_back.append((gid, step.node))
+            else:
+                yield drop
         return False
+
+    def _later(self, seconds: float, call: Call) -> Task:
+        yield Sleep(seconds)
+        yield call
 
     def _drop_stale_replicas(self) -> None:
         """A replica the map no longer places on its node asks its group's leader whether it

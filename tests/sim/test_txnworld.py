@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections import Counter
 
 import pytest
@@ -124,6 +125,33 @@ def test_replicas_move_between_nodes_while_transactions_commit():
     steps = ("add_learner", "promote", "transfer", "remove")
     assert all(seen[f"membership steps: {kind}"] > 0 for kind in steps), seen
     assert seen["replica moves"] >= 10 and seen["stale replicas dropped"] > 0, seen
+    assert seen["replicas moved back while their DROP was late"] > 0, seen
+
+
+def test_the_check_catches_a_late_drop_that_deletes_a_member(monkeypatch):
+    """In the "moves" mix some DROPs arrive late, after the replica was moved back to their
+    node. The node's DROP asks the group's leader first (Node._drop_if_removed); one that
+    deleted the replica at once would leave a voter that hosts nothing."""
+    confirm = TxnWorld._confirm_membership
+
+    def at_once_on_drop(self, node, gid):
+        if sys._getframe(1).f_code.co_name == "_drop_stale_replicas":
+            return confirm(self, node, gid)  # the sweep of stale replicas stays as it is
+        host = self.hosts.get(node)
+
+        def drop() -> None:
+            if self.hosts.get(node) is host and gid in host.groups and not host.groups[gid].raft.is_leader():
+                host.remove_group(gid)
+
+        self.at(0.0, drop)
+
+    monkeypatch.setattr(TxnWorld, "_confirm_membership", at_once_on_drop)
+    kinds = []
+    for seed in range(7):
+        kinds.append(run_txn_seed(seed, TXN_MIXES["moves"]).kind)
+        if kinds[-1] == "replicas not placed":
+            break
+    assert kinds[-1] == "replicas not placed", kinds
 
 
 def test_the_check_catches_a_move_left_half_done(monkeypatch):
