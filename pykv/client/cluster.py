@@ -205,9 +205,7 @@ class AsyncCluster:
 
     async def scan_pages(self, paged: PagedPass) -> ScanItems:
         """The next items of a scan: its shards' next pages (one round), merged in order."""
-        replies = await asyncio.gather(*(
-            self.router.call(s.shard, SCAN, [s.shard, *s.args]) for s in paged.sends()
-        ))
+        replies = await asyncio.gather(*self._calls(paged.sends()))
         paged.feed(replies)
         return paged.ready()
 

@@ -141,7 +141,7 @@ def scan_reply(state: ShardState, args: list, max_bytes: int) -> list:
     """A SCAN's answer for args [prefix, start, end, limit, deleted, page bytes or None]
     (the node's and the simulator's): with page bytes, one page of at most that many and
     ``max_bytes`` bytes, [[[key, version wire], ...], the key the next page starts at or
-    None]; without, every item (the reply of clients before pages)."""
+    None]; without, every item at once (what clients from before pages expect)."""
     prefix, start, end, limit, deleted, page_bytes = args
     if page_bytes is None:
         return [[k, v.to_wire()] for k, v in state.scan(prefix, start, end, limit, deleted)]
