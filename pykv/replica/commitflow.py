@@ -29,7 +29,8 @@ wait for their recovery.
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+import operator
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,7 +154,9 @@ class PagedPass:
         page_bytes: int = SCAN_PAGE_BYTES,
     ) -> None:
         self._range, self._limit, self._deleted, self._page_bytes = key_range, limit, deleted, page_bytes
-        self._buffers: dict[int, deque[tuple[str, Versioned]]] = {s: deque() for s in shards}
+        # Each shard's page in hand, and how much of it was handed out already.
+        self._pages: dict[int, ScanItems] = {s: [] for s in shards}
+        self._taken: dict[int, int] = {s: 0 for s in shards}
         self._resume: dict[int, str | None] = {s: key_range.start for s in shards}
         self._more = set(shards)  # shards with pages still to fetch
         self._live = 0  # live items handed out (towards the limit)
@@ -161,11 +164,11 @@ class PagedPass:
 
     @property
     def done(self) -> bool:
-        return self._limit_reached() or not (self._more or any(self._buffers.values()))
+        return self._limit_reached() or not (self._more or any(map(self._in_hand, self._pages)))
 
     def sends(self) -> list[Send]:
         """The next page of every shard that has more and nothing left in hand."""
-        self._asked = [s for s in sorted(self._more) if not self._buffers[s]]
+        self._asked = [s for s in sorted(self._more) if not self._in_hand(s)]
         prefix, _, end = self._range
         limit = None if self._limit is None else self._limit - self._live
         return [
@@ -178,29 +181,46 @@ class PagedPass:
         for shard, reply in zip(self._asked, replies, strict=True):
             _raise_if_error(reply)
             items, resume = reply
-            self._buffers[shard].extend((k, Versioned.from_wire(v)) for k, v in items)
+            self._pages[shard] = [(k, Versioned.from_wire(v)) for k, v in items]
+            self._taken[shard] = 0
             self._resume[shard] = resume
             if resume is None:
                 self._more.discard(shard)
 
     def ready(self) -> ScanItems:
-        """Items in key order up to where a shard must send its next page first."""
+        """Items in key order up to where a shard must send its next page first: a shard
+        with more pages sends only keys after the last of its page in hand, so every key
+        up to the least such last key is known."""
+        pages, taken = self._pages, self._taken
+        if self._limit_reached() or not all(map(self._in_hand, self._more)):
+            return []
+        bound = min((pages[s][-1][0] for s in self._more), default=None)
         out: ScanItems = []
-        buffers = self._buffers
-        while not self._limit_reached():
-            if any(not buffers[s] for s in self._more):
-                break  # that shard's next key may come before every key in hand
-            heads = [b for b in buffers.values() if b]
-            if not heads:
-                break
-            item = min(heads, key=lambda b: b[0][0]).popleft()
-            out.append(item)
+        for shard, page in pages.items():
+            start = taken[shard]
+            end = len(page) if bound is None else bisect.bisect_right(page, bound, start, key=_key)
+            out += page[start:end]
+            taken[shard] = end
+        out.sort(key=_key)  # runs sorted per shard: a merge
+        return self._counted(out)
+
+    def _counted(self, items: ScanItems) -> ScanItems:
+        """items up to the limit-th live one, counted towards the limit."""
+        for index, item in enumerate(items):
             if item[1].value is not MISSING:
                 self._live += 1
-        return out
+                if self._limit_reached():
+                    return items[:index + 1]
+        return items
+
+    def _in_hand(self, shard: int) -> bool:
+        return self._taken[shard] < len(self._pages[shard])
 
     def _limit_reached(self) -> bool:
         return self._limit is not None and self._live >= self._limit
+
+
+_key = operator.itemgetter(0)
 
 
 def read_pass(
