@@ -19,8 +19,9 @@ as Raft's messages and are retried at the leader a redirect names.
 One ``random.Random(seed)`` decides delays, loss, partitions, crashes, client choices and
 clients that vanish between their prepares and their decision; time is virtual and a seed
 replays exactly. A node's disk keeps what its driver persisted (the Raft world covers torn
-fsyncs); a crash loses the node's memory: its Raft state, shard state machines and
-everything in flight.
+fsyncs of the Raft log); a crash loses the node's memory: its Raft state, shard state
+machines and everything in flight. With stored shards some crashes are power losses: each
+shard's storage (fsync off) keeps only its last checkpoint and a random prefix of the rest.
 
 Checked after the faults heal and the cluster settles: the history of every transaction
 whose client learned its fate, and of those it did not, is strictly serializable
@@ -43,6 +44,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pykv._engine.wal import read_wal, segment_path
 from pykv.cluster.shardmap import Step, StepKind, next_step
 from pykv.errors import Error, Timeout, Unavailable, by_name
 from pykv.raft import Message, RaftConfig
@@ -66,6 +68,7 @@ from pykv.replica.shard import (
 )
 from pykv.replica.stored import StoredShardState
 from pykv.sim.listappend import Txn, check_serializable
+from pykv.storage.hint import read_hint
 from pykv.txn.model import PASSES_BEFORE_LOCKING, CommitRequest, KeyRange, Versioned, WriteOp
 from pykv.types import OpKind
 
@@ -102,6 +105,10 @@ class TxnSimParams:
     # Shard values on disk (pykv.replica.stored, in a temporary directory) rather than in
     # memory: a crash then loses the applied commands a replica had not yet written.
     stored: bool = False
+    # Probability that a crash of a node with stored shards is a power loss: each shard's
+    # storage (fsync off: the Raft log is what makes commits durable) then keeps what its
+    # last checkpoint fsync'd and an arbitrary prefix of what it wrote since, cut anywhere.
+    power_loss: float = 0.0
     # Txids each shard remembers per table (None: the default). Small, retries reach txids
     # already forgotten, which must be refused rather than applied again.
     remembered: int | None = None
@@ -129,7 +136,7 @@ TXN_MIXES = {
     "recovery-race": TxnSimParams(recovery_after=0.15, loss=0.08),
     "lossy": TxnSimParams(loss=0.2, attempt_timeout=0.15),
     "snapshots": TxnSimParams(snapshot_every=5, crash_every=1.0),
-    "stored": TxnSimParams(stored=True, snapshot_every=15, crash_every=1.5),
+    "stored": TxnSimParams(stored=True, snapshot_every=15, crash_every=1.5, power_loss=0.5),
     # Shards remember only the last 2 txids: retries and recovery reach forgotten ones. A
     # participant whose FINISH died with its coordinator's node asks for the decision
     # only after 3 s, when the coordinator shard has decided many more since (six
@@ -142,7 +149,8 @@ TXN_MIXES = {
     # snapshots, restored later in virtual time into stored shards, which a replica that
     # moves away again may leave while the restore still runs.
     "moves": TxnSimParams(
-        nodes=5, replicas=3, moves_every=0.7, snapshot_every=10, stored=True, late_drops=0.3
+        nodes=5, replicas=3, moves_every=0.7, snapshot_every=10, stored=True, late_drops=0.3,
+        power_loss=0.3,
     ),
 }
 
@@ -388,9 +396,41 @@ class TxnWorld:
         self.hosts[node] = None
         self.lives[node] += 1  # its own tasks (FINISH, recovery) die with it: node_task
         if host is not None and self.p.stored:
+            power_lost = self.faulty and self.rng.random() < self.p.power_loss
+            self.events["power losses"] += power_lost
             for group in [*host.groups.values(), *host.leaving.values()]:
                 state = getattr(group.state, "real", group.state)  # restoring: _Restoring
-                state.store.close()  # no flush: the unwritten rows die with the node
+                # No flush and no checkpoint: the unwritten rows die with the node, and the
+                # storage's hint stays its last checkpoint's.
+                state.store.close(checkpoint=False)
+                if power_lost:
+                    self._cut_unsynced(state.path)
+
+    def _cut_unsynced(self, path: Path) -> None:
+        """A power loss: the storage's WAL keeps what its last checkpoint fsync'd (every
+        record up to the hint's lsn) and a prefix, cut at a random byte, of the rest."""
+        hint = read_hint(str(path / "hint"))
+        synced_lsn = 0 if hint is None else hint[0]
+        if hint is not None:
+            for _ in hint[1]:  # read to the end: closes the file
+                pass
+        segments = sorted((path / "wal").glob("*.wal"))
+        kept = {segment: 0 for segment in segments}  # bytes of each that are fsync'd
+        for record in read_wal(str(path / "wal"), repair=False):
+            if record.lsn > synced_lsn:
+                break
+            kept[Path(segment_path(str(path / "wal"), record.segment_id))] = record.offset + len(record.payload)
+        unsynced = [(f, kept[f], f.stat().st_size) for f in segments]
+        total = sum(size - synced for _, synced, size in unsynced)
+        if total <= 0:
+            return
+        keep = self.rng.randrange(total)  # of the unsynced bytes, in log order
+        self.events["storage bytes lost to power losses"] += total - keep
+        for segment, synced, size in unsynced:
+            extra = min(size - synced, keep)
+            with open(segment, "r+b") as f:
+                f.truncate(synced + extra)
+            keep -= extra
 
     def close(self) -> None:
         for node in self.ids:

@@ -732,8 +732,12 @@ class Storage:
             raise StoreClosed(f"storage at {self.path} is closed")
         return wal
 
-    def close(self) -> None:
-        """Stop background work, checkpoint if anything changed, close the WAL; idempotent."""
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Stop background work, checkpoint if anything changed, close the WAL; idempotent.
+
+        ``checkpoint=False`` closes as a crash leaves the store: the hint stays the last
+        one written, and the next open replays the WAL from there (the simulator's crashes).
+        """
         if self._closed:
             return
         self._stop.set()
@@ -743,7 +747,7 @@ class Storage:
             self._thread.join()
         try:
             with self._maintenance:
-                if self._wal is not None and not self._closed and self._bytes_since_checkpoint:
+                if checkpoint and self._wal is not None and not self._closed and self._bytes_since_checkpoint:
                     self._write_checkpoint()
         finally:
             with self._lock:

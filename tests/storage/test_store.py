@@ -167,6 +167,23 @@ def test_reopen_without_checkpoint_replays_the_wal(tmp_path: Path) -> None:
         assert store.get(b"k42") == StoredVersion(b"v42", b"c", 42, 43)
 
 
+def test_close_without_checkpoint_keeps_the_last_hint_and_reopen_replays_after_it(tmp_path: Path) -> None:
+    """close(checkpoint=False) leaves the store as a crash does (the simulator's crashes)."""
+    path = str(tmp_path / "db")
+    store = Storage.open(path, compaction=False)
+    for i in range(10):
+        store.commit([Update(b"k%d" % i, b"v%d" % i, b"c", i)])
+    store.checkpoint()
+    for i in range(10, 15):
+        store.commit([Update(b"k%d" % i, b"v%d" % i, b"c", i)])
+    store.close(checkpoint=False)
+    calls = []
+    with Storage.open(path, compaction=False, progress=lambda *call: calls.append(call)) as store:
+        assert store.stats()["checkpoint_lsn"] == 10
+        assert ("replay", 5, 5) in calls
+        assert len(list(store.scan())) == 15
+
+
 def test_checkpoint_then_more_commits_then_reopen(tmp_path: Path) -> None:
     path = str(tmp_path / "db")
     with Storage.open(path, segment_bytes=2048, compaction=False) as store:
