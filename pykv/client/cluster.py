@@ -62,7 +62,7 @@ from pykv.errors import (
 from pykv.net.protocol import new_event_loop
 from pykv.replica import commitflow
 from pykv.replica import shard as cmd
-from pykv.replica.commitflow import PagedPass, Round, Send, commit_rounds, scan_rounds
+from pykv.replica.commitflow import PagedPass, Round, Send, commit_rounds, read_pass, scan_rounds
 from pykv.replica.failpoints import failpoint
 from pykv.txn.model import CommitRequest, KeyRange, ScanItems, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
@@ -222,13 +222,11 @@ class AsyncCluster:
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
         deleted: bool = False,
     ) -> ScanItems:
-        """Every item of a paged_scan: at most ``limit`` live keys, with ``deleted`` the
-        tombstones of deleted keys among them too."""
-        paged = await self.paged_scan(prefix, start, end, limit, deleted)
-        items: ScanItems = []
-        while not paged.done:
-            items += await self.scan_pages(paged)
-        return items
+        """Every item of one pass (commitflow.read_pass, as paged_scan reads it): at most
+        ``limit`` live keys, with ``deleted`` the tombstones of deleted keys among them too."""
+        view = await self.router.ensure_map()
+        shards = list(range(view.partitions))
+        return await self._drive(read_pass(KeyRange(prefix, start, end), shards, limit, deleted=deleted))
 
     async def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,

@@ -225,12 +225,15 @@ _key = operator.itemgetter(0)
 
 def read_pass(
     key_range: KeyRange, shards: list[int], limit: int | None, page_bytes: int = SCAN_PAGE_BYTES,
+    deleted: bool = True, keep: list[Send] | None = None, keep_every: float = 0.0,
 ) -> Generator[Round, Any, ScanItems]:
-    """The rounds of one pass (PagedPass), tombstones included: every item at once."""
-    paged = PagedPass(key_range, shards, limit, True, page_bytes)
+    """The rounds of one pass (PagedPass): every item at once, tombstones too unless not
+    ``deleted``; each round sends ``keep`` again while it waits (Round.keep). Raises the
+    first error among a round's replies."""
+    paged = PagedPass(key_range, shards, limit, deleted, page_bytes)
     items: ScanItems = []
     while not paged.done:
-        paged.feed((yield Round("scan", paged.sends())))
+        paged.feed((yield Round("scan", paged.sends(), keep=keep or [], keep_every=keep_every)))
         items += paged.ready()
     return items
 
@@ -267,7 +270,12 @@ def scan_rounds(
     refusal = _refusal((yield Round("lock", lock)))
     items: ScanItems = []
     if refusal is None:
-        refusal = yield from _locked_pass(key_range, shards, limit, page_bytes, items, lock, renew_every)
+        # Every round renews the lock while it waits: a page may wait for a writer prepared
+        # in the range, which itself may wait for this lock a moment.
+        try:
+            items = yield from read_pass(key_range, shards, limit, page_bytes, True, lock, renew_every)
+        except Exception as exc:  # noqa: BLE001 - a reply's error: release, then raise it
+            refusal = exc
     release = [Send(s, FINISH, [request.txid, False]) for s in shards]
     if refusal is not None:
         yield Round("release", release, wait=False)
@@ -278,24 +286,6 @@ def scan_rounds(
         # or the answer was lost): writers may have changed the range before the pass.
         raise TransactionConflict(f"scan {request.txid}: a shard no longer held its range lock; scan again")
     return first_live(items, None, deleted=False)
-
-
-def _locked_pass(
-    key_range: KeyRange, shards: list[int], limit: int | None, page_bytes: int, items: ScanItems,
-    lock: list[Send], renew_every: float,
-) -> Generator[Round, Any, BaseException | None]:
-    """The pass under the range lock, into ``items``; the first error among the replies,
-    else None. Every round renews the lock while it waits (Round.keep): a page may wait
-    for a writer prepared in the range, which itself may wait for this lock a moment."""
-    paged = PagedPass(key_range, shards, limit, True, page_bytes)
-    while not paged.done:
-        replies = yield Round("scan", paged.sends(), keep=lock, keep_every=renew_every)
-        try:
-            paged.feed(replies)
-        except Exception as exc:  # noqa: BLE001 - a reply's error: release, then raise it
-            return exc
-        items += paged.ready()
-    return None
 
 
 def _until_unlocked(name: str, sends: list[Send]) -> Generator[Round, Any, list[Any]]:
