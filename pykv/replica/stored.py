@@ -131,6 +131,10 @@ class StoredShardState(ShardState):
         self._since_release = 0
         self._runs = _Runs(self.remembered)
         self._watermarks_stored = False  # whether the storage holds the _WATERMARKS row
+        # The applied index the storage holds. Entries with no command (a new leader's
+        # first, a membership change) advance applied_index without a row, and a
+        # checkpoint must still record them: Raft may drop the log up to that index.
+        self._applied_stored = 0
         self._load_metadata()
 
     # --- loading ------------------------------------------------------------------------------
@@ -143,7 +147,7 @@ class StoredShardState(ShardState):
             kind, rest = key[1:2], key[2:]
             value = unpack(stored.value)
             if key == _APPLIED:
-                self.applied_index = value
+                self.applied_index = self._applied_stored = value
             elif kind == _RUNS[1:]:
                 self._runs.loaded(_TXID.unpack(rest)[0], value)
                 for entry in value:
@@ -188,7 +192,7 @@ class StoredShardState(ShardState):
     def flush(self) -> None:
         """Write every command applied since the last flush as ONE atomic storage record,
         ending with the applied index."""
-        if not self._rows:
+        if not self._rows and self.applied_index == self._applied_stored:
             return
         latest: dict[bytes, Update] = {}
         born: list[bytes] = []  # prepared-transaction records first written in this run
@@ -209,6 +213,7 @@ class StoredShardState(ShardState):
             latest[row.key] = row
         latest[_WATERMARKS] = self._watermarks_row()
         latest[_APPLIED] = Update(_APPLIED, pack(self.applied_index), b"", 0)
+        self._applied_stored = self.applied_index
         self._rows, self._deferred_rows = [], {}
         lsn = self.store.submit(list(latest.values()))
         self._overlay.clear()
@@ -346,6 +351,7 @@ class StoredShardState(ShardState):
         rows += [Update(_meta_key("u", t), _record_bytes(t, u), b"", 0) for t, u in self.unfinished.items()]
         self._batch = []
         self._submit_bounded(rows)
+        self._applied_stored = self.applied_index
         self.make_durable()
 
     # --- durability and lifetime ------------------------------------------------------------------

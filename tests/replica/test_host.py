@@ -388,3 +388,29 @@ def test_a_group_that_leaves_while_restoring_is_destroyed_once_the_restore_ends(
     work()
     then(None)
     assert not group.state.path.exists()
+
+
+def test_a_stored_shard_snapshotted_right_after_entries_with_no_command_restarts(tmp_path):
+    # A new leader's first entry (and a membership change) carries no command. A snapshot
+    # taken right after one must still find the storage at its index after a crash: the
+    # checkpoint has to record the applied index even when no command changed a row.
+    c = Cluster(tmp_path, stored=True)
+    for i in range(3):
+        c.commit(i + 1, f"k{i}", i)
+    old = c.leader()
+    c.crash(old.node_id)
+    c.run_until(lambda: c.leader() is not None)
+    leader = c.leader()
+    group = leader.groups[GROUP]
+    c.run_until(lambda: group.state.applied_index == group.raft.last_index())
+    last = group.raft.log.entry(group.state.applied_index)
+    assert last.data is None  # the new term's empty entry is the last one applied
+    leader.snapshot_group(group)
+    assert group.snapshot_index == group.state.applied_index
+    c.crash(leader.node_id)
+    c.start(leader.node_id)  # raised CorruptData: "storage at index 4, behind its snapshot at 5"
+    restarted = c.hosts[leader.node_id].groups[GROUP]
+    assert restarted.state.applied_index >= group.snapshot_index
+    c.start(old.node_id)
+    c.commit(99, "after", "x")
+    c.run_until(lambda: all(c.value(n, "k2") == 2 and c.value(n, "after") == "x" for n in (1, 2, 3)))
