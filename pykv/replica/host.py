@@ -238,11 +238,7 @@ class ReplicaHost:
         raft = RaftNode(self.node_id, state=state, config=self.raft_config, rng=self.rng, group=gid)
         sm = (state_type or self.state_factory)(gid)
         sm.clock = self.clock
-        if (
-            state.snapshot is not None
-            and state.snapshot.data is not None
-            and sm.applied_index < state.snapshot.meta.index
-        ):
+        if state.snapshot is not None and sm.applied_index < state.snapshot.meta.index:
             # A durable state machine may already be past the snapshot: then it is kept.
             with open_image(state.snapshot.data) as image:
                 if image is None:
@@ -672,7 +668,7 @@ class ReplicaHost:
             return  # a snapshot is on its way: compacted once it has arrived
         applied = group.state.applied_index
         since = applied - group.snapshot_index
-        if since < self.snapshot_every or group.raft.applied_index < applied:
+        if since < self.snapshot_every:
             return
         if since < 2 * self.snapshot_every and _installing(group.raft):
             # A follower is installing a snapshot that has arrived: leave it the entries
@@ -680,12 +676,15 @@ class ReplicaHost:
             return
         self.snapshot_group(group)
 
-    def snapshot_group(self, group: Group) -> None:
-        """Snapshot the state machine durably, then let Raft drop the log before it."""
+    def snapshot_group(self, group: Group) -> bool:
+        """Snapshot the state machine durably, then let Raft drop the log before it; False
+        if there is nothing new to snapshot."""
         index = group.state.applied_index
         term = group.raft.log.term(index)
-        if term is None or index <= group.raft.log.offset:
-            return
+        if term is None or index <= group.raft.log.offset or group.raft.applied_index < index:
+            # The last case: a restarted durable state is past what Raft has handed out
+            # again so far, and Raft compacts only what it has applied.
+            return False
         group.state.make_durable()  # the log below index may go only once the state is safe
         meta = SnapshotMeta(index, term, group.raft.conf_at(index))
         if group.state.durable:
@@ -698,6 +697,7 @@ class ReplicaHost:
         group.snapshot_index = index
         self.log.compacted(group.gid, index)
         self.log.truncate()
+        return True
 
     # --- diagnostics --------------------------------------------------------------------------
 

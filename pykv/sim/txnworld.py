@@ -102,6 +102,11 @@ class TxnSimParams:
     scan_page_bytes: int = 128
     renew_every: float | None = None  # seconds between renewals of a scan's lock; None: recovery_after / 4
     snapshot_every: int = 25  # applied entries between snapshots: exercises InstallSnapshot
+    # Mean virtual seconds between compactions of a random replica at whatever index it has
+    # applied (0: none), as a membership change (ADD_LEARNER) takes one: not only after
+    # ``snapshot_every`` commands, but also right after entries with no command (a new
+    # leader's first, a membership change), which a stored shard must checkpoint too.
+    compact_every: float = 0.0
     # Shard values on disk (pykv.replica.stored, in a temporary directory) rather than in
     # memory: a crash then loses the applied commands a replica had not yet written.
     stored: bool = False
@@ -136,7 +141,9 @@ TXN_MIXES = {
     "recovery-race": TxnSimParams(recovery_after=0.15, loss=0.08),
     "lossy": TxnSimParams(loss=0.2, attempt_timeout=0.15),
     "snapshots": TxnSimParams(snapshot_every=5, crash_every=1.0),
-    "stored": TxnSimParams(stored=True, snapshot_every=15, crash_every=1.5, power_loss=0.5),
+    "stored": TxnSimParams(
+        stored=True, snapshot_every=15, crash_every=1.5, power_loss=0.5, compact_every=0.1
+    ),
     # Shards remember only the last 2 txids: retries and recovery reach forgotten ones. A
     # participant whose FINISH died with its coordinator's node asks for the decision
     # only after 3 s, when the coordinator shard has decided many more since (six
@@ -318,6 +325,8 @@ class TxnWorld:
         if p.moves_every:
             self.spawn(self._mover())
         self.at(self.rng.expovariate(1 / p.crash_every), self._crash_some)
+        if p.compact_every:
+            self.at(self.rng.expovariate(1 / p.compact_every), self._compact_some)
         self.at(self.rng.expovariate(1 / p.partition_every), self._partition_some)
         self.at(p.recovery_after / 4, self._recover)
         self.at(p.fault_time, self._heal)
@@ -477,13 +486,29 @@ class TxnWorld:
     def _crash_some(self) -> None:
         if not self.faulty:
             return
-        alive = [n for n in self.ids if self.hosts.get(n) is not None]
-        if len(alive) == len(self.ids):  # at most one node down at a time: a quorum stays
-            victim = self.rng.choice(alive)
+        self._crash_for_a_while(self.rng.choice(self.ids))
+        self.at(self.rng.expovariate(1 / self.p.crash_every), self._crash_some)
+
+    def _crash_for_a_while(self, victim: int) -> None:
+        """Crash ``victim`` and restart it 0.3 to 2 s later, if no node is down: at most one
+        is at a time, so a quorum stays."""
+        if all(self.hosts.get(n) is not None for n in self.ids):
             self._crash(victim)
             self.events["crashes"] += 1
             self.at(self.rng.uniform(0.3, 2.0), lambda: self._start(victim))
-        self.at(self.rng.expovariate(1 / self.p.crash_every), self._crash_some)
+
+    def _compact_some(self) -> None:
+        if not self.faulty:
+            return
+        alive = [h for h in self.hosts.values() if h is not None]
+        groups = [(h, g) for h in alive for g in h.groups.values() if g.restoring is None and not g.sending]
+        if groups:
+            host, group = self.rng.choice(groups)
+            if host.snapshot_group(group):
+                self.events["compactions at any index"] += 1
+                if self.rng.random() < 0.2:  # and the node dies before writing anything more
+                    self._crash_for_a_while(host.node_id)
+        self.at(self.rng.expovariate(1 / self.p.compact_every), self._compact_some)
 
     def _partition_some(self) -> None:
         if not self.faulty:

@@ -414,3 +414,23 @@ def test_a_stored_shard_snapshotted_right_after_entries_with_no_command_restarts
     c.start(old.node_id)
     c.commit(99, "after", "x")
     c.run_until(lambda: all(c.value(n, "k2") == 2 and c.value(n, "after") == "x" for n in (1, 2, 3)))
+
+
+def test_a_restarted_replica_declines_to_snapshot_until_raft_has_applied_its_state_again(tmp_path):
+    # A stored shard restarts at its storage's applied index, ahead of what Raft has handed
+    # out again (none of its log yet). A snapshot then (an ADD_LEARNER takes one, and the
+    # replica may lead by then) must wait rather than ask Raft to compact entries it has
+    # not applied, which raised RaftInvariantError.
+    c = Cluster(tmp_path, stored=True)
+    for i in range(5):
+        c.commit(i + 1, f"k{i}", i)
+    c.run_until(lambda: c.value(3, "k4") == 4)
+    c.hosts[3].groups[GROUP].state.make_durable()
+    c.crash(3)
+    c.start(3)
+    group = c.hosts[3].groups[GROUP]
+    assert group.raft.applied_index < group.state.applied_index  # the window
+    assert c.hosts[3].snapshot_group(group) is False
+    c.run_until(lambda: group.raft.applied_index >= group.state.applied_index)
+    assert c.hosts[3].snapshot_group(group) is True
+    assert group.snapshot_index == group.state.applied_index
