@@ -245,11 +245,7 @@ def test_power_losses_cut_what_stored_shards_had_not_checkpointed(monkeypatch):
     off) keeps its last checkpoint and a random prefix of what it wrote after. The host
     checkpoints a shard before Raft drops the log up to it (make_durable), so the log
     replays the rest; a host that did not would lose commands nobody holds any more."""
-    seen: Counter = Counter()
-    for seed in range(2):
-        result = run_txn_seed(seed, TXN_MIXES["stored"])
-        assert result.ok, f"seed {seed}: {result.kind}: {result.detail}"
-        seen.update(result.events)
+    seen = _events_of_passing_runs(TXN_MIXES["stored"], seeds=2)
     assert seen["power losses"] > 0 and seen["storage bytes lost to power losses"] > 0, seen
 
     monkeypatch.setattr(StoredShardState, "make_durable", lambda self: self.flush())
@@ -262,11 +258,7 @@ def test_compactions_at_any_index_and_the_crashes_after_them_lose_nothing(monkey
     entries that carry no command (a new leader's first, a membership change) must find
     the storage at its index on restart. A checkpoint that records the applied index only
     with a command's rows (as before the fix) leaves it behind its snapshot."""
-    seen: Counter = Counter()
-    for seed in range(2):
-        result = run_txn_seed(seed, TXN_MIXES["stored"])
-        assert result.ok, f"seed {seed}: {result.kind}: {result.detail}"
-        seen.update(result.events)
+    seen = _events_of_passing_runs(TXN_MIXES["stored"], seeds=2)
     assert seen["compactions at any index"] > 0 and seen["crashes"] > 0, seen
 
     real_flush = StoredShardState.flush
@@ -277,6 +269,16 @@ def test_compactions_at_any_index_and_the_crashes_after_them_lose_nothing(monkey
 
     monkeypatch.setattr(StoredShardState, "flush", flush_only_rows)
     assert _caught(TXN_MIXES["stored"], seeds=6)
+
+
+def _events_of_passing_runs(params, *, seeds: int) -> Counter:
+    """The events of the first ``seeds`` runs, each of which must pass its check."""
+    seen: Counter = Counter()
+    for seed in range(seeds):
+        result = run_txn_seed(seed, params)
+        assert result.ok, f"seed {seed}: {result.kind}: {result.detail}"
+        seen.update(result.events)
+    return seen
 
 
 def _caught(params, *, seeds: int) -> bool:
