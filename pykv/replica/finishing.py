@@ -7,16 +7,23 @@ here. The commits that every participant answered ride on the group's next COMMI
 (``commit_decide_args``: under load, no command of their own, and most are released
 before the state machine ever writes them down); those still waiting when the node sweeps
 go in a RELEASE command. The sweep also sends FINISH again for commits that stayed
-unfinished too long (a lost FINISH or answer, a new leader that never sent them). Sans-I/O: the node (pykv.server.node) and the
-transaction simulator (pykv.sim.txnworld) do the sending and the proposing.
+unfinished too long (a lost FINISH or answer, a new leader that never sent them), and
+finds the prepared transactions whose coordinator went quiet, to settle with the
+coordinator shard. Sans-I/O: ``sweep`` says what is owed, and the node (pykv.server.node)
+and the transaction simulator (pykv.sim.txnworld) do the sending and the proposing.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pykv.replica.shard import ShardState
+from pykv.replica.shard import Prepared, ShardState
+
+if TYPE_CHECKING:
+    from pykv.replica.host import Group
 
 
 class FinishTracker:
@@ -67,3 +74,44 @@ class FinishTracker:
         for txid, unfinished in list(state.unfinished.items()):
             if now - unfinished.since >= after and (group, txid) not in self._waiting:
                 yield txid, unfinished.participants
+
+
+@dataclass
+class Sweep:
+    """The two-phase-commit work a node's leaders owe now (``sweep``)."""
+
+    releases: list[tuple[int, list[int]]] = field(default_factory=list)  # (group, txids): RELEASE
+    finish_again: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (group, txid,
+    # participants): FINISH again, as for a commit just decided
+    settle: list[tuple[int, int, Prepared]] = field(default_factory=list)  # (group, txid,
+    # prepared): ask its coordinator shard for the decision, then FINISH with it
+
+
+def sweep(
+    groups: Mapping[int, Group],
+    finishes: FinishTracker,
+    now: float,
+    after: float,
+    settling: Collection[tuple[int, int]],
+    skip: Collection[int] = (),
+) -> Sweep:
+    """What the groups this node leads owe, every ``after`` / 4 seconds: release the commits
+    every participant applied, send FINISH again for those unfinished ``after`` seconds,
+    and settle the transactions prepared that long (but not those in ``settling``, whose
+    settling is under way). Releases of groups led elsewhere now are left to their leader's
+    sweep; ``skip``: groups with no transactions (the metadata group)."""
+    work = Sweep()
+    for gid, txids in finishes.take_releases().items():
+        group = groups.get(gid)
+        if group is not None and group.raft.is_leader():
+            work.releases.append((gid, txids))
+    for gid, group in groups.items():
+        if gid in skip or not group.raft.is_leader():
+            continue
+        state = group.state
+        work.finish_again += [(gid, txid, others) for txid, others in finishes.overdue(gid, state, now, after)]
+        work.settle += [
+            (gid, txid, prepared) for txid, prepared in state.prepared.items()
+            if now - prepared.since >= after and (gid, txid) not in settling
+        ]
+    return work

@@ -80,7 +80,7 @@ from pykv.raft.errors import NotLeader
 from pykv.raft.messages import Message, Role
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
-from pykv.replica.finishing import FinishTracker
+from pykv.replica.finishing import FinishTracker, sweep
 from pykv.replica.host import Done, ReplicaHost, snapshot_every_for
 from pykv.replica.meta import SET_MAP, MetaState, meta_replicas
 from pykv.replica.shard import COMMIT as CMD_COMMIT
@@ -783,45 +783,35 @@ class Node:
         else:
             answered(outcome, None)
 
-    def _release_finished(self, now: float) -> None:
+    def _sweep(self, now: float) -> None:
         """Release the commits every participant applied that no COMMIT_DECIDE carried;
         send FINISH again for those unfinished too long (a lost FINISH or answer, or decided
-        under an earlier leader)."""
+        under an earlier leader); settle the transactions prepared too long (pykv.replica
+        .finishing.sweep)."""
         host = self.host
         assert host is not None
-        for gid, txids in self.finishes.take_releases().items():
-            group = host.groups.get(gid)
-            if group is not None and group.raft.is_leader():
-                with contextlib.suppress(NotLeader, Unavailable):  # the next leader sweeps
-                    self._propose_to(gid, CMD_RELEASE, [txids], _nobody_waits)
-        for gid, group in list(host.groups.items()):
-            if gid == META_GROUP or not group.raft.is_leader():
-                continue
-            for txid, others in self.finishes.overdue(gid, group.state, now, self.config.recovery_after):
-                self._finish_decided(True, gid, txid, others)
+        work = sweep(
+            host.groups, self.finishes, now, self.config.recovery_after, self._resolving,
+            skip=(META_GROUP,),
+        )
+        for gid, txids in work.releases:
+            with contextlib.suppress(NotLeader, Unavailable):  # the next leader sweeps
+                self._propose_to(gid, CMD_RELEASE, [txids], _nobody_waits)
+        for gid, txid, others in work.finish_again:
+            self._finish_decided(True, gid, txid, others)
+        for gid, txid, prepared in work.settle:
+            self._resolving.add((gid, txid))
+            self._background_task(self._settle(
+                gid, txid, prepared.coordinator_shard, prepared.request.timestamp
+            ))
 
     # --- 2PC recovery ---------------------------------------------------------------------------
 
     async def _recover_prepared(self) -> None:
-        """Settle prepared transactions whose coordinator went quiet (crashed client)."""
-        host = self.host
-        assert host is not None
+        """Sweep (``_sweep``) every recovery_after / 4 seconds, until the node stops."""
         while not self._stopping:
             await asyncio.sleep(self.config.recovery_after / 4)
-            now = time.monotonic()
-            self._release_finished(now)
-            for gid, group in list(host.groups.items()):
-                if not group.raft.is_leader():
-                    continue
-                for txid, prepared in list(group.state.prepared.items()):
-                    if now - prepared.since < self.config.recovery_after:
-                        continue
-                    if (gid, txid) in self._resolving:
-                        continue
-                    self._resolving.add((gid, txid))
-                    asyncio.get_running_loop().create_task(self._settle(
-                        gid, txid, prepared.coordinator_shard, prepared.request.timestamp
-                    ))
+            self._sweep(time.monotonic())
 
     async def _settle(self, gid: int, txid: int, coordinator_shard: int, timestamp: int) -> None:
         try:

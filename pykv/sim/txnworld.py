@@ -9,7 +9,7 @@ lists, append a unique element to each) and commit them as ``pykv.client.cluster
 one COMMIT on a single shard, else PREPARE on the other participants, COMMIT_DECIDE on the
 coordinator shard, whose leader then sends FINISH (``Node._finish_decided``) and releases
 the commit once every participant applied it, sending FINISH again for commits left
-unfinished (``Node._release_finished``); nodes settle prepared transactions whose
+unfinished (``Node._sweep``); nodes settle prepared transactions whose
 coordinator went quiet as ``Node._settle`` does (DECIDE abort, then FINISH with what the
 coordinator shard recorded). A scanner takes consistent scans of
 every list as ``KeyValueStore.scan`` does (``ScanPasses``: passes over every shard until two
@@ -52,7 +52,7 @@ from pykv.raft.errors import NotLeader
 from pykv.raft.messages import PersistentState, Snapshot
 from pykv.replica.commitflow import SCAN, Round, commit_rounds, scan_rounds
 from pykv.replica.durable import GroupWork
-from pykv.replica.finishing import FinishTracker
+from pykv.replica.finishing import FinishTracker, sweep
 from pykv.replica.host import ReplicaHost
 from pykv.replica.shard import (
     COMMIT,
@@ -641,26 +641,6 @@ class TxnWorld:
         status, outcome = yield from self._call(shard, FINISH, [txid, commit])
         finishes.answered(group, txid, shard, status == "ok" and outcome is None)
 
-    def _release_finished(self) -> None:
-        """Every leader releases what its participants applied and sweeps the commits left
-        unfinished too long (Node._release_finished)."""
-        for node, host in self.hosts.items():
-            if host is None:
-                continue
-            finishes = self.finishes[node]
-            for gid, txids in finishes.take_releases().items():
-                group = host.groups.get(gid)  # a replica that moved away since: its new leader sweeps
-                if group is not None and group.raft.is_leader():
-                    with contextlib.suppress(Unavailable):  # the next leader sweeps them
-                        host.propose(gid, RELEASE, [txids], lambda result, error: None)
-                        self.events["releases proposed"] += 1
-            for gid, group in host.groups.items():
-                if group.raft.is_leader():
-                    for txid, others in finishes.overdue(gid, group.state, self.now, self.p.recovery_after):
-                        self.events["unfinished commits swept"] += 1
-                        self._finish_decided(node, True, gid, txid, others)
-            self._cycle(node)
-
     def _call(self, group: int, kind: str, args: list) -> Task:
         """One request to a shard's leader, retried as pykv.client.router does, until the
         call timeout: ``("ok", result)``, or ``("unknown", None)`` when it gave up."""
@@ -814,20 +794,25 @@ class TxnWorld:
         self.history.append(Txn(txid, tuple(ops), committed, start, end))
 
     def _recover(self) -> None:
-        """Every leader settles transactions prepared for too long (Node._recover_prepared)."""
-        self._release_finished()
+        """Every node sweeps as Node._sweep does (pykv.replica.finishing.sweep): releases,
+        FINISH again for commits left unfinished, settling of transactions prepared too long."""
         for node, host in self.hosts.items():
             if host is None:
                 continue
-            for gid, group in host.groups.items():
-                if not group.raft.is_leader():
-                    continue
-                for txid, prepared in group.state.prepared.items():
-                    if self.now - prepared.since >= self.p.recovery_after and (gid, txid) not in self._settling:
-                        self._settling.add((gid, txid))
-                        self.spawn(self.node_task(node, self._settle(
-                            gid, txid, prepared.coordinator_shard, prepared.request.timestamp
-                        )))
+            work = sweep(host.groups, self.finishes[node], self.now, self.p.recovery_after, self._settling)
+            for gid, txids in work.releases:
+                with contextlib.suppress(Unavailable):  # the next leader sweeps them
+                    host.propose(gid, RELEASE, [txids], lambda result, error: None)
+                    self.events["releases proposed"] += 1
+            for gid, txid, others in work.finish_again:
+                self.events["unfinished commits swept"] += 1
+                self._finish_decided(node, True, gid, txid, others)
+            for gid, txid, prepared in work.settle:
+                self._settling.add((gid, txid))
+                self.spawn(self.node_task(node, self._settle(
+                    gid, txid, prepared.coordinator_shard, prepared.request.timestamp
+                )))
+            self._cycle(node)
         if self.p.moves_every:
             self._drop_stale_replicas()
         self.at(self.p.recovery_after / 4, self._recover)
