@@ -105,6 +105,11 @@ from pykv.storage.maintenance import Maintainer
 from pykv.txn.model import SCAN_PAGE_BYTES, CommitRequest, KeyRange
 
 log = logging.getLogger("pykv.node")
+# The loop's clock and timers run in whole milliseconds (libuv): a timer may fire up to 1 ms
+# before a deadline set in finer time. A tick that was due within this much is taken then;
+# otherwise the driver would set the timer again with a delay under 1 ms, which fires at
+# once, and spin on the loop until the clock reached the deadline.
+_TIMER_SLACK = 0.001
 # Once every group is where the shard map places it, the metadata leader re-checks them all
 # only this often (each check asks every group's leader for its members).
 RECHECK_PLACED_S = 10.0
@@ -446,7 +451,7 @@ class Node:
         next_tick = loop.time() + tick
         while not self._stopping:
             now = loop.time()
-            if now >= next_tick:
+            if now + _TIMER_SLACK >= next_tick:
                 host.tick()
                 next_tick = max(next_tick + tick, now + tick / 2)
             batch = host.collect(load_snapshots=False)  # images stream in chunks (_send)
