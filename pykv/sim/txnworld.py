@@ -107,6 +107,10 @@ class TxnSimParams:
     # ``snapshot_every`` commands, but also right after entries with no command (a new
     # leader's first, a membership change), which a stored shard must checkpoint too.
     compact_every: float = 0.0
+    # Mean virtual seconds between leadership transfers of a random group to another of its
+    # voters (0: none), as an operator or the placement driver asks: the new leader starts
+    # with an entry that carries no command, while commits and compactions go on.
+    transfer_every: float = 0.0
     # Shard values on disk (pykv.replica.stored, in a temporary directory) rather than in
     # memory: a crash then loses the applied commands a replica had not yet written.
     stored: bool = False
@@ -142,7 +146,8 @@ TXN_MIXES = {
     "lossy": TxnSimParams(loss=0.2, attempt_timeout=0.15),
     "snapshots": TxnSimParams(snapshot_every=5, crash_every=1.0),
     "stored": TxnSimParams(
-        stored=True, snapshot_every=15, crash_every=1.5, power_loss=0.5, compact_every=0.1
+        stored=True, snapshot_every=15, crash_every=1.5, power_loss=0.5, compact_every=0.1,
+        transfer_every=0.5,
     ),
     # Shards remember only the last 2 txids: retries and recovery reach forgotten ones. A
     # participant whose FINISH died with its coordinator's node asks for the decision
@@ -327,6 +332,8 @@ class TxnWorld:
         self.at(self.rng.expovariate(1 / p.crash_every), self._crash_some)
         if p.compact_every:
             self.at(self.rng.expovariate(1 / p.compact_every), self._compact_some)
+        if p.transfer_every:
+            self.at(self.rng.expovariate(1 / p.transfer_every), self._transfer_some)
         self.at(self.rng.expovariate(1 / p.partition_every), self._partition_some)
         self.at(p.recovery_after / 4, self._recover)
         self.at(p.fault_time, self._heal)
@@ -509,6 +516,25 @@ class TxnWorld:
                 if self.rng.random() < 0.2:  # and the node dies before writing anything more
                     self._crash_for_a_while(host.node_id)
         self.at(self.rng.expovariate(1 / self.p.compact_every), self._compact_some)
+
+    def _transfer_some(self) -> None:
+        if not self.faulty:
+            return
+        led = [
+            (node, gid, group) for node, host in self.hosts.items() if host is not None
+            for gid, group in host.groups.items() if group.raft.is_leader() and group.restoring is None
+        ]
+        if led:
+            node, gid, group = self.rng.choice(led)
+            others = sorted(n for n in group.raft.conf.voters if n != node)
+            if others:
+                target = self.rng.choice(others)
+                host = self.hosts[node]
+                assert host is not None
+                host.change_membership(gid, Step(StepKind.TRANSFER_LEADER, target), lambda r, e: None)
+                self.events["leadership transfers"] += 1
+                self._cycle(node)
+        self.at(self.rng.expovariate(1 / self.p.transfer_every), self._transfer_some)
 
     def _partition_some(self) -> None:
         if not self.faulty:

@@ -254,12 +254,14 @@ def test_power_losses_cut_what_stored_shards_had_not_checkpointed(monkeypatch):
 
 def test_compactions_at_any_index_and_the_crashes_after_them_lose_nothing(monkeypatch):
     """The "stored" mix also compacts random replicas at whatever they have applied (as an
-    ADD_LEARNER does), sometimes crashing the node right after: a snapshot taken just after
+    ADD_LEARNER does), sometimes crashing the node right after, and moves leaderships about
+    (each new leader's first entry carries no command): a snapshot taken just after
     entries that carry no command (a new leader's first, a membership change) must find
     the storage at its index on restart. A checkpoint that records the applied index only
     with a command's rows (as before the fix) leaves it behind its snapshot."""
     seen = _events_of_passing_runs(TXN_MIXES["stored"], seeds=2)
     assert seen["compactions at any index"] > 0 and seen["crashes"] > 0, seen
+    assert seen["leadership transfers"] > 0, seen  # each new leader's first entry has no command
 
     real_flush = StoredShardState.flush
 
