@@ -14,7 +14,8 @@ to the embedded store), never asserted.
 
 An idle cluster's groups quiesce (no ticks, no heartbeats; only one keepalive per node pair);
 ``--idle`` reports what each node still spends (ms of CPU per second, and per hosted group),
-the price of hosting many shards.
+the price of hosting many shards, against a bare uvloop process ticking as often (same run),
+and how many times a second node 1's loop polls.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,16 +61,20 @@ def _free_base_port(count: int) -> int:
 def _cluster_costs(config: ClusterConfig, data: Path, addresses: list[str]) -> dict:
     """Counters summed over the nodes, and the nodes' CPU seconds (user + system) so far."""
     totals: dict[str, float] = {"node_cpu_s": 0.0}
-    tick = os.sysconf("SC_CLK_TCK")
     for pid in running_nodes(config, data).values():
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        totals["node_cpu_s"] += (int(fields[11]) + int(fields[12])) / tick
+        totals["node_cpu_s"] += _cpu_seconds(pid)
     for address in addresses:
         for name, value in fetch_status(address).get("counters", {}).items():
             totals[name] = totals.get(name, 0) + value
     totals["client_cpu_s"] = time.process_time()
     return totals
+
+
+def _cpu_seconds(pid: int) -> float:
+    """A process's CPU seconds so far (user + system)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _per_txn(before: dict, after: dict, committed: int) -> dict:
@@ -107,8 +115,29 @@ def bench_cluster(
             cluster_down(data)
 
 
+# The baseline of an idle node: a bare uvloop process that only wakes every 10 ms (a
+# node's tick), the least a ticking node can cost.
+_TICKING_LOOP = """
+import asyncio, uvloop
+async def main():
+    while True:
+        await asyncio.sleep(0.01)
+uvloop.run(main())
+"""
+
+
 def bench_idle(partitions: int, seconds: float = 5.0) -> dict:
-    """CPU that each node of an idle 3-node cluster spends per second (ticks, heartbeats)."""
+    """CPU that each node of an idle 3-node cluster spends per second (ticks, keepalives),
+    against a bare loop ticking as often, and how often node 1's loop polls (strace)."""
+    ticking = subprocess.Popen([sys.executable, "-c", _TICKING_LOOP])
+    try:
+        time.sleep(1.0)
+        before = _cpu_seconds(ticking.pid)
+        time.sleep(seconds)
+        loop_ms_per_s = (_cpu_seconds(ticking.pid) - before) / seconds * 1000
+    finally:
+        ticking.kill()
+        ticking.wait()
     with tempfile.TemporaryDirectory(prefix="pykv-bench-idle-") as tmp:
         data = Path(tmp)
         base = _free_base_port(3)
@@ -119,11 +148,26 @@ def bench_idle(partitions: int, seconds: float = 5.0) -> dict:
             before = _cluster_costs(cluster, data, addresses)["node_cpu_s"]
             time.sleep(seconds)
             spent = _cluster_costs(cluster, data, addresses)["node_cpu_s"] - before
+            polls = _polls_per_second(running_nodes(cluster, data)[1])
         finally:
             cluster_down(data)
     per_node = spent / 3 / seconds * 1000
     return {"partitions": partitions, "node_cpu_ms_per_s": round(per_node, 1),
-            "node_cpu_ms_per_s_per_group": round(per_node / (partitions + 1), 3)}
+            "node_cpu_ms_per_s_per_group": round(per_node / (partitions + 1), 3),
+            "ticking_loop_cpu_ms_per_s": round(loop_ms_per_s, 1),
+            "node_over_ticking_loop": round(per_node / loop_ms_per_s, 2) if loop_ms_per_s else None,
+            "node1_epoll_calls_per_s": polls}
+
+
+def _polls_per_second(pid: int, seconds: float = 2.0) -> float | None:
+    """How often the process's main thread polls its loop (None without strace)."""
+    if shutil.which("strace") is None:
+        return None
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
+        subprocess.run(["timeout", "-s", "INT", str(seconds), "strace", "-c", "-e", "trace=epoll_pwait,epoll_wait",
+                        "-p", str(pid), "-o", out.name], capture_output=True, check=False)
+        rows = [line.split() for line in out.read().splitlines() if "epoll" in line]
+    return round(sum(int(r[3]) for r in rows if len(r) >= 5) / seconds, 1) if rows else None
 
 
 def bench_embedded(clients: int, duration: float, keys: int = 100_000) -> dict:
