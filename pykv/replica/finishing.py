@@ -80,11 +80,12 @@ class FinishTracker:
 class Sweep:
     """The two-phase-commit work a node's leaders owe now (``sweep``)."""
 
-    releases: list[tuple[int, list[int]]] = field(default_factory=list)  # (group, txids): RELEASE
-    finish_again: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (group, txid,
-    # participants): FINISH again, as for a commit just decided
-    settle: list[tuple[int, int, Prepared]] = field(default_factory=list)  # (group, txid,
-    # prepared): ask its coordinator shard for the decision, then FINISH with it
+    # (group, txids) to release with a RELEASE command.
+    releases: list[tuple[int, list[int]]] = field(default_factory=list)
+    # (group, txid, participants) to send FINISH again, as for a commit just decided.
+    finish_again: list[tuple[int, int, list[int]]] = field(default_factory=list)
+    # (group, txid, prepared) to settle: ask the coordinator shard, then FINISH with that.
+    settle: list[tuple[int, int, Prepared]] = field(default_factory=list)
 
 
 def sweep(
