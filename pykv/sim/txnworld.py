@@ -21,7 +21,9 @@ clients that vanish between their prepares and their decision; time is virtual a
 replays exactly. A node's disk keeps what its driver persisted (the Raft world covers torn
 fsyncs of the Raft log); a crash loses the node's memory: its Raft state, shard state
 machines and everything in flight. With stored shards some crashes are power losses: each
-shard's storage (fsync off) keeps only its last checkpoint and a random prefix of the rest.
+shard's storage (fsync off) keeps only its last checkpoint and a random prefix of the rest;
+that mix also compacts random replicas at whatever index they have applied (some nodes
+crash right after) and transfers the leadership of random groups.
 
 Checked after the faults heal and the cluster settles: the history of every transaction
 whose client learned its fate, and of those it did not, is strictly serializable
