@@ -41,7 +41,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from pykv.cluster.shardmap import Step, StepKind, next_step
 from pykv.errors import Error, Timeout, Unavailable, by_name
 from pykv.raft import Message, RaftConfig
 from pykv.raft.errors import NotLeader
-from pykv.raft.messages import PersistentState, Snapshot
+from pykv.raft.messages import HardState, PersistentState, Snapshot
 from pykv.replica.commitflow import SCAN, Round, commit_rounds, scan_rounds
 from pykv.replica.durable import GroupWork
 from pykv.replica.finishing import FinishTracker, sweep
@@ -201,17 +201,26 @@ class SimDisk:
     """One node's durable Raft state (the NodeLog interface the host uses), in memory. It
     keeps what NodeLog would recover: a snapshot keeps the entries after its index, and new
     entries replace the stored log from their first index (pykv.sim.world.Disk models one
-    group's torn writes instead, and drops every entry at a snapshot as Raft's log does)."""
+    group's torn writes instead, and drops every entry at a snapshot as Raft's log does).
+    A hard state written without waiting (``persist(wait=False)``: only a commit index, as
+    the node writes it) is lost in a power loss until a later fsync covers it."""
 
     def __init__(self) -> None:
         self.states: dict[int, PersistentState] = {}
+        # Per group, the hard state last fsync'd, where a write without waiting (only a
+        # commit index, as the node writes it) has changed it since: a power loss keeps that.
+        self.unsynced: dict[int, HardState] = {}
 
     def persistent_state(self, group: int) -> PersistentState | None:
         return self.states.get(group)
 
     def persist(self, work: list[GroupWork], *, wait: bool = True) -> int:
+        if wait:
+            self.unsynced.clear()  # one fsync covers what was written before it
         for w in work:
             state = self.states.get(w.group, PersistentState())
+            if not wait and w.group in self.states:
+                self.unsynced.setdefault(w.group, state.hard_state)
             entries, snapshot = list(state.entries), state.snapshot
             if w.snapshot is not None:
                 snapshot = w.snapshot
@@ -222,6 +231,16 @@ class SimDisk:
             hard = w.hard_state if w.hard_state is not None else state.hard_state
             self.states[w.group] = PersistentState(hard, tuple(entries), snapshot)
         return 0
+
+    def lose_unsynced(self) -> int:
+        """A power loss: each group's commit index goes back to its last fsync'd value.
+        Returns how many groups lost one."""
+        for group, hard in self.unsynced.items():
+            state = self.states.get(group)
+            if state is not None:
+                self.states[group] = replace(state, hard_state=hard)
+        lost, self.unsynced = len(self.unsynced), {}
+        return lost
 
     def save_snapshot(self, group: int, snapshot: Snapshot) -> Any:
         state = self.states.get(group, PersistentState())
@@ -423,6 +442,8 @@ class TxnWorld:
                 state.store.close(checkpoint=False)
                 if power_lost:
                     self._cut_unsynced(state.path)
+            if power_lost:
+                self.events["commit indexes lost to power losses"] += self.disks[node].lose_unsynced()
 
     def _cut_unsynced(self, path: Path) -> None:
         """A power loss: the storage's WAL keeps what its last checkpoint fsync'd (every
@@ -470,7 +491,10 @@ class TxnWorld:
                 return
             self.events["snapshot installs"] += sum(rd.snapshot is not None for _, rd in batch.readies)
             self._send_raft(batch.early)
-            host.persist(batch)
+            if batch.must_wait():
+                host.persist(batch)
+            elif batch.must_sync():  # as the node: only commit indexes, not waited for
+                host.persist(batch, wait=False)
             self._send_raft(batch.late)
             host.apply(batch)
 
