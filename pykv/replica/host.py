@@ -123,6 +123,7 @@ class Group:
             "voters": sorted(raft.conf.voters),
             "learners": sorted(raft.conf.learners),
             "quiesced": raft.quiesced,
+            "snapshot": self.snapshot_index,  # the log before it is compacted away
         }
         if self.restoring is not None:  # the state is being replaced: none of it to report
             info.update(applied=0, prepared=0, unfinished=0, keys=0, restoring=True)

@@ -63,7 +63,7 @@ def test_a_leader_killed_right_after_snapshotting_its_first_entry_restarts(tmp_p
 
             def compacted_after_its_first_entry() -> bool:
                 group = cluster.status(new)["groups"]["0"]
-                return group["applied"] == group["commit"] == group["last_index"]
+                return group["snapshot"] == group["applied"] == group["last_index"] > commit
 
             _wait(compacted_after_its_first_entry, f"node {new} to apply its first entry")
             time.sleep(0.5)  # several flush intervals: nothing more is written
