@@ -491,10 +491,8 @@ class TxnWorld:
                 return
             self.events["snapshot installs"] += sum(rd.snapshot is not None for _, rd in batch.readies)
             self._send_raft(batch.early)
-            if batch.must_wait():
-                host.persist(batch)
-            elif batch.must_sync():  # as the node: only commit indexes, not waited for
-                host.persist(batch, wait=False)
+            # As the node: a batch that only moves commit indexes is not waited for.
+            host.persist(batch, wait=batch.must_wait())
             self._send_raft(batch.late)
             host.apply(batch)
 
