@@ -11,11 +11,16 @@ to the embedded store), never asserted.
     python3 benchmarks/bench_cluster.py --clients 64 --duration 10 [--partitions 16] [--state memory]
                                         [--threads: threads on pykv.connect, not pykv.aio]
     python3 benchmarks/bench_cluster.py --idle [--partitions 16 128]   # CPU of an idle cluster
+    python3 benchmarks/bench_cluster.py --latency [--ops 1000]   # one client, one op at a time
 
 An idle cluster's groups quiesce (no ticks, no heartbeats; only one keepalive per node pair);
 ``--idle`` reports what each node still spends (ms of CPU per second, and per hosted group),
 the price of hosting many shards, against a bare uvloop process ticking as often (same run),
 and how many times a second node 1's loop polls.
+
+``--latency`` is the other end: one client with one operation in flight (a get, a put, a
+transaction writing 2 keys, the 4-op transaction), p50/p90 of each, against the same on the
+embedded store (fsync="always") in the same run.
 """
 
 from __future__ import annotations
@@ -170,6 +175,60 @@ def _polls_per_second(pid: int, seconds: float = 2.0) -> float | None:
     return round(sum(int(r[3]) for r in rows if len(r) >= 5) / seconds, 1) if rows else None
 
 
+def _latencies(db: pykv.KeyValueStore, ops: int) -> dict:
+    """p50/p90 (ms) of each kind of operation, one at a time, on ``db``."""
+    counter = iter(range(1 << 62))
+
+    def get() -> None:
+        db.get(f"k{next(counter) % 1000}")
+
+    def put() -> None:
+        db.put(f"k{next(counter) % 1000}", b"x" * 100)
+
+    def two_writes() -> None:  # on two shards, mostly: prepare, then commit
+        i = next(counter)
+        with db.transaction() as tx:
+            tx.put(f"a{i}", i)
+            tx.put(f"b{i}", i)
+
+    def four_ops() -> None:  # the standard transaction: 2 reads, 2 writes
+        i = next(counter)
+        with db.transaction() as tx:
+            tx.get(f"k{i % 1000}")
+            tx.put(f"k{(i + 3) % 1000}", tx.get(f"k{(i + 7) % 1000}", 0))
+            tx.put(f"k{(i + 5) % 1000}", i)
+
+    out = {}
+    for name, op in (("get", get), ("put", put), ("txn_2_writes", two_writes), ("txn_4_ops", four_ops)):
+        for _ in range(min(50, ops)):  # warm: connections, the shard map, caches
+            op()
+        took = []
+        for _ in range(ops):
+            started = time.perf_counter()
+            op()
+            took.append((time.perf_counter() - started) * 1000)
+        took.sort()
+        out[name] = {"p50_ms": round(took[len(took) // 2], 3), "p90_ms": round(took[len(took) * 9 // 10], 3)}
+    return out
+
+
+def bench_latency(ops: int, partitions: int = 16) -> dict:
+    """One client, one operation at a time: the cluster's latencies against the embedded store's."""
+    with tempfile.TemporaryDirectory(prefix="pykv-bench-latency-") as tmp:
+        data = Path(tmp)
+        with pykv.open(data / "embedded") as db:
+            embedded = _latencies(db, ops)
+        base = _free_base_port(3)
+        try:
+            cluster_up(data / "cluster", 3, base, partitions=partitions)
+            with pykv.client.connect([f"127.0.0.1:{base}"], timeout=30) as db:
+                cluster = _latencies(db, ops)
+        finally:
+            cluster_down(data / "cluster")
+    ratios = {name: round(cluster[name]["p50_ms"] / max(embedded[name]["p50_ms"], 1e-9), 2) for name in cluster}
+    return {"cluster": cluster, "embedded": embedded, "cluster_over_embedded_p50": ratios}
+
+
 def bench_embedded(clients: int, duration: float, keys: int = 100_000) -> dict:
     config = WorkloadConfig(keys=keys, value_bytes=100, ops=4, clients=clients, duration=duration)
     with tempfile.TemporaryDirectory(prefix="pykv-bench-embedded-") as tmp:
@@ -198,6 +257,9 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, nargs="+", default=[16])
     parser.add_argument("--idle", action="store_true",
                         help="measure an idle cluster's CPU per node for each --partitions")
+    parser.add_argument("--latency", action="store_true",
+                        help="one client, one operation at a time: p50/p90 of each kind")
+    parser.add_argument("--ops", type=int, default=1000, help="operations of each kind for --latency")
     parser.add_argument("--state", choices=["storage", "memory"], default="storage")
     parser.add_argument("--threads", action="store_true",
                         help="drive the cluster from threads on one pykv.connect client "
@@ -208,6 +270,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.idle:
         print(json.dumps([bench_idle(p) for p in args.partitions]))
+        return
+    if args.latency:
+        print(json.dumps(bench_latency(args.ops, args.partitions[0])))
         return
     out = {"cluster": bench_cluster(args.clients, args.duration, args.partitions[0], state=args.state,
                                     threads=args.threads, reads=args.reads)}

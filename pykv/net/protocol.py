@@ -138,10 +138,12 @@ class FramedProtocol(asyncio.Protocol):
         """Queue one encoded frame; it leaves with every other one queued in this loop turn."""
         out = self._out
         if not out:
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         out.append(frame)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Hand what is queued to the transport now, not at the end of this loop turn (for
+        a caller about to block the loop)."""
         out, self._out = self._out, []
         transport = self.transport
         if out and transport is not None and not transport.is_closing():
@@ -150,7 +152,7 @@ class FramedProtocol(asyncio.Protocol):
     async def drain(self) -> None:
         """Send what is queued and wait while the transport's buffer is full: a writer of
         many large frames (a snapshot) waits here instead of buffering all of them."""
-        self._flush()
+        self.flush()
         if self._writable is not None and not self.closed:
             await asyncio.shield(self._writable)
 
@@ -177,7 +179,7 @@ class FramedProtocol(asyncio.Protocol):
         """Close after sending what is queued (exc: why, or None for a clean close)."""
         if self.closed:
             return
-        self._flush()
+        self.flush()
         self.closed = True
         self.closing(exc)
         if self.transport is not None:

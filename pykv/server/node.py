@@ -174,10 +174,12 @@ class _Peer:
         self._connecting = False
         self._next_try = 0.0
 
-    def send(self, wires: list) -> None:
+    def send(self, wires: list, *, now: bool = False) -> None:
         conn = self.conn
         if conn is not None and not conn.closed:
             self._send_within_frames(conn, wires)
+            if now:
+                conn.flush()
             return
         loop = asyncio.get_running_loop()
         if not self._connecting and loop.time() >= self._next_try:
@@ -460,15 +462,19 @@ class Node:
                 self.counters["entries_applied"] += sum(
                     len(rd.committed_entries) for _, rd in batch.readies
                 )
-                self._send(batch.early)
-                if batch.must_wait():
+                wait = batch.must_wait()
+                # An inline persist blocks the loop in the fsync: the leaders' appends must
+                # leave before it, so that followers write in parallel with this node.
+                self._send(batch.early, now=wait and self.config.persist_inline)
+                if wait:
                     if self.config.persist_inline:
                         host.persist(batch)
                     else:
                         await loop.run_in_executor(self._io, host.persist, batch)
                 elif batch.must_sync():
                     host.persist(batch, wait=False)  # only commit indexes: no need to wait
-                self._send(batch.late)
+                # Acks and votes leave before the apply, which may take a while.
+                self._send(batch.late, now=True)
                 host.apply(batch)
                 # Let the loop flush the coalesced writes and read what arrived before the
                 # next batch: replies go out now, and the next batch is a bigger one.
@@ -506,7 +512,9 @@ class Node:
         future = asyncio.get_running_loop().run_in_executor(self._restorer, work)
         future.add_done_callback(restored)
 
-    def _send(self, messages: list[Message]) -> None:
+    def _send(self, messages: list[Message], *, now: bool = False) -> None:
+        """Send Raft messages, one frame per peer; with ``now``, written to the sockets at
+        once instead of when the loop next turns."""
         if not messages:
             return
         by_peer: dict[int, list] = defaultdict(list)
@@ -520,7 +528,7 @@ class Node:
         for peer_id, wires in by_peer.items():
             peer = self._peer(peer_id)
             if peer is not None:
-                peer.send(wires)
+                peer.send(wires, now=now)
 
     def _peer(self, peer_id: int) -> _Peer | None:
         peer = self.peers.get(peer_id)
