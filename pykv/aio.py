@@ -31,7 +31,7 @@ from pykv.client.cluster import AsyncCluster
 from pykv.errors import InvalidOperation, StoreClosed, TransactionAborted, TransactionConflict
 from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
-from pykv.types import MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key
+from pykv.types import MAX_SCAN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key
 
 T = TypeVar("T")
 _MISSING = object()
@@ -152,13 +152,17 @@ class AsyncTransaction:
 class AsyncKeyValueStore:
     """The asyncio counterpart of pykv.KeyValueStore over a cluster (one event loop)."""
 
-    def __init__(self, core: AsyncCluster, *, max_txn_ops: int, max_value_bytes: int) -> None:
+    def __init__(
+        self, core: AsyncCluster, *, max_txn_ops: int, max_value_bytes: int,
+        max_scan_bytes: int = MAX_SCAN_BYTES,
+    ) -> None:
         self._core = core
         # The client side of every transaction (ids, hybrid clock, limits), shared so that
         # ids and timestamps come from one source; each transaction reads and commits
         # through a _Prefetched backend of its own, never through this one.
         self._local = KeyValueStore(
-            _Prefetched(), max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes
+            _Prefetched(), max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes,
+            max_scan_bytes=max_scan_bytes,
         )
         self._by_id: dict[int, AsyncTransaction] = {}
         self._closed = False
@@ -272,12 +276,15 @@ class AsyncKeyValueStore:
         limit: int | None = None, consistent: bool = True,
     ) -> list[tuple[str, Any]]:
         """(key, value) of live keys with the prefix in [start, end), in key order; one
-        snapshot of the range unless ``consistent=False`` (see KeyValueStore.scan)."""
+        snapshot of the range unless ``consistent=False`` (see KeyValueStore.scan). Either
+        way the whole range is returned at once: ScanTooLarge past ``max_scan_bytes``
+        (``scan_iter`` reads any range as the caller iterates)."""
         self._check_scan(prefix, start, end)
+        budget = self._local.max_scan_bytes
         if consistent:
-            items = await self._core.consistent_scan(prefix, start, end, limit)
+            items = await self._core.consistent_scan(prefix, start, end, limit, budget)
         else:
-            items = await self._core.scan(prefix, start, end, limit)
+            items = await self._core.scan(prefix, start, end, limit, max_bytes=budget)
         return [(k, v.value) for k, v in items]
 
     async def scan_iter(
@@ -326,6 +333,7 @@ async def connect(
     timeout: float = 10.0,
     max_txn_ops: int = MAX_TXN_OPS,
     max_value_bytes: int = MAX_VALUE_BYTES,
+    max_scan_bytes: int = MAX_SCAN_BYTES,
 ) -> AsyncKeyValueStore:
     """Connect to a cluster through any subset of its node addresses (see pykv.client.connect)."""
     if isinstance(addresses, str):
@@ -336,7 +344,8 @@ async def connect(
     except BaseException:
         await core.close()
         raise
-    return AsyncKeyValueStore(core, max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes)
+    return AsyncKeyValueStore(core, max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes,
+                              max_scan_bytes=max_scan_bytes)
 
 
 __all__ = ["AsyncKeyValueStore", "AsyncTransaction", "connect"]

@@ -31,6 +31,7 @@ from pykv.txn.resolvers import ResolverRegistry
 from pykv.types import (
     INT64_MAX,
     INT64_MIN,
+    MAX_SCAN_BYTES,
     MAX_TXN_OPS,
     MAX_VALUE_BYTES,
     OpKind,
@@ -78,8 +79,10 @@ class Backend(Protocol):
 
     def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        max_bytes: int = MAX_SCAN_BYTES,
     ) -> list[tuple[str, Versioned]]:
-        """What ``scan`` returns, as one snapshot of the range (see KeyValueStore.scan)."""
+        """What ``scan`` returns, as one snapshot of the range (see KeyValueStore.scan);
+        ScanTooLarge when a pass would hold more than ``max_bytes``."""
         ...
 
     def close(self) -> None: ...
@@ -428,14 +431,18 @@ class KeyValueStore:
         *,
         max_txn_ops: int = MAX_TXN_OPS,
         max_value_bytes: int = MAX_VALUE_BYTES,
+        max_scan_bytes: int = MAX_SCAN_BYTES,
     ) -> None:
         if max_txn_ops < 1:
             raise InvalidArgument(f"max_txn_ops must be at least 1, not {max_txn_ops}")
         if not 1 <= max_value_bytes <= MAX_VALUE_BYTES:
             raise InvalidArgument(f"max_value_bytes must be in 1..{MAX_VALUE_BYTES}")
+        if max_scan_bytes < 1:
+            raise InvalidArgument(f"max_scan_bytes must be at least 1, not {max_scan_bytes}")
         self._backend = backend
         self.max_txn_ops = max_txn_ops
         self.max_value_bytes = max_value_bytes
+        self.max_scan_bytes = max_scan_bytes
         self._ids = TxnIdSource()
         self._clock = HybridClock()
         self._lock = threading.Lock()
@@ -610,7 +617,9 @@ class KeyValueStore:
         When writers changed the range under 3 passes, writers are kept out for one more:
         embedded, every writing commit waits for that pass; on a cluster, writes into the
         range are refused meanwhile (KeyLocked, which commits retry for a few milliseconds),
-        see pykv.replica.commitflow.scan_rounds; the whole snapshot is then held in memory.
+        see pykv.replica.commitflow.scan_rounds. The snapshot is held in memory until it is
+        returned: past ``max_scan_bytes`` (given to open or connect, 256 MiB by default) of
+        keys and values, ScanTooLarge is raised instead.
         ``consistent=False``: one pass, read as the caller iterates (on a cluster a page of
         about 1 MiB per shard at a time, so any range fits in memory). Each value is a
         committed, durable version, but keys (on a cluster, keys of different pages) may be
@@ -625,7 +634,9 @@ class KeyValueStore:
         if limit is not None and limit < 0:
             raise InvalidArgument(f"limit must be >= 0, not {limit}")
         if consistent:
-            items: Iterable[tuple[str, Versioned]] = self._backend.consistent_scan(prefix, start, end, limit)
+            items: Iterable[tuple[str, Versioned]] = self._backend.consistent_scan(
+                prefix, start, end, limit, self.max_scan_bytes
+            )
         else:
             items = self._backend.scan(prefix, start, end, limit)
         return ((key, seen.value) for key, seen in items)

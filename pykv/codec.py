@@ -83,7 +83,8 @@ def check_value_fits(value: Value, limit: int = MAX_VALUE_BYTES) -> None:
 def size_bound(value: object) -> int:
     """An upper bound of value's msgpack size, without encoding it."""
     if type(value) is str:
-        return 5 + 4 * len(value)  # type: ignore[arg-type]
+        # UTF-8 takes at most 4 bytes a character, and 1 for ASCII (a flag CPython keeps).
+        return 5 + (len(value) if value.isascii() else 4 * len(value))  # type: ignore[union-attr,arg-type]
     if type(value) is bytes:
         return 5 + len(value)  # type: ignore[arg-type]
     if type(value) is list:

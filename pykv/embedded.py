@@ -39,7 +39,7 @@ from pykv.txn import model
 from pykv.txn.model import MISSING, CommitRequest, Versioned, live_items
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
-from pykv.types import MAX_TXN_OPS, MAX_VALUE_BYTES
+from pykv.types import MAX_SCAN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
 
 _STORAGE_OPTIONS = (
     "cache_bytes", "fsync", "segment_bytes", "compaction", "progress",
@@ -254,17 +254,20 @@ class EmbeddedBackend:
 
     def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        max_bytes: int = MAX_SCAN_BYTES,
     ) -> model.ScanItems:
         """Passes until two agree; after PASSES_BEFORE_LOCKING that differ, one pass with
         the commits that write into the range kept out (_ScanGate): no version of it can
         then be submitted, and each one it finds is returned once durable, so the pass is
         the range at one moment."""
+        key_range = model.KeyRange(prefix, start, end)
         passes = model.ScanPasses()
         for _ in range(model.PASSES_BEFORE_LOCKING):
-            if passes.feed(list(self.scan(prefix, start, end, limit, True))):
+            held = model.HeldPass(key_range, max_bytes)
+            if passes.feed(held.take(self.scan(prefix, start, end, limit, True))):
                 return passes.result
-        with self._gate.closed(model.KeyRange(prefix, start, end)):
-            return list(self.scan(prefix, start, end, limit))
+        with self._gate.closed(key_range):
+            return model.HeldPass(key_range, max_bytes).take(self.scan(prefix, start, end, limit))
 
     def stats(self) -> dict[str, Any]:
         return self._storage.stats()
@@ -280,18 +283,20 @@ def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3
     *,
     max_txn_ops: int = MAX_TXN_OPS,
     max_value_bytes: int = MAX_VALUE_BYTES,
+    max_scan_bytes: int = MAX_SCAN_BYTES,
     **storage_options: Any,
 ) -> KeyValueStore:
     """Open (creating if needed) the embedded store in directory ``path``.
 
     Options: ``cache_bytes`` (read cache size, default 64 MiB), ``fsync`` ("always": a commit
     returns only once fsync'd), ``segment_bytes`` (value-log file size), ``compaction``
-    (background compaction on/off), ``progress`` (callback during recovery), ``max_txn_ops``
-    and ``max_value_bytes`` (limits). Raises StoreLocked when another process has it open.
+    (background compaction on/off), ``progress`` (callback during recovery), ``max_txn_ops``,
+    ``max_value_bytes`` and ``max_scan_bytes`` (limits). Raises StoreLocked when another
+    process has it open.
     """
     unknown = sorted(set(storage_options) - set(_STORAGE_OPTIONS))
     if unknown:
-        known = ", ".join(("max_txn_ops", "max_value_bytes", *_STORAGE_OPTIONS))
+        known = ", ".join(("max_txn_ops", "max_value_bytes", "max_scan_bytes", *_STORAGE_OPTIONS))
         raise InvalidArgument(f"unknown option(s) {', '.join(unknown)} for pykv.open; known: {known}")
     fsync = storage_options.get("fsync", "always")
     if fsync not in FSYNC_POLICIES:
@@ -300,7 +305,8 @@ def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3
     try:
         backend = EmbeddedBackend(storage, max_value_bytes=max_value_bytes,
                                   max_txn_ops=max_txn_ops)
-        return KeyValueStore(backend, max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes)
+        return KeyValueStore(backend, max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes,
+                             max_scan_bytes=max_scan_bytes)
     except BaseException:
         storage.close()
         raise

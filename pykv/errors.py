@@ -24,6 +24,11 @@ class TransactionTooLarge(LimitError):
     """A transaction holds more operations than ``max_txn_ops``."""
 
 
+class ScanTooLarge(LimitError):
+    """A scan that returns its whole range at once (a consistent one) would hold more than
+    ``max_scan_bytes`` (256 MiB by default); ``scan(consistent=False)`` streams any range."""
+
+
 class InvalidArgument(Error, ValueError):
     """A configuration value, address, or other argument that is not a key or value is bad."""
 

@@ -15,6 +15,8 @@ from pykv.errors import InvalidKey, InvalidValue, KeyTooLarge, ValueTooLarge
 MAX_KEY_BYTES = 256
 MAX_VALUE_BYTES = 1 << 20
 MAX_TXN_OPS = 10_000
+# What a scan that returns its whole range at once (a consistent one) may hold of one pass.
+MAX_SCAN_BYTES = 256 << 20
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 

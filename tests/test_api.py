@@ -792,6 +792,40 @@ def test_scan_limit_counts_live_keys_past_deleted_ones(store):
         assert [k for k, _ in store.scan("d/", limit=0, consistent=consistent)] == []
 
 
+def test_a_scan_too_big_to_hold_fails_clearly_and_leaves_the_range_writable(store_factory):
+    """A consistent scan returns its range at once, so it holds it: past max_scan_bytes it
+    raises ScanTooLarge (a LimitError) instead of filling the memory. A one-pass scan
+    streams the same range, a limit keeps the held part small, and nothing stays locked:
+    writers into the range go on (one writes throughout, so some passes differ)."""
+    db = store_factory(max_scan_bytes=8192)
+    keys = [f"big/{i:03d}" for i in range(120)]
+    for key in keys:
+        db.put(key, "x" * 100)  # about 120 bytes per item: 14 KiB in all
+    stop = threading.Event()
+
+    def write_until_stopped() -> None:
+        while not stop.is_set():
+            db.incr("big/050-counter")
+
+    writer = threading.Thread(target=write_until_stopped)
+    writer.start()
+    try:
+        for _ in range(3):
+            with pytest.raises(pykv.ScanTooLarge, match="max_scan_bytes") as caught:
+                list(db.scan("big/"))
+            assert isinstance(caught.value, pykv.errors.LimitError)
+    finally:
+        stop.set()
+        writer.join()
+    assert [k for k, _ in db.scan("big/", consistent=False)] == sorted([*keys, "big/050-counter"])
+    assert [k for k, _ in db.scan("big/", limit=10)] == keys[:10]
+    db.put("big/000", "y")
+    assert db.get("big/000") == "y"
+    db.close()
+    with pytest.raises(pykv.InvalidArgument, match="max_scan_bytes"):
+        store_factory(max_scan_bytes=0)
+
+
 def test_a_consistent_scan_never_sees_a_transfer_half_done(store):
     """Money moves between 12 accounts (spread over the shards of a cluster) as fast as one
     thread can move it, while the range is scanned. A consistent scan is one moment of the

@@ -157,8 +157,8 @@ class SkipsReadValidation:
     def scan(self, prefix, start, end, limit, deleted=False):
         return self._inner.scan(prefix, start, end, limit, deleted)
 
-    def consistent_scan(self, prefix, start, end, limit):
-        return self._inner.consistent_scan(prefix, start, end, limit)
+    def consistent_scan(self, prefix, start, end, limit, max_bytes):
+        return self._inner.consistent_scan(prefix, start, end, limit, max_bytes)
 
     def close(self) -> None:
         """The fixture closes the real store."""

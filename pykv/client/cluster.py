@@ -66,7 +66,7 @@ from pykv.replica.commitflow import PagedPass, Round, Send, commit_rounds, read_
 from pykv.replica.failpoints import failpoint
 from pykv.txn.model import CommitRequest, KeyRange, ScanItems, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
-from pykv.types import TxnIdSource
+from pykv.types import MAX_SCAN_BYTES, TxnIdSource
 
 T = TypeVar("T")
 
@@ -220,16 +220,19 @@ class AsyncCluster:
 
     async def scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
-        deleted: bool = False,
+        deleted: bool = False, max_bytes: int = MAX_SCAN_BYTES,
     ) -> ScanItems:
         """Every item of one pass (commitflow.read_pass, as paged_scan reads it): at most
-        ``limit`` live keys, with ``deleted`` the tombstones of deleted keys among them too."""
+        ``limit`` live keys, with ``deleted`` the tombstones of deleted keys among them too;
+        ScanTooLarge past ``max_bytes``."""
         view = await self.router.ensure_map()
         shards = list(range(view.partitions))
-        return await self._drive(read_pass(KeyRange(prefix, start, end), shards, limit, deleted=deleted))
+        key_range = KeyRange(prefix, start, end)
+        return await self._drive(read_pass(key_range, shards, limit, deleted=deleted, max_bytes=max_bytes))
 
     async def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        max_bytes: int = MAX_SCAN_BYTES,
     ) -> ScanItems:
         """One snapshot of the range across every shard: passes until two agree, else a lock
         on the range for one more pass (pykv.replica.commitflow.scan_rounds). A scan whose
@@ -245,7 +248,7 @@ class AsyncCluster:
             )
             try:
                 shards = list(range(view.partitions))
-                return await self._drive(scan_rounds(lock, shards, limit))
+                return await self._drive(scan_rounds(lock, shards, limit, max_bytes=max_bytes))
             except TransactionConflict:
                 if not attempts:
                     raise
@@ -366,8 +369,9 @@ class ClusterBackend:
 
     def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        max_bytes: int = MAX_SCAN_BYTES,
     ) -> ScanItems:
-        return self._run(self.core.consistent_scan(prefix, start, end, limit))
+        return self._run(self.core.consistent_scan(prefix, start, end, limit, max_bytes))
 
     def close(self) -> None:
         if self._closed:

@@ -42,12 +42,14 @@ from pykv.txn.model import (
     PASSES_BEFORE_LOCKING,
     SCAN_PAGE_BYTES,
     CommitRequest,
+    HeldPass,
     KeyRange,
     ScanItems,
     ScanPasses,
     Versioned,
     first_live,
 )
+from pykv.types import MAX_SCAN_BYTES
 
 # Seconds to wait before sending a request refused on a lock again, one pause per retry.
 LOCK_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.04)
@@ -226,22 +228,23 @@ _key = operator.itemgetter(0)
 def read_pass(
     key_range: KeyRange, shards: list[int], limit: int | None, page_bytes: int = SCAN_PAGE_BYTES,
     deleted: bool = True, keep: list[Send] | None = None, keep_every: float = 0.0,
+    max_bytes: int = MAX_SCAN_BYTES,
 ) -> Generator[Round, Any, ScanItems]:
     """The rounds of one pass (PagedPass): every item at once, tombstones too unless not
     ``deleted``; each round sends ``keep`` again while it waits (Round.keep). Raises the
-    first error among a round's replies."""
+    first error among a round's replies, and ScanTooLarge once the items pass ``max_bytes``."""
     paged = PagedPass(key_range, shards, limit, deleted, page_bytes)
-    items: ScanItems = []
+    held = HeldPass(key_range, max_bytes)
     while not paged.done:
         paged.feed((yield Round("scan", paged.sends(), keep=keep or [], keep_every=keep_every)))
-        items += paged.ready()
-    return items
+        held.take(paged.ready())
+    return held.items
 
 
 def scan_rounds(
     request: CommitRequest, shards: list[int], limit: int | None,
     passes_before_locking: int = PASSES_BEFORE_LOCKING, page_bytes: int = SCAN_PAGE_BYTES,
-    renew_every: float = LOCK_RENEW_EVERY,
+    renew_every: float = LOCK_RENEW_EVERY, max_bytes: int = MAX_SCAN_BYTES,
 ) -> Generator[Round, Any, ScanItems]:
     """The rounds of a consistent scan of ``request.ranges[0]`` over ``shards``; returns its
     live items (at most ``limit``): one snapshot of the range, taken inside the scan.
@@ -259,12 +262,13 @@ def scan_rounds(
     range. Every shard's range was then frozen from the moment all were locked and their
     earlier writers done until the last page: the pass is the range at that moment,
     provided each release answers that the lock was still held (else TransactionConflict:
-    scan again). Raises Timeout/Unavailable when a shard does not answer.
+    scan again). Raises Timeout/Unavailable when a shard does not answer, and ScanTooLarge
+    when a pass holds more than ``max_bytes``.
     """
     key_range = request.ranges[0]
     passes = ScanPasses()
     for _ in range(passes_before_locking):
-        if passes.feed((yield from read_pass(key_range, shards, limit, page_bytes))):
+        if passes.feed((yield from read_pass(key_range, shards, limit, page_bytes, max_bytes=max_bytes))):
             return passes.result
     lock = [Send(s, PREPARE, [request.to_wire(), s, shards]) for s in shards]
     refusal = _refusal((yield Round("lock", lock)))
@@ -273,7 +277,9 @@ def scan_rounds(
         # Every round renews the lock while it waits: a page may wait for a writer prepared
         # in the range, which itself may wait for this lock a moment.
         try:
-            items = yield from read_pass(key_range, shards, limit, page_bytes, True, lock, renew_every)
+            items = yield from read_pass(
+                key_range, shards, limit, page_bytes, True, lock, renew_every, max_bytes
+            )
         except Exception as exc:  # noqa: BLE001 - a reply's error: release, then raise it
             refusal = exc
     release = [Send(s, FINISH, [request.txid, False]) for s in shards]

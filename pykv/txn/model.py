@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol
 
 from pykv.codec import size_bound
-from pykv.errors import ProtocolError
+from pykv.errors import ProtocolError, ScanTooLarge
 from pykv.types import OpKind, Value, enum_decoder, op_kind
 
 
@@ -153,11 +153,41 @@ def scan_page(
         if size >= max_bytes:
             return page, item[0]
         page.append(item)
-        version = item[1]
-        size += len(item[0]) + len(version.clock) + 9 + (
-            0 if version.value is MISSING else size_bound(version.value)
-        )
+        size += item_bytes(item)
     return page, None
+
+
+def item_bytes(item: tuple[str, Versioned]) -> int:
+    """About how many bytes a scanned key and its version take on the wire (an upper bound)."""
+    key, version = item
+    value = version.value
+    return len(key) + len(version.clock) + 9 + (0 if value is MISSING else size_bound(value))
+
+
+class HeldPass:
+    """The items of one pass that a scan holds until it returns them all, refused once
+    they pass ``max_bytes`` (ScanTooLarge), so that a scan of a huge range fails clearly
+    instead of filling the memory."""
+
+    def __init__(self, key_range: KeyRange, max_bytes: int) -> None:
+        self.items: ScanItems = []
+        self._range = key_range
+        self._max_bytes = max_bytes
+        self._bytes = 0
+
+    def take(self, items: Iterable[tuple[str, Versioned]]) -> ScanItems:
+        """Add ``items`` to the pass (raises ScanTooLarge past the budget); the whole pass."""
+        for item in items:
+            self._bytes += item_bytes(item)
+            if self._bytes > self._max_bytes:
+                prefix, start, end = self._range
+                raise ScanTooLarge(
+                    f"a scan of prefix {prefix!r} from {start!r} to {end!r} would hold more than "
+                    f"max_scan_bytes ({self._max_bytes} bytes) at once: scan it with "
+                    "consistent=False (read as you iterate), or narrow the range or the limit"
+                )
+            self.items.append(item)
+        return self.items
 
 
 def same_cut(first: ScanItems, second: ScanItems) -> bool:

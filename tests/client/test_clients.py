@@ -24,6 +24,7 @@ from pykv.errors import (  # noqa: E402
     InvalidOperation,
     KeyLocked,
     KeyTooLarge,
+    ScanTooLarge,
     Timeout,
     TransactionConflict,
     Unavailable,
@@ -83,6 +84,27 @@ def test_asyncio_client_offers_the_same_api(cluster):
                 await db.get("")
             with pytest.raises(InvalidOperation):
                 await db.register_resolver("x", "no-such-resolver")
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def test_asyncio_scans_that_return_a_range_at_once_hold_at_most_max_scan_bytes(cluster):
+    """An asyncio scan returns a list, consistent or not: past max_scan_bytes it raises
+    ScanTooLarge; scan_iter streams the same range a page at a time."""
+    async def main() -> None:
+        db = await pykv.aio.connect(cluster.addresses, max_scan_bytes=2048)
+        try:
+            keys = [f"aiobig/{i:02d}" for i in range(40)]
+            async with db.transaction() as tx:
+                for key in keys:
+                    tx.put(key, "v" * 100)
+            for consistent in (True, False):
+                with pytest.raises(ScanTooLarge, match="max_scan_bytes"):
+                    await db.scan("aiobig/", consistent=consistent)
+            assert [k async for k, _ in db.scan_iter("aiobig/")] == keys
+            assert [k for k, _ in await db.scan("aiobig/", limit=5)] == keys[:5]
         finally:
             await db.close()
 

@@ -28,7 +28,7 @@ from pykv.replica.shard import (
     scan_reply,
 )
 from pykv.replica.stored import StoredShardState
-from pykv.txn.model import CommitRequest, Isolation, KeyRange, Versioned, WriteOp
+from pykv.txn.model import CommitRequest, Isolation, KeyRange, Versioned, WriteOp, item_bytes
 from pykv.types import OpKind
 
 
@@ -253,17 +253,20 @@ def test_a_scan_comes_in_pages_that_cover_the_range_once(tmp_path, stored):
     pages, start = [], None
     while True:
         items, start = scan_reply(log.state, ["p/", start, None, None, True, 300], 1 << 20)
-        pages.append([k for k, _ in items])
+        pages.append([(k, Versioned.from_wire(v)) for k, v in items])
         if start is None:
             break
-    assert [k for page in pages for k in page] == keys  # every key once, p/03's tombstone too
-    assert ["p/07"] in pages and max(len(p) for p in pages) <= 5  # ~64 bytes per item
-    assert all(page for page in pages)
+    assert [k for page in pages for k, _ in page] == keys  # every key once, p/03's tombstone too
+    for page in pages:  # each ends at the item that takes it to 300 bytes (the last: at the end)
+        sizes = [item_bytes(item) for item in page]
+        assert page and sum(sizes[:-1]) < 300 and (page is pages[-1] or sum(sizes) >= 300)
+    assert any(page[-1][0] == "p/07" for page in pages)  # 5 KB: it ends its page
     # Tombstones left out, a limit of live keys across pages, and the node's own cap.
     items, start = scan_reply(log.state, ["p/", "p/02", None, 3, False, 1 << 20], 1 << 20)
     assert [k for k, _ in items] == ["p/02", "p/04", "p/05"] and start is None
     items, start = scan_reply(log.state, ["p/", None, None, None, False, 1 << 20], 300)
-    assert len(items) <= 5 and start is not None
+    capped = [item_bytes((k, Versioned.from_wire(v))) for k, v in items]
+    assert sum(capped[:-1]) < 300 <= sum(capped) and start is not None
     # Without a page size, the reply of clients before pages: every item, as a plain list.
     every = scan_reply(log.state, ["p/", None, "p/10", None, False, None], 300)
     assert [k for k, _ in every] == [k for k in keys[:10] if k != "p/03"]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykv.codec import check_value_fits, encode_value, pack, unpack
+from pykv.codec import check_value_fits, encode_value, pack, size_bound, unpack
 from pykv.errors import InvalidValue, ProtocolError, ValueTooLarge
 from pykv.txn import (
     ABSENT,
@@ -137,6 +137,15 @@ def test_dict_state_returns_absent_for_unknown_keys_and_keeps_tombstones():
     assert state.get("x") is ABSENT
     state.apply([KeyUpdate("x", MISSING, b"\x01\x01", 4)])
     assert state.get("x") == Versioned(MISSING, b"\x01\x01", 4)
+
+
+_scalars = st.text() | st.binary() | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@given(value=_scalars | st.lists(_scalars))
+def test_size_bound_is_never_below_the_encoded_size(value):
+    """Puts (check_value_fits) and scan budgets trust it as an upper bound."""
+    assert size_bound(value) >= len(pack(value))
 
 
 def test_check_value_fits_agrees_with_encoding_at_the_limit():
