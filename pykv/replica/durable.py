@@ -165,7 +165,7 @@ def _fsync_dir(path: Path) -> None:
 class NodeLog:
     """One node's durable Raft state for all its groups (not thread-safe: one writer)."""
 
-    def __init__(self, data_dir: Path, *, fsync: str = "always") -> None:
+    def __init__(self, data_dir: Path, *, fsync: str = "always", segment_bytes: int = 64 << 20) -> None:
         self.data_dir = Path(data_dir)
         self.snap_dir = self.data_dir / "snap"
         self.snap_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ class NodeLog:
         # group -> [(last entry index in the record, lsn)] of the records it may still need
         self._records: dict[int, deque[tuple[int, int]]] = {}
         self.recovered = self._recover()
-        self.wal = WalWriter(str(self.wal_dir), fsync=fsync)
+        self.wal = WalWriter(str(self.wal_dir), fsync=fsync, segment_bytes=segment_bytes)
         self._latest_hard: dict[int, HardState] = {
             g: r.hard_state for g, r in self.recovered.items()
         }
@@ -344,6 +344,15 @@ class NodeLog:
         records = self._records.get(group)
         while records and records[0][0] <= index:
             records.popleft()
+
+    def pinning(self, max_segments: int) -> list[int]:
+        """The groups that keep the WAL longer than ``max_segments`` segments: a snapshot of
+        each lets truncate() delete the segments before the last ``max_segments``."""
+        segments = self.wal.segments()
+        if len(segments) <= max_segments:
+            return []
+        keep_from = segments[-max_segments]
+        return [group for group, records in self._records.items() if records and records[0][1] < keep_from]
 
     def truncate(self) -> int:
         """Delete WAL segments no group needs any more; return how many were deleted."""

@@ -70,6 +70,12 @@ Done = Callable[[Any, BaseException | None], None]
 # transactional workload). A node keeps at most this many entries over all its groups,
 # shared out by the partition count, so memory does not grow with the partitions.
 LOG_ENTRIES_PER_NODE = 256_000
+# The node's WAL is shared by its groups, and a segment goes only once every group is done
+# with it. A quiet group (the metadata group, a shard nobody writes) may never reach
+# snapshot_every, so every this many ticks the groups that keep more than
+# MAX_LOG_SEGMENTS segments alive are snapshotted, and the WAL stays bounded.
+UNPIN_EVERY_TICKS = 100
+MAX_LOG_SEGMENTS = 3
 MIN_SNAPSHOT_EVERY = 1_000
 
 
@@ -327,6 +333,15 @@ class ReplicaHost:
                 dirty.add(gid)
         if beat:
             self._keepalives += self.liveness.keepalives()
+        if self._ticks % UNPIN_EVERY_TICKS == 0:
+            self._unpin_log()
+
+    def _unpin_log(self) -> None:
+        """Snapshot the groups whose oldest entries keep old WAL segments alive."""
+        for gid in self.log.pinning(MAX_LOG_SEGMENTS):
+            group = self.groups.get(gid)
+            if group is not None and group.restoring is None and not group.sending:
+                self.snapshot_group(group)
 
     def step(self, msg: Message) -> bool:
         """Deliver a message to its group; False when this node does not host the group."""

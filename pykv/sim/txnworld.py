@@ -259,6 +259,10 @@ class SimDisk:
     def truncate(self) -> int:
         return 0
 
+    def pinning(self, max_segments: int) -> list[int]:
+        """No segments here: the groups' logs are apart (a snapshot drops a group's own)."""
+        return []
+
     def release(self, group: int) -> None:
         """Unlike a NodeLog's recovered copy, this is the disk itself: nothing to let go."""
 

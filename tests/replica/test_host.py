@@ -16,7 +16,7 @@ from pykv.errors import CorruptData
 from pykv.raft.errors import NotLeader
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog, SnapshotFile
-from pykv.replica.host import ReplicaHost, StateImage
+from pykv.replica.host import MAX_LOG_SEGMENTS, ReplicaHost, StateImage
 from pykv.replica.shard import COMMIT, PREPARE, ShardState
 from pykv.replica.stored import StoredShardState
 from pykv.txn.model import ABSENT, CommitRequest, WriteOp
@@ -26,10 +26,15 @@ GROUP = 0
 
 
 class Cluster:
-    def __init__(self, root: Path, *, snapshot_every: int = 10_000, stored: bool = False) -> None:
+    def __init__(
+        self, root: Path, *, snapshot_every: int = 10_000, stored: bool = False,
+        groups: tuple[int, ...] = (GROUP,), segment_bytes: int = 64 << 20,
+    ) -> None:
         self.root = root
         self.snapshot_every = snapshot_every
         self.stored = stored  # shard values on disk (StoredShardState), not in memory
+        self.groups = groups
+        self.segment_bytes = segment_bytes
         self.hosts: dict[int, ReplicaHost] = {}
         self.inbox: list = []
         self.down: set[int] = set()
@@ -40,13 +45,14 @@ class Cluster:
     def start(self, node: int) -> None:
         host = ReplicaHost(
             node,
-            NodeLog(self.root / f"n{node}"),
+            NodeLog(self.root / f"n{node}", segment_bytes=self.segment_bytes),
             raft_config=RaftConfig(election_ticks=10, heartbeat_ticks=1),
             rng=random.Random(node),
             snapshot_every=self.snapshot_every,
             state_factory=self._state_factory(node),
         )
-        host.add_group(GROUP, [1, 2, 3])
+        for gid in self.groups:
+            host.add_group(gid, [1, 2, 3])
         self.hosts[node] = host
         self.down.discard(node)
 
@@ -167,6 +173,34 @@ def test_a_lagging_replica_catches_up_from_a_snapshot(tmp_path):
     group = c.hosts[3].groups[GROUP]
     assert group.raft.log.offset >= 5 and group.state.applied_index == group.raft.log.offset
     c.run_until(lambda: all(c.value(3, f"k{i}") == i for i in range(20)))
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["memory", "stored"])
+def test_a_quiet_group_is_snapshotted_so_that_the_shared_wal_stays_bounded(tmp_path, stored):
+    """A node's groups share its WAL, and a segment goes once no group needs it. A group
+    written once and then never again does not reach snapshot_every: it would keep every
+    segment since its write for ever. It is snapshotted once it keeps more than
+    MAX_LOG_SEGMENTS alive, the WAL stays a few segments long, and its write survives."""
+    quiet = 7
+    c = Cluster(tmp_path, snapshot_every=40, stored=stored, groups=(GROUP, quiet), segment_bytes=8192)
+    c.run_until(lambda: any(h.groups[quiet].raft.is_leader() for h in c.hosts.values()))
+    done: list = []
+    leader = next(h for h in c.hosts.values() if h.groups[quiet].raft.is_leader())
+    request = CommitRequest(1, 1, {}, (WriteOp("still", OpKind.PUT, "here"),))
+    leader.propose(quiet, COMMIT, [request.to_wire()], lambda r, e: done.append(e))
+    c.run_until(lambda: done == [None])
+    longest = 0
+    for i in range(400):
+        c.commit(i + 2, f"k{i % 50}", "v" * 200)  # about 50 KB of log on each node
+        longest = max(longest, *(len(h.log.wal.segments()) for h in c.hosts.values()))
+    # Up to MAX_LOG_SEGMENTS, plus what is written between two checks (4 here; 16 without them).
+    assert longest <= MAX_LOG_SEGMENTS + 4, longest
+    assert all(h.groups[quiet].snapshot_index >= 2 for h in c.hosts.values())
+    for node in (1, 2, 3):
+        c.crash(node)
+    for node in (1, 2, 3):
+        c.start(node)
+    assert all(h.groups[quiet].state.get("still").value == "here" for h in c.hosts.values())
 
 
 def test_a_stored_shard_is_its_own_snapshot_and_makes_an_image_only_for_a_lagging_replica(tmp_path):
