@@ -588,6 +588,7 @@ class ReplicaHost:
         if group.read_ready:
             self._serve_reads(group)
         if rd.soft_state is not None:
+            group.state.set_leading(rd.soft_state.role == Role.LEADER)
             if rd.soft_state.role != Role.LEADER:
                 self._fail_all(group, NotLeader(rd.soft_state.leader, "leadership changed"))
             if self.on_role_change is not None:

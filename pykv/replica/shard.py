@@ -270,6 +270,9 @@ class ShardState:
     def make_durable(self) -> None:
         """Make the applied state durable (before the Raft log under it is compacted)."""
 
+    def set_leading(self, leading: bool) -> None:
+        """This replica now leads its group (it serves the reads), or no longer does."""
+
     def flush(self) -> None:
         """The commands applied so far are all written (a durable subclass batches them)."""
 

@@ -117,6 +117,7 @@ class StoredShardState(ShardState):
         self._cache_bytes = cache_bytes
         self._shared_cache = cache
         self._maintainer = maintainer
+        self._leading = False
         self.store = self._open_store()
         self._batch: list[Update] = []
         # Commands applied since the last flush(): their rows, and the versions they wrote
@@ -307,10 +308,16 @@ class StoredShardState(ShardState):
         self.store = self._open_store()
 
     def _open_store(self) -> Storage:
-        return Storage.open(
+        store = Storage.open(
             str(self.path), fsync="off", cache_bytes=self._cache_bytes, cache=self._shared_cache,
             maintainer=self._maintainer,
         )
+        store.cache_writes = self._leading
+        return store
+
+    def set_leading(self, leading: bool) -> None:
+        """Only a leader's writes go into the node's read cache: only a leader serves reads."""
+        self._leading = self.store.cache_writes = leading
 
     def scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,

@@ -328,6 +328,7 @@ class Node:
         self.finishes = FinishTracker()  # commits this node coordinates, until released
         self.router = Router(list(config.peers.values()), timeout=5.0, max_frame=config.max_frame)
         self._maintainer: Maintainer | None = None  # the shard stores' compaction thread
+        self._cache: SharedCache | None = None  # the shard stores' read cache, shared
         self.snapshots_out = SnapshotSender(
             config.node_id, self._peer_connection, self._snapshot_failed, self._snapshot_sending,
             chunk_bytes=min(CHUNK_BYTES, config.max_frame // 2),
@@ -394,7 +395,7 @@ class Node:
             return lambda gid: ShardState(gid, remembered=remembered)
         shards_dir = self.config.data_dir / "shards"
         # One cache budget and one compaction thread for every shard here, however many.
-        cache = SharedCache(self.config.cache_bytes)
+        cache = self._cache = SharedCache(self.config.cache_bytes)
         maintainer = self._maintainer = Maintainer(name=f"pykv-maintenance-{self.config.node_id}")
 
         def make(gid: int) -> ShardState:
@@ -864,6 +865,8 @@ class Node:
             # InstallSnapshot images streamed to peers to the end, and received whole.
             "snapshots": {"sent": self.snapshots_out.sent, "received": self.snapshots_in.received},
             "reads": self.config.reads,
+            # The read cache of the shards' values (state "storage"; None in memory).
+            "cache": None if self._cache is None else self._cache.stats(),
         }
 
     def removed(self) -> bool:

@@ -33,6 +33,14 @@ class SharedCache:
         """A cache for one store, within this budget."""
         return ByteLRU(self.capacity_bytes, shared=self)
 
+    def stats(self) -> dict[str, int]:
+        """The budget, what it holds, and the lookups of the views open now."""
+        with self._lock:
+            views = list(self._views.values())
+            held = len(self._entries)
+        return {"capacity_bytes": self.capacity_bytes, "bytes": self.bytes, "entries": held,
+                "hits": sum(v.hits for v in views), "misses": sum(v.misses for v in views)}
+
     def _attach(self, view: ByteLRU) -> int:
         view_id = next(self._ids)
         self._views[view_id] = view

@@ -141,6 +141,10 @@ class Storage:
         self._key_bytes = 0  # sum of key lengths in the index
         self._tombstones = 0  # key directory entries of deleted keys (kept for their clock)
         self._cache = cache
+        # Whether written values go into the read cache. A replica that serves no reads (a
+        # follower's shard) turns it off: its writes would only push out the values of
+        # shards that do. A cached value is found only at its lsn, so none goes stale.
+        self.cache_writes = True
         # key -> (version lsn, value, record lsn) for versions whose record may be unwritten
         self._pending: dict[bytes, tuple[int, bytes, int]] = {}
         self._pending_order: deque[tuple[int, list[bytes]]] = deque()
@@ -392,7 +396,8 @@ class Storage:
                 held = pending.get(key)
                 if held is not None and held[2] == record_lsn:
                     del pending[key]
-                    self._cache.put(key, held[0], held[1])
+                    if self.cache_writes:
+                        self._cache.put(key, held[0], held[1])
 
     def wait_durable(self, lsn: int) -> None:
         """Block until every record up to lsn is fsync'd (shares the fsync with other threads)."""

@@ -203,6 +203,33 @@ def test_a_quiet_group_is_snapshotted_so_that_the_shared_wal_stays_bounded(tmp_p
     assert all(h.groups[quiet].state.get("still").value == "here" for h in c.hosts.values())
 
 
+def test_only_a_leader_puts_what_it_writes_into_the_read_cache(tmp_path):
+    """Followers serve no reads: the values they write would only push the values of the
+    shards their node leads out of the node's one read cache. A replica that takes over
+    caches its writes from then on, and reads find every value either way."""
+    c = Cluster(tmp_path, stored=True)
+
+    def cached() -> dict[int, int]:
+        live = {n: h.groups[GROUP].state for n, h in c.hosts.items() if n not in c.down}
+        for state in live.values():
+            state.flush()  # written, so out of the pending versions
+        return {n: state.store.stats()["cache_entries"] for n, state in live.items()}
+
+    for i in range(30):
+        c.commit(i + 1, f"k{i}", i)
+    c.run_until(lambda: all(c.value(n, "k29") == 29 for n in (1, 2, 3)))
+    old = next(n for n, h in c.hosts.items() if h is c.leader())
+    counts = cached()
+    assert counts[old] >= 25 and all(counts[n] == 0 for n in counts if n != old), counts
+    c.crash(old)
+    for i in range(30, 60):
+        c.commit(i + 1, f"k{i}", i)
+    new = next(n for n, h in c.hosts.items() if h is c.leader())
+    counts = cached()
+    assert counts[new] >= 25 and all(counts[n] == 0 for n in counts if n != new), counts
+    c.run_until(lambda: all(c.value(n, f"k{i}") == i for n in (1, 2, 3) if n != old for i in range(60)))
+
+
 def test_a_stored_shard_is_its_own_snapshot_and_makes_an_image_only_for_a_lagging_replica(tmp_path):
     c = Cluster(tmp_path, snapshot_every=5, stored=True)
     c.commit(1, "first", 0)
