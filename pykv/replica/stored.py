@@ -70,6 +70,17 @@ _RELEASE_EVERY = 256
 # Rows applied but not yet written to the storage before a batch writes them at once; the
 # host also flushes every shard every few ticks (ReplicaHost.flush_ticks).
 _FLUSH_ROWS = 1024
+# A storage compacts sealed segments only, so each shard may hold about two segments of
+# dead values: the segment size is shared out of one node-wide figure by the partition
+# count, or a node's disk would grow with the number of shards it hosts.
+SEGMENT_BYTES_PER_NODE = 256 << 20
+MIN_SEGMENT_BYTES = 4 << 20
+MAX_SEGMENT_BYTES = 64 << 20
+
+
+def segment_bytes_for(partitions: int) -> int:
+    """The value-log segment size of each shard's storage when the cluster has ``partitions``."""
+    return min(MAX_SEGMENT_BYTES, max(MIN_SEGMENT_BYTES, SEGMENT_BYTES_PER_NODE // max(1, partitions)))
 
 
 def _meta_key(kind: str, key: Any) -> bytes:
@@ -107,16 +118,18 @@ class StoredShardState(ShardState):
     def __init__(
         self, shard: int, path: Path, *, cache_bytes: int = 8 << 20,
         cache: SharedCache | None = None, maintainer: Maintainer | None = None,
-        remembered: int | None = None,
+        remembered: int | None = None, segment_bytes: int = MAX_SEGMENT_BYTES,
     ) -> None:
         """``cache``: the node's read cache, shared by all its shards (else ``cache_bytes`` of
         this shard's own); ``maintainer``: the node's compaction thread (else one of its own);
-        ``remembered``: txids remembered per table (ShardState)."""
+        ``remembered``: txids remembered per table (ShardState); ``segment_bytes``: the
+        storage's value-log segments (segment_bytes_for)."""
         super().__init__(shard, remembered=remembered)
         self.path = Path(path)
         self._cache_bytes = cache_bytes
         self._shared_cache = cache
         self._maintainer = maintainer
+        self._segment_bytes = segment_bytes
         self._leading = False
         self.store = self._open_store()
         self._batch: list[Update] = []
@@ -310,7 +323,7 @@ class StoredShardState(ShardState):
     def _open_store(self) -> Storage:
         store = Storage.open(
             str(self.path), fsync="off", cache_bytes=self._cache_bytes, cache=self._shared_cache,
-            maintainer=self._maintainer,
+            maintainer=self._maintainer, segment_bytes=self._segment_bytes,
         )
         store.cache_writes = self._leading
         return store

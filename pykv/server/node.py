@@ -98,7 +98,7 @@ from pykv.replica.shard import (
     scan_reply,
     written_keys,
 )
-from pykv.replica.stored import StoredShardState
+from pykv.replica.stored import StoredShardState, segment_bytes_for
 from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender, is_install
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
@@ -391,6 +391,7 @@ class Node:
     def _state_factory(self) -> Any:
         # The remembered txids are shared out of one node-wide budget, whatever the partitions.
         remembered = remembered_per_shard(self.config.partitions)
+        segment_bytes = segment_bytes_for(self.config.partitions)
         if self.config.state == "memory":
             return lambda gid: ShardState(gid, remembered=remembered)
         shards_dir = self.config.data_dir / "shards"
@@ -400,7 +401,8 @@ class Node:
 
         def make(gid: int) -> ShardState:
             return StoredShardState(gid, shards_dir / f"g{gid}", cache=cache,
-                                    maintainer=maintainer, remembered=remembered)
+                                    maintainer=maintainer, remembered=remembered,
+                                    segment_bytes=segment_bytes)
 
         return make
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pykv.replica.shard import (
     COMMIT,
     COMMIT_DECIDE,
@@ -13,7 +15,7 @@ from pykv.replica.shard import (
     ShardState,
     encode_command,
 )
-from pykv.replica.stored import StoredShardState
+from pykv.replica.stored import StoredShardState, segment_bytes_for
 from pykv.txn.model import ABSENT, CommitRequest, KeyRange, WriteOp
 from pykv.types import OpKind
 
@@ -45,6 +47,25 @@ def test_values_metadata_and_applied_index_survive_a_reopen(tmp_path):
     again.apply(5, encode_command(FINISH, None, 8, True))
     assert again.get("p").value == "x" and not again.locked("p")
     again.close()
+
+
+def test_a_node_with_more_shards_gives_each_smaller_segments_and_they_are_compacted(tmp_path):
+    """A storage compacts sealed segments only, so a shard may keep about two segments of
+    dead values: their size is shared out by the partition count (a node's disk does not
+    grow with its shards), and overwrites stay within a few of them."""
+    assert [segment_bytes_for(p) >> 20 for p in (1, 4, 16, 64, 1024)] == [64, 64, 16, 4, 4]
+    state = StoredShardState(0, tmp_path / "g0", segment_bytes=64 << 10)
+    latest = {}
+    for i in range(400):  # 400 overwrites of 10 keys with 2 KB values: 800 KB written
+        latest[f"k{i % 10}"] = os.urandom(2000)  # incompressible (zstd would shrink "vvv...")
+        state.apply(i + 1, encode_command(COMMIT, None, _put(i + 1, f"k{i % 10}", latest[f"k{i % 10}"]).to_wire()))
+        state.flush()  # one storage record each, as the host flushes every few ticks
+    state.make_durable()
+    state.store.compact()
+    wal = tmp_path / "g0" / "wal"
+    assert sum(f.stat().st_size for f in wal.iterdir()) < 4 * (64 << 10)
+    assert all(state.get(key).value == value for key, value in latest.items())
+    state.close()
 
 
 def test_a_snapshot_moves_between_memory_and_disk_states(tmp_path):
