@@ -183,8 +183,8 @@ class HeldPass:
                 prefix, start, end = self._range
                 raise ScanTooLarge(
                     f"a scan of prefix {prefix!r} from {start!r} to {end!r} would hold more than "
-                    f"max_scan_bytes ({self._max_bytes} bytes) at once: scan it with "
-                    "consistent=False (read as you iterate), or narrow the range or the limit"
+                    f"max_scan_bytes ({self._max_bytes} bytes) at once: read it as you iterate "
+                    "(scan(consistent=False); scan_iter on asyncio), or narrow the range or the limit"
                 )
             self.items.append(item)
         return self.items
