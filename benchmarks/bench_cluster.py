@@ -5,7 +5,7 @@ runs the DESIGN §7 workload through pykv.client.connect: read 2 keys, write 2 (
 read-modify-write, one blind), keys uniform over 100,000, 100-byte values, N clients with
 one transaction in flight each. The embedded store (pykv.open, fsync="always") runs the
 same workload as the baseline; figures are reported (tps, p50/p99, aborts, and the ratio
-to the embedded store), never asserted.
+to the embedded store, and what one node leaves on disk), never asserted.
 
     python3 -m pytest benchmarks/bench_cluster.py --benchmark-only -s     # 64 clients, 5 s
     python3 benchmarks/bench_cluster.py --clients 64 --duration 10 [--partitions 16] [--state memory]
@@ -75,6 +75,15 @@ def _cluster_costs(config: ClusterConfig, data: Path, addresses: list[str]) -> d
     return totals
 
 
+def _disk_mb(node_dir: Path) -> dict[str, float]:
+    """MB on disk of one node's WAL (the Raft log of all its groups), of its shards' storage,
+    and in all: what the run leaves behind, however long it ran, once compaction keeps up."""
+    def size(path: Path) -> float:
+        return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1)
+
+    return {"wal": size(node_dir / "wal"), "shards": size(node_dir / "shards"), "all": size(node_dir)}
+
+
 def _cpu_seconds(pid: int) -> float:
     """A process's CPU seconds so far (user + system)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -115,6 +124,7 @@ def bench_cluster(
             result.update(_per_txn(before, _cluster_costs(cluster, data, addresses), result["committed"]))
             result["partitions"] = partitions
             result["reads"] = reads
+            result["disk_mb_per_node"] = _disk_mb(data / "node-1")
             return result
         finally:
             cluster_down(data)
