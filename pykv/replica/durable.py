@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pykv._engine.wal import WalWriter, read_wal
+from pykv._engine.wal import WalWriter, read_wal, segment_path
 from pykv.codec import UNPACK_ERRORS, pack, stream_unpacker, unpack
 from pykv.errors import CorruptData
 from pykv.raft.messages import Entry, HardState, PersistentState, Snapshot, SnapshotMeta
@@ -344,6 +344,17 @@ class NodeLog:
         records = self._records.get(group)
         while records and records[0][0] <= index:
             records.popleft()
+
+    def wal_status(self) -> dict[str, int]:
+        """How long the WAL is: its segments and their bytes."""
+        segments = self.wal.segments()
+        size = 0
+        for segment_id in segments:
+            try:
+                size += os.stat(segment_path(str(self.wal_dir), segment_id)).st_size
+            except FileNotFoundError:  # deleted by a truncate meanwhile
+                pass
+        return {"segments": len(segments), "bytes": size}
 
     def pinning(self, max_segments: int) -> list[int]:
         """The groups that keep the WAL longer than ``max_segments`` segments: a snapshot of

@@ -1,5 +1,5 @@
 """`pykv status`: a table of every node and shard (role, leader, term, commit, applied, lag,
-prepared transactions)."""
+prepared transactions), and one of every node (its WAL, read cache and snapshots)."""
 
 from __future__ import annotations
 
@@ -83,6 +83,33 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
     return table
 
 
+def build_node_table(statuses: dict[str, dict | str]) -> Table:
+    """One row per node that answered: what its WAL holds, its read cache, its snapshots."""
+    table = Table(title="pykv nodes")
+    columns = ("node", "address", "pid", "map", "WAL MB", "WAL segments", "cache MB",
+               "cache hits", "snapshots sent", "snapshots received")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "address" else "right")
+    for address, status in statuses.items():
+        if not isinstance(status, dict):
+            continue
+        wal = status.get("wal") or {}
+        cache = status.get("cache")
+        if cache:
+            lookups = cache["hits"] + cache["misses"]
+            cache_mb = f"{cache['bytes'] / 1e6:.1f} / {cache['capacity_bytes'] / 1e6:.0f}"
+            hits = f"{cache['hits'] / lookups:.1%}" if lookups else "-"
+        else:
+            cache_mb = hits = "-"  # values in memory: no cache
+        snapshots = status.get("snapshots", {})
+        table.add_row(
+            str(status["node_id"]), address, str(status.get("pid", "-")), str(status.get("map_version", "-")),
+            f"{wal.get('bytes', 0) / 1e6:.1f}", str(wal.get("segments", "-")), cache_mb, hits,
+            str(snapshots.get("sent", 0)), str(snapshots.get("received", 0)),
+        )
+    return table
+
+
 def run(args: argparse.Namespace) -> int:
     statuses = collect(args.addresses, args.timeout)
     if args.json:
@@ -92,4 +119,5 @@ def run(args: argparse.Namespace) -> int:
         if not console.is_terminal:
             console = Console(width=160)
         console.print(build_table(statuses))
+        console.print(build_node_table(statuses))
     return 0 if all(isinstance(s, dict) for s in statuses.values()) else 1

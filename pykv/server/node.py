@@ -869,6 +869,7 @@ class Node:
             "reads": self.config.reads,
             # The read cache of the shards' values (state "storage"; None in memory).
             "cache": None if self._cache is None else self._cache.stats(),
+            "wal": host.log.wal_status(),  # the Raft log of every group here
         }
 
     def removed(self) -> bool:

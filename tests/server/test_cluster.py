@@ -195,6 +195,10 @@ def test_cli_put_get_txn_and_status(cluster):
     assert table.returncode == 0 and "meta" in table.stdout and "leader" in table.stdout
     assert "prepared" in table.stdout  # transactions holding locks, per replica
     assert "unfinished" in table.stdout  # commits some participant has not applied yet
+    assert "WAL MB" in table.stdout and "cache hits" in table.stdout  # the table of nodes
+    for node in json.loads(_cli("status", "--json", "--addresses", addr).stdout).values():
+        assert node["wal"]["segments"] >= 1 and node["wal"]["bytes"] > 0
+        assert node["cache"]["capacity_bytes"] == 64 << 20
     # one address is enough: status finds the other nodes through the shard map
     status = _cli("status", "--json", "--addresses", cluster.addresses[1])
     assert status.returncode == 0
