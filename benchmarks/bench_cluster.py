@@ -5,7 +5,8 @@ runs the DESIGN §7 workload through pykv.client.connect: read 2 keys, write 2 (
 read-modify-write, one blind), keys uniform over 100,000, 100-byte values, N clients with
 one transaction in flight each. The embedded store (pykv.open, fsync="always") runs the
 same workload as the baseline; figures are reported (tps, p50/p99, aborts, and the ratio
-to the embedded store, and what one node leaves on disk), never asserted.
+to the embedded store, what one node leaves on disk, and the nodes' read-cache hit rate),
+never asserted.
 
     python3 -m pytest benchmarks/bench_cluster.py --benchmark-only -s     # 64 clients, 5 s
     python3 benchmarks/bench_cluster.py --clients 64 --duration 10 [--partitions 16] [--state memory]
@@ -84,6 +85,17 @@ def _disk_mb(node_dir: Path) -> dict[str, float]:
     return {"wal": size(node_dir / "wal"), "shards": size(node_dir / "shards"), "all": size(node_dir)}
 
 
+def _cache_hit_rate(addresses: list[str]) -> float | None:
+    """The share of the nodes' reads of shard values found in their read caches (None when
+    the values are in memory, or nothing was read)."""
+    hits = misses = 0
+    for address in addresses:
+        cache = fetch_status(address).get("cache")
+        if cache:
+            hits, misses = hits + cache["hits"], misses + cache["misses"]
+    return round(hits / (hits + misses), 4) if hits + misses else None
+
+
 def _cpu_seconds(pid: int) -> float:
     """A process's CPU seconds so far (user + system)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -104,9 +116,9 @@ def _per_txn(before: dict, after: dict, committed: int) -> dict:
 
 def bench_cluster(
     clients: int, duration: float, partitions: int = 16, keys: int = 100_000,
-    state: str = "storage", threads: bool = False, reads: str = "safe",
+    state: str = "storage", threads: bool = False, reads: str = "safe", value_bytes: int = 100,
 ) -> dict:
-    config = WorkloadConfig(keys=keys, value_bytes=100, ops=4, clients=clients, duration=duration)
+    config = WorkloadConfig(keys=keys, value_bytes=value_bytes, ops=4, clients=clients, duration=duration)
     with tempfile.TemporaryDirectory(prefix="pykv-bench-cluster-") as tmp:
         data = Path(tmp)
         base = _free_base_port(3)
@@ -125,6 +137,7 @@ def bench_cluster(
             result["partitions"] = partitions
             result["reads"] = reads
             result["disk_mb_per_node"] = _disk_mb(data / "node-1")
+            result["cache_hit_rate"] = _cache_hit_rate(addresses)
             return result
         finally:
             cluster_down(data)
@@ -270,6 +283,8 @@ def main() -> None:
     parser.add_argument("--latency", action="store_true",
                         help="one client, one operation at a time: p50/p90 of each kind")
     parser.add_argument("--ops", type=int, default=1000, help="operations of each kind for --latency")
+    parser.add_argument("--value-bytes", type=int, default=100,
+                        help="value size (1000 makes 100 MB per node, more than the 64 MiB cache)")
     parser.add_argument("--state", choices=["storage", "memory"], default="storage")
     parser.add_argument("--threads", action="store_true",
                         help="drive the cluster from threads on one pykv.connect client "
@@ -285,7 +300,7 @@ def main() -> None:
         print(json.dumps(bench_latency(args.ops, args.partitions[0])))
         return
     out = {"cluster": bench_cluster(args.clients, args.duration, args.partitions[0], state=args.state,
-                                    threads=args.threads, reads=args.reads)}
+                                    threads=args.threads, reads=args.reads, value_bytes=args.value_bytes)}
     if not args.no_baseline:
         out["embedded"] = bench_embedded(args.clients, args.duration)
         out["cluster_over_embedded_tps"] = round(out["cluster"]["tps"] / max(out["embedded"]["tps"], 1e-9), 4)
