@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
@@ -85,9 +85,9 @@ from pykv.types import OpKind
 
 REMEMBERED_TXIDS = 200_000  # per shard and table, unless the node says (remembered_per_shard)
 # A node remembers at most this many txids per table over all the shards it may host (a
-# remembered outcome costs about 120 bytes): shared out by the partition count, so a node's
-# memory does not grow with the number of partitions (at most about 120 MB for the two
-# tables). At 16 partitions a shard keeps 31,250: over two minutes of transactions at the
+# remembered txid costs about 190 bytes once the table is full, Remembered): shared out by
+# the partition count, so a node's memory does not grow with the number of partitions (at
+# most about 190 MB for the two tables). At 16 partitions a shard keeps 31,250: over two minutes of transactions at the
 # rates a 2-core machine reaches, and a retry comes within the client's timeout (10 s).
 REMEMBERED_PER_NODE = 500_000
 MIN_REMEMBERED = 10_000
@@ -796,18 +796,27 @@ class Remembered:
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self._table: OrderedDict[int, Any] = OrderedDict()
-        self._stamps: deque[int] = deque()  # request timestamps, in the table's order
+        # A plain dict keeps the insertion order, and the oldest is found in _order: about
+        # 190 bytes an entry where an OrderedDict took 260 (a node keeps up to a million).
+        self._table: dict[int, Any] = {}
+        self._order: deque[int] = deque()  # the txids, oldest first
+        self._stamps: deque[int] = deque()  # their request timestamps, in the same order
         self.watermark = 0
 
     def add(self, txid: int, value: Any, timestamp: int) -> int | None:
         """Record txid (not yet here) as the newest; the txid forgotten to make room, if any."""
+        if txid in self._table:  # never happens (see above); kept in its place if it does
+            self._table[txid] = value
+            return None
         self._table[txid] = value
+        self._order.append(txid)
         self._stamps.append(timestamp)
-        if len(self._table) <= self.cap:
+        if len(self._order) <= self.cap:
             return None
         self.watermark = max(self.watermark, self._stamps.popleft())
-        return self._table.popitem(last=False)[0]
+        oldest = self._order.popleft()
+        del self._table[oldest]
+        return oldest
 
     def forgot(self, timestamp: int) -> bool:
         """Whether a request this old may be a retry of a forgotten txid (never while
@@ -841,6 +850,7 @@ class Remembered:
 
     def clear(self) -> None:
         self._table.clear()
+        self._order.clear()
         self._stamps.clear()
 
 

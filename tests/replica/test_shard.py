@@ -340,6 +340,7 @@ def test_remembered_keeps_the_newest_and_the_highest_forgotten_timestamp(cap, st
         table.add(txid, f"outcome {txid}", stamp)
     kept = list(range(len(stamps)))[-cap:]
     assert list(table) == kept and [table[t] for t in kept] == [f"outcome {t}" for t in kept]
+    assert table.entries() == [[t, f"outcome {t}", stamps[t]] for t in kept]  # a snapshot's
     forgotten = stamps[:max(0, len(stamps) - cap)]
     assert table.watermark == max(forgotten, default=0)
     # Every forgotten txid's own request would be refused; nothing is while none is forgotten.
