@@ -163,6 +163,14 @@ class Harness:
         self._start(i)
         return self.nodes[i]
 
+    def wipe(self, i: int) -> RaftNode:
+        """Node i comes back with no state at all (its replica was dropped, then hosted again)."""
+        self.down.discard(i)
+        self.disks[i] = MemoryDisk()
+        self.applied[i] = []
+        self._start(i)
+        return self.nodes[i]
+
     def isolate(self, i: int) -> None:
         for j in self.ids:
             if j != i:

@@ -691,7 +691,12 @@ class RaftNode:
 
     def _handle_vote_request(self, m: Message) -> None:
         pre = m.type == MsgType.PRE_VOTE
-        can_vote = (
+        # Only a voter of its own latest configuration votes. A replica that joins a group
+        # starts empty, as a learner: its node may have been a member before, with a log it
+        # no longer has, and a stale candidate still using that older configuration would
+        # count its vote and win without the entries committed since (found by the
+        # transaction simulator, seed 1700263: two acknowledged commits lost).
+        can_vote = self.promotable() and (
             self.vote == m.frm
             or (self.vote is None and self.lead is None)
             or (pre and m.term > self.term)

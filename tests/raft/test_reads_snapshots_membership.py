@@ -258,6 +258,41 @@ def test_a_learner_catches_up_without_voting_then_is_promoted():
     assert leader.conf.voters == {1, 2, 3, 4} and learner.conf == leader.conf
 
 
+def test_a_replica_hosted_again_empty_does_not_elect_a_stale_candidate():
+    """Node 4 replaces node 2 while node 3 is down; node 3 still holds the configuration
+    {1, 2, 3} and none of what {1, 4} commit next. Node 2's replica is dropped and hosted
+    again, empty: it is no voter of its own (empty) configuration, so it must not vote, or
+    node 3 would win with {2, 3} and overwrite entries a majority acknowledged (the
+    transaction simulator's seed 1700263 lost two acknowledged commits that way)."""
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    leader.propose(b"before")
+    h.settle()
+    h.crash(3)
+    h.add_empty(4)
+    for kind, node in ((ConfChangeKind.ADD_LEARNER, 4), (ConfChangeKind.ADD_NODE, 4),
+                       (ConfChangeKind.REMOVE_NODE, 2)):
+        leader.propose_conf_change(ConfChange.single(kind, node))
+        h.settle()
+        h.tick(n=2)
+    assert leader.conf.voters == {1, 3, 4}
+    _, index = leader.propose(b"after")
+    h.settle()
+    h.tick(n=2)  # the followers learn the commit index from the next heartbeat
+    assert leader.commit_index >= index and b"after" in h.applied_data(4)
+    h.crash(1)
+    h.isolate(4)  # so that only node 3 can campaign
+    h.wipe(2)
+    h.restart(3)
+    for _ in range(20 * h.config.election_ticks):
+        h.tick()
+        assert not h.nodes[3].is_leader(), "a stale candidate won with an empty replica's vote"
+    h.heal()
+    h.restart(1)
+    h.tick(n=20 * h.config.election_ticks)
+    assert h.leader() is not None and b"after" in h.applied_data(3)
+
+
 def test_a_learner_that_has_not_caught_up_cannot_be_promoted():
     h = Harness([1, 2, 3])
     leader = h.elect(1)
