@@ -100,6 +100,13 @@ class ByteLRU:
                 (view_id, old_key), (_, old_value) = entries.popitem(last=False)
                 shared._views[view_id]._account(-self._cost(old_key, old_value), -1)
 
+    def refresh(self, key: bytes, lsn: int, value: bytes) -> None:
+        """put() a newer version of a key only if the key is cached already."""
+        with self._shared._lock:
+            cached = (self._id, key) in self._shared._entries
+        if cached:
+            self.put(key, lsn, value)
+
     def discard(self, key: bytes) -> None:
         with self._shared._lock:
             self._drop((self._id, key))

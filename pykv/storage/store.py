@@ -143,7 +143,8 @@ class Storage:
         self._cache = cache
         # Whether written values go into the read cache. A replica that serves no reads (a
         # follower's shard) turns it off: its writes would only push out the values of
-        # shards that do. A cached value is found only at its lsn, so none goes stale.
+        # shards that do. It still refreshes the keys cached already (its own increments and
+        # appends read them back). A cached value is found only at its lsn, so none goes stale.
         self.cache_writes = True
         # key -> (version lsn, value, record lsn) for versions whose record may be unwritten
         self._pending: dict[bytes, tuple[int, bytes, int]] = {}
@@ -398,6 +399,8 @@ class Storage:
                     del pending[key]
                     if self.cache_writes:
                         self._cache.put(key, held[0], held[1])
+                    else:
+                        self._cache.refresh(key, held[0], held[1])
 
     def wait_durable(self, lsn: int) -> None:
         """Block until every record up to lsn is fsync'd (shares the fsync with other threads)."""

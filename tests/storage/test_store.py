@@ -303,6 +303,23 @@ def test_reads_are_served_from_the_bounded_cache(tmp_path: Path) -> None:
         assert stats["pending_values"] == 0
 
 
+def test_without_cache_writes_only_keys_cached_already_are_refreshed(tmp_path: Path) -> None:
+    """A follower's storage (cache_writes off) keeps what it writes out of the cache, but
+    a key it has read back (an increment, an append) stays cached at its newest version."""
+    with Storage.open(str(tmp_path / "db"), compaction=False) as store:
+        store.cache_writes = False
+        store.commit([Update(b"blind", b"b1", b"", 0), Update(b"read", b"r1", b"", 0)])
+        store.commit([Update(b"other", b"o", b"", 0)])  # releases the first record's values
+        assert store.stats()["cache_entries"] == 0
+        assert store.get(b"read").value == b"r1"  # a miss, and now cached
+        store.commit([Update(b"read", b"r2", b"", 0), Update(b"blind", b"b2", b"", 0)])
+        store.commit([Update(b"other", b"o2", b"", 0)])
+        before = store.stats()
+        assert store.get(b"read").value == b"r2"
+        after = store.stats()
+        assert after["cache_hits"] == before["cache_hits"] + 1 and after["cache_entries"] == 1
+
+
 def test_stats_report_keys_segments_and_memory(store: Storage) -> None:
     store.commit([Update(b"a", b"x" * 100, b"", 0)])
     store.commit([Update(b"a", b"y" * 100, b"", 0)])
