@@ -43,6 +43,7 @@ from pykv.client.admin import fetch_status
 from pykv.server.cmd_cluster import ClusterConfig, cluster_down, cluster_up, running_nodes
 from pykv.server.workload import (
     WorkloadConfig,
+    percentile,
     preload,
     run_workload,
     run_workload_on_cluster,
@@ -70,8 +71,11 @@ def _cluster_costs(config: ClusterConfig, data: Path, addresses: list[str]) -> d
     for pid in running_nodes(config, data).values():
         totals["node_cpu_s"] += _cpu_seconds(pid)
     for address in addresses:
-        for name, value in fetch_status(address).get("counters", {}).items():
+        status = fetch_status(address)
+        for name, value in status.get("counters", {}).items():
             totals[name] = totals.get(name, 0) + value
+        for name in ("hits", "misses"):  # the read cache (none when values are in memory)
+            totals[f"cache_{name}"] = totals.get(f"cache_{name}", 0) + (status.get("cache") or {}).get(name, 0)
     totals["client_cpu_s"] = time.process_time()
     return totals
 
@@ -85,14 +89,10 @@ def _disk_mb(node_dir: Path) -> dict[str, float]:
     return {"wal": size(node_dir / "wal"), "shards": size(node_dir / "shards"), "all": size(node_dir)}
 
 
-def _cache_hit_rate(addresses: list[str]) -> float | None:
-    """The share of the nodes' reads of shard values found in their read caches (None when
-    the values are in memory, or nothing was read)."""
-    hits = misses = 0
-    for address in addresses:
-        cache = fetch_status(address).get("cache")
-        if cache:
-            hits, misses = hits + cache["hits"], misses + cache["misses"]
+def _cache_hit_rate(totals: dict) -> float | None:
+    """The share of the nodes' reads of shard values found in their read caches since they
+    started (None when the values are in memory, or nothing was read)."""
+    hits, misses = totals["cache_hits"], totals["cache_misses"]
     return round(hits / (hits + misses), 4) if hits + misses else None
 
 
@@ -133,11 +133,12 @@ def bench_cluster(
             if not threads:
                 result = run_workload_on_cluster([f"127.0.0.1:{base}"], config).to_dict()
                 result["client"] = "aio"
-            result.update(_per_txn(before, _cluster_costs(cluster, data, addresses), result["committed"]))
+            after = _cluster_costs(cluster, data, addresses)
+            result.update(_per_txn(before, after, result["committed"]))
             result["partitions"] = partitions
             result["reads"] = reads
             result["disk_mb_per_node"] = _disk_mb(data / "node-1")
-            result["cache_hit_rate"] = _cache_hit_rate(addresses)
+            result["cache_hit_rate"] = _cache_hit_rate(after)
             return result
         finally:
             cluster_down(data)
@@ -231,7 +232,7 @@ def _latencies(db: pykv.KeyValueStore, ops: int) -> dict:
             op()
             took.append((time.perf_counter() - started) * 1000)
         took.sort()
-        out[name] = {"p50_ms": round(took[len(took) // 2], 3), "p90_ms": round(took[len(took) * 9 // 10], 3)}
+        out[name] = {"p50_ms": round(percentile(took, 50), 3), "p90_ms": round(percentile(took, 90), 3)}
     return out
 
 
