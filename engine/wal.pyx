@@ -137,6 +137,10 @@ cdef uint64_t MAX_SEGMENT_BYTES = <uint64_t>1 << 31
 cdef int LOCK_SPINS = 200
 # submit() blocks (GIL released) while this much is waiting for the writer.
 cdef size_t MAX_PENDING_BYTES = <size_t>64 << 20
+# A batch buffer that a burst grew past this (a compaction's 4 MiB relocation records, a busy
+# node log) is freed once written: a node runs a writer per shard, and each would otherwise
+# keep its largest batch resident for good.
+cdef size_t KEEP_BATCH_BYTES = <size_t>1 << 20
 
 # Writers still open at interpreter exit are closed, so that what they acknowledged under the
 # interval policy gets its fdatasync (the writer thread is a daemon and would just stop).
@@ -828,9 +832,13 @@ cdef class WalWriter:
         return self.next_lsn - 1
 
     def stats(self) -> dict:
-        """Counters since open: records appended, write batches, fdatasyncs of batches."""
+        """Counters since open: records appended, write batches, fdatasyncs of batches; and
+        the bytes its two batch buffers hold allocated now."""
+        self._lock()
+        buffer_bytes = self.pending.cap + self.inflight.cap
+        pthread_mutex_unlock(&self.mu)
         return {"records": self.next_lsn - 1 - self.index_base_at_open, "batches": self.batches,
-                "fsyncs": self.fsyncs}
+                "fsyncs": self.fsyncs, "buffer_bytes": buffer_bytes}
 
     def locate(self, lsn: int) -> tuple:
         """(segment_id, payload offset) of a record appended or recovered by this writer."""
@@ -970,6 +978,8 @@ cdef class WalWriter:
                     self._failpoint(FP_AFTER_FSYNC)
             if want_sync:
                 self.last_sync_time = now_seconds()
+            if self.inflight.cap > KEEP_BATCH_BYTES:  # only this thread touches inflight
+                batch_free(&self.inflight)
 
             pthread_mutex_lock(&self.mu)
             self.inflight.size = 0

@@ -148,7 +148,8 @@ class Storage:
         self.cache_writes = True
         # key -> (version lsn, value, record lsn) for versions whose record may be unwritten
         self._pending: dict[bytes, tuple[int, bytes, int]] = {}
-        self._pending_order: deque[tuple[int, list[bytes]]] = deque()
+        # (record lsn, its keys, whether its values go into the cache once written)
+        self._pending_order: deque[tuple[int, list[bytes], bool]] = deque()
         self._seg_live: defaultdict[int, int] = defaultdict(int)
         self._seg_total: defaultdict[int, int] = defaultdict(int)
         self._files = SegmentFiles(lambda seg: segment_path(self._wal_dir, seg))
@@ -383,7 +384,9 @@ class Storage:
             pending = self._pending
             for index, version in applied:
                 pending[entries[index].key] = (version, values[index], lsn)
-            self._pending_order.append((lsn, [entries[index].key for index, _ in applied]))
+            # A relocation copies cold values forward: caching them would evict hot ones.
+            self._pending_order.append((lsn, [entries[index].key for index, _ in applied],
+                                        kind != record.KIND_RELOCATE))
         self._release_pending(wal.durable_lsn)
         return lsn, len(applied)
 
@@ -392,12 +395,12 @@ class Storage:
         order = self._pending_order
         pending = self._pending
         while order and order[0][0] <= durable_lsn:
-            record_lsn, keys = order.popleft()
+            record_lsn, keys, cache = order.popleft()
             for key in keys:
                 held = pending.get(key)
                 if held is not None and held[2] == record_lsn:
                     del pending[key]
-                    if self.cache_writes:
+                    if cache and self.cache_writes:
                         self._cache.put(key, held[0], held[1])
                     else:
                         self._cache.refresh(key, held[0], held[1])
@@ -642,7 +645,7 @@ class Storage:
             moved_keys += n
             moved_bytes += batch_bytes
         if last_lsn:
-            wal.wait(last_lsn)
+            self.wait_durable(last_lsn)  # also lets go of the copied values held until written
         failpoint("storage.compact.after_copy")
         self._write_checkpoint()
         failpoint("storage.compact.after_checkpoint")

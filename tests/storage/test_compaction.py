@@ -49,6 +49,27 @@ def test_compaction_deletes_old_segments_and_keeps_every_live_value(tmp_path: Pa
         assert store.get(b"k0001").clock == b"r29"
 
 
+def test_compaction_neither_holds_nor_caches_the_values_it_copies(tmp_path: Path) -> None:
+    """Copied values are cold: once their record is written they leave memory, and they do
+    not push the values readers use out of the read cache."""
+    path = str(tmp_path / "db")
+    cold = {b"cold%03d" % i: b"c%03d" % i * 100 for i in range(200)}
+    with Storage.open(path, segment_bytes=16 << 10, compaction=False) as store:
+        store.commit([Update(k, v, b"", 0) for k, v in cold.items()])
+        overwrite_rounds(store, keys=40, rounds=30)
+    with Storage.open(path, segment_bytes=16 << 10, compaction=False) as store:  # cache empty
+        hot = {key: store.get(key).value for key in (b"k%04d" % i for i in range(40))}
+        cached = store.stats()["cache_entries"]
+        stats = store.compact()
+        assert stats.keys_moved >= len(cold)
+        after = store.stats()
+        assert after["pending_values"] == 0
+        assert after["cache_entries"] == cached == len(hot)
+        assert {k: store.get(k).value for k in hot} == hot
+        assert store.stats()["cache_misses"] == after["cache_misses"]  # all hits
+        assert {k: store.get(k).value for k in cold} == cold
+
+
 def test_compaction_keeps_the_version_lsn_clock_and_timestamp(tmp_path: Path) -> None:
     with Storage.open(str(tmp_path / "db"), segment_bytes=4096, compaction=False) as store:
         lsn = store.commit([Update(b"stable", b"v" * 100, b"clock", 77)])
