@@ -83,6 +83,7 @@ cdef class WalWriter:
     cdef int failpoint
     cdef uint64_t fsyncs              # counters for stats()
     cdef uint64_t batches
+    cdef uint64_t seal_fsyncs
     cdef long failpoint_countdown
     # locate(): payload offset of every lsn from index_base on; the segment ids in order
     cdef uint32_t* offsets

@@ -20,8 +20,10 @@ so a restarted replica remembers exactly the txids, in the order, that its peers
 Durability: the Storage runs with ``fsync="off"``: what makes a commit durable is the Raft
 log, fsync'd in the node's WAL before anything is acknowledged. The one rule this needs is
 that the Raft log is never compacted past what the storage has made durable, so
-``make_durable()`` (a storage checkpoint: fsync, then a hint file) runs before every Raft
-snapshot, and a restart replays the Raft log from the storage's applied index.
+``make_durable()`` (a flush, then an fdatasync of the storage's WAL) runs before every Raft
+snapshot, and a restart replays the Raft log from the storage's applied index. The storage's
+own checkpoints (hint files, which bound its replay) are its maintainer's business: one
+costs a pass over every key, too long for the event loop a snapshot runs on.
 """
 
 from __future__ import annotations
@@ -377,9 +379,9 @@ class StoredShardState(ShardState):
     # --- durability and lifetime ------------------------------------------------------------------
 
     def make_durable(self) -> None:
-        """fsync the storage and write its hint: the Raft log before here may then go."""
+        """fdatasync everything applied: the Raft log before here may then go."""
         self.flush()
-        self.store.checkpoint()
+        self.store.sync()
 
     def close(self) -> None:
         self.flush()

@@ -21,7 +21,7 @@ clients that vanish between their prepares and their decision; time is virtual a
 replays exactly. A node's disk keeps what its driver persisted (the Raft world covers torn
 fsyncs of the Raft log); a crash loses the node's memory: its Raft state, shard state
 machines and everything in flight. With stored shards some crashes are power losses: each
-shard's storage (fsync off) keeps only its last checkpoint and a random prefix of the rest;
+shard's storage (fsync off) keeps only what it fdatasync'd and a random prefix of the rest;
 that mix also compacts random replicas at whatever index they have applied (some nodes
 crash right after) and transfers the leadership of random groups.
 
@@ -46,7 +46,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pykv._engine.wal import read_wal, segment_path
+from pykv._engine.wal import HEADER_SIZE, read_wal
 from pykv.cluster.shardmap import Step, StepKind, next_step
 from pykv.errors import Error, Timeout, Unavailable, by_name
 from pykv.raft import Message, RaftConfig
@@ -70,7 +70,6 @@ from pykv.replica.shard import (
 )
 from pykv.replica.stored import StoredShardState
 from pykv.sim.listappend import Txn, check_serializable
-from pykv.storage.hint import read_hint
 from pykv.txn.model import PASSES_BEFORE_LOCKING, CommitRequest, KeyRange, Versioned, WriteOp
 from pykv.types import OpKind
 
@@ -107,7 +106,7 @@ class TxnSimParams:
     # Mean virtual seconds between compactions of a random replica at whatever index it has
     # applied (0: none), as a membership change (ADD_LEARNER) takes one: not only after
     # ``snapshot_every`` commands, but also right after entries with no command (a new
-    # leader's first, a membership change), which a stored shard must checkpoint too.
+    # leader's first, a membership change), which a stored shard must make durable too.
     compact_every: float = 0.0
     # Mean virtual seconds between leadership transfers of a random group to another of its
     # voters (0: none), as an operator or the placement driver asks: the new leader starts
@@ -117,8 +116,8 @@ class TxnSimParams:
     # memory: a crash then loses the applied commands a replica had not yet written.
     stored: bool = False
     # Probability that a crash of a node with stored shards is a power loss: each shard's
-    # storage (fsync off: the Raft log is what makes commits durable) then keeps what its
-    # last checkpoint fsync'd and an arbitrary prefix of what it wrote since, cut anywhere.
+    # storage (fsync off: the Raft log is what makes commits durable) then keeps what it
+    # fdatasync'd and an arbitrary prefix of what it wrote since, cut anywhere.
     power_loss: float = 0.0
     # Txids each shard remembers per table (None: the default). Small, retries reach txids
     # already forgotten, which must be refused rather than applied again.
@@ -443,37 +442,31 @@ class TxnWorld:
                 state = getattr(group.state, "real", group.state)  # restoring: _Restoring
                 # No flush and no checkpoint: the unwritten rows die with the node, and the
                 # storage's hint stays its last checkpoint's.
+                synced_lsn = state.store.synced_lsn
                 state.store.close(checkpoint=False)
                 if power_lost:
-                    self._cut_unsynced(state.path)
+                    self._cut_unsynced(state.path, synced_lsn)
             if power_lost:
                 self.events["commit indexes lost to power losses"] += self.disks[node].lose_unsynced()
 
-    def _cut_unsynced(self, path: Path) -> None:
-        """A power loss: the storage's WAL keeps what its last checkpoint fsync'd (every
-        record up to the hint's lsn) and a prefix, cut at a random byte, of the rest."""
-        hint = read_hint(str(path / "hint"))
-        synced_lsn = 0 if hint is None else hint[0]
-        if hint is not None:
-            for _ in hint[1]:  # read to the end: closes the file
-                pass
-        segments = sorted((path / "wal").glob("*.wal"))
-        kept = {segment: 0 for segment in segments}  # bytes of each that are fsync'd
-        for record in read_wal(str(path / "wal"), repair=False):
+    def _cut_unsynced(self, path: Path, synced_lsn: int) -> None:
+        """A power loss: the storage's WAL keeps its sealed segments (each fdatasync'd when
+        the next was made), the records of the last up to ``synced_lsn``, and a prefix, cut
+        at a random byte, of the rest of the last."""
+        wal_dir = str(path / "wal")
+        last = max((path / "wal").glob("*.wal"))
+        synced = HEADER_SIZE
+        for record in read_wal(wal_dir, repair=False, from_lsn=int(last.stem)):
             if record.lsn > synced_lsn:
                 break
-            kept[Path(segment_path(str(path / "wal"), record.segment_id))] = record.offset + len(record.payload)
-        unsynced = [(f, kept[f], f.stat().st_size) for f in segments]
-        total = sum(size - synced for _, synced, size in unsynced)
-        if total <= 0:
+            synced = record.offset + len(record.payload)
+        unsynced = last.stat().st_size - synced
+        if unsynced <= 0:
             return
-        keep = self.rng.randrange(total)  # of the unsynced bytes, in log order
-        self.events["storage bytes lost to power losses"] += total - keep
-        for segment, synced, size in unsynced:
-            extra = min(size - synced, keep)
-            with open(segment, "r+b") as f:
-                f.truncate(synced + extra)
-            keep -= extra
+        keep = self.rng.randrange(unsynced)
+        self.events["storage bytes lost to power losses"] += unsynced - keep
+        with open(last, "r+b") as f:
+            f.truncate(synced + keep)
 
     def close(self) -> None:
         for node in self.ids:

@@ -417,6 +417,22 @@ class Storage:
                 if self._wal is not None:
                     self._release_pending(self._wal.durable_lsn)
 
+    def sync(self) -> int:
+        """fdatasync every record submitted so far, whatever the fsync policy; return the
+        last lsn it covers. A replica's storage (fsync off) calls it before Raft may forget
+        the log entries it applied."""
+        with self._lock:
+            wal = self._open_wal()
+            lsn = wal.last_lsn
+        wal.sync()
+        self.wait_durable(lsn)  # lets go of the values held until written
+        return lsn
+
+    @property
+    def synced_lsn(self) -> int:
+        """The last lsn that is on disk for sure (fdatasync'd, or found there at open)."""
+        return self._open_wal().synced_lsn
+
     def commit(self, updates: list[Update]) -> int:
         """submit + wait_durable: returns the lsn once the commit is durable."""
         lsn = self.submit(updates)

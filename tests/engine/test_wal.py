@@ -408,3 +408,17 @@ def test_truncate_before_deletes_whole_old_segments(tmp_path: Path) -> None:
         writer.truncate_before(10**9)
         assert writer.segments() == segments[-1:]
     assert [r.lsn for r in read_wal(str(tmp_path))][-1] == 30
+
+
+def test_sync_under_fsync_off_covers_the_segments_sealed_before_it(tmp_path: Path) -> None:
+    """sync() fdatasyncs the segment being written; a replica's storage (fsync off) relies
+    on it for every record before, so each sealed segment was fdatasync'd when it rolled."""
+    with WalWriter(str(tmp_path), segment_bytes=4096, fsync="off") as writer:
+        for i in range(80):
+            writer.append(b"%04d" % i * 100)
+        assert writer.stats()["fsyncs"] == 0
+        writer.sync()
+        sealed = len(writer.segments()) - 1
+        assert sealed >= 5
+        stats = writer.stats()
+        assert (stats["seal_fsyncs"], stats["fsyncs"]) == (sealed, 1)

@@ -240,11 +240,11 @@ def test_a_scanner_renewing_its_lock_keeps_it_however_long_its_pass_waits(monkey
     assert failed(calm) > 0
 
 
-def test_power_losses_cut_what_stored_shards_had_not_checkpointed(monkeypatch):
+def test_power_losses_cut_what_stored_shards_had_not_synced(monkeypatch):
     """In the "stored" mix half the crashes are power losses: each shard's storage (fsync
-    off) keeps its last checkpoint and a random prefix of what it wrote after, and the Raft
+    off) keeps what it fdatasync'd and a random prefix of what it wrote after, and the Raft
     log its commit indexes as last fsync'd. The host
-    checkpoints a shard before Raft drops the log up to it (make_durable), so the log
+    syncs a shard's storage before Raft drops the log up to it (make_durable), so the log
     replays the rest; a host that did not would lose commands nobody holds any more."""
     seen = _events_of_passing_runs(TXN_MIXES["stored"], seeds=2)
     assert seen["power losses"] > 0 and seen["storage bytes lost to power losses"] > 0, seen
