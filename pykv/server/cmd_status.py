@@ -84,10 +84,12 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
 
 
 def build_node_table(statuses: dict[str, dict | str]) -> Table:
-    """One row per node that answered: what its WAL holds, its read cache, its snapshots."""
+    """One row per node that answered: its memory, what its WAL holds, its read cache, its
+    snapshots, and how long its driver held the event loop (every request waits meanwhile)."""
     table = Table(title="pykv nodes")
-    columns = ("node", "address", "pid", "map", "WAL MB", "WAL segments", "cache MB",
-               "cache hits", "snapshots sent", "snapshots received")
+    columns = ("node", "address", "pid", "map", "RSS MB", "WAL MB", "WAL segments", "cache MB",
+               "cache hits", "snapshots sent", "snapshots received", "longest step ms",
+               "steps > 50 ms")
     for column in columns:
         table.add_column(column, justify="left" if column == "address" else "right")
     for address, status in statuses.items():
@@ -102,10 +104,14 @@ def build_node_table(statuses: dict[str, dict | str]) -> Table:
         else:
             cache_mb = hits = "-"  # values in memory: no cache
         snapshots = status.get("snapshots", {})
+        driver = status.get("driver", {})
+        rss = status.get("rss_bytes")
         table.add_row(
             str(status["node_id"]), address, str(status.get("pid", "-")), str(status.get("map_version", "-")),
+            "-" if rss is None else f"{rss / 1e6:.0f}",
             f"{wal.get('bytes', 0) / 1e6:.1f}", str(wal.get("segments", "-")), cache_mb, hits,
             str(snapshots.get("sent", 0)), str(snapshots.get("received", 0)),
+            str(driver.get("max_ms", "-")), str(driver.get("over_50ms", "-")),
         )
     return table
 

@@ -99,6 +99,7 @@ from pykv.replica.shard import (
     written_keys,
 )
 from pykv.replica.stored import StoredShardState, segment_bytes_for
+from pykv.server.loopstats import StepTimes, resident_bytes
 from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender, is_install
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
@@ -312,6 +313,7 @@ class Node:
         self._may_join = False
         # Monotonic counters for `pykv status --json` and benchmarks.
         self.counters: dict[str, int] = defaultdict(int)
+        self.step_times = StepTimes()  # how long the driver holds the loop at a time
         self.host: ReplicaHost | None = None
         self.nodelog: NodeLog | None = None
         self.peers: dict[int, _Peer] = {}
@@ -456,6 +458,7 @@ class Node:
         next_tick = loop.time() + tick
         while not self._stopping:
             now = loop.time()
+            started = time.perf_counter()
             if now + _TIMER_SLACK >= next_tick:
                 host.tick()
                 next_tick = max(next_tick + tick, now + tick / 2)
@@ -473,12 +476,15 @@ class Node:
                     if self.config.persist_inline:
                         host.persist(batch)
                     else:
+                        self.step_times.record(time.perf_counter() - started)
                         await loop.run_in_executor(self._io, host.persist, batch)
+                        started = time.perf_counter()
                 elif batch.must_sync():
                     host.persist(batch, wait=False)  # only commit indexes: no need to wait
                 # Acks and votes leave before the apply, which may take a while.
                 self._send(batch.late, now=True)
                 host.apply(batch)
+                self.step_times.record(time.perf_counter() - started)
                 # Let the loop flush the coalesced writes and read what arrived before the
                 # next batch: replies go out now, and the next batch is a bigger one.
                 await asyncio.sleep(self.config.batch_wait)
@@ -870,6 +876,8 @@ class Node:
             # The read cache of the shards' values (state "storage"; None in memory).
             "cache": None if self._cache is None else self._cache.stats(),
             "wal": host.log.wal_status(),  # the Raft log of every group here
+            "driver": self.step_times.as_dict(),
+            "rss_bytes": resident_bytes(),
         }
 
     def removed(self) -> bool:

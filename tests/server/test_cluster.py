@@ -196,9 +196,13 @@ def test_cli_put_get_txn_and_status(cluster):
     assert "prepared" in table.stdout  # transactions holding locks, per replica
     assert "unfinished" in table.stdout  # commits some participant has not applied yet
     assert "WAL MB" in table.stdout and "cache hits" in table.stdout  # the table of nodes
+    assert "RSS MB" in table.stdout and "longest step" in table.stdout
     for node in json.loads(_cli("status", "--json", "--addresses", addr).stdout).values():
         assert node["wal"]["segments"] >= 1 and node["wal"]["bytes"] > 0
         assert node["cache"]["capacity_bytes"] == 64 << 20
+        assert node["rss_bytes"] > 10 << 20
+        driver = node["driver"]  # it has applied the puts above: steps were timed
+        assert driver["steps"] > 0 and 0 < driver["mean_ms"] <= driver["max_ms"]
     # one address is enough: status finds the other nodes through the shard map
     status = _cli("status", "--json", "--addresses", cluster.addresses[1])
     assert status.returncode == 0

@@ -1,0 +1,24 @@
+"""The driver's step times summarize what `pykv status` shows: counts over each threshold."""
+
+from __future__ import annotations
+
+import os
+
+from pykv.server.loopstats import StepTimes, resident_bytes
+
+
+def test_step_times_count_each_threshold_passed_and_keep_the_longest() -> None:
+    times = StepTimes()
+    for seconds in (0.001, 0.004, 0.012, 0.060, 0.250):
+        times.record(seconds)
+    assert times.as_dict() == {
+        "steps": 5, "mean_ms": 65.4, "max_ms": 250.0,
+        "over_10ms": 3, "over_50ms": 2, "over_200ms": 1,
+    }
+    assert StepTimes().as_dict()["mean_ms"] == 0.0
+
+
+def test_resident_bytes_is_this_process_rss() -> None:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    assert abs(resident_bytes() - rss_kb * 1024) < 8 << 20
