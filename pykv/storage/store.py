@@ -126,7 +126,8 @@ class Storage:
 
     def __init__(self, path: str, dir_lock: DirectoryLock, *, cache: ByteLRU, fsync: str,
                  segment_bytes: int, compaction: bool, compaction_interval: float,
-                 compaction_min_dead_ratio: float, maintainer: Maintainer | None) -> None:
+                 compaction_min_dead_ratio: float, maintainer: Maintainer | None,
+                 checkpoint_bytes: int | None = None) -> None:
         self.path = path
         self._wal_dir = os.path.join(path, "wal")
         self._hint_path = os.path.join(path, "hint")
@@ -134,6 +135,8 @@ class Storage:
         self._node_id = load_or_create_node_id(path)
         self._fsync = fsync
         self._segment_bytes = segment_bytes
+        # WAL bytes after which the background work writes a checkpoint: what a reopen replays.
+        self._checkpoint_bytes = checkpoint_bytes or segment_bytes
         self._lock = threading.Lock()  # key directory, index, cache, pending, segment tables
         self._maintenance = threading.Lock()  # one checkpoint or compaction at a time
         self._keydir = KeyDir()
@@ -177,7 +180,7 @@ class Storage:
              segment_bytes: int = 64 << 20, compaction: bool = True,
              progress: Progress | None = None, compaction_interval: float = 1.0,
              compaction_min_dead_ratio: float = 0.5, cache: SharedCache | None = None,
-             maintainer: Maintainer | None = None) -> Storage:
+             maintainer: Maintainer | None = None, checkpoint_bytes: int | None = None) -> Storage:
         """Open (creating if needed) the store at path, recovering from the hint and the WAL.
 
         Takes an exclusive lock on ``path/LOCK`` (StoreLocked if another Storage holds it),
@@ -187,7 +190,8 @@ class Storage:
         compaction thread); total is 0 while unknown. ``fsync`` is the WAL policy: "always", "interval" or "off".
         The read cache holds ``cache_bytes``, or, given a ``cache``, shares that budget with
         the other stores that use it (a node's shards); likewise compaction runs on a thread of
-        its own, or on a shared ``maintainer``'s.
+        its own, or on a shared ``maintainer``'s. It writes a checkpoint every
+        ``checkpoint_bytes`` of WAL (default: ``segment_bytes``), which bounds what a reopen replays.
         """
         if fsync not in ("always", "interval", "off"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'off', not {fsync!r}")
@@ -199,7 +203,7 @@ class Storage:
                         segment_bytes=segment_bytes, compaction=compaction,
                         compaction_interval=compaction_interval,
                         compaction_min_dead_ratio=compaction_min_dead_ratio,
-                        maintainer=maintainer)
+                        maintainer=maintainer, checkpoint_bytes=checkpoint_bytes)
             store._progress = progress
             store._recover(progress)
         except BaseException:
@@ -715,7 +719,7 @@ class Storage:
                                      min_dead_bytes=self._segment_bytes // 2)
                 if last is not None:
                     self._compact_through(last, self._progress)
-                elif self._bytes_since_checkpoint >= self._segment_bytes:
+                elif self._bytes_since_checkpoint >= self._checkpoint_bytes:
                     self._write_checkpoint()
                     self._truncate_dead_prefix()
         except StoreClosed:

@@ -184,6 +184,25 @@ def test_close_without_checkpoint_keeps_the_last_hint_and_reopen_replays_after_i
         assert len(list(store.scan())) == 15
 
 
+def test_maintenance_checkpoints_every_checkpoint_bytes_so_a_reopen_replays_little(tmp_path: Path) -> None:
+    """A replica's storage is checkpointed by its maintainer alone: every checkpoint_bytes of
+    WAL, which is then the most a restart replays."""
+    path = str(tmp_path / "db")
+    store = Storage.open(path, segment_bytes=1 << 20, checkpoint_bytes=16 << 10, compaction=False)
+    for i in range(200):  # about 40 KiB of WAL
+        store.commit([Update(b"k%d" % (i % 20), b"v" * 150, b"", i)])
+        if i % 10 == 9:
+            store.maintain()  # a round of the background thread
+    checkpoint_lsn = store.stats()["checkpoint_lsn"]
+    assert 200 - 16 * 1024 // 180 <= checkpoint_lsn < 200  # a record costs ~180 bytes
+    store.close(checkpoint=False)
+    calls = []
+    with Storage.open(path, compaction=False, progress=lambda *call: calls.append(call)) as reopened:
+        replayed = [done for phase, done, total in calls if phase == "replay" and done == total]
+        assert replayed == [200 - checkpoint_lsn]
+        assert len(list(reopened.scan())) == 20
+
+
 def test_checkpoint_then_more_commits_then_reopen(tmp_path: Path) -> None:
     path = str(tmp_path / "db")
     with Storage.open(path, segment_bytes=2048, compaction=False) as store:
