@@ -81,7 +81,7 @@ from pykv.raft.messages import Message, Role
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
 from pykv.replica.finishing import FinishTracker, sweep
-from pykv.replica.host import Done, ReplicaHost, snapshot_every_for
+from pykv.replica.host import Batch, Done, ReplicaHost, snapshot_every_for
 from pykv.replica.meta import SET_MAP, MetaState, meta_replicas
 from pykv.replica.shard import COMMIT as CMD_COMMIT
 from pykv.replica.shard import COMMIT_DECIDE as CMD_COMMIT_DECIDE
@@ -99,7 +99,7 @@ from pykv.replica.shard import (
     written_keys,
 )
 from pykv.replica.stored import StoredShardState, segment_bytes_for
-from pykv.server.loopstats import StepTimes, resident_bytes
+from pykv.server.loopstats import GcPauses, StepTimes, resident_bytes
 from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender, is_install
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
@@ -314,6 +314,7 @@ class Node:
         # Monotonic counters for `pykv status --json` and benchmarks.
         self.counters: dict[str, int] = defaultdict(int)
         self.step_times = StepTimes()  # how long the driver holds the loop at a time
+        self.gc_pauses = GcPauses()  # installed while the node runs (start/stop)
         self.host: ReplicaHost | None = None
         self.nodelog: NodeLog | None = None
         self.peers: dict[int, _Peer] = {}
@@ -344,6 +345,7 @@ class Node:
     async def start(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.gc_pauses.install()
         self.nodelog = NodeLog(cfg.data_dir, fsync=cfg.fsync)
         raft_config = RaftConfig(
             election_ticks=cfg.election_ticks,
@@ -410,6 +412,7 @@ class Node:
 
     async def stop(self) -> None:
         self._stopping = True
+        self.gc_pauses.uninstall()
         self._wakeup()
         if self._server is not None:
             self._server.close()
@@ -483,8 +486,9 @@ class Node:
                     host.persist(batch, wait=False)  # only commit indexes: no need to wait
                 # Acks and votes leave before the apply, which may take a while.
                 self._send(batch.late, now=True)
+                gc_before, applying = self.gc_pauses.total_s, time.perf_counter()
                 host.apply(batch)
-                self.step_times.record(time.perf_counter() - started)
+                self._timed_step(batch, started, applying, gc_before)
                 # Let the loop flush the coalesced writes and read what arrived before the
                 # next batch: replies go out now, and the next batch is a bigger one.
                 await asyncio.sleep(self.config.batch_wait)
@@ -496,6 +500,17 @@ class Node:
             finally:
                 handle.cancel()
                 self._wake = None
+
+    def _timed_step(self, batch: Batch, started: float, applying: float, gc_before: float) -> None:
+        """Count a driver step; log a slow one with where its time went."""
+        ended = time.perf_counter()
+        if self.step_times.record(ended - started):
+            log.warning(
+                "event=slow_driver_step ms=%.0f before_apply_ms=%.0f apply_ms=%.0f gc_ms=%.0f "
+                "groups=%d entries=%d", (ended - started) * 1000, (applying - started) * 1000,
+                (ended - applying) * 1000, (self.gc_pauses.total_s - gc_before) * 1000,
+                len(batch.readies), sum(len(rd.committed_entries) for _, rd in batch.readies),
+            )
 
     def _restore_in_background(
         self, gid: int, work: Callable[[], None], then: Callable[[BaseException | None], None]
@@ -877,6 +892,7 @@ class Node:
             "cache": None if self._cache is None else self._cache.stats(),
             "wal": host.log.wal_status(),  # the Raft log of every group here
             "driver": self.step_times.as_dict(),
+            "gc": self.gc_pauses.as_dict(),
             "rss_bytes": resident_bytes(),
         }
 

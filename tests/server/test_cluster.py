@@ -203,6 +203,7 @@ def test_cli_put_get_txn_and_status(cluster):
         assert node["rss_bytes"] > 10 << 20
         driver = node["driver"]  # it has applied the puts above: steps were timed
         assert driver["steps"] > 0 and 0 < driver["mean_ms"] <= driver["max_ms"]
+        assert len(node["gc"]["collections"]) == 3
     # one address is enough: status finds the other nodes through the shard map
     status = _cli("status", "--json", "--addresses", cluster.addresses[1])
     assert status.returncode == 0
