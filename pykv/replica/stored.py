@@ -118,24 +118,28 @@ def _encoded(value: Any) -> bytes:
 
 
 class StoredShardState(ShardState):
-    durable = True  # make_durable() checkpoints the storage: it is the snapshot
+    durable = True  # make_durable() syncs the storage: it is the snapshot
     """ShardState over a Storage directory (see the module docstring)."""
 
     def __init__(
         self, shard: int, path: Path, *, cache_bytes: int = 8 << 20,
         cache: SharedCache | None = None, maintainer: Maintainer | None = None,
         remembered: int | None = None, segment_bytes: int = MAX_SEGMENT_BYTES,
+        maintenance: bool = True,
     ) -> None:
         """``cache``: the node's read cache, shared by all its shards (else ``cache_bytes`` of
         this shard's own); ``maintainer``: the node's compaction thread (else one of its own);
         ``remembered``: txids remembered per table (ShardState); ``segment_bytes``: the
-        storage's value-log segments (segment_bytes_for)."""
+        storage's value-log segments (segment_bytes_for); ``maintenance`` False: no background
+        compaction or checkpoints at all, whoever drives the state does them (the
+        simulator, at moments its seed decides)."""
         super().__init__(shard, remembered=remembered)
         self.path = Path(path)
         self._cache_bytes = cache_bytes
         self._shared_cache = cache
         self._maintainer = maintainer
         self._segment_bytes = segment_bytes
+        self._maintenance = maintenance
         self._leading = False
         self.store = self._open_store()
         self._batch: list[Update] = []
@@ -330,7 +334,7 @@ class StoredShardState(ShardState):
         store = Storage.open(
             str(self.path), fsync="off", cache_bytes=self._cache_bytes, cache=self._shared_cache,
             maintainer=self._maintainer, segment_bytes=self._segment_bytes,
-            checkpoint_bytes=CHECKPOINT_BYTES,
+            checkpoint_bytes=CHECKPOINT_BYTES, compaction=self._maintenance,
         )
         store.cache_writes = self._leading
         return store

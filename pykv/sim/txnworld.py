@@ -115,6 +115,10 @@ class TxnSimParams:
     # Shard values on disk (pykv.replica.stored, in a temporary directory) rather than in
     # memory: a crash then loses the applied commands a replica had not yet written.
     stored: bool = False
+    # Mean virtual seconds between checkpoints of a random stored replica's storage (0: none),
+    # as a node's compaction thread writes them every few MiB: a restart then replays the
+    # storage's WAL from that hint.
+    checkpoint_every: float = 0.0
     # Probability that a crash of a node with stored shards is a power loss: each shard's
     # storage (fsync off: the Raft log is what makes commits durable) then keeps what it
     # fdatasync'd and an arbitrary prefix of what it wrote since, cut anywhere.
@@ -148,7 +152,7 @@ TXN_MIXES = {
     "snapshots": TxnSimParams(snapshot_every=5, crash_every=1.0),
     "stored": TxnSimParams(
         stored=True, snapshot_every=15, crash_every=1.5, power_loss=0.5, compact_every=0.1,
-        transfer_every=0.5,
+        transfer_every=0.5, checkpoint_every=0.1,
     ),
     # Shards remember only the last 2 txids: retries and recovery reach forgotten ones. A
     # participant whose FINISH died with its coordinator's node asks for the decision
@@ -163,7 +167,7 @@ TXN_MIXES = {
     # moves away again may leave while the restore still runs.
     "moves": TxnSimParams(
         nodes=5, replicas=3, moves_every=0.7, snapshot_every=10, stored=True, late_drops=0.3,
-        power_loss=0.3,
+        power_loss=0.3, checkpoint_every=0.2,
     ),
 }
 
@@ -356,6 +360,8 @@ class TxnWorld:
         self.at(self.rng.expovariate(1 / p.crash_every), self._crash_some)
         if p.compact_every:
             self.at(self.rng.expovariate(1 / p.compact_every), self._compact_some)
+        if p.checkpoint_every:
+            self.at(self.rng.expovariate(1 / p.checkpoint_every), self._checkpoint_some)
         if p.transfer_every:
             self.at(self.rng.expovariate(1 / p.transfer_every), self._transfer_some)
         self.at(self.rng.expovariate(1 / p.partition_every), self._partition_some)
@@ -424,8 +430,10 @@ class TxnWorld:
         if not self.p.stored:
             return lambda gid: ShardState(gid, remembered=remembered)
         assert self.root is not None, "a stored run needs a root directory"
+        # No background thread: the storage checkpoints when the seed says (_checkpoint_some).
         return lambda gid: StoredShardState(
-            gid, self.root / f"n{node}" / f"g{gid}", cache_bytes=1 << 20, remembered=remembered
+            gid, self.root / f"n{node}" / f"g{gid}", cache_bytes=1 << 20, remembered=remembered,
+            maintenance=False,
         )
 
     def _crash(self, node: int) -> None:
@@ -537,6 +545,16 @@ class TxnWorld:
                 if self.rng.random() < 0.2:  # and the node dies before writing anything more
                     self._crash_for_a_while(host.node_id)
         self.at(self.rng.expovariate(1 / self.p.compact_every), self._compact_some)
+
+    def _checkpoint_some(self) -> None:
+        if not self.faulty:
+            return
+        alive = [h for h in self.hosts.values() if h is not None]
+        groups = [g for h in alive for g in h.groups.values() if g.restoring is None]
+        if groups:
+            self.rng.choice(groups).state.store.checkpoint()
+            self.events["storage checkpoints"] += 1
+        self.at(self.rng.expovariate(1 / self.p.checkpoint_every), self._checkpoint_some)
 
     def _transfer_some(self) -> None:
         if not self.faulty:

@@ -248,6 +248,7 @@ def test_power_losses_cut_what_stored_shards_had_not_synced(monkeypatch):
     replays the rest; a host that did not would lose commands nobody holds any more."""
     seen = _events_of_passing_runs(TXN_MIXES["stored"], seeds=2)
     assert seen["power losses"] > 0 and seen["storage bytes lost to power losses"] > 0, seen
+    assert seen["storage checkpoints"] > 0, seen  # restarts replay from a hint, too
     # The node writes a hard state that only moves the commit index without waiting for
     # its fsync, and applies at once: after a power loss the shard's storage may be past
     # the commit index Raft restarts with.
