@@ -461,7 +461,7 @@ class Node:
         next_tick = loop.time() + tick
         while not self._stopping:
             now = loop.time()
-            started = time.perf_counter()
+            started, gc_before = time.perf_counter(), self.gc_pauses.total_s
             if now + _TIMER_SLACK >= next_tick:
                 host.tick()
                 next_tick = max(next_tick + tick, now + tick / 2)
@@ -481,12 +481,12 @@ class Node:
                     else:
                         self.step_times.record(time.perf_counter() - started)
                         await loop.run_in_executor(self._io, host.persist, batch)
-                        started = time.perf_counter()
+                        started, gc_before = time.perf_counter(), self.gc_pauses.total_s
                 elif batch.must_sync():
                     host.persist(batch, wait=False)  # only commit indexes: no need to wait
                 # Acks and votes leave before the apply, which may take a while.
                 self._send(batch.late, now=True)
-                gc_before, applying = self.gc_pauses.total_s, time.perf_counter()
+                applying = time.perf_counter()
                 host.apply(batch)
                 self._timed_step(batch, started, applying, gc_before)
                 # Let the loop flush the coalesced writes and read what arrived before the
