@@ -118,8 +118,9 @@ def _encoded(value: Any) -> bytes:
 
 
 class StoredShardState(ShardState):
-    durable = True  # make_durable() syncs the storage: it is the snapshot
     """ShardState over a Storage directory (see the module docstring)."""
+
+    durable = True  # make_durable() syncs the storage: it is the snapshot
 
     def __init__(
         self, shard: int, path: Path, *, cache_bytes: int = 8 << 20,
