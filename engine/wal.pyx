@@ -985,12 +985,12 @@ cdef class WalWriter:
                     self._failpoint(FP_AFTER_FSYNC)
             if want_sync:
                 self.last_sync_time = now_seconds()
-            if self.inflight.cap > KEEP_BATCH_BYTES:  # only this thread touches inflight
-                batch_free(&self.inflight)
 
             pthread_mutex_lock(&self.mu)
             self.inflight.size = 0
             self.inflight.nchunks = 0
+            if self.inflight.cap > KEEP_BATCH_BYTES:  # under the mutex: stats() reads cap
+                batch_free(&self.inflight)
             if rc != 0:
                 self.error = rc
             else:

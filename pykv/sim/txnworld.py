@@ -461,10 +461,10 @@ class TxnWorld:
         """A power loss: the storage's WAL keeps its sealed segments (each fdatasync'd when
         the next was made), the records of the last up to ``synced_lsn``, and a prefix, cut
         at a random byte, of the rest of the last."""
-        wal_dir = str(path / "wal")
-        last = max((path / "wal").glob("*.wal"))
+        wal_dir = path / "wal"
+        last = max(wal_dir.glob("*.wal"))
         synced = HEADER_SIZE
-        for record in read_wal(wal_dir, repair=False, from_lsn=int(last.stem)):
+        for record in read_wal(str(wal_dir), repair=False, from_lsn=int(last.stem)):
             if record.lsn > synced_lsn:
                 break
             synced = record.offset + len(record.payload)
