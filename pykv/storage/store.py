@@ -84,7 +84,7 @@ RELOCATE_BATCH_BYTES = 4 << 20  # live bytes copied forward per relocation recor
 KEY_INDEX_OVERHEAD = 42
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen, for speed: see pykv.types
 class StoredVersion:
     """One version of a key as stored: encoded value (None = absent), clock, timestamp, lsn."""
 
@@ -94,7 +94,7 @@ class StoredVersion:
     lsn: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen, for speed: see pykv.types
 class Update:
     """One key update of a commit; value None deletes the key."""
 

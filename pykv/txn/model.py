@@ -36,7 +36,7 @@ MISSING: Final = _Missing()
 MissingType = _Missing  # for type hints: ``Value | MissingType``
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen, for speed: see pykv.types
 class Versioned:
     """A value with the vector clock (encoded) and hybrid logical timestamp it was stored with.
 
@@ -230,7 +230,7 @@ class Isolation(str, enum.Enum):
 _isolation = enum_decoder(Isolation)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen, for speed: see pykv.types
 class WriteOp:
     """One buffered mutation, with the version the transaction observed for its key.
 
@@ -261,7 +261,7 @@ class WriteOp:
         return cls(key, kind, arg, None if observed is None else Versioned.from_wire(observed))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen, for speed: see pykv.types
 class CommitRequest:
     """Everything a replica needs to validate and apply one transaction (or one shard's part).
 
@@ -349,7 +349,7 @@ class CommitRequest:
         return cls(txid, coordinator, reads, writes, isolation, timestamp, ranges)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen, for speed: see pykv.types
 class KeyUpdate:
     """What a commit stores for one key: value (MISSING = tombstone), clock and timestamp."""
 
