@@ -5,13 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pykv.raft.errors import RaftInvariantError
-from pykv.raft.messages import Entry, Snapshot, SnapshotMeta
+from pykv.raft.messages import Entry, EntryKind, Snapshot, SnapshotMeta
+
+_KINDS = {int(kind): kind for kind in EntryKind}
 
 
-def entry_size(entry: Entry) -> int:
-    """Bytes an entry counts for when batching (the payload length, or 1 for tiny payloads)."""
-    data = entry.data
+def _data_size(data: object) -> int:
+    """Bytes an entry's data counts for when batching (its length, or 16 for other data)."""
     return len(data) if isinstance(data, (bytes, str)) else 16
+
+
+def _row(entry: Entry) -> tuple[int, int, object]:
+    # int(kind): an IntEnum member is a tracked object, which would keep the row tracked.
+    return entry.term, int(entry.kind), entry.data
 
 
 class RaftLog:
@@ -22,24 +28,29 @@ class RaftLog:
     - ``applying``: handed to the driver in a Ready; ``applied``: the driver advanced past it;
     - ``stabled``: the driver has made entries up to here durable (entries after it are
       "unstable" and go into the next Ready).
+
+    The entries are kept as rows ``(term, kind as an int, data)``, and an ``Entry`` is built
+    for each one read. A node holds up to 256,000 entries until a snapshot, and as objects
+    the garbage collector traversed every one of them at each full collection (pauses of
+    125-158 ms); a tuple of ints and bytes is untracked once a collection has seen it.
     """
 
     __slots__ = (
-        "snapshot", "offset", "entries", "committed", "applied", "applying", "stabled",
+        "snapshot", "offset", "_rows", "committed", "applied", "applying", "stabled",
         "unstable_snapshot",
     )
 
     def __init__(self, snapshot: Snapshot | None = None, entries: Iterable[Entry] = ()) -> None:
         self.snapshot = snapshot if snapshot is not None else Snapshot()
         self.offset = self.snapshot.meta.index
-        self.entries: list[Entry] = []
+        self._rows: list[tuple[int, int, object]] = []
         expect = self.offset + 1
         for e in entries:
             if e.index <= self.offset:
                 continue  # the snapshot already covers it
             if e.index != expect:
                 raise RaftInvariantError(f"log has a gap: expected index {expect}, got {e.index}")
-            self.entries.append(e)
+            self._rows.append(_row(e))
             expect += 1
         self.committed = self.offset
         self.applied = self.offset
@@ -52,15 +63,15 @@ class RaftLog:
         return self.offset + 1
 
     def last_index(self) -> int:
-        return self.offset + len(self.entries)
+        return self.offset + len(self._rows)
 
     def term(self, index: int) -> int | None:
         """The term of the entry at ``index``; None when compacted away or not present."""
         if index == self.offset:
             return self.snapshot.meta.term
-        if index < self.offset or index > self.offset + len(self.entries):
+        if index < self.offset or index > self.offset + len(self._rows):
             return None
-        return self.entries[index - self.offset - 1].term
+        return self._rows[index - self.offset - 1][0]
 
     def last_term(self) -> int:
         t = self.term(self.last_index())
@@ -72,25 +83,27 @@ class RaftLog:
     def entry(self, index: int) -> Entry | None:
         if index <= self.offset or index > self.last_index():
             return None
-        return self.entries[index - self.offset - 1]
+        return self._entries(index, index + 1)[0]
+
+    def entries_from(self, index: int) -> list[Entry]:
+        """Entries ``index ..`` the last (none below the first index)."""
+        return self._entries(max(index, self.first_index()), self.last_index() + 1)
 
     def slice(self, lo: int, hi: int, max_entries: int = 1 << 30, max_bytes: int = 1 << 62) -> list[Entry]:
         """Entries ``lo .. hi-1`` (at least one if any, then within the limits)."""
         if lo <= self.offset:
             raise RaftInvariantError(f"slice from {lo} reaches into the snapshot at {self.offset}")
-        hi = min(hi, self.last_index() + 1)
+        hi = min(hi, self.last_index() + 1, lo + max_entries)
         if lo >= hi:
             return []
-        out = self.entries[lo - self.offset - 1 : hi - self.offset - 1]
-        if len(out) > max_entries:
-            out = out[:max_entries]
         if max_bytes < (1 << 62):
             size = 0
-            for n, e in enumerate(out):
-                size += entry_size(e)
+            for n, (_, _, data) in enumerate(self._rows[lo - self.offset - 1 : hi - self.offset - 1]):
+                size += _data_size(data)
                 if size > max_bytes and n > 0:
-                    return out[:n]
-        return out
+                    hi = lo + n
+                    break
+        return self._entries(lo, hi)
 
     def is_up_to_date(self, last_index: int, last_term: int) -> bool:
         """Whether a candidate whose log ends at (last_index, last_term) is at least as new (§5.4.1)."""
@@ -117,14 +130,24 @@ class RaftLog:
     def unstable_entries(self) -> list[Entry]:
         if self.stabled >= self.last_index():
             return []
-        return self.entries[self.stabled - self.offset :]
+        return self._entries(self.stabled + 1, self.last_index() + 1)
 
     def next_committed(self, limit: int = 1 << 30) -> list[Entry]:
         """Committed entries not yet handed to the driver."""
         lo = max(self.applying + 1, self.first_index())
         if lo > self.committed:
             return []
-        return self.entries[lo - self.offset - 1 : min(self.committed, lo + limit - 1) - self.offset]
+        return self._entries(lo, min(self.committed, lo + limit - 1) + 1)
+
+    def _entries(self, lo: int, hi: int) -> list[Entry]:
+        """Entries ``lo .. hi-1``, all of them in the log."""
+        kinds = _KINDS
+        return [
+            Entry(term, index, kinds[kind], data)
+            for index, (term, kind, data) in enumerate(
+                self._rows[lo - self.offset - 1 : hi - self.offset - 1], lo
+            )
+        ]
 
     # --- changing ----------------------------------------------------------------------
     def append(self, entries: list[Entry]) -> None:
@@ -138,8 +161,8 @@ class RaftLog:
             )
         if first > self.last_index() + 1:
             raise RaftInvariantError(f"append at {first} leaves a gap after {self.last_index()}")
-        del self.entries[first - self.offset - 1 :]
-        self.entries.extend(entries)
+        del self._rows[first - self.offset - 1 :]
+        self._rows.extend([_row(e) for e in entries])
         if first <= self.stabled:
             self.stabled = first - 1
 
@@ -178,7 +201,7 @@ class RaftLog:
         """Replace the whole log by a snapshot received from the leader."""
         self.snapshot = snapshot
         self.offset = snapshot.meta.index
-        self.entries = []
+        self._rows = []
         self.committed = self.offset
         self.applying = self.offset
         self.stabled = self.offset
@@ -191,6 +214,6 @@ class RaftLog:
             return
         if index > self.applied:
             raise RaftInvariantError(f"cannot compact to {index}: only {self.applied} applied")
-        del self.entries[: index - self.offset]
+        del self._rows[: index - self.offset]
         self.offset = index
         self.snapshot = Snapshot(meta, data)

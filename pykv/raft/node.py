@@ -187,7 +187,7 @@ class RaftNode:
         self._conf_base = self.log.snapshot.meta.conf
         self._conf_log: list[tuple[int, ConfState]] = []
         self.conf = self._conf_base
-        self._note_conf_entries(self.log.entries)
+        self._note_conf_entries(self.log.entries_from(self.log.first_index()))
 
         self.lead: int | None = None
         self.election_elapsed = 0
@@ -574,7 +574,7 @@ class RaftNode:
             self.msgs
             or self.read_states
             or log.unstable_snapshot is not None
-            or log.stabled < log.offset + len(log.entries)
+            or log.stabled < log.last_index()
             or log.committed > log.applying
             or (self._bcast_pending and self.role == Role.LEADER)
         ):
@@ -871,7 +871,7 @@ class RaftNode:
         """Entries from ``first_changed`` on were (re)written: drop overwritten configurations."""
         while self._conf_log and self._conf_log[-1][0] >= first_changed:
             self._conf_log.pop()
-        self._note_conf_entries(self.log.entries[first_changed - self.log.offset - 1 :])
+        self._note_conf_entries(self.log.entries_from(first_changed))
 
     def _conf_at(self, index: int) -> ConfState:
         conf = self._conf_base
