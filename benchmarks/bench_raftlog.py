@@ -29,6 +29,8 @@ def _entries() -> list[Entry]:
 def _held_by_log() -> RaftLog:
     log = RaftLog()
     log.append(_entries())
+    log.commit_to(HELD)
+    log.applied_to(HELD)  # held until a snapshot, as a node's log is
     return log
 
 

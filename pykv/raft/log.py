@@ -29,14 +29,16 @@ class RaftLog:
     - ``stabled``: the driver has made entries up to here durable (entries after it are
       "unstable" and go into the next Ready).
 
-    The entries are kept as rows ``(term, kind as an int, data)``, and an ``Entry`` is built
-    for each one read. A node holds up to 256,000 entries until a snapshot, and as objects
-    the garbage collector traversed every one of them at each full collection (pauses of
-    125-158 ms); a tuple of ints and bytes is untracked once a collection has seen it.
+    The entries are kept as rows ``(term, kind as an int, data)``. A node holds up to
+    256,000 entries until a snapshot, and as objects the garbage collector traversed every
+    one of them at each full collection (pauses of 125-158 ms); a tuple of ints and bytes is
+    untracked once a collection has seen it. The entries not yet applied are also kept as
+    the Entry objects appended (``_recent``, a suffix of the log): persisting, sending and
+    applying them read those, and only an older entry (a lagging follower's) is rebuilt.
     """
 
     __slots__ = (
-        "snapshot", "offset", "_rows", "committed", "applied", "applying", "stabled",
+        "snapshot", "offset", "_rows", "_recent", "committed", "applied", "applying", "stabled",
         "unstable_snapshot",
     )
 
@@ -44,6 +46,7 @@ class RaftLog:
         self.snapshot = snapshot if snapshot is not None else Snapshot()
         self.offset = self.snapshot.meta.index
         self._rows: list[tuple[int, int, object]] = []
+        self._recent: list[Entry] = []  # the last len(_recent) entries, as appended
         expect = self.offset + 1
         for e in entries:
             if e.index <= self.offset:
@@ -141,12 +144,26 @@ class RaftLog:
 
     def _entries(self, lo: int, hi: int) -> list[Entry]:
         """Entries ``lo .. hi-1``, all of them in the log."""
+        recent_from = self.last_index() - len(self._recent) + 1
+        if lo >= recent_from:
+            return self._recent[lo - recent_from : hi - recent_from]
         kinds = _KINDS
-        return [
+        built = [
             Entry(term, index, kinds[kind], data)
             for index, (term, kind, data) in enumerate(
-                self._rows[lo - self.offset - 1 : hi - self.offset - 1], lo
+                self._rows[lo - self.offset - 1 : min(hi, recent_from) - self.offset - 1], lo
             )
+        ]
+        return built + self._recent[: hi - recent_from] if hi > recent_from else built
+
+    def conf_changes_from(self, index: int) -> list[Entry]:
+        """The CONF_CHANGE entries from ``index`` on."""
+        conf = int(EntryKind.CONF_CHANGE)
+        lo = max(index, self.first_index())
+        return [
+            Entry(term, i, EntryKind.CONF_CHANGE, data)
+            for i, (term, kind, data) in enumerate(self._rows[lo - self.offset - 1 :], lo)
+            if kind == conf
         ]
 
     # --- changing ----------------------------------------------------------------------
@@ -161,8 +178,14 @@ class RaftLog:
             )
         if first > self.last_index() + 1:
             raise RaftInvariantError(f"append at {first} leaves a gap after {self.last_index()}")
+        recent_from = self.last_index() - len(self._recent) + 1
         del self._rows[first - self.offset - 1 :]
         self._rows.extend([_row(e) for e in entries])
+        if first < recent_from:
+            self._recent = list(entries)
+        else:
+            del self._recent[first - recent_from :]
+            self._recent.extend(entries)
         if first <= self.stabled:
             self.stabled = first - 1
 
@@ -183,6 +206,16 @@ class RaftLog:
         self.commit_to(min(commit, last_new))
         return last_new, conflict
 
+    def applied_to(self, index: int) -> None:
+        """The driver applied entries up to ``index`` (or a snapshot that ends there)."""
+        if index <= self.applied:
+            return
+        self.applied = index
+        # Applied entries are read again only for a lagging follower's appends: rows will do.
+        applied_recent = index - (self.last_index() - len(self._recent))
+        if applied_recent > 0:
+            del self._recent[:applied_recent]
+
     def commit_to(self, index: int) -> None:
         if index > self.committed:
             if index > self.last_index():
@@ -202,6 +235,7 @@ class RaftLog:
         self.snapshot = snapshot
         self.offset = snapshot.meta.index
         self._rows = []
+        self._recent = []
         self.committed = self.offset
         self.applying = self.offset
         self.stabled = self.offset
@@ -215,5 +249,6 @@ class RaftLog:
         if index > self.applied:
             raise RaftInvariantError(f"cannot compact to {index}: only {self.applied} applied")
         del self._rows[: index - self.offset]
+        del self._recent[: max(0, len(self._recent) - len(self._rows))]
         self.offset = index
         self.snapshot = Snapshot(meta, data)

@@ -187,7 +187,7 @@ class RaftNode:
         self._conf_base = self.log.snapshot.meta.conf
         self._conf_log: list[tuple[int, ConfState]] = []
         self.conf = self._conf_base
-        self._note_conf_entries(self.log.entries_from(self.log.first_index()))
+        self._note_conf_entries(self.log.conf_changes_from(self.log.first_index()))
 
         self.lead: int | None = None
         self.election_elapsed = 0
@@ -627,11 +627,11 @@ class RaftNode:
         if rd.snapshot is not None:
             if self.log.unstable_snapshot is rd.snapshot:
                 self.log.unstable_snapshot = None
-            self.log.applied = max(self.log.applied, rd.snapshot.meta.index)
+            self.log.applied_to(rd.snapshot.meta.index)
         if rd.entries:
             self.log.stable_to(rd.entries)
         if rd.committed_entries:
-            self.log.applied = max(self.log.applied, rd.committed_entries[-1].index)
+            self.log.applied_to(rd.committed_entries[-1].index)
         if self.role == Role.LEADER:
             pr = self.prs.get(self.id)
             if pr is not None:
@@ -871,7 +871,7 @@ class RaftNode:
         """Entries from ``first_changed`` on were (re)written: drop overwritten configurations."""
         while self._conf_log and self._conf_log[-1][0] >= first_changed:
             self._conf_log.pop()
-        self._note_conf_entries(self.log.entries_from(first_changed))
+        self._note_conf_entries(self.log.conf_changes_from(first_changed))
 
     def _conf_at(self, index: int) -> ConfState:
         conf = self._conf_base
