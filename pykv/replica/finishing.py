@@ -95,12 +95,18 @@ def sweep(
     after: float,
     settling: Collection[tuple[int, int]],
     skip: Collection[int] = (),
+    orphans: Collection[tuple[int, int]] = (),
 ) -> Sweep:
     """What the groups this node leads owe, every ``after`` / 4 seconds: release the commits
     every participant applied, send FINISH again for those unfinished ``after`` seconds,
     and settle the transactions prepared that long (but not those in ``settling``, whose
     settling is under way). Releases of groups led elsewhere now are left to their leader's
-    sweep; ``skip``: groups with no transactions (the metadata group)."""
+    sweep; ``skip``: groups with no transactions (the metadata group).
+
+    ``orphans``: (group, txid) of prepares whose client connection closed (a client or a
+    scanner that died mid-commit), settled now rather than ``after`` seconds on. That is
+    safe however alive the client is: settling asks the coordinator shard, whose first
+    recorded decision stands for the client's COMMIT_DECIDE too (an abort, then)."""
     work = Sweep()
     for gid, txids in finishes.take_releases().items():
         group = groups.get(gid)
@@ -113,6 +119,6 @@ def sweep(
         work.finish_again += [(gid, txid, others) for txid, others in finishes.overdue(gid, state, now, after)]
         work.settle += [
             (gid, txid, prepared) for txid, prepared in state.prepared.items()
-            if now - prepared.since >= after and (gid, txid) not in settling
+            if (now - prepared.since >= after or (gid, txid) in orphans) and (gid, txid) not in settling
         ]
     return work

@@ -39,6 +39,9 @@ DEFAULT_REPLICAS = 3
 DEFAULT_VNODES = 64
 DEFAULT_DEAD_AFTER = 300.0
 DEFAULT_MAX_FRAME_MB = 64.0  # big transactions fit; snapshots travel in chunks of any total
+# Seconds a prepare waits for its decision (NodeConfig.recovery_after). At least 1: a
+# consistent scan renews its range lock every 0.5 s (commitflow.LOCK_RENEW_EVERY).
+DEFAULT_RECOVERY_AFTER = 2.0
 DEAD_AFTER_HELP = (
     "seconds a node may stay unreachable before the metadata leader takes it out of the shard "
     "map, as `cluster remove` would, and its shards move to live nodes (default 300; 0 = never). "
@@ -62,6 +65,7 @@ class ClusterConfig:
     cache_mb: float = 64.0  # each node's read cache of shard values, shared by its shards
     max_frame_mb: float = DEFAULT_MAX_FRAME_MB  # the largest frame a node sends or accepts
     snapshot_every: int | None = None  # entries between snapshots (None: the node's budget)
+    recovery_after: float = DEFAULT_RECOVERY_AFTER  # seconds before a prepare is settled
 
     def active(self) -> dict[int, str]:
         return {n: a for n, a in self.nodes.items() if n not in self.removed}
@@ -144,6 +148,7 @@ def serve_command(config: ClusterConfig, node_id: int, data_dir: Path) -> list[s
         "--dead-after", str(config.dead_after),
         "--cache-mb", str(config.cache_mb),
         "--max-frame-mb", str(config.max_frame_mb),
+        "--recovery-after", str(config.recovery_after),
     ]
     if config.snapshot_every is not None:
         argv += ["--snapshot-every", str(config.snapshot_every)]
@@ -415,8 +420,8 @@ def _at_least(minimum: float, cast: type) -> Any:
     return parse
 
 
-def add_log_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a node's Raft log traffic, for `pykv serve` and `cluster up` alike."""
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    """The node options that `pykv serve` and `cluster up` share (Raft log traffic, 2PC)."""
     # A frame must hold a Raft message carrying one entry with the largest value (1 MiB).
     parser.add_argument("--max-frame-mb", type=_at_least(2.0, float), default=DEFAULT_MAX_FRAME_MB,
                         help="the largest frame a node sends or accepts (MiB); snapshots travel "
@@ -424,6 +429,12 @@ def add_log_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snapshot-every", type=_at_least(1, int), default=None, metavar="ENTRIES",
                         help="applied entries between two snapshots of a group (default: a "
                              "share of the node's log budget)")
+    parser.add_argument("--recovery-after", type=_at_least(1.0, float), default=DEFAULT_RECOVERY_AFTER,
+                        metavar="SECONDS",
+                        help="how long a prepared transaction waits for its decision before its "
+                             "shard settles it with the coordinator shard (default "
+                             f"{DEFAULT_RECOVERY_AFTER:g}); at once when its client's "
+                             "connection closed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -445,7 +456,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help=DEAD_AFTER_HELP)
     up.add_argument("--cache-mb", type=float, default=64.0,
                     help="each node's read cache of shard values, shared by its shards (MiB)")
-    add_log_arguments(up)
+    add_node_arguments(up)
     up.add_argument("--timeout", type=float, default=60.0)
     down = sub.add_parser("down", help="stop every node of the cluster in DIR")
     down.add_argument("--data-dir", required=True, type=Path)
@@ -484,6 +495,7 @@ def run(args: argparse.Namespace) -> int:
             cache_mb=args.cache_mb,
             max_frame_mb=args.max_frame_mb,
             snapshot_every=args.snapshot_every,
+            recovery_after=args.recovery_after,
             timeout=args.timeout,
             console=console,
         )

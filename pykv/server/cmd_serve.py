@@ -13,7 +13,7 @@ from pykv.server.cmd_cluster import (
     DEFAULT_DEAD_AFTER,
     DEFAULT_PARTITIONS,
     PARTITIONS_HELP,
-    add_log_arguments,
+    add_node_arguments,
 )
 from pykv.server.node import NodeConfig, serve_forever
 
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lease: no round trip, linearizable only under bounded clock drift")
     parser.add_argument("--dead-after", type=float, default=DEFAULT_DEAD_AFTER, metavar="SECONDS",
                         help=DEAD_AFTER_HELP)
-    add_log_arguments(parser)
+    add_node_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -86,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         cache_bytes=int(args.cache_mb * (1 << 20)),
         max_frame=int(args.max_frame_mb * (1 << 20)),
         snapshot_every=args.snapshot_every,
+        recovery_after=args.recovery_after,
     )
 
 

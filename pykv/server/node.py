@@ -111,6 +111,9 @@ log = logging.getLogger("pykv.node")
 # otherwise the driver would set the timer again with a delay under 1 ms, which fires at
 # once, and spin on the loop until the clock reached the deadline.
 _TIMER_SLACK = 0.001
+# The latest PREPAREs a connection remembers for Node.orphaned: far more than a client has
+# under way (a few per transaction in flight), so none of those is forgotten.
+WATCHED_PREPARES = 4096
 # Once every group is where the shard map places it, the metadata leader re-checks them all
 # only this often (each check asks every group's leader for its members).
 RECHECK_PLACED_S = 10.0
@@ -224,6 +227,9 @@ class _ServerProtocol(ServerProtocol):
     def __init__(self, node: Node) -> None:
         super().__init__(node.config.max_frame)
         self.node = node
+        # (shard, txid) of the latest PREPAREs that came this way (a scan's lock too): when
+        # the connection closes, their client may have died mid-commit (Node.orphaned).
+        self.prepares: dict[tuple[int, int], None] = {}
 
     def request_received(self, kind: int, request_id: int, body: Any) -> None:
         if kind == RAFT:
@@ -233,7 +239,20 @@ class _ServerProtocol(ServerProtocol):
             self.node.on_snapshot_chunk(body)
             return
         self.node.counters["requests"] += 1
+        if kind == PREPARE:
+            self._note_prepare(body)
         self.node.handle(kind, body, lambda reply: self.respond(request_id, reply))
+
+    def _note_prepare(self, body: Any) -> None:
+        with contextlib.suppress(TypeError, KeyError, IndexError):  # handle() refuses it
+            prepares = self.prepares
+            prepares[(int(body[0]), int(body[1]["txid"]))] = None
+            if len(prepares) > WATCHED_PREPARES:
+                del prepares[next(iter(prepares))]
+
+    def lost(self, exc: Exception | None) -> None:
+        if self.prepares:
+            self.node.orphaned(list(self.prepares))
 
     def refusal(self, request_id: int, exc: ProtocolError) -> bytes:
         return encode_frame(RESPONSE, [FAILED, "ProtocolError", str(exc)], request_id=request_id)
@@ -327,6 +346,8 @@ class Node:
         self._wake: asyncio.Future | None = None
         self._stopping = False
         self._resolving: set[tuple[int, int]] = set()
+        # (shard, txid) -> when their client's connection closed (orphaned, _sweep).
+        self._orphans: dict[tuple[int, int], float] = {}
         self._background: set[asyncio.Task] = set()  # FINISH calls elsewhere, DROP checks
         self.finishes = FinishTracker()  # commits this node coordinates, until released
         self.router = Router(list(config.peers.values()), timeout=5.0, max_frame=config.max_frame)
@@ -827,9 +848,11 @@ class Node:
         .finishing.sweep)."""
         host = self.host
         assert host is not None
+        after = self.config.recovery_after
+        self._orphans = {key: since for key, since in self._orphans.items() if now - since < after}
         work = sweep(
-            host.groups, self.finishes, now, self.config.recovery_after, self._resolving,
-            skip=(META_GROUP,),
+            host.groups, self.finishes, now, after, self._resolving, skip=(META_GROUP,),
+            orphans=self._orphans,
         )
         for gid, txids in work.releases:
             with contextlib.suppress(NotLeader, Unavailable):  # the next leader sweeps
@@ -841,6 +864,19 @@ class Node:
             self._background_task(self._settle(
                 gid, txid, prepared.coordinator_shard, prepared.request.timestamp
             ))
+
+    def orphaned(self, prepares: list[tuple[int, int]]) -> None:
+        """A client connection closed: settle the transactions it prepared here (shard,
+        txid) now, rather than recovery_after later, if still undecided. Its client may
+        have died between prepare and decision (or a scanner holding a range lock), and
+        the prepared keys stay locked until they are settled. A prepare not yet applied is
+        caught by a sweep within recovery_after, when this is forgotten."""
+        if self.host is None or self._stopping:
+            return
+        now = time.monotonic()
+        for key in prepares:
+            self._orphans[key] = now
+        self._sweep(now)
 
     # --- 2PC recovery ---------------------------------------------------------------------------
 

@@ -95,6 +95,10 @@ class TxnSimParams:
     crash_every: float = 2.5  # mean virtual seconds between node crashes during faults
     partition_every: float = 2.0  # mean virtual seconds between partitions during faults
     vanish: float = 0.05  # probability that a client gives up between prepare and decide
+    # Probability that a client's connections close after a round of prepares, while it
+    # goes on (a dropped connection), and that they close when it vanishes (a dead process):
+    # the nodes then settle its prepares at once (Node.orphaned), racing its own decision.
+    orphan_notices: float = 0.0
     attempt_timeout: float = 0.3
     call_timeout: float = 3.0
     recovery_after: float = 1.0  # a transaction prepared this long is settled by its shard
@@ -144,11 +148,11 @@ class TxnSimParams:
 # The shapes seeds take in turn (txn_params_for): each stresses another part.
 TXN_MIXES = {
     "base": TxnSimParams(),
-    "five-nodes": TxnSimParams(nodes=5, shards=4, lists=8, clients=6),
+    "five-nodes": TxnSimParams(nodes=5, shards=4, lists=8, clients=6, orphan_notices=0.15),
     # Recovery settles prepares while their clients are still committing them: the
     # coordinator shard's first recorded decision must win on every participant.
     "recovery-race": TxnSimParams(recovery_after=0.15, loss=0.08),
-    "lossy": TxnSimParams(loss=0.2, attempt_timeout=0.15),
+    "lossy": TxnSimParams(loss=0.2, attempt_timeout=0.15, orphan_notices=0.15),
     "snapshots": TxnSimParams(snapshot_every=5, crash_every=1.0),
     "stored": TxnSimParams(
         stored=True, snapshot_every=15, crash_every=1.5, power_loss=0.5, compact_every=0.1,
@@ -327,6 +331,9 @@ class TxnWorld:
         self._settling: set[tuple[int, int]] = set()
         # Per node, the FINISH rounds of the commits it coordinates (Node.finishes).
         self.finishes: dict[int, FinishTracker] = {}
+        # Per node, (group, txid) of prepares whose client connection closed -> when
+        # (Node._orphans).
+        self.orphans: dict[int, dict[tuple[int, int], float]] = {}
         self.lives: Counter = Counter()  # per node, how many times it crashed
         # Where the map places each shard's replicas (the metadata group's map, which the
         # simulated metadata leader changes for moves: _mover).
@@ -394,6 +401,7 @@ class TxnWorld:
         host.restore_in_background = partial(self._restore_later, node, host)
         self.hosts[node] = host
         self.finishes[node] = FinishTracker()  # node-local: a crash forgets the rounds
+        self.orphans[node] = {}  # node-local too
 
     def _restore_later(
         self, node: int, host: ReplicaHost, gid: int, work: Callable[[], None],
@@ -811,6 +819,7 @@ class TxnWorld:
         one after another; returns what the flow returns, or VANISHED when the client gave
         up before a commit's decision or a scan's release (the shards settle it)."""
         results: list | None = None
+        prepared: list[tuple[int, int]] = []  # (shard, txid) of the PREPAREs sent so far
         try:
             while True:
                 try:
@@ -819,7 +828,14 @@ class TxnWorld:
                     return done.value
                 if round_.name in _VANISHING_BEFORE and rng.random() < self.p.vanish:
                     self.events[_VANISHING_BEFORE[round_.name]] += 1
+                    if self.p.orphan_notices and rng.random() < 0.5:
+                        self._connections_closed(prepared, rng)  # not all deaths close them
                     return VANISHED
+                prepared += [
+                    (send.shard, send.args[0]["txid"]) for send in round_.sends if send.command == PREPARE
+                ]
+                if prepared and self.p.orphan_notices and rng.random() < self.p.orphan_notices:
+                    self._connections_closed(prepared, rng)  # the client goes on regardless
                 if round_.name in _NOTED_ROUNDS:
                     self.events[_NOTED_ROUNDS[round_.name]] += 1
                 if not round_.wait:
@@ -858,29 +874,54 @@ class TxnWorld:
         end = self.now if committed is not None else None
         self.history.append(Txn(txid, tuple(ops), committed, start, end))
 
+    def _connections_closed(self, prepared: list[tuple[int, int]], rng: random.Random) -> None:
+        """A client's connections close: each node hears of it a little later (Node.orphaned).
+        Every node, not only those its prepares went to: the nodes that do not lead those
+        shards, or never saw them, must ignore it."""
+        for node in self.ids:
+            self.at(rng.uniform(0.0, 0.1), partial(self._orphaned, node, list(prepared)))
+
+    def _orphaned(self, node: int, prepared: list[tuple[int, int]]) -> None:
+        if self.hosts.get(node) is None:
+            return  # down: its connections closed with it
+        self.events["prepares orphaned by a closed connection"] += len(prepared)
+        for key in prepared:
+            self.orphans[node][key] = self.now
+        self._sweep(node)
+
     def _recover(self) -> None:
-        """Every node sweeps as Node._sweep does (pykv.replica.finishing.sweep): releases,
-        FINISH again for commits left unfinished, settling of transactions prepared too long."""
+        """Every node sweeps as Node._sweep does, every recovery_after / 4 seconds."""
         for node, host in self.hosts.items():
-            if host is None:
-                continue
-            work = sweep(host.groups, self.finishes[node], self.now, self.p.recovery_after, self._settling)
-            for gid, txids in work.releases:
-                with contextlib.suppress(Unavailable):  # the next leader sweeps them
-                    host.propose(gid, RELEASE, [txids], lambda result, error: None)
-                    self.events["releases proposed"] += 1
-            for gid, txid, others in work.finish_again:
-                self.events["unfinished commits swept"] += 1
-                self._finish_decided(node, True, gid, txid, others)
-            for gid, txid, prepared in work.settle:
-                self._settling.add((gid, txid))
-                self.spawn(self.node_task(node, self._settle(
-                    gid, txid, prepared.coordinator_shard, prepared.request.timestamp
-                )))
-            self._cycle(node)
+            if host is not None:
+                self._sweep(node)
         if self.p.moves_every:
             self._drop_stale_replicas()
         self.at(self.p.recovery_after / 4, self._recover)
+
+    def _sweep(self, node: int) -> None:
+        """pykv.replica.finishing.sweep, as Node._sweep: releases, FINISH again for commits
+        left unfinished, settling of transactions prepared too long or orphaned."""
+        host = self.hosts[node]
+        assert host is not None
+        after = self.p.recovery_after
+        orphans = {k: t for k, t in self.orphans[node].items() if self.now - t < after}
+        self.orphans[node] = orphans
+        work = sweep(host.groups, self.finishes[node], self.now, after, self._settling, orphans=orphans)
+        for gid, txids in work.releases:
+            with contextlib.suppress(Unavailable):  # the next leader sweeps them
+                host.propose(gid, RELEASE, [txids], lambda result, error: None)
+                self.events["releases proposed"] += 1
+        for gid, txid, others in work.finish_again:
+            self.events["unfinished commits swept"] += 1
+            self._finish_decided(node, True, gid, txid, others)
+        for gid, txid, prepared in work.settle:
+            self._settling.add((gid, txid))
+            if (gid, txid) in orphans:
+                self.events["orphaned prepares settled"] += 1
+            self.spawn(self.node_task(node, self._settle(
+                gid, txid, prepared.coordinator_shard, prepared.request.timestamp
+            )))
+        self._cycle(node)
 
     # --- placement: replicas moving between nodes -----------------------------------------------
 

@@ -16,6 +16,7 @@ from pykv.errors import CorruptData
 from pykv.raft.errors import NotLeader
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog, SnapshotFile
+from pykv.replica.finishing import FinishTracker, sweep
 from pykv.replica.host import MAX_LOG_SEGMENTS, ReplicaHost, StateImage
 from pykv.replica.shard import COMMIT, PREPARE, ShardState
 from pykv.replica.stored import StoredShardState
@@ -495,3 +496,23 @@ def test_a_restarted_replica_declines_to_snapshot_until_raft_has_applied_its_sta
     c.run_until(lambda: group.raft.applied_index >= group.state.applied_index)
     assert c.hosts[3].snapshot_group(group) is True
     assert group.snapshot_index == group.state.applied_index
+
+
+def test_the_sweep_settles_a_prepare_at_once_when_its_connection_closed(tmp_path):
+    # A prepare waits ``after`` seconds for its decision before the leader settles it with
+    # the coordinator shard; one whose client connection closed (an orphan) goes now.
+    c = Cluster(tmp_path)
+    c.run_until(lambda: c.leader() is not None)
+    leader, done = c.leader(), []
+    prepare = CommitRequest(7, 1, {}, (WriteOp("k", OpKind.PUT, "v"),))
+    leader.propose(GROUP, PREPARE, [prepare.to_wire(), 5, [GROUP, 5]], lambda r, e: done.append(r))
+    c.run_until(lambda: bool(done))
+    prepared = leader.groups[GROUP].state.prepared[7]
+    now = prepared.since + 0.1
+    assert sweep(leader.groups, FinishTracker(), now, 2.0, settling=()).settle == []
+    work = sweep(leader.groups, FinishTracker(), now, 2.0, settling=(), orphans={(GROUP, 7)})
+    assert [(gid, txid, p.coordinator_shard) for gid, txid, p in work.settle] == [(GROUP, 7, 5)]
+    # Not twice: a settling under way is left alone; nor on a follower, which does not settle.
+    assert sweep(leader.groups, FinishTracker(), now, 2.0, settling={(GROUP, 7)}, orphans={(GROUP, 7)}).settle == []
+    follower = next(h for h in c.hosts.values() if h is not leader)
+    assert sweep(follower.groups, FinishTracker(), now, 2.0, settling=(), orphans={(GROUP, 7)}).settle == []

@@ -42,6 +42,14 @@ def cluster(tmp_path_factory):
         yield c
 
 
+@pytest.fixture(scope="module")
+def patient_cluster(tmp_path_factory):
+    """Prepares wait a minute for their decision before recovery settles them."""
+    with local_cluster(tmp_path_factory.mktemp("c2pc-patient"), nodes=3, partitions=8,
+                       recovery_after=60.0) as c:
+        yield c
+
+
 def _keys_on_every_shard(db, prefix: str) -> list[str]:
     core = db.backend.core
     found: dict[int, str] = {}
@@ -99,6 +107,32 @@ def test_coordinator_crash_leaves_no_transaction_in_doubt(cluster, failpoint, ex
         # the coordinator shard releases a commit once every participant applied it.
         assert _settled_everywhere(cluster)
         # And the keys are writable again.
+        with db.transaction() as tx:
+            for key in keys:
+                tx.put(key, "after")
+        assert [db.get(k) for k in keys] == ["after"] * len(keys)
+
+
+def test_a_dead_clients_prepares_are_settled_when_its_connections_close(patient_cluster):
+    """A client killed between prepare and decision leaves its keys locked until recovery
+    (here after 60 s); its process's connections close as it dies, and the nodes that took
+    its prepares settle them then: the keys are unlocked and readable well within that."""
+    cluster = patient_cluster
+    with pykv.client.connect(cluster.addresses) as db:
+        keys = _keys_on_every_shard(db, "orphan/")
+        with db.transaction() as tx:
+            for key in keys:
+                tx.put(key, "old")
+        env = dict(os.environ, PYKV_FAILPOINT="txn.2pc.after_prepare")
+        crashed = subprocess.run(
+            [sys.executable, "-c", CLIENT, ",".join(cluster.addresses), ",".join(keys)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert crashed.returncode == 137, crashed.stderr
+        died = time.monotonic()
+        assert _settled_everywhere(cluster, timeout=20.0)
+        assert time.monotonic() - died < 30.0  # not recovery's 60 s
+        assert [db.get(k) for k in keys] == ["old"] * len(keys)  # no decision: aborted
         with db.transaction() as tx:
             for key in keys:
                 tx.put(key, "after")

@@ -299,3 +299,22 @@ def _caught(params, *, seeds: int) -> bool:
         except CorruptData:
             return True
     return False
+
+
+def test_prepares_orphaned_by_closed_connections_are_settled_with_the_coordinator(monkeypatch):
+    """In the "lossy" and "five-nodes" mixes a client's connections close now and then after
+    its prepares, while it goes on or as it vanishes: the nodes settle those prepares at once
+    (Node.orphaned), racing the client's own COMMIT_DECIDE. Settling asks the coordinator
+    shard, whose first recorded decision stands for both; a node that aborted an orphaned
+    prepare without asking would break atomicity whenever the client's commit came first."""
+    seen = _events_of_passing_runs(TXN_MIXES["lossy"], seeds=2)
+    assert seen["orphaned prepares settled"] > 0, seen
+
+    def settle_by_aborting(self, gid, txid, coordinator_shard, timestamp):
+        try:
+            yield from self._call(gid, txnworld.FINISH, [txid, False])
+        finally:
+            self._settling.discard((gid, txid))
+
+    monkeypatch.setattr(txnworld.TxnWorld, "_settle", settle_by_aborting)
+    assert _caught(TXN_MIXES["lossy"], seeds=4)
