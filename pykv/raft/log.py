@@ -15,11 +15,6 @@ def _data_size(data: object) -> int:
     return len(data) if isinstance(data, (bytes, str)) else 16
 
 
-def _row(entry: Entry) -> tuple[int, int, object]:
-    # int(kind): an IntEnum member is a tracked object, which would keep the row tracked.
-    return entry.term, int(entry.kind), entry.data
-
-
 class RaftLog:
     """Entries ``offset+1 .. last_index`` after a snapshot that ends at ``offset``.
 
@@ -53,7 +48,7 @@ class RaftLog:
                 continue  # the snapshot already covers it
             if e.index != expect:
                 raise RaftInvariantError(f"log has a gap: expected index {expect}, got {e.index}")
-            self._rows.append(_row(e))
+            self._rows.append((e.term, int(e.kind), e.data))
             expect += 1
         self.committed = self.offset
         self.applied = self.offset
@@ -180,7 +175,8 @@ class RaftLog:
             raise RaftInvariantError(f"append at {first} leaves a gap after {self.last_index()}")
         recent_from = self.last_index() - len(self._recent) + 1
         del self._rows[first - self.offset - 1 :]
-        self._rows.extend([_row(e) for e in entries])
+        # int(kind): an IntEnum member is a tracked object, which would keep the row tracked.
+        self._rows.extend([(e.term, int(e.kind), e.data) for e in entries])
         if first < recent_from:
             self._recent = list(entries)
         else:
