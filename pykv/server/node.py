@@ -244,13 +244,14 @@ class _ServerProtocol(ServerProtocol):
         self.node.handle(kind, body, lambda reply: self.respond(request_id, reply))
 
     def _note_prepare(self, body: Any) -> None:
-        with contextlib.suppress(TypeError, KeyError, IndexError):  # handle() refuses it
+        with contextlib.suppress(TypeError, ValueError, KeyError, IndexError):  # handle() refuses it
             prepares = self.prepares
             prepares[(int(body[0]), int(body[1]["txid"]))] = None
             if len(prepares) > WATCHED_PREPARES:
                 del prepares[next(iter(prepares))]
 
     def lost(self, exc: Exception | None) -> None:
+        super().lost(exc)
         if self.prepares:
             self.node.orphaned(list(self.prepares))
 
