@@ -862,6 +862,8 @@ class Node:
             self._finish_decided(True, gid, txid, others)
         for gid, txid, prepared in work.settle:
             self._resolving.add((gid, txid))
+            # Settlings begun because the client's connection closed, or because it waited.
+            self.counters["settles_orphaned" if (gid, txid) in self._orphans else "settles_overdue"] += 1
             self._background_task(self._settle(
                 gid, txid, prepared.coordinator_shard, prepared.request.timestamp
             ))

@@ -132,6 +132,9 @@ def test_a_dead_clients_prepares_are_settled_when_its_connections_close(patient_
         died = time.monotonic()
         assert _settled_everywhere(cluster, timeout=20.0)
         assert time.monotonic() - died < 30.0  # not recovery's 60 s
+        counters = [cluster.status(n)["counters"] for n in (1, 2, 3)]
+        assert sum(c.get("settles_orphaned", 0) for c in counters) >= 1
+        assert sum(c.get("settles_overdue", 0) for c in counters) == 0
         assert [db.get(k) for k in keys] == ["old"] * len(keys)  # no decision: aborted
         with db.transaction() as tx:
             for key in keys:
