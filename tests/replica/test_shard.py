@@ -348,6 +348,25 @@ def test_remembered_keeps_the_newest_and_the_highest_forgotten_timestamp(cap, st
     assert forgotten or not any(table.forgot(s) for s in range(0, 1_001))
 
 
+def test_remembered_tables_hold_nothing_the_garbage_collector_walks():
+    # A node remembers a million txids: as tracked objects, every full collection walked
+    # them (35 ms of a pause). Error outcomes are lists, but come back equal.
+    import gc
+
+    outcomes, decisions = Remembered(1_000), Remembered(1_000)
+    for txid in range(2_500):  # past the cap: the ring wraps twice
+        error = ["TransactionConflict", f"transaction {txid} was aborted"]
+        outcomes.add(txid, None if txid % 3 else error, txid)
+        decisions.add(txid, txid % 2 == 0, txid)
+    gc.collect()
+    gc.collect()
+    assert not gc.is_tracked(outcomes._table) and not gc.is_tracked(decisions._table)
+    assert outcomes[2_498] is None and outcomes.get(2_496) == ["TransactionConflict", "transaction 2496 was aborted"]
+    assert decisions.get(2_498) is True and decisions.get(2_499) is False and decisions.get(1_499) is None
+    assert [e[0] for e in outcomes.entries()] == list(range(1_500, 2_500))
+    assert outcomes.watermark == 1_499 and 3 not in outcomes
+
+
 def test_an_image_streams_in_runs_and_a_cut_or_old_one_is_handled():
     import io
 
