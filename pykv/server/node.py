@@ -1319,10 +1319,11 @@ def _ids(nodes: tuple[int, ...]) -> str:
 
 async def serve_forever(config: NodeConfig) -> None:
     """Run a node until SIGTERM or SIGINT."""
-    # A node keeps many long-lived objects (Raft log entries until a snapshot, overlays):
-    # with the default thresholds a full collection every ~70k allocations scanned them all,
-    # 11-37 ms of CPU per second per node under the standard bench and pauses up to 175 ms.
-    # 10,000: 3-7 ms/s, pauses up to 26 ms. Freezing what recovery built skips it for good.
+    # A node keeps many long-lived objects: with the default thresholds a full collection
+    # every ~70k allocations scanned them all, 11-37 ms of CPU per second per node under the
+    # standard bench and pauses up to 175 ms. 10,000: 3-7 ms/s, pauses up to 26 ms. Freezing
+    # what recovery built skips it for good. The largest sets are kept out of the
+    # collector's sight instead (RaftLog's rows, Remembered's arrays and atomic values).
     gc.set_threshold(10_000, 10, 10)
     node = Node(config)
     await node.start()
