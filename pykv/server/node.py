@@ -80,7 +80,7 @@ from pykv.raft.errors import NotLeader
 from pykv.raft.messages import Message, Role
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
-from pykv.replica.finishing import FinishTracker, sweep
+from pykv.replica.finishing import FinishTracker, orphans_to_settle, sweep
 from pykv.replica.host import Batch, Done, ReplicaHost, snapshot_every_for
 from pykv.replica.meta import SET_MAP, MetaState, meta_replicas
 from pykv.replica.shard import COMMIT as CMD_COMMIT
@@ -92,6 +92,7 @@ from pykv.replica.shard import RELEASE as CMD_RELEASE
 from pykv.replica.shard import RESOLVER as CMD_RESOLVER
 from pykv.replica.shard import WIPE as CMD_WIPE
 from pykv.replica.shard import (
+    Prepared,
     ShardState,
     recorded_decision,
     remembered_per_shard,
@@ -860,7 +861,10 @@ class Node:
                 self._propose_to(gid, CMD_RELEASE, [txids], _nobody_waits)
         for gid, txid, others in work.finish_again:
             self._finish_decided(True, gid, txid, others)
-        for gid, txid, prepared in work.settle:
+        self._start_settling(work.settle)
+
+    def _start_settling(self, settle: list[tuple[int, int, Prepared]]) -> None:
+        for gid, txid, prepared in settle:
             self._resolving.add((gid, txid))
             # Settlings begun because the client's connection closed, or because it waited.
             self.counters["settles_orphaned" if (gid, txid) in self._orphans else "settles_overdue"] += 1
@@ -879,7 +883,7 @@ class Node:
         now = time.monotonic()
         for key in prepares:
             self._orphans[key] = now
-        self._sweep(now)
+        self._start_settling(orphans_to_settle(self.host.groups, prepares, self._resolving))
 
     # --- 2PC recovery ---------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ from pykv.raft.errors import NotLeader
 from pykv.raft.messages import HardState, PersistentState, Snapshot
 from pykv.replica.commitflow import SCAN, Round, commit_rounds, scan_rounds
 from pykv.replica.durable import GroupWork
-from pykv.replica.finishing import FinishTracker, sweep
+from pykv.replica.finishing import FinishTracker, orphans_to_settle, sweep
 from pykv.replica.host import ReplicaHost
 from pykv.replica.shard import (
     COMMIT,
@@ -63,6 +63,7 @@ from pykv.replica.shard import (
     FINISH,
     PREPARE,
     RELEASE,
+    Prepared,
     ShardState,
     recorded_decision,
     scan_reply,
@@ -887,7 +888,10 @@ class TxnWorld:
         self.events["prepares orphaned by a closed connection"] += len(prepared)
         for key in prepared:
             self.orphans[node][key] = self.now
-        self._sweep(node)
+        host = self.hosts[node]
+        assert host is not None
+        self._start_settling(node, orphans_to_settle(host.groups, prepared, self._settling))
+        self._cycle(node)
 
     def _recover(self) -> None:
         """Every node sweeps as Node._sweep does, every recovery_after / 4 seconds."""
@@ -914,14 +918,17 @@ class TxnWorld:
         for gid, txid, others in work.finish_again:
             self.events["unfinished commits swept"] += 1
             self._finish_decided(node, True, gid, txid, others)
-        for gid, txid, prepared in work.settle:
+        self._start_settling(node, work.settle)
+        self._cycle(node)
+
+    def _start_settling(self, node: int, settle: list[tuple[int, int, Prepared]]) -> None:
+        for gid, txid, prepared in settle:
             self._settling.add((gid, txid))
-            if (gid, txid) in orphans:
+            if (gid, txid) in self.orphans[node]:
                 self.events["orphaned prepares settled"] += 1
             self.spawn(self.node_task(node, self._settle(
                 gid, txid, prepared.coordinator_shard, prepared.request.timestamp
             )))
-        self._cycle(node)
 
     # --- placement: replicas moving between nodes -----------------------------------------------
 

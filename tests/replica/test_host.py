@@ -16,7 +16,7 @@ from pykv.errors import CorruptData
 from pykv.raft.errors import NotLeader
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog, SnapshotFile
-from pykv.replica.finishing import FinishTracker, sweep
+from pykv.replica.finishing import FinishTracker, orphans_to_settle, sweep
 from pykv.replica.host import MAX_LOG_SEGMENTS, ReplicaHost, StateImage
 from pykv.replica.shard import COMMIT, PREPARE, ShardState
 from pykv.replica.stored import StoredShardState
@@ -516,3 +516,7 @@ def test_the_sweep_settles_a_prepare_at_once_when_its_connection_closed(tmp_path
     assert sweep(leader.groups, FinishTracker(), now, 2.0, settling={(GROUP, 7)}, orphans={(GROUP, 7)}).settle == []
     follower = next(h for h in c.hosts.values() if h is not leader)
     assert sweep(follower.groups, FinishTracker(), now, 2.0, settling=(), orphans={(GROUP, 7)}).settle == []
+    # What a closed connection settles at once, without a whole sweep: the same choice.
+    assert [(g, t) for g, t, _ in orphans_to_settle(leader.groups, [(GROUP, 7), (GROUP, 8)], ())] == [(GROUP, 7)]
+    assert orphans_to_settle(leader.groups, [(GROUP, 7)], {(GROUP, 7)}) == []
+    assert orphans_to_settle(follower.groups, [(GROUP, 7)], ()) == []
