@@ -124,6 +124,26 @@ def sweep(
     return work
 
 
+class Orphans:
+    """Prepares whose client connection closed, (group, txid) -> when, for ``after`` seconds:
+    settled at once if applied here then (orphans_to_settle), else by a sweep within that
+    time (``sweep(orphans=)``). The node and the simulator keep one per node."""
+
+    def __init__(self) -> None:
+        self._since: dict[tuple[int, int], float] = {}
+
+    def mark(self, keys: Iterable[tuple[int, int]], now: float) -> None:
+        for key in keys:
+            self._since[key] = now
+
+    def expire(self, now: float, after: float) -> None:
+        """Forget those marked ``after`` seconds ago or more (a sweep's rule covers them)."""
+        self._since = {key: since for key, since in self._since.items() if now - since < after}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._since
+
+
 def orphans_to_settle(
     groups: Mapping[int, Group], orphans: Iterable[tuple[int, int]], settling: Collection[tuple[int, int]],
 ) -> list[tuple[int, int, Prepared]]:

@@ -80,7 +80,7 @@ from pykv.raft.errors import NotLeader
 from pykv.raft.messages import Message, Role
 from pykv.raft.node import RaftConfig
 from pykv.replica.durable import NodeLog
-from pykv.replica.finishing import FinishTracker, orphans_to_settle, sweep
+from pykv.replica.finishing import FinishTracker, Orphans, orphans_to_settle, sweep
 from pykv.replica.host import Batch, Done, ReplicaHost, snapshot_every_for
 from pykv.replica.meta import SET_MAP, MetaState, meta_replicas
 from pykv.replica.shard import COMMIT as CMD_COMMIT
@@ -348,8 +348,7 @@ class Node:
         self._wake: asyncio.Future | None = None
         self._stopping = False
         self._resolving: set[tuple[int, int]] = set()
-        # (shard, txid) -> when their client's connection closed (orphaned, _sweep).
-        self._orphans: dict[tuple[int, int], float] = {}
+        self._orphans = Orphans()  # prepares whose client connection closed (orphaned)
         self._background: set[asyncio.Task] = set()  # FINISH calls elsewhere, DROP checks
         self.finishes = FinishTracker()  # commits this node coordinates, until released
         self.router = Router(list(config.peers.values()), timeout=5.0, max_frame=config.max_frame)
@@ -851,7 +850,7 @@ class Node:
         host = self.host
         assert host is not None
         after = self.config.recovery_after
-        self._orphans = {key: since for key, since in self._orphans.items() if now - since < after}
+        self._orphans.expire(now, after)
         work = sweep(
             host.groups, self.finishes, now, after, self._resolving, skip=(META_GROUP,),
             orphans=self._orphans,
@@ -880,9 +879,7 @@ class Node:
         caught by a sweep within recovery_after, when this is forgotten."""
         if self.host is None or self._stopping:
             return
-        now = time.monotonic()
-        for key in prepares:
-            self._orphans[key] = now
+        self._orphans.mark(prepares, time.monotonic())
         self._start_settling(orphans_to_settle(self.host.groups, prepares, self._resolving))
 
     # --- 2PC recovery ---------------------------------------------------------------------------

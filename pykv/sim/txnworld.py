@@ -54,7 +54,7 @@ from pykv.raft.errors import NotLeader
 from pykv.raft.messages import HardState, PersistentState, Snapshot
 from pykv.replica.commitflow import SCAN, Round, commit_rounds, scan_rounds
 from pykv.replica.durable import GroupWork
-from pykv.replica.finishing import FinishTracker, orphans_to_settle, sweep
+from pykv.replica.finishing import FinishTracker, Orphans, orphans_to_settle, sweep
 from pykv.replica.host import ReplicaHost
 from pykv.replica.shard import (
     COMMIT,
@@ -332,9 +332,8 @@ class TxnWorld:
         self._settling: set[tuple[int, int]] = set()
         # Per node, the FINISH rounds of the commits it coordinates (Node.finishes).
         self.finishes: dict[int, FinishTracker] = {}
-        # Per node, (group, txid) of prepares whose client connection closed -> when
-        # (Node._orphans).
-        self.orphans: dict[int, dict[tuple[int, int], float]] = {}
+        # Per node, the prepares whose client connection closed (Node._orphans).
+        self.orphans: dict[int, Orphans] = {}
         self.lives: Counter = Counter()  # per node, how many times it crashed
         # Where the map places each shard's replicas (the metadata group's map, which the
         # simulated metadata leader changes for moves: _mover).
@@ -402,7 +401,7 @@ class TxnWorld:
         host.restore_in_background = partial(self._restore_later, node, host)
         self.hosts[node] = host
         self.finishes[node] = FinishTracker()  # node-local: a crash forgets the rounds
-        self.orphans[node] = {}  # node-local too
+        self.orphans[node] = Orphans()  # node-local too
 
     def _restore_later(
         self, node: int, host: ReplicaHost, gid: int, work: Callable[[], None],
@@ -883,13 +882,11 @@ class TxnWorld:
             self.at(rng.uniform(0.0, 0.1), partial(self._orphaned, node, list(prepared)))
 
     def _orphaned(self, node: int, prepared: list[tuple[int, int]]) -> None:
-        if self.hosts.get(node) is None:
+        host = self.hosts.get(node)
+        if host is None:
             return  # down: its connections closed with it
         self.events["prepares orphaned by a closed connection"] += len(prepared)
-        for key in prepared:
-            self.orphans[node][key] = self.now
-        host = self.hosts[node]
-        assert host is not None
+        self.orphans[node].mark(prepared, self.now)
         self._start_settling(node, orphans_to_settle(host.groups, prepared, self._settling))
         self._cycle(node)
 
@@ -908,9 +905,8 @@ class TxnWorld:
         host = self.hosts[node]
         assert host is not None
         after = self.p.recovery_after
-        orphans = {k: t for k, t in self.orphans[node].items() if self.now - t < after}
-        self.orphans[node] = orphans
-        work = sweep(host.groups, self.finishes[node], self.now, after, self._settling, orphans=orphans)
+        self.orphans[node].expire(self.now, after)
+        work = sweep(host.groups, self.finishes[node], self.now, after, self._settling, orphans=self.orphans[node])
         for gid, txids in work.releases:
             with contextlib.suppress(Unavailable):  # the next leader sweeps them
                 host.propose(gid, RELEASE, [txids], lambda result, error: None)
