@@ -11,7 +11,7 @@ from hypothesis import given, settings
 
 from pykv.errors import CorruptData
 from pykv.storage import record
-from pykv.storage.cache import ByteLRU
+from pykv.storage.cache import ENTRY_OVERHEAD, ByteLRU
 from pykv.storage.hint import read_hint, write_hint
 
 UPDATE = st.tuples(st.binary(min_size=1, max_size=20), st.one_of(st.none(), st.binary(max_size=300)),
@@ -88,7 +88,7 @@ def test_a_truncated_hint_is_detected(tmp_path: Path) -> None:
 
 
 def test_lru_evicts_least_recently_used_within_its_byte_budget() -> None:
-    cache = ByteLRU(capacity_bytes=3 * (1000 + 1 + 200))
+    cache = ByteLRU(capacity_bytes=3 * (1000 + 1 + ENTRY_OVERHEAD))
     for name in (b"a", b"b", b"c"):
         cache.put(name, 1, b"x" * 1000)
     assert cache.get(b"a", 1) is not None  # a is now the most recent
