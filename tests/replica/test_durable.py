@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from pykv.errors import CorruptData
@@ -161,3 +163,32 @@ def test_a_snapshot_file_of_an_earlier_release_is_still_read(tmp_path):
     assert state.snapshot.meta == meta and snapshot_data(state.snapshot.data) == b"old image"
     with state.snapshot.data.open() as f:
         assert f.read() == b"old image"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_replay_of_many_overwrites_and_snapshots_matches_the_persisted_log(tmp_path, seed):
+    """Records that append, overwrite a suffix from anywhere (new leaders), or snapshot,
+    read back as the log the group persisted last: the same entries, term for term."""
+    rng = random.Random(seed)
+    log = NodeLog(tmp_path)
+    expected: list[Entry] = []  # the group's log as persisted
+    snapshot_index = 0
+    for term in range(1, 300):
+        last = expected[-1].index if expected else snapshot_index
+        if rng.random() < 0.05 and last > snapshot_index:
+            index = rng.randint(snapshot_index + 1, last)
+            snap = Snapshot(SnapshotMeta(index, term, ConfState(frozenset({1, 2, 3}))), b"s")
+            log.persist([GroupWork(1, None, (), snap)])
+            expected = [e for e in expected if e.index > index]
+            snapshot_index = index
+            continue
+        first = rng.randint(snapshot_index + 1, last + 1) if rng.random() < 0.3 else last + 1
+        entries = _entries(term, first, first + rng.randrange(1, 5), f"t{term}-")
+        log.persist([GroupWork(1, HardState(term, 1, 0), entries, None)])
+        expected = [e for e in expected if e.index < first] + list(entries)
+    log.close()
+    state = NodeLog(tmp_path).persistent_state(1)
+    assert state.snapshot.meta.index == snapshot_index
+    assert [(e.index, e.term, e.data) for e in state.entries] == [
+        (e.index, e.term, e.data) for e in expected
+    ]
