@@ -14,9 +14,10 @@ are timed as a bare loop, without the cache's lock and method call: the cost of 
 
 from __future__ import annotations
 
-import gc
 import time
 from collections import OrderedDict
+
+from gcpause import best_full_collection, record_pause
 
 from pykv.storage.cache import ENTRY_OVERHEAD, SharedCache
 
@@ -38,13 +39,6 @@ def _ordered_dict() -> OrderedDict:
     return OrderedDict(((1, key), (lsn, VALUE)) for lsn, key in enumerate(KEYS))
 
 
-def _full_collection() -> float:
-    gc.collect()  # the first one after building untracks what it can
-    start = time.perf_counter()
-    gc.collect()
-    return time.perf_counter() - start
-
-
 def _hits(cache: SharedCache) -> float:
     """Seconds per hit, every key read once in order (each hit moves it to the recent end)."""
     (view,) = cache._views.values()
@@ -64,25 +58,19 @@ def _ordered_dict_hits(entries: OrderedDict) -> float:
     return (time.perf_counter() - start) / HELD
 
 
-def _pause(benchmark, record, name: str, subject: bool = False) -> None:
-    gc.collect()
-    benchmark(gc.collect)
-    record("full gc pause", name, benchmark.stats.stats.median, subject=subject)
-
-
 def test_full_collection_nothing_held(benchmark, record) -> None:
-    _pause(benchmark, record, "nothing held")
+    record_pause(benchmark, record, "read cache", "nothing held")
 
 
 def test_full_collection_cache_held(benchmark, record) -> None:
     cache = _full_cache()
-    _pause(benchmark, record, "SharedCache, 400k entries", subject=True)
+    record_pause(benchmark, record, "read cache", "SharedCache, 400k entries", subject=True)
     assert cache.stats()["entries"] == HELD
 
 
 def test_full_collection_ordered_dict_held(benchmark, record) -> None:
     entries = _ordered_dict()
-    _pause(benchmark, record, "OrderedDict, 400k entries")
+    record_pause(benchmark, record, "read cache", "OrderedDict, 400k entries")
     assert len(entries) == HELD
 
 
@@ -99,17 +87,14 @@ def test_hits_ordered_dict(benchmark, record) -> None:
 
 
 def main() -> None:
-    def best_of(rounds: int = 5) -> float:
-        return min(_full_collection() for _ in range(rounds))
-
     print(f"{HELD:,} entries, {KEY_BYTES}-byte keys, {VALUE_BYTES}-byte values")
-    print(f"full collection, best of 5 (ms): nothing held {1000 * best_of():.1f}")
+    print(f"full collection, best of 5 (ms): nothing held {1000 * best_full_collection():.1f}")
     cache = _full_cache()
-    print(f"  SharedCache held {1000 * best_of():.1f}")
+    print(f"  SharedCache held {1000 * best_full_collection():.1f}")
     print(f"  hits: {1e9 * min(_hits(cache) for _ in range(3)):.0f} ns each")
     del cache
     entries = _ordered_dict()
-    print(f"  OrderedDict held {1000 * best_of():.1f}")
+    print(f"  OrderedDict held {1000 * best_full_collection():.1f}")
     print(f"  hits: {1e9 * min(_ordered_dict_hits(entries) for _ in range(3)):.0f} ns each")
 
 

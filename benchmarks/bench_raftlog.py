@@ -13,8 +13,7 @@ the same run, with the same entries (200-byte commands):
 
 from __future__ import annotations
 
-import gc
-import time
+from gcpause import best_full_collection, record_pause
 
 from pykv.raft.log import RaftLog
 from pykv.raft.messages import Entry
@@ -34,46 +33,30 @@ def _held_by_log() -> RaftLog:
     return log
 
 
-def _full_collection() -> float:
-    gc.collect()  # the first one after building untracks what it can
-    start = time.perf_counter()
-    gc.collect()
-    return time.perf_counter() - start
-
-
-def _pause(benchmark, record, name: str, subject: bool = False) -> None:
-    gc.collect()
-    benchmark(gc.collect)
-    record("full gc pause", name, benchmark.stats.stats.median, subject=subject)
-
-
 def test_full_collection_nothing_held(benchmark, record) -> None:
-    _pause(benchmark, record, "nothing held")
+    record_pause(benchmark, record, "raft log", "nothing held")
 
 
 def test_full_collection_log_held(benchmark, record) -> None:
     log = _held_by_log()
-    _pause(benchmark, record, "RaftLog, 256k entries", subject=True)
+    record_pause(benchmark, record, "raft log", "RaftLog, 256k entries", subject=True)
     assert log.last_index() == HELD
 
 
 def test_full_collection_entry_objects_held(benchmark, record) -> None:
     held = _entries()
-    _pause(benchmark, record, "Entry objects, 256k")
+    record_pause(benchmark, record, "raft log", "Entry objects, 256k")
     assert len(held) == HELD
 
 
 def main() -> None:
-    def best_of(rounds: int = 5) -> float:
-        return min(_full_collection() for _ in range(rounds))
-
     print(f"full collection, best of 5 (ms), {HELD:,} entries of 200 bytes")
-    print(f"  nothing held          {1000 * best_of():7.1f}")
+    print(f"  nothing held          {1000 * best_full_collection():7.1f}")
     log = _held_by_log()
-    print(f"  held by a RaftLog     {1000 * best_of():7.1f}")
+    print(f"  held by a RaftLog     {1000 * best_full_collection():7.1f}")
     del log
     held = _entries()
-    print(f"  Entry objects, a list {1000 * best_of():7.1f}")
+    print(f"  Entry objects, a list {1000 * best_full_collection():7.1f}")
     del held
 
 
