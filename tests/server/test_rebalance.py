@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster_harness import local_cluster  # noqa: E402
+from fault_load import check_history, run_with_fault  # noqa: E402
 
 import pykv.client  # noqa: E402
 from pykv.client.admin import fetch_shard_map  # noqa: E402
@@ -257,3 +259,38 @@ def test_a_drop_for_a_group_the_node_still_belongs_to_is_ignored(tmp_path):
             assert "dropped shard" not in cluster.log_text(node)
             db.put("after", 2)
             assert db.get("kept") == 1
+
+
+@pytest.mark.slow
+def test_a_join_and_a_removal_under_load_with_a_kill_mid_move_lose_nothing(tmp_path):
+    """While clients record histories: a sixth node joins (shards move to it by snapshot,
+    promotion and removal), a node holding replicas being moved is SIGKILLed in the middle
+    and restarted, then node 1 is removed. The histories pass the checkers, the increments
+    stay atomic, and the shards end where the map puts them."""
+    with local_cluster(tmp_path, nodes=5, partitions=PARTITIONS, replicas=3) as cluster:
+        five = HashRing([1, 2, 3, 4, 5], partitions=PARTITIONS, vnodes=64, replicas=3)
+        _wait_placed(cluster, five)
+        failures: list[BaseException] = []
+
+        def join() -> None:
+            try:
+                cluster.up(nodes=6, timeout=120)
+            except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+                failures.append(exc)
+
+        def rebalance() -> None:
+            joiner = threading.Thread(target=join)
+            joiner.start()
+            time.sleep(1.0)  # node 6 is up and taking its shards
+            cluster.kill(2)
+            time.sleep(1.0)
+            cluster.up(timeout=120)  # restarts node 2 only
+            joiner.join()
+            cluster_remove(cluster.data_dir, 1, timeout=120)
+
+        load, pause = run_with_fault(cluster, rebalance)
+        assert not failures, failures
+        print(f"\njoin, kill and removal under load: longest pause of one client "
+              f"{pause[0]:.3f}s ({pause[1]})")
+        check_history(load)
+        _wait_placed(cluster, five.with_node(6).without_node(1))
