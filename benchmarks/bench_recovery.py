@@ -19,15 +19,17 @@ from pathlib import Path
 
 from pykv._engine.wal import read_wal
 from pykv.codec import unpack
-from pykv.raft.messages import Entry, HardState
+from pykv.raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
 from pykv.replica.durable import GroupWork, NodeLog
 
 GROUPS = 8
 ENTRIES_PER_RECORD = 3  # per group with work in the batch, as under a steady bench load
 
 
-def write_log(path: Path, records: int) -> None:
-    """``records`` WAL records, each with entries for 4 of the groups, 100-byte commands."""
+def write_log(path: Path, records: int, snapshot: bool = False) -> None:
+    """``records`` WAL records, each with entries for 4 of the groups, 100-byte commands;
+    with ``snapshot``, each group then snapshots at 3/4 of its log, as a node's groups have
+    snapshotted part of what its WAL still holds."""
     log = NodeLog(path)
     last = dict.fromkeys(range(GROUPS), 0)
     for n in range(records):
@@ -39,6 +41,10 @@ def write_log(path: Path, records: int) -> None:
             last[group] = entries[-1].index
             work.append(GroupWork(group, HardState(1, 1, first - 1), entries, None))
         log.persist(work, wait=False)
+    if snapshot:
+        for group, index in last.items():
+            meta = SnapshotMeta(index * 3 // 4, 1, ConfState(frozenset({1, 2, 3})))
+            log.persist([GroupWork(group, None, (), Snapshot(meta, b"state"))])
     log.close()
 
 
@@ -58,15 +64,21 @@ def read_only(path: Path) -> float:
     return time.perf_counter() - start
 
 
-def _measure(benchmark, record, records: int, name: str, fn, subject: bool = False) -> None:
+def _measure(benchmark, record, records: int, name: str, fn, subject: bool = False,
+             snapshot: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        write_log(Path(tmp), records)
+        write_log(Path(tmp), records, snapshot)
         took = benchmark.pedantic(fn, args=(Path(tmp),), rounds=3)
         record(f"restart, {records:,} records", name, took, subject=subject)
 
 
 def test_replay_10k(benchmark, record) -> None:
     _measure(benchmark, record, 10_000, "NodeLog replay", replay, subject=True)
+
+
+def test_replay_10k_three_quarters_snapshotted(benchmark, record) -> None:
+    _measure(benchmark, record, 10_000, "NodeLog replay, 3/4 under a snapshot", replay,
+             snapshot=True)
 
 
 def test_read_only_10k(benchmark, record) -> None:
@@ -78,12 +90,14 @@ def main() -> None:
     parser.add_argument("--records", type=int, nargs="+", default=[10_000, 40_000])
     args = parser.parse_args()
     for records in args.records:
-        with tempfile.TemporaryDirectory() as tmp:
-            write_log(Path(tmp), records)
-            base, took = read_only(Path(tmp)), replay(Path(tmp))
-        entries = records * 4 * ENTRIES_PER_RECORD
-        print(f"{records:>7,} records ({entries:,} entries): replay {took:6.2f} s, "
-              f"read and unpack only {base:5.2f} s (x{took / base:.1f})")
+        for snapshot in (False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                write_log(Path(tmp), records, snapshot)
+                base, took = read_only(Path(tmp)), replay(Path(tmp))
+            entries = records * 4 * ENTRIES_PER_RECORD
+            under = ", 3/4 under a snapshot" if snapshot else ""
+            print(f"{records:>7,} records ({entries:,} entries{under}): replay {took:6.2f} s, "
+                  f"read and unpack only {base:5.2f} s (x{took / base:.1f})")
 
 
 if __name__ == "__main__":

@@ -202,6 +202,8 @@ class NodeLog:
             groups[group] = _Recovered(snapshot=Snapshot(meta, SnapshotFile(path, meta.index)))
         if not self.wal_dir.exists():
             return groups
+        # Entries a group's snapshot file covers are dropped at the end: not decoded at all.
+        covered = {g: rec.snapshot.meta.index for g, rec in groups.items() if rec.snapshot}
         for record in read_wal(str(self.wal_dir)):
             for group, hs, entries, snap_meta in unpack(record.payload):
                 if record.lsn <= dropped.get(group, 0):
@@ -215,7 +217,9 @@ class NodeLog:
                 if entries:
                     self._records.setdefault(group, deque()).append((entries[-1][1], record.lsn))
                     cut_from(rec.entries, entries[0][1])
-                    rec.entries.extend(Entry.from_wire(e) for e in entries)
+                    floor = covered.get(group, 0)
+                    if entries[-1][1] > floor:
+                        rec.entries.extend(Entry.from_wire(e) for e in entries if e[1] > floor)
                 if hs is not None:
                     rec.hard_state = HardState.from_wire(hs)
         for group, rec in groups.items():
