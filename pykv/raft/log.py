@@ -34,7 +34,9 @@ def _data_size(data: object) -> int:
 
 
 class RaftLog:
-    """Entries ``offset+1 .. last_index`` after a snapshot that ends at ``offset``.
+    """Entries ``offset+1 .. last_index`` and the latest snapshot, which ends at ``offset`` or
+    later: a leader compacting its log may keep some entries the snapshot covers, so that a
+    follower a little behind catches up from them rather than from a whole snapshot.
 
     Marks, always ``offset <= applied <= applying <= committed <= last_index``:
     - ``committed``: known committed by a quorum;
@@ -51,13 +53,14 @@ class RaftLog:
     """
 
     __slots__ = (
-        "snapshot", "offset", "_rows", "_recent", "committed", "applied", "applying", "stabled",
-        "unstable_snapshot",
+        "snapshot", "offset", "_offset_term", "_rows", "_recent", "committed", "applied",
+        "applying", "stabled", "unstable_snapshot",
     )
 
     def __init__(self, snapshot: Snapshot | None = None, entries: Iterable[Entry] = ()) -> None:
         self.snapshot = snapshot if snapshot is not None else Snapshot()
         self.offset = self.snapshot.meta.index
+        self._offset_term = self.snapshot.meta.term
         self._rows: list[tuple[int, int, object]] = []
         self._recent: list[Entry] = []  # the last len(_recent) entries, as appended
         expect = self.offset + 1
@@ -84,7 +87,7 @@ class RaftLog:
     def term(self, index: int) -> int | None:
         """The term of the entry at ``index``; None when compacted away or not present."""
         if index == self.offset:
-            return self.snapshot.meta.term
+            return self._offset_term
         if index < self.offset or index > self.offset + len(self._rows):
             return None
         return self._rows[index - self.offset - 1][0]
@@ -248,6 +251,7 @@ class RaftLog:
         """Replace the whole log by a snapshot received from the leader."""
         self.snapshot = snapshot
         self.offset = snapshot.meta.index
+        self._offset_term = snapshot.meta.term
         self._rows = []
         self._recent = []
         self.committed = self.offset
@@ -255,14 +259,19 @@ class RaftLog:
         self.stabled = self.offset
         self.unstable_snapshot = snapshot
 
-    def compact(self, meta: SnapshotMeta, data: object) -> None:
-        """Drop entries up to ``meta.index`` behind a snapshot the driver has taken."""
+    def compact(self, meta: SnapshotMeta, data: object, keep_after: int | None = None) -> None:
+        """Take the snapshot the driver has made at ``meta.index``, and drop the entries up to
+        ``keep_after`` (by default up to the snapshot; never entries already dropped)."""
         index = meta.index
-        if index <= self.offset:
+        if index <= self.snapshot.meta.index:
             return
         if index > self.applied:
             raise RaftInvariantError(f"cannot compact to {index}: only {self.applied} applied")
-        del self._rows[: index - self.offset]
-        del self._recent[: max(0, len(self._recent) - len(self._rows))]
-        self.offset = index
+        cut = index if keep_after is None else min(index, keep_after)
+        if cut > self.offset:
+            term = self.term(cut)
+            assert term is not None  # offset < cut <= index <= applied <= last_index
+            del self._rows[: cut - self.offset]
+            del self._recent[: max(0, len(self._recent) - len(self._rows))]
+            self.offset, self._offset_term = cut, term
         self.snapshot = Snapshot(meta, data)

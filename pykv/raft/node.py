@@ -113,6 +113,10 @@ class RaftConfig:
     # Ticks of complete idleness after which a leader quiesces its group (0 = never); only
     # for a driver that wakes quiesced followers when the leader's node goes silent.
     quiesce_ticks: int = 0
+    # A leader compacting its log keeps up to this many entries before the snapshot that a
+    # follower has not matched yet, so that a follower a little behind (or down a short
+    # while) catches up from the log instead of receiving the whole snapshot.
+    catch_up_entries: int = 0
 
     def __post_init__(self) -> None:
         if self.heartbeat_ticks < 1 or self.election_ticks <= self.heartbeat_ticks:
@@ -125,6 +129,8 @@ class RaftConfig:
             raise InvalidArgument("lease reads need check_quorum")
         if self.quiesce_ticks < 0:
             raise InvalidArgument("quiesce_ticks must be >= 0")
+        if self.catch_up_entries < 0:
+            raise InvalidArgument("catch_up_entries must be >= 0")
         if not 0 <= self.max_clock_drift < 1:
             raise InvalidArgument("max_clock_drift must be in [0, 1)")
 
@@ -528,17 +534,27 @@ class RaftNode:
     def compact(self, index: int, data: Any) -> None:
         """The driver has durably stored a state-machine snapshot at ``index``: drop the log before.
 
-        ``index`` must be applied already. The snapshot is kept to send to lagging followers.
+        ``index`` must be applied already. The snapshot is kept to send to lagging followers;
+        a leader keeps the entries a follower still needs, up to ``catch_up_entries`` of them.
         """
-        if index <= self.log.offset:
+        if index <= self.log.snapshot.meta.index:
             return
         term = self.log.term(index)
         if term is None:
             raise RaftInvariantError(f"cannot compact to {index}: not in the log")
         meta = SnapshotMeta(index, term, self._conf_at(index))
-        self.log.compact(meta, data)
+        self.log.compact(meta, data, keep_after=self._compact_floor(index))
         self._conf_base = meta.conf
         self._conf_log = [(i, c) for i, c in self._conf_log if i > index]
+
+    def _compact_floor(self, index: int) -> int:
+        """How far a compaction at ``index`` drops the log: to the least a follower has
+        matched, when this node leads, but keeping at most ``catch_up_entries`` more."""
+        keep = self.cfg.catch_up_entries
+        if self.role != Role.LEADER or keep == 0:
+            return index
+        behind = min((pr.match for pid, pr in self.prs.items() if pid != self.id), default=index)
+        return max(behind, index - keep)
 
     def hold_snapshot_data(self, index: int, data: Any) -> None:
         """The driver stored the snapshot at ``index`` (one received from the leader, say):

@@ -68,7 +68,8 @@ Done = Callable[[Any, BaseException | None], None]
 
 # A group's Raft log stays in memory until the group snapshots (about 500 bytes an entry in a
 # transactional workload). A node keeps at most this many entries over all its groups,
-# shared out by the partition count, so memory does not grow with the partitions.
+# shared out by the partition count, so memory does not grow with the partitions (a leader
+# may keep up to half as many again for a lagging follower: RaftConfig.catch_up_entries).
 LOG_ENTRIES_PER_NODE = 256_000
 # The node's WAL is shared by its groups, and a segment goes only once every group is done
 # with it. A quiet group (the metadata group, a shard nobody writes) may never reach
@@ -698,7 +699,7 @@ class ReplicaHost:
         if there is nothing new to snapshot."""
         index = group.state.applied_index
         term = group.raft.log.term(index)
-        if term is None or index <= group.raft.log.offset or group.raft.applied_index < index:
+        if term is None or index <= group.snapshot_index or group.raft.applied_index < index:
             # The last case: a restarted durable state is past what Raft has handed out
             # again so far, and Raft compacts only what it has applied.
             return False

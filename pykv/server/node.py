@@ -369,6 +369,7 @@ class Node:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.gc_pauses.install()
         self.nodelog = NodeLog(cfg.data_dir, fsync=cfg.fsync)
+        snapshot_every = cfg.snapshot_every or snapshot_every_for(cfg.partitions)
         raft_config = RaftConfig(
             election_ticks=cfg.election_ticks,
             heartbeat_ticks=cfg.heartbeat_ticks,
@@ -377,6 +378,8 @@ class Node:
             # A peer's batch of messages travels in frames; one message must fit in one.
             max_batch_bytes=min(1 << 20, cfg.max_frame // 4),
             read_only=cfg.reads,
+            # A follower down a short while catches up from the log, not a whole snapshot.
+            catch_up_entries=snapshot_every // 2,
         )
         self.host = ReplicaHost(
             cfg.node_id,
@@ -384,7 +387,7 @@ class Node:
             raft_config=raft_config,
             rng=random.Random(int.from_bytes(os.urandom(8), "big")),
             clock=time.monotonic,
-            snapshot_every=cfg.snapshot_every or snapshot_every_for(cfg.partitions),
+            snapshot_every=snapshot_every,
             state_factory=self._state_factory(),
         )
         self.host.on_role_change = self._role_changed

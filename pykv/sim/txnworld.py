@@ -388,7 +388,9 @@ class TxnWorld:
         if self.hosts.get(node) is not None:
             return  # already back (healing restarts every node that is down)
         host = ReplicaHost(
-            node, self.disks[node], raft_config=self.p.raft,  # type: ignore[arg-type]
+            node, self.disks[node],
+            # As a node's: leaders keep half a snapshot interval behind it for followers.
+            raft_config=replace(self.p.raft, catch_up_entries=self.p.snapshot_every // 2),
             rng=random.Random(self.rng.getrandbits(32)), clock=lambda: self.now,
             snapshot_every=self.p.snapshot_every, state_factory=self._state_factory(node),
         )

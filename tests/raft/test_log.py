@@ -64,6 +64,29 @@ def test_compaction_keeps_the_entries_after_the_snapshot() -> None:
         log.slice(6, 8)
 
 
+def test_a_compaction_may_keep_entries_the_snapshot_covers_for_a_lagging_follower() -> None:
+    log = RaftLog()
+    log.append([Entry(t, i, data=b"%d" % i) for i, t in enumerate([1, 1, 2, 2, 2, 3, 3, 3], 1)])
+    log.commit_to(8)
+    log.applied_to(7)
+    log.compact(SnapshotMeta(7, 3), b"state", keep_after=3)
+    assert log.snapshot.meta.index == 7 and log.first_index() == 4
+    assert (log.term(3), log.term(4), log.term(2)) == (2, 2, None)  # the prev term of entry 4
+    assert [e.data for e in log.slice(4, 9)] == [b"4", b"5", b"6", b"7", b"8"]
+    log.compact(SnapshotMeta(7, 3), b"again", keep_after=5)  # not past the snapshot: nothing
+    assert log.first_index() == 4 and log.snapshot.data == b"state"
+    log.applied_to(8)
+    log.compact(SnapshotMeta(8, 3), b"later", keep_after=2)  # never takes back what went
+    assert (log.first_index(), log.snapshot.meta.index) == (4, 8)
+    log.compact(SnapshotMeta(8, 3), b"later")
+    assert log.first_index() == 4  # the snapshot at 8 was taken already
+    log.append([Entry(3, 9, data=b"9")])
+    log.commit_to(9)
+    log.applied_to(9)
+    log.compact(SnapshotMeta(9, 3), b"last")
+    assert (log.first_index(), log.term(9)) == (10, 3)
+
+
 def test_held_entries_do_not_add_to_what_the_garbage_collector_traverses() -> None:
     # A node holds up to 256,000 entries until a snapshot: as objects, every full
     # collection walked them all (pauses over 100 ms).

@@ -159,6 +159,57 @@ def test_compaction_then_install_snapshot_brings_a_lagging_follower_up():
     assert follower.conf == leader.conf
 
 
+def _leader_with_a_follower_down(keep: int, behind: int):
+    """Node 3 crashes, then the leader commits ``behind`` entries and compacts its log."""
+    h = Harness([1, 2, 3], config=RaftConfig(catch_up_entries=keep))
+    leader = h.elect(1)
+    h.crash(3)
+    for i in range(behind):
+        leader.propose(bytes([i % 256]))
+        h.settle()
+    h.tick(n=2)
+    leader.compact(leader.applied_index, b"img")
+    return h, leader
+
+
+@pytest.mark.parametrize("keep, behind, snapshot_sent", [
+    (0, 30, True),  # no slack: the follower needs the snapshot
+    (50, 30, False),  # within the slack: it catches up from the log
+    (20, 30, True),  # further behind than the slack
+])
+def test_a_leader_keeps_entries_behind_its_snapshot_for_a_follower_a_little_behind(
+    keep, behind, snapshot_sent
+):
+    h, leader = _leader_with_a_follower_down(keep, behind)
+    snapshot_index = leader.log.snapshot.meta.index
+    assert snapshot_index == leader.applied_index
+    matched = leader.prs[3].match  # what node 3 had before it crashed
+    assert leader.log.offset == max(matched, snapshot_index - keep)
+    sent = []
+    h.filter = lambda m: sent.append(m.type) or True
+    h.restart(3)
+    h.tick(n=3)
+    h.settle()
+    assert (MsgType.SNAP in sent) == snapshot_sent
+    follower = h.nodes[3]
+    assert follower.log.last_index() == leader.log.last_index()
+    if not snapshot_sent:  # it applied every entry it missed
+        assert [e.data for e in h.applied[3]][-behind:] == [e.data for e in h.applied[1]][-behind:]
+
+
+def test_the_slack_goes_at_the_next_compaction_once_the_followers_caught_up():
+    h, leader = _leader_with_a_follower_down(keep=50, behind=30)
+    assert leader.log.offset < leader.log.snapshot.meta.index  # kept for node 3
+    h.restart(3)
+    h.tick(n=3)
+    h.settle()
+    leader.propose(b"more")
+    h.settle()
+    h.tick(n=2)
+    leader.compact(leader.applied_index, b"img2")
+    assert leader.log.offset == leader.log.snapshot.meta.index == leader.applied_index
+
+
 def test_a_follower_that_already_has_the_snapshot_index_only_moves_its_commit():
     h = Harness([1, 2, 3])
     leader = h.elect(1)

@@ -62,3 +62,40 @@ def test_a_follower_catches_up_from_a_snapshot_larger_than_a_frame(tmp_path):
         finally:
             shard.close()
         assert held == values
+
+
+@pytest.mark.slow
+def test_a_follower_down_a_short_while_catches_up_from_the_log_not_a_snapshot(tmp_path):
+    """The leader compacts its log while a follower is down, but keeps the entries that
+    follower has not matched (up to half a snapshot interval: RaftConfig.catch_up_entries),
+    so on restart it catches up from them: no image is made or sent."""
+    with local_cluster(tmp_path, nodes=3, partitions=1, replicas=3, snapshot_every=40) as cluster:
+        with pykv.client.connect(cluster.addresses[:2], timeout=20) as db:
+            for i in range(30):
+                db.put(f"a{i}", i)
+            leader = cluster.leader_of(0)
+            assert leader is not None
+            victim = next(n for n in (1, 2, 3) if n != leader)
+            _wait_applied(cluster, victim, cluster.status(leader)["groups"]["0"]["commit"])
+            cluster.kill(victim)
+            for i in range(25):
+                db.put(f"b{i}", i)  # past 40 applied entries: the leader snapshots
+            group = cluster.status(leader)["groups"]["0"]
+            assert group["snapshot"] >= 40, group
+            cluster.up()
+            _wait_applied(cluster, victim, group["commit"])
+            assert cluster.status(victim)["snapshots"]["received"] == 0
+            assert cluster.status(leader)["snapshots"]["sent"] == 0
+            assert db.get("b24") == 24
+
+
+def _wait_applied(cluster, node_id: int, index: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert time.monotonic() < deadline, f"node {node_id} did not apply {index}"
+        try:
+            if cluster.status(node_id)["groups"]["0"]["applied"] >= index:
+                return
+        except pykv.Error:
+            pass  # still starting
+        time.sleep(0.1)
