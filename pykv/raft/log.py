@@ -270,7 +270,8 @@ class RaftLog:
         cut = index if keep_after is None else min(index, keep_after)
         if cut > self.offset:
             term = self.term(cut)
-            assert term is not None  # offset < cut <= index <= applied <= last_index
+            if term is None:  # offset < cut <= index <= applied <= last_index: never
+                raise RaftInvariantError(f"cannot compact to {cut}: not in the log")
             del self._rows[: cut - self.offset]
             del self._recent[: max(0, len(self._recent) - len(self._rows))]
             self.offset, self._offset_term = cut, term

@@ -47,6 +47,11 @@ class _Generation:
         self.values[slot] = value
         self.lsns[slot] = lsn
 
+    def take(self, slot: bytes) -> bytes:
+        """Remove ``slot``, which is here; its value."""
+        del self.lsns[slot]
+        return self.values.pop(slot)
+
     def pop(self, slot: bytes) -> bytes | None:
         """Remove ``slot``; its value, or None if it is not here."""
         value = self.values.pop(slot, None)
@@ -138,9 +143,7 @@ class SharedCache:
             del order[:cursor]  # amortized: the list shrinks as the old generation drains
             cursor = 0
         self._cursor = cursor
-        value = old.pop(slot)
-        assert value is not None
-        return slot, value
+        return slot, old.take(slot)
 
 
 class ByteLRU:
@@ -185,8 +188,7 @@ class ByteLRU:
                 if held is None or (held if held >= 0 else ~held) != lsn:
                     self.misses += 1
                     return None
-                value = old.pop(slot)
-                assert value is not None
+                value = old.take(slot)
                 young.add(slot, lsn, value)
             self.hits += 1
             return value
