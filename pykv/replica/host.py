@@ -255,10 +255,13 @@ class ReplicaHost:
                         f"its snapshot at {state.snapshot.meta.index}, which keeps no image"
                     )
                 sm.restore(image)
-        if sm.durable and raft.log.offset > 0:
-            raft.hold_snapshot_data(raft.log.offset, self._image_of(gid, sm))
+        # The snapshot's index, not the log's first index: a leader's may be lower
+        # (RaftConfig.catch_up_entries), though a restarted log starts right after it.
+        snapshot_index = raft.log.snapshot.meta.index
+        if sm.durable and snapshot_index > 0:
+            raft.hold_snapshot_data(snapshot_index, self._image_of(gid, sm))
         self.log.release(gid)  # the group holds its log now; the snapshot stays in its file
-        group = Group(gid, raft, sm, snapshot_index=raft.log.offset)
+        group = Group(gid, raft, sm, snapshot_index=snapshot_index)
         self.groups[gid] = group
         self._dirty.add(gid)
         return group
