@@ -22,13 +22,18 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from pykv._engine.vclock import VClock
-from pykv.api import KeyValueStore, Transaction
+from pykv.api import KeyValueStore, Transaction, many_keys, many_values
 from pykv.client.cluster import AsyncCluster
-from pykv.errors import InvalidOperation, StoreClosed, TransactionAborted, TransactionConflict
+from pykv.errors import (
+    InvalidOperation,
+    StoreClosed,
+    TransactionAborted,
+    TransactionConflict,
+)
 from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 from pykv.types import MAX_SCAN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key
@@ -52,6 +57,9 @@ class _Prefetched:
 
     def read(self, key: str, *, optimistic: bool = False) -> Versioned:
         return self.versions[key]
+
+    def read_many(self, keys: list[str], *, optimistic: bool = False) -> dict[str, Versioned]:
+        return {key: self.versions[key] for key in keys}
 
     def commit(self, request: CommitRequest) -> None:
         self.request = request
@@ -93,6 +101,19 @@ class AsyncTransaction:
         self._store._ensure_open()
         await self._fetch(key)
         return self._tx.get(key, default)
+
+    async def get_many(self, keys: Iterable[str], default: Any = None) -> dict[str, Any]:
+        """What get() returns for each key; the keys not read yet are fetched together (one
+        request per shard, all at once)."""
+        self._store._ensure_open()
+        wanted = list(dict.fromkeys(keys))
+        for key in wanted:
+            check_key(key)
+        versions = self._backend.versions
+        missing = [key for key in wanted if key not in versions]
+        if missing:
+            versions.update(await self._store._core.read_many(missing, optimistic=True))
+        return self._tx.get_many(wanted, default)
 
     async def get_versioned(self, key: str) -> tuple[Any, VClock]:
         await self._fetch(key)
@@ -247,6 +268,13 @@ class AsyncKeyValueStore:
         check_key(key)
         seen = await self._core.read(key)
         return default if not seen.exists else seen.value
+
+    async def get_many(self, keys: Iterable[str], default: Any = None) -> dict[str, Any]:
+        """{key: value, or default} for every key, as one snapshot: see
+        pykv.api.KeyValueStore.get_many."""
+        self._ensure_open()
+        wanted = many_keys(keys, self.max_txn_ops)
+        return many_values(wanted, await self._core.snapshot(wanted), default)
 
     async def get_versioned(self, key: str) -> tuple[Any, VClock]:
         self._ensure_open()

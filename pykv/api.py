@@ -64,6 +64,16 @@ class Backend(Protocol):
         older version where that is cheaper (see ``optimistic_reads``)."""
         ...
 
+    def read_many(self, keys: list[str], *, optimistic: bool = False) -> dict[str, Versioned]:
+        """``read`` of every key, fetched together (on a cluster, one request per shard, all
+        at once); not one snapshot: each key is read as ``read`` would."""
+        ...
+
+    def snapshot(self, keys: list[str]) -> dict[str, Versioned]:
+        """The latest committed and durable version of every key, all current at one moment
+        while the call ran (KeyValueStore.get_many)."""
+        ...
+
     def commit(self, request: CommitRequest) -> None:
         """Validate and apply atomically; return once durable. Raises TransactionConflict,
         NonResolvableConflict, InvalidOperation or a limit error, with nothing applied."""
@@ -166,6 +176,22 @@ def _own(value: Any) -> Any:
 _OPEN, _COMMITTING, _COMMITTED, _ABORTED = "open", "committing", "committed", "aborted"
 
 
+def many_keys(keys: Iterable[str], limit: int) -> list[str]:
+    """The keys of a get_many: each once, in the given order, checked; TransactionTooLarge
+    past ``limit`` (max_txn_ops)."""
+    wanted = list(dict.fromkeys(keys))
+    for key in wanted:
+        check_key(key)
+    if len(wanted) > limit:
+        raise TransactionTooLarge(f"get_many of {len(wanted)} keys: at most max_txn_ops ({limit}) at once")
+    return wanted
+
+
+def many_values(keys: list[str], versions: dict[str, Versioned], default: Any) -> dict[str, Any]:
+    """What a get_many of ``keys`` returns, from the versions read."""
+    return {key: default if (value := versions[key].value) is MISSING else value for key in keys}
+
+
 class Transaction:
     """A transaction: reads go to the store (and see this transaction's writes), writes are
     buffered until commit, which validates everything the transaction observed.
@@ -203,13 +229,13 @@ class Transaction:
                 f"transaction {self.id} is already {self._state}; begin a new one"
             )
 
-    def _check_room(self) -> None:
-        """Raise TransactionTooLarge when one more operation would pass max_txn_ops."""
+    def _check_room(self, more: int = 1) -> None:
+        """Raise TransactionTooLarge when ``more`` operations would pass max_txn_ops."""
         limit = self._store.max_txn_ops
-        if self._ops >= limit:
+        if self._ops + more > limit:
             raise TransactionTooLarge(
-                f"transaction {self.id} already holds {self._ops} operations; "
-                f"the limit (max_txn_ops) is {limit}"
+                f"transaction {self.id} already holds {self._ops} operations; {more} more"
+                f" would pass the limit (max_txn_ops) of {limit}"
             )
 
     def _count_op(self) -> None:
@@ -231,6 +257,21 @@ class Transaction:
             self._reads[key] = seen
         return seen
 
+    def _observe_many(self, keys: list[str]) -> None:
+        """Read, in one backend call, every key of ``keys`` whose value this transaction
+        does not know yet (what ``_current`` would read one at a time)."""
+        wanted = [key for key in keys if key not in self._reads and not self._overwritten(key)]
+        if not wanted:
+            return
+        self._check_room(len(wanted))
+        self._reads.update(self._backend.read_many(wanted, optimistic=True))
+        self._ops += len(wanted)
+
+    def _overwritten(self, key: str) -> bool:
+        """Whether this transaction put or deleted key: its value no longer needs a read."""
+        pending = self._writes.get(key)
+        return pending is not None and pending.absolute
+
     def _current(self, key: str) -> tuple[Any, Versioned | None]:
         check_key(key)
         pending = self._writes.get(key)
@@ -247,6 +288,22 @@ class Transaction:
             self._ensure_open()
             value, _ = self._current(key)
         return default if value is MISSING else _own(value)
+
+    def get_many(self, keys: Iterable[str], default: Any = None) -> dict[str, Any]:
+        """{key: its value as this transaction sees it, or default when absent} for every key.
+
+        What get() returns for each key, but the keys this transaction has not read yet are
+        fetched together: on a cluster, one request per shard, all at once, rather than a
+        round trip per key. The commit validates every one of them, as it does get()'s.
+        """
+        wanted = list(dict.fromkeys(keys))  # each key once, in the caller's order
+        with self._lock:
+            self._ensure_open()
+            for key in wanted:
+                check_key(key)
+            self._observe_many(wanted)
+            values = [self._current(key)[0] for key in wanted]
+        return {key: default if value is MISSING else _own(value) for key, value in zip(wanted, values, strict=True)}
 
     def get_versioned(self, key: str) -> tuple[Any, VClock]:
         """(value or None, the vector clock of the version this transaction read)."""
@@ -557,6 +614,21 @@ class KeyValueStore:
         """The latest committed value of key (a linearizable read), or default."""
         value, _ = self._read_versioned(key)
         return default if value is MISSING else value
+
+    def get_many(self, keys: Iterable[str], default: Any = None) -> dict[str, Any]:
+        """{key: value, or default when absent} for every key (each once, in the given order),
+        as one snapshot: the values all held at one moment while the call ran. At most
+        max_txn_ops keys (TransactionTooLarge), as a transaction reads.
+
+        Embedded: read while no commit holds one of the keys. On a cluster: reads of every
+        key at once (a request per shard), until two such passes agree; when writers keep
+        changing the keys, they are locked against writers for one more pass, as a
+        consistent scan does (pykv.replica.commitflow.snapshot_rounds). So it never fails
+        with a conflict, however busy the keys.
+        """
+        self._ensure_open()
+        wanted = many_keys(keys, self.max_txn_ops)
+        return many_values(wanted, self._backend.snapshot(wanted), default)
 
     def get_versioned(self, key: str) -> tuple[Any, VClock]:
         """(value or None, its vector clock): pass the clock to put(..., context=clock) later."""

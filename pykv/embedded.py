@@ -200,6 +200,27 @@ class EmbeddedBackend:
     def read(self, key: str, *, optimistic: bool = False) -> Versioned:
         return self._durable(self._storage.get(key.encode("utf-8")))
 
+    def read_many(self, keys: list[str], *, optimistic: bool = False) -> dict[str, Versioned]:
+        return self._all_durable({key: self._storage.get(key.encode("utf-8")) for key in keys})
+
+    def snapshot(self, keys: list[str]) -> dict[str, Versioned]:
+        """One snapshot of keys: read while no commit holds any of them (shared locks, as a
+        commit takes for what it read), so none is seen half-way through a commit."""
+        encoded = [key.encode("utf-8") for key in keys]
+        owner = self._locks.acquire(encoded, [])
+        try:
+            stored = {key: self._storage.get(raw) for key, raw in zip(keys, encoded, strict=True)}
+        finally:
+            self._locks.release(owner)
+        return self._all_durable(stored)
+
+    def _all_durable(self, stored: dict[str, StoredVersion]) -> dict[str, Versioned]:
+        """The versions, once all are durable (one wait for the newest)."""
+        newest = max((version.lsn for version in stored.values()), default=0)
+        if newest > self._storage.durable_lsn:
+            self._storage.wait_durable(newest)
+        return {key: _versioned(version) for key, version in stored.items()}
+
     def _durable(self, stored: StoredVersion) -> Versioned:
         """stored, once it is durable: never show a version a crash could undo."""
         if stored.lsn > self._storage.durable_lsn:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import Coroutine, Generator, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterator
 from typing import Any, TypeVar
 
 from pykv.api import HybridClock
@@ -62,7 +62,16 @@ from pykv.errors import (
 from pykv.net.protocol import new_event_loop
 from pykv.replica import commitflow
 from pykv.replica import shard as cmd
-from pykv.replica.commitflow import PagedPass, Round, Send, commit_rounds, read_pass, scan_rounds
+from pykv.replica.commitflow import (
+    PagedPass,
+    Round,
+    Send,
+    commit_rounds,
+    read_batches,
+    read_pass,
+    scan_rounds,
+    snapshot_rounds,
+)
 from pykv.replica.failpoints import failpoint
 from pykv.txn.model import CommitRequest, KeyRange, ScanItems, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
@@ -75,7 +84,7 @@ SCAN_ATTEMPTS = 3
 
 # The request kind that carries each command of a commit or scan (pykv.replica.commitflow).
 _KINDS = {cmd.COMMIT: COMMIT, cmd.PREPARE: PREPARE, cmd.COMMIT_DECIDE: COMMIT_DECIDE,
-          cmd.DECIDE: DECIDE, cmd.FINISH: FINISH, commitflow.SCAN: SCAN}
+          cmd.DECIDE: DECIDE, cmd.FINISH: FINISH, commitflow.SCAN: SCAN, commitflow.READ: READ}
 
 
 class AsyncCluster:
@@ -107,20 +116,29 @@ class AsyncCluster:
         versions = await router.call(shard, READ, body)
         return Versioned.from_wire(versions[0])
 
-    async def read_many(self, keys: list[str]) -> dict[str, Versioned]:
-        """Linearizable reads of many keys, one request per shard (not one atomic snapshot)."""
+    async def read_many(self, keys: list[str], *, optimistic: bool = False) -> dict[str, Versioned]:
+        """Linearizable reads of many keys, every request at once (commitflow.read_batches:
+        one per shard, or more for many keys); not one snapshot (that is ``snapshot``).
+        ``optimistic`` as in read()."""
         await self.router.ensure_map()
-        by_shard: dict[int, list[str]] = {}
-        for key in keys:
-            by_shard.setdefault(self.shard_of(key), []).append(key)
-        replies = await asyncio.gather(
-            *(self.router.call(s, READ, [s, ks]) for s, ks in by_shard.items())
+        batches = read_batches(keys, self.shard_of)
+        replies = await settled(
+            [self.router.call(s, READ, [s, ks, True] if optimistic else [s, ks]) for s, ks in batches]
         )
         out = {}
-        for (_, ks), versions in zip(by_shard.items(), replies, strict=True):
+        for (_, ks), versions in zip(batches, replies, strict=True):
+            if isinstance(versions, Exception):
+                raise versions
             for key, wire in zip(ks, versions, strict=True):
                 out[key] = Versioned.from_wire(wire)
         return out
+
+    async def snapshot(self, keys: list[str]) -> dict[str, Versioned]:
+        """One snapshot of ``keys``: versions all current at one moment while it ran
+        (commitflow.snapshot_rounds: passes, then a lock when writers keep changing them)."""
+        await self.router.ensure_map()
+        batches = read_batches(keys, self.shard_of)
+        return await self._locking((), lambda lock: snapshot_rounds(lock, batches))
 
     async def commit(self, request: CommitRequest) -> None:
         router = self.router
@@ -239,16 +257,24 @@ class AsyncCluster:
         lock was taken away before it ended (it outlived the shards' recovery time) is taken
         again, up to SCAN_ATTEMPTS times."""
         view = await self.router.ensure_map()
+        shards = list(range(view.partitions))
+        return await self._locking(
+            (KeyRange(prefix, start, end),), lambda lock: scan_rounds(lock, shards, limit, max_bytes=max_bytes)
+        )
+
+    async def _locking(
+        self, ranges: tuple[KeyRange, ...], flow_of: Callable[[CommitRequest], Generator[Round, Any, T]]
+    ) -> T:
+        """Drive ``flow_of(lock)``, a flow that may lock what it reads with ``lock`` (its own
+        transaction id and timestamp, holding ``ranges``); again with a new lock when the
+        flow's lock was taken away before it ended (it outlived the shards' recovery time),
+        up to SCAN_ATTEMPTS times."""
         attempts = SCAN_ATTEMPTS
         while True:
             attempts -= 1
-            lock = CommitRequest(
-                self._txids.next_id(), 0, {}, (), timestamp=self._clock.now(),
-                ranges=(KeyRange(prefix, start, end),),
-            )
+            lock = CommitRequest(self._txids.next_id(), 0, {}, (), timestamp=self._clock.now(), ranges=ranges)
             try:
-                shards = list(range(view.partitions))
-                return await self._drive(scan_rounds(lock, shards, limit, max_bytes=max_bytes))
+                return await self._drive(flow_of(lock))
             except TransactionConflict:
                 if not attempts:
                     raise
@@ -350,6 +376,12 @@ class ClusterBackend:
 
     def read(self, key: str, *, optimistic: bool = False) -> Versioned:
         return self._run(self.core.read(key, optimistic=optimistic))
+
+    def read_many(self, keys: list[str], *, optimistic: bool = False) -> dict[str, Versioned]:
+        return self._run(self.core.read_many(keys, optimistic=optimistic))
+
+    def snapshot(self, keys: list[str]) -> dict[str, Versioned]:
+        return self._run(self.core.snapshot(keys))
 
     def wipe(self) -> None:
         """Forget every key, resolver and remembered outcome in the cluster (for tests that

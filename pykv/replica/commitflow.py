@@ -32,8 +32,8 @@ from __future__ import annotations
 import bisect
 import operator
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from pykv.errors import KeyLocked, Timeout, TransactionConflict, Unavailable, by_name
 from pykv.replica.shard import ALREADY_COMMITTED, COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE
@@ -48,14 +48,23 @@ from pykv.txn.model import (
     ScanPasses,
     Versioned,
     first_live,
+    same_cut,
 )
-from pykv.types import MAX_SCAN_BYTES
+from pykv.types import MAX_SCAN_BYTES, MAX_VALUE_BYTES
+
+T = TypeVar("T")
 
 # Seconds to wait before sending a request refused on a lock again, one pause per retry.
 LOCK_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.04)
 # A Send's command for a page of a pass over one shard: args [prefix, start, end, limit,
 # deleted, page bytes] (PagedPass).
 SCAN = "scan"
+# A Send's command for a linearizable read of some keys of one shard: args [keys]; the
+# reply is their versions (Versioned.to_wire), in order, as the node's READ answers.
+READ = "read"
+# Keys per READ request of a snapshot: replies of values at the size limit still fit in a
+# frame (pykv.net.framing.DEFAULT_MAX_FRAME, the client's).
+READ_BATCH_KEYS = (16 << 20) // (MAX_VALUE_BYTES + 4096)
 # Seconds between two renewals of a consistent scan's range lock while its pass runs: well
 # within a node's recovery_after (2 s), which would otherwise release the lock.
 LOCK_RENEW_EVERY = 0.5
@@ -75,7 +84,9 @@ class Round:
     """Requests to send at once. ``wait``: their results come back to the flow (in order:
     each the request's result, or the exception it raised); else nobody waits for them."""
 
-    name: str  # "commit", "prepare", "decide", "give up", "abort"; "scan", "lock", "release"
+    # "commit", "prepare", "decide", "give up", "abort"; "scan", "lock", "release"; "read",
+    # "lock keys"
+    name: str
     sends: list[Send] = field(default_factory=list)
     wait: bool = True
     pause: float = 0.0  # seconds to wait before sending (a retry after KeyLocked)
@@ -271,27 +282,108 @@ def scan_rounds(
         if passes.feed((yield from read_pass(key_range, shards, limit, page_bytes, max_bytes=max_bytes))):
             return passes.result
     lock = [Send(s, PREPARE, [request.to_wire(), s, shards]) for s in shards]
-    refusal = _refusal((yield Round("lock", lock)))
+    items = yield from _locked_pass(
+        request.txid, lock,
+        lambda keep: read_pass(key_range, shards, limit, page_bytes, True, keep, renew_every, max_bytes),
+    )
+    return first_live(items, None, deleted=False)
+
+
+def snapshot_rounds(
+    request: CommitRequest, batches: list[tuple[int, list[str]]],
+    passes_before_locking: int = PASSES_BEFORE_LOCKING, renew_every: float = LOCK_RENEW_EVERY,
+) -> Generator[Round, Any, dict[str, Versioned]]:
+    """The rounds of one snapshot of some keys (KeyValueStore.get_many): their versions, all
+    current at one moment inside the flow. ``batches``: the keys, as (shard, keys) requests
+    (read_batches); ``request``: the lock to take, no keys (its ranges are filled in here).
+
+    What scan_rounds does for a range, for a set of keys. Passes of linearizable reads, every
+    request of a pass at once, until two in a row agree: each key then held its version from
+    its read in the first pass to its read in the second (versions never repeat), so every
+    key held it at the moment between the passes. When writers keep changing the keys, each
+    shard locks its keys (``request`` with a range per key, PREPAREd there) for one more
+    pass, released as a scan's lock is (_locked_pass).
+    """
+    last: ScanItems | None = None
+    for _ in range(passes_before_locking):
+        items = yield from _read_keys(batches)
+        if last is not None and same_cut(last, items):
+            return dict(items)
+        last = items
+    by_shard: dict[int, list[str]] = {}
+    for shard, keys in batches:
+        by_shard.setdefault(shard, []).extend(keys)
+    shards = sorted(by_shard)
+    lock = [
+        Send(s, PREPARE, [replace(request, ranges=tuple(map(point_range, by_shard[s]))).to_wire(), s, shards])
+        for s in shards
+    ]
+    items = yield from _locked_pass(
+        request.txid, lock, lambda keep: _read_keys(batches, keep, renew_every), "lock keys"
+    )
+    return dict(items)
+
+
+def read_batches(keys: list[str], shard_of: Callable[[str], int]) -> list[tuple[int, list[str]]]:
+    """The READ requests that fetch ``keys``: (shard, keys), at most READ_BATCH_KEYS each, so
+    that a reply fits in a frame whatever the values' sizes."""
+    by_shard: dict[int, list[str]] = {}
+    for key in keys:
+        by_shard.setdefault(shard_of(key), []).append(key)
+    return [
+        (shard, shard_keys[i:i + READ_BATCH_KEYS])
+        for shard, shard_keys in by_shard.items()
+        for i in range(0, len(shard_keys), READ_BATCH_KEYS)
+    ]
+
+
+def point_range(key: str) -> KeyRange:
+    """The range that holds ``key`` and no other key (a lock on one key, as a range)."""
+    return KeyRange(key, None, key + "\x00")
+
+
+def _read_keys(
+    batches: list[tuple[int, list[str]]], keep: list[Send] | None = None, keep_every: float = 0.0,
+) -> Generator[Round, Any, ScanItems]:
+    """One pass: every batch's linearizable READ at once; the items in key order."""
+    replies = yield Round(
+        "read", [Send(shard, READ, [keys]) for shard, keys in batches], keep=keep or [], keep_every=keep_every
+    )
     items: ScanItems = []
+    for (_, keys), reply in zip(batches, replies, strict=True):
+        _raise_if_error(reply)
+        items += [(key, Versioned.from_wire(wire)) for key, wire in zip(keys, reply, strict=True)]
+    items.sort(key=_key)
+    return items
+
+
+def _locked_pass(
+    txid: int, lock: list[Send], read: Callable[[list[Send]], Generator[Round, Any, T]], name: str = "lock"
+) -> Generator[Round, Any, T]:
+    """A pass under a lock: PREPARE ``lock`` (one request per shard; the round's ``name``),
+    run ``read(lock)`` (a pass whose rounds send the lock again while they wait,
+    Round.keep), then release the lock with FINISH(abort) on every shard. The pass's result
+    once every shard answers that it still held the lock; else TransactionConflict (read
+    again)."""
+    refusal = _refusal((yield Round(name, lock)))
+    result: T | None = None
     if refusal is None:
-        # Every round renews the lock while it waits: a page may wait for a writer prepared
-        # in the range, which itself may wait for this lock a moment.
+        # Every round renews the lock while it waits: a read may wait for a writer prepared
+        # before the lock, which itself may wait for this lock a moment.
         try:
-            items = yield from read_pass(
-                key_range, shards, limit, page_bytes, True, lock, renew_every, max_bytes
-            )
+            result = yield from read(lock)
         except Exception as exc:  # noqa: BLE001 - a reply's error: release, then raise it
             refusal = exc
-    release = [Send(s, FINISH, [request.txid, False]) for s in shards]
+    release = [Send(send.shard, FINISH, [txid, False]) for send in lock]
     if refusal is not None:
         yield Round("release", release, wait=False)
         raise refusal
     released = yield Round("release", release)
     if any(r is not None for r in released):
-        # Not released by us while held (recovery took a lock of a scan that ran too long,
-        # or the answer was lost): writers may have changed the range before the pass.
-        raise TransactionConflict(f"scan {request.txid}: a shard no longer held its range lock; scan again")
-    return first_live(items, None, deleted=False)
+        # Not released by us while held (recovery took the lock of a reader that ran too
+        # long, or the answer was lost): writers may have changed the keys before the pass.
+        raise TransactionConflict(f"read {txid}: a shard no longer held its lock; read again")
+    return result  # type: ignore[return-value] - set whenever there was no refusal
 
 
 def _until_unlocked(name: str, sends: list[Send]) -> Generator[Round, Any, list[Any]]:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pykv.api import KeyValueStore, Transaction
-from pykv.client.cluster import settled
 from pykv.errors import Error, InvalidArgument, TransactionConflict
 from pykv.types import MAX_TXN_OPS
 
@@ -221,17 +220,6 @@ def _client(store: KeyValueStore, config: WorkloadConfig, index: int, deadline: 
             job = script.send(_attempt(store, *job))
 
 
-async def _get_all(tx: AsyncTransaction, keys: list[str]) -> list:
-    """``asyncio.gather(*(tx.get(k) for k in keys))`` with less of the driver's own CPU
-    (pykv.client.cluster.settled): every read in flight at once; the first error is raised
-    once all have ended."""
-    values = await settled([tx.get(key) for key in keys])
-    for value in values:
-        if isinstance(value, Exception):
-            raise value
-    return values
-
-
 async def _client_async(store: AsyncKeyValueStore, config: WorkloadConfig, index: int,
                         deadline: float, stats: _ClientStats) -> None:
     """_client as a coroutine: the reads of a transaction go out together."""
@@ -241,7 +229,7 @@ async def _client_async(store: AsyncKeyValueStore, config: WorkloadConfig, index
         while True:
             tx = store.transaction()
             try:
-                plan.write(tx, await _get_all(tx, keys), keys, blind, value)
+                plan.write(tx, list((await tx.get_many(keys)).values()), keys, blind, value)
                 await tx.commit()
                 outcome = _OK
             except Error as exc:

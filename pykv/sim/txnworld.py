@@ -13,7 +13,8 @@ unfinished (``Node._sweep``); nodes settle prepared transactions whose
 coordinator went quiet as ``Node._settle`` does (DECIDE abort, then FINISH with what the
 coordinator shard recorded). A scanner takes consistent scans of
 every list as ``KeyValueStore.scan`` does (``ScanPasses``: passes over every shard until two
-agree), recorded as read-only transactions. Requests travel through the same faulty network
+agree), and a snapshotter reads some lists as ``KeyValueStore.get_many`` does
+(``snapshot_rounds``), both recorded as read-only transactions. Requests travel through the same faulty network
 as Raft's messages and are retried at the leader a redirect names.
 
 One ``random.Random(seed)`` decides delays, loss, partitions, crashes, client choices and
@@ -53,7 +54,15 @@ from pykv.raft import Message, RaftConfig
 from pykv.raft.errors import NotLeader
 from pykv.raft.log import cut_from, cut_through
 from pykv.raft.messages import HardState, PersistentState, Snapshot
-from pykv.replica.commitflow import SCAN, Round, commit_rounds, scan_rounds
+from pykv.replica.commitflow import (
+    READ,
+    SCAN,
+    Round,
+    commit_rounds,
+    read_batches,
+    scan_rounds,
+    snapshot_rounds,
+)
 from pykv.replica.durable import GroupWork
 from pykv.replica.finishing import FinishTracker, Orphans, orphans_to_settle, sweep
 from pykv.replica.host import ReplicaHost
@@ -79,6 +88,9 @@ TICK = 0.01  # virtual seconds per Raft tick
 # The requests of placement work besides the shard commands (the node's MEMBERS, CONF,
 # HOST and DROP): a group's members, a membership step, host a replica, drop one.
 MEMBERS, CONF, HOST, DROP = "members", "conf", "host", "drop"
+# A transaction's read (args [keys]): the leader answers at once unless it should wait, as
+# the node's READ with its optimistic flag; commitflow.READ is the linearizable one.
+OPTIMISTIC_READ = "optimistic read"
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,7 @@ class TxnSimParams:
     lists: int = 6  # keys the transactions read and append to
     clients: int = 4
     scanners: int = 1  # clients that take consistent scans of every list (api.scan's passes)
+    snapshotters: int = 1  # clients that read some lists as one snapshot (api.get_many)
     fault_time: float = 8.0  # virtual seconds of faults, then everything heals
     settle_time: float = 20.0  # then no new transactions: recovery settles what is prepared
     loss: float = 0.03  # probability that a message or request is lost
@@ -290,7 +303,7 @@ class Call:
 
     node: int
     group: int
-    kind: str  # "read", "scan", a shard command tag or a placement request
+    kind: str  # "read", "optimistic read", "scan", a shard command tag or a placement request
     args: list
 
 
@@ -303,10 +316,13 @@ TIMEOUT = ("timeout", None)
 VANISHED = object()  # what _drive returns when the client gave up on a flow half-way
 # Rounds before which a client may vanish, and rounds worth counting: their events.
 _VANISHING_BEFORE = {
-    "decide": "clients vanished after prepare", "release": "scanners vanished holding a lock",
+    "decide": "clients vanished after prepare", "release": "readers vanished holding a lock",
 }
 _REQUESTS = (COMMIT, PREPARE, COMMIT_DECIDE)  # the commands whose first argument is a request
-_NOTED_ROUNDS = {"give up": "decisions given up on a lock", "lock": "scans that locked the range"}
+_NOTED_ROUNDS = {
+    "give up": "decisions given up on a lock", "lock": "scans that locked the range",
+    "lock keys": "snapshots that locked the keys",
+}
 Task = Generator[Any, Any, Any]
 
 
@@ -362,7 +378,9 @@ class TxnWorld:
         for c in range(p.clients):
             self.spawn(self._client(c))
         for c in range(p.scanners):
-            self.spawn(self._scanner(p.clients + c))
+            self.spawn(self._reader(p.clients + c, self._scan))
+        for c in range(p.snapshotters):
+            self.spawn(self._reader(p.clients + p.scanners + c, self._snapshot))
         if p.moves_every:
             self.spawn(self._mover())
         self.at(self.rng.expovariate(1 / p.crash_every), self._crash_some)
@@ -656,16 +674,18 @@ class TxnWorld:
             return
         done = self._answer(rid, call.node)
         try:
-            if call.kind == "read":
-                keys = tuple(call.args)
+            if call.kind in (READ, OPTIMISTIC_READ):
+                keys = tuple(call.args[0])
 
                 def versions(state: ShardState) -> list:
                     return [state.get(k).to_wire() for k in keys]
 
-                answered, result = host.read_now(call.group, versions, keys)
+                answered, result = (
+                    host.read_now(call.group, versions, keys) if call.kind == OPTIMISTIC_READ else (False, None)
+                )
                 if answered:
                     done(result, None)
-                else:
+                else:  # a linearizable read, as the node's READ without its optimistic flag
                     host.read(call.group, versions, keys, done)
             elif call.kind == SCAN:  # as the node's SCAN: after the locks in the range
                 args, page_bytes = call.args, self.p.scan_page_bytes
@@ -751,38 +771,63 @@ class TxnWorld:
             yield from self._transaction(txid, rng)
             yield Sleep(rng.uniform(0.0, 0.05))
 
-    def _scanner(self, client: int) -> Task:
-        """Consistent scans of every list, recorded as read-only transactions: the history
-        check then requires each to be one snapshot, serialized inside its own lifetime."""
+    def _reader(self, client: int, read: Callable[[int, random.Random], Task]) -> Task:
+        """A client that reads again and again (a scanner or a snapshotter): each read is
+        recorded as a read-only transaction, which the history check then requires to be
+        one snapshot, serialized inside its own lifetime."""
         rng = random.Random(self.rng.getrandbits(32))
         n = 0
         while self.accepting:
             n += 1
-            yield from self._scan((client + 1) << 32 | n, rng)
+            yield from read((client + 1) << 32 | n, rng)
             yield Sleep(rng.uniform(0.05, 0.3))
+
+    @property
+    def _renew_every(self) -> float:
+        """Seconds between renewals of a reader's lock while its locked pass runs."""
+        return self.p.recovery_after / 4 if self.p.renew_every is None else self.p.renew_every
 
     def _scan(self, txid: int, rng: random.Random) -> Task:
         """A consistent scan of every list, as the client takes it (commitflow.scan_rounds):
         passes, and a lock on the range when they keep differing; here after 0, 1 or 3
         passes, so that both ways run often."""
-        start = self.now
         lock = CommitRequest(txid, 1, {}, (), timestamp=int(self.now * 1000), ranges=(KeyRange("list"),))
         passes = rng.choice((0, PASSES_BEFORE_LOCKING, PASSES_BEFORE_LOCKING))
+        flow = scan_rounds(lock, list(range(self.p.shards)), None, passes, self.p.scan_page_bytes, self._renew_every)
+        lists = [f"list{i}" for i in range(self.p.lists)]
+        yield from self._read_and_record(txid, rng, flow, lists, ("consistent scans", "scans failed"))
+
+    def _snapshot(self, txid: int, rng: random.Random) -> Task:
+        """A snapshot of 2 or more lists, as the client takes it (commitflow.snapshot_rounds):
+        passes, and a lock on the keys when they keep changing; here after 0, 1 or 3 passes,
+        so that both ways run often."""
+        keys = rng.sample([f"list{i}" for i in range(self.p.lists)], rng.randint(2, self.p.lists))
+        lock = CommitRequest(txid, 1, {}, (), timestamp=int(self.now * 1000))
+        passes = rng.choice((0, PASSES_BEFORE_LOCKING, PASSES_BEFORE_LOCKING))
+        flow = snapshot_rounds(lock, read_batches(keys, self.shard_of), passes, self._renew_every)
+        yield from self._read_and_record(txid, rng, flow, sorted(keys), ("snapshots", "snapshots failed"))
+
+    def _read_and_record(
+        self, txid: int, rng: random.Random, flow: Generator[Round, Any, Any], keys: list[str],
+        events: tuple[str, str],
+    ) -> Task:
+        """Drive a reader's flow (a scan's items, or a snapshot's versions by key) and record
+        what it read of ``keys`` as a read-only transaction (events: what to count when it
+        did, and when it failed)."""
+        start = self.now
         try:
-            flow = scan_rounds(
-                lock, list(range(self.p.shards)), None, passes, self.p.scan_page_bytes,
-                self.p.recovery_after / 4 if self.p.renew_every is None else self.p.renew_every,
-            )
-            items = yield from self._drive(flow, rng)
+            found = yield from self._drive(flow, rng)
         except Error:
-            self.events["scans failed"] += 1
+            self.events[events[1]] += 1
             return
-        if items is VANISHED:
-            return  # nothing to record: the range stays locked until recovery releases it
-        found = {key: version.value for key, version in items}
-        reads = [("r", f"list{i}", tuple(found[f"list{i}"]) if f"list{i}" in found else None)
-                 for i in range(self.p.lists)]
-        self.events["consistent scans"] += 1
+        if found is VANISHED:
+            return  # nothing to record: what it locked stays locked until recovery releases it
+        versions = dict(found)
+        reads = []
+        for key in keys:
+            seen = versions.get(key)
+            reads.append(("r", key, tuple(seen.value) if seen is not None and seen.exists else None))
+        self.events[events[0]] += 1
         self.history.append(Txn(txid, tuple(reads), True, start, self.now))
 
     def _transaction(self, txid: int, rng: random.Random) -> Task:
@@ -791,7 +836,7 @@ class TxnWorld:
         ops: list = []
         reads: dict[str, Versioned] = {}
         for key in keys:
-            status, value = yield from self._call(self.shard_of(key), "read", [key])
+            status, value = yield from self._call(self.shard_of(key), OPTIMISTIC_READ, [[key]])
             if status != "ok":
                 self._record(txid, ops, False, start)  # nothing was proposed: not applied
                 return
@@ -1092,8 +1137,8 @@ def _result(command: str, status: str, value: Any) -> Any:
     Timeout."""
     if status != "ok":
         return Timeout("gave up")
-    if command in (PREPARE, SCAN) or not isinstance(value, list):
-        return value  # a vote, a scan's items, None (done) or a decision (DECIDE)
+    if command in (PREPARE, SCAN, READ) or not isinstance(value, list):
+        return value  # a vote, a scan's items, versions read, None (done) or a decision (DECIDE)
     return by_name(value[0], value[1])
 
 

@@ -53,6 +53,16 @@ def test_asyncio_client_offers_the_same_api(cluster):
                 tx.incr("aio:n", 2)
                 assert await tx.get("aio:n") == 2  # reads see the transaction's own writes
             assert await db.get("aio:b") == "1!"
+            assert await db.get_many(["aio:b", "aio:none", "aio:a"], 0) == {"aio:b": "1!", "aio:none": 0, "aio:a": "1"}
+            async with db.transaction() as tx:
+                tx.incr("aio:n", 1)
+                assert await tx.get_many(["aio:n", "aio:a"]) == {"aio:n": 3, "aio:a": "1"}
+                tx["aio:sum"] = 0
+                await db.put("aio:a", "2")  # changes what the transaction read: its commit fails
+                with pytest.raises(TransactionConflict):
+                    await tx.commit()
+            await db.put("aio:a", "1")
+            assert await db.get("aio:sum") is None
             txid = db.begin_transaction()
             await db.write(txid, "aio:c", [1, 2])
             assert await db.read(txid, "aio:c") == [1, 2]
@@ -166,29 +176,61 @@ def test_asyncio_scan_is_one_snapshot_while_transfers_run(cluster):
     asyncio.run(main())
 
 
-def test_a_scan_under_steady_transfers_locks_the_range_and_sees_one_snapshot(cluster):
-    """Four threads move money between 16 accounts without pause, so passes over the range
-    seldom agree; a consistent scan then locks the range for one pass (writers retry for
-    a moment), so every scan returns, and every one has the full total."""
-    accounts = [f"lockbank/{i:02d}" for i in range(16)]
+@pytest.mark.parametrize("reader", ["scan", "get_many"])
+def test_a_snapshot_under_steady_transfers_locks_and_sees_one_moment(cluster, reader):
+    """Four threads move money between 16 accounts without pause, so passes over them seldom
+    agree. A consistent scan then locks the range for one pass, and a get_many the keys
+    (writers retry for a moment), so every one returns, and every one has the full total.
+    (With only one writer over 12 accounts, a read-only transaction of all of them
+    conflicted in 194 of 200 attempts.)"""
+    accounts = [f"lockbank-{reader}/{i:02d}" for i in range(16)]
+    lock_round = "lock" if reader == "scan" else "lock keys"
     db = pykv.client.connect(cluster.addresses)
     try:
         with db.transaction() as tx:
             for key in accounts:
                 tx.put(key, 10)
         rounds = db.backend.core.rounds
-        locked_before, totals = rounds["lock"], []
+        locked_before, totals = rounds[lock_round], []
         with Transfers(db, accounts) as moving:
             deadline = time.monotonic() + 4.0
-            while time.monotonic() < deadline or rounds["lock"] == locked_before:
-                items = list(db.scan("lockbank/"))
-                assert [k for k, _ in items] == accounts
-                totals.append(sum(v for _, v in items))
-                assert time.monotonic() < deadline + 30, "no scan had to lock the range"
+            while time.monotonic() < deadline or rounds[lock_round] == locked_before:
+                if reader == "scan":
+                    balances = dict(db.scan(f"lockbank-{reader}/"))
+                else:
+                    balances = db.get_many(reversed(accounts))
+                    assert list(balances) == accounts[::-1]
+                assert sorted(balances) == accounts
+                totals.append(sum(balances.values()))
+                assert time.monotonic() < deadline + 30, "no reader had to lock"
         assert moving.errors == [] and moving.moved > 0
         assert set(totals) == {160}, totals
-        print(f"\n{len(totals)} scans, {rounds['lock'] - locked_before} of them locked the "
-              f"range; {moving.moved} transfers meanwhile")
+        print(f"\n{len(totals)} {reader}, {rounds[lock_round] - locked_before} of them locked; "
+              f"{moving.moved} transfers meanwhile")
+        db.put(accounts[0], 0)  # every lock was released
+    finally:
+        db.close()
+
+
+def test_get_many_of_more_values_than_one_frame_holds(cluster):
+    """17 values of almost 1 MiB on one shard: 17 MiB, more than a frame (16 MiB) can carry,
+    so the keys go in several READ requests (commitflow.read_batches) and all come back,
+    as a snapshot and inside a transaction."""
+    db = pykv.client.connect(cluster.addresses)
+    try:
+        core = db.backend.core
+        same_shard = [k for k in (f"big/{i}" for i in range(400)) if core.shard_of(k) == core.shard_of("big/0")][:17]
+        assert len(same_shard) == 17
+        for i, key in enumerate(same_shard):
+            db.put(key, bytes([i]) * ((1 << 20) - 64))
+        expected = {key: bytes([i]) * ((1 << 20) - 64) for i, key in enumerate(same_shard)}
+        assert db.get_many(same_shard) == expected
+        with db.transaction() as tx:
+            assert tx.get_many(same_shard) == expected
+            tx.put("big/seen", len(same_shard))
+        assert db.get("big/seen") == 17
+        for key in same_shard:
+            db.delete(key)
     finally:
         db.close()
 
@@ -303,22 +345,20 @@ def test_prepare_votes_settle_like_gather_with_exceptions():
     asyncio.run(main())
 
 
-def test_bench_reads_of_a_transaction_behave_like_gather(cluster):
-    # The bench driver reads a transaction's keys with _get_all (one task fewer than
-    # asyncio.gather): the values in key order, and an error raised with no read left behind.
-    from pykv.server.workload import _get_all
-
+def test_get_many_of_a_transaction_leaves_no_read_behind(cluster):
+    # The bench driver reads a transaction's keys with one get_many (every read in flight at
+    # once): the values in key order, and an error raised with no read left running.
     async def main() -> None:
         db = await pykv.aio.connect(cluster.addresses)
         try:
             await db.put("getall:a", "A")
             tx = db.transaction()
             tx["getall:c"] = "mine"
-            assert await _get_all(tx, ["getall:a", "getall:b", "getall:c"]) == ["A", None, "mine"]
+            assert list((await tx.get_many(["getall:a", "getall:b", "getall:c"])).values()) == ["A", None, "mine"]
             await tx.abort()
             tx = db.transaction()
             with pytest.raises(KeyTooLarge):
-                await _get_all(tx, ["getall:a", "getall:b", ""])
+                await tx.get_many(["getall:a", "getall:b", ""])
             await asyncio.sleep(0.05)
             assert asyncio.all_tasks() == {asyncio.current_task()}
             await tx.abort()

@@ -12,6 +12,7 @@ import pytest
 import pykv.replica.shard as shard
 from pykv.cluster.shardmap import StepKind, next_step
 from pykv.errors import CorruptData
+from pykv.replica import commitflow
 from pykv.replica.stored import StoredShardState
 from pykv.sim import txnworld
 from pykv.sim.txnworld import TXN_MIXES, TxnWorld, run_txn_seed
@@ -179,6 +180,28 @@ def test_scans_lock_the_range_and_the_check_catches_writers_that_ignore_it(monke
     assert seen["scans that locked the range"] >= 4 and seen["consistent scans"] >= 4, seen
 
     monkeypatch.setattr(shard.ShardState, "_in_locked_ranges", lambda self, request: [])
+    results = [run_txn_seed(seed, TXN_MIXES["base"]) for seed in range(4)]
+    assert any(r.kind == "not serializable" for r in results), [r.kind for r in results]
+
+
+def test_snapshots_lock_their_keys_and_the_check_catches_a_lock_that_holds_nothing(monkeypatch):
+    """Snapshotters read 2 or more lists as one snapshot (commitflow.snapshot_rounds, what
+    get_many does on a cluster), locking the keys after 0 or 3 differing passes; each is
+    recorded as a read-only transaction that the history check requires to be one moment.
+    A lock range that holds no key lets writers change the keys under the locked pass, and
+    taking two passes as agreeing when they do not returns a mix of two moments."""
+    seen: Counter = Counter()
+    for seed in range(2):
+        result = run_txn_seed(seed, TXN_MIXES["base"])
+        assert result.ok, result.detail
+        seen.update(result.events)
+    assert seen["snapshots that locked the keys"] >= 4 and seen["snapshots"] >= 8, seen
+
+    with monkeypatch.context() as patched:
+        patched.setattr(commitflow, "point_range", lambda key: model.KeyRange(key, None, key))
+        results = [run_txn_seed(seed, TXN_MIXES["base"]) for seed in range(4)]
+        assert any(r.kind == "not serializable" for r in results), [r.kind for r in results]
+    monkeypatch.setattr(commitflow, "same_cut", lambda first, second: True)
     results = [run_txn_seed(seed, TXN_MIXES["base"]) for seed in range(4)]
     assert any(r.kind == "not serializable" for r in results), [r.kind for r in results]
 
