@@ -25,6 +25,12 @@ then records, back to back, up to about ``segment_bytes`` per file::
     crc        u32      crc32c of the 4 length bytes followed by the payload
     payload    length bytes
 
+With ``preallocate=True`` the writer keeps the segment it writes allocated up to
+PREALLOCATE_STEP (1 MiB) past its last record (``fallocate``), so that an fdatasync after an
+append need not also commit a new file size (one in every MiB of appends does): the bytes
+after the last record then read as zeros, and a segment is trimmed to its records when it is
+sealed. Zeros after the last complete batch are a clean end, not a torn tail.
+
 CONTINUED marks a record of an ``append_many`` batch that is followed by more records of
 the same batch: a batch is all or nothing, so recovery cuts a batch whose last record is
 missing. A batch never spans two segments (segments roll between batches; a batch larger
@@ -80,9 +86,19 @@ from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
-from posix.fcntl cimport O_APPEND, O_CREAT, O_EXCL, O_RDONLY, O_WRONLY, open as c_open
+from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_WRONLY, open as c_open
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-from posix.unistd cimport _exit, close as c_close, fdatasync, fsync, write as c_write
+from posix.types cimport off_t
+from posix.unistd cimport (
+    SEEK_SET,
+    _exit,
+    close as c_close,
+    fdatasync,
+    fsync,
+    ftruncate,
+    lseek,
+    write as c_write,
+)
 
 from pykv.errors import CorruptData, StoreClosed, ValueTooLarge
 
@@ -105,6 +121,10 @@ cdef extern from *:
     uint64_t atomic_load_u64 "pykv_atomic_load_u64"(const uint64_t* p) noexcept nogil
     void atomic_store_u64 "pykv_atomic_store_u64"(uint64_t* p, uint64_t v) noexcept nogil
     void cpu_relax "pykv_cpu_relax"() noexcept nogil
+
+
+cdef extern from "<fcntl.h>" nogil:
+    int fallocate(int fd, int mode, off_t offset, off_t length)
 
 
 cdef extern from "crc32c.h" nogil:
@@ -143,6 +163,9 @@ cdef size_t MAX_PENDING_BYTES = <size_t>64 << 20
 # node log) is freed once written: a node runs a writer per shard, and each would otherwise
 # keep its largest batch resident for good.
 cdef size_t KEEP_BATCH_BYTES = <size_t>1 << 20
+# With preallocate, how far past the last record the segment being written is allocated:
+# one appending fdatasync in every so many bytes records a new file size, not every one.
+cdef off_t PREALLOCATE_STEP = <off_t>1 << 20
 
 # Writers still open at interpreter exit are closed, so that what they acknowledged under the
 # interval policy gets its fdatasync (the writer thread is a daemon and would just stop).
@@ -225,7 +248,9 @@ cdef class SegmentScan:
 
     @property
     def clean(self) -> bool:
-        return self.good_end == self.file_size
+        """Nothing but zeros (a preallocated segment's unused end), if anything, after the
+        last complete batch."""
+        return self.good_end == self.file_size or self.zero_tail
 
     @property
     def next_lsn(self) -> int:
@@ -263,12 +288,21 @@ cdef Py_ssize_t find_valid_record(const uint8_t* base, Py_ssize_t start, Py_ssiz
     return -1
 
 
+cdef bint all_zero(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if p[i]:
+            return False
+    return True
+
+
 cdef SegmentScan scan_bytes(bytes data, uint64_t first_lsn, str path):
     """Find the complete records of a segment whose header is already checked."""
     cdef const uint8_t* base = <const uint8_t*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t size = len(data), pos = C_HEADER_SIZE, batch_start_count = 0
     cdef Py_ssize_t later
     cdef uint32_t word, length
+    cdef bint ended
     cdef SegmentScan scan = SegmentScan.__new__(SegmentScan)
     scan.path = path
     scan.first_lsn = first_lsn
@@ -290,7 +324,10 @@ cdef SegmentScan scan_bytes(bytes data, uint64_t first_lsn, str path):
         if not (word & CONTINUED):
             scan.good_end = pos
             batch_start_count = len(scan.offsets)
-    if pos + C_RECORD_OVERHEAD <= size:
+    with nogil:
+        # Zeros where the next record would be: the unused end of a preallocated segment.
+        ended = all_zero(base + pos, size - pos)
+    if pos + C_RECORD_OVERHEAD <= size and not ended:
         # A bad record. It starts a torn tail only if nothing valid follows it: a torn append
         # is the last thing in the file, while a flipped bit in the middle of the log leaves
         # intact records after it, which a cut would silently drop.
@@ -305,6 +342,7 @@ cdef SegmentScan scan_bytes(bytes data, uint64_t first_lsn, str path):
     # Drop the records of an unfinished batch.
     del scan.offsets[batch_start_count:]
     del scan.lengths[batch_start_count:]
+    scan.zero_tail = ended and pos == scan.good_end
     return scan
 
 
@@ -471,7 +509,7 @@ cdef class WalWriter:
         memset(&self.inflight, 0, sizeof(batch))
 
     def __init__(self, directory: str, *, segment_bytes: int = 64 << 20, fsync: str = "always",
-                 interval_ms: int = 5, start_lsn: int | None = None):
+                 interval_ms: int = 5, start_lsn: int | None = None, preallocate: bool = False):
         if fsync not in POLICIES:
             raise ValueError(f"fsync must be one of {sorted(POLICIES)}, not {fsync!r}")
         if not C_HEADER_SIZE + C_RECORD_OVERHEAD < segment_bytes <= MAX_SEGMENT_BYTES:
@@ -486,6 +524,7 @@ cdef class WalWriter:
         self.policy = POLICIES[fsync]
         self.interval = interval_ms / 1000.0
         self.segment_bytes = segment_bytes
+        self.preallocate = preallocate
         self._arm_failpoint(os.environ.get("PYKV_FAILPOINT", ""))
         os.makedirs(self.directory, exist_ok=True)
         self._recover(start_lsn)
@@ -535,9 +574,13 @@ cdef class WalWriter:
         self.tail_segment = ids[-1]
         self.tail_pos = tail_pos
         cdef bytes tail_path = os.fsencode(segment_path(self.directory, ids[-1]))
-        self.fd = c_open(tail_path, O_WRONLY | O_APPEND)
-        if self.fd < 0:
+        self.fd = c_open(tail_path, O_WRONLY)
+        # Writes go on at the end of the last complete batch: past it there is nothing, or
+        # zeros (preallocated), or a torn tail that the scan above has just cut.
+        if self.fd < 0 or lseek(self.fd, <off_t>tail_pos, SEEK_SET) < 0:
             raise OSError(errno, os.strerror(errno), segment_path(self.directory, ids[-1]))
+        self.fd_pos = tail_pos
+        self.allocated_to = 0
         # What the last run wrote may still be only in the page cache (it crashed, or ran
         # with fsync off): it counts as synced from here, so make it so.
         if fdatasync(self.fd) != 0:
@@ -548,6 +591,15 @@ cdef class WalWriter:
         self.index_base = ids[-1]
         for offset in offsets:
             self._push_offset(offset)
+
+    cdef void _preallocate(self, size_t length) noexcept nogil:
+        """With ``preallocate``: before ``length`` bytes are written at fd_pos, make sure the
+        file is allocated past them, PREALLOCATE_STEP at a time, if the file system can (a
+        speed-up only, so a refusal, unsupported or no space, is ignored)."""
+        cdef off_t end = self.fd_pos + <off_t>length
+        if self.preallocate and end > self.allocated_to:
+            if fallocate(self.fd, 0, self.fd_pos, <off_t>length + PREALLOCATE_STEP) == 0:
+                self.allocated_to = end + PREALLOCATE_STEP
 
     cdef _init_sync_primitives(self):
         cdef pthread_condattr_t attr
@@ -866,6 +918,14 @@ cdef class WalWriter:
         pthread_mutex_unlock(&self.mu)
         return result
 
+    def tail(self) -> tuple:
+        """(segment_id, bytes) of the last segment: where the next record goes. Its file may be
+        longer (preallocate), so this is how much of it the log uses."""
+        self._lock()
+        result = (self.tail_segment, self.tail_pos)
+        pthread_mutex_unlock(&self.mu)
+        return result
+
     def segments(self) -> list:
         """The ids (first lsns) of the segments, in order."""
         self._lock()
@@ -1040,9 +1100,11 @@ cdef class WalWriter:
                 rc = self._roll(b.chunks[c].segment_id)
                 if rc != 0:
                     return rc
+            self._preallocate(end - b.chunks[c].start)
             rc = write_all(self.fd, b.buf + b.chunks[c].start, end - b.chunks[c].start)
             if rc != 0:
                 return rc
+            self.fd_pos += <off_t>(end - b.chunks[c].start)
         return 0
 
     cdef int _roll(self, uint64_t segment_id) noexcept nogil:
@@ -1056,21 +1118,27 @@ cdef class WalWriter:
         cdef uint8_t header[32]
         cdef int fd, rc
         self.seal_fsyncs += 1
+        if self.allocated_to > self.fd_pos:  # a sealed segment keeps its records, no zeros
+            if ftruncate(self.fd, self.fd_pos) != 0:
+                return errno
         if fdatasync(self.fd) != 0:
             return errno
         c_close(self.fd)
         self.fd = -1
         snprintf(path, sizeof(path), "%s/%020llu.wal", self.dir_cstr,
                  <unsigned long long>segment_id)
-        fd = c_open(path, O_WRONLY | O_CREAT | O_EXCL | O_APPEND, 0o644)
+        fd = c_open(path, O_WRONLY | O_CREAT | O_EXCL, 0o644)
         if fd < 0:
             return errno
         self.fd = fd
         self.fd_segment = segment_id
+        self.fd_pos = 0
+        self.allocated_to = 0
         build_header(header, segment_id)
         rc = write_all(fd, header, C_HEADER_SIZE)
         if rc != 0:
             return rc
+        self.fd_pos = C_HEADER_SIZE
         if fdatasync(fd) != 0:
             return errno
         return fsync_dir(self.dir_cstr)

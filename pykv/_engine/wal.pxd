@@ -3,6 +3,7 @@
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from posix.time cimport timespec
+from posix.types cimport off_t
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -50,6 +51,7 @@ cdef class SegmentScan:
     cdef public list lengths
     cdef public Py_ssize_t good_end   # byte offset just after the last complete batch
     cdef public Py_ssize_t file_size
+    cdef public bint zero_tail        # only zeros after good_end (a preallocated segment's end)
     cdef public object data
 
 
@@ -69,9 +71,12 @@ cdef class WalWriter:
     cdef uint64_t tail_segment
     cdef uint64_t tail_pos
     cdef uint64_t segment_bytes
+    cdef bint preallocate             # keep the file allocated a step past fd_pos (fallocate)
     # the file the writer thread has open
     cdef int fd
     cdef uint64_t fd_segment
+    cdef off_t fd_pos                 # where the next write goes in that file
+    cdef off_t allocated_to           # with preallocate: the file is allocated up to here
     cdef int policy
     cdef double interval
     cdef double last_sync_time
@@ -103,6 +108,7 @@ cdef class WalWriter:
     cdef _arm_failpoint(self, str spec)
     cdef _recover(self, start_lsn)
     cdef _init_sync_primitives(self)
+    cdef void _preallocate(self, size_t length) noexcept nogil
     cdef int _push_offset(self, uint32_t offset) except -1
     cdef int _push_segment(self, uint64_t segment_id) except -1
     cdef int _check_usable(self) except -1

@@ -229,7 +229,8 @@ class Storage:
         next_lsn = max(self._checkpoint_lsn, self._replayed_lsn) + 1
         try:
             self._wal = WalWriter(self._wal_dir, segment_bytes=self._segment_bytes,
-                                  fsync=self._fsync, start_lsn=next_lsn)
+                                  fsync=self._fsync, start_lsn=next_lsn,
+                                  preallocate=self._fsync == "always")
         except ValueError as exc:  # the log does not continue where the hint + replay ended
             raise CorruptData(f"{self._wal_dir}: {exc}") from exc
         if self._wal.last_lsn < self._checkpoint_lsn:
@@ -239,8 +240,9 @@ class Storage:
         missing = sorted(s for s, live in self._seg_live.items() if live and s not in segments)
         if missing:
             raise CorruptData(f"live values point into missing WAL segments {missing}")
-        for seg in segments:
-            self._seg_total[seg] = os.path.getsize(segment_path(self._wal_dir, seg))
+        tail, tail_bytes = self._wal.tail()
+        for seg in segments:  # the last segment's file may be preallocated: count its use
+            self._seg_total[seg] = tail_bytes if seg == tail else os.path.getsize(segment_path(self._wal_dir, seg))
 
     def _load_hint_entries(self, entries, progress: Progress | None) -> None:
         keys = []

@@ -224,6 +224,76 @@ def test_garbage_after_a_torn_record_is_still_a_torn_tail(tmp_path: Path) -> Non
     assert segment.stat().st_size == good
 
 
+# --- preallocated segments -----------------------------------------------------------------------
+
+
+def test_preallocated_segments_end_in_zeros_that_read_as_a_clean_end(tmp_path: Path) -> None:
+    """With preallocate, the segment being written is allocated ahead of its records (zeros);
+    a sealed one is trimmed to its records. Reading and reopening cut nothing, and appends
+    go on right after the last record, not after the zeros."""
+    payloads = [b"record %d " % i * 20 for i in range(12)]  # about 200 bytes each
+    with WalWriter(str(tmp_path), segment_bytes=1024, fsync="always", preallocate=True) as writer:
+        for p in payloads:
+            writer.append(p)
+        tail, used = writer.tail()
+        assert tail == writer.segments()[-1] and used < 1024
+    *sealed, last = sorted(tmp_path.glob("*.wal"))
+    size = last.stat().st_size
+    assert sealed and size > used + (1 << 19) and last.read_bytes()[used:] == bytes(size - used)
+    for segment in sealed:  # trimmed: a header and whole records, no zeros
+        records = [r for r in read_wal(str(tmp_path)) if r.segment_id == int(segment.stem)]
+        assert segment.stat().st_size == records[-1].offset + len(records[-1].payload)
+    assert payloads_of(tmp_path) == payloads
+    assert last.stat().st_size == size  # reading did not cut the zeros
+    with WalWriter(str(tmp_path), segment_bytes=1024, fsync="always", preallocate=True) as writer:
+        assert writer.tail() == (tail, used)
+        assert writer.append(b"after reopening") == len(payloads) + 1
+    assert payloads_of(tmp_path) == [*payloads, b"after reopening"]
+
+
+def test_a_torn_record_in_preallocated_space_is_cut_and_the_zeros_come_back(tmp_path: Path) -> None:
+    with WalWriter(str(tmp_path), segment_bytes=4096, fsync="always", preallocate=True) as writer:
+        writer.append(b"one")
+        writer.append(b"two")
+        _, used = writer.tail()
+    segment = last_segment(tmp_path)
+    with open(segment, "r+b") as f:  # a record whose payload never fully reached the disk
+        f.seek(used)
+        f.write((100).to_bytes(4, "little") + b"\x01\x02\x03\x04" + b"partial")
+    with WalWriter(str(tmp_path), segment_bytes=4096, fsync="always", preallocate=True) as writer:
+        assert writer.tail()[1] == used
+        assert writer.append(b"three") == 3
+        end = writer.tail()[1]
+    assert payloads_of(tmp_path) == [b"one", b"two", b"three"]
+    assert segment.stat().st_size > end and segment.read_bytes()[end:] == bytes(segment.stat().st_size - end)
+
+
+def test_a_valid_record_beyond_zeros_is_still_corruption(tmp_path: Path) -> None:
+    """Zeros end a segment only when nothing but zeros follows: a complete record further on
+    means the zeros replaced acknowledged records (damage), which recovery must not cut."""
+    with WalWriter(str(tmp_path), segment_bytes=4096, fsync="always", preallocate=True) as writer:
+        for p in (b"one", b"two", b"three"):
+            writer.append(p)
+    segment = last_segment(tmp_path)
+    raw = bytearray(segment.read_bytes())
+    second = wal.HEADER_SIZE + wal.RECORD_OVERHEAD + 3
+    raw[second:second + wal.RECORD_OVERHEAD + 3] = bytes(wal.RECORD_OVERHEAD + 3)  # "two" zeroed
+    segment.write_bytes(bytes(raw))
+    with pytest.raises(CorruptData, match=f"at byte {second} of segment 1"):
+        list(read_wal(str(tmp_path)))
+    assert segment.read_bytes() == bytes(raw)
+
+
+def test_zeros_after_the_records_of_a_sealed_segment_are_a_clean_end(tmp_path: Path) -> None:
+    """A segment sealed before its trim reached the disk keeps its zeros: still whole."""
+    payloads = [b"x" * 300 for _ in range(8)]
+    write_log(tmp_path, payloads, segment_bytes=1024)
+    first = sorted(tmp_path.glob("*.wal"))[0]
+    with open(first, "ab") as f:
+        f.write(bytes(2048))
+    assert payloads_of(tmp_path) == payloads
+
+
 def test_repair_false_leaves_the_file_alone(tmp_path: Path) -> None:
     write_log(tmp_path, [b"one", b"two"])
     segment = last_segment(tmp_path)

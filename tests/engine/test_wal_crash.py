@@ -25,7 +25,7 @@ CHILD = textwrap.dedent(
     from pykv._engine.wal import WalWriter
 
     directory, threads, per_thread = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    writer = WalWriter(directory, segment_bytes=16 << 10, fsync="always")
+    writer = WalWriter(directory, segment_bytes=16 << 10, fsync="always", preallocate=sys.argv[4] == "1")
     out = threading.Lock()
 
     def payload(thread, i):
@@ -52,13 +52,14 @@ def expected_payload(thread: int, i: int) -> bytes:
     return (b"%d:%d:" % (thread, i)) * (1 + (thread * 7 + i) % 13)
 
 
-def start_child(directory: Path, threads: int, per_thread: int, failpoint: str | None = None):
+def start_child(directory: Path, threads: int, per_thread: int, failpoint: str | None = None,
+                preallocate: bool = False):
     env = dict(os.environ)
     env.pop("PYKV_FAILPOINT", None)
     if failpoint:
         env["PYKV_FAILPOINT"] = failpoint
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(directory), str(threads), str(per_thread)],
+        [sys.executable, "-c", CHILD, str(directory), str(threads), str(per_thread), str(int(preallocate))],
         stdout=subprocess.PIPE,
         env=env,
         text=True,
@@ -84,11 +85,14 @@ def check_log_holds(directory: Path, acks: dict[int, bytes]) -> int:
     return len(records)
 
 
+@pytest.mark.parametrize("preallocate", [False, True])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_sigkill_at_a_random_moment_loses_no_acknowledged_record(tmp_path: Path, seed: int) -> None:
+def test_sigkill_at_a_random_moment_loses_no_acknowledged_record(tmp_path: Path, seed: int, preallocate: bool) -> None:
+    """8 threads append to 16 KiB segments (preallocated, or grown by each append) until a
+    SIGKILL at a random moment: every acknowledged record is there after it."""
     rng = random.Random(seed)
     kill_after = rng.randint(20, 600)
-    child = start_child(tmp_path, threads=8, per_thread=10_000)
+    child = start_child(tmp_path, threads=8, per_thread=10_000, preallocate=preallocate)
     lines = []
     try:
         while len(lines) < kill_after:
@@ -106,9 +110,11 @@ def test_sigkill_at_a_random_moment_loses_no_acknowledged_record(tmp_path: Path,
     assert check_log_holds(tmp_path, acks) >= len(acks)
 
 
+@pytest.mark.parametrize("preallocate", [False, True])
 @pytest.mark.parametrize("failpoint", ["wal.before_fsync:7", "wal.after_fsync:7", "wal.before_fsync:1"])
-def test_crash_at_an_fsync_failpoint_loses_no_acknowledged_record(tmp_path: Path, failpoint: str) -> None:
-    child = start_child(tmp_path, threads=4, per_thread=500, failpoint=failpoint)
+def test_crash_at_an_fsync_failpoint_loses_no_acknowledged_record(
+        tmp_path: Path, failpoint: str, preallocate: bool) -> None:
+    child = start_child(tmp_path, threads=4, per_thread=500, failpoint=failpoint, preallocate=preallocate)
     lines = child.stdout.readlines()
     child.wait()
     child.stdout.close()

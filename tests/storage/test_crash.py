@@ -139,10 +139,12 @@ def test_compaction_and_checkpoint_complete_without_failpoints(tmp_path: Path) -
 
 
 def record_ends(segment: Path) -> list[int]:
-    """Byte offset just past each record of a WAL segment (32-byte header, [len|crc|payload])."""
+    """Byte offset just past each record of a WAL segment (32-byte header, [len|crc|payload]),
+    up to the zeros of its preallocated end (no record has 8 zero bytes: its CRC covers its
+    length field)."""
     data = segment.read_bytes()
     ends, pos = [], 32
-    while pos + 8 <= len(data):
+    while pos + 8 <= len(data) and data[pos:pos + 8] != bytes(8):
         (word,) = struct.unpack_from("<I", data, pos)
         pos += 8 + (word & 0x7FFFFFFF)
         ends.append(pos)
