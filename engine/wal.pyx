@@ -87,6 +87,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
 from posix.fcntl cimport O_CREAT, O_EXCL, O_RDONLY, O_WRONLY, open as c_open
+from posix.stat cimport fstat, struct_stat
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.types cimport off_t
 from posix.unistd cimport (
@@ -1117,10 +1118,12 @@ cdef class WalWriter:
         cdef char path[4096]
         cdef uint8_t header[32]
         cdef int fd, rc
+        cdef struct_stat st
         self.seal_fsyncs += 1
-        if self.allocated_to > self.fd_pos:  # a sealed segment keeps its records, no zeros
-            if ftruncate(self.fd, self.fd_pos) != 0:
-                return errno
+        # A sealed segment keeps its records only: no zeros after them, whether this writer
+        # preallocated them or found them there (a previous run's preallocation).
+        if fstat(self.fd, &st) != 0 or (st.st_size > self.fd_pos and ftruncate(self.fd, self.fd_pos) != 0):
+            return errno
         if fdatasync(self.fd) != 0:
             return errno
         c_close(self.fd)

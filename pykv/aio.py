@@ -28,12 +28,7 @@ from typing import Any, TypeVar
 from pykv._engine.vclock import VClock
 from pykv.api import KeyValueStore, Transaction, many_keys, many_values
 from pykv.client.cluster import AsyncCluster
-from pykv.errors import (
-    InvalidOperation,
-    StoreClosed,
-    TransactionAborted,
-    TransactionConflict,
-)
+from pykv.errors import InvalidOperation, StoreClosed, TransactionAborted, TransactionConflict
 from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 from pykv.types import MAX_SCAN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key

@@ -251,6 +251,20 @@ def test_preallocated_segments_end_in_zeros_that_read_as_a_clean_end(tmp_path: P
     assert payloads_of(tmp_path) == [*payloads, b"after reopening"]
 
 
+def test_a_segment_is_trimmed_when_sealed_even_by_a_writer_that_does_not_preallocate(tmp_path: Path) -> None:
+    with WalWriter(str(tmp_path), segment_bytes=1024, fsync="always", preallocate=True) as writer:
+        writer.append(b"a" * 300)
+        _, used = writer.tail()
+    first = last_segment(tmp_path)
+    assert first.stat().st_size > used
+    with WalWriter(str(tmp_path), segment_bytes=1024, fsync="always") as writer:
+        for _ in range(4):  # the third no longer fits: the first segment is sealed
+            writer.append(b"b" * 300)
+        assert len(writer.segments()) == 2
+    assert first.stat().st_size == used + 2 * (wal.RECORD_OVERHEAD + 300)
+    assert payloads_of(tmp_path) == [b"a" * 300] + [b"b" * 300] * 4
+
+
 def test_a_torn_record_in_preallocated_space_is_cut_and_the_zeros_come_back(tmp_path: Path) -> None:
     with WalWriter(str(tmp_path), segment_bytes=4096, fsync="always", preallocate=True) as writer:
         writer.append(b"one")
