@@ -97,6 +97,14 @@ class AsyncTransaction:
         await self._fetch(key)
         return self._tx.get(key, default)
 
+    def start_from(self, snapshot: dict[str, Versioned]) -> None:
+        """See pykv.api.Transaction.start_from."""
+        self._backend.versions.update(snapshot)
+        self._tx.start_from(snapshot)
+
+    def read_only_keys(self) -> list[str]:
+        return self._tx.read_only_keys()
+
     async def get_many(self, keys: Iterable[str], default: Any = None) -> dict[str, Any]:
         """What get() returns for each key; the keys not read yet are fetched together (one
         request per shard, all at once)."""
@@ -213,11 +221,15 @@ class AsyncKeyValueStore:
         max_backoff: float = 0.1,
         isolation: str = "serializable",
     ) -> T:
-        """Run fn(tx) (a coroutine function or a plain one) and commit; rerun on conflict."""
+        """Run fn(tx) (a coroutine function or a plain one) and commit; rerun on conflict (a
+        read-only attempt from one snapshot of what it read, as KeyValueStore.transact)."""
         attempt = 0
+        snapshot_keys: list[str] = []
         while True:
             tx = self.transaction(isolation)
             try:
+                if snapshot_keys:  # a read-only attempt conflicted: see KeyValueStore.transact
+                    tx.start_from(await self._core.snapshot(snapshot_keys))
                 result = fn(tx)
                 if inspect.isawaitable(result):
                     result = await result
@@ -226,6 +238,7 @@ class AsyncKeyValueStore:
             except TransactionConflict:
                 if attempt >= retries:
                     raise
+                snapshot_keys = tx.read_only_keys()
             finally:
                 if tx.state == "open":
                     await tx.abort()

@@ -214,6 +214,10 @@ class Transaction:
         self._writes: dict[str, _Pending] = {}
         self._contexts: dict[str, bytes] = {}  # explicit clocks given with put(context=...)
         self._ops = 0
+        # Versions of one moment of the store, taken after this transaction began (transact's
+        # rerun of a read-only function): reads of these keys need no validation.
+        self._snapshot: dict[str, Versioned] = {}
+        self._beyond_snapshot = False  # a read went to the store itself
 
     # --- state ----------------------------------------------------------------------------
 
@@ -249,11 +253,14 @@ class Transaction:
         seen = self._reads.get(key)
         if seen is None:
             self._count_op()
-            try:
-                seen = self._backend.read(key, optimistic=True)
-            except BaseException:
-                self._ops -= 1
-                raise
+            seen = self._snapshot.get(key)
+            if seen is None:
+                try:
+                    seen = self._backend.read(key, optimistic=True)
+                except BaseException:
+                    self._ops -= 1
+                    raise
+                self._beyond_snapshot = True
             self._reads[key] = seen
         return seen
 
@@ -264,7 +271,11 @@ class Transaction:
         if not wanted:
             return
         self._check_room(len(wanted))
-        self._reads.update(self._backend.read_many(wanted, optimistic=True))
+        fetch = [key for key in wanted if key not in self._snapshot]
+        if fetch:
+            self._reads.update(self._backend.read_many(fetch, optimistic=True))
+            self._beyond_snapshot = True
+        self._reads.update((key, self._snapshot[key]) for key in wanted if key in self._snapshot)
         self._ops += len(wanted)
 
     def _overwritten(self, key: str) -> bool:
@@ -433,16 +444,28 @@ class Transaction:
             self._state = _COMMITTING
         outcome = _ABORTED
         try:
-            # A transaction with no writes that read at most one key is linearized at that
-            # read and needs no validation, unless the read was optimistic; every other
-            # transaction goes to the backend.
+            # A transaction with no writes needs no validation when it read one snapshot
+            # only (one moment, inside its lifetime), or at most one key without optimism
+            # (it is linearized at that read); every other transaction goes to the backend.
+            reads = self._reads if self._beyond_snapshot else ()
             backend = self._backend
-            if self._writes or len(self._reads) > 1 or (self._reads and backend.optimistic_reads):
+            if self._writes or len(reads) > 1 or (reads and backend.optimistic_reads):
                 backend.commit(self._request())
             outcome = _COMMITTED
         finally:
             self._state = outcome
             self._store._finished(self.id, outcome)
+
+    def start_from(self, snapshot: dict[str, Versioned]) -> None:
+        """Serve this transaction's reads of these keys from ``snapshot``: versions that were
+        all current at one moment after the transaction began (Backend.snapshot). A
+        transaction that writes nothing and reads only these then commits without
+        validation, so it cannot conflict."""
+        self._snapshot = snapshot
+
+    def read_only_keys(self) -> list[str]:
+        """The keys a transaction that wrote nothing read; [] when it wrote."""
+        return [] if self._writes else list(self._reads)
 
     def abort(self) -> None:
         """Drop the buffered writes. Aborting a finished transaction raises TransactionAborted."""
@@ -547,17 +570,26 @@ class KeyValueStore:
         Retries up to ``retries`` times with exponential backoff and full jitter
         (a random sleep in [0, min(max_backoff, backoff * 2**attempt)]); the last conflict
         is raised when they run out. Returns what fn returned in the attempt that committed.
+
+        When an attempt that wrote nothing conflicts, the next one starts from one snapshot
+        of the keys it read (get_many's, Transaction.start_from): a read-only function that
+        reads the same keys again then commits however busy they are, where validated
+        reads would keep conflicting with the writers.
         """
         attempt = 0
+        snapshot_keys: list[str] = []
         while True:
             tx = self.transaction(isolation)
             try:
+                if snapshot_keys:
+                    tx.start_from(self._backend.snapshot(snapshot_keys))
                 result = fn(tx)
                 tx.commit()
                 return result
             except TransactionConflict:
                 if attempt >= retries:
                     raise
+                snapshot_keys = tx.read_only_keys()
             finally:
                 if tx.state == _OPEN:
                     tx.abort()

@@ -163,6 +163,77 @@ def test_transact_reruns_the_function_on_conflict(store):
     assert store.get("k") == 101
 
 
+def test_transact_reruns_a_read_only_function_from_one_snapshot_of_what_it_read(store):
+    store.put("a", 1)
+    store.put("b", 1)
+    store.put("c", 1)
+    seen = []
+
+    def total(tx):
+        seen.append((tx.get("a"), tx.get("b")))
+        if len(seen) == 1:
+            store.put("b", 2)  # after the first attempt read a: its reads are not one moment
+        elif len(seen) == 2:
+            store.put("a", 5)  # after the snapshot: this attempt still saw one moment
+        return sum(seen[-1])
+
+    assert store.transact(total, retries=1) == 3  # a=1, b=2: the snapshot's moment
+    assert seen == [(1, 1), (1, 2)]
+
+    def wider(tx):  # the second attempt reads a key beyond its snapshot, which is validated
+        seen.append(tx.get("a"))
+        if len(seen) == 3:
+            tx.get("b")
+            store.put("b", 3)
+        elif len(seen) == 4:
+            tx.get("c")
+            store.put("c", 2)
+        else:
+            tx.get("c")
+        return seen[-1]
+
+    assert store.transact(wider, retries=2) == 5
+    assert len(seen) == 5  # conflicted twice, then committed from a snapshot of {a, c}
+
+
+def test_transact_of_a_read_only_function_commits_under_steady_transfers(store):
+    """Money moves between 12 accounts as fast as a thread can move it. Summing them in a
+    transaction conflicts with nearly every transfer on a cluster (194 of 200 attempts);
+    transact reruns it from one snapshot of the accounts, so every sum commits at its second
+    attempt at the latest, with the full total."""
+    accounts = [f"sum/{i:02d}" for i in range(12)]
+    with store.transaction() as tx:
+        for key in accounts:
+            tx.put(key, 100)
+    stop = threading.Event()
+
+    def mover() -> None:
+        rng = random.Random(5)
+        while not stop.is_set():
+            src, dst = rng.sample(accounts, 2)
+
+            def transfer(tx, src=src, dst=dst):
+                tx.put(src, tx.get(src) - 1)
+                tx.put(dst, tx.get(dst) + 1)
+
+            store.transact(transfer)
+
+    thread = threading.Thread(target=mover)
+    thread.start()
+    attempts = []
+
+    def total(tx):
+        attempts.append(1)
+        return sum(tx.get(key) for key in accounts)
+
+    try:
+        sums = [store.transact(total, retries=1) for _ in range(20)]
+    finally:
+        stop.set()
+        thread.join()
+    assert sums == [1200] * 20 and len(attempts) <= 40
+
+
 def test_transact_gives_up_after_the_retries(store):
     calls = []
 

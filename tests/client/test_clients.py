@@ -63,6 +63,16 @@ def test_asyncio_client_offers_the_same_api(cluster):
                     await tx.commit()
             await db.put("aio:a", "1")
             assert await db.get("aio:sum") is None
+            calls = []
+
+            async def reader(tx):  # conflicts once, then reruns from one snapshot of a and b
+                calls.append(1)
+                seen = (await tx.get("aio:a"), await tx.get("aio:b"))
+                if len(calls) == 1:
+                    await db.put("aio:b", "2!")
+                return seen
+
+            assert await db.transact(reader, retries=1) == ("1", "2!") and len(calls) == 2
             txid = db.begin_transaction()
             await db.write(txid, "aio:c", [1, 2])
             assert await db.read(txid, "aio:c") == [1, 2]
