@@ -18,11 +18,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pykv.client.transport import META_GROUP, SHARD_MAP, Redirect, unwrap
+from pykv.client.transport import META_GROUP, READ, SCAN, SHARD_MAP, Redirect, unwrap
 from pykv.cluster.ring import HashRing
 from pykv.errors import InvalidArgument, OutcomeUnknown, Timeout, Unavailable
 from pykv.net.framing import DEFAULT_MAX_FRAME
 from pykv.net.protocol import Connection
+
+_READS = frozenset((READ, SCAN))  # request kinds that change nothing on the shard
 
 
 @dataclass
@@ -284,10 +286,9 @@ class Router:
                     await self.refresh_map()
             await asyncio.sleep(min(0.2, 0.005 * (2 ** min(attempt, 6))) * random.uniform(0.5, 1.0))
         if maybe_applied or isinstance(last_error, Timeout):
-            raise Timeout(
-                f"shard {shard}: no leader answered within {total:.3g}s; the outcome is unknown "
-                f"(last error: {last_error})"
-            )
+            # A read changes nothing: only a command's outcome can be unknown.
+            unknown = "" if kind in _READS else "; the outcome is unknown"
+            raise Timeout(f"shard {shard}: no leader answered within {total:.3g}s{unknown} (last error: {last_error})")
         raise Unavailable(f"shard {shard}: no reachable leader within {total:.3g}s ({last_error})")
 
     def leader_hint(self, shard: int) -> int | None:

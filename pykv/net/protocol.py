@@ -347,8 +347,9 @@ class Connection(FramedProtocol):
         return request_id, future
 
     async def request(self, kind: int, body: Any, timeout: float) -> Any:
-        """Send a request and wait for its reply body. Raises Timeout (the outcome is then
-        unknown), Unavailable if the connection is or gets closed, the error of an ERROR reply."""
+        """Send a request and wait for its reply body. Raises Timeout (a command's outcome is
+        then unknown: the caller, who knows the kind, says so), Unavailable if the connection
+        is or gets closed, the error of an ERROR reply."""
         request_id, future = self._send_request(kind, body)
         # A timer on the reply future, not asyncio.wait_for: that wraps every request in a
         # task of its own, which costs the client more CPU than the request.
@@ -362,7 +363,7 @@ class Connection(FramedProtocol):
         future = self._waiting.pop(request_id, None)
         if future is not None and not future.done():
             future.set_exception(Timeout(
-                f"no reply from {self.address} within {timeout:.3g}s; the outcome is unknown"
+                f"no reply from {self.address} within {timeout:.3g}s"
             ))
 
     def send(self, kind: int, body: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -310,16 +311,22 @@ def test_no_reachable_node_raises_unavailable():
     assert time.monotonic() - start < 30
 
 
-def test_without_a_quorum_operations_time_out_clearly(tmp_path):
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_without_a_quorum_operations_time_out_clearly(tmp_path, fault):
     with local_cluster(tmp_path, nodes=3, partitions=2) as cluster:
         db = pykv.client.connect(cluster.addresses, timeout=2)
         try:
             db.put("q", 1)
-            cluster.kill(2)
-            cluster.kill(3)
+            for node in (2, 3):
+                cluster.kill(node) if fault == "kill" else cluster.signal(node, signal.SIGSTOP)
             with pytest.raises((Timeout, Unavailable)) as info:
                 db.put("q", 2)
             assert "shard" in str(info.value)
+            if fault == "stop":  # silent nodes: the put may have been applied
+                assert isinstance(info.value, Timeout) and "the outcome is unknown" in str(info.value)
+            with pytest.raises((Timeout, Unavailable)) as info:
+                db.get("q")
+            assert "shard" in str(info.value) and "outcome" not in str(info.value)  # a read changes nothing
         finally:
             db.close()
 
