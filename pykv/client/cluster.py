@@ -116,15 +116,16 @@ class AsyncCluster:
         versions = await router.call(shard, READ, body)
         return Versioned.from_wire(versions[0])
 
-    async def read_many(self, keys: list[str], *, optimistic: bool = False) -> dict[str, Versioned]:
+    async def read_many(
+        self, keys: list[str], *, optimistic: bool = False, clocks_only: bool = False
+    ) -> dict[str, Versioned]:
         """Linearizable reads of many keys, every request at once (commitflow.read_batches:
         one per shard, or more for many keys); not one snapshot (that is ``snapshot``).
-        ``optimistic`` as in read()."""
+        ``optimistic`` as in read(); ``clocks_only``: versions without their values."""
         await self.router.ensure_map()
         batches = read_batches(keys, self.shard_of)
-        replies = await settled(
-            [self.router.call(s, READ, [s, ks, True] if optimistic else [s, ks]) for s, ks in batches]
-        )
+        flags = [optimistic, True] if clocks_only else [True] if optimistic else []
+        replies = await settled([self.router.call(s, READ, [s, ks, *flags]) for s, ks in batches])
         out = {}
         for (_, ks), versions in zip(batches, replies, strict=True):
             if isinstance(versions, Exception):
@@ -203,7 +204,7 @@ class AsyncCluster:
         is serialized there, inside its own lifetime, even if a read was optimistic. No
         Raft proposal and no two-phase commit are needed.
         """
-        current = await self.read_many(list(request.reads))
+        current = await self.read_many(list(request.reads), clocks_only=True)
         for key, seen in request.reads.items():
             if current[key].clock != seen.clock:
                 raise TransactionConflict(

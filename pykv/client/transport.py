@@ -19,8 +19,9 @@ from pykv.errors import ProtocolError
 RAFT = 16  # one-way: a batch of Raft messages for many groups, from one node to another
 STATUS = 17  # node and group status (pykv status, cluster up)
 SHARD_MAP = 18  # the shard map: ring parameters, replica sets, addresses, leader hints
-READ = 19  # [shard, [keys], optimistic?] -> [version wire per key]  (linearizable, on the
-# leader; optimistic: answered from the leader's state without a leadership round)
+READ = 19  # [shard, [keys], optimistic?, clocks only?] -> [version wire per key]  (linearizable,
+# on the leader; optimistic: answered from the leader's state without a leadership round;
+# clocks only: each version without its value, for a read-only commit's confirmation)
 COMMIT = 20  # [shard, request wire] -> outcome  (a single-shard transaction)
 PREPARE = 21  # [shard, request wire, coordinator shard, participants] -> vote outcome
 DECIDE = 22  # [shard, txid, commit?, participants] -> the recorded decision (bool)

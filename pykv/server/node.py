@@ -656,7 +656,8 @@ class Node:
     def _handle_shard(self, kind: int, shard: int, body: list, respond: Callable[[Any], None]) -> None:
         """A request about one shard group (body ``[shard, ...]``); raises to refuse it."""
         if kind == READ:
-            self._read(shard, body[1], respond, optimistic=len(body) > 2 and body[2] is True)
+            self._read(shard, body[1], respond, optimistic=len(body) > 2 and body[2] is True,
+                       clocks_only=len(body) > 3 and body[3] is True)
         elif kind == COMMIT:
             request = self._stamped(body[1])
             done = _answer(_outcome_reply, respond)
@@ -749,13 +750,17 @@ class Node:
         host.propose(shard, tag, args, done, writes)
         self._wakeup()
 
-    def _read(self, shard: int, keys: Any, respond: Callable[[Any], None], *, optimistic: bool) -> None:
+    def _read(
+        self, shard: int, keys: Any, respond: Callable[[Any], None], *, optimistic: bool, clocks_only: bool = False
+    ) -> None:
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise ProtocolError("READ needs a list of str keys")
         host = self.host
         assert host is not None
 
         def versions(state: ShardState) -> list:
+            if clocks_only:  # [clock, timestamp]: a version without its value
+                return [state.get(k).to_wire()[:2] for k in keys]
             return [state.get(k).to_wire() for k in keys]
 
         if optimistic:

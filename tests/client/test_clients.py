@@ -246,6 +246,32 @@ def test_get_many_of_more_values_than_one_frame_holds(cluster):
         db.close()
 
 
+def test_a_read_only_commit_confirms_versions_without_their_values(cluster):
+    """A read-only transaction is confirmed by reading its keys' versions again: clocks and
+    timestamps only (READ's clocks-only flag), not half a megabyte of value a second time."""
+    db = pykv.client.connect(cluster.addresses)
+    try:
+        db.put("ro/big", b"x" * 500_000)
+        core = db.backend.core
+        full = db.backend._run(core.read_many(["ro/big", "ro/absent"]))
+        bare = db.backend._run(core.read_many(["ro/big", "ro/absent"], clocks_only=True))
+        assert full["ro/big"].value == b"x" * 500_000 and not bare["ro/big"].exists
+        assert {k: (v.clock, v.timestamp) for k, v in bare.items()} == {
+            k: (v.clock, v.timestamp) for k, v in full.items()
+        }
+        reader = db.transaction()
+        assert len(reader.get("ro/big")) == 500_000 and reader.get("ro/absent") is None
+        reader.commit()  # unchanged: confirmed by clocks
+        reader = db.transaction()
+        reader.get("ro/big")
+        reader.get("ro/absent")
+        db.put("ro/big", b"y")
+        with pytest.raises(TransactionConflict):
+            reader.commit()
+    finally:
+        db.close()
+
+
 def test_a_range_lock_left_by_a_vanished_scanner_is_released_by_recovery(cluster):
     """A scanner that dies holding its range lock keeps writers out only until the shards'
     recovery (recovery_after, 2 s) releases it, as it settles any prepared transaction."""

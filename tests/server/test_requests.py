@@ -53,6 +53,7 @@ def _shard_requests(shard: int) -> dict[str, tuple[int, list]]:
     return {
         "READ": (READ, [shard, ["k"]]),
         "READ optimistic": (READ, [shard, ["k"], True]),
+        "READ clocks only": (READ, [shard, ["k"], False, True]),
         "COMMIT": (COMMIT, [shard, _request()]),
         "COMMIT_DECIDE": (COMMIT_DECIDE, [shard, _request(), [1]]),
         "PREPARE": (PREPARE, [shard, _request(), 0, [0, 1]]),
