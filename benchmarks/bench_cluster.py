@@ -20,7 +20,8 @@ the price of hosting many shards, against a bare uvloop process ticking as often
 and how many times a second node 1's loop polls.
 
 ``--latency`` is the other end: one client with one operation in flight (a get, a put, a
-transaction writing 2 keys, the 4-op transaction), p50/p90 of each, against the same on the
+transaction writing 2 keys, the 4-op transaction, a read-only transaction of 8 keys read one
+at a time or with one get_many, and a get_many snapshot of them), p50/p90 of each, against the same on the
 embedded store (fsync="always") in the same run.
 """
 
@@ -222,8 +223,24 @@ def _latencies(db: pykv.KeyValueStore, ops: int) -> dict:
             tx.put(f"k{(i + 3) % 1000}", tx.get(f"k{(i + 7) % 1000}", 0))
             tx.put(f"k{(i + 5) % 1000}", i)
 
+    eight = [f"k{i}" for i in range(0, 1000, 125)]  # spread over the shards
+
+    def eight_gets() -> None:  # a transaction reading 8 keys one at a time
+        with db.transaction() as tx:
+            for key in eight:
+                tx.get(key)
+
+    def get_many_8() -> None:  # the same 8 reads, fetched together (a request per shard)
+        with db.transaction() as tx:
+            tx.get_many(eight)
+
+    def snapshot_8() -> None:  # one snapshot of the 8 keys, no transaction
+        db.get_many(eight)
+
     out = {}
-    for name, op in (("get", get), ("put", put), ("txn_2_writes", two_writes), ("txn_4_ops", four_ops)):
+    kinds = (("get", get), ("put", put), ("txn_2_writes", two_writes), ("txn_4_ops", four_ops),
+             ("txn_8_gets", eight_gets), ("txn_get_many_8", get_many_8), ("get_many_8", snapshot_8))
+    for name, op in kinds:
         for _ in range(min(50, ops)):  # warm: connections, the shard map, caches
             op()
         took = []
