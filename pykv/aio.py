@@ -97,13 +97,13 @@ class AsyncTransaction:
         await self._fetch(key)
         return self._tx.get(key, default)
 
-    def start_from(self, snapshot: dict[str, Versioned]) -> None:
-        """See pykv.api.Transaction.start_from."""
+    def _start_from(self, snapshot: dict[str, Versioned]) -> None:
+        """See pykv.api.Transaction._start_from."""
         self._backend.versions.update(snapshot)
-        self._tx.start_from(snapshot)
+        self._tx._start_from(snapshot)
 
-    def read_only_keys(self) -> list[str]:
-        return self._tx.read_only_keys()
+    def _read_only_keys(self) -> list[str]:
+        return self._tx._read_only_keys()
 
     async def get_many(self, keys: Iterable[str], default: Any = None) -> dict[str, Any]:
         """What get() returns for each key; the keys not read yet are fetched together (one
@@ -229,7 +229,7 @@ class AsyncKeyValueStore:
             tx = self.transaction(isolation)
             try:
                 if snapshot_keys:  # a read-only attempt conflicted: see KeyValueStore.transact
-                    tx.start_from(await self._core.snapshot(snapshot_keys))
+                    tx._start_from(await self._core.snapshot(snapshot_keys))
                 result = fn(tx)
                 if inspect.isawaitable(result):
                     result = await result
@@ -238,7 +238,7 @@ class AsyncKeyValueStore:
             except TransactionConflict:
                 if attempt >= retries:
                     raise
-                snapshot_keys = tx.read_only_keys()
+                snapshot_keys = tx._read_only_keys()
             finally:
                 if tx.state == "open":
                     await tx.abort()

@@ -456,14 +456,15 @@ class Transaction:
             self._state = outcome
             self._store._finished(self.id, outcome)
 
-    def start_from(self, snapshot: dict[str, Versioned]) -> None:
+    def _start_from(self, snapshot: dict[str, Versioned]) -> None:
         """Serve this transaction's reads of these keys from ``snapshot``: versions that were
         all current at one moment after the transaction began (Backend.snapshot). A
         transaction that writes nothing and reads only these then commits without
-        validation, so it cannot conflict."""
+        validation, so it cannot conflict. Private: anything but such a snapshot would let a
+        read-only transaction commit what it should not."""
         self._snapshot = snapshot
 
-    def read_only_keys(self) -> list[str]:
+    def _read_only_keys(self) -> list[str]:
         """The keys a transaction that wrote nothing read; [] when it wrote."""
         return [] if self._writes else list(self._reads)
 
@@ -572,7 +573,7 @@ class KeyValueStore:
         is raised when they run out. Returns what fn returned in the attempt that committed.
 
         When an attempt that wrote nothing conflicts, the next one starts from one snapshot
-        of the keys it read (get_many's, Transaction.start_from): a read-only function that
+        of the keys it read (get_many's, Transaction._start_from): a read-only function that
         reads the same keys again then commits however busy they are, where validated
         reads would keep conflicting with the writers.
         """
@@ -582,14 +583,14 @@ class KeyValueStore:
             tx = self.transaction(isolation)
             try:
                 if snapshot_keys:
-                    tx.start_from(self._backend.snapshot(snapshot_keys))
+                    tx._start_from(self._backend.snapshot(snapshot_keys))
                 result = fn(tx)
                 tx.commit()
                 return result
             except TransactionConflict:
                 if attempt >= retries:
                     raise
-                snapshot_keys = tx.read_only_keys()
+                snapshot_keys = tx._read_only_keys()
             finally:
                 if tx.state == _OPEN:
                     tx.abort()
