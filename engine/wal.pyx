@@ -927,6 +927,25 @@ cdef class WalWriter:
         pthread_mutex_unlock(&self.mu)
         return result
 
+    def segment_sizes(self) -> dict:
+        """{segment_id: bytes of it the log uses}, in order: a sealed segment's file size,
+        the last one's tail (its file may be longer: preallocate). A segment deleted
+        meanwhile (truncate_before) is left out."""
+        self._lock()
+        ids = [self.seg_ids[i] for i in range(self.seg_len)]
+        tail_segment, tail_pos = self.tail_segment, self.tail_pos
+        pthread_mutex_unlock(&self.mu)
+        sizes = {}
+        for segment_id in ids:
+            if segment_id == tail_segment:
+                sizes[segment_id] = tail_pos
+                continue
+            try:
+                sizes[segment_id] = os.path.getsize(segment_path(self.directory, segment_id))
+            except FileNotFoundError:
+                pass
+        return sizes
+
     def segments(self) -> list:
         """The ids (first lsns) of the segments, in order."""
         self._lock()

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from typing import Any, TypeVar
 
 from pykv._engine.vclock import VClock
-from pykv.api import KeyValueStore, Transaction, many_keys, many_values
+from pykv.api import KeyValueStore, Transaction, distinct_keys, many_keys, many_values
 from pykv.client.cluster import AsyncCluster
 from pykv.errors import InvalidOperation, StoreClosed, TransactionAborted, TransactionConflict
 from pykv.txn.model import CommitRequest, Versioned
@@ -109,9 +109,7 @@ class AsyncTransaction:
         """What get() returns for each key; the keys not read yet are fetched together (one
         request per shard, all at once)."""
         self._store._ensure_open()
-        wanted = list(dict.fromkeys(keys))
-        for key in wanted:
-            check_key(key)
+        wanted = distinct_keys(keys)
         versions = self._backend.versions
         missing = [key for key in wanted if key not in versions]
         if missing:

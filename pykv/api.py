@@ -176,12 +176,17 @@ def _own(value: Any) -> Any:
 _OPEN, _COMMITTING, _COMMITTED, _ABORTED = "open", "committing", "committed", "aborted"
 
 
-def many_keys(keys: Iterable[str], limit: int) -> list[str]:
-    """The keys of a get_many: each once, in the given order, checked; TransactionTooLarge
-    past ``limit`` (max_txn_ops)."""
+def distinct_keys(keys: Iterable[str]) -> list[str]:
+    """The keys of a get_many: each once, in the given order, checked (check_key)."""
     wanted = list(dict.fromkeys(keys))
     for key in wanted:
         check_key(key)
+    return wanted
+
+
+def many_keys(keys: Iterable[str], limit: int) -> list[str]:
+    """distinct_keys, and TransactionTooLarge past ``limit`` (max_txn_ops): a store's get_many."""
+    wanted = distinct_keys(keys)
     if len(wanted) > limit:
         raise TransactionTooLarge(f"get_many of {len(wanted)} keys: at most max_txn_ops ({limit}) at once")
     return wanted
@@ -307,11 +312,9 @@ class Transaction:
         fetched together: on a cluster, one request per shard, all at once, rather than a
         round trip per key. The commit validates every one of them, as it does get()'s.
         """
-        wanted = list(dict.fromkeys(keys))  # each key once, in the caller's order
         with self._lock:
             self._ensure_open()
-            for key in wanted:
-                check_key(key)
+            wanted = distinct_keys(keys)
             self._observe_many(wanted)
             values = [self._current(key)[0] for key in wanted]
         return {key: default if value is MISSING else _own(value) for key, value in zip(wanted, values, strict=True)}

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pykv._engine.wal import WalWriter, read_wal, segment_path
+from pykv._engine.wal import WalWriter, read_wal
 from pykv.codec import UNPACK_ERRORS, pack, stream_unpacker, unpack
 from pykv.errors import CorruptData
 from pykv.raft.log import cut_from, cut_through
@@ -354,16 +354,8 @@ class NodeLog:
 
     def wal_status(self) -> dict[str, int]:
         """How long the WAL is: its segments and their bytes."""
-        segments = self.wal.segments()
-        tail, size = self.wal.tail()  # the last segment's file may be preallocated: its use
-        for segment_id in segments:
-            if segment_id == tail:
-                continue
-            try:
-                size += os.stat(segment_path(str(self.wal_dir), segment_id)).st_size
-            except FileNotFoundError:  # deleted by a truncate meanwhile
-                pass
-        return {"segments": len(segments), "bytes": size}
+        sizes = self.wal.segment_sizes()
+        return {"segments": len(sizes), "bytes": sum(sizes.values())}
 
     def pinning(self, max_segments: int) -> list[int]:
         """The groups that keep the WAL longer than ``max_segments`` segments: a snapshot of

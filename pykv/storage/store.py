@@ -240,9 +240,7 @@ class Storage:
         missing = sorted(s for s, live in self._seg_live.items() if live and s not in segments)
         if missing:
             raise CorruptData(f"live values point into missing WAL segments {missing}")
-        tail, tail_bytes = self._wal.tail()
-        for seg in segments:  # the last segment's file may be preallocated: count its use
-            self._seg_total[seg] = tail_bytes if seg == tail else os.path.getsize(segment_path(self._wal_dir, seg))
+        self._seg_total.update(self._wal.segment_sizes())
 
     def _load_hint_entries(self, entries, progress: Progress | None) -> None:
         keys = []

@@ -237,6 +237,9 @@ def test_preallocated_segments_end_in_zeros_that_read_as_a_clean_end(tmp_path: P
             writer.append(p)
         tail, used = writer.tail()
         assert tail == writer.segments()[-1] and used < 1024
+        sizes = writer.segment_sizes()  # what the log uses: the tail's records, not its zeros
+    assert list(sizes) == sorted(int(p.stem) for p in tmp_path.glob("*.wal")) and sizes[tail] == used
+    assert all(sizes[int(p.stem)] == p.stat().st_size for p in tmp_path.glob("*.wal") if int(p.stem) != tail)
     *sealed, last = sorted(tmp_path.glob("*.wal"))
     size = last.stat().st_size
     assert sealed and size > used + (1 << 19) and last.read_bytes()[used:] == bytes(size - used)
