@@ -28,7 +28,10 @@ def check_key(key: object) -> bytes:
     """Return the key as UTF-8 bytes, or raise InvalidKey/KeyTooLarge."""
     if not isinstance(key, str):
         raise InvalidKey(f"keys must be str, not {type(key).__name__}")
-    raw = key.encode("utf-8")
+    try:
+        raw = key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidKey(f"keys must be valid Unicode text; {e.reason} at position {e.start}") from None
     if not raw:
         raise KeyTooLarge("keys must be 1 to 256 bytes as UTF-8; got an empty key")
     if len(raw) > MAX_KEY_BYTES:
@@ -43,6 +46,11 @@ def _check_scalar(value: object, where: str) -> None:
         )
     if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
         raise InvalidValue(f"{where} int {value} is outside the signed 64-bit range")
+    if type(value) is str and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidValue(f"{where} must be valid Unicode text; {e.reason} at position {e.start}") from None
 
 
 def check_value(value: object) -> None:

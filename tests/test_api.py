@@ -324,8 +324,9 @@ def _assert_untouched(store, tx):
 @pytest.mark.parametrize(
     "bad_key, error",
     [("x" * 257, pykv.KeyTooLarge), ("é" * 129, pykv.KeyTooLarge), ("", pykv.KeyTooLarge),
-     (b"bytes", pykv.InvalidKey), (1, pykv.InvalidKey), (None, pykv.InvalidKey)],
-    ids=["257-ascii", "258-utf8", "empty", "bytes", "int", "none"],
+     (b"bytes", pykv.InvalidKey), (1, pykv.InvalidKey), (None, pykv.InvalidKey),
+     ("a\ud800", pykv.InvalidKey), ("\udfff" * 300, pykv.InvalidKey)],
+    ids=["257-ascii", "258-utf8", "empty", "bytes", "int", "none", "surrogate", "long-surrogates"],
 )
 def test_bad_keys_raise_their_own_error(store, bad_key, error):
     tx = store.transaction()
@@ -341,7 +342,8 @@ def test_bad_keys_raise_their_own_error(store, bad_key, error):
 
 @pytest.mark.parametrize(
     "bad_value",
-    [1.5, True, None, {"a": 1}, [[1]], [1.0], 2**63, -(2**63) - 1, bytearray(b"x"), ("t",)],
+    [1.5, True, None, {"a": 1}, [[1]], [1.0], 2**63, -(2**63) - 1, bytearray(b"x"), ("t",),
+     "lone \ud800 surrogate", ["ok", "\udc80"]],
     ids=repr,
 )
 def test_bad_values_raise_invalid_value(store, bad_value):
@@ -356,7 +358,8 @@ def test_bad_values_raise_invalid_value(store, bad_value):
 def test_bad_incr_and_append_arguments(store):
     tx = store.transaction()
     for call in (lambda: tx.incr("k", 1.5), lambda: tx.incr("k", 2**63), lambda: tx.incr("k", True),
-                 lambda: tx.append("k", [1]), lambda: tx.append("k", None)):
+                 lambda: tx.append("k", [1]), lambda: tx.append("k", None),
+                 lambda: tx.append("k", "\ud800")):
         with pytest.raises(pykv.InvalidValue):
             call()
     _assert_untouched(store, tx)

@@ -32,6 +32,27 @@ def _connect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0)
 
 
+def _is_address(item: str) -> bool:
+    host, sep, port = item.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
+def _reclaim(args: argparse.Namespace, names: tuple[str, ...], usage: str) -> str | None:
+    """Take back the positionals that ``--addresses A B key`` hands to --addresses (it takes
+    one or more values): the missing ones, from its end, in order. A missing one whose
+    item reads as HOST:PORT is taken only when it is required (``names`` without a "?"
+    suffix), and at least one address stays. Returns an error message, or None."""
+    missing = [name for name in names if getattr(args, name.rstrip("?")) is None]
+    for name in reversed(missing):
+        optional = name.endswith("?")
+        if len(args.addresses) < 2 or (optional and _is_address(args.addresses[-1])):
+            if optional:
+                continue
+            return f"needs {usage} and at least one --addresses HOST:PORT"
+        setattr(args, name.rstrip("?"), args.addresses.pop())
+    return None
+
+
 def _to_json(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"base64": base64.b64encode(value).decode()}
@@ -59,15 +80,22 @@ def _fail(exc: Error) -> int:
     return 2
 
 
+def _usage_error(command: str, problem: str) -> int:
+    print(f"pykv {command}: {problem}", file=sys.stderr)
+    return 2
+
+
 # --- get -------------------------------------------------------------------------------------
 
 
 def add_get_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("key")
+    parser.add_argument("key", nargs="?")
     _connect_args(parser)
 
 
 def run_get(args: argparse.Namespace) -> int:
+    if (problem := _reclaim(args, ("key",), "KEY")) is not None:
+        return _usage_error("get", problem)
     try:
         with connect(args.addresses, timeout=args.timeout) as db:
             value = db.get(args.key, _MISSING)
@@ -83,13 +111,15 @@ def run_get(args: argparse.Namespace) -> int:
 
 
 def add_put_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("key")
-    parser.add_argument("value")
+    parser.add_argument("key", nargs="?")
+    parser.add_argument("value", nargs="?")
     parser.add_argument("--type", choices=["str", "int", "json"], default="str")
     _connect_args(parser)
 
 
 def run_put(args: argparse.Namespace) -> int:
+    if (problem := _reclaim(args, ("key", "value"), "KEY VALUE")) is not None:
+        return _usage_error("put", problem)
     try:
         value = parse_value(args.value, args.type)
         with connect(args.addresses, timeout=args.timeout) as db:
@@ -135,8 +165,7 @@ def run_txn(args: argparse.Namespace) -> int:
         else:
             addresses.append(item)
     if not ops or not addresses:
-        print("pykv txn: needs at least one OP:KEY[=VALUE] and one address", file=sys.stderr)
-        return 2
+        return _usage_error("txn", "needs at least one OP:KEY[=VALUE] and one address")
     args.ops, args.addresses = ops, addresses
     results: dict[str, Any] = {}
     try:
@@ -166,7 +195,7 @@ def run_txn(args: argparse.Namespace) -> int:
 
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prefix", nargs="?", default="", help="keys starting with this (default: all)")
+    parser.add_argument("prefix", nargs="?", help="keys starting with this (default: all)")
     parser.add_argument("--start", help="first key (inclusive)")
     parser.add_argument("--end", help="end key (exclusive)")
     parser.add_argument("--limit", type=int, help="at most this many keys")
@@ -176,9 +205,10 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_scan(args: argparse.Namespace) -> int:
+    _reclaim(args, ("prefix?",), "PREFIX")  # optional: never an error
     try:
         with connect(args.addresses, timeout=args.timeout) as db:
-            items = db.scan(args.prefix, start=args.start, end=args.end, limit=args.limit,
+            items = db.scan(args.prefix or "", start=args.start, end=args.end, limit=args.limit,
                             consistent=not args.plain)
             for key, value in items:
                 print(json.dumps({"key": key, "value": _to_json(value)}))

@@ -216,8 +216,8 @@ def _resolve(
 
 
 def _check_key(key: str) -> None:
-    """check_key() without encoding short keys: 64 chars are at most 256 bytes as UTF-8."""
-    if type(key) is not str or not 0 < len(key) <= MAX_KEY_BYTES // 4:
+    """check_key() without encoding ASCII keys, whose length is their size in bytes."""
+    if type(key) is not str or not key.isascii() or not 0 < len(key) <= MAX_KEY_BYTES:
         check_key(key)
 
 

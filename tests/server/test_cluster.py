@@ -188,6 +188,19 @@ def test_cli_put_get_txn_and_status(cluster):
         ]
     listed = _cli("scan", "cli:", "--start", "cli:o", "--limit", "1", "--addresses", addr)
     assert [json.loads(line)["key"] for line in listed.stdout.splitlines()] == ["cli:s"]
+    # Options first: --addresses takes one or more values, and hands the key back.
+    assert _cli("put", "--addresses", *cluster.addresses, "cli:m", "7").returncode == 0
+    got = _cli("get", "--addresses", addr, cluster.addresses[1], "cli:m")
+    assert (got.returncode, got.stdout.strip()) == (0, '"7"')
+    listed = _cli("scan", "--addresses", addr, "cli:m")
+    assert [json.loads(line)["key"] for line in listed.stdout.splitlines()] == ["cli:m"]
+    every = _cli("scan", "--addresses", *cluster.addresses).stdout.splitlines()  # no prefix
+    assert {"cli:m", "cli:n", "cli:s"} <= {json.loads(line)["key"] for line in every}
+    no_key = _cli("get", "--addresses", addr)
+    assert no_key.returncode == 2 and "needs KEY" in no_key.stderr
+    # A name that is not UTF-8 text (bytes 0xff from the shell) is refused, and says why.
+    bad = _cli("put", "\udcff", "v", "--addresses", addr)
+    assert bad.returncode == 2 and "InvalidKey" in bad.stderr and "Traceback" not in bad.stderr
     status = _cli("status", "--json", "--addresses", *cluster.addresses)
     assert status.returncode == 0
     assert len(json.loads(status.stdout)) == 3
