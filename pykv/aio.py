@@ -31,7 +31,7 @@ from pykv.client.cluster import AsyncCluster
 from pykv.errors import InvalidOperation, StoreClosed, TransactionAborted, TransactionConflict
 from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
-from pykv.types import MAX_SCAN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key
+from pykv.types import MAX_SCAN_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key
 
 T = TypeVar("T")
 _MISSING = object()
@@ -176,7 +176,7 @@ class AsyncKeyValueStore:
 
     def __init__(
         self, core: AsyncCluster, *, max_txn_ops: int, max_value_bytes: int,
-        max_scan_bytes: int = MAX_SCAN_BYTES,
+        max_scan_bytes: int = MAX_SCAN_BYTES, max_txn_bytes: int = MAX_TXN_BYTES,
     ) -> None:
         self._core = core
         # The client side of every transaction (ids, hybrid clock, limits), shared so that
@@ -184,7 +184,7 @@ class AsyncKeyValueStore:
         # through a _Prefetched backend of its own, never through this one.
         self._local = KeyValueStore(
             _Prefetched(), max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes,
-            max_scan_bytes=max_scan_bytes,
+            max_scan_bytes=max_scan_bytes, max_txn_bytes=max_txn_bytes,
         )
         self._by_id: dict[int, AsyncTransaction] = {}
         self._closed = False
@@ -368,6 +368,7 @@ async def connect(
     max_txn_ops: int = MAX_TXN_OPS,
     max_value_bytes: int = MAX_VALUE_BYTES,
     max_scan_bytes: int = MAX_SCAN_BYTES,
+    max_txn_bytes: int = MAX_TXN_BYTES,
 ) -> AsyncKeyValueStore:
     """Connect to a cluster through any subset of its node addresses (see pykv.client.connect)."""
     if isinstance(addresses, str):
@@ -379,7 +380,7 @@ async def connect(
         await core.close()
         raise
     return AsyncKeyValueStore(core, max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes,
-                              max_scan_bytes=max_scan_bytes)
+                              max_scan_bytes=max_scan_bytes, max_txn_bytes=max_txn_bytes)
 
 
 __all__ = ["AsyncKeyValueStore", "AsyncTransaction", "connect"]

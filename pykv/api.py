@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
 from pykv._engine.vclock import VClock
-from pykv.codec import check_value_fits
+from pykv.codec import check_value_fits, size_bound
 from pykv.errors import (
     InvalidArgument,
     InvalidValue,
@@ -32,6 +32,7 @@ from pykv.types import (
     INT64_MAX,
     INT64_MIN,
     MAX_SCAN_BYTES,
+    MAX_TXN_BYTES,
     MAX_TXN_OPS,
     MAX_VALUE_BYTES,
     OpKind,
@@ -219,6 +220,8 @@ class Transaction:
         self._writes: dict[str, _Pending] = {}
         self._contexts: dict[str, bytes] = {}  # explicit clocks given with put(context=...)
         self._ops = 0
+        self._bytes = 0  # of the buffered writes, about (_bytes_with)
+        self._key_bytes: dict[str, int] = {}
         # Versions of one moment of the store, taken after this transaction began (transact's
         # rerun of a read-only function): reads of these keys need no validation.
         self._snapshot: dict[str, Versioned] = {}
@@ -246,6 +249,26 @@ class Transaction:
                 f"transaction {self.id} already holds {self._ops} operations; {more} more"
                 f" would pass the limit (max_txn_ops) of {limit}"
             )
+
+    def _bytes_with(self, key: str, kind: OpKind, arg: Any) -> tuple[int, int]:
+        """(this transaction's bytes, ``key``'s) once ``kind`` of ``arg`` to ``key`` is
+        buffered: an upper bound, as codec.size_bound (a key written again counts its last
+        value, a delta adds to what the key holds). TransactionTooLarge past max_txn_bytes."""
+        held = self._key_bytes.get(key)
+        if kind == OpKind.PUT:
+            mine = len(key) + size_bound(arg)
+        elif kind == OpKind.DELETE:
+            mine = len(key)
+        else:
+            mine = (len(key) if held is None else held) + (9 if kind == OpKind.INCR else size_bound(arg))
+        total = self._bytes - (held or 0) + mine
+        limit = self._store.max_txn_bytes
+        if total > limit:
+            raise TransactionTooLarge(
+                f"transaction {self.id} would write about {total} bytes of keys and values;"
+                f" the limit (max_txn_bytes) is {limit}"
+            )
+        return total, mine
 
     def _count_op(self) -> None:
         self._check_room()
@@ -349,6 +372,7 @@ class Transaction:
             # transaction as it was. The op limit goes first because the fold below may
             # extend pending.value in place (it fails, if at all, before touching it).
             self._check_room()
+            total, key_bytes = self._bytes_with(key, kind, arg)
             if kind == OpKind.PUT:
                 new = _Pending(True, _own(arg), [])
             elif kind == OpKind.DELETE:
@@ -365,6 +389,7 @@ class Transaction:
                     new = pending
                     pending.deltas.append(op)
             self._ops += 1
+            self._bytes, self._key_bytes[key] = total, key_bytes
             self._writes[key] = new
             if clock is not None:
                 self._contexts[key] = clock
@@ -516,9 +541,12 @@ class KeyValueStore:
         max_txn_ops: int = MAX_TXN_OPS,
         max_value_bytes: int = MAX_VALUE_BYTES,
         max_scan_bytes: int = MAX_SCAN_BYTES,
+        max_txn_bytes: int = MAX_TXN_BYTES,
     ) -> None:
         if max_txn_ops < 1:
             raise InvalidArgument(f"max_txn_ops must be at least 1, not {max_txn_ops}")
+        if max_txn_bytes < 1:
+            raise InvalidArgument(f"max_txn_bytes must be at least 1, not {max_txn_bytes}")
         if not 1 <= max_value_bytes <= MAX_VALUE_BYTES:
             raise InvalidArgument(f"max_value_bytes must be in 1..{MAX_VALUE_BYTES}")
         if max_scan_bytes < 1:
@@ -527,6 +555,7 @@ class KeyValueStore:
         self.max_txn_ops = max_txn_ops
         self.max_value_bytes = max_value_bytes
         self.max_scan_bytes = max_scan_bytes
+        self.max_txn_bytes = max_txn_bytes
         self._ids = TxnIdSource()
         self._clock = HybridClock()
         self._lock = threading.Lock()

@@ -39,7 +39,7 @@ from pykv.txn import model
 from pykv.txn.model import MISSING, CommitRequest, Versioned, live_items
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
-from pykv.types import MAX_SCAN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
+from pykv.types import MAX_SCAN_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
 
 _STORAGE_OPTIONS = (
     "cache_bytes", "fsync", "segment_bytes", "compaction", "progress",
@@ -305,6 +305,7 @@ def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3
     max_txn_ops: int = MAX_TXN_OPS,
     max_value_bytes: int = MAX_VALUE_BYTES,
     max_scan_bytes: int = MAX_SCAN_BYTES,
+    max_txn_bytes: int = MAX_TXN_BYTES,
     **storage_options: Any,
 ) -> KeyValueStore:
     """Open (creating if needed) the embedded store in directory ``path``.
@@ -312,12 +313,12 @@ def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3
     Options: ``cache_bytes`` (read cache size, default 64 MiB), ``fsync`` ("always": a commit
     returns only once fsync'd), ``segment_bytes`` (value-log file size), ``compaction``
     (background compaction on/off), ``progress`` (callback during recovery), ``max_txn_ops``,
-    ``max_value_bytes`` and ``max_scan_bytes`` (limits). Raises StoreLocked when another
+    ``max_txn_bytes``, ``max_value_bytes`` and ``max_scan_bytes`` (limits). Raises StoreLocked when another
     process has it open.
     """
     unknown = sorted(set(storage_options) - set(_STORAGE_OPTIONS))
     if unknown:
-        known = ", ".join(("max_txn_ops", "max_value_bytes", "max_scan_bytes", *_STORAGE_OPTIONS))
+        known = ", ".join(("max_txn_ops", "max_txn_bytes", "max_value_bytes", "max_scan_bytes", *_STORAGE_OPTIONS))
         raise InvalidArgument(f"unknown option(s) {', '.join(unknown)} for pykv.open; known: {known}")
     fsync = storage_options.get("fsync", "always")
     if fsync not in FSYNC_POLICIES:
@@ -327,7 +328,7 @@ def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3
         backend = EmbeddedBackend(storage, max_value_bytes=max_value_bytes,
                                   max_txn_ops=max_txn_ops)
         return KeyValueStore(backend, max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes,
-                             max_scan_bytes=max_scan_bytes)
+                             max_scan_bytes=max_scan_bytes, max_txn_bytes=max_txn_bytes)
     except BaseException:
         storage.close()
         raise

@@ -21,7 +21,8 @@ class ValueTooLarge(LimitError):
 
 
 class TransactionTooLarge(LimitError):
-    """A transaction holds more operations than ``max_txn_ops``."""
+    """A transaction holds more operations than ``max_txn_ops``, or writes more bytes than
+    ``max_txn_bytes`` (64 MiB by default)."""
 
 
 class ScanTooLarge(LimitError):

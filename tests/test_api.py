@@ -416,6 +416,27 @@ def test_an_append_refused_by_the_limit_leaves_the_buffered_list_unchanged(store
     assert (store.get("l"), store.get("n")) == (["a", "b"], 1)
 
 
+def test_writes_past_max_txn_bytes_raise_transaction_too_large(store_factory):
+    store = store_factory(max_txn_bytes=3000)
+    tx = store.transaction()
+    tx.put("a", b"x" * 1000)
+    tx.put("a", b"y" * 1000)  # written again: its last value counts, not both
+    tx.put("b", b"z" * 1000)
+    tx.append("l", "p" * 400)
+    with pytest.raises(pykv.TransactionTooLarge, match="max_txn_bytes"):
+        tx.put("c", b"w" * 1000)
+    with pytest.raises(pykv.TransactionTooLarge):
+        tx.append("l", "q" * 600)  # a delta adds to what its key already holds
+    tx.delete("b")  # frees b's bytes: c fits now
+    tx.put("c", b"w" * 1000)
+    tx.commit()  # the refused writes left nothing behind
+    assert (store.get("a"), store.get("b"), store.get("c"), store.get("l")) == (
+        b"y" * 1000, None, b"w" * 1000, ["p" * 400])
+    with pytest.raises(pykv.TransactionTooLarge):
+        store.put("big", b"v" * 4000)
+    assert store.get("big") is None
+
+
 def test_default_transaction_limit_is_ten_thousand(store):
     tx = store.transaction()
     for i in range(10_000):

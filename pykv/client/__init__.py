@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pykv.api import KeyValueStore
 from pykv.client.cluster import AsyncCluster, ClusterBackend
-from pykv.types import MAX_SCAN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
+from pykv.types import MAX_SCAN_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
 
 
 def connect(
@@ -14,6 +14,7 @@ def connect(
     max_txn_ops: int = MAX_TXN_OPS,
     max_value_bytes: int = MAX_VALUE_BYTES,
     max_scan_bytes: int = MAX_SCAN_BYTES,
+    max_txn_bytes: int = MAX_TXN_BYTES,
 ) -> KeyValueStore:
     """Connect to a cluster through any subset of its node addresses ("HOST:PORT").
 
@@ -27,7 +28,7 @@ def connect(
     backend = ClusterBackend(list(addresses), timeout=timeout)
     try:
         return KeyValueStore(backend, max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes,
-                             max_scan_bytes=max_scan_bytes)
+                             max_scan_bytes=max_scan_bytes, max_txn_bytes=max_txn_bytes)
     except BaseException:
         backend.close()
         raise

@@ -123,13 +123,19 @@ def preload(
     config: WorkloadConfig,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Write every key once (blind puts in batches), so reads find 100-byte values."""
+    """Write every key once (blind puts in batches), so reads find 100-byte values. A batch
+    that conflicts (another client's transaction held a key, or took its participants long
+    enough to be settled as abort) runs again: ``transact``."""
     rng = random.Random(config.seed)
     for first in range(0, config.keys, PRELOAD_BATCH):
         last = min(config.keys, first + PRELOAD_BATCH)
-        with store.transaction() as tx:
-            for i in range(first, last):
-                tx.put(key_name(i), rng.randbytes(config.value_bytes))
+        batch = [(key_name(i), rng.randbytes(config.value_bytes)) for i in range(first, last)]
+
+        def put_batch(tx: Transaction, batch: list[tuple[str, bytes]] = batch) -> None:
+            for key, value in batch:
+                tx.put(key, value)
+
+        store.transact(put_batch)
         if progress is not None:
             progress(last - first)
 

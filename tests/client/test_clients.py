@@ -28,6 +28,7 @@ from pykv.errors import (  # noqa: E402
     ScanTooLarge,
     Timeout,
     TransactionConflict,
+    TransactionTooLarge,
     Unavailable,
 )
 from pykv.replica import shard as cmd  # noqa: E402
@@ -126,6 +127,21 @@ def test_asyncio_scans_that_return_a_range_at_once_hold_at_most_max_scan_bytes(c
                     await db.scan("aiobig/", consistent=consistent)
             assert [k async for k, _ in db.scan_iter("aiobig/")] == keys
             assert [k for k, _ in await db.scan("aiobig/", limit=5)] == keys[:5]
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def test_asyncio_transactions_hold_at_most_max_txn_bytes(cluster):
+    async def main() -> None:
+        db = await pykv.aio.connect(cluster.addresses, max_txn_bytes=1500)
+        try:
+            async with db.transaction() as tx:
+                tx.put("aiobytes/a", b"x" * 1000)
+                with pytest.raises(TransactionTooLarge, match="max_txn_bytes"):
+                    tx.put("aiobytes/b", b"y" * 1000)
+            assert (await db.get("aiobytes/a"), await db.get("aiobytes/b")) == (b"x" * 1000, None)
         finally:
             await db.close()
 
