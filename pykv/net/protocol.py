@@ -105,15 +105,21 @@ class FramedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        greeted = self.greeted
         try:
             frames = self._decoder.feed(data)
-            if not self.greeted:
+            if not greeted:
                 frames = self._greet(frames)
             if frames:
                 self.frames_received(frames)
             if self._decoder.error is not None:  # after the whole frames that preceded it
                 raise self._decoder.error
         except ProtocolError as exc:
+            if not greeted:
+                # Most likely something else listens there (an HTTP server, a port scanner):
+                # say so, with what it sent, rather than only what the decoder made of it.
+                exc = ProtocolError(f"the peer does not speak the pykv protocol (it sent"
+                                    f" {bytes(data[:40])!r}): {exc}")
             self.fail(exc)
 
     def eof_received(self) -> bool:

@@ -204,6 +204,24 @@ def test_a_garbage_client_is_disconnected_and_a_good_one_keeps_working(garbage, 
     assert message.startswith("closing connection from 127.0.0.1:")
 
 
+def test_a_client_of_something_that_is_not_a_pykv_node_is_told_so():
+    async def main():
+        async def http_server(reader, writer):
+            writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            await writer.drain()
+
+        server = await asyncio.start_server(http_server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises((ProtocolError, Unavailable), match=r"does not speak the pykv protocol \(it sent b'HTTP/1.1 400"):
+                conn = await Connection.open(f"127.0.0.1:{port}", timeout=2)
+                await conn.request(ECHO, "x", 2)
+        finally:
+            server.close()
+
+    run(main())
+
+
 def test_an_oversized_frame_is_refused_before_it_is_buffered(caplog):
     async def main():
         async with Rig(max_frame=1024) as rig:
