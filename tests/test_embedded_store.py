@@ -42,6 +42,14 @@ def test_everything_committed_survives_a_reopen(tmp_path):
         assert [k for k, _ in db.scan()] == ["b", "big", "i", "l", "log", "n", "s"]
 
 
+def test_opening_a_file_as_a_store_says_so_and_leaves_the_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    with pytest.raises(pykv.InvalidArgument, match="is a file, not a store's directory"):
+        pykv.open(path)
+    assert path.read_text() == "mine"
+
+
 def test_a_second_process_gets_store_locked(tmp_path):
     path = tmp_path / "db"
     probe = textwrap.dedent(

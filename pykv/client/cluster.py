@@ -41,7 +41,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterator
 from typing import Any, TypeVar
 
 from pykv.api import HybridClock
-from pykv.client.router import Router
+from pykv.client.router import Router, check_timeout
 from pykv.client.transport import (
     COMMIT,
     COMMIT_DECIDE,
@@ -347,6 +347,7 @@ class ClusterBackend:
     """The ``pykv.api.Backend`` of a cluster (thread-safe; see the module docstring)."""
 
     def __init__(self, addresses: list[str], *, timeout: float = 10.0) -> None:
+        check_timeout(timeout)  # before any wait that uses it
         self.timeout = timeout
         self.node_id = 0  # the node that proposes a commit stamps its own id as coordinator
         self._loop = new_event_loop()

@@ -60,6 +60,12 @@ class ShardMapView:
         return HashRing([0], partitions=self.partitions, vnodes=1, replicas=1)
 
 
+def check_timeout(timeout: float) -> None:
+    """InvalidArgument unless ``timeout`` (seconds) is above 0 (NaN is not)."""
+    if not timeout > 0:
+        raise InvalidArgument(f"timeout must be a number of seconds above 0, not {timeout!r}")
+
+
 class Router:
     """Leader-aware request routing for one cluster (runs on one event loop)."""
 
@@ -74,6 +80,7 @@ class Router:
     ) -> None:
         if not seeds:
             raise InvalidArgument("connect needs at least one address")
+        check_timeout(timeout)
         self.seeds = list(seeds)
         self.timeout = timeout
         self.connect_timeout = connect_timeout

@@ -353,6 +353,12 @@ def test_no_reachable_node_raises_unavailable():
     assert time.monotonic() - start < 30
 
 
+@pytest.mark.parametrize("timeout", [0, -1, float("nan")])
+def test_a_timeout_that_is_not_positive_is_refused(timeout):
+    with pytest.raises(pykv.InvalidArgument, match="timeout must be"):
+        pykv.client.connect(["127.0.0.1:1"], timeout=timeout)
+
+
 @pytest.mark.parametrize("fault", ["kill", "stop"])
 def test_without_a_quorum_operations_time_out_clearly(tmp_path, fault):
     with local_cluster(tmp_path, nodes=3, partitions=2) as cluster:
