@@ -197,6 +197,19 @@ class AsyncKeyValueStore:
     def max_value_bytes(self) -> int:
         return self._local.max_value_bytes
 
+    @property
+    def max_txn_bytes(self) -> int:
+        return self._local.max_txn_bytes
+
+    @property
+    def max_scan_bytes(self) -> int:
+        return self._local.max_scan_bytes
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self._closed
+
     def _ensure_open(self) -> None:
         if self._closed:
             raise StoreClosed("the store is closed; connect again to continue")

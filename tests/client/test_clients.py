@@ -136,6 +136,7 @@ def test_asyncio_scans_that_return_a_range_at_once_hold_at_most_max_scan_bytes(c
 def test_asyncio_transactions_hold_at_most_max_txn_bytes(cluster):
     async def main() -> None:
         db = await pykv.aio.connect(cluster.addresses, max_txn_bytes=1500)
+        assert (db.max_txn_bytes, db.max_txn_ops, db.closed) == (1500, 10_000, False)
         try:
             async with db.transaction() as tx:
                 tx.put("aiobytes/a", b"x" * 1000)
@@ -144,6 +145,7 @@ def test_asyncio_transactions_hold_at_most_max_txn_bytes(cluster):
             assert (await db.get("aiobytes/a"), await db.get("aiobytes/b")) == (b"x" * 1000, None)
         finally:
             await db.close()
+        assert db.closed
 
     asyncio.run(main())
 
