@@ -22,7 +22,7 @@ class ValueTooLarge(LimitError):
 
 class TransactionTooLarge(LimitError):
     """A transaction holds more operations than ``max_txn_ops``, or writes more bytes than
-    ``max_txn_bytes`` (64 MiB by default)."""
+    ``max_txn_bytes`` (32 MiB by default)."""
 
 
 class ScanTooLarge(LimitError):

@@ -16,9 +16,10 @@ MAX_KEY_BYTES = 256
 MAX_VALUE_BYTES = 1 << 20
 MAX_TXN_OPS = 10_000
 # The bytes of keys and values a transaction may write (about: as msgpack encodes them, at
-# most). Past some tens of MiB a two-phase commit's prepares outlast the participants'
-# patience (a node's recovery_after), and a node holds a transaction's part in memory.
-MAX_TXN_BYTES = 64 << 20
+# most). All of it in one shard must fit one request and one Raft entry (within
+# pykv.net.framing.CLUSTER_MAX_FRAME, with room for keys and clocks); and past some tens of
+# MiB a two-phase commit's prepares outlast the participants' patience (recovery_after).
+MAX_TXN_BYTES = 32 << 20
 # What a scan that returns its whole range at once (a consistent one) may hold of one pass.
 MAX_SCAN_BYTES = 256 << 20
 INT64_MIN = -(1 << 63)

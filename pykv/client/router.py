@@ -21,7 +21,7 @@ from typing import Any
 from pykv.client.transport import META_GROUP, READ, SCAN, SHARD_MAP, Redirect, unwrap
 from pykv.cluster.ring import HashRing
 from pykv.errors import InvalidArgument, OutcomeUnknown, Timeout, Unavailable
-from pykv.net.framing import DEFAULT_MAX_FRAME
+from pykv.net.framing import CLUSTER_MAX_FRAME
 from pykv.net.protocol import Connection
 
 _READS = frozenset((READ, SCAN))  # request kinds that change nothing on the shard
@@ -76,7 +76,7 @@ class Router:
         timeout: float = 10.0,
         connect_timeout: float = 2.0,
         attempt_timeout: float = 0.75,
-        max_frame: int = DEFAULT_MAX_FRAME,
+        max_frame: int = CLUSTER_MAX_FRAME,
     ) -> None:
         if not seeds:
             raise InvalidArgument("connect needs at least one address")

@@ -39,6 +39,10 @@ _ZSTD_FLAG = 0x80
 
 HEADER = struct.Struct(">IB")
 DEFAULT_MAX_FRAME = 16 << 20
+# The largest frame a cluster's nodes and clients send and accept unless told otherwise: a
+# transaction of pykv.types.MAX_TXN_BYTES in one shard fits in one request and one Raft
+# entry, with room for its keys and clocks.
+CLUSTER_MAX_FRAME = 64 << 20
 # Payloads at least this large are compressed, when that makes them smaller.
 DEFAULT_COMPRESS_THRESHOLD = 8 << 10
 
@@ -83,15 +87,15 @@ def encode_frame(
         payload = _packb([request_id, body])
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"frame body of kind {kind} cannot be encoded: {exc}") from exc
+    if len(payload) > max_frame:  # the receiver's limit is on the payload as decompressed
+        raise ProtocolError(
+            f"frame of kind {kind} has a {len(payload)}-byte payload; max_frame is {max_frame}"
+        )
     flags = 0
     if len(payload) >= compress_threshold:
         small = _compressor.compress(payload)
         if len(small) < len(payload):
             payload, flags = small, _ZSTD_FLAG
-    if len(payload) > max_frame:
-        raise ProtocolError(
-            f"frame of kind {kind} has a {len(payload)}-byte payload; max_frame is {max_frame}"
-        )
     return HEADER.pack(len(payload), kind | flags) + payload
 
 

@@ -23,6 +23,7 @@ from pykv.client.admin import fetch_status, request_leave
 from pykv.client.router import Router
 from pykv.client.transport import MEMBERS, META_GROUP
 from pykv.errors import Error, InvalidArgument
+from pykv.net.framing import CLUSTER_MAX_FRAME
 
 CONFIG_NAME = "cluster.json"
 # Partitions are fixed for the life of a cluster (no split or merge), so the default leaves
@@ -38,7 +39,7 @@ PARTITIONS_HELP = (
 DEFAULT_REPLICAS = 3
 DEFAULT_VNODES = 64
 DEFAULT_DEAD_AFTER = 300.0
-DEFAULT_MAX_FRAME_MB = 64.0  # big transactions fit; snapshots travel in chunks of any total
+DEFAULT_MAX_FRAME_MB = CLUSTER_MAX_FRAME / (1 << 20)  # big transactions fit; snapshots go in chunks
 # Seconds a prepare waits for its decision (NodeConfig.recovery_after). At least 1: a
 # consistent scan renews its range lock every 0.5 s (commitflow.LOCK_RENEW_EVERY).
 DEFAULT_RECOVERY_AFTER = 2.0

@@ -74,7 +74,7 @@ from pykv.client.transport import (
 from pykv.cluster.liveness import Removal, decide_removal
 from pykv.cluster.shardmap import ShardMap, Step, StepKind, next_step
 from pykv.errors import Error, ProtocolError, Timeout, Unavailable
-from pykv.net.framing import DEFAULT_MAX_FRAME, RESPONSE, encode_frame
+from pykv.net.framing import CLUSTER_MAX_FRAME, RESPONSE, encode_frame
 from pykv.net.protocol import Connection, ServerProtocol, parse_address
 from pykv.raft.errors import NotLeader
 from pykv.raft.messages import Message, Role
@@ -142,7 +142,7 @@ class NodeConfig:
     # renews its range lock more often than that (commitflow.LOCK_RENEW_EVERY).
     recovery_after: float = 2.0
     scan_page_bytes: int = SCAN_PAGE_BYTES  # about what one SCAN reply carries at most
-    max_frame: int = 4 * DEFAULT_MAX_FRAME  # big transactions fit; snapshots go in chunks
+    max_frame: int = CLUSTER_MAX_FRAME  # big transactions fit; snapshots go in chunks
     # Applied entries between two snapshots of a group (its Raft log lives in memory until
     # then); None: a share of one node-wide budget (pykv.replica.host.snapshot_every_for).
     snapshot_every: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import sys
@@ -241,8 +242,30 @@ def test_a_snapshot_under_steady_transfers_locks_and_sees_one_moment(cluster, re
         db.close()
 
 
+def test_a_transaction_of_max_txn_bytes_in_one_shard_commits(cluster):
+    """All of a transaction's bytes in one shard: one COMMIT request, one Raft entry, more
+    than the 16 MiB frames clients used to be limited to (a ProtocolError then)."""
+    db = pykv.client.connect(cluster.addresses)
+    try:
+        core = db.backend.core
+        keys = [k for k in (f"bulk/{i}" for i in range(2000)) if core.shard_of(k) == core.shard_of("bulk/0")]
+        values = [os.urandom(810_000) for _ in range(42)]
+        with db.transaction() as tx:
+            for key, value in zip(keys[:41], values, strict=False):
+                tx.put(key, value)  # 33,210,000 bytes and keys: under max_txn_bytes (32 MiB)
+            with pytest.raises(TransactionTooLarge):
+                tx.put(keys[41], values[41])
+        assert db.get_many(keys[:42]) == {**dict(zip(keys[:41], values, strict=False)), keys[41]: None}
+        with db.transaction() as tx:
+            for key in keys[:41]:
+                tx.delete(key)
+    finally:
+        db.close()
+
+
 def test_get_many_of_more_values_than_one_frame_holds(cluster):
-    """17 values of almost 1 MiB on one shard: 17 MiB, more than a frame (16 MiB) can carry,
+    """17 values of almost 1 MiB on one shard: 17 MiB, more than a reply of 16 MiB (what
+    commitflow.READ_BATCH_KEYS allows, so that a node given a max_frame that small answers),
     so the keys go in several READ requests (commitflow.read_batches) and all come back,
     as a snapshot and inside a transaction."""
     db = pykv.client.connect(cluster.addresses)

@@ -136,6 +136,17 @@ def test_encoding_an_oversized_frame_is_refused():
         encode_frame(20, os.urandom(200), max_frame=100)
 
 
+def test_a_frame_is_refused_by_its_size_before_compression_as_its_receiver_counts_it():
+    # 64 KiB of zeros compress to a few bytes, but the receiver checks the size they
+    # decompress to: a sender that let it through would have its connection closed.
+    body = b"\x00" * (64 << 10)
+    with pytest.raises(ProtocolError, match="max_frame is 32768"):
+        encode_frame(20, body, max_frame=32 << 10)
+    fits = encode_frame(20, body, max_frame=128 << 10)
+    assert len(fits) < 1024  # compressed
+    assert FrameDecoder(max_frame=128 << 10).feed(fits)[0].body == body
+
+
 def test_a_compressed_bomb_is_refused():
     bomb = zstandard.ZstdCompressor().compress(b"\x00" * (4 << 20))
     decoder = FrameDecoder(max_frame=1 << 20)
