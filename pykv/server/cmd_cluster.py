@@ -190,6 +190,32 @@ def running_nodes(
     return alive
 
 
+class NodeExited(TimeoutError):
+    """A node process exited before the cluster was ready (a port in use, a bad data
+    directory...): waiting longer would not help. A TimeoutError, so that callers that
+    report a cluster that did not come up report this too."""
+
+
+def _last_complaint(log_path: Path) -> str:
+    """The last line of a node's log that is not a traceback's frame: usually the error."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return "(no log)"
+    said = [line for line in lines if line.strip() and not line.startswith((" ", "\t", "Traceback"))]
+    return said[-1] if said else "(an empty log)"
+
+
+def _check_still_running(data_dir: Path, node_id: int, pid: int) -> None:
+    """NodeExited when the process ``pid`` that was started for node_id is gone (and no
+    other has been started for it since: the pid file still names it)."""
+    if read_pid(data_dir, node_id) == pid and not pid_alive(pid):
+        log_path = data_dir / f"node-{node_id}.log"
+        raise NodeExited(f"node {node_id} (pid {pid}) exited: {_last_complaint(log_path)}")
+
+
 def _status_table(rows: dict[int, str]) -> Table:
     table = Table(title="pykv cluster")
     table.add_column("node")
@@ -202,13 +228,16 @@ def _status_table(rows: dict[int, str]) -> Table:
 def wait_until_ready(
     config: ClusterConfig, timeout: float, console: Console | None = None,
     data_dir: Path | None = None, failure: str = "not every shard had a leader",
+    started: dict[int, int] | None = None,
 ) -> set[int]:
     """Poll every node until every shard it knows of has a leader.
 
     Returns the nodes that found themselves taken out of the cluster while they were down
     (by ``cluster remove`` elsewhere, or as dead after --dead-after): they host nothing and
     never join again, so they are not waited for. On timeout, raises TimeoutError with
-    ``failure`` and what each node reported last.
+    ``failure`` and what each node reported last. ``started``: node id -> pid of the
+    processes the caller just started; NodeExited as soon as one of them is gone (a node
+    already running that dies meanwhile may be restarted by someone else: waited for).
     """
     deadline = time.monotonic() + timeout
     rows = {nid: "starting" for nid in config.active()}
@@ -220,6 +249,8 @@ def wait_until_ready(
         while time.monotonic() < deadline:
             ready = True
             for node_id, addr in config.active().items():
+                if data_dir is not None and started and node_id in started:
+                    _check_still_running(data_dir, node_id, started[node_id])
                 try:
                     status = fetch_status(addr, timeout=1.0)
                 except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
@@ -287,12 +318,13 @@ def cluster_up(
             config.nodes[node_id] = f"{host}:{base_port + node_id - 1}"
     save_config(data_dir, config)
     alive = running_nodes(config, data_dir)
-    for node_id in sorted(config.active()):
-        if node_id not in alive:
-            start_node(config, node_id, data_dir, env=env)
+    started = {
+        node_id: start_node(config, node_id, data_dir, env=env)
+        for node_id in sorted(config.active()) if node_id not in alive
+    }
     removed = wait_until_ready(
         config, timeout, console, data_dir,
-        failure=f"the cluster in {data_dir} did not elect every leader",
+        failure=f"the cluster in {data_dir} did not elect every leader", started=started,
     )
     for node_id in sorted(removed):
         _forget_removed_node(config, node_id, data_dir, console)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,4 +55,25 @@ def test_up_down_up_keeps_data_and_restarts_only_missing_nodes(tmp_path):
         with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
             assert [db.get(f"k{i}") for i in range(20)] == list(range(20))
     finally:
+        _pykv("cluster", "down", "--data-dir", str(data))
+
+
+def test_up_reports_a_node_that_cannot_start_at_once(tmp_path):
+    """A node whose port another program holds exits at once: `cluster up` says so, with the
+    node's own error, instead of waiting its whole timeout for leaders."""
+    data = tmp_path / "c"
+    base = free_port_range(3)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", base + 1))  # node 2's port
+    squatter.listen()
+    try:
+        started = time.monotonic()
+        up = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base),
+                   "--timeout", "60")
+        assert up.returncode == 1
+        assert time.monotonic() - started < 30
+        assert "node 2" in up.stderr and "exited" in up.stderr
+        assert "address already in use" in " ".join(up.stderr.split())  # rich wraps lines
+    finally:
+        squatter.close()
         _pykv("cluster", "down", "--data-dir", str(data))
