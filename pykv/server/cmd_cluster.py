@@ -67,6 +67,10 @@ class ClusterConfig:
     max_frame_mb: float = DEFAULT_MAX_FRAME_MB  # the largest frame a node sends or accepts
     snapshot_every: int | None = None  # entries between snapshots (None: the node's budget)
     recovery_after: float = DEFAULT_RECOVERY_AFTER  # seconds before a prepare is settled
+    # Every node ran and the cluster was ready once: from then on a node that starts with an
+    # empty data directory lost its data (`pykv serve --existing`). Before, it never voted,
+    # and founding its groups is safe.
+    formed: bool = False
 
     def active(self) -> dict[int, str]:
         return {n: a for n, a in self.nodes.items() if n not in self.removed}
@@ -131,8 +135,8 @@ def _not_zombie(pid: int) -> bool:
         return False
 
 
-def serve_command(config: ClusterConfig, node_id: int, data_dir: Path) -> list[str]:
-    """The argv that runs one node of this cluster."""
+def serve_command(config: ClusterConfig, node_id: int, data_dir: Path, *, existing: bool = False) -> list[str]:
+    """The argv that runs one node of this cluster (``existing``: restarting it)."""
     peers = ",".join(f"{nid}={addr}" for nid, addr in sorted(config.nodes.items()))
     argv = [
         sys.executable, "-m", "pykv.server.cli", "serve",
@@ -153,11 +157,15 @@ def serve_command(config: ClusterConfig, node_id: int, data_dir: Path) -> list[s
     ]
     if config.snapshot_every is not None:
         argv += ["--snapshot-every", str(config.snapshot_every)]
+    if existing:
+        argv.append("--existing")
     return argv
 
 
-def start_node(config: ClusterConfig, node_id: int, data_dir: Path, env: dict | None = None) -> int:
-    """Start one node detached (its own session), logging to DIR/node-ID.log; return its pid."""
+def start_node(config: ClusterConfig, node_id: int, data_dir: Path, env: dict | None = None,
+               *, existing: bool = False) -> int:
+    """Start one node detached (its own session), logging to DIR/node-ID.log; return its pid.
+    ``existing``: the cluster was started before (see `pykv serve --existing`)."""
     # Nodes run the same pykv as this launcher, installed or not.
     env = dict(os.environ if env is None else env)
     package_root = str(Path(pykv.__file__).resolve().parent.parent)
@@ -165,7 +173,7 @@ def start_node(config: ClusterConfig, node_id: int, data_dir: Path, env: dict | 
     log = open(data_dir / f"node-{node_id}.log", "ab")
     try:
         proc = subprocess.Popen(
-            serve_command(config, node_id, data_dir),
+            serve_command(config, node_id, data_dir, existing=existing),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -305,6 +313,7 @@ def cluster_up(
     """Start (or restart, or grow) the cluster in data_dir; raise TimeoutError if not ready."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = load_config(data_dir)
+    existing = config is not None and config.formed
     if config is None:
         ids = list(range(1, nodes + 1))
         # settings: the other ClusterConfig fields (partitions, replicas, state, ...).
@@ -319,7 +328,7 @@ def cluster_up(
     save_config(data_dir, config)
     alive = running_nodes(config, data_dir)
     started = {
-        node_id: start_node(config, node_id, data_dir, env=env)
+        node_id: start_node(config, node_id, data_dir, env=env, existing=existing)
         for node_id in sorted(config.active()) if node_id not in alive
     }
     removed = wait_until_ready(
@@ -328,6 +337,9 @@ def cluster_up(
     )
     for node_id in sorted(removed):
         _forget_removed_node(config, node_id, data_dir, console)
+    if not config.formed:
+        config.formed = True
+        save_config(data_dir, config)
     return config
 
 

@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initial", default="",
                         help="comma-separated ids of the founding members (default: all peers)")
     parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--existing", action="store_true",
+                        help="the cluster exists already (`cluster up` passes it on a restart): "
+                             "an empty --data-dir then means this node lost its data, and it "
+                             "rejoins its groups as a new replica instead of founding them again"),
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS, help=PARTITIONS_HELP)
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--vnodes", type=int, default=64)
@@ -87,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         max_frame=int(args.max_frame_mb * (1 << 20)),
         snapshot_every=args.snapshot_every,
         recovery_after=args.recovery_after,
+        existing=args.existing,
     )
 
 

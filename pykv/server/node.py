@@ -164,6 +164,11 @@ class NodeConfig:
     # Seconds a member may stay unreachable before the metadata leader takes it out of the
     # shard map (as `pykv cluster remove` would) so its shards move to live nodes; 0 = never.
     dead_after: float = 300.0
+    # The cluster exists already (`cluster up` restarting it; `pykv serve --existing`): with
+    # an empty data directory this node LOST its data, so it must not found its groups again
+    # (with a Raft term and vote forgotten it could vote twice in a term). It rejoins instead:
+    # see Node._rejoin_after_data_loss.
+    existing: bool = False
 
 
 class _Peer:
@@ -332,6 +337,7 @@ class Node:
         self._placement_term = 0  # the metadata term of the last placement check (a new leader checks)
         self._next_placement_check = 0.0
         self._may_join = False
+        self._lost_data = False  # fresh under `existing`: leave my groups, to be added back
         # Monotonic counters for `pykv status --json` and benchmarks.
         self.counters: dict[str, int] = defaultdict(int)
         self.step_times = StepTimes()  # how long the driver holds the loop at a time
@@ -394,6 +400,12 @@ class Node:
         self.host.restore_in_background = self._restore_in_background
         recovered = set(self.nodelog.groups())
         fresh = not recovered and not self.nodelog.dropped
+        self._lost_data = fresh and cfg.existing
+        if self._lost_data:
+            log.warning("event=lost_data node=%d: the data directory is empty but the cluster "
+                        "exists; founding nothing, rejoining as a new replica of each group",
+                        cfg.node_id)
+            fresh = False  # found nothing; a node the map does not name yet joins (below)
         if META_GROUP in recovered:
             # A member of the metadata group, founding or added later: restart it from the
             # WAL and snapshots (its members are whatever its Raft configuration says now).
@@ -403,7 +415,7 @@ class Node:
         for gid in sorted(recovered - {META_GROUP}):
             self.host.add_group(gid, None)  # restart from the WAL and snapshots
         # Only a node starting empty asks to join; one that was removed stays out.
-        self._may_join = fresh
+        self._may_join = fresh or self._lost_data
         for shard in range(cfg.partitions):
             replicas = list(self.founding_map.replicas_of(shard))
             if fresh and cfg.node_id in replicas:
@@ -1047,6 +1059,8 @@ class Node:
             try:
                 await self._refresh_learned_map()
                 in_map = self.config.node_id in self.current_map().nodes
+                if in_map and self._lost_data:
+                    await self._rejoin_after_data_loss()
                 if in_map:
                     self._may_join = False  # a node taken out later must not join again
                 elif self._may_join:
@@ -1063,6 +1077,27 @@ class Node:
                 await self._drop_stale_replicas()
             except (Error, OSError, asyncio.TimeoutError) as exc:
                 log.debug("membership round failed: %s", exc)
+
+    async def _rejoin_after_data_loss(self) -> None:
+        """Leave every group whose configuration still names this node (it lost its copy,
+        and its term and vote with it): each group's leader removes it, with the majority
+        of the others. The metadata leader's placement checks then add it back as a new
+        learner, filled by a snapshot, and promote it. Done once no group names it."""
+        me = self.config.node_id
+        host = self.host
+        assert host is not None
+        named = 0
+        for gid in [*range(self.current_map().partitions), META_GROUP]:
+            if gid in host.groups:
+                continue  # added back already (HOST): a replica of this incarnation
+            info = await self.router.call(gid, MEMBERS, [gid], timeout=2.0)
+            if me in info["voters"] or me in info["learners"]:
+                named += 1
+                await self.router.call(gid, CONF, [gid, StepKind.REMOVE.value, me], timeout=5.0)
+                log.info("shard %d: left the group (this node lost its data), to be added back", gid)
+        if not named:
+            self._lost_data = False
+            log.info("event=rejoined node=%d: no group names the lost replicas any more", me)
 
     def _placement_check_due(self, term: int) -> bool:
         """Whether the metadata leader checks every group's placement in this round.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -74,6 +76,64 @@ def test_up_reports_a_node_that_cannot_start_at_once(tmp_path):
         assert time.monotonic() - started < 30
         assert "node 2" in up.stderr and "exited" in up.stderr
         assert "address already in use" in " ".join(up.stderr.split())  # rich wraps lines
+        squatter.close()
+        # Node 2 never ran: it founds its groups like the others did (it never voted).
+        again = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base))
+        assert again.returncode == 0, again.stderr
+        assert load_config(data).formed
     finally:
         squatter.close()
+        _pykv("cluster", "down", "--data-dir", str(data))
+
+
+def _replicas(address: str) -> dict[str, dict]:
+    out = _pykv("status", "--json", "--addresses", address)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)[address]["groups"]
+
+
+def test_a_node_that_lost_its_data_rejoins_its_groups_as_a_new_replica(tmp_path):
+    """Node 3's data directory is lost (a dead disk, replaced): `cluster up` brings it back
+    empty, and it must not found its groups again (its Raft terms and votes are gone). It
+    leaves each group and is added back as a learner, filled by a snapshot, then promoted:
+    every replica it hosts ends with the leader's keys and applied index."""
+    data = tmp_path / "c"
+    base = free_port_range(3)
+    try:
+        up = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base),
+                   "--partitions", "4")
+        assert up.returncode == 0, up.stderr
+        with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
+            for i in range(200):
+                db.put(f"k{i}", i)
+        subprocess.run(["kill", "-9", str(read_pid(data, 3))], check=True)
+        time.sleep(0.5)
+        shutil.rmtree(data / "node-3")
+        with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
+            for i in range(200, 300):
+                db.put(f"k{i}", i)  # what node 3 never saw, even before it lost its data
+        again = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base))
+        assert again.returncode == 0, again.stderr
+        log = (data / "node-3.log").read_text()
+        assert "event=lost_data" in log and "left the group" in log
+        deadline = time.monotonic() + 60
+        while True:
+            leaders = {}
+            for n in (1, 2, 3):
+                for gid, g in _replicas(f"127.0.0.1:{base + n - 1}").items():
+                    if g["role"].startswith("leader"):
+                        leaders[gid] = g
+            mine = _replicas(f"127.0.0.1:{base + 2}")
+            caught_up = sorted(mine) == sorted(leaders) and all(
+                (mine[gid]["applied"], mine[gid]["keys"]) == (leaders[gid]["applied"], leaders[gid]["keys"])
+                for gid in leaders
+            )
+            if caught_up or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert caught_up, {gid: (mine.get(gid), leaders[gid]) for gid in leaders}
+        assert sum(g["keys"] for gid, g in mine.items() if gid != "meta") == 300
+        with pykv.client.connect([f"127.0.0.1:{base + 2}"]) as db:
+            assert [db.get(f"k{i}") for i in range(300)] == list(range(300))
+    finally:
         _pykv("cluster", "down", "--data-dir", str(data))
