@@ -73,7 +73,7 @@ from pykv.client.transport import (
 )
 from pykv.cluster.liveness import Removal, decide_removal
 from pykv.cluster.shardmap import ShardMap, Step, StepKind, next_step
-from pykv.errors import Error, ProtocolError, Timeout, Unavailable
+from pykv.errors import CorruptData, Error, ProtocolError, Timeout, Unavailable
 from pykv.net.framing import CLUSTER_MAX_FRAME, RESPONSE, encode_frame
 from pykv.net.protocol import Connection, ServerProtocol, parse_address
 from pykv.raft.errors import NotLeader
@@ -1370,7 +1370,15 @@ async def serve_forever(config: NodeConfig) -> None:
     # collector's sight instead (RaftLog's rows, Remembered's arrays and atomic values).
     gc.set_threshold(10_000, 10, 10)
     node = Node(config)
-    await node.start()
+    try:
+        await node.start()
+    except CorruptData as exc:
+        # Refuse to serve from damaged data, and say how to rebuild it (the last line of the
+        # log, which `cluster up` shows).
+        log.error("event=corrupt_data node=%d: %s. To rebuild this node from the other replicas, "
+                  "remove %s and start it again (`pykv cluster up`: it rejoins as a new replica)",
+                  config.node_id, exc, config.data_dir)
+        raise SystemExit(2) from None
     gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
