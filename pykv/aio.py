@@ -171,6 +171,11 @@ class AsyncTransaction:
             await self.abort()
 
 
+def _local_limit(name: str) -> property:
+    """A read-only property: the limit ``name`` of the store's local KeyValueStore."""
+    return property(lambda store: getattr(store._local, name), doc=f"This store's {name}.")
+
+
 class AsyncKeyValueStore:
     """The asyncio counterpart of pykv.KeyValueStore over a cluster (one event loop)."""
 
@@ -189,21 +194,11 @@ class AsyncKeyValueStore:
         self._by_id: dict[int, AsyncTransaction] = {}
         self._closed = False
 
-    @property
-    def max_txn_ops(self) -> int:
-        return self._local.max_txn_ops
-
-    @property
-    def max_value_bytes(self) -> int:
-        return self._local.max_value_bytes
-
-    @property
-    def max_txn_bytes(self) -> int:
-        return self._local.max_txn_bytes
-
-    @property
-    def max_scan_bytes(self) -> int:
-        return self._local.max_scan_bytes
+    # The limits, as the sync store has them (read-only: they belong to the local side).
+    max_txn_ops = _local_limit("max_txn_ops")
+    max_txn_bytes = _local_limit("max_txn_bytes")
+    max_value_bytes = _local_limit("max_value_bytes")
+    max_scan_bytes = _local_limit("max_scan_bytes")
 
     @property
     def closed(self) -> bool:
