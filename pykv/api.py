@@ -250,17 +250,17 @@ class Transaction:
                 f" would pass the limit (max_txn_ops) of {limit}"
             )
 
-    def _bytes_with(self, key: str, kind: OpKind, arg: Any) -> tuple[int, int]:
+    def _bytes_with(self, key: str, kind: OpKind, arg: Any, size: int | None) -> tuple[int, int]:
         """(this transaction's bytes, ``key``'s) once ``kind`` of ``arg`` to ``key`` is
-        buffered: an upper bound, as codec.size_bound (a key written again counts its last
-        value, a delta adds to what the key holds). TransactionTooLarge past max_txn_bytes."""
+        buffered: an upper bound, as codec.size_bound (``size``, when the caller has it: a
+        key written again counts its last value, a delta adds to what the key holds).
+        TransactionTooLarge past max_txn_bytes."""
         held = self._key_bytes.get(key)
-        if kind == OpKind.PUT:
-            mine = len(key) + size_bound(arg)
-        elif kind == OpKind.DELETE:
+        if kind == OpKind.DELETE:
             mine = len(key)
         else:
-            mine = (len(key) if held is None else held) + (9 if kind == OpKind.INCR else size_bound(arg))
+            value_bytes = size_bound(arg) if size is None else size
+            mine = value_bytes + (len(key) if kind == OpKind.PUT or held is None else held)
         total = self._bytes - (held or 0) + mine
         limit = self._store.max_txn_bytes
         if total > limit:
@@ -362,7 +362,10 @@ class Transaction:
 
     # --- writes (buffered) --------------------------------------------------------------
 
-    def _buffer(self, key: str, kind: OpKind, arg: Any, context: VClock | bytes | None) -> None:
+    def _buffer(
+        self, key: str, kind: OpKind, arg: Any, context: VClock | bytes | None, size: int | None = None
+    ) -> None:
+        """Buffer one write; ``size``: size_bound(arg) when the caller computed it already."""
         with self._lock:
             self._ensure_open()
             check_key(key)
@@ -372,7 +375,7 @@ class Transaction:
             # transaction as it was. The op limit goes first because the fold below may
             # extend pending.value in place (it fails, if at all, before touching it).
             self._check_room()
-            total, key_bytes = self._bytes_with(key, kind, arg)
+            total, key_bytes = self._bytes_with(key, kind, arg, size)
             if kind == OpKind.PUT:
                 new = _Pending(True, _own(arg), [])
             elif kind == OpKind.DELETE:
@@ -398,8 +401,8 @@ class Transaction:
         """Buffer a write. With ``context`` (a clock from get_versioned) the write is
         validated against that version: a change since then is a conflict, which under
         isolation="merge" the key's resolver may merge."""
-        check_value_fits(value, self._store.max_value_bytes)  # InvalidValue / ValueTooLarge now
-        self._buffer(key, OpKind.PUT, value, context)
+        size = check_value_fits(value, self._store.max_value_bytes)  # InvalidValue / ValueTooLarge now
+        self._buffer(key, OpKind.PUT, value, context, size)
 
     def __setitem__(self, key: str, value: Value) -> None:
         self.put(key, value)

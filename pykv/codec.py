@@ -69,15 +69,18 @@ def encode_value(value: Value, limit: int = MAX_VALUE_BYTES) -> bytes:
     return _RAW + body
 
 
-def check_value_fits(value: Value, limit: int = MAX_VALUE_BYTES) -> None:
+def check_value_fits(value: Value, limit: int = MAX_VALUE_BYTES) -> int:
     """encode_value()'s checks without its work: InvalidValue, or ValueTooLarge past limit.
+    Returns size_bound(value), which a transaction counts towards max_txn_bytes.
 
     The value is encoded only when a cheap upper bound of its size is over the limit, so a
     put does not pay for msgpack (and zstd) twice: once here, once when it is committed.
     """
     check_value(value)
-    if size_bound(value) > limit:
+    bound = size_bound(value)
+    if bound > limit:
         check_encoded_size(pack(value), limit)
+    return bound
 
 
 def size_bound(value: object) -> int:
