@@ -47,6 +47,8 @@ def test_opening_a_file_as_a_store_says_so_and_leaves_the_file(tmp_path):
     path.write_text("mine")
     with pytest.raises(pykv.InvalidArgument, match="is a file, not a store's directory"):
         pykv.open(path)
+    with pytest.raises(pykv.InvalidArgument, match="notes.txt is a file"):
+        pykv.open(path / "db")  # a file among its parents
     assert path.read_text() == "mine"
 
 

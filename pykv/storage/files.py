@@ -7,7 +7,7 @@ import fcntl
 import os
 import secrets
 
-from pykv.errors import CorruptData, StoreLocked
+from pykv.errors import CorruptData, InvalidArgument, StoreLocked
 
 
 def fsync_dir(path: str) -> None:
@@ -20,11 +20,14 @@ def fsync_dir(path: str) -> None:
 
 
 def make_dirs_durably(path: str) -> None:
-    """Create path (and parents) and fsync each new directory's parent."""
+    """Create path (and parents) and fsync each new directory's parent. InvalidArgument when
+    path, or one of its parents, is a file."""
     path = os.path.abspath(path)
     missing = []
     probe = path
     while not os.path.isdir(probe):
+        if os.path.exists(probe):
+            raise InvalidArgument(f"{probe} is a file, not a store's directory")
         missing.append(probe)
         probe = os.path.dirname(probe)
     for directory in reversed(missing):

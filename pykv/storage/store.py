@@ -53,7 +53,6 @@ from pykv._engine.keydir import KeyDir
 from pykv._engine.wal import WalWriter, crc32c, read_wal, segment_path
 from pykv.errors import (
     CorruptData,
-    InvalidArgument,
     InvalidKey,
     InvalidValue,
     KeyTooLarge,
@@ -196,8 +195,6 @@ class Storage:
         """
         if fsync not in ("always", "interval", "off"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'off', not {fsync!r}")
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise InvalidArgument(f"{path} is a file, not a store's directory")
         make_dirs_durably(path)
         dir_lock = DirectoryLock(path)
         try:
