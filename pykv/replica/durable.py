@@ -38,6 +38,7 @@ record restates every group's hard state (so the hard states survive the deletio
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import shutil
 from collections import deque
@@ -203,11 +204,19 @@ class NodeLog:
                 continue
             meta = SnapshotMeta.from_wire(meta_wire)
             groups[group] = _Recovered(snapshot=Snapshot(meta, SnapshotFile(path, meta.index)))
-        if not self.wal_dir.exists():
-            return groups
         # Entries a group's snapshot file covers are dropped at the end: not decoded at all.
         covered = {g: rec.snapshot.meta.index for g, rec in groups.items() if rec.snapshot}
-        for record in read_wal(str(self.wal_dir)):
+        records = read_wal(str(self.wal_dir)) if self.wal_dir.exists() else iter(())
+        first = next(records, None)
+        if first is None and groups:
+            # The WAL is gone but snapshots are here: the node forgot its terms, votes and the
+            # entries it acknowledged. Its replicas must not vote or count towards a commit
+            # again (with them, a leader could be elected without a committed entry).
+            raise CorruptData(
+                f"{self.wal_dir} holds no record, but the snapshots of {len(groups)} groups are "
+                "here: the node lost its Raft log (its terms, votes and acknowledged entries)"
+            )
+        for record in itertools.chain([first] if first else [], records):
             for group, hs, entries, snap_meta in unpack(record.payload):
                 if record.lsn <= dropped.get(group, 0):
                     continue

@@ -71,6 +71,38 @@ def test_a_dropped_group_comes_back_empty(tmp_path):
     assert state.snapshot is None and [e.data for e in state.entries] == [b"fresh1"]
 
 
+@pytest.mark.parametrize("loss", ["directory", "segments"])
+def test_snapshots_without_their_wal_are_refused_not_restarted_with_no_vote(tmp_path, loss):
+    """A node whose WAL is gone (deleted, or a disk replaced under it) while its snapshot
+    files survived forgot its terms, votes and acknowledged entries: restarting its groups
+    from the snapshots alone would let it vote twice in a term, so recovery refuses."""
+    import shutil
+
+    log = NodeLog(tmp_path)
+    log.persist([GroupWork(1, HardState(4, 2, 6), _entries(4, 1, 6), None)])
+    log.save_snapshot(1, Snapshot(SnapshotMeta(5, 4), b"state@5"))
+    log.close()
+    if loss == "directory":
+        shutil.rmtree(tmp_path / "wal")
+    else:
+        for segment in (tmp_path / "wal").iterdir():
+            segment.unlink()
+    with pytest.raises(CorruptData, match="lost its Raft log"):
+        NodeLog(tmp_path)
+
+
+def test_a_new_node_and_one_whose_groups_were_all_dropped_start_without_a_wal(tmp_path):
+    NodeLog(tmp_path / "new").close()  # nothing on disk: a first start
+    log = NodeLog(tmp_path / "left")
+    log.persist([GroupWork(2, HardState(3, 1, 2), _entries(3, 1, 2), None)])
+    log.save_snapshot(2, Snapshot(SnapshotMeta(1, 3), b"old"))
+    log.drop(2)
+    log.close()
+    again = NodeLog(tmp_path / "left")
+    assert again.groups() == []
+    again.close()
+
+
 def test_truncation_keeps_what_any_group_still_needs(tmp_path):
     log = NodeLog(tmp_path)
     log.wal.close()
@@ -118,6 +150,7 @@ def test_a_snapshot_image_streams_into_its_file_and_out_again(tmp_path):
     assert handle.load() == image
     log.save_snapshot(2, Snapshot(meta, None))  # a shard whose storage is the snapshot
     assert log.snapshot_file(2, 7).open() is None and log.snapshot_file(2, 7).load() is None
+    log.persist([GroupWork(1, HardState(2, 1, 7), (), None)])  # the group's WAL record
     log.close()
     recovered = NodeLog(tmp_path / "node").persistent_state(1).snapshot
     assert recovered.meta == meta and snapshot_data(recovered.data) == image
@@ -141,6 +174,7 @@ def test_a_received_image_becomes_the_snapshot_file_without_a_copy(tmp_path):
     assert handle.load() == received.load() == image
     del received  # restored: the receiver's name for it goes, the snapshot file stays
     assert not (tmp_path / "incoming.img").exists() and handle.load() == image
+    log.persist([GroupWork(1, HardState(2, 1, 7), (), None)])  # the group's WAL record
     log.close()
     recovered = NodeLog(tmp_path / "node").persistent_state(1).snapshot
     assert recovered.meta == meta and snapshot_data(recovered.data) == image
@@ -156,9 +190,10 @@ def test_a_snapshot_file_of_an_earlier_release_is_still_read(tmp_path):
     from pykv.codec import pack
 
     meta = SnapshotMeta(4, 1, ConfState(frozenset({1})))
-    snap_dir = tmp_path / "snap"
-    snap_dir.mkdir()
-    (snap_dir / "g3.snap").write_bytes(pack([meta.to_wire(), b"old image", 0]))  # one object
+    log = NodeLog(tmp_path)  # the group's WAL record
+    log.persist([GroupWork(3, HardState(1, 1, 4), (), None)])
+    log.close()
+    (tmp_path / "snap" / "g3.snap").write_bytes(pack([meta.to_wire(), b"old image", 0]))  # one object
     state = NodeLog(tmp_path).persistent_state(3)
     assert state.snapshot.meta == meta and snapshot_data(state.snapshot.data) == b"old image"
     with state.snapshot.data.open() as f:

@@ -93,8 +93,8 @@ def _replicas(address: str) -> dict[str, dict]:
 
 
 def test_a_node_that_lost_its_data_rejoins_its_groups_as_a_new_replica(tmp_path):
-    """Node 3's shard storage is lost behind its snapshots: it refuses to start, and says how
-    to rebuild it. Then its whole data directory goes (as after a dead disk is replaced):
+    """Node 3's WAL is lost (its terms and votes with it), or its shard storage is lost
+    behind its snapshots: either way it refuses to start, and says how to rebuild it. Then its whole data directory goes (as after a dead disk is replaced):
     `cluster up` brings it back empty, and it must not found its groups again (its Raft
     terms and votes are gone). It leaves each group and is added back as a learner, filled
     by a snapshot, then promoted: every replica it hosts ends with the leader's keys and
@@ -110,11 +110,15 @@ def test_a_node_that_lost_its_data_rejoins_its_groups_as_a_new_replica(tmp_path)
                 db.put(f"k{i}", i)
         subprocess.run(["kill", "-9", str(read_pid(data, 3))], check=True)
         time.sleep(0.5)
-        shutil.rmtree(data / "node-3" / "shards")
-        damaged = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base))
-        assert damaged.returncode == 1
-        said = " ".join(damaged.stderr.split())  # rich wraps lines
-        assert "behind its snapshot" in said and "To rebuild this node from the other replicas" in said
+        shutil.copytree(data / "node-3", tmp_path / "node-3-copy")
+        for lost, complaint in (("wal", "lost its Raft log"), ("shards", "behind its snapshot")):
+            shutil.rmtree(data / "node-3")
+            shutil.copytree(tmp_path / "node-3-copy", data / "node-3")
+            shutil.rmtree(data / "node-3" / lost)
+            damaged = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base))
+            assert damaged.returncode == 1
+            said = " ".join(damaged.stderr.split())  # rich wraps lines
+            assert complaint in said and "To rebuild this node from the other replicas" in said
         shutil.rmtree(data / "node-3")
         with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
             for i in range(200, 300):
