@@ -32,7 +32,12 @@ once the group has taken it (``release``).
 Compaction: after a group snapshots at index i, records that only hold that group's entries
 <= i are garbage. ``NodeLog`` tracks, per group, the lsn of the oldest record it still
 needs; whole WAL segments older than every group's need are deleted, after a checkpoint
-record restates every group's hard state (so the hard states survive the deletion).
+record restates every group's hard state and snapshot marker (so both survive the deletion).
+
+Recovery refuses (CorruptData) a directory that lost part of a node's memory: snapshot files
+without any WAL (the terms, votes and acknowledged entries are gone), or a snapshot the WAL
+records without its file (the entries before it are gone). Restarting from what is left
+would let the node vote twice in a term or forget entries it acknowledged.
 """
 
 from __future__ import annotations
@@ -183,6 +188,11 @@ class NodeLog:
         self._latest_hard: dict[int, HardState] = {
             g: r.hard_state for g, r in self.recovered.items()
         }
+        # The snapshot each group's file holds: restated with the hard states (truncate), so
+        # recovery can tell a lost snapshot file from a group that never had one.
+        self._latest_snap: dict[int, SnapshotMeta] = {
+            g: r.snapshot.meta for g, r in self.recovered.items() if r.snapshot is not None
+        }
 
     # --- recovery ---------------------------------------------------------------------------
 
@@ -216,6 +226,7 @@ class NodeLog:
                 f"{self.wal_dir} holds no record, but the snapshots of {len(groups)} groups are "
                 "here: the node lost its Raft log (its terms, votes and acknowledged entries)"
             )
+        marked: dict[int, int] = {}  # group -> index of the last snapshot the WAL records
         for record in itertools.chain([first] if first else [], records):
             for group, hs, entries, snap_meta in unpack(record.payload):
                 if record.lsn <= dropped.get(group, 0):
@@ -226,6 +237,7 @@ class NodeLog:
                     # file is only ever replaced by a newer snapshot: the log restarts here.
                     meta = SnapshotMeta.from_wire(snap_meta)
                     cut_through(rec.entries, meta.index)
+                    marked[group] = meta.index
                 if entries:
                     self._records.setdefault(group, deque()).append((entries[-1][1], record.lsn))
                     cut_from(rec.entries, entries[0][1])
@@ -234,6 +246,7 @@ class NodeLog:
                         rec.entries.extend(Entry.from_wire(e) for e in entries if e[1] > floor)
                 if hs is not None:
                     rec.hard_state = HardState.from_wire(hs)
+        self._check_snapshots_present(groups, marked)
         for group, rec in groups.items():
             if rec.snapshot is not None:
                 offset = rec.snapshot.meta.index
@@ -246,6 +259,19 @@ class NodeLog:
                 if rec.entries and rec.entries[0].index != start:
                     rec.entries = []
         return groups
+
+    def _check_snapshots_present(self, groups: dict[int, _Recovered], marked: dict[int, int]) -> None:
+        # Without the snapshot its marker names, the group would restart from an empty log
+        # (the entries before the marker are gone) and the entries after it would not
+        # follow on: the node would forget entries it acknowledged.
+        for group, index in marked.items():
+            snapshot = groups[group].snapshot
+            if snapshot is None or snapshot.meta.index < index:
+                raise CorruptData(
+                    f"{self._snap_path(group)} should hold the snapshot of group {group} at "
+                    f"index {index}, which the WAL records, but "
+                    + ("is missing" if snapshot is None else f"holds index {snapshot.meta.index}")
+                )
 
     def persistent_state(self, group: int) -> PersistentState | None:
         """What group ``group`` restarts from, or None when this node never persisted it."""
@@ -281,6 +307,8 @@ class NodeLog:
                 if self._fsync != "off":
                     os.fsync(f.fileno())
         os.replace(tmp, path)
+        if hasattr(self, "_latest_snap"):
+            self._latest_snap[group] = snapshot.meta
         if self._fsync != "off":
             _fsync_dir(self.snap_dir)
         return self.snapshot_file(group, snapshot.meta.index)
@@ -353,6 +381,7 @@ class NodeLog:
         self.dropped[group] = lsn
         self._records.pop(group, None)
         self._latest_hard.pop(group, None)
+        self._latest_snap.pop(group, None)
         self.recovered.pop(group, None)
 
     def compacted(self, group: int, index: int) -> None:
@@ -381,8 +410,12 @@ class NodeLog:
         floor = min(needed, default=self.wal.last_lsn + 1)
         if floor <= 1 or len(self.wal.segments()) < 2:
             return 0
-        # Restate every hard state first, so deleting old records loses none of them.
-        rows = [[g, hs.to_wire(), [], None] for g, hs in self._latest_hard.items()]
+        # Restate every hard state and snapshot marker first, so deleting old records loses
+        # none of them.
+        rows = []
+        for group in sorted(self._latest_hard.keys() | self._latest_snap.keys()):
+            hard, snap = self._latest_hard.get(group), self._latest_snap.get(group)
+            rows.append([group, hard and hard.to_wire(), [], snap and snap.to_wire()])
         self.wal.append(pack(rows))
         return self.wal.truncate_before(floor)
 

@@ -91,6 +91,20 @@ def test_snapshots_without_their_wal_are_refused_not_restarted_with_no_vote(tmp_
         NodeLog(tmp_path)
 
 
+def test_a_snapshot_the_wal_records_but_the_disk_lost_is_refused(tmp_path):
+    """The entries before the marker are gone from the WAL: without the file the group
+    would restart from an empty log and forget entries it acknowledged."""
+    log = NodeLog(tmp_path)
+    log.persist([GroupWork(1, HardState(2, 1, 6), _entries(2, 1, 6), None)])
+    log.persist([GroupWork(1, None, (), Snapshot(SnapshotMeta(4, 2), b"state@4"))])
+    log.persist([GroupWork(1, HardState(2, 1, 8), _entries(2, 7, 8), None)])
+    log.close()
+    assert NodeLog(tmp_path).persistent_state(1).snapshot.meta.index == 4
+    (tmp_path / "snap" / "g1.snap").unlink()
+    with pytest.raises(CorruptData, match="g1.snap should hold the snapshot of group 1 at index 4"):
+        NodeLog(tmp_path)
+
+
 def test_a_new_node_and_one_whose_groups_were_all_dropped_start_without_a_wal(tmp_path):
     NodeLog(tmp_path / "new").close()  # nothing on disk: a first start
     log = NodeLog(tmp_path / "left")
@@ -126,6 +140,9 @@ def test_truncation_keeps_what_any_group_still_needs(tmp_path):
     assert one.snapshot.meta.index == 70 and [e.index for e in one.entries] == list(range(71, 80))
     assert one.hard_state.commit == 79
     again.close()
+    (tmp_path / "snap" / "g1.snap").unlink()  # its marker's record was deleted; restated since
+    with pytest.raises(CorruptData, match="group 1 at index 70, which the WAL records"):
+        NodeLog(tmp_path)
 
 
 def test_a_snapshot_image_streams_into_its_file_and_out_again(tmp_path):
