@@ -1022,6 +1022,8 @@ class Node:
     def _join(self, node_id: int, address: str, respond: Callable[[Any], None]) -> None:
         current = self.current_map()
         if node_id in current.nodes:
+            # A member asking again lost its replicas (_rejoin_after_data_loss): place them now.
+            self._next_placement_check = 0.0
             respond([OK, current.version])
         else:
             self._set_map(current.with_node(node_id, address), respond)
@@ -1095,7 +1097,10 @@ class Node:
                 named += 1
                 await self.router.call(gid, CONF, [gid, StepKind.REMOVE.value, me], timeout=5.0)
                 log.info("shard %d: left the group (this node lost its data), to be added back", gid)
-        if not named:
+        if named:
+            # The metadata leader adds the replicas back at its next placement check: now.
+            await self.router.call(META_GROUP, JOIN, [META_GROUP, me, self.config.listen])
+        else:
             self._lost_data = False
             log.info("event=rejoined node=%d: no group names the lost replicas any more", me)
 
@@ -1215,8 +1220,9 @@ class Node:
                 # show as shards moving for ever.
                 log.error("shard %d: placement step failed", gid, exc_info=result)
         self.pending_moves = sum(1 for r in results if r is not True)
-        if not self.pending_moves:
-            self._balanced_version = current.version
+        # Moves under way (a replica was lost, not only when the map changed): check again
+        # next round, not only after RECHECK_PLACED_S, as each move is several steps.
+        self._balanced_version = -1 if self.pending_moves else current.version
 
     # --- membership: replacing dead members -----------------------------------------------------
 
