@@ -181,6 +181,24 @@ def _close_open_writers() -> None:
         except OSError:
             pass  # the failure was already reported to the writer's callers
 
+
+
+def _disown_after_fork() -> None:
+    # A child made by fork() has copies of the writers but not their threads, and their
+    # mutexes may be copied locked: each is closed here without touching its lock, and never
+    # writes to the parent's segments (not at exit either). The child opens its own store.
+    cdef WalWriter writer
+    for writer in list(_OPEN_WRITERS):
+        writer.closed = True
+        writer.thread = None
+        if writer.fd >= 0:
+            c_close(writer.fd)  # the child's copy; the parent's stays open
+            writer.fd = -1
+    _OPEN_WRITERS.clear()
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
+
 POLICIES = {"always": POLICY_ALWAYS, "interval": POLICY_INTERVAL, "off": POLICY_OFF}
 
 WalRecord = namedtuple("WalRecord", ["lsn", "segment_id", "offset", "payload"])
@@ -705,6 +723,10 @@ cdef class WalWriter:
             got = count
             if total > MAX_PAYLOAD:
                 raise ValueTooLarge(f"WAL batch of {total} bytes is too large")
+            if self.closed:
+                # Closed for good, without taking the lock: a forked child's copy of it may
+                # be locked for ever (_disown_after_fork).
+                self._check_usable()
             self._lock()
             while self._no_room(total):
                 pthread_mutex_unlock(&self.mu)

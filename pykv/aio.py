@@ -208,6 +208,7 @@ class AsyncKeyValueStore:
     def _ensure_open(self) -> None:
         if self._closed:
             raise StoreClosed("the store is closed; connect again to continue")
+        self._local._ensure_open()  # refuses in a forked child, as the sync store does
 
     def _finished(self, txid: int) -> None:
         self._by_id.pop(txid, None)
@@ -360,7 +361,8 @@ class AsyncKeyValueStore:
         if self._closed:
             return
         self._closed = True
-        await self._core.close()
+        if self._local._opened_by is None:  # in a forked child, the connections are the parent's
+            await self._core.close()
 
     async def __aenter__(self) -> AsyncKeyValueStore:
         return self

@@ -8,9 +8,11 @@ limit checks of DESIGN §1 (before anything is sent) and the hybrid logical time
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
@@ -47,6 +49,20 @@ T = TypeVar("T")
 # How many finished transaction ids the by-id API remembers, to say "already committed"
 # rather than "unknown" when a caller reuses one.
 _REMEMBERED_OUTCOMES = 65_536
+
+# The stores open in this process. A child made by fork() inherits them without the threads
+# that run them (the WAL writer, a cluster client's event loop), and with their locks copied
+# as they were: every call would wait for ever. So the child's copies refuse every call.
+_OPEN_STORES: weakref.WeakSet[KeyValueStore] = weakref.WeakSet()
+
+
+def _disown_after_fork() -> None:
+    for store in list(_OPEN_STORES):
+        store._opened_by = os.getppid()
+    _OPEN_STORES.clear()
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
 
 
 class Backend(Protocol):
@@ -565,6 +581,8 @@ class KeyValueStore:
         self._by_id: dict[int, Transaction] = {}
         self._outcomes: OrderedDict[int, str] = OrderedDict()
         self._closed = False
+        self._opened_by: int | None = None  # the parent process, in a forked child
+        _OPEN_STORES.add(self)
 
     @property
     def backend(self) -> Backend:
@@ -579,6 +597,12 @@ class KeyValueStore:
     def _ensure_open(self) -> None:
         if self._closed:
             raise StoreClosed("the store is closed; open it again to continue")
+        if self._opened_by is not None:
+            raise StoreClosed(
+                f"this store was opened by process {self._opened_by}, and this process is a fork "
+                "of it: open or connect to the store in this process instead (an embedded "
+                "store is open in one process at a time: close it in the parent first)"
+            )
 
     # --- transactions -------------------------------------------------------------------
 
@@ -794,6 +818,9 @@ class KeyValueStore:
 
     def close(self) -> None:
         """Close the store (idempotent); open transactions can no longer commit."""
+        if self._opened_by is not None:
+            self._closed = True  # the parent's store: its files and threads stay the parent's
+            return
         with self._lock:
             if self._closed:
                 return

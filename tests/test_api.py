@@ -7,10 +7,12 @@ suite proves the embedded store today and the cluster client later.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import threading
 
 import pytest
+from forking import in_forked_child
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1069,6 +1071,20 @@ def test_closed_store_raises_store_closed(store):
                  lambda: store.read(txid, "a"), lambda: tx.put("a", 1), lambda: list(store.scan())):
         with pytest.raises(pykv.StoreClosed):
             call()
+
+
+def test_a_forked_child_is_refused_the_parents_store_instead_of_hanging(store):
+    """A child made by fork() (a pre-forking server, multiprocessing) has a copy of the store
+    but not the threads that run it: before, its first call waited for ever."""
+    store.put("k", 1)
+    tx = store.transaction()
+    tx.put("k", 2)
+    refused = f"StoreClosed: this store was opened by process {os.getpid()}, and this process is a fork"
+    for call in (lambda: store.get("k"), lambda: store.put("k", 3), tx.commit, store.begin_transaction):
+        assert in_forked_child(call).startswith(refused)
+    assert in_forked_child(store.close) == "returned None"  # and leaves the parent's alone
+    tx.commit()
+    assert store.get("k") == 2 and not store.closed
 
 
 def test_context_manager_closes_and_data_persists(store_factory):

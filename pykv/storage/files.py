@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import secrets
+import weakref
 
 from pykv.errors import CorruptData, InvalidArgument, StoreLocked
 
@@ -62,6 +63,8 @@ class DirectoryLock:
 
     flock locks belong to the open file description, so a second open in the same process
     conflicts too, and the kernel drops the lock when the process dies (no stale lock files).
+    A child made by fork() shares that description: it closes its copy at once, or the lock
+    would outlive the parent's close for as long as the child runs.
     """
 
     def __init__(self, directory: str) -> None:
@@ -81,11 +84,24 @@ class DirectoryLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd: int | None = fd
+        _HELD.add(self)
 
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)  # closing the last descriptor drops the flock
+
+
+_HELD: weakref.WeakSet[DirectoryLock] = weakref.WeakSet()
+
+
+def _let_go_after_fork() -> None:
+    for lock in list(_HELD):
+        lock.release()  # the child's descriptor only: the parent holds the lock still
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_after_fork)
 
 
 def load_or_create_node_id(directory: str) -> int:

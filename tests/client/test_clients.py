@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster_harness import free_port_range, local_cluster  # noqa: E402
+from forking import in_forked_child  # noqa: E402
 from transfers import Transfers  # noqa: E402
 
 import pykv.aio  # noqa: E402
@@ -161,6 +162,26 @@ def test_asyncio_transactions_take_ids_from_one_source(cluster):
             ids = [db.transaction().id for _ in range(100)]
             assert len(set(ids)) == 100
             assert len({txid >> 40 for txid in ids}) == 1
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def test_asyncio_client_in_a_forked_child_is_refused_not_hung(cluster):
+    # The child's copy holds the parent's connections, bound to the parent's event loop.
+    async def main() -> None:
+        db = await pykv.aio.connect(cluster.addresses)
+        try:
+            await db.put("forked/k", 1)
+
+            def child() -> object:
+                return asyncio.run(db.get("forked/k"))
+
+            said = in_forked_child(child)
+            assert said.startswith(f"StoreClosed: this store was opened by process {os.getpid()}")
+            assert in_forked_child(lambda: asyncio.run(db.close())) == "returned None"
+            assert await db.get("forked/k") == 1  # the parent's connections still serve
         finally:
             await db.close()
 
