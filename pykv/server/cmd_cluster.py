@@ -418,29 +418,37 @@ def _stop_node(data_dir: Path, node_id: int, deadline: float) -> None:
     forget its pid."""
     pid = read_pid(data_dir, node_id)
     if pid is not None and pid_alive(pid):
-        _signal_group(pid, signal.SIGTERM)
+        _terminate(pid)
         while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.05)
     pid_path(data_dir, node_id).unlink(missing_ok=True)
 
 
-def cluster_down(data_dir: Path, timeout: float = 10.0) -> list[int]:
-    """Stop every node (SIGTERM, then SIGKILL after timeout); return the ids that were running."""
+def cluster_down(data_dir: Path, timeout: float = 10.0) -> tuple[list[int], list[int]]:
+    """Stop every node (SIGTERM, then SIGKILL after timeout): the ids that were running, and
+    those of them that had to be killed."""
     config = load_config(data_dir)
     if config is None:
-        return []
+        return [], []
     alive = running_nodes(config, data_dir, include_removed=True)
     for pid in alive.values():
-        _signal_group(pid, signal.SIGTERM)
+        _terminate(pid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(pid_alive(p) for p in alive.values()):
         time.sleep(0.05)
-    for pid in alive.values():
-        if pid_alive(pid):
-            _signal_group(pid, signal.SIGKILL)
+    killed = sorted(node_id for node_id, pid in alive.items() if pid_alive(pid))
+    for node_id in killed:
+        _signal_group(alive[node_id], signal.SIGKILL)
     for node_id in alive:
         pid_path(data_dir, node_id).unlink(missing_ok=True)
-    return sorted(alive)
+    return sorted(alive), killed
+
+
+def _terminate(pid: int) -> None:
+    # SIGCONT after SIGTERM: a node paused by SIGSTOP (a debugger, a test) gets to shut down
+    # cleanly instead of being killed at the timeout.
+    _signal_group(pid, signal.SIGTERM)
+    _signal_group(pid, signal.SIGCONT)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -514,8 +522,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.action == "down":
-        stopped = cluster_down(args.data_dir)
+        stopped, killed = cluster_down(args.data_dir)
         console.print(f"stopped nodes {stopped}" if stopped else "no node was running")
+        if killed:
+            console.print(f"killed nodes {killed}: they did not stop within 10 s of SIGTERM")
         return 0
     if args.action == "remove":
         try:

@@ -1392,6 +1392,7 @@ async def serve_forever(config: NodeConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await node.stop()
+    log.info("event=stopped node=%d: shut down cleanly", config.node_id)
 
 
 __all__ = ["Node", "NodeConfig", "serve_forever"]
