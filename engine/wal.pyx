@@ -183,6 +183,13 @@ def _close_open_writers() -> None:
 
 
 
+def _failure(directory: str, int err) -> OSError:
+    """The error of every call after the writer failed (a full disk, an I/O error)."""
+    return OSError(err, f"the WAL in {directory} failed: {os.strerror(err)}; it takes no more "
+                        "records (those acknowledged before are kept): fix the cause, then open "
+                        "the store again")
+
+
 def _disown_after_fork() -> None:
     # A child made by fork() has copies of the writers but not their threads, and their
     # mutexes may be copied locked: each is closed here without touching its lock, and never
@@ -672,10 +679,11 @@ cdef class WalWriter:
     # -- submitting --
 
     cdef int _check_usable(self) except -1:
+        # The failure first: a writer that failed is closed too, and "closed" would hide why.
+        if self.error:
+            raise _failure(self.directory, self.error)
         if self.closing or self.closed:
             raise StoreClosed(f"the WAL in {self.directory} is closed")
-        if self.error:
-            raise OSError(self.error, f"the WAL in {self.directory} failed: {os.strerror(self.error)}")
         return 0
 
     cdef void _lock(self) noexcept:
@@ -874,7 +882,7 @@ cdef class WalWriter:
             pthread_mutex_unlock(&self.mu)
         if stopped:
             if err:
-                raise OSError(err, f"the WAL in {self.directory} failed: {os.strerror(err)}")
+                raise _failure(self.directory, err)
             raise StoreClosed(f"the WAL in {self.directory} closed before lsn {lsn} was durable")
         return 0
 
@@ -893,7 +901,7 @@ cdef class WalWriter:
             err = self.error
             pthread_mutex_unlock(&self.mu)
         if err:
-            raise OSError(err, f"the WAL in {self.directory} failed: {os.strerror(err)}")
+            raise _failure(self.directory, err)
 
     # -- queries --
 
@@ -1021,7 +1029,7 @@ cdef class WalWriter:
             self.fd = -1
         err = self.error
         if err:
-            raise OSError(err, f"the WAL in {self.directory} failed: {os.strerror(err)}")
+            raise _failure(self.directory, err)
 
     def __enter__(self):
         return self

@@ -154,6 +154,52 @@ def test_a_forked_child_opens_the_store_once_the_parent_closed_it(tmp_path):
         assert db.get("child") == 1
 
 
+def test_a_failed_write_keeps_what_was_acknowledged_and_lets_the_process_reopen(tmp_path):
+    """The files stop growing (RLIMIT_FSIZE here, as a full disk would): the write fails with
+    the cause, later writes say the same (not "closed"), reads still work, close() reports
+    the failure but lets go of the directory, and the same process opens the store again
+    once the cause is gone, with every acknowledged write (before, the lock stayed held)."""
+    script = textwrap.dedent(
+        """
+        import resource, signal, sys, pykv
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), not a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, resource.RLIM_INFINITY))
+        db = pykv.open(sys.argv[1])
+        acked = 0
+        try:
+            while True:
+                db.put(f"k{acked:06d}", "x" * 2000)
+                acked += 1
+        except OSError as exc:
+            print("failed:", exc)
+        try:
+            db.put("later", 1)
+        except OSError as exc:
+            print("later:", exc)
+        print("read:", db.get("k000000") == "x" * 2000)
+        try:
+            db.close()
+        except OSError as exc:
+            print("close:", exc)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        with pykv.open(sys.argv[1]) as db:
+            print("acked and kept:", acked, sum(1 for _ in db.scan("k")))
+            db.put("later", 1)
+            print("writes again:", db.get("later") == 1)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "db")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = dict(line.split(": ", 1) for line in run.stdout.splitlines())
+    failure = "failed: File too large; it takes no more records (those acknowledged before are kept)"
+    assert failure in lines["failed"] and failure in lines["later"] and failure in lines["close"]
+    assert lines["read"] == "True" and lines["writes again"] == "True"
+    acked, kept = map(int, lines["acked and kept"].split())
+    assert acked > 1000 and kept == acked
+
+
 def test_a_second_open_in_the_same_process_is_refused_too(tmp_path):
     with pykv.open(tmp_path / "db"), pytest.raises(pykv.StoreLocked):
         pykv.open(tmp_path / "db")

@@ -788,9 +788,11 @@ class Storage:
                 self._pending.clear()
                 self._pending_order.clear()
                 self._cache.close()
-            if wal is not None:
-                wal.close()
-            self._dir_lock.release()
+            try:
+                if wal is not None:
+                    wal.close()  # raises the WAL's failure (a full disk), if it had one
+            finally:
+                self._dir_lock.release()  # so that this process can open the store again
 
     def __enter__(self) -> Storage:
         return self
