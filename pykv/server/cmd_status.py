@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 from rich.console import Console
 from rich.table import Table
@@ -18,28 +19,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the raw status as JSON")
 
 
-def discover(addresses: list[str], timeout: float) -> list[str]:
+def discover(addresses: list[str], timeout: float) -> dict[str, int | None]:
     """The given addresses plus every node the shard map of the first answering one names,
-    so that `pykv status --addresses ONE` shows the whole cluster."""
-    everyone = list(addresses)
+    so that `pykv status --addresses ONE` shows the whole cluster: address -> node id (None
+    for an address the map does not name)."""
+    everyone: dict[str, int | None] = dict.fromkeys(addresses)
     for address in addresses:
         try:
             nodes = fetch_shard_map(address, timeout=timeout)["nodes"]
         except Exception:  # noqa: BLE001 - try the next address; collect() reports it down
             continue
-        everyone += [a for _, a in sorted(nodes.items(), key=lambda kv: int(kv[0]))]
+        everyone.update((a, int(n)) for n, a in sorted(nodes.items(), key=lambda kv: int(kv[0])))
         break
-    return list(dict.fromkeys(everyone))
+    return everyone
 
 
 def collect(addresses: list[str], timeout: float) -> dict[str, dict | str]:
-    """address -> the node's status, or the error text when it did not answer."""
+    """address -> the node's status, or the error text when it did not answer (its node id
+    first, when the shard map names it: "node 2: Unavailable: ...")."""
     found: dict[str, dict | str] = {}
-    for address in discover(addresses, timeout):
+    for address, node_id in discover(addresses, timeout).items():
         try:
             found[address] = fetch_status(address, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - a down node is a row, not a crash
-            found[address] = f"{type(exc).__name__}: {exc}"
+            said = f"{type(exc).__name__}: {exc}"
+            found[address] = said if node_id is None else f"node {node_id}: {said}"
     return found
 
 
@@ -49,6 +53,12 @@ def _groups(status: dict) -> list[tuple[str, dict]]:
     if status.get("meta"):
         rows.append(("meta", status["meta"]))
     return rows
+
+
+def _down_node(status: str) -> tuple[str, str]:
+    """(node id or "?", error) of a node that did not answer, from collect()'s text."""
+    match = re.fullmatch(r"node (\d+): (.*)", status, re.DOTALL)
+    return (match[1], match[2]) if match else ("?", status)
 
 
 def build_table(statuses: dict[str, dict | str]) -> Table:
@@ -67,7 +77,8 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
         table.add_column(column, justify="right" if column not in ("address", "role") else "left")
     for address, status in statuses.items():
         if not isinstance(status, dict):
-            table.add_row("?", address, "-", f"[red]down[/red] ({status})", *["-"] * (len(columns) - 4))
+            node, said = _down_node(status)
+            table.add_row(node, address, "-", f"[red]down[/red] ({said})", *["-"] * (len(columns) - 4))
             continue
         for shard, group in _groups(status):
             role = group["role"] + (" (quiesced)" if group.get("quiesced") else "")

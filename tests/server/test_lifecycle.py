@@ -44,6 +44,8 @@ def test_up_down_up_keeps_data_and_restarts_only_missing_nodes(tmp_path):
 
         # Kill one node: a second `up` starts it and leaves the others alone.
         subprocess.run(["kill", "-9", str(pids[2])], check=True)
+        down_row = json.loads(_pykv("status", "--json", "--addresses", f"127.0.0.1:{base}").stdout)
+        assert down_row[f"127.0.0.1:{base + 1}"].startswith("node 2: Unavailable: cannot connect")
         again = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base))
         assert again.returncode == 0, again.stderr
         now = running_nodes(config, data)
