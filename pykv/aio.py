@@ -142,7 +142,11 @@ class AsyncTransaction:
         self._tx.append(key, item)
 
     async def commit(self) -> None:
-        """Validate and apply atomically; raises TransactionConflict etc. with nothing applied."""
+        """Validate and apply atomically; raises TransactionConflict etc. with nothing applied.
+
+        Cancelled (asyncio.timeout, wait_for), the commit still runs to its end in the
+        background, so that it leaves no key locked: as after a Timeout, it may have
+        committed."""
         self._store._ensure_open()
         self._tx.commit()  # local checks; captures the request when validation is needed
         request, self._backend.request = self._backend.request, None

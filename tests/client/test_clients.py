@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -24,6 +25,7 @@ from pykv.api import HybridClock  # noqa: E402
 from pykv.client.cluster import settled  # noqa: E402
 from pykv.client.transport import PREPARE  # noqa: E402
 from pykv.errors import (  # noqa: E402
+    Error,
     InvalidOperation,
     KeyLocked,
     KeyTooLarge,
@@ -182,6 +184,47 @@ def test_asyncio_client_in_a_forked_child_is_refused_not_hung(cluster):
             assert said.startswith(f"StoreClosed: this store was opened by process {os.getpid()}")
             assert in_forked_child(lambda: asyncio.run(db.close())) == "returned None"
             assert await db.get("forked/k") == 1  # the parent's connections still serve
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_asyncio_commit_still_finishes_and_leaves_no_key_locked(cluster):
+    # asyncio.wait_for cancels a commit at any point, between prepare and decide too: the
+    # commit's rounds run on to their end, so no leader keeps a prepared transaction holding
+    # its keys until recovery settles it (2 s later, every writer of them waiting meanwhile).
+    from pykv.client.admin import fetch_status
+
+    async def prepared_on_leaders() -> int:
+        """Prepared transactions on the leaders, once every coordinator has seen its
+        participants apply their FINISH (a coordinator shard's leader sends them)."""
+        for _ in range(1000):
+            statuses = [await asyncio.to_thread(fetch_status, a) for a in cluster.addresses]
+            leaders = [g for s in statuses for g in s["groups"].values() if g["role"] == "leader"]
+            if not any(g.get("unfinished", 0) for g in leaders):
+                return sum(g.get("prepared", 0) for g in leaders)
+            await asyncio.sleep(0.01)
+        raise AssertionError("a coordinator never saw its participants finish")
+
+    async def main() -> None:
+        db = await pykv.aio.connect(cluster.addresses)
+        keys = [f"cancelled/{i}" for i in range(8)]  # over every shard of 4
+        rng = random.Random(5)
+        try:
+            for attempt in range(12):
+                tx = db.transaction()
+                for key in keys:
+                    tx.put(key, attempt)
+                with contextlib.suppress(asyncio.TimeoutError, Error):
+                    await asyncio.wait_for(tx.commit(), rng.choice([0.0005, 0.001, 0.002, 0.004]))
+                while db._core._background:  # the commit's rounds, and its FINISHes
+                    await asyncio.sleep(0.001)
+                assert await prepared_on_leaders() == 0, f"attempt {attempt}"
+            async with db.transaction() as tx:  # and the keys take a write at once
+                for key in keys:
+                    tx.put(key, "after")
+            assert set((await db.get_many(keys)).values()) == {"after"}
         finally:
             await db.close()
 
