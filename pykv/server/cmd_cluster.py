@@ -92,7 +92,15 @@ class ClusterConfig:
 
 def load_config(data_dir: Path) -> ClusterConfig | None:
     path = data_dir / CONFIG_NAME
-    return ClusterConfig.from_json(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    text = path.read_text()
+    config = ClusterConfig.from_json(text)
+    if "formed" not in json.loads(text):
+        # Saved by a release before `formed`: a node with a WAL ran, so the cluster did (its
+        # nodes vote), and a node that comes back empty must rejoin, not found its groups.
+        config.formed = any((data_dir / f"node-{n}" / "wal").exists() for n in config.nodes)
+    return config
 
 
 def save_config(data_dir: Path, config: ClusterConfig) -> None:

@@ -94,6 +94,18 @@ def test_up_reports_a_node_that_cannot_start_at_once(tmp_path):
         _pykv("cluster", "down", "--data-dir", str(data))
 
 
+def test_a_config_saved_before_formed_existed_counts_as_formed_once_a_node_ran(tmp_path):
+    """Upgrading: a cluster.json without `formed` whose nodes have WALs ran, so a node found
+    empty later must rejoin (`--existing`) rather than found its groups again."""
+    raw = {"nodes": {"1": "127.0.0.1:7401", "2": "127.0.0.1:7402"}, "initial": [1, 2]}
+    (tmp_path / "cluster.json").write_text(json.dumps(raw))
+    assert not load_config(tmp_path).formed  # nothing ever ran
+    (tmp_path / "node-2" / "wal").mkdir(parents=True)
+    assert load_config(tmp_path).formed
+    (tmp_path / "cluster.json").write_text(json.dumps({**raw, "formed": False}))
+    assert not load_config(tmp_path).formed  # a config that says so is believed
+
+
 def _replicas(address: str) -> dict[str, dict]:
     out = _pykv("status", "--json", "--addresses", address)
     assert out.returncode == 0, out.stderr
