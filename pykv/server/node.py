@@ -1088,15 +1088,18 @@ class Node:
         me = self.config.node_id
         host = self.host
         assert host is not None
-        named = 0
-        for gid in [*range(self.current_map().partitions), META_GROUP]:
-            if gid in host.groups:
-                continue  # added back already (HOST): a replica of this incarnation
+        # Not the groups added back already (HOST): replicas of this incarnation.
+        gids = [g for g in [*range(self.current_map().partitions), META_GROUP] if g not in host.groups]
+
+        async def leave_if_named(gid: int) -> bool:
             info = await self.router.call(gid, MEMBERS, [gid], timeout=2.0)
-            if me in info["voters"] or me in info["learners"]:
-                named += 1
-                await self.router.call(gid, CONF, [gid, StepKind.REMOVE.value, me], timeout=5.0)
-                log.info("shard %d: left the group (this node lost its data), to be added back", gid)
+            if me not in info["voters"] and me not in info["learners"]:
+                return False
+            await self.router.call(gid, CONF, [gid, StepKind.REMOVE.value, me], timeout=5.0)
+            log.info("shard %d: left the group (this node lost its data), to be added back", gid)
+            return True
+
+        named = sum(await asyncio.gather(*(leave_if_named(g) for g in gids)))
         if named:
             # The metadata leader adds the replicas back at its next placement check: now.
             await self.router.call(META_GROUP, JOIN, [META_GROUP, me, self.config.listen])
