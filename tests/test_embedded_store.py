@@ -200,6 +200,42 @@ def test_a_failed_write_keeps_what_was_acknowledged_and_lets_the_process_reopen(
     assert acked > 1000 and kept == acked
 
 
+def test_threads_writing_and_reading_compressed_values_at_once(tmp_path):
+    """Values of 4 KiB and more are zstd-compressed on the committing thread and
+    decompressed on the reading one. One zstd context shared by every thread made wrong
+    output, CorruptData and segfaults (so this runs in a child process)."""
+    script = textwrap.dedent(
+        """
+        import random, sys, threading, pykv
+        db = pykv.open(sys.argv[1], fsync="off")
+        failures = []
+        def work(n):
+            rng = random.Random(n)
+            last = {}
+            try:
+                for i in range(400):
+                    key = f"t{n}/{i % 20}"
+                    last[key] = f"v{rng.randrange(1000)}-" * rng.randrange(800, 12000)
+                    db.put(key, last[key])
+                    probe = f"t{n}/{rng.randrange(20)}"
+                    if db.get(probe) != last.get(probe):
+                        failures.append(f"{probe} read back wrong")
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(failures[:3] or "ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "db")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert (run.returncode, run.stdout.strip()) == (0, "ok"), run.stderr[-2000:]
+
+
 def test_a_second_open_in_the_same_process_is_refused_too(tmp_path):
     with pykv.open(tmp_path / "db"), pytest.raises(pykv.StoreLocked):
         pykv.open(tmp_path / "db")

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import msgpack
 import zstandard
 
+from pykv.codec import zstd_compressor, zstd_decompressor
 from pykv.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -46,8 +47,6 @@ CLUSTER_MAX_FRAME = 64 << 20
 # Payloads at least this large are compressed, when that makes them smaller.
 DEFAULT_COMPRESS_THRESHOLD = 8 << 10
 
-_compressor = zstandard.ZstdCompressor(level=1)
-_decompressor = zstandard.ZstdDecompressor()
 # A Packer per thread, reused: msgpack.packb builds a new one per call, which costs more
 # than packing a small frame; a Packer is not safe to share between threads.
 _per_thread = threading.local()
@@ -93,7 +92,7 @@ def encode_frame(
         )
     flags = 0
     if len(payload) >= compress_threshold:
-        small = _compressor.compress(payload)
+        small = zstd_compressor().compress(payload)
         if len(small) < len(payload):
             payload, flags = small, _ZSTD_FLAG
     return HEADER.pack(len(payload), kind | flags) + payload
@@ -220,7 +219,7 @@ class FrameDecoder:
                     f"frame of kind {kind} declares {declared} bytes uncompressed; "
                     f"max_frame is {self.max_frame}"
                 )
-            data = _decompressor.decompress(payload, max_output_size=self.max_frame)
+            data = zstd_decompressor().decompress(payload, max_output_size=self.max_frame)
         except zstandard.ZstdError as exc:
             self._fail(f"frame of kind {kind}: bad zstd payload: {exc}")
         if len(data) > self.max_frame:
