@@ -117,12 +117,16 @@ class TxnIdSource:
     """Makes transaction ids unique across processes without a round trip.
 
     An id is a 64-bit int: 24 random bits chosen at start-up (a process/node tag) and a
-    40-bit counter. Collisions need two processes with the same tag alive at once.
+    40-bit counter that starts at a random point of its first half. Two clients alive at
+    once share a tag about once in 16.7 million pairs (with 1,000 clients, 3% of the
+    time); had both counters started at 1, they would have made the same ids, and a shard
+    answers a repeated id with the first one's outcome, unapplied. Now their ids meet only
+    if their counters' runs overlap too: about 2 in a million for runs of a million ids.
     """
 
     def __init__(self, tag: int | None = None) -> None:
         self._tag = (tag if tag is not None else int.from_bytes(os.urandom(3), "big")) & 0xFFFFFF
-        self._counter = itertools.count(1)
+        self._counter = itertools.count(1 + int.from_bytes(os.urandom(5), "big") % (1 << 39))
         self._lock = threading.Lock()
 
     def next_id(self) -> int:
