@@ -197,6 +197,8 @@ class AsyncKeyValueStore:
         )
         self._by_id: dict[int, AsyncTransaction] = {}
         self._closed = False
+        # Its connections belong to the loop it connected in (connect() runs in it).
+        self._loop = asyncio.get_running_loop()
 
     # The limits, as the sync store has them (read-only: they belong to the local side).
     max_txn_ops = _local_limit("max_txn_ops")
@@ -213,6 +215,15 @@ class AsyncKeyValueStore:
         if self._closed:
             raise StoreClosed("the store is closed; connect again to continue")
         self._local._ensure_open()  # refuses in a forked child, as the sync store does
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a plain call (db.transaction()) outside any loop: nothing sent yet
+        if running is not self._loop:
+            raise StoreClosed(
+                "this client connected in another event loop (each asyncio.run() makes its "
+                "own), which holds its connections: connect again in this one"
+            )
 
     def _finished(self, txid: int) -> None:
         self._by_id.pop(txid, None)

@@ -30,6 +30,7 @@ from pykv.errors import (  # noqa: E402
     KeyLocked,
     KeyTooLarge,
     ScanTooLarge,
+    StoreClosed,
     Timeout,
     TransactionConflict,
     TransactionTooLarge,
@@ -229,6 +230,18 @@ def test_a_cancelled_asyncio_commit_still_finishes_and_leaves_no_key_locked(clus
             await db.close()
 
     asyncio.run(main())
+
+
+def test_an_asyncio_client_used_in_another_event_loop_says_so(cluster):
+    async def connect() -> pykv.aio.AsyncKeyValueStore:
+        db = await pykv.aio.connect(cluster.addresses)
+        await db.put("loops/k", 1)
+        return db
+
+    # Each asyncio.run() makes a loop of its own; the second one got "Event loop is closed".
+    db = asyncio.run(connect())
+    with pytest.raises(StoreClosed, match="connected in another event loop"):
+        asyncio.run(db.get("loops/k"))
 
 
 def test_asyncio_scan_is_one_snapshot_while_transfers_run(cluster):
