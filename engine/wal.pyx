@@ -182,7 +182,6 @@ def _close_open_writers() -> None:
             pass  # the failure was already reported to the writer's callers
 
 
-
 def _failure(directory: str, int err) -> OSError:
     """The error of every call after the writer failed (a full disk, an I/O error)."""
     return OSError(err, f"the WAL in {directory} failed: {os.strerror(err)}; it takes no more "
