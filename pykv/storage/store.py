@@ -517,10 +517,26 @@ class Storage:
         Walks the sorted key index a batch at a time, so concurrent commits proceed; a key
         written during the scan may or may not appear (no snapshot isolation here).
         """
+        if limit is not None and limit <= 0:
+            return
+        produced = 0
+        for key in self.keys(prefix, start, end):
+            version = self.get(key)
+            if version.value is None:
+                continue  # a deleted key (its tombstone is indexed), or deleted meanwhile
+            yield key, version
+            produced += 1
+            if produced == limit:
+                return
+
+    def keys(self, prefix: bytes = b"", start: bytes | None = None,
+             end: bytes | None = None) -> Iterator[bytes]:
+        """The keys of scan()'s range in key order (deleted keys with a tombstone too),
+        without reading a value: the sorted key index a batch at a time, so concurrent
+        commits proceed."""
         low = prefix if start is None or start < prefix else start
         include_low = True
-        produced = 0
-        while limit is None or produced < limit:
+        while True:
             with self._lock:
                 self._open_wal()
                 batch = list(islice(self._keys.irange(low, end, inclusive=(include_low, False)),
@@ -530,13 +546,7 @@ class Storage:
             for key in batch:
                 if not key.startswith(prefix):
                     return
-                version = self.get(key)
-                if version.value is None:
-                    continue  # deleted since the batch was taken
-                yield key, version
-                produced += 1
-                if limit is not None and produced >= limit:
-                    return
+                yield key
             low, include_low = batch[-1], False
 
     def node_id(self) -> int:
