@@ -26,9 +26,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from typing import Any, TypeVar
 
 from pykv._engine.vclock import VClock
-from pykv.api import KeyValueStore, Transaction, distinct_keys, many_keys, many_values
+from pykv.api import (
+    KeyValueStore,
+    OpenTransactions,
+    Transaction,
+    distinct_keys,
+    many_keys,
+    many_values,
+)
 from pykv.client.cluster import AsyncCluster
-from pykv.errors import InvalidOperation, StoreClosed, TransactionAborted, TransactionConflict
+from pykv.errors import InvalidOperation, StoreClosed, TransactionConflict
 from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 from pykv.types import MAX_SCAN_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key
@@ -157,11 +164,15 @@ class AsyncTransaction:
             self._outcome = "aborted"
             raise
         finally:
-            self._store._finished(self.id)
+            self._store._finished(self.id, self.state)
 
     async def abort(self) -> None:
+        self._discard()
+
+    def _discard(self) -> None:
+        """Abort here: nothing of this transaction was sent yet."""
         self._tx.abort()
-        self._store._finished(self.id)
+        self._store._finished(self.id, self.state)
 
     async def __aenter__(self) -> AsyncTransaction:
         return self
@@ -195,7 +206,7 @@ class AsyncKeyValueStore:
             _Prefetched(), max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes,
             max_scan_bytes=max_scan_bytes, max_txn_bytes=max_txn_bytes,
         )
-        self._by_id: dict[int, AsyncTransaction] = {}
+        self._by_id: OpenTransactions[AsyncTransaction] = OpenTransactions()
         self._closed = False
         # Its connections belong to the loop it connected in (connect() runs in it).
         self._loop = asyncio.get_running_loop()
@@ -225,8 +236,8 @@ class AsyncKeyValueStore:
                 "own), which holds its connections: connect again in this one"
             )
 
-    def _finished(self, txid: int) -> None:
-        self._by_id.pop(txid, None)
+    def _finished(self, txid: int, outcome: str) -> None:
+        self._by_id.finished(txid, outcome)
 
     # --- transactions --------------------------------------------------------------------
 
@@ -269,15 +280,15 @@ class AsyncKeyValueStore:
 
     def begin_transaction(self, isolation: str = "serializable") -> int:
         tx = self.transaction(isolation)
-        self._by_id[tx.id] = tx
+        for oldest in self._by_id.add(tx.id, tx):
+            oldest._discard()  # nothing was sent for it yet
         return tx.id
+
+    max_open_transactions = OpenTransactions.limit()
 
     def _lookup(self, txid: int) -> AsyncTransaction:
         self._ensure_open()
-        tx = self._by_id.get(txid)
-        if tx is None:
-            raise TransactionAborted(f"unknown or finished transaction id {txid!r}")
-        return tx
+        return self._by_id.get(txid)
 
     async def read(self, txid: int, key: str, default: Any = None) -> Any:
         return await self._lookup(txid).get(key, default)

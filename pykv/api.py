@@ -15,7 +15,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pykv._engine.vclock import VClock
 from pykv.codec import check_value_fits, size_bound
@@ -49,6 +49,11 @@ T = TypeVar("T")
 # How many finished transaction ids the by-id API remembers, to say "already committed"
 # rather than "unknown" when a caller reuses one.
 _REMEMBERED_OUTCOMES = 65_536
+# By-id transactions open at once (begin_transaction without a commit or abort yet). Each
+# holds its reads and writes: ids a caller never finishes (a client of an RPC service that
+# went away) grew the store without bound, 1.2 KB each. Past this, beginning one aborts the
+# least recently used, whose id then says why (KeyValueStore.max_open_transactions).
+MAX_OPEN_TRANSACTIONS = 100_000
 
 # The stores open in this process. A child made by fork() inherits them without the threads
 # that run them (the WAL writer, a cluster client's event loop), and with their locks copied
@@ -63,6 +68,83 @@ def _disown_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_disown_after_fork)
+
+Tx = TypeVar("Tx")
+
+
+class OpenTransactions(Generic[Tx]):
+    """A store's transactions by id (DESIGN §2): the open ones, least recently used first
+    and at most ``cap`` of them, and what the latest finished ones ended as (so that a
+    late use of an id says why it is gone). Thread-safe; shared by the sync and asyncio
+    stores."""
+
+    def __init__(self, cap: int = MAX_OPEN_TRANSACTIONS) -> None:
+        self._cap = cap
+        self._open: OrderedDict[int, Tx] = OrderedDict()
+        self._outcomes: OrderedDict[int, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def cap(self) -> int:
+        return self._cap
+
+    @cap.setter
+    def cap(self, cap: int) -> None:
+        if cap < 1:
+            raise InvalidArgument(f"max_open_transactions must be at least 1, not {cap}")
+        self._cap = cap
+
+    def add(self, txid: int, tx: Tx) -> list[Tx]:
+        """Register an open transaction; the least recently used ones it pushed past
+        ``cap``, for the caller to abort (their ids now say so)."""
+        evicted = []
+        with self._lock:
+            while self._open and len(self._open) >= self.cap:
+                old_id, oldest = self._open.popitem(last=False)
+                self._remember(old_id, f"aborted (the least recently used of more than "
+                                       f"{self.cap:,} open transactions)")
+                evicted.append(oldest)
+            self._open[txid] = tx
+        return evicted
+
+    def get(self, txid: int) -> Tx:
+        """The open transaction; TransactionAborted saying why when it is not open."""
+        with self._lock:
+            tx = self._open.get(txid)
+            if tx is not None:
+                self._open.move_to_end(txid)
+                return tx
+            outcome = self._outcomes.get(txid)
+        if outcome is not None:
+            raise TransactionAborted(f"transaction {txid} is already {outcome}; begin a new one")
+        raise TransactionAborted(f"unknown transaction id {txid!r}")
+
+    def finished(self, txid: int, outcome: str) -> None:
+        with self._lock:
+            if self._open.pop(txid, None) is not None:  # else not by id, or evicted
+                self._remember(txid, outcome)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._open.clear()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @staticmethod
+    def limit() -> property:
+        """A store's ``max_open_transactions`` property over its ``_by_id`` registry."""
+        return property(
+            lambda store: store._by_id.cap,
+            lambda store, cap: setattr(store._by_id, "cap", cap),
+            doc="By-id transactions open at once; beginning one more aborts the least "
+                "recently used (MAX_OPEN_TRANSACTIONS by default).",
+        )
+
+    def _remember(self, txid: int, outcome: str) -> None:
+        self._outcomes[txid] = outcome
+        if len(self._outcomes) > _REMEMBERED_OUTCOMES:
+            self._outcomes.popitem(last=False)
 
 
 class Backend(Protocol):
@@ -578,8 +660,7 @@ class KeyValueStore:
         self._ids = TxnIdSource()
         self._clock = HybridClock()
         self._lock = threading.Lock()
-        self._by_id: dict[int, Transaction] = {}
-        self._outcomes: OrderedDict[int, str] = OrderedDict()
+        self._by_id: OpenTransactions[Transaction] = OpenTransactions()
         self._closed = False
         self._opened_by: int | None = None  # the parent process, in a forked child
         _OPEN_STORES.add(self)
@@ -661,28 +742,18 @@ class KeyValueStore:
     def begin_transaction(self, isolation: str | Isolation = "serializable") -> int:
         """Start a transaction and return its id (made locally, no round trip)."""
         tx = self.transaction(isolation)
-        with self._lock:
-            self._by_id[tx.id] = tx
+        for oldest in self._by_id.add(tx.id, tx):
+            oldest.abort()  # nothing was sent for it yet: a local discard
         return tx.id
+
+    max_open_transactions = OpenTransactions.limit()
 
     def _lookup(self, txid: int) -> Transaction:
         self._ensure_open()
-        with self._lock:
-            tx = self._by_id.get(txid)
-            if tx is not None:
-                return tx
-            outcome = self._outcomes.get(txid)
-        if outcome is not None:
-            raise TransactionAborted(f"transaction {txid} is already {outcome}; begin a new one")
-        raise TransactionAborted(f"unknown transaction id {txid!r}")
+        return self._by_id.get(txid)
 
     def _finished(self, txid: int, outcome: str) -> None:
-        with self._lock:
-            if self._by_id.pop(txid, None) is None:
-                return  # not a by-id transaction: nothing to remember
-            self._outcomes[txid] = outcome
-            if len(self._outcomes) > _REMEMBERED_OUTCOMES:
-                self._outcomes.popitem(last=False)
+        self._by_id.finished(txid, outcome)
 
     def read(self, txid: int, key: str, default: Any = None) -> Any:
         """Read key in transaction txid (sees its own writes); default when absent."""
@@ -825,7 +896,7 @@ class KeyValueStore:
             if self._closed:
                 return
             self._closed = True
-            self._by_id.clear()
+        self._by_id.clear()
         self._backend.close()
 
     def __enter__(self) -> KeyValueStore:

@@ -96,6 +96,24 @@ def test_two_clients_that_drew_the_same_tag_still_make_different_ids():
     assert {txid >> 40 for txid in ours | theirs} == {7}
 
 
+def test_by_id_transactions_left_open_are_bounded_and_the_evicted_says_why(store):
+    # A client that begins by-id transactions and never finishes them (an RPC caller gone)
+    # grew the store by 1.2 KB each, without bound; past the limit the least recently used
+    # one is aborted, and its id says so.
+    store.max_open_transactions = 3
+    ids = [store.begin_transaction() for _ in range(3)]
+    store.write(ids[0], "lru/a", 1)  # used again: ids[1] is the least recently used now
+    fourth = store.begin_transaction()
+    with pytest.raises(pykv.TransactionAborted, match="least recently used of more than 3 open"):
+        store.write(ids[1], "lru/b", 2)
+    store.commit_transaction(ids[0])
+    store.write(fourth, "lru/c", 3)
+    store.commit_transaction(fourth)
+    assert store.get_many(["lru/a", "lru/b", "lru/c"]) == {"lru/a": 1, "lru/b": None, "lru/c": 3}
+    with pytest.raises(pykv.InvalidArgument, match="max_open_transactions must be at least 1"):
+        store.max_open_transactions = 0
+
+
 def test_conflicted_commit_finishes_the_transaction(store):
     store.put("k", 0)
     txid = store.begin_transaction()

@@ -32,6 +32,7 @@ from pykv.errors import (  # noqa: E402
     ScanTooLarge,
     StoreClosed,
     Timeout,
+    TransactionAborted,
     TransactionConflict,
     TransactionTooLarge,
     Unavailable,
@@ -242,6 +243,27 @@ def test_an_asyncio_client_used_in_another_event_loop_says_so(cluster):
     db = asyncio.run(connect())
     with pytest.raises(StoreClosed, match="connected in another event loop"):
         asyncio.run(db.get("loops/k"))
+
+
+def test_asyncio_by_id_transactions_left_open_are_bounded_as_the_sync_ones(cluster):
+    async def main() -> None:
+        db = await pykv.aio.connect(cluster.addresses)
+        try:
+            db.max_open_transactions = 2
+            first, second = db.begin_transaction(), db.begin_transaction()
+            await db.write(first, "aiolru/a", 1)
+            third = db.begin_transaction()
+            with pytest.raises(TransactionAborted, match="least recently used of more than 2 open"):
+                await db.read(second, "aiolru/a")
+            await db.commit_transaction(first)
+            await db.commit_transaction(third)
+            with pytest.raises(TransactionAborted, match="already committed"):
+                await db.commit_transaction(first)
+            assert await db.get("aiolru/a") == 1
+        finally:
+            await db.close()
+
+    asyncio.run(main())
 
 
 def test_asyncio_scan_is_one_snapshot_while_transfers_run(cluster):
