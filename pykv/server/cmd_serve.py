@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from pykv.errors import InvalidArgument
 from pykv.server.cmd_cluster import (
     DEAD_AFTER_HELP,
     DEFAULT_DEAD_AFTER,
@@ -25,14 +26,21 @@ def parse_peers(text: str) -> dict[int, str]:
         if not item:
             continue
         node_id, sep, address = item.partition("=")
-        if not sep or not node_id.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"a peer must be ID=HOST:PORT, not {item!r}")
+        if not sep or not node_id.strip().isdigit() or int(node_id) < 1:
+            raise argparse.ArgumentTypeError(f"a peer must be ID=HOST:PORT with ID >= 1, not {item!r}")
         peers[int(node_id)] = address.strip()
     return peers
 
 
+def _node_id(text: str) -> int:
+    # 0 is no node: Raft and the clocks read it as "none".
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a node id is a positive int, not {text!r}")
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--id", type=int, required=True, help="this node's id (a positive int)")
+    parser.add_argument("--id", type=_node_id, required=True, help="this node's id (a positive int)")
     parser.add_argument("--listen", default="127.0.0.1:7401", help="HOST:PORT to bind")
     parser.add_argument("--peers", type=parse_peers, default={},
                         help="every node of the cluster as ID=HOST:PORT,... (this one included)")
@@ -67,9 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """The node's configuration; InvalidArgument for options that cannot make a cluster."""
     peers = dict(args.peers)
     peers.setdefault(args.id, args.listen)
-    initial = [int(x) for x in args.initial.split(",") if x.strip()] or sorted(peers)
+    try:
+        initial = [int(x) for x in args.initial.split(",") if x.strip()] or sorted(peers)
+    except ValueError:
+        raise InvalidArgument(f"--initial is a comma-separated list of ids, not {args.initial!r}") from None
+    unknown = sorted(set(initial) - set(peers))
+    if unknown:
+        # Founded with a member nobody can reach, a group could never elect a leader.
+        raise InvalidArgument(f"--initial names nodes {unknown} that --peers gives no address")
+    if args.data_dir.exists() and not args.data_dir.is_dir():
+        raise InvalidArgument(f"--data-dir {args.data_dir} is a file, not a directory")
     return NodeConfig(
         node_id=args.id,
         listen=args.listen,
@@ -100,7 +118,11 @@ def run(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level.upper(), logging.INFO),
         format=f"%(asctime)s node{args.id} %(levelname)s %(name)s: %(message)s",
     )
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except InvalidArgument as exc:
+        logging.getLogger("pykv.node").error("event=start_failed node=%d: %s", args.id, exc)
+        return 2
     # PYKV_PROFILE=DIR: profile this node with cProfile, written to DIR/node-ID.prof at exit.
     profile_dir = os.environ.get("PYKV_PROFILE")
     profiler = None

@@ -1378,8 +1378,8 @@ async def serve_forever(config: NodeConfig) -> None:
     # what recovery built skips it for good. The largest sets are kept out of the
     # collector's sight instead (RaftLog's rows, Remembered's arrays and atomic values).
     gc.set_threshold(10_000, 10, 10)
-    node = Node(config)
     try:
+        node = Node(config)
         await node.start()
     except CorruptData as exc:
         # Refuse to serve from damaged data, and say how to rebuild it (the last line of the
@@ -1387,6 +1387,9 @@ async def serve_forever(config: NodeConfig) -> None:
         log.error("event=corrupt_data node=%d: %s. To rebuild this node from the other replicas, "
                   "remove %s and start it again (`pykv cluster up`: it rejoins as a new replica)",
                   config.node_id, exc, config.data_dir)
+        raise SystemExit(2) from None
+    except (Error, OSError) as exc:  # a bad option, the port taken, a directory it cannot use
+        log.error("event=start_failed node=%d: %s: %s", config.node_id, type(exc).__name__, exc)
         raise SystemExit(2) from None
     gc.freeze()
     loop = asyncio.get_running_loop()

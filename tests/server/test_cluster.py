@@ -171,6 +171,28 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.parametrize("options, said", [
+    (["--initial", "1,2"], "--initial names nodes [2] that --peers gives no address"),
+    (["--listen", "nonsense"], "address 'nonsense' is not 'host:port'"),
+    (["--partitions", "0"], "partitions must be a positive int, got 0"),
+    (["--id", "0"], "a node id is a positive int, not '0'"),
+    (["--peers", "0=127.0.0.1:1"], "a peer must be ID=HOST:PORT with ID >= 1"),
+])
+def test_serve_refuses_options_that_cannot_make_a_node_in_one_line(tmp_path, options, said):
+    # Before: a traceback, or (--initial naming a node without an address, --id 0) a node
+    # that served groups which could never elect a leader.
+    base = ["serve", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", str(tmp_path / "n")]
+    run = _cli(*base, *options)
+    assert run.returncode == 2 and said in run.stderr and "Traceback" not in run.stderr
+
+
+def test_serve_refuses_a_file_as_its_data_dir(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    run = _cli("serve", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", str(tmp_path / "notes.txt"))
+    assert run.returncode == 2 and "is a file, not a directory" in run.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_cli_put_get_txn_and_status(cluster):
     addr = cluster.addresses[0]
     assert _cli("put", "cli:n", "41", "--type", "int", "--addresses", addr).returncode == 0
