@@ -501,13 +501,14 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     up = sub.add_parser("up", help="start N nodes (or restart the missing ones) and wait for leaders")
-    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--nodes", type=_at_least(1, int), default=3)
     up.add_argument("--data-dir", required=True, type=Path)
-    up.add_argument("--base-port", type=int, default=7401)
+    up.add_argument("--base-port", type=_at_least(1, int), default=7401,
+                    help="node N listens on BASE_PORT + N - 1 (all of them at most 65535)")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS, help=PARTITIONS_HELP)
-    up.add_argument("--replicas", type=int, default=DEFAULT_REPLICAS)
-    up.add_argument("--vnodes", type=int, default=DEFAULT_VNODES)
+    up.add_argument("--partitions", type=_at_least(1, int), default=DEFAULT_PARTITIONS, help=PARTITIONS_HELP)
+    up.add_argument("--replicas", type=_at_least(1, int), default=DEFAULT_REPLICAS)
+    up.add_argument("--vnodes", type=_at_least(1, int), default=DEFAULT_VNODES)
     up.add_argument("--state", choices=["storage", "memory"], default="storage",
                     help="shard values on disk (pykv.storage; default) or in memory with snapshots")
     up.add_argument("--reads", choices=["safe", "lease"], default="safe",
@@ -543,6 +544,10 @@ def run(args: argparse.Namespace) -> int:
             return 1
         console.print(f"node {args.node} removed; its shards live on the other nodes")
         return 0
+    if args.base_port + args.nodes - 1 > 65535:
+        console.print(f"[red]--base-port {args.base_port} leaves no port for node {args.nodes}: "
+                      f"ports end at 65535[/red]")
+        return 2
     try:
         config = cluster_up(
             args.data_dir,

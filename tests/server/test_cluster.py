@@ -186,6 +186,18 @@ def test_serve_refuses_options_that_cannot_make_a_node_in_one_line(tmp_path, opt
     assert run.returncode == 2 and said in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.parametrize("options, said", [
+    (["--nodes", "0"], "argument --nodes: must be at least 1, not 0"),
+    (["--base-port", "65534"], "--base-port 65534 leaves no port for node 3"),
+    (["--partitions", "0"], "argument --partitions: must be at least 1, not 0"),
+])
+def test_cluster_up_refuses_options_that_cannot_make_a_cluster(tmp_path, options, said):
+    # --nodes 0 said "cluster ready:" with no node, and saved a cluster.json of none.
+    run = _cli("cluster", "up", "--data-dir", str(tmp_path / "c"), *options)
+    assert run.returncode == 2 and said in " ".join(run.stderr.split())
+    assert not (tmp_path / "c" / "cluster.json").exists()
+
+
 def test_serve_refuses_a_file_as_its_data_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     run = _cli("serve", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", str(tmp_path / "notes.txt"))
