@@ -37,3 +37,12 @@ def test_table_output_and_a_kept_data_dir(tmp_path, capsys):
 def test_bad_workload_arguments_exit_with_an_error(capsys):
     assert main(["bench", "--embedded", "--ops", "1", "--duration", "0.1"]) == 2
     assert "ops" in capsys.readouterr().err
+
+
+def test_a_store_that_cannot_be_opened_is_an_error_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pykv.open(tmp_path / "busy"):  # held open: another bench cannot take it
+        assert main(["bench", "--data-dir", str(tmp_path / "busy"), "--duration", "0.1"]) == 2
+        assert "cannot open the store" in capsys.readouterr().err
+    assert main(["bench", "--data-dir", str(tmp_path / "notes.txt"), "--duration", "0.1"]) == 2
+    assert "is a file, not a store's directory" in " ".join(capsys.readouterr().err.split())

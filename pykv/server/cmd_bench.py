@@ -66,7 +66,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         import pykv
 
-        with pykv.open(data_dir) as store:
+        try:
+            store = pykv.open(data_dir)
+        except pykv.Error as exc:
+            err.print(f"[red]error:[/red] cannot open the store in {data_dir}: {exc}")
+            return 2
+        with store:
             result = _measure(store, config, lambda report: run_workload(store, config, report),
                               preload_keys=not args.no_preload, quiet=args.json)
             stats = _storage_stats(store)
