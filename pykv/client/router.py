@@ -106,19 +106,23 @@ class Router:
 
     # --- connections ------------------------------------------------------------------------
 
-    async def connection(self, address: str) -> Connection:
+    async def connection(self, address: str, timeout: float | None = None) -> Connection:
+        """The open connection to ``address``, or a new one (Unavailable when it is not up
+        within ``timeout``, at most connect_timeout: a call's deadline bounds it)."""
         conn = self._conns.get(address)
         if conn is not None and not conn.closed:
             return conn
+        wait = self.connect_timeout if timeout is None else max(0.0, min(timeout, self.connect_timeout))
         pending = self._connecting.get(address)
         if pending is not None:
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.wait_for(asyncio.shield(pending), wait)
+            except asyncio.TimeoutError:
+                raise Unavailable(f"cannot connect to {address}: not connected within {wait:.3g}s") from None
         fut = asyncio.get_running_loop().create_future()
         self._connecting[address] = fut
         try:
-            conn = await Connection.open(
-                address, timeout=self.connect_timeout, max_frame=self.max_frame
-            )
+            conn = await Connection.open(address, timeout=wait, max_frame=self.max_frame)
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # mark retrieved
@@ -130,23 +134,30 @@ class Router:
         return conn
 
     async def call_address(self, address: str, kind: int, body: Any, timeout: float) -> Any:
-        conn = await self.connection(address)
+        conn = await self.connection(address, timeout)
         return unwrap(await conn.request(kind, body, timeout))
 
     # --- the shard map ------------------------------------------------------------------------
 
-    async def refresh_map(self) -> ShardMapView:
-        """Fetch the shard map from the first address that answers (seeds, then known nodes)."""
+    async def refresh_map(self, timeout: float | None = None) -> ShardMapView:
+        """Fetch the shard map from the first address that answers (seeds, then known nodes),
+        within ``timeout`` seconds in all (a call's deadline; by default the client's)."""
         if self._map_lock is None:
             self._map_lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout if timeout is None else timeout)
         async with self._map_lock:
             candidates = list(dict.fromkeys(
                 self.seeds + (list(self.map.nodes.values()) if self.map else [])
             ))
             errors = []
             for address in candidates:
+                wait = min(self.connect_timeout, deadline - loop.time())
+                if wait <= 0:
+                    errors.append(f"{address}: not asked (out of time)")
+                    continue
                 try:
-                    raw = await self.call_address(address, SHARD_MAP, None, self.connect_timeout)
+                    raw = await self.call_address(address, SHARD_MAP, None, wait)
                 except (Unavailable, Timeout, OSError) as exc:
                     errors.append(f"{address}: {exc}")
                     continue
@@ -217,11 +228,11 @@ class Router:
         Raises Timeout when the deadline passes with a request possibly applied, Unavailable
         when no replica could be reached at all, or the pykv error the shard returned.
         """
-        if self.map is None:
-            await self.refresh_map()
         loop = asyncio.get_running_loop()
         total = self.timeout if timeout is None else timeout
         deadline = loop.time() + total
+        if self.map is None:
+            await self.refresh_map(total)
         attempt = 0
         redirected = False
         hops = 0  # redirects followed in a row (stale hints can point in a circle)
@@ -244,13 +255,13 @@ class Router:
             redirected = False
             address = view.nodes.get(node)
             if address is None:
-                await self.refresh_map()
+                await self.refresh_map(remaining)
                 attempt += 1
                 continue
             try:
                 conn = self._conns.get(address)
                 if conn is None or conn.closed:
-                    conn = await self.connection(address)
+                    conn = await self.connection(address, remaining)
                 reply = unwrap(await conn.request(kind, body, min(remaining, self.attempt_timeout)))
                 if self._suspects:
                     self._suspects.pop(node, None)
@@ -290,7 +301,7 @@ class Router:
             if attempt % len(self._candidates(view, shard, leader)) == 0:
                 # Every replica we know of said no: the placement may have moved on.
                 with contextlib.suppress(Unavailable):
-                    await self.refresh_map()
+                    await self.refresh_map(deadline - loop.time())
             await asyncio.sleep(min(0.2, 0.005 * (2 ** min(attempt, 6))) * random.uniform(0.5, 1.0))
         if maybe_applied or isinstance(last_error, Timeout):
             # A read changes nothing: only a command's outcome can be unknown.

@@ -506,6 +506,30 @@ def test_without_a_quorum_operations_time_out_clearly(tmp_path, fault):
             db.close()
 
 
+def test_a_frozen_cluster_answers_within_the_clients_timeout(tmp_path):
+    # Every node paused by SIGSTOP: connections that never say HELLO waited their own 2 s
+    # each, and a shard map refresh asked every node in turn, so a put with timeout=1 took
+    # 7 s and a new client 6 s. The call's deadline bounds them now (slack for a slow host).
+    with local_cluster(tmp_path, nodes=3, partitions=2) as cluster:
+        db = pykv.client.connect(cluster.addresses[:1], timeout=1)
+        try:
+            db.put("frozen", 1)
+            for node in (1, 2, 3):
+                cluster.signal(node, signal.SIGSTOP)
+            for call in (lambda: db.put("frozen", 2), lambda: db.get("frozen"),
+                         lambda: pykv.client.connect(cluster.addresses, timeout=1)):
+                started = time.monotonic()
+                with pytest.raises((Timeout, Unavailable)):
+                    call()
+                assert time.monotonic() - started < 2.5
+            for node in (1, 2, 3):
+                cluster.signal(node, signal.SIGCONT)
+            db.put("frozen", 3)
+            assert db.get("frozen") == 3
+        finally:
+            db.close()
+
+
 def test_prepare_votes_settle_like_gather_with_exceptions():
     # AsyncCluster._two_phase collects PREPARE votes with settled: every call runs to its
     # end, concurrently, and a failed one is its exception, in the order of the calls.
