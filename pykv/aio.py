@@ -20,6 +20,7 @@ the sync API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -35,7 +36,7 @@ from pykv.api import (
     many_values,
 )
 from pykv.client.cluster import AsyncCluster
-from pykv.errors import InvalidOperation, StoreClosed, TransactionConflict
+from pykv.errors import InvalidOperation, StoreClosed, TransactionAborted, TransactionConflict
 from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 from pykv.types import MAX_SCAN_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key
@@ -281,7 +282,8 @@ class AsyncKeyValueStore:
     def begin_transaction(self, isolation: str = "serializable") -> int:
         tx = self.transaction(isolation)
         for oldest in self._by_id.add(tx.id, tx):
-            oldest._discard()  # nothing was sent for it yet
+            with contextlib.suppress(TransactionAborted):  # as KeyValueStore.begin_transaction
+                oldest._discard()
         return tx.id
 
     max_open_transactions = OpenTransactions.limit()
