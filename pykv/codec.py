@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
 
 import msgpack
 import zstandard
@@ -12,33 +12,33 @@ import zstandard
 from pykv.errors import CorruptData
 from pykv.types import MAX_VALUE_BYTES, Value, check_encoded_size, check_value
 
+T = TypeVar("T")
+
 # Values at least this large are zstd-compressed when that saves space.
 COMPRESS_THRESHOLD = 4096
 _RAW = b"\x00"
 _ZSTD = b"\x01"
 
+def per_thread(make: Callable[[], T]) -> Callable[[], T]:
+    """A getter of this thread's own ``make()``, made at its first call in each thread: for
+    objects that are costly to make and not safe to share between threads."""
+    mine = threading.local()
+
+    def get() -> T:
+        try:
+            return mine.value
+        except AttributeError:
+            mine.value = make()
+            return mine.value
+
+    return get
+
+
 # zstd contexts, one pair per thread: a context is not thread-safe (zstandard releases the
 # GIL while it works), and one shared by the store's threads made wrong output, CorruptData
 # on reads and segfaults (8 threads writing 4-120 KB values: 2 crashes in 3 runs).
-_contexts = threading.local()
-
-
-def zstd_compressor() -> zstandard.ZstdCompressor:
-    """This thread's zstd compressor (level 1)."""
-    try:
-        return _contexts.compressor
-    except AttributeError:
-        _contexts.compressor = zstandard.ZstdCompressor(level=1)
-        return _contexts.compressor
-
-
-def zstd_decompressor() -> zstandard.ZstdDecompressor:
-    """This thread's zstd decompressor."""
-    try:
-        return _contexts.decompressor
-    except AttributeError:
-        _contexts.decompressor = zstandard.ZstdDecompressor()
-        return _contexts.decompressor
+zstd_compressor = per_thread(lambda: zstandard.ZstdCompressor(level=1))
+zstd_decompressor = per_thread(zstandard.ZstdDecompressor)
 
 
 def pack(obj: Any) -> bytes:

@@ -18,13 +18,12 @@ what was wrong; after one, a decoder refuses further input (the stream lost sync
 from __future__ import annotations
 
 import struct
-import threading
 from typing import Any, NamedTuple
 
 import msgpack
 import zstandard
 
-from pykv.codec import zstd_compressor, zstd_decompressor
+from pykv.codec import per_thread, zstd_compressor, zstd_decompressor
 from pykv.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -49,15 +48,11 @@ DEFAULT_COMPRESS_THRESHOLD = 8 << 10
 
 # A Packer per thread, reused: msgpack.packb builds a new one per call, which costs more
 # than packing a small frame; a Packer is not safe to share between threads.
-_per_thread = threading.local()
+_packer = per_thread(lambda: msgpack.Packer(use_bin_type=True))
 
 
 def _packb(obj: Any) -> bytes:
-    try:
-        packer = _per_thread.packer
-    except AttributeError:
-        packer = _per_thread.packer = msgpack.Packer(use_bin_type=True)
-    return packer.pack(obj)
+    return _packer().pack(obj)
 
 
 class Frame(NamedTuple):
