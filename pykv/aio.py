@@ -20,7 +20,6 @@ the sync API.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -36,7 +35,7 @@ from pykv.api import (
     many_values,
 )
 from pykv.client.cluster import AsyncCluster
-from pykv.errors import InvalidOperation, StoreClosed, TransactionAborted, TransactionConflict
+from pykv.errors import InvalidOperation, StoreClosed, TransactionConflict
 from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 from pykv.types import MAX_SCAN_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES, Value, check_key
@@ -207,7 +206,7 @@ class AsyncKeyValueStore:
             _Prefetched(), max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes,
             max_scan_bytes=max_scan_bytes, max_txn_bytes=max_txn_bytes,
         )
-        self._by_id: OpenTransactions[AsyncTransaction] = OpenTransactions()
+        self._by_id: OpenTransactions[AsyncTransaction] = OpenTransactions(AsyncTransaction._discard)
         self._closed = False
         # Its connections belong to the loop it connected in (connect() runs in it).
         self._loop = asyncio.get_running_loop()
@@ -281,9 +280,7 @@ class AsyncKeyValueStore:
 
     def begin_transaction(self, isolation: str = "serializable") -> int:
         tx = self.transaction(isolation)
-        for oldest in self._by_id.add(tx.id, tx):
-            with contextlib.suppress(TransactionAborted):  # as KeyValueStore.begin_transaction
-                oldest._discard()
+        self._by_id.add(tx.id, tx)
         return tx.id
 
     max_open_transactions = OpenTransactions.limit()

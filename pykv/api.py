@@ -77,9 +77,10 @@ class OpenTransactions(Generic[Tx]):
     """A store's transactions by id (DESIGN §2): the open ones, least recently used first
     and at most ``cap`` of them, and what the latest finished ones ended as (so that a
     late use of an id says why it is gone). Thread-safe; shared by the sync and asyncio
-    stores."""
+    stores. ``discard(tx)`` aborts one pushed out (nothing of it was sent yet)."""
 
-    def __init__(self, cap: int = MAX_OPEN_TRANSACTIONS) -> None:
+    def __init__(self, discard: Callable[[Tx], None], cap: int = MAX_OPEN_TRANSACTIONS) -> None:
+        self._discard = discard
         self._cap = cap
         self._open: OrderedDict[int, Tx] = OrderedDict()
         self._outcomes: OrderedDict[int, str] = OrderedDict()
@@ -95,9 +96,9 @@ class OpenTransactions(Generic[Tx]):
             raise InvalidArgument(f"max_open_transactions must be at least 1, not {cap}")
         self._cap = cap
 
-    def add(self, txid: int, tx: Tx) -> list[Tx]:
-        """Register an open transaction; the least recently used ones it pushed past
-        ``cap``, for the caller to abort (their ids now say so)."""
+    def add(self, txid: int, tx: Tx) -> None:
+        """Register an open transaction; abort the least recently used ones it pushes past
+        ``cap`` (their ids now say so)."""
         evicted = []
         with self._lock:
             while self._open and len(self._open) >= self.cap:
@@ -106,7 +107,11 @@ class OpenTransactions(Generic[Tx]):
                                        f"{self.cap:,} open transactions)")
                 evicted.append(oldest)
             self._open[txid] = tx
-        return evicted
+        for oldest in evicted:
+            # One already committing (in another thread, past more than cap begins) ends
+            # as it will: its abort refuses, and this begin must not fail for it.
+            with contextlib.suppress(TransactionAborted):
+                self._discard(oldest)
 
     def get(self, txid: int) -> Tx:
         """The open transaction; TransactionAborted saying why when it is not open."""
@@ -661,7 +666,7 @@ class KeyValueStore:
         self._ids = TxnIdSource()
         self._clock = HybridClock()
         self._lock = threading.Lock()
-        self._by_id: OpenTransactions[Transaction] = OpenTransactions()
+        self._by_id: OpenTransactions[Transaction] = OpenTransactions(Transaction.abort)
         self._closed = False
         self._opened_by: int | None = None  # the parent process, in a forked child
         _OPEN_STORES.add(self)
@@ -743,11 +748,7 @@ class KeyValueStore:
     def begin_transaction(self, isolation: str | Isolation = "serializable") -> int:
         """Start a transaction and return its id (made locally, no round trip)."""
         tx = self.transaction(isolation)
-        for oldest in self._by_id.add(tx.id, tx):
-            # Nothing was sent for it yet: a local discard. One already committing (in
-            # another thread, past more than max_open_transactions begins) ends as it will.
-            with contextlib.suppress(TransactionAborted):
-                oldest.abort()
+        self._by_id.add(tx.id, tx)
         return tx.id
 
     max_open_transactions = OpenTransactions.limit()
