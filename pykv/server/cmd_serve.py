@@ -16,7 +16,7 @@ from pykv.server.cmd_cluster import (
     PARTITIONS_HELP,
     add_node_arguments,
 )
-from pykv.server.node import NodeConfig, serve_forever
+from pykv.server.node import NodeConfig, log_start_failure, serve_forever
 
 
 def parse_peers(text: str) -> dict[int, str]:
@@ -86,8 +86,6 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     if unknown:
         # Founded with a member nobody can reach, a group could never elect a leader.
         raise InvalidArgument(f"--initial names nodes {unknown} that --peers gives no address")
-    if args.data_dir.exists() and not args.data_dir.is_dir():
-        raise InvalidArgument(f"--data-dir {args.data_dir} is a file, not a directory")
     return NodeConfig(
         node_id=args.id,
         listen=args.listen,
@@ -121,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except InvalidArgument as exc:
-        logging.getLogger("pykv.node").error("event=start_failed node=%d: %s", args.id, exc)
+        log_start_failure(args.id, exc)
         return 2
     # PYKV_PROFILE=DIR: profile this node with cProfile, written to DIR/node-ID.prof at exit.
     profile_dir = os.environ.get("PYKV_PROFILE")

@@ -103,6 +103,7 @@ from pykv.replica.stored import StoredShardState, segment_bytes_for
 from pykv.server.loopstats import GcPauses, StepTimes, resident_bytes
 from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender, is_install
 from pykv.storage.cache import SharedCache
+from pykv.storage.files import make_dirs_durably
 from pykv.storage.maintenance import Maintainer
 from pykv.txn.model import SCAN_PAGE_BYTES, CommitRequest, KeyRange
 
@@ -357,6 +358,8 @@ class Node:
         self._orphans = Orphans()  # prepares whose client connection closed (orphaned)
         self._background: set[asyncio.Task] = set()  # FINISH calls elsewhere, DROP checks
         self.finishes = FinishTracker()  # commits this node coordinates, until released
+        # InvalidArgument for a file where the directory goes, as pykv.open says.
+        make_dirs_durably(str(config.data_dir))
         self.router = Router(list(config.peers.values()), timeout=5.0, max_frame=config.max_frame)
         self._maintainer: Maintainer | None = None  # the shard stores' compaction thread
         self._cache: SharedCache | None = None  # the shard stores' read cache, shared
@@ -372,7 +375,6 @@ class Node:
 
     async def start(self) -> None:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.gc_pauses.install()
         self.nodelog = NodeLog(cfg.data_dir, fsync=cfg.fsync)
         snapshot_every = cfg.snapshot_every or snapshot_every_for(cfg.partitions)
@@ -1370,6 +1372,11 @@ def _ids(nodes: tuple[int, ...]) -> str:
     return ",".join(str(n) for n in nodes) or "-"
 
 
+def log_start_failure(node_id: int, exc: BaseException) -> None:
+    """The one log line of a node that cannot start (`cluster up` shows the last line)."""
+    log.error("event=start_failed node=%d: %s: %s", node_id, type(exc).__name__, exc)
+
+
 async def serve_forever(config: NodeConfig) -> None:
     """Run a node until SIGTERM or SIGINT."""
     # A node keeps many long-lived objects: with the default thresholds a full collection
@@ -1389,7 +1396,7 @@ async def serve_forever(config: NodeConfig) -> None:
                   config.node_id, exc, config.data_dir)
         raise SystemExit(2) from None
     except (Error, OSError) as exc:  # a bad option, the port taken, a directory it cannot use
-        log.error("event=start_failed node=%d: %s: %s", config.node_id, type(exc).__name__, exc)
+        log_start_failure(config.node_id, exc)
         raise SystemExit(2) from None
     gc.freeze()
     loop = asyncio.get_running_loop()
@@ -1401,4 +1408,4 @@ async def serve_forever(config: NodeConfig) -> None:
     log.info("event=stopped node=%d: shut down cleanly", config.node_id)
 
 
-__all__ = ["Node", "NodeConfig", "serve_forever"]
+__all__ = ["Node", "NodeConfig", "log_start_failure", "serve_forever"]

@@ -201,7 +201,7 @@ def test_cluster_up_refuses_options_that_cannot_make_a_cluster(tmp_path, options
 def test_serve_refuses_a_file_as_its_data_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     run = _cli("serve", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", str(tmp_path / "notes.txt"))
-    assert run.returncode == 2 and "is a file, not a directory" in run.stderr
+    assert run.returncode == 2 and f"{tmp_path / 'notes.txt'} is a file, not a store's directory" in run.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
