@@ -81,9 +81,9 @@ class ClusterConfig:
         return json.dumps(raw, indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> ClusterConfig:
-        """The saved config; settings it predates take their defaults."""
-        raw = json.loads(text)
+    def from_json(cls, raw: dict) -> ClusterConfig:
+        """The saved config (``cluster.json``, decoded); settings it predates take their
+        defaults."""
         known = {f.name for f in fields(cls)}
         config = cls(**{k: v for k, v in raw.items() if k in known})
         config.nodes = {int(k): v for k, v in config.nodes.items()}
@@ -94,9 +94,9 @@ def load_config(data_dir: Path) -> ClusterConfig | None:
     path = data_dir / CONFIG_NAME
     if not path.exists():
         return None
-    text = path.read_text()
-    config = ClusterConfig.from_json(text)
-    if "formed" not in json.loads(text):
+    raw = json.loads(path.read_text())
+    config = ClusterConfig.from_json(raw)
+    if "formed" not in raw:
         # Saved by a release before `formed`: a node with a WAL ran, so the cluster did (its
         # nodes vote), and a node that comes back empty must rejoin, not found its groups.
         config.formed = any((data_dir / f"node-{n}" / "wal").exists() for n in config.nodes)
