@@ -307,8 +307,7 @@ class NodeLog:
                 if self._fsync != "off":
                     os.fsync(f.fileno())
         os.replace(tmp, path)
-        if hasattr(self, "_latest_snap"):
-            self._latest_snap[group] = snapshot.meta
+        self._latest_snap[group] = snapshot.meta
         if self._fsync != "off":
             _fsync_dir(self.snap_dir)
         return self.snapshot_file(group, snapshot.meta.index)
