@@ -20,6 +20,13 @@ from pykv.embedded import _ScanGate
 from pykv.txn.model import KeyRange
 
 
+def run_python(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python argv...`` in a child process that imports this pykv (``-c SCRIPT ARG`` or
+    ``-m MODULE ARG``), with its output as text."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def test_everything_committed_survives_a_reopen(tmp_path):
     path = tmp_path / "db"
     with pykv.open(path) as db:
@@ -67,16 +74,13 @@ def test_a_second_process_gets_store_locked(tmp_path):
         print("opened")
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     with pykv.open(path) as db:
         db.put("k", "mine")
-        child = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
-                               text=True, env=env, timeout=60)
+        child = run_python("-c", probe, str(path), timeout=60)
         assert child.returncode == 3, child.stdout + child.stderr
         assert "StoreLocked" in child.stdout
         assert db.get("k") == "mine"  # the holder is unaffected
-    child = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
-                           text=True, env=env, timeout=60)
+    child = run_python("-c", probe, str(path), timeout=60)
     assert child.stdout.strip() == "opened", child.stderr
 
 
@@ -119,9 +123,7 @@ def test_forked_children_exit_at_once_while_the_parent_writes(tmp_path):
             print(hung, sum(written), sum(1 for _ in db.scan("w")))
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "db")], capture_output=True,
-                         text=True, env=env, timeout=300)
+    run = run_python("-c", script, str(tmp_path / "db"), timeout=300)
     assert run.returncode == 0, run.stderr
     hung, written, read_back = map(int, run.stdout.split())
     assert hung == 0 and written > 0 and read_back == written
@@ -189,9 +191,7 @@ def test_a_failed_write_keeps_what_was_acknowledged_and_lets_the_process_reopen(
             print("writes again:", db.get("later") == 1)
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "db")], capture_output=True,
-                         text=True, env=env, timeout=120)
+    run = run_python("-c", script, str(tmp_path / "db"), timeout=120)
     assert run.returncode == 0, run.stderr
     lines = dict(line.split(": ", 1) for line in run.stdout.splitlines())
     failure = "failed: File too large; it takes no more records (those acknowledged before are kept)"
@@ -231,9 +231,7 @@ def test_threads_writing_and_reading_compressed_values_at_once(tmp_path):
         print(failures[:3] or "ok")
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "db")], capture_output=True,
-                         text=True, env=env, timeout=300)
+    run = run_python("-c", script, str(tmp_path / "db"), timeout=300)
     assert (run.returncode, run.stdout.strip()) == (0, "ok"), run.stderr[-2000:]
 
 
@@ -251,9 +249,7 @@ def test_pykv_check_lists_a_damaged_value_and_the_key_can_be_written_again(tmp_p
     segment.write_bytes(data)
 
     def check() -> tuple[int, dict]:
-        run = subprocess.run([sys.executable, "-m", "pykv.server.cli", "check", str(path), "--json"],
-                             capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        run = run_python("-m", "pykv.server.cli", "check", str(path), "--json")
         return run.returncode, json.loads(run.stdout)
 
     code, report = check()
