@@ -22,6 +22,7 @@ from pykv.errors import (
     TransactionTooLarge,
     Unavailable,
     ValueTooLarge,
+    WrongCluster,
 )
 
 __version__ = "0.1.0"
@@ -70,6 +71,7 @@ __all__ = [
     "Unavailable",
     "VClock",
     "ValueTooLarge",
+    "WrongCluster",
     "connect",
     "open",
 ]

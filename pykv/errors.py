@@ -99,6 +99,11 @@ class ProtocolError(Error):
     """A peer sent a malformed, oversized or unexpected frame."""
 
 
+class WrongCluster(ProtocolError):
+    """The node at an address belongs to another cluster than this node or client (a
+    misconfigured address, or another cluster started on the same ports)."""
+
+
 def by_name(name: str, message: str) -> Error:
     """The pykv error named ``name`` (an error that crossed the wire or a replicated log as
     [name, message]); a plain Error for a name this version does not know."""

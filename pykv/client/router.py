@@ -20,11 +20,13 @@ from typing import Any
 
 from pykv.client.transport import META_GROUP, READ, SCAN, SHARD_MAP, Redirect, unwrap
 from pykv.cluster.ring import HashRing
-from pykv.errors import InvalidArgument, OutcomeUnknown, Timeout, Unavailable
+from pykv.errors import InvalidArgument, OutcomeUnknown, Timeout, Unavailable, WrongCluster
 from pykv.net.framing import CLUSTER_MAX_FRAME
 from pykv.net.protocol import Connection
 
 _READS = frozenset((READ, SCAN))  # request kinds that change nothing on the shard
+# Seconds before connecting again to an address where a node of another cluster answered.
+WRONG_CLUSTER_RECHECK = 5.0
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Router:
         connect_timeout: float = 2.0,
         attempt_timeout: float = 0.75,
         max_frame: int = CLUSTER_MAX_FRAME,
+        cluster: str | None = None,
     ) -> None:
         if not seeds:
             raise InvalidArgument("connect needs at least one address")
@@ -85,6 +88,13 @@ class Router:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_frame = max_frame
+        # The cluster every node reached must belong to: a node's own; for a client, the one
+        # of the first node it meets (so a client never talks on to another cluster started
+        # later on the same addresses, nor mixes two clusters' nodes given among its seeds).
+        self.cluster = cluster
+        # Addresses where a node of another cluster answered: asked again only after
+        # WRONG_CLUSTER_RECHECK seconds (each refusal is logged at both ends), with the time.
+        self._wrong: dict[str, tuple[float, WrongCluster]] = {}
         # One attempt waits at most this long before trying another replica: a leader that
         # is frozen (SIGSTOP, a long GC pause) keeps its connections open but answers
         # nothing, and waiting the whole deadline on it would stall the client that long.
@@ -122,7 +132,7 @@ class Router:
         fut = asyncio.get_running_loop().create_future()
         self._connecting[address] = fut
         try:
-            conn = await Connection.open(address, timeout=wait, max_frame=self.max_frame)
+            conn = await self._open(address, wait)
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # mark retrieved
@@ -132,6 +142,36 @@ class Router:
         self._conns[address] = conn
         fut.set_result(conn)
         return conn
+
+    async def _open(self, address: str, timeout: float) -> Connection:
+        now = asyncio.get_running_loop().time()
+        until, wrong = self._wrong.get(address, (0.0, None))
+        if wrong is not None and now < until:
+            raise wrong
+        try:
+            conn = await Connection.open(address, timeout=timeout, max_frame=self.max_frame,
+                                         cluster=self.cluster)
+            self._same_cluster(conn)
+        except WrongCluster as exc:
+            wrong = WrongCluster(f"{address}: {exc}: a node of another cluster answers there "
+                                 f"(a wrong address, or another cluster started on its port)")
+            self._wrong[address] = (now + WRONG_CLUSTER_RECHECK, wrong)
+            raise wrong from None
+        self._wrong.pop(address, None)
+        return conn
+
+    def _same_cluster(self, conn: Connection) -> None:
+        """Learn the cluster from the first node met; WrongCluster for a node of another one
+        (met while the first handshakes were under way)."""
+        theirs = conn.peer_cluster
+        if theirs is None:
+            return
+        if self.cluster is None:
+            self.cluster = theirs
+        elif theirs != self.cluster:
+            conn.close()
+            raise WrongCluster(f"the peer belongs to cluster {theirs!r}, this side to cluster "
+                               f"{self.cluster!r}")
 
     async def call_address(self, address: str, kind: int, body: Any, timeout: float) -> Any:
         conn = await self.connection(address, timeout)
@@ -151,6 +191,7 @@ class Router:
                 self.seeds + (list(self.map.nodes.values()) if self.map else [])
             ))
             errors = []
+            wrong = 0  # nodes of another cluster
             for address in candidates:
                 wait = min(self.connect_timeout, deadline - loop.time())
                 if wait <= 0:
@@ -158,8 +199,9 @@ class Router:
                     continue
                 try:
                     raw = await self.call_address(address, SHARD_MAP, None, wait)
-                except (Unavailable, Timeout, OSError) as exc:
+                except (Unavailable, Timeout, OSError, WrongCluster) as exc:
                     errors.append(f"{address}: {exc}")
+                    wrong += isinstance(exc, WrongCluster)
                     continue
                 view = ShardMapView.from_wire(raw)
                 if self.map is None or view.version >= self.map.version:
@@ -169,7 +211,8 @@ class Router:
                         if leader is not None:
                             self._leaders.setdefault(shard, leader)
                 return self.map
-            raise Unavailable("no node answered for the shard map: " + "; ".join(errors))
+            why = "no node answered for the shard map: " + "; ".join(errors)
+            raise WrongCluster(why) if wrong == len(candidates) else Unavailable(why)
 
     async def ensure_map(self) -> ShardMapView:
         return self.map if self.map is not None else await self.refresh_map()

@@ -9,7 +9,9 @@ so one connection carries many requests at once: a response carries the id of it
 request. Request id 0 means "no reply expected" (a one-way message). Kinds 0-15 are the
 protocol's own (HELLO, RESPONSE, ERROR); applications use 16-127.
 
-The first frame each side sends is HELLO with body ``[b"PYKV", protocol_version]``.
+The first frame each side sends is HELLO with body ``[b"PYKV", protocol_version]``, or
+``[b"PYKV", protocol_version, cluster_id]`` from a side that knows which cluster it belongs
+to (a node, or a client once it has met one): two sides of different clusters stop there.
 
 Every malformed input raises :class:`pykv.errors.ProtocolError` with a message that says
 what was wrong; after one, a decoder refuses further input (the stream lost sync).
@@ -24,7 +26,7 @@ import msgpack
 import zstandard
 
 from pykv.codec import per_thread, zstd_compressor, zstd_decompressor
-from pykv.errors import ProtocolError
+from pykv.errors import ProtocolError, WrongCluster
 
 PROTOCOL_VERSION = 1
 MAGIC = b"PYKV"
@@ -93,22 +95,33 @@ def encode_frame(
     return HEADER.pack(len(payload), kind | flags) + payload
 
 
-def hello_frame(version: int = PROTOCOL_VERSION) -> bytes:
-    """The handshake frame each side sends first."""
-    return encode_frame(HELLO, [MAGIC, version])
+def hello_frame(version: int = PROTOCOL_VERSION, cluster: str | None = None) -> bytes:
+    """The handshake frame each side sends first (``cluster``: the id of this side's cluster,
+    if it knows it)."""
+    return encode_frame(HELLO, [MAGIC, version] if cluster is None else [MAGIC, version, cluster])
 
 
-def check_hello(frame: Frame, version: int = PROTOCOL_VERSION) -> None:
-    """Raise ProtocolError unless the frame is a HELLO for the same protocol version."""
+def check_hello(frame: Frame, version: int = PROTOCOL_VERSION, cluster: str | None = None) -> str | None:
+    """The peer's cluster id (None if it named none). Raises ProtocolError unless the frame
+    is a HELLO for the same protocol version, WrongCluster if both sides name a cluster and
+    they differ."""
     if frame.kind != HELLO:
         raise ProtocolError(f"expected a HELLO frame first, got kind {frame.kind}")
     body = frame.body
-    if not (isinstance(body, list) and len(body) == 2 and body[0] == MAGIC):
+    if not (isinstance(body, list) and len(body) in (2, 3) and body[0] == MAGIC):
         raise ProtocolError(f"HELLO frame without the {MAGIC!r} magic: {body!r:.80}")
     if body[1] != version:
         raise ProtocolError(
             f"protocol version mismatch: peer speaks {body[1]!r}, this side speaks {version}"
         )
+    peer_cluster = body[2] if len(body) == 3 else None
+    if peer_cluster is not None and not isinstance(peer_cluster, str):
+        raise ProtocolError(f"HELLO frame with a cluster id that is not a str: {peer_cluster!r:.80}")
+    if cluster is not None and peer_cluster is not None and peer_cluster != cluster:
+        raise WrongCluster(
+            f"the peer belongs to cluster {peer_cluster!r}, this side to cluster {cluster!r}"
+        )
+    return peer_cluster
 
 
 class FrameDecoder:

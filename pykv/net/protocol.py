@@ -9,7 +9,7 @@ import socket
 from typing import Any
 
 from pykv import errors
-from pykv.errors import ProtocolError, Timeout, Unavailable
+from pykv.errors import ProtocolError, Timeout, Unavailable, WrongCluster
 from pykv.net.framing import (
     DEFAULT_MAX_FRAME,
     ERROR,
@@ -82,8 +82,12 @@ class FramedProtocol(asyncio.Protocol):
 
     side = "?"  # "client" or "server": says which way a logged connection went
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, cluster: str | None = None) -> None:
         self.max_frame = max_frame
+        # This side's cluster id, sent in its HELLO (None: not known, as a new client); the
+        # peer's, from its HELLO. Two different ones end the connection at the handshake.
+        self.cluster = cluster
+        self.peer_cluster: str | None = None
         self.peer = "?"
         self.greeted = False
         self.closed = False
@@ -100,7 +104,7 @@ class FramedProtocol(asyncio.Protocol):
         set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        transport.write(hello_frame())  # type: ignore[attr-defined]
+        transport.write(hello_frame(cluster=self.cluster))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -115,7 +119,7 @@ class FramedProtocol(asyncio.Protocol):
             if self._decoder.error is not None:  # after the whole frames that preceded it
                 raise self._decoder.error
         except ProtocolError as exc:
-            if not greeted:
+            if not greeted and not isinstance(exc, WrongCluster):
                 # Most likely something else listens there (an HTTP server, a port scanner):
                 # say so, with what it sent, rather than only what the decoder made of it.
                 exc = ProtocolError(f"the peer does not speak the pykv protocol (it sent"
@@ -201,7 +205,7 @@ class FramedProtocol(asyncio.Protocol):
             log.error("connection %s refused by the peer: %s", self._described(), error)
             self.close(error)
             return []
-        check_hello(first)
+        self.peer_cluster = check_hello(first, cluster=self.cluster)
         self.greeted = True
         self.handshake_done()
         return frames[1:]
@@ -306,8 +310,8 @@ class Connection(FramedProtocol):
 
     side = "client"
 
-    def __init__(self, address: str, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        super().__init__(max_frame)
+    def __init__(self, address: str, max_frame: int = DEFAULT_MAX_FRAME, cluster: str | None = None) -> None:
+        super().__init__(max_frame, cluster)
         self.address = address
         self.error: BaseException | None = None  # why the connection closed
         self._ids = itertools.count(1)
@@ -316,15 +320,17 @@ class Connection(FramedProtocol):
 
     @classmethod
     async def open(
-        cls, address: str, *, timeout: float = 5.0, max_frame: int = DEFAULT_MAX_FRAME
+        cls, address: str, *, timeout: float = 5.0, max_frame: int = DEFAULT_MAX_FRAME,
+        cluster: str | None = None,
     ) -> Connection:
-        """Connect and exchange HELLO. Raises Unavailable when the peer cannot be reached in
-        time, ProtocolError when it refuses the handshake (another protocol version)."""
+        """Connect and exchange HELLO (``cluster``: this side's cluster id, if known). Raises
+        Unavailable when the peer cannot be reached in time, ProtocolError when it refuses the
+        handshake (another protocol version), WrongCluster when it belongs to another cluster."""
         host, port = parse_address(address)
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: cls(address, max_frame), host, port), timeout
+                loop.create_connection(lambda: cls(address, max_frame, cluster), host, port), timeout
             )
         except (OSError, asyncio.TimeoutError) as exc:
             raise Unavailable(f"cannot connect to {address}: {exc or type(exc).__name__}") from None

@@ -24,6 +24,7 @@ from pykv.client.router import Router
 from pykv.client.transport import MEMBERS, META_GROUP
 from pykv.errors import Error, InvalidArgument
 from pykv.net.framing import CLUSTER_MAX_FRAME
+from pykv.server.identity import new_cluster_id, read_identity
 
 CONFIG_NAME = "cluster.json"
 # Partitions are fixed for the life of a cluster (no split or merge), so the default leaves
@@ -71,6 +72,9 @@ class ClusterConfig:
     # empty data directory lost its data (`pykv serve --existing`). Before, it never voted,
     # and founding its groups is safe.
     formed: bool = False
+    # Every node is started with it (`pykv serve --cluster-id`): nodes and clients refuse
+    # peers of another cluster. Empty only in a cluster.json from before it existed.
+    cluster_id: str = ""
 
     def active(self) -> dict[int, str]:
         return {n: a for n, a in self.nodes.items() if n not in self.removed}
@@ -101,6 +105,15 @@ def load_config(data_dir: Path) -> ClusterConfig | None:
         # nodes vote), and a node that comes back empty must rejoin, not found its groups.
         config.formed = any((data_dir / f"node-{n}" / "wal").exists() for n in config.nodes)
     return config
+
+
+def _recorded_cluster_id(config: ClusterConfig, data_dir: Path) -> str | None:
+    """The cluster id a node's directory records, if any does."""
+    for node_id in sorted(config.nodes):
+        recorded = read_identity(data_dir / f"node-{node_id}")
+        if recorded is not None:
+            return recorded[0]
+    return None
 
 
 def save_config(data_dir: Path, config: ClusterConfig) -> None:
@@ -162,6 +175,7 @@ def serve_command(config: ClusterConfig, node_id: int, data_dir: Path, *, existi
         "--cache-mb", str(config.cache_mb),
         "--max-frame-mb", str(config.max_frame_mb),
         "--recovery-after", str(config.recovery_after),
+        "--cluster-id", config.cluster_id,
     ]
     if config.snapshot_every is not None:
         argv += ["--snapshot-every", str(config.snapshot_every)]
@@ -326,9 +340,12 @@ def cluster_up(
         ids = list(range(1, nodes + 1))
         # settings: the other ClusterConfig fields (partitions, replicas, state, ...).
         config = ClusterConfig(
-            nodes={i: f"{host}:{base_port + i - 1}" for i in ids}, initial=ids, **settings
+            nodes={i: f"{host}:{base_port + i - 1}" for i in ids}, initial=ids,
+            cluster_id=new_cluster_id(), **settings
         )
     else:
+        if not config.cluster_id:  # a cluster.json from before cluster ids
+            config.cluster_id = _recorded_cluster_id(config, data_dir) or new_cluster_id()
         # Growing: new ids join the existing cluster; their ports continue the sequence.
         while len(config.active()) < nodes:
             node_id = max(config.nodes) + 1

@@ -16,6 +16,7 @@ from pykv.server.cmd_cluster import (
     PARTITIONS_HELP,
     add_node_arguments,
 )
+from pykv.server.identity import check_cluster_id
 from pykv.server.node import NodeConfig, log_start_failure, serve_forever
 
 
@@ -39,6 +40,13 @@ def _node_id(text: str) -> int:
     return int(text)
 
 
+def _cluster_id(text: str) -> str:
+    try:
+        return check_cluster_id(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", type=_node_id, required=True, help="this node's id (a positive int)")
     parser.add_argument("--listen", default="127.0.0.1:7401", help="HOST:PORT to bind")
@@ -47,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initial", default="",
                         help="comma-separated ids of the founding members (default: all peers)")
     parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--cluster-id", type=_cluster_id, default=None,
+                        help="the cluster this node belongs to (`cluster up` makes one); a peer "
+                             "of another cluster is refused, and so is a data directory first "
+                             "started under another. Default: the one the data directory "
+                             "records, or for a new one an id derived from the founding "
+                             "members and their addresses")
     parser.add_argument("--existing", action="store_true",
                         help="the cluster exists already (`cluster up` passes it on a restart): "
                              "an empty --data-dir then means this node lost its data, and it "
@@ -108,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         snapshot_every=args.snapshot_every,
         recovery_after=args.recovery_after,
         existing=args.existing,
+        cluster_id=args.cluster_id,
     )
 
 

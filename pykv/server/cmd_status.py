@@ -97,7 +97,11 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
 def build_node_table(statuses: dict[str, dict | str]) -> Table:
     """One row per node that answered: its memory, what its WAL holds, its read cache, its
     snapshots, and how long its driver held the event loop (every request waits meanwhile)."""
-    table = Table(title="pykv nodes")
+    clusters = sorted({str(s.get("cluster_id")) for s in statuses.values() if isinstance(s, dict)})
+    title = "pykv nodes" + (f" of cluster {clusters[0]}" if len(clusters) == 1 else "")
+    if len(clusters) > 1:  # addresses of two clusters given together
+        title += f" [red]of {len(clusters)} different clusters: {', '.join(clusters)}[/red]"
+    table = Table(title=title)
     columns = ("node", "address", "pid", "map", "RSS MB", "WAL MB", "WAL segments", "cache MB",
                "cache hits", "snapshots sent", "snapshots received", "longest step ms",
                "steps > 50 ms")

@@ -100,10 +100,11 @@ from pykv.replica.shard import (
     written_keys,
 )
 from pykv.replica.stored import StoredShardState, segment_bytes_for
+from pykv.server.identity import claim_identity
 from pykv.server.loopstats import GcPauses, StepTimes, resident_bytes
 from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender, is_install
 from pykv.storage.cache import SharedCache
-from pykv.storage.files import make_dirs_durably
+from pykv.storage.files import DirectoryLock, make_dirs_durably
 from pykv.storage.maintenance import Maintainer
 from pykv.txn.model import SCAN_PAGE_BYTES, CommitRequest, KeyRange
 
@@ -170,6 +171,9 @@ class NodeConfig:
     # (with a Raft term and vote forgotten it could vote twice in a term). It rejoins instead:
     # see Node._rejoin_after_data_loss.
     existing: bool = False
+    # The cluster this node belongs to (`pykv serve --cluster-id`); None: the one its data
+    # directory records, or for a new directory one derived from the founders (identity.py).
+    cluster_id: str | None = None
 
 
 class _Peer:
@@ -232,18 +236,22 @@ class _ServerProtocol(ServerProtocol):
     """A client's or a peer's connection to this node: Raft batches to on_raft, requests to handle."""
 
     def __init__(self, node: Node) -> None:
-        super().__init__(node.config.max_frame)
+        super().__init__(node.config.max_frame, node.cluster_id)
         self.node = node
         # (shard, txid) of the latest PREPAREs that came this way (a scan's lock too): when
         # the connection closes, their client may have died mid-commit (Node.orphaned).
         self.prepares: dict[tuple[int, int], None] = {}
 
     def request_received(self, kind: int, request_id: int, body: Any) -> None:
-        if kind == RAFT:
-            self.node.on_raft(body)
-            return
-        if kind == SNAPSHOT_CHUNK:
-            self.node.on_snapshot_chunk(body)
+        if kind == RAFT or kind == SNAPSHOT_CHUNK:
+            if self.peer_cluster is None:
+                # Only a node says its cluster in its HELLO before it has met any other.
+                raise ProtocolError("Raft messages from a peer that named no cluster in its "
+                                    "HELLO (a client, or a node of an older release)")
+            if kind == RAFT:
+                self.node.on_raft(body)
+            else:
+                self.node.on_snapshot_chunk(body)
             return
         self.node.counters["requests"] += 1
         if kind == PREPARE:
@@ -360,7 +368,18 @@ class Node:
         self.finishes = FinishTracker()  # commits this node coordinates, until released
         # InvalidArgument for a file where the directory goes, as pykv.open says.
         make_dirs_durably(str(config.data_dir))
-        self.router = Router(list(config.peers.values()), timeout=5.0, max_frame=config.max_frame)
+        # One process per data directory: a second one would replay, and write to, the WAL
+        # the first one is appending to (StoreLocked, naming the pid that holds it).
+        self._dir_lock = DirectoryLock(str(config.data_dir))
+        try:
+            self.cluster_id = claim_identity(
+                config.data_dir, config.node_id, config.cluster_id, self.founding_map.addresses
+            )
+        except BaseException:
+            self._dir_lock.release()
+            raise
+        self.router = Router(list(config.peers.values()), timeout=5.0, max_frame=config.max_frame,
+                             cluster=self.cluster_id)
         self._maintainer: Maintainer | None = None  # the shard stores' compaction thread
         self._cache: SharedCache | None = None  # the shard stores' read cache, shared
         self.snapshots_out = SnapshotSender(
@@ -473,6 +492,7 @@ class Node:
             self._maintainer.close()
         if self.nodelog is not None:
             self.nodelog.close()
+        self._dir_lock.release()
         self.stopped.set()
 
     # --- the driver loop --------------------------------------------------------------------
@@ -938,6 +958,7 @@ class Node:
         assert host is not None
         return {
             "node_id": self.config.node_id,
+            "cluster_id": self.cluster_id,
             "address": self.config.listen,
             "pid": os.getpid(),
             "groups": {str(g): s for g, s in host.status().items() if g != META_GROUP},

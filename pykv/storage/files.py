@@ -59,7 +59,8 @@ def replace_atomically(path: str, data: bytes) -> None:
 
 
 class DirectoryLock:
-    """An exclusive flock on ``<dir>/LOCK``, held while a Storage is open.
+    """An exclusive flock on ``<dir>/LOCK``, held while a Storage (or a cluster node) has the
+    directory open.
 
     flock locks belong to the open file description, so a second open in the same process
     conflicts too, and the kernel drops the lock when the process dies (no stale lock files).
@@ -78,7 +79,7 @@ class DirectoryLock:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise StoreLocked(
                     f"{directory} is already open (lock {self.path} held by pid {holder}); "
-                    "close the other store or use another directory"
+                    "close the other store (or stop the other node) or use another directory"
                 ) from None
             raise
         os.ftruncate(fd, 0)

@@ -12,10 +12,11 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykv.errors import ProtocolError
+from pykv.errors import ProtocolError, WrongCluster
 from pykv.net.framing import (
     HEADER,
     HELLO,
+    MAGIC,
     PROTOCOL_VERSION,
     Frame,
     FrameDecoder,
@@ -195,6 +196,20 @@ def test_handshake_accepts_the_same_version_only():
         check_hello(no_magic)
     with pytest.raises(ProtocolError, match="expected a HELLO"):
         check_hello(Frame(20, 0, None))
+
+
+def test_handshake_says_the_cluster_and_refuses_another():
+    (named,) = FrameDecoder().feed(hello_frame(cluster="c1"))
+    (unnamed,) = FrameDecoder().feed(hello_frame())
+    assert check_hello(named) == "c1"
+    assert check_hello(named, cluster="c1") == "c1"
+    assert check_hello(unnamed, cluster="c1") is None  # a client that met no node yet
+    assert check_hello(named, cluster=None) == "c1"  # ... learns it here
+    with pytest.raises(WrongCluster, match="the peer belongs to cluster 'c1', this side to cluster 'c2'"):
+        check_hello(named, cluster="c2")
+    (odd,) = FrameDecoder().feed(encode_frame(HELLO, [MAGIC, PROTOCOL_VERSION, 7]))
+    with pytest.raises(ProtocolError, match="cluster id that is not a str"):
+        check_hello(odd)
 
 
 def test_http_request_is_not_mistaken_for_frames():

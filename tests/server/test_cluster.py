@@ -177,6 +177,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     (["--partitions", "0"], "partitions must be a positive int, got 0"),
     (["--id", "0"], "a node id is a positive int, not '0'"),
     (["--peers", "0=127.0.0.1:1"], "a peer must be ID=HOST:PORT with ID >= 1"),
+    (["--cluster-id", "prod eu"], "a cluster id is 1-64 letters, digits"),
 ])
 def test_serve_refuses_options_that_cannot_make_a_node_in_one_line(tmp_path, options, said):
     # Before: a traceback, or (--initial naming a node without an address, --id 0) a node
@@ -304,6 +305,32 @@ def test_a_bad_frame_closes_only_its_connection(cluster, db, garbage, reason):
     assert db.get("after-garbage") == 1
     assert "closing connection" in cluster.log_text(1)
     assert reason in cluster.log_text(1)
+
+
+@pytest.mark.parametrize("cluster_id, reason", [
+    (None, "Raft messages from a peer that named no cluster"),  # a client's HELLO
+    ("another-cluster", "the peer belongs to cluster 'another-cluster'"),
+])
+def test_raft_messages_from_outside_the_cluster_are_refused(cluster, db, cluster_id, reason):
+    # A vote request in a term far ahead: stepped, it would depose shard 0's leader.
+    from pykv.client.transport import RAFT
+    from pykv.net.framing import ERROR, encode_frame, hello_frame
+    from pykv.raft.messages import Message, MsgType
+
+    term = cluster.status(1)["groups"]["0"]["term"]
+    vote = Message(MsgType.VOTE, to=1, frm=2, term=term + 100, log_term=term + 99, index=10**9, group=0)
+    sock = _raw_connection(cluster.addresses[0])
+    try:
+        sock.sendall(hello_frame(cluster=cluster_id) + encode_frame(RAFT, [2, [vote.to_wire()]]))
+        frames = _frames_until_closed(sock)
+    finally:
+        sock.close()
+    assert frames is not None, "the node kept the connection open"
+    assert frames[-1].kind == ERROR and reason in frames[-1].body["message"]
+    assert reason in cluster.log_text(1)
+    assert cluster.status(1)["groups"]["0"]["term"] < term + 100
+    db.put("after-outsider", 1)
+    assert db.get("after-outsider") == 1
 
 
 def test_a_truncated_frame_is_logged_and_harms_nothing(cluster, db):
