@@ -260,7 +260,7 @@ cdef void build_header(uint8_t* out, uint64_t first_lsn) noexcept nogil:
     store_u32(out + 24, pykv_crc32c(0, out, 24))
 
 
-def _header(uint64_t first_lsn) -> bytes:
+def segment_header(uint64_t first_lsn) -> bytes:
     cdef uint8_t buf[32]
     build_header(buf, first_lsn)
     return PyBytes_FromStringAndSize(<char*>buf, C_HEADER_SIZE)
@@ -282,7 +282,7 @@ cdef class SegmentScan:
         return self.first_lsn + len(self.offsets)
 
 
-def _check_header(bytes data, uint64_t expected_lsn, str path) -> None:
+def check_segment_header(bytes data, uint64_t expected_lsn, str path) -> None:
     if len(data) < C_HEADER_SIZE:
         raise CorruptData(f"{path}: segment shorter than its header")
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(data)
@@ -296,6 +296,16 @@ def _check_header(bytes data, uint64_t expected_lsn, str path) -> None:
         raise CorruptData(f"{path}: header says first lsn {load_u64(p + 16)}, name says {expected_lsn}")
 
 
+cdef inline bint valid_record_at(const uint8_t* base, Py_ssize_t q, Py_ssize_t size) noexcept nogil:
+    """Whether a complete record with a valid CRC starts at offset q."""
+    cdef uint32_t length
+    if q + C_RECORD_OVERHEAD > size:
+        return False
+    length = load_u32(base + q) & LENGTH_MASK
+    return (<Py_ssize_t>length <= size - q - C_RECORD_OVERHEAD
+            and pykv_crc32c(pykv_crc32c(0, base + q, 4), base + q + 8, length) == load_u32(base + q + 4))
+
+
 cdef Py_ssize_t find_valid_record(const uint8_t* base, Py_ssize_t start, Py_ssize_t size) noexcept nogil:
     """The first offset >= start holding a complete record with a valid CRC, or -1.
 
@@ -303,11 +313,8 @@ cdef Py_ssize_t find_valid_record(const uint8_t* base, Py_ssize_t start, Py_ssiz
     file and zeros fail the CRC of their length field after 4 bytes.
     """
     cdef Py_ssize_t q = start
-    cdef uint32_t length
     while q + C_RECORD_OVERHEAD <= size:
-        length = load_u32(base + q) & LENGTH_MASK
-        if (<Py_ssize_t>length <= size - q - C_RECORD_OVERHEAD
-                and pykv_crc32c(pykv_crc32c(0, base + q, 4), base + q + 8, length) == load_u32(base + q + 4)):
+        if valid_record_at(base, q, size):
             return q
         q += 1
     return -1
@@ -337,12 +344,10 @@ cdef SegmentScan scan_bytes(bytes data, uint64_t first_lsn, str path):
     scan.data = data
     scan.good_end = C_HEADER_SIZE
     while pos + C_RECORD_OVERHEAD <= size:
+        if not valid_record_at(base, pos, size):
+            break
         word = load_u32(base + pos)
         length = word & LENGTH_MASK
-        if <Py_ssize_t>length > size - pos - C_RECORD_OVERHEAD:
-            break
-        if pykv_crc32c(pykv_crc32c(0, base + pos, 4), base + pos + 8, length) != load_u32(base + pos + 4):
-            break
         scan.offsets.append(pos + C_RECORD_OVERHEAD)
         scan.lengths.append(length)
         pos += C_RECORD_OVERHEAD + length
@@ -371,7 +376,43 @@ cdef SegmentScan scan_bytes(bytes data, uint64_t first_lsn, str path):
     return scan
 
 
-def _list_segments(directory: str) -> list[int]:
+def damaged_spans(bytes data, uint64_t first_lsn):
+    """For salvage (pykv.storage.salvage): where a segment whose header is checked has damage.
+
+    Returns ``(spans, records, end)``: ``spans``, a list of ``(start, stop)`` byte ranges that
+    hold no valid record and are followed by one (mid-log damage: a record with a bad CRC or
+    a garbage length); ``records``, how many valid records the segment holds; ``end``, where
+    the last of them ends (what follows is zeros, a torn tail, or damage with nothing valid
+    after it). A damaged record's end is where its length field says, when a valid record
+    starts there (a flipped bit in its payload), else the next offset holding a valid record.
+    """
+    cdef const uint8_t* base = <const uint8_t*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t size = len(data), pos = C_HEADER_SIZE, later, claimed
+    cdef uint32_t length
+    cdef Py_ssize_t records = 0
+    spans = []
+    while pos + C_RECORD_OVERHEAD <= size:
+        length = load_u32(base + pos) & LENGTH_MASK
+        if valid_record_at(base, pos, size):
+            records += 1
+            pos += C_RECORD_OVERHEAD + length
+            continue
+        if all_zero(base + pos, size - pos):
+            break
+        claimed = pos + C_RECORD_OVERHEAD + length
+        if <Py_ssize_t>length <= size - pos - C_RECORD_OVERHEAD and valid_record_at(base, claimed, size):
+            later = claimed
+        else:
+            with nogil:
+                later = find_valid_record(base, pos + 1, size)
+        if later < 0:
+            break
+        spans.append((pos, later))
+        pos = later
+    return spans, records, pos
+
+
+def list_segments(directory: str) -> list[int]:
     ids = []
     for name in os.listdir(directory):
         stem, dot, ext = name.partition(".")
@@ -393,7 +434,7 @@ def _rewrite_header(path: str, first_lsn: int) -> None:
     """Give a segment torn during its creation (shorter than a header) a fresh header."""
     with open(path, "r+b") as f:
         f.truncate(0)
-        f.write(_header(first_lsn))
+        f.write(segment_header(first_lsn))
         f.flush()
         os.fsync(f.fileno())
 
@@ -414,8 +455,8 @@ def _scan_segment(directory: str, segment_id: int, is_last: bool, repair: bool) 
             raise CorruptData(f"{path}: segment shorter than its header")
         if repair:
             _rewrite_header(path, segment_id)
-        data = _header(segment_id)
-    _check_header(data[:C_HEADER_SIZE], segment_id, path)
+        data = segment_header(segment_id)
+    check_segment_header(data[:C_HEADER_SIZE], segment_id, path)
     scan = scan_bytes(data, segment_id, path)
     if not scan.clean:
         if not is_last:
@@ -432,7 +473,7 @@ def read_wal(directory: str, *, repair: bool = True, from_lsn: int = 1):
 
     With repair=True the tail is truncated away (do not repair a log a WalWriter has open).
     """
-    ids = _list_segments(directory)
+    ids = list_segments(directory)
     expected = None
     for index, segment_id in enumerate(ids):
         is_last = index == len(ids) - 1
@@ -567,10 +608,10 @@ cdef class WalWriter:
 
     cdef _recover(self, start_lsn):
         """Cut the torn tail of the last segment and continue after its last good record."""
-        ids = _list_segments(self.directory)
+        ids = list_segments(self.directory)
         for segment_id in ids[:-1]:
             with open(segment_path(self.directory, segment_id), "rb") as f:
-                _check_header(f.read(C_HEADER_SIZE), segment_id, f.name)
+                check_segment_header(f.read(C_HEADER_SIZE), segment_id, f.name)
         if ids:
             last = _scan_segment(self.directory, ids[-1], True, True)
             next_lsn = last.next_lsn
@@ -585,7 +626,7 @@ cdef class WalWriter:
             next_lsn = start_lsn or 1
             path = segment_path(self.directory, next_lsn)
             with open(path, "xb") as f:
-                f.write(_header(next_lsn))
+                f.write(segment_header(next_lsn))
                 f.flush()
                 os.fsync(f.fileno())
             _fsync_path(self.directory, directory=True)

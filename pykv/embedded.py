@@ -354,7 +354,11 @@ def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3
     fsync = storage_options.get("fsync", "always")
     if fsync not in FSYNC_POLICIES:
         raise InvalidArgument(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
-    storage = Storage.open(str(path), **storage_options)
+    try:
+        storage = Storage.open(str(path), **storage_options)
+    except CorruptData as exc:
+        raise CorruptData(f"{exc}. To copy the store without its damaged records (losing their "
+                          f"transactions, keeping the rest): pykv salvage {path} NEW_DIR") from None
     try:
         backend = EmbeddedBackend(storage, max_value_bytes=max_value_bytes,
                                   max_txn_ops=max_txn_ops)

@@ -264,6 +264,36 @@ def test_pykv_check_lists_a_damaged_value_and_the_key_can_be_written_again(tmp_p
     assert check() == (0, {"keys": 2999, "damaged": []})
 
 
+def test_pykv_salvage_copies_a_store_that_refuses_to_open_without_its_damaged_record(tmp_path):
+    """A flipped bit in a record the open replays, with records after it: the store refuses to
+    open and says to salvage it; `pykv salvage` makes a copy with every other commit."""
+    path = tmp_path / "db"
+    write = "import os, sys, pykv\n" \
+            "db = pykv.open(sys.argv[1], segment_bytes=1 << 16)\n" \
+            "for i in range(600): db.put(f'k{i:04d}', f'value-{i}-' + 'x' * 200)\n" \
+            "os._exit(0)  # no close: no checkpoint, so the open replays every record\n"
+    assert run_python("-c", write, str(path)).returncode == 0
+    segment = next(s for s in sorted((path / "wal").iterdir()) if b"value-300-" in s.read_bytes())
+    data = bytearray(segment.read_bytes())
+    data[data.find(b"value-300-") + 3] ^= 0x01
+    segment.write_bytes(data)
+    with pytest.raises(pykv.CorruptData, match=f"pykv salvage {path} NEW_DIR"):
+        pykv.open(path)
+
+    run = run_python("-m", "pykv.server.cli", "salvage", str(path), str(tmp_path / "copy"), "--json")
+    assert run.returncode == 1, run.stderr
+    report = json.loads(run.stdout)
+    assert (report["lost_records"], report["keys"], report["damaged_values"]) == (1, 599, [])
+    with pykv.open(tmp_path / "copy") as db:
+        assert db.get("k0300") is None  # its commit is the one lost
+        assert all(db.get(f"k{i:04d}") == f"value-{i}-" + "x" * 200 for i in range(600) if i != 300)
+        db.put("k0300", "again")
+    run = run_python("-m", "pykv.server.cli", "salvage", str(path), str(tmp_path / "table"))
+    assert run.returncode == 1 and "1 damaged records replaced" in " ".join(run.stderr.split())
+    run = run_python("-m", "pykv.server.cli", "salvage", str(tmp_path / "copy"), str(tmp_path / "again"))
+    assert run.returncode == 0 and "no damaged record" in run.stderr  # nothing to salvage
+
+
 def test_a_second_open_in_the_same_process_is_refused_too(tmp_path):
     with pykv.open(tmp_path / "db"), pytest.raises(pykv.StoreLocked):
         pykv.open(tmp_path / "db")

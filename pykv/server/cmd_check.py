@@ -33,26 +33,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
-    if not args.path.is_dir():
-        console.print(f"[red]{args.path} is not a store's directory[/red]")
+    report = open_and_check(args.path, console, quiet=args.json)
+    if report is None:
         return 2
+    if args.json:
+        print(json.dumps({"keys": report.keys, "damaged": damaged_as_json(report)}))
+    else:
+        print_report(report, console)
+    return 1 if report.damaged else 0
+
+
+def open_and_check(path: Path, console: Console, *, quiet: bool) -> CheckReport | None:
+    """Open the store in path and read every value (a progress bar unless quiet); None, with
+    the reason printed, when it cannot be opened."""
+    if not path.is_dir():
+        console.print(f"[red]{path} is not a store's directory[/red]")
+        return None
     try:
-        db = pykv.open(args.path)
+        db = pykv.open(path)
     except Error as exc:
-        console.print(f"[red]cannot open {args.path}: {type(exc).__name__}: {exc}[/red]")
-        return 2
+        console.print(f"[red]cannot open {path}: {type(exc).__name__}: {exc}[/red]")
+        return None
     try:
         backend = db.backend
         assert isinstance(backend, EmbeddedBackend)
         total = backend.storage.stats()["keys"]
-        report = _check(backend, total, console, quiet=args.json)
+        return _check(backend, total, console, quiet=quiet)
     finally:
         db.close()
-    if args.json:
-        print(json.dumps({"keys": report.keys, "damaged": [{"key": k, "error": e} for k, e in report.damaged]}))
-    else:
-        _print_report(report, console)
-    return 1 if report.damaged else 0
+
+
+def damaged_as_json(report: CheckReport) -> list[dict]:
+    return [{"key": k, "error": e} for k, e in report.damaged]
 
 
 def _check(backend: EmbeddedBackend, total: int, console: Console, *, quiet: bool) -> CheckReport:
@@ -64,7 +76,7 @@ def _check(backend: EmbeddedBackend, total: int, console: Console, *, quiet: boo
         return backend.check(lambda done: progress.update(task, completed=done))
 
 
-def _print_report(report: CheckReport, console: Console) -> None:
+def print_report(report: CheckReport, console: Console) -> None:
     if not report.damaged:
         console.print(f"{report.keys:,} values read back: none is damaged")
         return

@@ -10,6 +10,9 @@ fetches one value with one ``os.pread`` at a computable offset and never decodes
 Commit entry:      [key, size, meta]            size -1 = delete (no value bytes)
 Relocation entry:  [key, size, meta, orig_lsn]  a live value moved by compaction
 
+A filler record (``u8 KIND_FILLER`` then anything) holds no update: ``pykv salvage`` writes
+one over each damaged record of a store's copy, keeping every later record's lsn and offset.
+
 ``meta`` is what the key directory stores in its ``clock`` field for the key: the update's
 timestamp (u64), the CRC32C of the value bytes (u32), then the vector clock bytes. Keeping the
 checksum next to the location lets every read verify its value (bitcask does the same).
@@ -27,8 +30,10 @@ from pykv.errors import CorruptData
 
 KIND_COMMIT = 1
 KIND_RELOCATE = 2
+KIND_FILLER = 3
 
 _HEAD = struct.Struct("<BI")
+FILLER_PAYLOAD = bytes([KIND_FILLER])  # a filler's first byte; the smallest one is this alone
 _META = struct.Struct("<QI")
 HEAD_BYTES = _HEAD.size
 META_FIXED_BYTES = _META.size
@@ -104,6 +109,8 @@ def _entries(kind: int, header: list, values_start: int) -> list[Entry]:
 
 def decode(payload: bytes) -> tuple[int, list[Entry]]:
     """Decode the header of a record payload (never the values): (kind, entries)."""
+    if payload[:1] == FILLER_PAYLOAD:
+        return KIND_FILLER, []
     if len(payload) < HEAD_BYTES:
         raise CorruptData(f"storage record of {len(payload)} bytes is shorter than its header")
     kind, header_len = _HEAD.unpack_from(payload)
