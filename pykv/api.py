@@ -200,6 +200,11 @@ class Backend(Protocol):
         ScanTooLarge when a pass would hold more than ``max_bytes``."""
         ...
 
+    def backup(self, target: str, progress: Callable[[int, int], None] | None = None) -> None:
+        """Copy the store, as it is at one moment, into the new directory ``target`` while
+        it keeps serving (KeyValueStore.backup)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -891,6 +896,16 @@ class KeyValueStore:
         self._backend.resolvers.register(prefix, resolver)
 
     # --- lifetime -----------------------------------------------------------------------
+
+    def backup(self, path: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> None:
+        """Copy the store into the new (or empty) directory ``path`` while it keeps serving:
+        the copy holds one consistent state, every transaction committed before the call and
+        possibly some committed during it, and opens with ``pykv.open(path)``.
+        ``progress(bytes done, bytes in all)``. The copy is the same store (the same node id
+        in its vector clocks): open it in place of the original, not beside it.
+        Embedded stores only: a cluster raises InvalidOperation."""
+        self._ensure_open()
+        self._backend.backup(os.fspath(path), progress)
 
     def close(self) -> None:
         """Close the store (idempotent); open transactions can no longer commit."""

@@ -324,6 +324,9 @@ class EmbeddedBackend:
     def stats(self) -> dict[str, Any]:
         return self._storage.stats()
 
+    def backup(self, target: str, progress: Callable[[int, int], None] | None = None) -> None:
+        self._storage.backup(target, progress)
+
     def close(self) -> None:
         # A commit racing with close fails with StoreClosed from storage; submit is atomic,
         # so it never leaves half a transaction behind.

@@ -294,6 +294,67 @@ def test_pykv_salvage_copies_a_store_that_refuses_to_open_without_its_damaged_re
     assert run.returncode == 0 and "no damaged record" in run.stderr  # nothing to salvage
 
 
+def test_backup_while_writers_and_compaction_run_is_one_consistent_state(tmp_path):
+    """db.backup() under 4 threads moving money and a thread compacting without pause: the
+    copy opens, its accounts add up, it holds every commit acknowledged before the call."""
+    accounts = [f"acct{i:02d}" for i in range(20)]
+    copies = [tmp_path / "copy1", tmp_path / "copy2"]
+    with pykv.open(tmp_path / "db", segment_bytes=1 << 15) as db:
+        with db.transaction() as tx:
+            for account in accounts:
+                tx.put(account, 100)
+        storage = db.backend.storage
+        stop = threading.Event()
+
+        def compact() -> None:
+            while not stop.is_set():
+                storage.compact()
+
+        compactor = threading.Thread(target=compact)
+        compactor.start()
+        try:
+            with Transfers(db, accounts) as moving:
+                for n, copy in enumerate(copies):
+                    time.sleep(0.3)
+                    db.put(f"acknowledged-before-backup-{n}", moving.moved)
+                    progress: list[tuple[int, int]] = []
+                    db.backup(copy, progress=lambda done, total, seen=progress: seen.append((done, total)))
+                    assert progress and progress[-1][0] == progress[-1][1] > 0
+        finally:
+            stop.set()
+            compactor.join()
+        assert moving.errors == [] and moving.moved > 0
+        assert storage.stats()["compactions"] > 0
+    for n, copy in enumerate(copies):
+        with pykv.open(copy) as backup:
+            assert sum(backup.get(account) for account in accounts) == 100 * len(accounts)
+            assert backup.get(f"acknowledged-before-backup-{n}") is not None
+            backup.put("the copy", "takes commits")
+    with pytest.raises(pykv.InvalidArgument, match="is not empty: backup writes a new store"):
+        with pykv.open(tmp_path / "db") as db:
+            db.backup(copies[0])
+
+
+def test_pykv_backup_copies_a_closed_store_and_points_a_live_one_to_db_backup(tmp_path):
+    with pykv.open(tmp_path / "db") as db:
+        for i in range(100):
+            db.put(f"k{i}", i)
+
+    def backup(target: str) -> tuple[int, str]:
+        run = run_python("-m", "pykv.server.cli", "backup", str(tmp_path / "db"), str(tmp_path / target))
+        return run.returncode, " ".join(run.stderr.split())  # rich wraps long lines
+
+    code, said = backup("copy")
+    assert code == 0 and "holding 100 keys; it opens" in said
+    with pykv.open(tmp_path / "copy") as copy:
+        assert [copy.get(f"k{i}") for i in range(100)] == list(range(100))
+    code, said = backup("copy")
+    assert code == 2 and "is not empty: backup writes a new store" in said
+    with pykv.open(tmp_path / "db"):
+        code, said = backup("other")
+    assert code == 2 and "backs it up itself, while it serves: db.backup(path)" in said
+
+
 def test_a_second_open_in_the_same_process_is_refused_too(tmp_path):
     with pykv.open(tmp_path / "db"), pytest.raises(pykv.StoreLocked):
         pykv.open(tmp_path / "db")

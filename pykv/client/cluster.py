@@ -419,6 +419,12 @@ class ClusterBackend:
     ) -> ScanItems:
         return self._run(self.core.consistent_scan(prefix, start, end, limit, max_bytes))
 
+    def backup(self, target: str, progress: Callable[[int, int], None] | None = None) -> None:
+        # Every shard would have to be copied at one and the same moment: the cluster keeps no
+        # versions to read a past moment from, and locking every key meanwhile stops writers.
+        raise InvalidOperation("backup() copies an embedded store; a cluster cannot be backed "
+                               "up as one consistent copy yet (each shard has R replicas)")
+
     def close(self) -> None:
         if self._closed:
             return

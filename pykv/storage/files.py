@@ -1,4 +1,5 @@
-"""Small durable-file primitives: the data directory lock, atomic replace, the node id file."""
+"""Small durable-file primitives: the data directory lock, atomic replace, durable copies, the
+node id file."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import fcntl
 import os
 import secrets
 import weakref
+from collections.abc import Callable
 
 from pykv.errors import CorruptData, InvalidArgument, StoreLocked
 
@@ -56,6 +58,42 @@ def replace_atomically(path: str, data: bytes) -> None:
         os.close(fd)
     os.rename(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def new_store_directory(path: str, what: str) -> None:
+    """Create ``path`` (durably) for a new store; InvalidArgument if it exists and is not empty
+    (``what`` writes the store: it says so)."""
+    if os.path.isdir(path) and os.listdir(path):
+        raise InvalidArgument(f"{path} is not empty: {what} writes a new store")
+    make_dirs_durably(path)
+
+
+def copy_durably(copies: list[tuple[str, str, int | None]],
+                 progress: Callable[[int, int], None] | None = None) -> int:
+    """Copy each (source, target, length or None for all of it) and fsync it, then the targets'
+    directories; ``progress(bytes done, bytes in all)``. Returns the bytes copied."""
+    sizes = [os.path.getsize(src) if length is None else length for src, _, length in copies]
+    total, done = sum(sizes), 0
+    for (src, dst, _), size in zip(copies, sizes, strict=True):
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            left = size
+            while left:
+                chunk = fin.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    raise CorruptData(f"{src} ended {left} bytes short while being copied")
+                fout.write(chunk)
+                left -= len(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+            fout.flush()
+            os.fsync(fout.fileno())
+    for directory in sorted({os.path.dirname(os.path.abspath(dst)) for _, dst, _ in copies}):
+        fsync_dir(directory)
+    return done
+
+
+_COPY_CHUNK = 1 << 20
 
 
 class DirectoryLock:

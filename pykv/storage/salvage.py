@@ -17,7 +17,6 @@ only read, under its directory lock.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,13 @@ from pykv._engine.wal import (
     segment_path,
 )
 from pykv.errors import CorruptData, InvalidArgument
-from pykv.storage.files import DirectoryLock, fsync_dir, make_dirs_durably
+from pykv.storage.files import (
+    DirectoryLock,
+    copy_durably,
+    fsync_dir,
+    make_dirs_durably,
+    new_store_directory,
+)
 from pykv.storage.hint import read_hint
 from pykv.storage.record import FILLER_PAYLOAD
 
@@ -77,8 +82,7 @@ def salvage(source: str | Path, target: str | Path,
     source, target = Path(source), Path(target)
     if not (source / "wal").is_dir():
         raise InvalidArgument(f"{source} is not a store's directory (it has no wal/)")
-    if target.exists() and any(target.iterdir()):
-        raise InvalidArgument(f"{target} is not empty: salvage writes a new store")
+    new_store_directory(str(target), "salvage")
     lock = DirectoryLock(str(source))  # nobody writes the source while it is copied
     try:
         _copy_store(source, target)
@@ -101,14 +105,10 @@ def salvage(source: str | Path, target: str | Path,
 def _copy_store(source: Path, target: Path) -> None:
     """Every file of the store but its lock and leftovers of an unfinished write."""
     make_dirs_durably(str(target / "wal"))
-    for path in [*source.iterdir(), *(source / "wal").iterdir()]:
-        if path.is_dir() or path.name == "LOCK" or path.name.endswith(".tmp"):
-            continue
-        copy = target / path.relative_to(source)
-        shutil.copyfile(path, copy)
-        with open(copy, "rb+") as f:
-            os.fsync(f.fileno())
-    fsync_dir(str(target))
+    copies = [(str(path), str(target / path.relative_to(source)), None)
+              for path in [*source.iterdir(), *(source / "wal").iterdir()]
+              if not path.is_dir() and path.name != "LOCK" and not path.name.endswith(".tmp")]
+    copy_durably(copies)
 
 
 def _mend_segment(wal_dir: str, segment_id: int, next_id: int | None, report: SalvageReport) -> None:

@@ -63,7 +63,13 @@ from pykv.storage import record
 from pykv.storage.cache import ByteLRU, SharedCache
 from pykv.storage.compaction import CompactionStats, SegmentUsage, choose_prefix
 from pykv.storage.failpoints import failpoint
-from pykv.storage.files import DirectoryLock, load_or_create_node_id, make_dirs_durably
+from pykv.storage.files import (
+    DirectoryLock,
+    copy_durably,
+    load_or_create_node_id,
+    make_dirs_durably,
+    new_store_directory,
+)
 from pykv.storage.hint import read_hint, write_hint
 from pykv.storage.maintenance import Maintainer
 from pykv.storage.segfiles import SegmentFiles
@@ -623,6 +629,32 @@ class Storage:
                 self._seg_live.pop(seg, None)
                 self._seg_total.pop(seg, None)
         return gone
+
+    # --- backup ---------------------------------------------------------------------------
+
+    def backup(self, target: str, progress: Callable[[int, int], None] | None = None) -> int:
+        """Copy the store as it is at one moment into the new directory ``target``, while
+        commits go on; returns the bytes copied (``progress(done, total)`` as it goes).
+
+        A fresh hint, then every WAL segment up to where the log ended at that moment (the
+        last one cut there: a prefix of the log, so one consistent state holding every commit
+        acknowledged before the call). Segments are only appended to, and compaction and
+        checkpoints, which delete them, wait meanwhile. InvalidArgument if target is not empty.
+        """
+        new_store_directory(target, "backup")
+        with self._maintenance:
+            self._write_checkpoint()
+            wal = self._open_wal()
+            tail_segment, tail_bytes = wal.tail()
+            wal.sync()  # the records before tail_bytes are written, whole
+            with self._lock:
+                segments = sorted(s for s in wal.segments() if s <= tail_segment)
+            make_dirs_durably(os.path.join(target, "wal"))
+            copies = [(os.path.join(self.path, name), os.path.join(target, name), None)
+                      for name in ("NODE_ID", "hint") if os.path.exists(os.path.join(self.path, name))]
+            copies += [(segment_path(self._wal_dir, s), segment_path(os.path.join(target, "wal"), s),
+                        tail_bytes if s == tail_segment else None) for s in segments]
+            return copy_durably(copies, progress)
 
     # --- compaction -----------------------------------------------------------------------
 

@@ -164,6 +164,12 @@ def test_status_and_shard_map_report_one_leader_per_shard(cluster):
     ]
 
 
+def test_backup_is_refused_on_a_cluster_with_why(db, tmp_path):
+    with pytest.raises(pykv.InvalidOperation, match="a cluster cannot be backed up as one consistent copy"):
+        db.backup(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pykv.server.cli", *args],
