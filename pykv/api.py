@@ -225,6 +225,11 @@ class HybridClock:
             self._last = max(wall, self._last + 1)
             return self._last
 
+    @staticmethod
+    def seconds(timestamp: int) -> float:
+        """The wall-clock time (seconds since the epoch) a timestamp of ``now()`` stands for."""
+        return (timestamp >> 16) / 1000
+
 
 # Isolation is a str enum: its members hash and compare like their values, so one dict
 # lookup parses both forms (Isolation(...) costs a microsecond on every transaction).

@@ -44,6 +44,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pykv.api import HybridClock
 from pykv.client.router import Router, ShardMapView
 from pykv.client.transport import (
     COMMIT,
@@ -73,7 +74,7 @@ from pykv.client.transport import (
 )
 from pykv.cluster.liveness import Removal, decide_removal
 from pykv.cluster.shardmap import ShardMap, Step, StepKind, next_step
-from pykv.errors import CorruptData, Error, ProtocolError, Timeout, Unavailable
+from pykv.errors import CorruptData, Error, InvalidArgument, ProtocolError, Timeout, Unavailable
 from pykv.net.framing import CLUSTER_MAX_FRAME, RESPONSE, encode_frame
 from pykv.net.protocol import Connection, ServerProtocol, parse_address
 from pykv.raft.errors import NotLeader
@@ -120,6 +121,15 @@ WATCHED_PREPARES = 4096
 # Once every group is where the shard map places it, the metadata leader re-checks them all
 # only this often (each check asks every group's leader for its members).
 RECHECK_PLACED_S = 10.0
+# How far ahead of this node's clock a request's timestamp (its client's hybrid clock) may be.
+# A shard refuses a txid it no longer remembers when its timestamp is at or below the newest
+# forgotten one (Remembered.watermark, which keeps retries from applying twice): a client
+# whose clock ran an hour ahead would, once its transactions were forgotten, have every other
+# client's commits refused for that hour. Far above clock error under NTP (milliseconds), far
+# below the minutes a shard takes to forget (remembered_per_shard). DECIDE's timestamp is
+# checked too (the decisions' watermark): between two nodes whose clocks differ by more, a
+# prepared transaction's recovery may wait until the stamp is no longer that far ahead.
+MAX_CLOCK_AHEAD_S = 10.0
 
 
 @dataclass
@@ -715,6 +725,8 @@ class Node:
                 raise ProtocolError("DECIDE records an abort only; a commit is COMMIT_DECIDE")
             done = _answer(lambda d: [OK, d], respond)
             stamp = [int(body[3])] if len(body) > 3 else []
+            for timestamp in stamp:
+                self._check_not_ahead(timestamp)
             self._propose_to(shard, CMD_DECIDE, [int(body[1]), False, *stamp], done)
         elif kind == FINISH:
             done = _answer(_outcome_reply, respond)
@@ -767,6 +779,7 @@ class Node:
         write bumps). Validated by decoding it once; the proposal carries the client's
         encoding of reads and writes as they came, not a decode-and-re-encode of them."""
         CommitRequest.from_wire(wire)  # raises ProtocolError on a malformed request
+        self._check_not_ahead(wire["ts"])
         stamped = {
             "txid": wire["txid"], "coord": self.config.node_id, "iso": wire["iso"],
             "ts": wire["ts"], "reads": wire["reads"], "writes": wire["writes"],
@@ -774,6 +787,16 @@ class Node:
         if "ranges" in wire:  # a consistent scan's lock
             stamped["ranges"] = wire["ranges"]
         return stamped
+
+    def _check_not_ahead(self, timestamp: int) -> None:
+        """InvalidArgument for a request timestamp over MAX_CLOCK_AHEAD_S ahead of this clock."""
+        ahead = HybridClock.seconds(timestamp) - time.time()
+        if ahead > MAX_CLOCK_AHEAD_S:
+            raise InvalidArgument(
+                f"the transaction's timestamp is {ahead:,.1f} s ahead of node "
+                f"{self.config.node_id}'s clock, which accepts at most {MAX_CLOCK_AHEAD_S:g} s: "
+                "the client's clock (or this node's) is wrong; nothing was applied"
+            )
 
     def _propose_to(
         self, shard: int, tag: str, args: list, done: Done, writes: tuple[str, ...] = ()

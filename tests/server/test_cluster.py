@@ -164,6 +164,29 @@ def test_status_and_shard_map_report_one_leader_per_shard(cluster):
     ]
 
 
+def test_a_client_whose_clock_runs_an_hour_ahead_is_refused(db):
+    """Admitted, its transactions would later poison the shards' watermark of forgotten txids
+    (every honest client's commits refused as possible retries for that hour)."""
+    import time
+
+    honest = db._clock.now
+    db._clock.now = lambda: (int((time.time() + 3600) * 1000) << 16)
+    try:
+        with pytest.raises(pykv.InvalidArgument, match=r"3,\d{3}\.\d s ahead of node \d's clock"):
+            db.put("skewed", 1)
+        with pytest.raises(pykv.InvalidArgument, match="ahead of node"):  # multi-shard: 2PC
+            with db.transaction() as tx:
+                for key in _keys_over_every_shard(db, "skewed-"):
+                    tx.put(key, 1)
+    finally:
+        db._clock.now = honest
+    assert db.get("skewed") is None and db.get_many(_keys_over_every_shard(db, "skewed-")) == {
+        k: None for k in _keys_over_every_shard(db, "skewed-")
+    }
+    db.put("skewed", 2)
+    assert db.get("skewed") == 2
+
+
 def test_backup_is_refused_on_a_cluster_with_why(db, tmp_path):
     with pytest.raises(pykv.InvalidOperation, match="a cluster cannot be backed up as one consistent copy"):
         db.backup(tmp_path / "copy")
