@@ -27,7 +27,6 @@ import contextlib
 import itertools
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from pykv._engine.locks import LockTable
 from pykv.api import KeyValueStore
 from pykv.codec import decode_value, encode_value
 from pykv.errors import CorruptData, InvalidArgument
-from pykv.storage.store import Storage, StoredVersion, Update
+from pykv.storage.store import CheckReport, Storage, StoredVersion, Update
 from pykv.txn import model
 from pykv.txn.model import MISSING, CommitRequest, Versioned, live_items
 from pykv.txn.occ import validate
@@ -179,15 +178,6 @@ def _writes_into(written: list[str], ranges: list[model.KeyRange]) -> bool:
 
 
 # Keys between two progress reports of check().
-CHECK_PROGRESS_EVERY = 1000
-
-
-@dataclass
-class CheckReport:
-    """What check() found: how many live keys it read, and the damaged ones with why."""
-
-    keys: int = 0
-    damaged: list[tuple[str, str]] = field(default_factory=list)
 
 
 class EmbeddedBackend:
@@ -243,20 +233,7 @@ class EmbeddedBackend:
     def check(self, progress: Callable[[int], None] | None = None) -> CheckReport:
         """Read and decode every live value (``pykv check``): the keys whose value fails its
         checksum or does not decode, each with why. The store keeps serving meanwhile."""
-        report = CheckReport()
-        for raw in self._storage.keys():
-            key = raw.decode("utf-8", "replace")
-            try:
-                stored = self._storage.get(raw)
-                if stored.value is None:
-                    continue  # a deleted key's tombstone: no value
-                _versioned(stored)
-            except CorruptData as exc:
-                report.damaged.append((key, str(exc)))
-            report.keys += 1
-            if progress is not None and report.keys % CHECK_PROGRESS_EVERY == 0:
-                progress(report.keys)
-        return report
+        return self._storage.check(_versioned, progress)
 
     def commit(self, request: CommitRequest) -> None:
         written = request.written_keys()

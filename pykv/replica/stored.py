@@ -31,7 +31,7 @@ from __future__ import annotations
 import shutil
 import struct
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -48,7 +48,7 @@ from pykv.replica.shard import (
 )
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
-from pykv.storage.store import Storage, StoredVersion, Update
+from pykv.storage.store import CheckReport, Storage, StoredVersion, Update
 from pykv.txn.model import ABSENT, MISSING, KeyUpdate, Versioned, first_live
 
 _META = b"\xff"
@@ -450,3 +450,23 @@ class _Runs:
         return (not outcomes or self._totals["o"] - outcomes >= cap) and (
             not decisions or self._totals["d"] - decisions >= cap
         )
+
+
+def check_shards(shards_dir: Path, progress: Callable[[int], None] | None = None) -> CheckReport:
+    """`pykv check` of a stopped node: read and decode every value of each shard replica in
+    ``shards_dir`` (the node's ``shards/``); a damaged key is named "shard N: key".
+    ``progress(keys read so far)``. Nothing is written (no checkpoint at close)."""
+    report = CheckReport()
+    for path in sorted(shards_dir.glob("g*"), key=lambda p: int(p.name[1:])):
+        storage = Storage.open(str(path), fsync="off", compaction=False)
+        try:
+            found = storage.check(_versioned, _offset(progress, report.keys), reserved=_META)
+        finally:
+            storage.close(checkpoint=False)
+        report.keys += found.keys
+        report.damaged += [(f"shard {path.name[1:]}: {key}", why) for key, why in found.damaged]
+    return report
+
+
+def _offset(progress: Callable[[int], None] | None, before: int) -> Callable[[int], None] | None:
+    return None if progress is None else lambda n: progress(before + n)

@@ -1,16 +1,19 @@
-"""`pykv check DIR`: read and decode every value of an embedded store, and list the damaged.
+"""`pykv check DIR`: read and decode every value of an embedded store (or of a stopped cluster
+node's shard replicas), and list the damaged.
 
 A value fails when its bytes no longer match their checksum (the disk changed them) or do not
 decode (written wrongly). The store opens as usual (its WAL is checked then), so a store
 open in another process cannot be checked (StoreLocked). Exit status: 0 when every value
 reads back, 1 when some do not, 2 when the store cannot be opened. A damaged key can be
-deleted or written again: neither reads its old value.
+deleted or written again: neither reads its old value. On a node, a damaged replica is
+rebuilt from the others: remove the node's data directory and start it again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -20,6 +23,8 @@ from rich.table import Table
 import pykv
 from pykv.embedded import CheckReport, EmbeddedBackend
 from pykv.errors import Error
+from pykv.replica.stored import check_shards
+from pykv.storage.files import DirectoryLock
 
 # Damaged keys listed in the table (all of them with --json).
 SHOWN = 50
@@ -45,11 +50,14 @@ def run(args: argparse.Namespace) -> int:
 
 def open_and_check(path: Path, console: Console, *, quiet: bool) -> CheckReport | None:
     """Open the store in path and read every value (a progress bar unless quiet); None, with
-    the reason printed, when it cannot be opened."""
+    the reason printed, when it cannot be opened. A node's data directory (it has shards/)
+    is checked shard by shard, while the node is stopped."""
     if not path.is_dir():
         console.print(f"[red]{path} is not a store's directory[/red]")
         return None
     try:
+        if (path / "shards").is_dir():
+            return _check_node(path, console, quiet=quiet)
         db = pykv.open(path)
     except Error as exc:
         console.print(f"[red]cannot open {path}: {type(exc).__name__}: {exc}[/red]")
@@ -58,22 +66,32 @@ def open_and_check(path: Path, console: Console, *, quiet: bool) -> CheckReport 
         backend = db.backend
         assert isinstance(backend, EmbeddedBackend)
         total = backend.storage.stats()["keys"]
-        return _check(backend, total, console, quiet=quiet)
+        return _with_progress(backend.check, total, console, quiet=quiet)
     finally:
         db.close()
+
+
+def _check_node(path: Path, console: Console, *, quiet: bool) -> CheckReport:
+    lock = DirectoryLock(str(path))  # StoreLocked while the node runs: stop it first
+    try:
+        return _with_progress(lambda progress: check_shards(path / "shards", progress), None,
+                              console, quiet=quiet)
+    finally:
+        lock.release()
 
 
 def damaged_as_json(report: CheckReport) -> list[dict]:
     return [{"key": k, "error": e} for k, e in report.damaged]
 
 
-def _check(backend: EmbeddedBackend, total: int, console: Console, *, quiet: bool) -> CheckReport:
+def _with_progress(check: Callable[[Callable[[int], None] | None], CheckReport], total: int | None,
+                   console: Console, *, quiet: bool) -> CheckReport:
     if quiet:
-        return backend.check()
+        return check(None)
     columns = (TextColumn("checking"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("values", total=total)
-        return backend.check(lambda done: progress.update(task, completed=done))
+        return check(lambda done: progress.update(task, completed=done))
 
 
 def print_report(report: CheckReport, console: Console) -> None:

@@ -44,7 +44,7 @@ import struct
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 
 from sortedcontainers import SortedList
@@ -111,6 +111,17 @@ class Update:
 
 
 ABSENT = StoredVersion(None, b"", 0, 0)
+
+
+@dataclass
+class CheckReport:
+    """What check() found: how many keys with a value it read, and the damaged ones with why."""
+
+    keys: int = 0
+    damaged: list[tuple[str, str]] = field(default_factory=list)
+
+
+CHECK_PROGRESS_EVERY = 1000
 
 # The key directory's segment id of a tombstone (no segment has id 0: lsns start at 1).
 TOMBSTONE_SEGMENT = 0
@@ -452,6 +463,28 @@ class Storage:
     @property
     def durable_lsn(self) -> int:
         return self._open_wal().durable_lsn
+
+
+    def check(self, decode: Callable[[StoredVersion], object],
+              progress: Callable[[int], None] | None = None, *, reserved: bytes | None = None) -> CheckReport:
+        """Read every key's value and ``decode`` it (the caller's format): the keys whose value
+        fails its checksum or does not decode (CorruptData), each with why; keys starting
+        with ``reserved`` are the caller's own bookkeeping and left out. ``progress(keys read)``."""
+        report = CheckReport()
+        for raw in self.keys():
+            if reserved is not None and raw.startswith(reserved):
+                continue
+            try:
+                stored = self.get(raw)
+                if stored.value is None:
+                    continue  # a deleted key's tombstone: no value
+                decode(stored)
+            except CorruptData as exc:
+                report.damaged.append((raw.decode("utf-8", "replace"), str(exc)))
+            report.keys += 1
+            if progress is not None and report.keys % CHECK_PROGRESS_EVERY == 0:
+                progress(report.keys)
+        return report
 
     @property
     def last_lsn(self) -> int:
