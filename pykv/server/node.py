@@ -308,6 +308,13 @@ def _exit_for_restart(what: str) -> None:
     os._exit(70)
 
 
+def _exit_misconfigured(message: str) -> None:
+    """Stop a node that must not go on as configured (one log line, exit status 2)."""
+    log.error(message)
+    logging.shutdown()
+    os._exit(2)
+
+
 def _nobody_waits(result: Any, error: BaseException | None) -> None:
     """The completion callback of a proposal whose outcome nobody waits for."""
 
@@ -1134,6 +1141,15 @@ class Node:
         me = self.config.node_id
         host = self.host
         assert host is not None
+        twin = await self._running_twin()
+        if twin is not None:
+            # A second process given this id (a copied command line, a wrong --id) would take
+            # every replica away from the node that holds them, again and again.
+            _exit_misconfigured(
+                f"event=duplicate_node node={me}: node {me} already runs at {twin['address']} "
+                f"(pid {twin.get('pid')}) and holds its replicas; this process, at "
+                f"{self.config.peers[me]}, would take them away. Stop one of the two"
+            )
         # Not the groups added back already (HOST): replicas of this incarnation.
         gids = [g for g in [*range(self.current_map().partitions), META_GROUP] if g not in host.groups]
 
@@ -1152,6 +1168,20 @@ class Node:
         else:
             self._lost_data = False
             log.info("event=rejoined node=%d: no group names the lost replicas any more", me)
+
+    async def _running_twin(self) -> dict | None:
+        """The status of another live process serving this node's id at the address the
+        cluster's shard map gives it, if that is another address than this one's."""
+        me = self.config.node_id
+        cluster_map = self._learned_map or self.current_map()  # as the others have it
+        address = cluster_map.addresses.get(me)
+        if address is None or address == self.config.peers[me]:
+            return None  # this process listens there: nobody else can
+        try:
+            status = await self.router.call_address(address, STATUS, None, 2.0)
+        except (Error, OSError):
+            return None  # nobody there: the node moved
+        return status if status.get("node_id") == me else None
 
     def _placement_check_due(self, term: int) -> bool:
         """Whether the metadata leader checks every group's placement in this round.

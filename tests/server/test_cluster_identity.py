@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster_harness import LocalCluster, free_port_range  # noqa: E402
+from cluster_harness import LocalCluster, free_port_range, local_cluster  # noqa: E402
 
 import pykv  # noqa: E402
 from pykv import WrongCluster  # noqa: E402
@@ -127,6 +127,30 @@ def test_a_node_of_another_cluster_in_a_members_place_changes_nothing(tmp_path):
     finally:
         a.down()
         b.down()
+
+
+def test_a_second_process_given_a_live_nodes_id_stops_before_taking_its_replicas(tmp_path):
+    """A copied command line: another `pykv serve --id 2 --existing` with an empty directory at
+    another address. Before: taking itself for node 2 after a data loss, it removed the real
+    node 2 from every group, again each time the cluster added it back."""
+    with local_cluster(tmp_path, nodes=3, partitions=4) as cluster:
+        _write_all(cluster.addresses, "v")
+        peers = ",".join(f"{n}={cluster.address(n)}" for n in (1, 3))
+        twin_address = f"127.0.0.1:{free_port_range(1)}"
+        log = tmp_path / "twin.log"
+        twin = _serve("--id", "2", "--listen", twin_address, "--peers", f"{peers},2={twin_address}",
+                      "--partitions", "4", "--existing", "--cluster-id", cluster.config.cluster_id,
+                      "--data-dir", str(tmp_path / "twin"), log=log)
+        try:
+            assert twin.wait(30) == 2
+        finally:
+            _stop(twin)
+        said = log.read_text()
+        assert f"event=duplicate_node node=2: node 2 already runs at {cluster.address(2)}" in said
+        assert "left the group" not in said
+        groups = cluster.status(2)["groups"]
+        assert len(groups) == 4 and all(g["role"] in ("leader", "follower") for g in groups.values())
+        assert _values(cluster.addresses) == {"v": len(KEYS)}
 
 
 def test_a_data_directory_serves_only_its_own_cluster_and_node(tmp_path):
