@@ -112,7 +112,7 @@ def _recorded_cluster_id(config: ClusterConfig, data_dir: Path) -> str | None:
     for node_id in sorted(config.nodes):
         recorded = read_identity(data_dir / f"node-{node_id}")
         if recorded is not None:
-            return recorded[0]
+            return recorded.cluster
     return None
 
 

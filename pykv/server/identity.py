@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -48,36 +49,52 @@ def founders_cluster_id(founders: dict[int, str]) -> str:
     return xxhash.xxh64_hexdigest(text.encode())
 
 
-def read_identity(data_dir: Path) -> tuple[str, int] | None:
-    """(cluster id, node id) recorded in ``data_dir``, or None for a directory that has none
-    (new, or written by a release before identities). CorruptData for an unreadable file."""
+@dataclass(frozen=True)
+class Identity:
+    """What a node's data directory records of the cluster and the node it belongs to."""
+
+    cluster: str
+    node: int
+    partitions: int | None = None  # fixed for the life of the cluster
+
+    def to_json(self) -> bytes:
+        return json.dumps({"cluster": self.cluster, "node": self.node,
+                           "partitions": self.partitions}).encode() + b"\n"
+
+
+def read_identity(data_dir: Path) -> Identity | None:
+    """What ``data_dir`` records, or None for a directory that has nothing recorded (new, or
+    written by a release before identities). CorruptData for an unreadable file."""
     path = data_dir / IDENTITY_FILE
     try:
         raw = json.loads(path.read_bytes())
-        cluster, node = raw["cluster"], raw["node"]
+        identity = Identity(raw["cluster"], raw["node"], raw.get("partitions"))
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CorruptData(f"{path} does not hold a cluster and a node id: {exc}") from None
-    if not (isinstance(cluster, str) and isinstance(node, int)):
+    if not (isinstance(identity.cluster, str) and isinstance(identity.node, int)
+            and isinstance(identity.partitions, int | None)):
         raise CorruptData(f"{path} does not hold a cluster and a node id: {raw!r:.80}")
-    return cluster, node
+    return identity
 
 
-def claim_identity(data_dir: Path, node_id: int, cluster_id: str | None, founders: dict[int, str]) -> str:
+def claim_identity(data_dir: Path, node_id: int, cluster_id: str | None, founders: dict[int, str],
+                   partitions: int) -> str:
     """The id of the cluster this node serves, recorded in ``data_dir`` on its first start.
 
     ``cluster_id``: the one the node was started with (None: the directory's, or else the
     founders'). WrongCluster if the directory belongs to another cluster, InvalidArgument if
-    it holds another node's data.
+    it holds another node's data or the cluster has another number of partitions (each
+    replica's state machine depends on it: replicas given different ones would diverge).
     """
     recorded = read_identity(data_dir)
     if recorded is None:
         cluster = cluster_id if cluster_id is not None else founders_cluster_id(founders)
-        body = json.dumps({"cluster": cluster, "node": node_id}).encode() + b"\n"
-        replace_atomically(os.fspath(data_dir / IDENTITY_FILE), body)
+        identity = Identity(cluster, node_id, partitions)
+        replace_atomically(os.fspath(data_dir / IDENTITY_FILE), identity.to_json())
         return cluster
-    cluster, node = recorded
+    cluster, node = recorded.cluster, recorded.node
     if node != node_id:
         raise InvalidArgument(
             f"{data_dir} holds the data of node {node}, not of node {node_id}: start it as "
@@ -87,5 +104,10 @@ def claim_identity(data_dir: Path, node_id: int, cluster_id: str | None, founder
         raise WrongCluster(
             f"{data_dir} belongs to cluster {cluster!r}, not to cluster {cluster_id!r} "
             f"(--cluster-id): it is another cluster's node"
+        )
+    if recorded.partitions is not None and recorded.partitions != partitions:
+        raise InvalidArgument(
+            f"{data_dir} belongs to a cluster whose partitions are fixed at "
+            f"{recorded.partitions} for its life, not {partitions} (--partitions)"
         )
     return cluster

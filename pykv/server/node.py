@@ -390,7 +390,8 @@ class Node:
         self._dir_lock = DirectoryLock(str(config.data_dir))
         try:
             self.cluster_id = claim_identity(
-                config.data_dir, config.node_id, config.cluster_id, self.founding_map.addresses
+                config.data_dir, config.node_id, config.cluster_id, self.founding_map.addresses,
+                config.partitions,
             )
         except BaseException:
             self._dir_lock.release()
@@ -1113,6 +1114,7 @@ class Node:
             await asyncio.sleep(0.3)
             try:
                 await self._refresh_learned_map()
+                self._check_partitions()
                 in_map = self.config.node_id in self.current_map().nodes
                 if in_map and self._lost_data:
                     await self._rejoin_after_data_loss()
@@ -1168,6 +1170,19 @@ class Node:
         else:
             self._lost_data = False
             log.info("event=rejoined node=%d: no group names the lost replicas any more", me)
+
+    def _check_partitions(self) -> None:
+        """Exit if the cluster has another number of partitions than this node was given: a
+        replica's state machine depends on it (how many txids it remembers), and replicas
+        that disagree on it would diverge."""
+        cluster_map = self._learned_map or self.current_map()
+        if cluster_map.partitions != self.config.partitions:
+            _exit_misconfigured(
+                f"event=wrong_partitions node={self.config.node_id}: the cluster has "
+                f"{cluster_map.partitions} partitions, fixed for its life, and this node was "
+                f"started with --partitions {self.config.partitions}: remove "
+                f"{self.config.data_dir} and start it again with --partitions {cluster_map.partitions}"
+            )
 
     async def _running_twin(self) -> dict | None:
         """The status of another live process serving this node's id at the address the

@@ -129,7 +129,7 @@ def test_a_node_of_another_cluster_in_a_members_place_changes_nothing(tmp_path):
         b.down()
 
 
-def test_a_second_process_given_a_live_nodes_id_stops_before_taking_its_replicas(tmp_path):
+def test_misconfigured_processes_stop_before_they_harm_the_cluster(tmp_path):
     """A copied command line: another `pykv serve --id 2 --existing` with an empty directory at
     another address. Before: taking itself for node 2 after a data loss, it removed the real
     node 2 from every group, again each time the cluster added it back."""
@@ -152,6 +152,20 @@ def test_a_second_process_given_a_live_nodes_id_stops_before_taking_its_replicas
         assert len(groups) == 4 and all(g["role"] in ("leader", "follower") for g in groups.values())
         assert _values(cluster.addresses) == {"v": len(KEYS)}
 
+        # A new node given another partition count than the cluster's: its replicas would
+        # remember another number of txids than their peers, and diverge from them.
+        log = tmp_path / "node4.log"
+        address = f"127.0.0.1:{free_port_range(1)}"
+        node4 = _serve("--id", "4", "--listen", address, "--peers", f"{peers},4={address}",
+                       "--partitions", "8", "--cluster-id", cluster.config.cluster_id,
+                       "--data-dir", str(tmp_path / "node4"), log=log)
+        try:
+            assert node4.wait(30) == 2
+        finally:
+            _stop(node4)
+        assert "event=wrong_partitions node=4: the cluster has 4 partitions" in log.read_text()
+        assert 4 not in fetch_status(cluster.address(1), timeout=5)["map_nodes"]
+
 
 def test_a_data_directory_serves_only_its_own_cluster_and_node(tmp_path):
     port = free_port_range(1)
@@ -173,6 +187,8 @@ def test_a_data_directory_serves_only_its_own_cluster_and_node(tmp_path):
     assert f"{data} belongs to cluster 'one', not to cluster 'two'" in said
     said = _serve_refused("--id", "2", "--peers", f"2=127.0.0.1:{port}", *node)
     assert f"{data} holds the data of node 1, not of node 2: start it as --id 1" in said
+    said = _serve_refused("--id", "1", *node, "--partitions", "2")  # the last one wins
+    assert f"{data} belongs to a cluster whose partitions are fixed at 1 for its life, not 2" in said
     again = _serve("--id", "1", *node, log=log)  # no --cluster-id: the directory's
     try:
         _wait_for(lambda: log.read_text(errors="replace").count("listening") == 2, "the node restarted")
@@ -189,7 +205,7 @@ def test_cluster_up_keeps_the_id_its_nodes_record_when_cluster_json_has_none(tmp
         cluster_id = cluster.config.cluster_id
         assert len(cluster_id) == 16
         identity = json.loads((cluster.data_dir / "node-2" / "IDENTITY").read_text())
-        assert identity == {"cluster": cluster_id, "node": 2}
+        assert identity == {"cluster": cluster_id, "node": 2, "partitions": 2}
         cluster.down()
         path = cluster.data_dir / CONFIG_NAME
         raw = json.loads(path.read_text())
