@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 from pathlib import Path
 
 from pykv.errors import InvalidArgument
@@ -18,6 +19,9 @@ from pykv.server.cmd_cluster import (
 )
 from pykv.server.identity import check_cluster_id
 from pykv.server.node import NodeConfig, log_start_failure, serve_forever
+
+# The soft limit asked for when the hard one is infinite (the kernel's nr_open caps it).
+MAX_OPEN_FILES = 1 << 20
 
 
 def parse_peers(text: str) -> dict[int, str]:
@@ -136,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     except InvalidArgument as exc:
         log_start_failure(args.id, exc)
         return 2
+    raise_open_files_limit()
     # PYKV_PROFILE=DIR: profile this node with cProfile, written to DIR/node-ID.prof at exit.
     profile_dir = os.environ.get("PYKV_PROFILE")
     profiler = None
@@ -152,6 +157,18 @@ def run(args: argparse.Namespace) -> int:
             profiler.disable()
             profiler.dump_stats(os.path.join(profile_dir, f"node-{args.id}.prof"))
     return 0
+
+
+def raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one: a node holds a descriptor per
+    client and peer connection and per open segment of its shards, and the common soft limit
+    (1024) is reached long before the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # an infinite hard limit the kernel caps lower
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, MAX_OPEN_FILES), hard))
 
 
 def _run_loop(config: NodeConfig) -> None:

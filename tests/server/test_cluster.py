@@ -228,6 +228,36 @@ def test_cluster_up_refuses_options_that_cannot_make_a_cluster(tmp_path, options
     assert not (tmp_path / "c" / "cluster.json").exists()
 
 
+def test_a_node_lifts_its_soft_limit_on_open_files_to_the_hard_one(tmp_path):
+    import resource
+
+    from cluster_harness import free_port_range
+
+    def low_soft_limit() -> None:  # the common default, under a higher hard limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    port = free_port_range(1)
+    node = subprocess.Popen(
+        [sys.executable, "-m", "pykv.server.cli", "serve", "--id", "1", "--listen", f"127.0.0.1:{port}",
+         "--partitions", "1", "--replicas", "1", "--data-dir", str(tmp_path / "n")],
+        preexec_fn=low_soft_limit, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "the node never listened"
+            time.sleep(0.05)
+        limits = Path(f"/proc/{node.pid}/limits").read_text()
+        soft, hard = next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files"))
+        assert soft == hard and soft != "256"
+    finally:
+        node.terminate()
+        node.wait(10)
+
+
 def test_serve_refuses_a_file_as_its_data_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     run = _cli("serve", "--id", "1", "--listen", "127.0.0.1:1", "--data-dir", str(tmp_path / "notes.txt"))
