@@ -219,3 +219,21 @@ def test_cluster_up_keeps_the_id_its_nodes_record_when_cluster_json_has_none(tmp
         assert f"pykv nodes of cluster {cluster_id}" in status.stdout
     finally:
         cluster.down()
+
+
+def test_status_names_the_cluster_and_flags_nodes_of_two():
+    from rich.console import Console
+
+    from pykv.server.cmd_status import build_node_table
+
+    def title(statuses: dict) -> str:
+        console = Console(width=200, record=True)
+        console.print(build_node_table(statuses))
+        return console.export_text().splitlines()[0].strip()
+
+    node = {"node_id": 1, "cluster_id": "c1"}
+    assert title({"a:1": node, "a:2": {**node, "node_id": 2}, "a:3": "node 3: Unavailable"}) == (
+        "pykv nodes of cluster c1")
+    assert title({"a:1": node, "b:1": {**node, "cluster_id": "c2"}}) == (
+        "pykv nodes of 2 different clusters: c1, c2")
+
