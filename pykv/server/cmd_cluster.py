@@ -22,9 +22,10 @@ import pykv
 from pykv.client.admin import fetch_status, request_leave
 from pykv.client.router import Router
 from pykv.client.transport import MEMBERS, META_GROUP
-from pykv.errors import Error, InvalidArgument
+from pykv.errors import CorruptData, Error, InvalidArgument
 from pykv.net.framing import CLUSTER_MAX_FRAME
 from pykv.server.identity import new_cluster_id, read_identity
+from pykv.storage.files import replace_atomically
 
 CONFIG_NAME = "cluster.json"
 # Partitions are fixed for the life of a cluster (no split or merge), so the default leaves
@@ -98,13 +99,24 @@ def load_config(data_dir: Path) -> ClusterConfig | None:
     path = data_dir / CONFIG_NAME
     if not path.exists():
         return None
-    raw = json.loads(path.read_text())
-    config = ClusterConfig.from_json(raw)
+    try:
+        raw = json.loads(path.read_text())
+        config = ClusterConfig.from_json(raw)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise CorruptData(f"{path} is not a cluster config as `pykv cluster up` writes it "
+                          f"({type(exc).__name__}: {exc}): fix it, or remove it and run `cluster "
+                          "up` again with the cluster's --nodes, --base-port and --partitions") from None
     if "formed" not in raw:
         # Saved by a release before `formed`: a node with a WAL ran, so the cluster did (its
         # nodes vote), and a node that comes back empty must rejoin, not found its groups.
-        config.formed = any((data_dir / f"node-{n}" / "wal").exists() for n in config.nodes)
+        config.formed = _nodes_ran(config, data_dir)
     return config
+
+
+def _nodes_ran(config: ClusterConfig, data_dir: Path) -> bool:
+    """Whether any node of the cluster ran: then its nodes vote, and one that comes back
+    with an empty directory lost its data (it must rejoin, not found its groups)."""
+    return any((data_dir / f"node-{n}" / "wal").exists() for n in config.nodes)
 
 
 def _recorded_cluster_id(config: ClusterConfig, data_dir: Path) -> str | None:
@@ -117,9 +129,8 @@ def _recorded_cluster_id(config: ClusterConfig, data_dir: Path) -> str | None:
 
 
 def save_config(data_dir: Path, config: ClusterConfig) -> None:
-    tmp = data_dir / (CONFIG_NAME + ".tmp")
-    tmp.write_text(config.to_json())
-    os.replace(tmp, data_dir / CONFIG_NAME)
+    # Durably: a cluster.json lost or emptied by a power cut would leave nodes nobody knows.
+    replace_atomically(str(data_dir / CONFIG_NAME), config.to_json().encode())
 
 
 def pid_path(data_dir: Path, node_id: int) -> Path:
@@ -335,22 +346,23 @@ def cluster_up(
     """Start (or restart, or grow) the cluster in data_dir; raise TimeoutError if not ready."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = load_config(data_dir)
-    existing = config is not None and config.formed
     if config is None:
         ids = list(range(1, nodes + 1))
         # settings: the other ClusterConfig fields (partitions, replicas, state, ...).
         config = ClusterConfig(
-            nodes={i: f"{host}:{base_port + i - 1}" for i in ids}, initial=ids,
-            cluster_id=new_cluster_id(), **settings
+            nodes={i: f"{host}:{base_port + i - 1}" for i in ids}, initial=ids, **settings
         )
+        config.formed = _nodes_ran(config, data_dir)  # made again over its nodes: it was lost
     else:
-        if not config.cluster_id:  # a cluster.json from before cluster ids
-            config.cluster_id = _recorded_cluster_id(config, data_dir) or new_cluster_id()
         # Growing: new ids join the existing cluster; their ports continue the sequence.
         while len(config.active()) < nodes:
             node_id = max(config.nodes) + 1
             config.nodes[node_id] = f"{host}:{base_port + node_id - 1}"
+    # New, from before cluster ids, or made again over its nodes' directories (cluster.json
+    # lost): the id they record, if any does.
+    config.cluster_id = config.cluster_id or _recorded_cluster_id(config, data_dir) or new_cluster_id()
     save_config(data_dir, config)
+    existing = config.formed
     alive = running_nodes(config, data_dir)
     started = {
         node_id: start_node(config, node_id, data_dir, env=env, existing=existing)
@@ -547,6 +559,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
+    try:
+        return _run(args, console)
+    except CorruptData as exc:  # cluster.json
+        console.print(f"[red]{exc}[/red]")
+        return 2
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
     if args.action == "down":
         stopped, killed = cluster_down(args.data_dir)
         console.print(f"stopped nodes {stopped}" if stopped else "no node was running")

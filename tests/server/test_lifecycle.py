@@ -64,6 +64,25 @@ def test_up_down_up_keeps_data_and_restarts_only_missing_nodes(tmp_path):
                      str(base)).returncode == 0
         with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
             assert [db.get(f"k{i}") for i in range(20)] == list(range(20))
+
+        # A damaged cluster.json: one line, exit 2 (a traceback before). Made again over the
+        # nodes' directories (node 3's lost too), the cluster keeps its id and data, and the
+        # empty node rejoins instead of founding its groups again.
+        cluster_id = load_config(data).cluster_id
+        assert _pykv("cluster", "down", "--data-dir", str(data)).returncode == 0
+        (data / "cluster.json").write_text('{"nodes": {"1": ')
+        broken = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base))
+        assert broken.returncode == 2 and "Traceback" not in broken.stderr
+        assert "is not a cluster config as `pykv cluster up` writes it" in " ".join(broken.stderr.split())
+        (data / "cluster.json").unlink()
+        shutil.rmtree(data / "node-3")
+        remade = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base),
+                       "--partitions", "4")
+        assert remade.returncode == 0, remade.stderr
+        assert load_config(data).cluster_id == cluster_id
+        assert "event=lost_data node=3" in (data / "node-3.log").read_text()
+        with pykv.client.connect([f"127.0.0.1:{base + 2}"]) as db:
+            assert [db.get(f"k{i}") for i in range(20)] == list(range(20))
     finally:
         _pykv("cluster", "down", "--data-dir", str(data))
 
