@@ -580,6 +580,11 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[red]{exc}[/red]")
             return 1
         console.print(f"node {args.node} removed; its shards live on the other nodes")
+        config = load_config(args.data_dir)
+        if config is not None and len(config.active()) < config.replicas:
+            left = len(config.active())
+            console.print(f"[yellow]{left} nodes are left for {config.replicas} replicas: each shard "
+                          f"has {left}, and survives {(left - 1) // 2} failures[/yellow]")
         return 0
     if args.base_port + args.nodes - 1 > 65535:
         console.print(f"[red]--base-port {args.base_port} leaves no port for node {args.nodes}: "

@@ -187,3 +187,20 @@ def test_a_node_that_lost_its_data_rejoins_its_groups_as_a_new_replica(tmp_path)
             assert [db.get(f"k{i}") for i in range(300)] == list(range(300))
     finally:
         _pykv("cluster", "down", "--data-dir", str(data))
+
+
+def test_remove_below_the_replica_count_says_what_is_left(tmp_path):
+    data = tmp_path / "c"
+    base = free_port_range(3)
+    try:
+        assert _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base),
+                     "--partitions", "2").returncode == 0
+        removed = _pykv("cluster", "remove", "--data-dir", str(data), "--node", "3", "--timeout", "60")
+        said = " ".join(removed.stderr.split())
+        assert removed.returncode == 0 and "node 3 removed" in said
+        assert "2 nodes are left for 3 replicas: each shard has 2, and survives 0 failures" in said
+        with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
+            db.put("after", 1)
+            assert db.get("after") == 1
+    finally:
+        _pykv("cluster", "down", "--data-dir", str(data))
