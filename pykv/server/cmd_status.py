@@ -20,15 +20,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def discover(addresses: list[str], timeout: float) -> dict[str, int | None]:
-    """The given addresses plus every node the shard map of the first answering one names,
-    so that `pykv status --addresses ONE` shows the whole cluster: address -> node id (None
-    for an address the map does not name)."""
+    """The given addresses plus every member of the ring the shard map of the first answering
+    one names (not nodes taken out), so that `pykv status --addresses ONE` shows the whole
+    cluster: address -> node id (None for an address the map does not name)."""
     everyone: dict[str, int | None] = dict.fromkeys(addresses)
     for address in addresses:
         try:
-            nodes = fetch_shard_map(address, timeout=timeout)["nodes"]
+            shard_map = fetch_shard_map(address, timeout=timeout)
         except Exception:  # noqa: BLE001 - try the next address; collect() reports it down
             continue
+        members = {str(n) for n in shard_map.get("members", shard_map["nodes"])}  # not removed ones
+        nodes = {n: a for n, a in shard_map["nodes"].items() if n in members}
         everyone.update((a, int(n)) for n, a in sorted(nodes.items(), key=lambda kv: int(kv[0])))
         break
     return everyone

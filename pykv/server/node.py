@@ -1064,7 +1064,8 @@ class Node:
             "partitions": current.partitions,
             "vnodes": current.vnodes,
             "replicas": current.replicas,
-            "nodes": {str(k): v for k, v in nodes.items()},
+            "nodes": {str(k): v for k, v in nodes.items()},  # also taken out ones: routing
+            "members": list(current.nodes),  # the nodes of the ring now
             "shards": shards,
             "leaders": leaders,
             "meta": self.meta_voters,

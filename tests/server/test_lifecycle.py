@@ -202,5 +202,8 @@ def test_remove_below_the_replica_count_says_what_is_left(tmp_path):
         with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
             db.put("after", 1)
             assert db.get("after") == 1
+        status = _pykv("status", "--json", "--addresses", f"127.0.0.1:{base}")
+        assert status.returncode == 0  # node 3 is gone from the ring: not a node down
+        assert sorted(json.loads(status.stdout)) == [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
     finally:
         _pykv("cluster", "down", "--data-dir", str(data))
