@@ -581,10 +581,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             return 1
         console.print(f"node {args.node} removed; its shards live on the other nodes")
         config = load_config(args.data_dir)
-        if config is not None and len(config.active()) < config.replicas:
-            left = len(config.active())
-            console.print(f"[yellow]{left} nodes are left for {config.replicas} replicas: each shard "
-                          f"has {left}, and survives {(left - 1) // 2} failures[/yellow]")
+        if config is not None:
+            _print_tolerance(config, console)
         return 0
     if args.base_port + args.nodes - 1 > 65535:
         console.print(f"[red]--base-port {args.base_port} leaves no port for node {args.nodes}: "
@@ -614,4 +612,16 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return 1
     addrs = " ".join(config.nodes[n] for n in sorted(config.nodes))
     console.print(f"cluster ready: {addrs}")
+    _print_tolerance(config, console)
     return 0
+
+
+def _print_tolerance(config: ClusterConfig, console: Console) -> None:
+    """How many replicas each shard has and how many failures it survives (a majority must
+    stay): in yellow when it survives none."""
+    nodes = len(config.active())
+    replicas = min(config.replicas, nodes)
+    survives = (replicas - 1) // 2
+    line = (f"{nodes} nodes, {config.replicas} replicas asked: each shard has {replicas} and "
+            f"survives {survives} failed node{'s' if survives != 1 else ''}")
+    console.print(line if survives else f"[yellow]{line}[/yellow]")

@@ -33,6 +33,7 @@ def test_up_down_up_keeps_data_and_restarts_only_missing_nodes(tmp_path):
         up = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base),
                    "--partitions", "4")
         assert up.returncode == 0, up.stderr
+        assert "3 nodes, 3 replicas asked: each shard has 3 and survives 1 failed node" in up.stderr
         config = load_config(data)
         assert sorted(config.nodes.values()) == [f"127.0.0.1:{base + i}" for i in range(3)]
         pids = {n: read_pid(data, n) for n in (1, 2, 3)}
@@ -198,7 +199,7 @@ def test_remove_below_the_replica_count_says_what_is_left(tmp_path):
         removed = _pykv("cluster", "remove", "--data-dir", str(data), "--node", "3", "--timeout", "60")
         said = " ".join(removed.stderr.split())
         assert removed.returncode == 0 and "node 3 removed" in said
-        assert "2 nodes are left for 3 replicas: each shard has 2, and survives 0 failures" in said
+        assert "2 nodes, 3 replicas asked: each shard has 2 and survives 0 failed nodes" in said
         with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
             db.put("after", 1)
             assert db.get("after") == 1
