@@ -177,9 +177,6 @@ def _writes_into(written: list[str], ranges: list[model.KeyRange]) -> bool:
     return any(r.holds(key) for r in ranges for key in written)
 
 
-# Keys between two progress reports of check().
-
-
 class EmbeddedBackend:
     """The Backend of pykv.api over one local Storage directory."""
 
