@@ -88,9 +88,10 @@ class Router:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_frame = max_frame
-        # The cluster every node reached must belong to: a node's own; for a client, the one
-        # of the first node it meets (so a client never talks on to another cluster started
-        # later on the same addresses, nor mixes two clusters' nodes given among its seeds).
+        # The cluster every node reached must belong to, named in each HELLO: a node's own;
+        # for a client, the one of the first shard map it gets (so a client never talks on to
+        # another cluster started later on the same addresses, nor mixes two clusters' nodes
+        # given among its seeds).
         self.cluster = cluster
         # Addresses where a node of another cluster answered: asked again only after
         # WRONG_CLUSTER_RECHECK seconds (each refusal is logged at both ends), with the time.
@@ -151,7 +152,6 @@ class Router:
         try:
             conn = await Connection.open(address, timeout=timeout, max_frame=self.max_frame,
                                          cluster=self.cluster)
-            self._same_cluster(conn)
         except WrongCluster as exc:
             wrong = WrongCluster(f"{address}: {exc}: a node of another cluster answers there "
                                  f"(a wrong address, or another cluster started on its port)")
@@ -160,18 +160,17 @@ class Router:
         self._wrong.pop(address, None)
         return conn
 
-    def _same_cluster(self, conn: Connection) -> None:
-        """Learn the cluster from the first node met; WrongCluster for a node of another one
-        (met while the first handshakes were under way)."""
-        theirs = conn.peer_cluster
+    def _learn_cluster(self, address: str, theirs: str | None) -> None:
+        """Learn the cluster from the first node's shard map; WrongCluster for a node of
+        another one (met while the first requests were under way: a node refuses a HELLO
+        that names another cluster)."""
         if theirs is None:
             return
         if self.cluster is None:
             self.cluster = theirs
         elif theirs != self.cluster:
-            conn.close()
-            raise WrongCluster(f"the peer belongs to cluster {theirs!r}, this side to cluster "
-                               f"{self.cluster!r}")
+            raise WrongCluster(f"{address}: the node belongs to cluster {theirs!r}, this client "
+                               f"to cluster {self.cluster!r}")
 
     async def call_address(self, address: str, kind: int, body: Any, timeout: float) -> Any:
         conn = await self.connection(address, timeout)
@@ -199,6 +198,7 @@ class Router:
                     continue
                 try:
                     raw = await self.call_address(address, SHARD_MAP, None, wait)
+                    self._learn_cluster(address, raw.get("cluster"))
                 except (Unavailable, Timeout, OSError, WrongCluster) as exc:
                     errors.append(f"{address}: {exc}")
                     wrong += isinstance(exc, WrongCluster)

@@ -10,8 +10,9 @@ request. Request id 0 means "no reply expected" (a one-way message). Kinds 0-15 
 protocol's own (HELLO, RESPONSE, ERROR); applications use 16-127.
 
 The first frame each side sends is HELLO with body ``[b"PYKV", protocol_version]``, or
-``[b"PYKV", protocol_version, cluster_id]`` from a side that knows which cluster it belongs
-to (a node, or a client once it has met one): two sides of different clusters stop there.
+``[b"PYKV", protocol_version, cluster_id]`` from a connecting side that knows which cluster
+it belongs to (a node, or a client once it has learned it): the accepting side refuses one of
+another cluster (pykv.net.protocol says who sends first).
 
 Every malformed input raises :class:`pykv.errors.ProtocolError` with a message that says
 what was wrong; after one, a decoder refuses further input (the stream lost sync).
@@ -119,7 +120,8 @@ def check_hello(frame: Frame, version: int = PROTOCOL_VERSION, cluster: str | No
         raise ProtocolError(f"HELLO frame with a cluster id that is not a str: {peer_cluster!r:.80}")
     if cluster is not None and peer_cluster is not None and peer_cluster != cluster:
         raise WrongCluster(
-            f"the peer belongs to cluster {peer_cluster!r}, this side to cluster {cluster!r}"
+            f"cluster {peer_cluster!r} (the connecting side) is not cluster {cluster!r} (the "
+            "accepting side)"
         )
     return peer_cluster
 

@@ -81,6 +81,11 @@ class FramedProtocol(asyncio.Protocol):
     """
 
     side = "?"  # "client" or "server": says which way a logged connection went
+    # The connecting end sends its HELLO at once, naming its cluster if it knows it. The
+    # accepting end answers with its own only once the peer's passed (a peer of another
+    # cluster gets an ERROR frame instead, first), and never names its cluster, so clients of
+    # releases before cluster ids, which read a 2-item HELLO only, still talk to it.
+    hello_at_once = True
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, cluster: str | None = None) -> None:
         self.max_frame = max_frame
@@ -104,7 +109,8 @@ class FramedProtocol(asyncio.Protocol):
         set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        transport.write(hello_frame(cluster=self.cluster))  # type: ignore[attr-defined]
+        if self.hello_at_once:
+            transport.write(hello_frame(cluster=self.cluster))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -206,6 +212,8 @@ class FramedProtocol(asyncio.Protocol):
             self.close(error)
             return []
         self.peer_cluster = check_hello(first, cluster=self.cluster)
+        if not self.hello_at_once:
+            self.write(hello_frame())  # before any reply: the first frame queued
         self.greeted = True
         self.handshake_done()
         return frames[1:]
@@ -235,6 +243,7 @@ class ServerProtocol(FramedProtocol):
     ``loop.create_server``."""
 
     side = "server"
+    hello_at_once = False
 
     # Flow control: a server writes only replies, so a client that does not read them gets
     # no more of its requests read until it does; nor does one that has max_in_flight

@@ -1066,6 +1066,7 @@ class Node:
             "replicas": current.replicas,
             "nodes": {str(k): v for k, v in nodes.items()},  # also taken out ones: routing
             "members": list(current.nodes),  # the nodes of the ring now
+            "cluster": self.cluster_id,  # a client learns it here, and names it in its HELLOs
             "shards": shards,
             "leaders": leaders,
             "meta": self.meta_voters,

@@ -205,7 +205,7 @@ def test_handshake_says_the_cluster_and_refuses_another():
     assert check_hello(named, cluster="c1") == "c1"
     assert check_hello(unnamed, cluster="c1") is None  # a client that met no node yet
     assert check_hello(named, cluster=None) == "c1"  # ... learns it here
-    with pytest.raises(WrongCluster, match="the peer belongs to cluster 'c1', this side to cluster 'c2'"):
+    with pytest.raises(WrongCluster, match=r"cluster 'c1' \(the connecting side\) is not cluster 'c2' \(the accepting side\)"):
         check_hello(named, cluster="c2")
     (odd,) = FrameDecoder().feed(encode_frame(HELLO, [MAGIC, PROTOCOL_VERSION, 7]))
     with pytest.raises(ProtocolError, match="cluster id that is not a str"):

@@ -368,7 +368,7 @@ def test_a_bad_frame_closes_only_its_connection(cluster, db, garbage, reason):
 
 @pytest.mark.parametrize("cluster_id, reason", [
     (None, "Raft messages from a peer that named no cluster"),  # a client's HELLO
-    ("another-cluster", "the peer belongs to cluster 'another-cluster'"),
+    ("another-cluster", "cluster 'another-cluster' (the connecting side) is not cluster"),
 ])
 def test_raft_messages_from_outside_the_cluster_are_refused(cluster, db, cluster_id, reason):
     # A vote request in a term far ahead: stepped, it would depose shard 0's leader.

@@ -113,13 +113,13 @@ def test_a_node_of_another_cluster_in_a_members_place_changes_nothing(tmp_path):
         rogue = _serve("--id", "3", "--listen", b.address(3), "--peers", peers, "--partitions", "4",
                        "--data-dir", str(a.data_dir / "node-3"), log=rogue_log)
         try:
-            _wait_for(lambda: "belongs to cluster" in rogue_log.read_text(errors="replace"),
+            _wait_for(lambda: "(the connecting side) is not cluster" in rogue_log.read_text(errors="replace"),
                       "the other cluster's node saw itself refused")
             time.sleep(2.0)  # many election timeouts of its groups
             assert _values(b.addresses) == {"B": len(KEYS)}
         finally:
             _stop(rogue)
-        assert "belongs to cluster" in b.log_text(1) + b.log_text(2)
+        assert "(the connecting side) is not cluster" in b.log_text(1) + b.log_text(2)
         b.up()  # the real node 3 is back
         assert _values(b.addresses) == {"B": len(KEYS)}
         a.up()  # A's own node 3, refused by B, still holds A's data
@@ -165,6 +165,25 @@ def test_misconfigured_processes_stop_before_they_harm_the_cluster(tmp_path):
             _stop(node4)
         assert "event=wrong_partitions node=4: the cluster has 4 partitions" in log.read_text()
         assert 4 not in fetch_status(cluster.address(1), timeout=5)["map_nodes"]
+
+
+def test_a_client_of_the_release_before_cluster_ids_still_talks_to_a_node(tmp_path):
+    """Such a client sends a 2-item HELLO and reads only a 2-item one back."""
+    import socket
+
+    from pykv.client.transport import PING
+    from pykv.net.framing import RESPONSE, FrameDecoder, encode_frame, hello_frame
+
+    old_hello = hello_frame()  # [b"PYKV", 1]: the bytes of that release
+    with local_cluster(tmp_path, nodes=3, partitions=2) as cluster:
+        host, port = cluster.address(1).rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(old_hello + encode_frame(PING, None, request_id=1))
+            decoder, frames = FrameDecoder(), []
+            while len(frames) < 2:
+                frames += decoder.feed(sock.recv(65536))
+        assert encode_frame(frames[0].kind, frames[0].body) == old_hello
+        assert frames[1].kind == RESPONSE and frames[1].request_id == 1
 
 
 def test_a_data_directory_serves_only_its_own_cluster_and_node(tmp_path):
