@@ -379,9 +379,10 @@ cdef SegmentScan scan_bytes(bytes data, uint64_t first_lsn, str path):
 def damaged_spans(bytes data, uint64_t first_lsn):
     """For salvage (pykv.storage.salvage): where a segment whose header is checked has damage.
 
-    Returns ``(spans, records, end)``: ``spans``, a list of ``(start, stop)`` byte ranges that
-    hold no valid record and are followed by one (mid-log damage: a record with a bad CRC or
-    a garbage length); ``records``, how many valid records the segment holds; ``end``, where
+    Returns ``(spans, records, end)``: ``spans``, a list of ``(start, stop, valid records
+    before it)`` for each byte range that holds no valid record and is followed by one
+    (mid-log damage: a record with a bad CRC or a garbage length); ``records``, how many valid
+    records the segment holds; ``end``, where
     the last of them ends (what follows is zeros, a torn tail, or damage with nothing valid
     after it). A damaged record's end is where its length field says, when a valid record
     starts there (a flipped bit in its payload), else the next offset holding a valid record.
@@ -407,7 +408,7 @@ def damaged_spans(bytes data, uint64_t first_lsn):
                 later = find_valid_record(base, pos + 1, size)
         if later < 0:
             break
-        spans.append((pos, later))
+        spans.append((pos, later, records))
         pos = later
     return spans, records, pos
 

@@ -115,38 +115,38 @@ def _mend_segment(wal_dir: str, segment_id: int, next_id: int | None, report: Sa
     path = segment_path(wal_dir, segment_id)
     with open(path, "rb") as f:
         data = f.read()
+    header_rewritten = False
     try:
         check_segment_header(data[:HEADER_BYTES], segment_id, path)
     except CorruptData:
         # Its name says everything the header holds.
         data = segment_header(segment_id) + data[HEADER_BYTES:]
         report.headers_rewritten.append(segment_id)
+        header_rewritten = True
     spans, records, end = damaged_spans(data, segment_id)
     report.records += records
     if next_id is not None and end < len(data):
-        spans.append((end, len(data)))  # a sealed segment holds records only: the rest is lost
+        spans.append((end, len(data), records))  # a sealed segment holds records only: the rest is lost
     counts = _records_per_span(segment_id, spans, records, next_id, data)
-    if not spans and segment_id not in report.headers_rewritten:
+    if not spans and not header_rewritten:
         return
     mended = bytearray(data)
-    lsn = segment_id
-    position = HEADER_BYTES
-    for (start, stop), count in zip(spans, counts, strict=True):
-        lsn += _records_between(data, position, start)
+    lost_before = 0  # records of the damaged spans before this one
+    for (start, stop, valid_before), count in zip(spans, counts, strict=True):
         mended[start:stop] = _fillers(stop - start, count)
-        report.damaged.append(DamagedSpan(segment_id, start, stop, lsn, count))
-        lsn += count
-        position = stop
+        first_lsn = segment_id + valid_before + lost_before
+        report.damaged.append(DamagedSpan(segment_id, start, stop, first_lsn, count))
+        lost_before += count
     with open(path, "rb+") as f:
         f.write(mended)
         os.fsync(f.fileno())
 
 
-def _records_per_span(segment_id: int, spans: list[tuple[int, int]], records: int,
+def _records_per_span(segment_id: int, spans: list[tuple[int, int, int]], records: int,
                       next_id: int | None, data: bytes) -> list[int]:
     """How many records each damaged span held: one per span whose first length field
     reaches exactly its end, the rest from the next segment's first lsn (sealed segments)."""
-    counts = [1 if _length_fits(data, start, stop) else 0 for start, stop in spans]
+    counts = [1 if _length_fits(data, start, stop) else 0 for start, stop, _ in spans]
     unknown = [i for i, count in enumerate(counts) if count == 0]
     if not unknown:
         if next_id is not None and records + sum(counts) != next_id - segment_id:
@@ -158,7 +158,7 @@ def _records_per_span(segment_id: int, spans: list[tuple[int, int]], records: in
         raise CorruptData(f"segment {segment_id}: cannot tell how many records the damaged "
                           f"{where} held (their length fields are damaged too)")
     counts[unknown[0]] = next_id - segment_id - records - sum(counts)
-    start, stop = spans[unknown[0]]
+    start, stop, _ = spans[unknown[0]]
     if counts[unknown[0]] < 1 or counts[unknown[0]] * MIN_FILLER > stop - start:
         raise CorruptData(f"segment {segment_id}: the damaged bytes {start}-{stop} cannot "
                           f"have held the {counts[unknown[0]]} records the next segment's "
@@ -169,15 +169,6 @@ def _records_per_span(segment_id: int, spans: list[tuple[int, int]], records: in
 def _length_fits(data: bytes, start: int, stop: int) -> bool:
     length = _FRAME.unpack_from(data, start)[0] & 0x7FFFFFFF
     return start + _FRAME.size + length == stop
-
-
-def _records_between(data: bytes, start: int, stop: int) -> int:
-    """The records back to back in data[start:stop] (all valid: damaged_spans read them)."""
-    count = 0
-    while start < stop:
-        start += _FRAME.size + (_FRAME.unpack_from(data, start)[0] & 0x7FFFFFFF)
-        count += 1
-    return count
 
 
 def _fillers(size: int, count: int) -> bytes:
