@@ -12,10 +12,10 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
 import pykv
 from pykv.errors import Error, StoreLocked
+from pykv.server.progressbar import with_progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _copy(path: Path, target: Path, console: Console) -> None:
-    columns = (TextColumn("copying"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
-    with pykv.open(path) as db, Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("backup", total=None)
-        db.backup(target, lambda done, total: progress.update(task, completed=done, total=total))
+    with pykv.open(path) as db:
+        with_progress("copying", lambda progress: db.backup(target, progress), console, in_bytes=True)

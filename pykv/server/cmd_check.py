@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import pykv
 from pykv.embedded import CheckReport, EmbeddedBackend
 from pykv.errors import Error
 from pykv.replica.stored import check_shards
+from pykv.server.progressbar import with_progress
 from pykv.storage.files import DirectoryLock
 
 # Damaged keys listed in the table (all of them with --json).
@@ -66,7 +65,7 @@ def open_and_check(path: Path, console: Console, *, quiet: bool) -> CheckReport 
         backend = db.backend
         assert isinstance(backend, EmbeddedBackend)
         total = backend.storage.stats()["keys"]
-        return _with_progress(backend.check, total, console, quiet=quiet)
+        return with_progress("checking", backend.check, console, quiet=quiet, total=total)
     finally:
         db.close()
 
@@ -74,24 +73,14 @@ def open_and_check(path: Path, console: Console, *, quiet: bool) -> CheckReport 
 def _check_node(path: Path, console: Console, *, quiet: bool) -> CheckReport:
     lock = DirectoryLock(str(path))  # StoreLocked while the node runs: stop it first
     try:
-        return _with_progress(lambda progress: check_shards(path / "shards", progress), None,
-                              console, quiet=quiet)
+        return with_progress("checking", lambda report: check_shards(path / "shards", report),
+                             console, quiet=quiet)
     finally:
         lock.release()
 
 
 def damaged_as_json(report: CheckReport) -> list[dict]:
     return [{"key": k, "error": e} for k, e in report.damaged]
-
-
-def _with_progress(check: Callable[[Callable[[int], None] | None], CheckReport], total: int | None,
-                   console: Console, *, quiet: bool) -> CheckReport:
-    if quiet:
-        return check(None)
-    columns = (TextColumn("checking"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("values", total=total)
-        return check(lambda done: progress.update(task, completed=done))
 
 
 def print_report(report: CheckReport, console: Console) -> None:

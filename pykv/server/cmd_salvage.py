@@ -16,11 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pykv.errors import Error
 from pykv.server.cmd_check import damaged_as_json, open_and_check, print_report
+from pykv.server.progressbar import with_progress
 from pykv.storage.salvage import SalvageReport, salvage
 
 
@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
-        report = _salvage(args.path, args.target, console, quiet=args.json)
+        report = with_progress("salvaging", lambda progress: salvage(args.path, args.target, progress),
+                               console, quiet=args.json)
     except Error as exc:
         console.print(f"[red]cannot salvage {args.path}: {type(exc).__name__}: {exc}[/red]")
         return 2
@@ -48,15 +49,6 @@ def run(args: argparse.Namespace) -> int:
         _print_salvage(report, args.target, console)
         print_report(check, console)
     return 1 if report.damaged or check.damaged else 0
-
-
-def _salvage(path: Path, target: Path, console: Console, *, quiet: bool) -> SalvageReport:
-    if quiet:
-        return salvage(path, target)
-    columns = (TextColumn("salvaging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("segments", total=None)
-        return salvage(path, target, lambda done, total: progress.update(task, completed=done, total=total))
 
 
 def _print_salvage(report: SalvageReport, target: Path, console: Console) -> None:
