@@ -1,8 +1,9 @@
 """Which cluster and which node a node's data directory belongs to (the file DIR/IDENTITY).
 
-A node sends its cluster id in every HELLO and refuses peers of another cluster (see
-pykv.net.framing), so a node started with a wrong ``--peers`` or on a port another cluster
-reused cannot vote in, lead or overwrite that cluster's groups. Its data directory records the
+A node names its cluster id in the HELLO of every connection it makes, and refuses a
+connection that names another (see pykv.net.protocol), so a node started with a wrong
+``--peers`` or on a port another cluster reused cannot vote in, lead or overwrite that
+cluster's groups. Its data directory records the
 cluster and the node id it was first started with, so a directory started again as another
 node, or under another cluster, is refused before it joins anything: a Raft log replayed as
 another member's would make that member vote twice in a term.
