@@ -908,7 +908,9 @@ class KeyValueStore:
         possibly some committed during it, and opens with ``pykv.open(path)``.
         ``progress(bytes done, bytes in all)``. The copy is the same store (the same node id
         in its vector clocks): open it in place of the original, not beside it.
-        Embedded stores only: a cluster raises InvalidOperation."""
+        A cluster client copies every shard as of one moment inside the call into a new
+        embedded store (pykv.client.cluster.ClusterBackend.backup), and calls
+        ``progress(shards done, shards)``."""
         self._ensure_open()
         self._backend.backup(os.fspath(path), progress)
 

@@ -34,6 +34,7 @@ from pykv._engine.locks import LockTable
 from pykv.api import KeyValueStore
 from pykv.codec import decode_value, encode_value
 from pykv.errors import CorruptData, InvalidArgument
+from pykv.storage.files import building_directory
 from pykv.storage.store import CheckReport, Storage, StoredVersion, Update
 from pykv.txn import model
 from pykv.txn.model import MISSING, CommitRequest, Versioned, live_items
@@ -305,6 +306,37 @@ class EmbeddedBackend:
         # A commit racing with close fails with StoreClosed from storage; submit is atomic,
         # so it never leaves half a transaction behind.
         self._storage.close()
+
+
+class StoreLoader:
+    """Writes versions another store committed, their clocks and timestamps kept, into a new
+    embedded store (what a cluster backup writes): see ``store_loader``."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self.keys = 0
+
+    def add(self, items: list[tuple[str, Versioned]]) -> None:
+        """Write live versions (a page of an export)."""
+        batch = [Update(key.encode("utf-8"), encode_value(version.value), version.clock, version.timestamp)
+                 for key, version in items]
+        if batch:
+            self._storage.submit(batch)
+            self.keys += len(batch)
+
+
+@contextlib.contextmanager
+def store_loader(path: str, what: str) -> Iterator[StoreLoader]:
+    """A StoreLoader of a new store built beside ``path``; when the block ends the store is
+    made durable and takes the place of ``path`` (which must be absent or empty: else
+    InvalidArgument), and when it raises nothing is left at ``path``."""
+    with building_directory(path, what) as building:
+        storage = Storage.open(building)
+        try:
+            yield StoreLoader(storage)
+            storage.sync()
+        finally:
+            storage.close()
 
 
 def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3.connect/lmdb.open

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pykv
 
@@ -48,3 +49,19 @@ class Transfers:
         self._stop.set()
         for t in self._threads:
             t.join()
+
+
+def backups_while_moving(db, accounts: list[str], copies: list, acknowledged: str) -> list[list[tuple[int, int]]]:
+    """``db.backup`` into each of ``copies`` while Transfers move money between ``accounts``,
+    each right after the acknowledged put of ``f"{acknowledged}{n}"``; the progress each
+    backup reported. Asserts the transfers ran without errors."""
+    reports: list[list[tuple[int, int]]] = []
+    with Transfers(db, accounts) as moving:
+        for n, copy in enumerate(copies):
+            time.sleep(0.3)
+            db.put(f"{acknowledged}{n}", moving.moved)
+            progress: list[tuple[int, int]] = []
+            db.backup(copy, progress=lambda done, total, seen=progress: seen.append((done, total)))
+            reports.append(progress)
+    assert moving.errors == [] and moving.moved > 0
+    return reports

@@ -35,6 +35,7 @@ replicas remember each transaction id's outcome (a retried commit never applies 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable, Coroutine, Generator, Iterator
@@ -46,6 +47,7 @@ from pykv.client.transport import (
     COMMIT,
     COMMIT_DECIDE,
     DECIDE,
+    EXPORT,
     FINISH,
     PREPARE,
     READ,
@@ -53,6 +55,7 @@ from pykv.client.transport import (
     SCAN,
     WIPE,
 )
+from pykv.embedded import store_loader
 from pykv.errors import (
     InvalidOperation,
     StoreClosed,
@@ -67,6 +70,7 @@ from pykv.replica.commitflow import (
     Round,
     Send,
     commit_rounds,
+    export_rounds,
     read_batches,
     read_pass,
     scan_rounds,
@@ -84,7 +88,10 @@ SCAN_ATTEMPTS = 3
 
 # The request kind that carries each command of a commit or scan (pykv.replica.commitflow).
 _KINDS = {cmd.COMMIT: COMMIT, cmd.PREPARE: PREPARE, cmd.COMMIT_DECIDE: COMMIT_DECIDE,
-          cmd.DECIDE: DECIDE, cmd.FINISH: FINISH, commitflow.SCAN: SCAN, commitflow.READ: READ}
+          cmd.DECIDE: DECIDE, cmd.FINISH: FINISH, commitflow.SCAN: SCAN, commitflow.READ: READ,
+          commitflow.EXPORT: EXPORT}
+# Backups begun again after their exports were lost (a node restarted, an idle export dropped).
+BACKUP_ATTEMPTS = 3
 
 
 class AsyncCluster:
@@ -292,6 +299,44 @@ class AsyncCluster:
                 if not attempts:
                     raise
 
+    async def begin_export(self) -> tuple[int, list[list]]:
+        """Begin a backup: every shard's export at one moment (commitflow.export_rounds).
+        Returns the exports' id and each shard's [node id, [], True] (the node that holds
+        its export: export_pages reads it)."""
+        view = await self.router.ensure_map()
+        shards = list(range(view.partitions))
+        tried: list[int] = []
+
+        def flow_of(lock: CommitRequest) -> Generator[Round, Any, list]:
+            tried.append(lock.txid)
+            return export_rounds(lock, shards)
+
+        try:
+            begun = await self._locking((KeyRange("", None, None),), flow_of)
+        except BaseException:
+            self._in_background([self.end_export(txid, shards) for txid in tried])
+            raise
+        self._in_background([self.end_export(txid, shards) for txid in tried[:-1]])
+        return tried[-1], begun
+
+    async def export_pages(self, export_id: int, at: dict[int, int]) -> dict[int, list]:
+        """The next page of each shard's export from the node that holds it (``at``: shard ->
+        node id): shard -> [node id, page, more?]."""
+        nodes = (await self.router.ensure_map()).nodes
+        missing = [node for node in at.values() if node not in nodes]
+        if missing:
+            raise TransactionConflict(f"node {missing[0]} left the cluster with a backup's export; "
+                                      "take the backup again")
+        replies = await asyncio.gather(*(
+            self.router.call_address(nodes[node], EXPORT, [shard, export_id, "next"], self.timeout)
+            for shard, node in at.items()
+        ))
+        return dict(zip(at, replies, strict=True))
+
+    async def end_export(self, export_id: int, shards: list[int]) -> None:
+        """Drop a backup's exports (a backup that failed): their views stop keeping versions."""
+        await settled([self.router.call(s, EXPORT, [s, export_id, "end"]) for s in shards])
+
     async def wipe(self) -> None:
         """Forget every key, resolver and remembered outcome on every shard (for tests)."""
         view = await self.router.ensure_map()
@@ -420,10 +465,42 @@ class ClusterBackend:
         return self._run(self.core.consistent_scan(prefix, start, end, limit, max_bytes))
 
     def backup(self, target: str, progress: Callable[[int, int], None] | None = None) -> None:
-        # Every shard would have to be copied at one and the same moment: the cluster keeps no
-        # versions to read a past moment from, and locking every key meanwhile stops writers.
-        raise InvalidOperation("backup() copies an embedded store; a cluster cannot be backed "
-                               "up as one consistent copy yet (each shard has R replicas)")
+        """Copy every live key of the cluster, as of one moment inside the call, into a new
+        embedded store at ``target`` (their clocks and timestamps kept): every shard's export
+        (pykv.replica.imaging) read a page at a time, in this thread. ``progress(shards
+        done, shards)``. Begun again when an export is lost (a node restarted meanwhile)."""
+        attempts = BACKUP_ATTEMPTS
+        while True:
+            attempts -= 1
+            try:
+                self._backup_once(target, progress)
+                return
+            except TransactionConflict:
+                if not attempts:
+                    raise
+
+    def _backup_once(self, target: str, progress: Callable[[int, int], None] | None) -> None:
+        with store_loader(target, "backup") as loader:
+            export_id, begun = self._run(self.core.begin_export())
+            shards = len(begun)
+            at: dict[int, int] = {}
+            try:
+                replies = dict(enumerate(begun))
+                while replies:
+                    for shard, (node, page, more) in replies.items():
+                        loader.add([(key, Versioned.from_wire(wire)) for key, wire in page])
+                        if more:
+                            at[shard] = node
+                        else:
+                            at.pop(shard, None)
+                    if progress is not None:
+                        progress(shards - len(at), shards)
+                    replies = self._run(self.core.export_pages(export_id, at)) if at else {}
+            except BaseException:
+                if at and not self._closed:
+                    with contextlib.suppress(Exception):
+                        self._run(self.core.end_export(export_id, list(at)))
+                raise
 
     def close(self) -> None:
         if self._closed:

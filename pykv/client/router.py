@@ -18,13 +18,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pykv.client.transport import META_GROUP, READ, SCAN, SHARD_MAP, Redirect, unwrap
+from pykv.client.transport import EXPORT, META_GROUP, READ, SCAN, SHARD_MAP, Redirect, unwrap
 from pykv.cluster.ring import HashRing
 from pykv.errors import InvalidArgument, OutcomeUnknown, Timeout, Unavailable, WrongCluster
 from pykv.net.framing import CLUSTER_MAX_FRAME
 from pykv.net.protocol import Connection
 
-_READS = frozenset((READ, SCAN))  # request kinds that change nothing on the shard
+_READS = frozenset((READ, SCAN, EXPORT))  # request kinds that change nothing on the shard
 # Seconds before connecting again to an address where a node of another cluster answered.
 WRONG_CLUSTER_RECHECK = 5.0
 

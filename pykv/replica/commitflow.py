@@ -62,6 +62,9 @@ SCAN = "scan"
 # A Send's command for a linearizable read of some keys of one shard: args [keys]; the
 # reply is their versions (Versioned.to_wire), in order, as the node's READ answers.
 READ = "read"
+# A Send's command that begins a backup's export of one shard: args [export id, "begin"];
+# the reply is [node id, [], True]: the node holds the export, read later (export_rounds).
+EXPORT = "export"
 # Keys per READ request of a snapshot: replies of values at the size limit still fit in a
 # frame (pykv.net.framing.DEFAULT_MAX_FRAME, the client's).
 READ_BATCH_KEYS = (16 << 20) // (MAX_VALUE_BYTES + 4096)
@@ -85,7 +88,7 @@ class Round:
     each the request's result, or the exception it raised); else nobody waits for them."""
 
     # "commit", "prepare", "decide", "give up", "abort"; "scan", "lock", "release"; "read",
-    # "lock keys"
+    # "lock keys"; "lock all", "export"
     name: str
     sends: list[Send] = field(default_factory=list)
     wait: bool = True
@@ -322,6 +325,33 @@ def snapshot_rounds(
         request.txid, lock, lambda keep: _read_keys(batches, keep, renew_every), "lock keys"
     )
     return dict(items)
+
+
+def export_rounds(
+    request: CommitRequest, shards: list[int], renew_every: float = LOCK_RENEW_EVERY,
+) -> Generator[Round, Any, list]:
+    """The rounds that begin a backup's export of every shard at one moment (the exports:
+    pykv.replica.imaging). ``request``: the lock to take, on the whole key range.
+
+    The range is locked on every shard as a consistent scan locks it (PREPAREd, each shard
+    its own coordinator), so writers are refused meanwhile (KeyLocked, which they retry);
+    then every shard begins its export (EXPORT "begin", a linearizable read that waits for
+    the transactions prepared before the lock to finish); then the lock is released
+    (_locked_pass). Every export is then a view of the same moment. Writers wait only for
+    this, not while the pages are read. Returns each shard's [node id, [], True] (the node
+    that holds its export), in the order of ``shards``; TransactionConflict when a shard no longer held the lock
+    when it was released (begin again).
+    """
+    lock = [Send(s, PREPARE, [request.to_wire(), s, shards]) for s in shards]
+
+    def begin(keep: list[Send]) -> Generator[Round, Any, list]:
+        begins = [Send(s, EXPORT, [request.txid, "begin"]) for s in shards]
+        replies = yield Round("export", begins, keep=keep, keep_every=renew_every)
+        for reply in replies:
+            _raise_if_error(reply)
+        return replies
+
+    return (yield from _locked_pass(request.txid, lock, begin, "lock all"))
 
 
 def read_batches(keys: list[str], shard_of: Callable[[str], int]) -> list[tuple[int, list[str]]]:

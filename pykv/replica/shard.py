@@ -70,6 +70,7 @@ from sortedcontainers import SortedDict
 from pykv import errors
 from pykv.codec import pack, unpack, unpack_stream
 from pykv.errors import CorruptData, ProtocolError, TransactionConflict
+from pykv.replica.imaging import Exports, Imaging
 from pykv.txn.model import (
     ABSENT,
     CommitRequest,
@@ -216,7 +217,8 @@ class ShardState:
         self.unfinished: dict[int, Unfinished] = {}  # commits not yet released (never forgotten)
         self.applied_index = 0
         self.clock = lambda: 0.0  # node-local time source for Prepared.since (set by the host)
-        self._imaging: _Imaging | None = None  # the image under way (snapshot_parts), if any
+        self._imaging: Imaging | None = None  # the image under way (snapshot_parts), if any
+        self.exports = Exports(shard)  # backups reading this replica a page at a time
 
     # --- StateView --------------------------------------------------------------------------
 
@@ -309,8 +311,21 @@ class ShardState:
             low, inclusive = batch[-1], False
 
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
-        self._imaging = None  # an image under way was of the state being replaced
+        self._drop_views()
         self.versions = SortedDict(items)
+
+    def _drop_views(self) -> None:
+        """The images and exports under way were of the state being replaced."""
+        self._imaging = None
+        self.exports.clear()
+
+    def begin_export(self, export_id: int, page_bytes: int) -> list:
+        """Start an export (pykv.replica.imaging.Exports) of the live versions as they are
+        now: [[], True] (its pages come with export_page)."""
+        return self.exports.begin(export_id, self._all_versions, self.clock(), page_bytes)
+
+    def export_page(self, export_id: int) -> list:
+        return self.exports.page(export_id, self.clock())
 
     def _remember(self, txid: int, outcome: Outcome, timestamp: int) -> Outcome:
         """Record a transaction's outcome; the first one recorded stands (a retry gets it).
@@ -326,6 +341,8 @@ class ShardState:
     def _store(self, updates: list[KeyUpdate]) -> None:
         if self._imaging is not None:
             self._imaging.keep(self, updates)
+        if self.exports:
+            self.exports.keep(self, updates)
         self._write(updates)
 
     def _write(self, updates: list[KeyUpdate]) -> None:
@@ -616,19 +633,19 @@ class ShardState:
 
         The image is of the state when the first part is taken, even if commands are
         applied between two parts: a key written before the image has passed it keeps
-        its version of then aside (copy on write, ``_Imaging``). Raises CorruptData if
+        its version of then aside (copy on write, pykv.replica.imaging). Raises CorruptData if
         the whole state is replaced meanwhile (a snapshot installed, a wipe).
         """
         if self._imaging is not None:
             raise errors.Unavailable(f"shard {self.shard} is already being imaged")
-        imaging = self._imaging = _Imaging()
+        imaging = self._imaging = Imaging()
         try:
             yield from self._image(imaging)
         finally:
             if self._imaging is imaging:
                 self._imaging = None
 
-    def _image(self, imaging: _Imaging) -> Iterator[bytes]:
+    def _image(self, imaging: Imaging) -> Iterator[bytes]:
         yield pack(
             {
                 "format": IMAGE_FORMAT,
@@ -650,13 +667,12 @@ class ShardState:
             yield _array_header(len(run)) + b"".join(run)
         yield pack([IMAGE_END, count])
 
-    def _image_pairs(self, imaging: _Imaging) -> Iterator[bytes]:
+    def _image_pairs(self, imaging: Imaging) -> Iterator[bytes]:
         """The image's versions, each packed as it is taken (commands may be applied
         between two runs: the first pair taken after them checks the state is the same)."""
-        for k, v in itertools.chain(imaging.versions(self._all_versions()), imaging.rest()):
+        for k, v in imaging.walk(self._all_versions()):
             if self._imaging is not imaging:
                 raise CorruptData(f"shard {self.shard} was replaced while it was imaged")
-            imaging.passed = k
             yield pack([k, v.to_wire()])
 
     def restore(self, image: bytes | BinaryIO) -> None:
@@ -694,39 +710,6 @@ class ShardState:
         request = CommitRequest.from_wire(request_wire)
         return Prepared(txid, coord, list(parts), [KeyUpdate.from_wire(u) for u in updates],
                         *self._lock_modes(request), request, since=since)
-
-
-class _Imaging:
-    """Copy on write for an image made between other work: the version, as the image
-    began, of every key written since that the image had not passed yet (None: the key
-    did not exist then). Bounded by the keys written while the image is made."""
-
-    def __init__(self) -> None:
-        self.passed: str | None = None  # the last key put into the image
-        self.kept: dict[str, Versioned | None] = {}
-
-    def keep(self, state: ShardState, updates: list[KeyUpdate]) -> None:
-        kept, passed = self.kept, self.passed
-        for u in updates:
-            key = u.key
-            if (passed is None or key > passed) and key not in kept:
-                version = state.get(key)
-                kept[key] = version if version.clock else None  # no clock: never written
-
-    def versions(self, live: Iterator[tuple[str, Versioned]]) -> Iterator[tuple[str, Versioned]]:
-        """The live walk of the versions, each as it was when the image began."""
-        kept = self.kept
-        for key, version in live:
-            if key in kept:
-                if kept[key] is None:
-                    continue  # written since, and not there before (the mark stays)
-                version = kept.pop(key)  # type: ignore[assignment]
-            yield key, version
-
-    def rest(self) -> Iterator[tuple[str, Versioned]]:
-        """Kept keys the live walk no longer found (it went on without them)."""
-        for key in sorted(k for k, v in self.kept.items() if v is not None):
-            yield key, self.kept[key]  # type: ignore[misc]
 
 
 def bounded_runs(

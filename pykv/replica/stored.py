@@ -312,7 +312,7 @@ class StoredShardState(ShardState):
             yield raw.decode("utf-8"), _versioned(stored)
 
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
-        self._imaging = None  # an image under way was of the state being replaced
+        self._drop_views()
         self._rows, self._overlay, self._deferred_rows = [], {}, {}
         self._runs = _Runs(self.remembered)  # a fresh storage: no runs on disk
         self._watermarks_stored = False

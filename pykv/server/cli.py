@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "txn": ("pykv.server.cmd_kv", "run a transaction of reads and writes"),
     "scan": ("pykv.server.cmd_kv", "print the keys of a range and their values, in key order"),
     "check": ("pykv.server.cmd_check", "read every value of an embedded store; list the damaged"),
-    "backup": ("pykv.server.cmd_backup", "copy an embedded store no process has open, verified"),
+    "backup": ("pykv.server.cmd_backup", "copy an embedded store no process has open, or a cluster, verified"),
     "salvage": ("pykv.server.cmd_salvage", "copy an embedded store damaged mid-WAL into one that opens"),
 }
 

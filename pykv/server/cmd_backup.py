@@ -1,9 +1,11 @@
-"""`pykv backup DIR NEW_DIR`: copy an embedded store that no process has open, verified.
+"""`pykv backup DIR NEW_DIR` and `pykv backup NEW_DIR --addresses HOST:PORT`: copy a store, verified.
 
-The copy is made as ``db.backup()`` makes it (one consistent state: a fresh hint, then the
-WAL up to that moment), then opened and counted. A store another process has open is backed
-up by that process, with ``db.backup(path)``, while it keeps serving. Exit status: 0 when the
-copy opens, 2 otherwise.
+An embedded store that no process has open is copied as ``db.backup()`` copies it (one
+consistent state: a fresh hint, then the WAL up to that moment). A store another process has
+open is backed up by that process, with ``db.backup(path)``, while it keeps serving. A
+cluster is copied, while it serves, into a new embedded store holding every key as of one
+moment (``KeyValueStore.backup`` of a cluster client). The copy is then opened and counted.
+Exit status: 0 when the copy opens, 2 otherwise.
 """
 
 from __future__ import annotations
@@ -19,30 +21,47 @@ from pykv.server.progressbar import with_progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", type=Path, help="the store's directory")
-    parser.add_argument("target", type=Path, help="a new (or empty) directory for the copy")
+    parser.add_argument("paths", type=Path, nargs="+", metavar="DIR",
+                        help="the store's directory, then a new (or empty) directory for the copy "
+                             "(with --addresses: only the new one)")
+    parser.add_argument("--addresses", nargs="+", metavar="HOST:PORT",
+                        help="back up the cluster at these addresses (any of its nodes)")
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
-    if not (args.path / "wal").is_dir():
-        console.print(f"[red]{args.path} is not a store's directory[/red]")
+    wanted = 1 if args.addresses else 2
+    if len(args.paths) != wanted:
+        console.print("[red]give DIR NEW_DIR, or NEW_DIR --addresses HOST:PORT ...[/red]")
+        return 2
+    target = args.paths[-1]
+    source = " ".join(args.addresses) if args.addresses else str(args.paths[0])
+    if not args.addresses and not (args.paths[0] / "wal").is_dir():
+        console.print(f"[red]{source} is not a store's directory[/red]")
         return 2
     try:
-        _copy(args.path, args.target, console)
-        with pykv.open(args.target) as copy:
+        if args.addresses:
+            _copy_cluster(args.addresses, target, console)
+        else:
+            _copy(args.paths[0], target, console)
+        with pykv.open(target) as copy:
             keys = copy.backend.stats()["keys"]
     except StoreLocked as exc:
         console.print(f"[red]{exc}.[/red] A process that has the store open backs it up itself, "
                       "while it serves: db.backup(path)")
         return 2
     except Error as exc:
-        console.print(f"[red]cannot back up {args.path}: {type(exc).__name__}: {exc}[/red]")
+        console.print(f"[red]cannot back up {source}: {type(exc).__name__}: {exc}[/red]")
         return 2
-    console.print(f"{args.target}: a copy of {args.path} holding {keys:,} keys; it opens")
+    console.print(f"{target}: a copy of {source} holding {keys:,} keys; it opens")
     return 0
 
 
 def _copy(path: Path, target: Path, console: Console) -> None:
     with pykv.open(path) as db:
         with_progress("copying", lambda progress: db.backup(target, progress), console, in_bytes=True)
+
+
+def _copy_cluster(addresses: list[str], target: Path, console: Console) -> None:
+    with pykv.connect(addresses) as db:
+        with_progress("shards copied", lambda progress: db.backup(target, progress), console)

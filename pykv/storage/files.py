@@ -3,12 +3,15 @@ node id file."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import secrets
+import shutil
+import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pykv.errors import CorruptData, InvalidArgument, StoreLocked
 
@@ -63,9 +66,36 @@ def replace_atomically(path: str, data: bytes) -> None:
 def new_store_directory(path: str, what: str) -> None:
     """Create ``path`` (durably) for a new store; InvalidArgument if it exists and is not empty
     (``what`` writes the store: it says so)."""
+    _refuse_unless_new(path, what)
+    make_dirs_durably(path)
+
+
+def _refuse_unless_new(path: str, what: str) -> None:
     if os.path.isdir(path) and os.listdir(path):
         raise InvalidArgument(f"{path} is not empty: {what} writes a new store")
-    make_dirs_durably(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidArgument(f"{path} is a file, not a store's directory")
+
+
+@contextlib.contextmanager
+def building_directory(path: str, what: str) -> Iterator[str]:
+    """A new directory beside ``path`` to build a store in: renamed to ``path`` (durably) when
+    the block ends, removed when it raises, so ``path`` never holds half a store.
+    InvalidArgument if ``path`` exists and is not empty (``what`` writes the store)."""
+    path = os.path.abspath(path)
+    _refuse_unless_new(path, what)
+    parent = os.path.dirname(path)
+    make_dirs_durably(parent)
+    building = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    try:
+        yield building
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(path)  # empty (checked above): the rename takes its place
+        os.rename(building, path)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
 
 
 def copy_durably(copies: list[tuple[str, str, int | None]],

@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster_harness import local_cluster  # noqa: E402
+from transfers import backups_while_moving  # noqa: E402
 
 import pykv.client  # noqa: E402
 from pykv.client.admin import fetch_shard_map, fetch_status  # noqa: E402
@@ -187,10 +188,59 @@ def test_a_client_whose_clock_runs_an_hour_ahead_is_refused(db):
     assert db.get("skewed") == 2
 
 
-def test_backup_is_refused_on_a_cluster_with_why(db, tmp_path):
-    with pytest.raises(pykv.InvalidOperation, match="a cluster cannot be backed up as one consistent copy"):
-        db.backup(tmp_path / "copy")
-    assert not (tmp_path / "copy").exists()
+def test_a_cluster_backup_under_writers_is_one_moment_of_every_shard(db, tmp_path):
+    """db.backup() of a cluster while 4 threads move money between 40 accounts spread over
+    every shard (each transfer a 2-shard transaction): each copy is an embedded store that
+    opens, its accounts add up, it holds every commit acknowledged before the call, and keys
+    deleted before it are absent."""
+    accounts = [f"bk-acct{i:02d}" for i in range(40)]
+    with db.transaction() as tx:
+        for account in accounts:
+            tx.put(account, 100)
+    db.put("bk-deleted", "x")
+    db.delete("bk-deleted")
+    db.put("bk-big", b"v" * 600_000)  # pages hold whole values, however big
+    copies = [tmp_path / f"copy{n}" for n in range(4)]
+    for progress in backups_while_moving(db, accounts, copies, "bk-acknowledged-"):
+        assert progress[-1] == (8, 8)  # every shard
+    for n, copy in enumerate(copies):
+        with pykv.open(copy) as backup:
+            assert sum(backup.get(account) for account in accounts) == 100 * len(accounts)
+            assert backup.get(f"bk-acknowledged-{n}") is not None
+            assert backup.get("bk-deleted") is None and backup.get("bk-big") == b"v" * 600_000
+            value, clock = backup.get_versioned("bk-big")
+            assert clock == db.get_versioned("bk-big")[1]  # the cluster's clock, kept
+            backup.put("the copy", "takes commits")
+    with pytest.raises(pykv.InvalidArgument, match="is not empty: backup writes a new store"):
+        db.backup(copies[0])
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]  # nothing half-written
+
+
+def test_a_backup_whose_export_was_dropped_is_refused_then_taken_again(db, cluster, tmp_path):
+    """An export a node no longer holds (dropped: idle, a restart) fails the pages that need
+    it with TransactionConflict, and a new backup succeeds."""
+    core = db.backend.core
+    export_id, begun = db.backend._run(core.begin_export())
+    at = {shard: node for shard, (node, _, more) in enumerate(begun)}
+    db.backend._run(core.end_export(export_id, list(at)))
+    with pytest.raises(TransactionConflict, match="export .* is gone"):
+        db.backend._run(core.export_pages(export_id, at))
+    db.put("bk-after", 1)
+    db.backup(tmp_path / "copy")
+    with pykv.open(tmp_path / "copy") as backup:
+        assert backup.get("bk-after") == 1
+
+
+def test_pykv_backup_of_a_cluster_writes_an_embedded_store(db, cluster, tmp_path):
+    db.put("bk-cli", "yes")
+    run = _cli("backup", str(tmp_path / "copy"), "--addresses", cluster.addresses[0])
+    said = " ".join(run.stderr.split())
+    assert run.returncode == 0, said
+    assert f"a copy of {cluster.addresses[0]} holding" in said and "; it opens" in said
+    with pykv.open(tmp_path / "copy") as backup:
+        assert backup.get("bk-cli") == "yes"
+    run = _cli("backup", str(tmp_path / "copy"), "--addresses", cluster.addresses[0])
+    assert run.returncode == 2 and "is not empty" in " ".join(run.stderr.split())
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

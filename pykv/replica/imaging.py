@@ -1,0 +1,146 @@
+"""Views of a shard's versions as they were at one moment, read a part at a time while the
+shard goes on committing (copy on write): Raft snapshot images and exports (backups).
+
+A view walks the versions in key order. A key written after the view began, and not yet
+passed by the walk, has its version of then kept aside (``Imaging.keep``), so the walk sees
+every key as it was when the view began. What is kept is bounded by the keys written
+while the view is read.
+
+An export (``Exports``) is such a view that a client reads over the network a page at a
+time (a cluster backup: pykv.client.cluster). It lives on the replica that began it, in
+memory only: a restart, or a state replaced by a snapshot, ends it, and so does a client
+that asks for no page for ``EXPORT_IDLE_S``. Its pages hold live keys only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from pykv.errors import InvalidOperation, TransactionConflict
+from pykv.txn.model import KeyUpdate, Versioned, item_bytes
+
+# An export nobody asked a page of for this long is dropped (its client is gone).
+EXPORT_IDLE_S = 30.0
+# Exports under way at once on one replica (each keeps aside what is written meanwhile).
+MAX_EXPORTS = 4
+EXPORT_PAGE_ITEMS = 10_000
+
+
+class _Versions(Protocol):
+    def get(self, key: str) -> Versioned: ...
+
+
+class Imaging:
+    """Copy on write for a view read between other work: the version, as the view began,
+    of every key written since that the walk had not passed yet (None: the key did not
+    exist then)."""
+
+    def __init__(self) -> None:
+        self.passed: str | None = None  # the last key the walk took
+        self.kept: dict[str, Versioned | None] = {}
+
+    def keep(self, state: _Versions, updates: list[KeyUpdate]) -> None:
+        kept, passed = self.kept, self.passed
+        for u in updates:
+            key = u.key
+            if (passed is None or key > passed) and key not in kept:
+                version = state.get(key)
+                kept[key] = version if version.clock else None  # no clock: never written
+
+    def walk(self, live: Iterator[tuple[str, Versioned]]) -> Iterator[tuple[str, Versioned]]:
+        """Every version as it was when the view began, in key order, given the live walk
+        of the versions (which may see writes made since): marks each key taken as passed."""
+        for key, version in itertools.chain(self._versions(live), self._rest()):
+            self.passed = key
+            yield key, version
+
+    def _versions(self, live: Iterator[tuple[str, Versioned]]) -> Iterator[tuple[str, Versioned]]:
+        kept = self.kept
+        for key, version in live:
+            if key in kept:
+                if kept[key] is None:
+                    continue  # written since, and not there before (the mark stays)
+                version = kept.pop(key)  # type: ignore[assignment]
+            yield key, version
+
+    def _rest(self) -> Iterator[tuple[str, Versioned]]:
+        """Kept keys the live walk no longer found (it went on without them)."""
+        for key in sorted(k for k, v in self.kept.items() if v is not None):
+            yield key, self.kept[key]  # type: ignore[misc]
+
+
+@dataclass
+class _Export:
+    imaging: Imaging
+    items: Iterator[tuple[str, Versioned]]
+    page_bytes: int
+    used: float  # when a page was last asked for
+
+
+class Exports:
+    """The exports under way on one replica, by id (the client's: its backup's txid)."""
+
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+        self._by_id: dict[int, _Export] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_id)
+
+    def keep(self, state: _Versions, updates: list[KeyUpdate]) -> None:
+        for export in self._by_id.values():
+            export.imaging.keep(state, updates)
+
+    def begin(self, export_id: int, live: Callable[[], Iterator[tuple[str, Versioned]]],
+              now: float, page_bytes: int) -> list:
+        """Start export ``export_id`` of the versions as they are now (``live()`` walks
+        them). Returns [no items, more]: the pages are read later, with ``page`` (a backup
+        keeps writers out while its exports begin, and reading is what takes time)."""
+        self._drop_idle(now)
+        if export_id in self._by_id:
+            raise InvalidOperation(f"shard {self.shard}: export {export_id} is under way already")
+        if len(self._by_id) >= MAX_EXPORTS:
+            raise InvalidOperation(
+                f"shard {self.shard}: {MAX_EXPORTS} exports (backups) are under way on this replica; "
+                "wait for one to end"
+            )
+        imaging = Imaging()
+        items = (item for item in imaging.walk(live()) if item[1].exists)
+        self._by_id[export_id] = _Export(imaging, items, page_bytes, now)
+        return [[], True]
+
+    def page(self, export_id: int, now: float) -> list:
+        """The next page of the export: [[[key, version wire], ...] of about ``page_bytes``,
+        whether more pages follow]. The last page ends the export."""
+        export = self._by_id.get(export_id)
+        if export is None or now - export.used > EXPORT_IDLE_S:
+            self._by_id.pop(export_id, None)
+            raise TransactionConflict(
+                f"shard {self.shard}: export {export_id} is gone (no page asked for "
+                f"{EXPORT_IDLE_S:g} s, the replica restarted or its state was replaced); "
+                "take the backup again"
+            )
+        export.used = now
+        page: list = []
+        size = 0
+        for item in export.items:
+            page.append([item[0], item[1].to_wire()])
+            size += item_bytes(item)
+            if size >= export.page_bytes or len(page) == EXPORT_PAGE_ITEMS:
+                return [page, True]
+        del self._by_id[export_id]
+        return [page, False]
+
+    def end(self, export_id: int) -> None:
+        self._by_id.pop(export_id, None)
+
+    def clear(self) -> None:
+        """The state the exports view was replaced (a snapshot installed, a wipe)."""
+        self._by_id.clear()
+
+    def _drop_idle(self, now: float) -> None:
+        for export_id in [i for i, e in self._by_id.items() if now - e.used > EXPORT_IDLE_S]:
+            del self._by_id[export_id]
