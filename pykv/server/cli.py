@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scan": ("pykv.server.cmd_kv", "print the keys of a range and their values, in key order"),
     "check": ("pykv.server.cmd_check", "read every value of an embedded store; list the damaged"),
     "backup": ("pykv.server.cmd_backup", "copy an embedded store no process has open, or a cluster, verified"),
+    "restore": ("pykv.server.cmd_restore", "load a backup (an embedded store) into a cluster"),
     "salvage": ("pykv.server.cmd_salvage", "copy an embedded store damaged mid-WAL into one that opens"),
 }
 

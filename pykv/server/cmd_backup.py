@@ -17,11 +17,12 @@ from rich.console import Console
 
 import pykv
 from pykv.errors import Error, StoreLocked
+from pykv.server.cmd_kv import trailing_positional
 from pykv.server.progressbar import with_progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", type=Path, nargs="+", metavar="DIR",
+    parser.add_argument("paths", type=Path, nargs="*", metavar="DIR",
                         help="the store's directory, then a new (or empty) directory for the copy "
                              "(with --addresses: only the new one)")
     parser.add_argument("--addresses", nargs="+", metavar="HOST:PORT",
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
+    if args.addresses and not args.paths and (reclaimed := trailing_positional(args.addresses)):
+        args.paths = [Path(reclaimed)]  # `--addresses A NEW_DIR`
     wanted = 1 if args.addresses else 2
     if len(args.paths) != wanted:
         console.print("[red]give DIR NEW_DIR, or NEW_DIR --addresses HOST:PORT ...[/red]")

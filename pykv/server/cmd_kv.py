@@ -37,6 +37,14 @@ def _is_address(item: str) -> bool:
     return bool(sep and host and port.isdigit())
 
 
+def trailing_positional(addresses: list[str]) -> str | None:
+    """The positional argument that ``--addresses A B ARG`` handed to --addresses, taken
+    back from it; None when its last item reads as HOST:PORT or is the only one."""
+    if len(addresses) > 1 and not _is_address(addresses[-1]):
+        return addresses.pop()
+    return None
+
+
 def _reclaim(args: argparse.Namespace, names: tuple[str, ...], usage: str) -> str | None:
     """Take back the positionals that ``--addresses A B key`` hands to --addresses (it takes
     one or more values): the missing ones, from its end, in order. A missing one whose

@@ -456,6 +456,42 @@ def test_a_truncated_frame_is_logged_and_harms_nothing(cluster, db):
     assert db.get("after-garbage", "gone") in (1, "gone")
 
 
+def test_a_backup_restores_into_an_empty_cluster_and_overwrite_finishes_one(cluster_addresses, tmp_path):
+    """`pykv backup` then `pykv restore` into the wiped cluster: every key and value back,
+    deleted keys absent. A cluster that holds keys is refused, nothing written, unless
+    --overwrite (the backup's keys replace the cluster's, its others stay)."""
+    from cluster_harness import wipe_cluster
+
+    wipe_cluster(cluster_addresses)
+    address = cluster_addresses[0]
+    expected = {f"rs{i:04d}": (i if i % 3 else [f"item{i}", i, b"b"]) for i in range(1_200)}
+    expected["rs-big"] = b"z" * 300_000
+    with pykv.connect([address]) as db:
+        for start in range(0, len(expected), 400):
+            with db.transaction() as tx:
+                for key in list(expected)[start:start + 400]:
+                    tx.put(key, expected[key])
+        db.put("rs-deleted", 1)
+        db.delete("rs-deleted")
+    assert _cli("backup", str(tmp_path / "bk"), "--addresses", address).returncode == 0
+    wipe_cluster(cluster_addresses)
+
+    run = _cli("restore", str(tmp_path / "bk"), "--addresses", address)
+    assert run.returncode == 0, run.stderr
+    assert f"restored {len(expected):,} keys" in " ".join(run.stderr.split())
+    with pykv.connect([address]) as db:
+        assert dict(db.scan(consistent=False)) == expected
+        db.put("rs0001", "changed")
+        db.put("rs-extra", "kept")
+    run = _cli("restore", str(tmp_path / "bk"), "--addresses", address)
+    assert run.returncode == 2 and "holds keys" in " ".join(run.stderr.split())
+    with pykv.connect([address]) as db:
+        assert db.get("rs0001") == "changed"
+    assert _cli("restore", str(tmp_path / "bk"), "--addresses", address, "--overwrite").returncode == 0
+    with pykv.connect([address]) as db:
+        assert db.get("rs0001") == 1 and db.get("rs-extra") == "kept"
+
+
 def test_bench_drives_the_cluster_and_prints_one_json_object(cluster_addresses, capsys):
     """`pykv bench --addresses` (coroutines on one pykv.aio client): the scripted interface."""
     from cluster_harness import wipe_cluster

@@ -1,0 +1,103 @@
+"""`pykv restore BACKUP_DIR --addresses HOST:PORT`: load a backup (an embedded store) into a cluster.
+
+Every live key of the backup (what `pykv backup` writes, or any embedded store) is written
+into the cluster by transactions of blind puts, several at once, in key order, under a
+progress bar. The cluster must hold no key, unless ``--overwrite``: then the backup's keys
+replace the cluster's and its other keys stay (that is how a restore that stopped part way
+is finished). Values are restored; their vector clocks start anew in the cluster, as any
+write's do. Exit status: 0 once every key is written, 2 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+import pykv
+from pykv.api import KeyValueStore, Transaction
+from pykv.codec import size_bound
+from pykv.errors import Error
+from pykv.server.cmd_kv import trailing_positional
+from pykv.server.progressbar import Report, with_progress
+
+# Keys per transaction, and transactions in flight at once.
+BATCH_KEYS = 500
+BATCH_BYTES = 4 << 20
+IN_FLIGHT = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", type=Path, nargs="?", help="the backup: an embedded store's directory")
+    parser.add_argument("--addresses", nargs="+", required=True, metavar="HOST:PORT")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="load into a cluster that holds keys (finish a restore that stopped)")
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    if args.path is None and (reclaimed := trailing_positional(args.addresses)):
+        args.path = Path(reclaimed)  # `--addresses A BACKUP_DIR`
+    if args.path is None or not (args.path / "wal").is_dir():
+        console.print(f"[red]{args.path or 'BACKUP_DIR'} is not a store's directory[/red] "
+                      "(pykv restore BACKUP_DIR --addresses HOST:PORT)")
+        return 2
+    source = " ".join(args.addresses)
+    try:
+        with pykv.open(args.path) as backup, pykv.connect(args.addresses) as cluster:
+            held = next(iter(cluster.scan(limit=1, consistent=False)), None)
+            if held is not None and not args.overwrite:
+                console.print(f"[red]the cluster at {source} holds keys ({held[0]!r}, ...)[/red]: "
+                              "restore loads a backup into an empty cluster; --overwrite writes "
+                              "the backup's keys over the cluster's and keeps its others")
+                return 2
+            total = backup.backend.stats()["keys"]
+            restored = with_progress(
+                "keys restored", lambda report: restore(backup, cluster, report), console, total=total
+            )
+    except Error as exc:
+        console.print(f"[red]cannot restore {args.path}: {type(exc).__name__}: {exc}[/red]")
+        return 2
+    console.print(f"restored {restored:,} keys of {args.path} into the cluster at {source}")
+    return 0
+
+
+def restore(backup: KeyValueStore, cluster: KeyValueStore, report: Report | None = None) -> int:
+    """Write every live key of ``backup`` into ``cluster`` (transactions of blind puts,
+    IN_FLIGHT at once); ``report(keys done)`` as they commit. Returns the keys written."""
+    done = 0
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        batches = _batches(backup.scan(consistent=False))
+        while wave := list(itertools.islice(batches, IN_FLIGHT)):
+            for written in pool.map(lambda batch: _write(cluster, batch), wave):
+                done += written
+            if report is not None:
+                report(done)
+    return done
+
+
+def _write(cluster: KeyValueStore, batch: list[tuple[str, Any]]) -> int:
+    def put_all(tx: Transaction) -> None:
+        for key, value in batch:
+            tx.put(key, value)
+
+    cluster.transact(put_all)
+    return len(batch)
+
+
+def _batches(items: Iterator[tuple[str, Any]]) -> Iterator[list[tuple[str, Any]]]:
+    batch: list[tuple[str, Any]] = []
+    size = 0
+    for key, value in items:
+        batch.append((key, value))
+        size += len(key) + size_bound(value)
+        if len(batch) == BATCH_KEYS or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
