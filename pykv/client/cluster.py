@@ -61,6 +61,7 @@ from pykv.errors import (
     StoreClosed,
     Timeout,
     TransactionConflict,
+    Unavailable,
 )
 from pykv.net.protocol import new_event_loop
 from pykv.replica import commitflow
@@ -327,10 +328,14 @@ class AsyncCluster:
         if missing:
             raise TransactionConflict(f"node {missing[0]} left the cluster with a backup's export; "
                                       "take the backup again")
-        replies = await asyncio.gather(*(
-            self.router.call_address(nodes[node], EXPORT, [shard, export_id, "next"], self.timeout)
-            for shard, node in at.items()
-        ))
+        async def page(shard: int, node: int) -> list:
+            try:
+                return await self.router.call_address(nodes[node], EXPORT, [shard, export_id, "next"], self.timeout)
+            except (Unavailable, Timeout) as exc:
+                raise TransactionConflict(f"node {node}, which holds shard {shard}'s export, did "
+                                          f"not answer ({exc}); take the backup again") from exc
+
+        replies = await asyncio.gather(*(page(shard, node) for shard, node in at.items()))
         return dict(zip(at, replies, strict=True))
 
     async def end_export(self, export_id: int, shards: list[int]) -> None:

@@ -1,0 +1,60 @@
+"""A cluster backup (db.backup) while the node holding a shard's export is SIGKILLed or
+SIGSTOPped: real processes. The backup begins again, and its copy is whole and of one moment."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster_harness import local_cluster  # noqa: E402
+from transfers import Transfers  # noqa: E402
+
+import pykv  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+VALUE = b"v" * 10_000  # about 3 pages (1 MiB each) per shard: the backup reads in rounds
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_backup_survives_the_loss_of_a_node_holding_an_export(tmp_path, fault):
+    with local_cluster(tmp_path, nodes=3, partitions=8) as cluster:
+        accounts = [f"acct{i:02d}" for i in range(24)]
+        with pykv.connect(cluster.addresses, timeout=3) as db:
+            with db.transaction() as tx:
+                for account in accounts:
+                    tx.put(account, 100)
+            for start in range(0, 2_400, 200):
+                with db.transaction() as tx:
+                    for i in range(start, start + 200):
+                        tx.put(f"blob{i:05d}", VALUE)
+            core = db.backend.core
+            paging = core.export_pages
+            hit: list[int] = []
+
+            async def pages_then_fault(export_id, at):
+                if not hit:  # the first page round: take away a node that holds an export
+                    hit.append(next(iter(at.values())))
+                    cluster.signal(hit[0], getattr(signal, fault))
+                return await paging(export_id, at)
+
+            core.export_pages = pages_then_fault
+            try:
+                with Transfers(db, accounts) as moving:
+                    db.backup(tmp_path / "copy")
+            finally:
+                if fault == "SIGSTOP":
+                    cluster.signal(hit[0], signal.SIGCONT)
+            assert moving.errors == []
+            assert core.rounds["export"] >= 2  # begun again once the node was lost
+        with pykv.open(tmp_path / "copy") as backup:
+            assert sum(backup.get(account) for account in accounts) == 100 * len(accounts)
+            assert backup.get_many([f"blob{i:05d}" for i in range(2_400)]) == {
+                f"blob{i:05d}": VALUE for i in range(2_400)
+            }
+        assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
