@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -34,7 +35,7 @@ from pykv.api import (
     many_keys,
     many_values,
 )
-from pykv.client.cluster import AsyncCluster
+from pykv.client.cluster import AsyncCluster, copy_cluster
 from pykv.errors import InvalidOperation, StoreClosed, TransactionConflict
 from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
@@ -372,6 +373,19 @@ class AsyncKeyValueStore:
         for bound in (start, end, prefix or None):
             if bound is not None:
                 check_key(bound)
+
+    async def backup(self, path: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> None:
+        """Copy every shard, as of one moment inside the call, into a new embedded store at
+        ``path`` (pykv.KeyValueStore.backup of a cluster); the pages are written by a
+        worker thread, so this loop keeps serving. ``progress(shards done, shards)``, called
+        in that thread."""
+        self._ensure_open()
+        loop = self._loop
+
+        def run(coro: Any) -> Any:
+            return asyncio.run_coroutine_threadsafe(coro, loop).result(self._core.timeout * 3 + 5)
+
+        await asyncio.to_thread(copy_cluster, run, self._core, os.fspath(path), progress)
 
     async def register_resolver(self, prefix: str, resolver: str) -> None:
         """Use a built-in resolver (by name) for keys with the prefix, on every replica."""

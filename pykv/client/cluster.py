@@ -360,6 +360,50 @@ class AsyncCluster:
         await self.router.close()
 
 
+def copy_cluster(run: Callable[[Coroutine[Any, Any, T]], T], core: AsyncCluster, target: str,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+    """Copy every live key of the cluster, as of one moment inside the call, into a new
+    embedded store at ``target`` (their clocks and timestamps kept): every shard's export
+    (pykv.replica.imaging) read a page at a time, the pages written in this thread.
+    ``run(coroutine)`` runs one of ``core``'s on its loop, from this thread.
+    ``progress(shards done, shards)``. Begun again when an export is lost (a node holding
+    one restarted or stopped answering meanwhile), up to BACKUP_ATTEMPTS times."""
+    attempts = BACKUP_ATTEMPTS
+    while True:
+        attempts -= 1
+        try:
+            _copy_once(run, core, target, progress)
+            return
+        except TransactionConflict:
+            if not attempts:
+                raise
+
+
+def _copy_once(run: Callable[[Coroutine[Any, Any, Any]], Any], core: AsyncCluster, target: str,
+               progress: Callable[[int, int], None] | None) -> None:
+    with store_loader(target, "backup") as loader:
+        export_id, begun = run(core.begin_export())
+        shards = len(begun)
+        at: dict[int, int] = {}
+        try:
+            replies = dict(enumerate(begun))
+            while replies:
+                for shard, (node, page, more) in replies.items():
+                    loader.add([(key, Versioned.from_wire(wire)) for key, wire in page])
+                    if more:
+                        at[shard] = node
+                    else:
+                        at.pop(shard, None)
+                if progress is not None:
+                    progress(shards - len(at), shards)
+                replies = run(core.export_pages(export_id, at)) if at else {}
+        except BaseException:
+            if at:
+                with contextlib.suppress(Exception):
+                    run(core.end_export(export_id, list(at)))
+            raise
+
+
 async def settled(calls: list[Coroutine[Any, Any, T]]) -> list[T | Exception]:
     """``asyncio.gather(*calls, return_exceptions=True)`` for a task: the first call runs in
     it, the others in tasks of their own (gather would make one per call, and a future)."""
@@ -470,42 +514,7 @@ class ClusterBackend:
         return self._run(self.core.consistent_scan(prefix, start, end, limit, max_bytes))
 
     def backup(self, target: str, progress: Callable[[int, int], None] | None = None) -> None:
-        """Copy every live key of the cluster, as of one moment inside the call, into a new
-        embedded store at ``target`` (their clocks and timestamps kept): every shard's export
-        (pykv.replica.imaging) read a page at a time, in this thread. ``progress(shards
-        done, shards)``. Begun again when an export is lost (a node restarted meanwhile)."""
-        attempts = BACKUP_ATTEMPTS
-        while True:
-            attempts -= 1
-            try:
-                self._backup_once(target, progress)
-                return
-            except TransactionConflict:
-                if not attempts:
-                    raise
-
-    def _backup_once(self, target: str, progress: Callable[[int, int], None] | None) -> None:
-        with store_loader(target, "backup") as loader:
-            export_id, begun = self._run(self.core.begin_export())
-            shards = len(begun)
-            at: dict[int, int] = {}
-            try:
-                replies = dict(enumerate(begun))
-                while replies:
-                    for shard, (node, page, more) in replies.items():
-                        loader.add([(key, Versioned.from_wire(wire)) for key, wire in page])
-                        if more:
-                            at[shard] = node
-                        else:
-                            at.pop(shard, None)
-                    if progress is not None:
-                        progress(shards - len(at), shards)
-                    replies = self._run(self.core.export_pages(export_id, at)) if at else {}
-            except BaseException:
-                if at and not self._closed:
-                    with contextlib.suppress(Exception):
-                        self._run(self.core.end_export(export_id, list(at)))
-                raise
+        copy_cluster(self._run, self.core, target, progress)
 
     def close(self) -> None:
         if self._closed:

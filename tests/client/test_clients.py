@@ -49,6 +49,39 @@ def cluster(tmp_path_factory):
         yield c
 
 
+def test_asyncio_backup_keeps_the_loop_serving_while_it_copies(cluster, tmp_path):
+    """``await db.backup(path)`` of the asyncio client: the copy holds the keys written
+    before it, and other coroutines on the same loop go on committing meanwhile."""
+
+    async def main() -> int:
+        db = await pykv.aio.connect(cluster.addresses[:1])
+        try:
+            for start in range(0, 600, 200):
+                async with db.transaction() as tx:
+                    for i in range(start, start + 200):
+                        tx[f"aiobk{i:03d}"] = b"x" * 5_000
+            done = 0
+
+            async def keep_writing() -> None:
+                nonlocal done
+                while True:
+                    await db.incr("aiobk-counter", 1)
+                    done += 1
+
+            writer = asyncio.get_running_loop().create_task(keep_writing())
+            seen: list[tuple[int, int]] = []
+            await db.backup(tmp_path / "copy", progress=lambda d, t: seen.append((d, t)))
+            writer.cancel()
+            assert seen[-1] == (4, 4)
+            return done
+        finally:
+            await db.close()
+
+    assert asyncio.run(main()) > 0
+    with pykv.open(tmp_path / "copy") as copy:
+        assert copy.get_many([f"aiobk{i:03d}" for i in range(600)]) == {f"aiobk{i:03d}": b"x" * 5_000 for i in range(600)}
+
+
 def test_asyncio_client_offers_the_same_api(cluster):
     async def main() -> None:
         db = await pykv.aio.connect(cluster.addresses[2:])

@@ -45,8 +45,8 @@ def test_a_backup_survives_the_loss_of_a_node_holding_an_export(tmp_path, fault)
 
             core.export_pages = pages_then_fault
             try:
-                with Transfers(db, accounts) as moving:
-                    db.backup(tmp_path / "copy")
+                with pykv.connect(cluster.addresses) as movers, Transfers(movers, accounts) as moving:
+                    db.backup(tmp_path / "copy")  # its client gives up on a silent node after 3 s
             finally:
                 if fault == "SIGSTOP":
                     cluster.signal(hit[0], signal.SIGCONT)
