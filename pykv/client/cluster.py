@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Generator, Iterator
 from typing import Any, TypeVar
@@ -93,6 +94,7 @@ _KINDS = {cmd.COMMIT: COMMIT, cmd.PREPARE: PREPARE, cmd.COMMIT_DECIDE: COMMIT_DE
           commitflow.EXPORT: EXPORT}
 # Backups begun again after their exports were lost (a node restarted, an idle export dropped).
 BACKUP_ATTEMPTS = 3
+BACKUP_PAUSE = 1.0  # seconds between two attempts
 
 
 class AsyncCluster:
@@ -182,7 +184,7 @@ class AsyncCluster:
             self.rounds[round_.name] += 1
             if round_.pause:
                 await asyncio.sleep(round_.pause)
-            calls = self._calls(round_.sends)
+            calls = self._calls(round_.sends, round_.timeout)
             if not round_.wait:
                 self._in_background(calls)  # a lost FINISH is settled by the participant's recovery
                 results = None
@@ -196,9 +198,9 @@ class AsyncCluster:
             if round_.name == "decide":
                 failpoint("txn.2pc.after_decide")
 
-    def _calls(self, sends: list[Send]) -> list[Coroutine[Any, Any, Any]]:
+    def _calls(self, sends: list[Send], timeout: float | None = None) -> list[Coroutine[Any, Any, Any]]:
         router = self.router
-        return [router.call(s.shard, _KINDS[s.command], [s.shard, *s.args]) for s in sends]
+        return [router.call(s.shard, _KINDS[s.command], [s.shard, *s.args], timeout=timeout) for s in sends]
 
     async def _keeping(self, round_: Round, results: Coroutine[Any, Any, list[Any]]) -> list[Any]:
         """``results``, sending ``round_.keep`` again every ``round_.keep_every`` seconds
@@ -366,17 +368,19 @@ def copy_cluster(run: Callable[[Coroutine[Any, Any, T]], T], core: AsyncCluster,
     embedded store at ``target`` (their clocks and timestamps kept): every shard's export
     (pykv.replica.imaging) read a page at a time, the pages written in this thread.
     ``run(coroutine)`` runs one of ``core``'s on its loop, from this thread.
-    ``progress(shards done, shards)``. Begun again when an export is lost (a node holding
-    one restarted or stopped answering meanwhile), up to BACKUP_ATTEMPTS times."""
+    ``progress(shards done, shards)``. Begun again, after a pause, when an export is lost
+    (a node holding one restarted or stopped answering meanwhile) or a shard had no leader
+    to begin one (commitflow.EXPORT_BEGIN_TIMEOUT), up to BACKUP_ATTEMPTS times."""
     attempts = BACKUP_ATTEMPTS
     while True:
         attempts -= 1
         try:
             _copy_once(run, core, target, progress)
             return
-        except TransactionConflict:
+        except (TransactionConflict, Timeout, Unavailable):
             if not attempts:
                 raise
+            time.sleep(BACKUP_PAUSE)
 
 
 def _copy_once(run: Callable[[Coroutine[Any, Any, Any]], Any], core: AsyncCluster, target: str,

@@ -65,6 +65,10 @@ READ = "read"
 # A Send's command that begins a backup's export of one shard: args [export id, "begin"];
 # the reply is [node id, [], True]: the node holds the export, read later (export_rounds).
 EXPORT = "export"
+# Seconds a backup's lock round and export round may take each: every writer waits
+# meanwhile, so a shard without a leader fails the backup (taken again later) rather than
+# holding them for the client's whole timeout.
+EXPORT_BEGIN_TIMEOUT = 1.0
 # Keys per READ request of a snapshot: replies of values at the size limit still fit in a
 # frame (pykv.net.framing.DEFAULT_MAX_FRAME, the client's).
 READ_BATCH_KEYS = (16 << 20) // (MAX_VALUE_BYTES + 4096)
@@ -97,6 +101,9 @@ class Round:
     # (a consistent scan renewing its range lock; its release tells whether it held).
     keep: list[Send] = field(default_factory=list)
     keep_every: float = 0.0
+    # Seconds each request may take, retries included (None: the client's timeout): a round
+    # sent while others wait behind a lock gives up sooner.
+    timeout: float | None = None
 
 
 CommitFlow = Generator[Round, "list[Any] | None", None]
@@ -346,12 +353,12 @@ def export_rounds(
 
     def begin(keep: list[Send]) -> Generator[Round, Any, list]:
         begins = [Send(s, EXPORT, [request.txid, "begin"]) for s in shards]
-        replies = yield Round("export", begins, keep=keep, keep_every=renew_every)
+        replies = yield Round("export", begins, keep=keep, keep_every=renew_every, timeout=EXPORT_BEGIN_TIMEOUT)
         for reply in replies:
             _raise_if_error(reply)
         return replies
 
-    return (yield from _locked_pass(request.txid, lock, begin, "lock all"))
+    return (yield from _locked_pass(request.txid, lock, begin, "lock all", EXPORT_BEGIN_TIMEOUT))
 
 
 def read_batches(keys: list[str], shard_of: Callable[[str], int]) -> list[tuple[int, list[str]]]:
@@ -388,14 +395,16 @@ def _read_keys(
 
 
 def _locked_pass(
-    txid: int, lock: list[Send], read: Callable[[list[Send]], Generator[Round, Any, T]], name: str = "lock"
+    txid: int, lock: list[Send], read: Callable[[list[Send]], Generator[Round, Any, T]], name: str = "lock",
+    timeout: float | None = None,
 ) -> Generator[Round, Any, T]:
-    """A pass under a lock: PREPARE ``lock`` (one request per shard; the round's ``name``),
+    """A pass under a lock: PREPARE ``lock`` (one request per shard; the round's ``name``
+    and ``timeout``),
     run ``read(lock)`` (a pass whose rounds send the lock again while they wait,
     Round.keep), then release the lock with FINISH(abort) on every shard. The pass's result
     once every shard answers that it still held the lock; else TransactionConflict (read
     again)."""
-    refusal = _refusal((yield Round(name, lock)))
+    refusal = _refusal((yield Round(name, lock, timeout=timeout)))
     result: T | None = None
     if refusal is None:
         # Every round renews the lock while it waits: a read may wait for a writer prepared

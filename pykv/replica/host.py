@@ -33,7 +33,7 @@ from functools import partial
 from typing import Any
 
 from pykv.cluster.shardmap import Step, StepKind
-from pykv.errors import CorruptData, Unavailable
+from pykv.errors import CorruptData, Error, ProtocolError, TransactionConflict, Unavailable
 from pykv.raft.errors import ConfChangeRejected, NotLeader
 from pykv.raft.messages import (
     ConfChange,
@@ -406,6 +406,33 @@ class ReplicaHost:
         ):
             return False, None
         return True, fn(group.state)
+
+    def export(self, gid: int, export_id: int, step: str, page_bytes: int, done: Done) -> None:
+        """A backup's EXPORT of the group's shard (pykv.replica.imaging.Exports), answered
+        with ``done([this node's id, page, more?] or None, error)``: "begin" as a
+        linearizable read of the whole shard, once no prepared transaction holds a key of it
+        (the backup holds a lock on every key meanwhile), so every shard's view is of the
+        same moment; "next" and "end" on this node's replica, which holds the view."""
+        node_id = self.node_id
+        if step == "begin":
+            self.read(gid, lambda state: [node_id, *state.begin_export(export_id, page_bytes)],
+                      KeyRange("", None, None), done)
+            return
+        group = self.groups.get(gid)
+        try:
+            if group is None or group.restoring is not None:  # (restoring: the state is the
+                # restore thread's until it ends, and it replaces what the export viewed)
+                raise TransactionConflict(f"shard {gid}: node {node_id} no longer hosts it or is "
+                                          "replacing it by a snapshot; its export is gone: take the backup again")
+            if step == "next":
+                done([node_id, *group.state.export_page(export_id)], None)
+            elif step == "end":
+                group.state.exports.end(export_id)
+                done(None, None)
+            else:
+                raise ProtocolError(f"EXPORT step must be begin, next or end, not {step!r}")
+        except Error as exc:
+            done(None, exc)
 
     def _group(self, gid: int) -> Group:
         group = self.groups.get(gid)

@@ -81,7 +81,6 @@ from pykv.errors import (
     InvalidArgument,
     ProtocolError,
     Timeout,
-    TransactionConflict,
     Unavailable,
 )
 from pykv.net.framing import CLUSTER_MAX_FRAME, RESPONSE, encode_frame
@@ -752,7 +751,11 @@ class Node:
             deleted = len(body) > 5 and body[5] is True
             self._scan(shard, [*body[1:5], deleted, body[6] if len(body) > 6 else None], respond)
         elif kind == EXPORT:  # [shard, export id, "begin" | "next" | "end"]
-            self._export(shard, int(body[1]), str(body[2]), respond)
+            host = self.host
+            assert host is not None
+            done = _answer(lambda reply: [OK, reply], respond)
+            host.export(shard, int(body[1]), str(body[2]), self.config.scan_page_bytes, done)
+            self._wakeup()
         elif kind == JOIN:
             self._join(int(body[1]), str(body[2]), respond)
         elif kind == LEAVE:
@@ -868,34 +871,6 @@ class Node:
             _answer(lambda page: [OK, page], respond),
         )
         self._wakeup()
-
-    def _export(self, shard: int, export_id: int, step: str, respond: Callable[[Any], None]) -> None:
-        """A backup's export of the shard (pykv.replica.imaging.Exports): "begin" as a
-        linearizable read of the whole shard, once no prepared transaction holds a key of it
-        (the backup holds a lock on every key meanwhile), so the view is one moment of the
-        cluster; "next" and "end" on this node's replica, which holds the view."""
-        host = self.host
-        assert host is not None
-        node_id = self.config.node_id
-        if step == "begin":
-            page_bytes = self.config.scan_page_bytes
-            host.read(
-                shard, lambda state: [node_id, *state.begin_export(export_id, page_bytes)],
-                KeyRange("", None, None), _answer(lambda reply: [OK, reply], respond),
-            )
-            self._wakeup()
-            return
-        group = host.groups.get(shard)
-        if step not in ("next", "end"):
-            raise ProtocolError(f"EXPORT step must be begin, next or end, not {step!r}")
-        if group is None:
-            raise TransactionConflict(f"shard {shard}: node {node_id} no longer hosts it; "
-                                      "its export is gone: take the backup again")
-        if step == "end":
-            group.state.exports.end(export_id)
-            respond([OK, None])
-        else:
-            respond([OK, [node_id, *group.state.export_page(export_id)]])
 
     # --- 2PC: finishing a decided transaction, and recovery --------------------------------------
 

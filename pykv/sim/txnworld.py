@@ -49,16 +49,18 @@ from typing import Any
 
 from pykv._engine.wal import HEADER_SIZE, read_wal
 from pykv.cluster.shardmap import Step, StepKind, next_step
-from pykv.errors import Error, Timeout, Unavailable, by_name
+from pykv.errors import Error, Timeout, TransactionConflict, Unavailable, by_name
 from pykv.raft import Message, RaftConfig
 from pykv.raft.errors import NotLeader
 from pykv.raft.log import cut_from, cut_through
 from pykv.raft.messages import HardState, PersistentState, Snapshot
 from pykv.replica.commitflow import (
+    EXPORT,
     READ,
     SCAN,
     Round,
     commit_rounds,
+    export_rounds,
     read_batches,
     scan_rounds,
     snapshot_rounds,
@@ -103,6 +105,7 @@ class TxnSimParams:
     clients: int = 4
     scanners: int = 1  # clients that take consistent scans of every list (api.scan's passes)
     snapshotters: int = 1  # clients that read some lists as one snapshot (api.get_many)
+    backuppers: int = 1  # clients that back up every shard (api.backup of a cluster: exports)
     fault_time: float = 8.0  # virtual seconds of faults, then everything heals
     settle_time: float = 20.0  # then no new transactions: recovery settles what is prepared
     loss: float = 0.03  # probability that a message or request is lost
@@ -321,7 +324,7 @@ _VANISHING_BEFORE = {
 _REQUESTS = (COMMIT, PREPARE, COMMIT_DECIDE)  # the commands whose first argument is a request
 _NOTED_ROUNDS = {
     "give up": "decisions given up on a lock", "lock": "scans that locked the range",
-    "lock keys": "snapshots that locked the keys",
+    "lock keys": "snapshots that locked the keys", "lock all": "backups that locked every shard",
 }
 Task = Generator[Any, Any, Any]
 
@@ -381,6 +384,9 @@ class TxnWorld:
             self.spawn(self._reader(p.clients + c, self._scan))
         for c in range(p.snapshotters):
             self.spawn(self._reader(p.clients + p.scanners + c, self._snapshot))
+        for c in range(p.backuppers):
+            # Rarer: a backup locks every key while it begins (and a vanished one, until recovery).
+            self.spawn(self._reader(p.clients + p.scanners + p.snapshotters + c, self._backup, (1.0, 3.0)))
         if p.moves_every:
             self.spawn(self._mover())
         self.at(self.rng.expovariate(1 / p.crash_every), self._crash_some)
@@ -687,6 +693,8 @@ class TxnWorld:
                     done(result, None)
                 else:  # a linearizable read, as the node's READ without its optimistic flag
                     host.read(call.group, versions, keys, done)
+            elif call.kind == EXPORT:  # as the node's EXPORT
+                host.export(call.group, call.args[0], call.args[1], self.p.scan_page_bytes, done)
             elif call.kind == SCAN:  # as the node's SCAN: after the locks in the range
                 args, page_bytes = call.args, self.p.scan_page_bytes
                 host.read(call.group, lambda state: scan_reply(state, args, page_bytes), KeyRange(*args[:3]), done)
@@ -737,10 +745,11 @@ class TxnWorld:
         status, outcome = yield from self._call(shard, FINISH, [txid, commit])
         finishes.answered(group, txid, shard, status == "ok" and outcome is None)
 
-    def _call(self, group: int, kind: str, args: list) -> Task:
-        """One request to a shard's leader, retried as pykv.client.router does, until the
-        call timeout: ``("ok", result)``, or ``("unknown", None)`` when it gave up."""
-        deadline = self.now + self.p.call_timeout
+    def _call(self, group: int, kind: str, args: list, timeout: float | None = None) -> Task:
+        """One request to a shard's leader, retried as pykv.client.router does, until
+        ``timeout`` (None: the call timeout): ``("ok", result)``, or ``("unknown", None)``
+        when it gave up."""
+        deadline = self.now + (self.p.call_timeout if timeout is None else timeout)
         attempt = 0
         while self.now < deadline:
             node = self.leader_hint.get(group) or self.ids[attempt % len(self.ids)]
@@ -771,16 +780,18 @@ class TxnWorld:
             yield from self._transaction(txid, rng)
             yield Sleep(rng.uniform(0.0, 0.05))
 
-    def _reader(self, client: int, read: Callable[[int, random.Random], Task]) -> Task:
-        """A client that reads again and again (a scanner or a snapshotter): each read is
-        recorded as a read-only transaction, which the history check then requires to be
-        one snapshot, serialized inside its own lifetime."""
+    def _reader(self, client: int, read: Callable[[int, random.Random], Task],
+                pauses: tuple[float, float] = (0.05, 0.3)) -> Task:
+        """A client that reads again and again (a scanner, a snapshotter, a backupper), a
+        pause of ``pauses`` seconds between two: each read is recorded as a read-only
+        transaction, which the history check then requires to be one snapshot, serialized
+        inside its own lifetime."""
         rng = random.Random(self.rng.getrandbits(32))
         n = 0
         while self.accepting:
             n += 1
             yield from read((client + 1) << 32 | n, rng)
-            yield Sleep(rng.uniform(0.05, 0.3))
+            yield Sleep(rng.uniform(*pauses))
 
     @property
     def _renew_every(self) -> float:
@@ -795,7 +806,7 @@ class TxnWorld:
         passes = rng.choice((0, PASSES_BEFORE_LOCKING, PASSES_BEFORE_LOCKING))
         flow = scan_rounds(lock, list(range(self.p.shards)), None, passes, self.p.scan_page_bytes, self._renew_every)
         lists = [f"list{i}" for i in range(self.p.lists)]
-        yield from self._read_and_record(txid, rng, flow, lists, ("consistent scans", "scans failed"))
+        yield from self._read_and_record(txid, self._drive(flow, rng), lists, ("consistent scans", "scans failed"))
 
     def _snapshot(self, txid: int, rng: random.Random) -> Task:
         """A snapshot of 2 or more lists, as the client takes it (commitflow.snapshot_rounds):
@@ -805,18 +816,44 @@ class TxnWorld:
         lock = CommitRequest(txid, 1, {}, (), timestamp=int(self.now * 1000))
         passes = rng.choice((0, PASSES_BEFORE_LOCKING, PASSES_BEFORE_LOCKING))
         flow = snapshot_rounds(lock, read_batches(keys, self.shard_of), passes, self._renew_every)
-        yield from self._read_and_record(txid, rng, flow, sorted(keys), ("snapshots", "snapshots failed"))
+        yield from self._read_and_record(txid, self._drive(flow, rng), sorted(keys), ("snapshots", "snapshots failed"))
 
-    def _read_and_record(
-        self, txid: int, rng: random.Random, flow: Generator[Round, Any, Any], keys: list[str],
-        events: tuple[str, str],
-    ) -> Task:
-        """Drive a reader's flow (a scan's items, or a snapshot's versions by key) and record
-        what it read of ``keys`` as a read-only transaction (events: what to count when it
-        did, and when it failed)."""
+    def _backup(self, txid: int, rng: random.Random) -> Task:
+        """A backup of every shard, as the client takes it (pykv.client.cluster.copy_cluster:
+        commitflow.export_rounds, then each shard's export read a page at a time from the
+        node that holds it); recorded as a read of every list, which must be one snapshot."""
+        lock = CommitRequest(txid, 1, {}, (), timestamp=int(self.now * 1000), ranges=(KeyRange(""),))
+        shards = list(range(self.p.shards))
+        lists = [f"list{i}" for i in range(self.p.lists)]
+        begin = export_rounds(lock, shards, self._renew_every)
+        yield from self._read_and_record(txid, self._exported(txid, begin, rng), lists, ("backups", "backups failed"))
+
+    def _exported(self, export_id: int, begin: Generator[Round, Any, list], rng: random.Random) -> Task:
+        """The items of every shard's export: ``begin`` driven as the client does, then the
+        pages asked of the nodes holding the exports. Raises TransactionConflict when one
+        does not answer (a crash ended it: the client would begin again)."""
+        begun = yield from self._drive(begin, rng)
+        if begun is VANISHED:
+            return VANISHED
+        items: list = []
+        for shard, (node, page, more) in enumerate(begun):
+            while True:
+                items += [(key, Versioned.from_wire(wire)) for key, wire in page]
+                if not more:
+                    break
+                status, value = yield Call(node, shard, EXPORT, [export_id, "next"])
+                if status != "ok":
+                    raise TransactionConflict(f"export of shard {shard} on node {node}: {status} {value}")
+                _, page, more = value
+        return items
+
+    def _read_and_record(self, txid: int, reading: Task, keys: list[str], events: tuple[str, str]) -> Task:
+        """Run a reader's task (a flow _driven: a scan's items, a snapshot's versions by key, a
+        backup's) and record what it read of ``keys`` as a read-only transaction (events:
+        what to count when it did, and when it failed)."""
         start = self.now
         try:
-            found = yield from self._drive(flow, rng)
+            found = yield from reading
         except Error:
             self.events[events[1]] += 1
             return
@@ -900,7 +937,7 @@ class TxnWorld:
                 try:
                     results = []
                     for send in round_.sends:
-                        status, value = yield from self._call(send.shard, send.command, send.args)
+                        status, value = yield from self._call(send.shard, send.command, send.args, round_.timeout)
                         results.append(_result(send.command, status, value))
                 finally:
                     waiting[0] = False
@@ -1137,8 +1174,8 @@ def _result(command: str, status: str, value: Any) -> Any:
     Timeout."""
     if status != "ok":
         return Timeout("gave up")
-    if command in (PREPARE, SCAN, READ) or not isinstance(value, list):
-        return value  # a vote, a scan's items, versions read, None (done) or a decision (DECIDE)
+    if command in (PREPARE, SCAN, READ, EXPORT) or not isinstance(value, list):
+        return value  # a vote, a scan's items, versions read, an export, None or a decision
     return by_name(value[0], value[1])
 
 
