@@ -864,10 +864,11 @@ class KeyValueStore:
         ``consistent`` (the default): one snapshot of the range, across every shard. Each
         value is the one its key held at a single moment, and no key that existed then is
         missing. It costs at least two passes over the range (pykv.txn.model.ScanPasses).
-        When writers changed the range under 3 passes, writers are kept out for one more:
-        embedded, every writing commit waits for that pass; on a cluster, writes into the
-        range are refused meanwhile (KeyLocked, which commits retry for a few milliseconds),
-        see pykv.replica.commitflow.scan_rounds. The snapshot is held in memory until it is
+        When writers changed the range under 3 passes, embedded, every writing commit waits
+        for one more pass; on a cluster, every shard begins a copy-on-write export of the
+        range at one moment and the exports are read (writes into the range are refused,
+        KeyLocked, which commits retry for a few milliseconds, only while they begin), see
+        pykv.replica.commitflow.scan_rounds. The snapshot is held in memory until it is
         returned: past ``max_scan_bytes`` (given to open or connect, 256 MiB by default) of
         keys and values, ScanTooLarge is raised instead.
         ``consistent=False``: one pass, read as the caller iterates (on a cluster a page of

@@ -200,7 +200,23 @@ class AsyncCluster:
 
     def _calls(self, sends: list[Send], timeout: float | None = None) -> list[Coroutine[Any, Any, Any]]:
         router = self.router
-        return [router.call(s.shard, _KINDS[s.command], [s.shard, *s.args], timeout=timeout) for s in sends]
+        return [
+            router.call(s.shard, _KINDS[s.command], [s.shard, *s.args], timeout=timeout) if s.node is None
+            else self._export_call(s.node, s.shard, s.args)
+            for s in sends
+        ]
+
+    async def _export_call(self, node: int, shard: int, args: list) -> Any:
+        """An EXPORT request to the node that holds the export: TransactionConflict when it
+        does not answer or left the cluster (the export is lost with it)."""
+        address = (await self.router.ensure_map()).nodes.get(node)
+        if address is None:
+            raise TransactionConflict(f"node {node} left the cluster with shard {shard}'s export; read again")
+        try:
+            return await self.router.call_address(address, EXPORT, [shard, *args], self.timeout)
+        except (Unavailable, Timeout) as exc:
+            raise TransactionConflict(f"node {node}, which holds shard {shard}'s export, did "
+                                      f"not answer ({exc}); read again") from exc
 
     async def _keeping(self, round_: Round, results: Coroutine[Any, Any, list[Any]]) -> list[Any]:
         """``results``, sending ``round_.keep`` again every ``round_.keep_every`` seconds
@@ -275,10 +291,11 @@ class AsyncCluster:
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
         max_bytes: int = MAX_SCAN_BYTES,
     ) -> ScanItems:
-        """One snapshot of the range across every shard: passes until two agree, else a lock
-        on the range for one more pass (pykv.replica.commitflow.scan_rounds). A scan whose
-        lock was taken away before it ended (it outlived the shards' recovery time) is taken
-        again, up to SCAN_ATTEMPTS times."""
+        """One snapshot of the range across every shard: passes until two agree, else
+        exports of the range begun at one moment under a lock (pykv.replica.commitflow.
+        scan_rounds). A scan whose lock was taken away before the exports began (it outlived
+        the shards' recovery time), or whose export was lost, is taken again, up to
+        SCAN_ATTEMPTS times."""
         view = await self.router.ensure_map()
         shards = list(range(view.partitions))
         return await self._locking(
@@ -325,19 +342,9 @@ class AsyncCluster:
     async def export_pages(self, export_id: int, at: dict[int, int]) -> dict[int, list]:
         """The next page of each shard's export from the node that holds it (``at``: shard ->
         node id): shard -> [node id, page, more?]."""
-        nodes = (await self.router.ensure_map()).nodes
-        missing = [node for node in at.values() if node not in nodes]
-        if missing:
-            raise TransactionConflict(f"node {missing[0]} left the cluster with a backup's export; "
-                                      "take the backup again")
-        async def page(shard: int, node: int) -> list:
-            try:
-                return await self.router.call_address(nodes[node], EXPORT, [shard, export_id, "next"], self.timeout)
-            except (Unavailable, Timeout) as exc:
-                raise TransactionConflict(f"node {node}, which holds shard {shard}'s export, did "
-                                          f"not answer ({exc}); take the backup again") from exc
-
-        replies = await asyncio.gather(*(page(shard, node) for shard, node in at.items()))
+        replies = await asyncio.gather(*(
+            self._export_call(node, shard, [export_id, "next"]) for shard, node in at.items()
+        ))
         return dict(zip(at, replies, strict=True))
 
     async def end_export(self, export_id: int, shards: list[int]) -> None:

@@ -47,7 +47,7 @@ from pykv.txn.model import (
     ScanItems,
     ScanPasses,
     Versioned,
-    first_live,
+    item_bytes,
     same_cut,
 )
 from pykv.types import MAX_SCAN_BYTES, MAX_VALUE_BYTES
@@ -65,6 +65,9 @@ READ = "read"
 # A Send's command that begins a backup's export of one shard: args [export id, "begin"];
 # the reply is [node id, [], True]: the node holds the export, read later (export_rounds).
 EXPORT = "export"
+# A consistent scan whose pass disagreed with the one before and held more than this reads
+# the range from exports at once, rather than in another pass.
+EXPORT_PAST_BYTES = 1 << 20
 # Seconds a backup's lock round and export round may take each: every writer waits
 # meanwhile, so a shard without a leader fails the backup (taken again later) rather than
 # holding them for the client's whole timeout.
@@ -84,6 +87,7 @@ class Send:
     shard: int
     command: str
     args: list
+    node: int | None = None  # the node to ask (an export's holder); None: the shard's leader
 
 
 @dataclass(slots=True)
@@ -92,7 +96,7 @@ class Round:
     each the request's result, or the exception it raised); else nobody waits for them."""
 
     # "commit", "prepare", "decide", "give up", "abort"; "scan", "lock", "release"; "read",
-    # "lock keys"; "lock all", "export"
+    # "lock keys"; "lock all", "export", "export pages", "end exports"
     name: str
     sends: list[Send] = field(default_factory=list)
     wait: bool = True
@@ -204,11 +208,14 @@ class PagedPass:
         for shard, reply in zip(self._asked, replies, strict=True):
             _raise_if_error(reply)
             items, resume = reply
-            self._pages[shard] = [(k, Versioned.from_wire(v)) for k, v in items]
-            self._taken[shard] = 0
             self._resume[shard] = resume
-            if resume is None:
-                self._more.discard(shard)
+            self._take_page(shard, items, resume is not None)
+
+    def _take_page(self, shard: int, items: list, more: bool) -> None:
+        self._pages[shard] = [(k, Versioned.from_wire(v)) for k, v in items]
+        self._taken[shard] = 0
+        if not more:
+            self._more.discard(shard)
 
     def ready(self) -> ScanItems:
         """Items in key order up to where a shard must send its next page first: a shard
@@ -246,6 +253,30 @@ class PagedPass:
 _key = operator.itemgetter(0)
 
 
+class ExportPass(PagedPass):
+    """A pass over the exports of a range that a reader began (export_rounds), merged in
+    key order as PagedPass merges pages: each shard's next page is asked of the node that
+    holds its export, and holds live keys only."""
+
+    def __init__(self, export_id: int, holders: dict[int, int], key_range: KeyRange, limit: int | None) -> None:
+        super().__init__(key_range, sorted(holders), limit, deleted=False)
+        self._export_id, self._holders = export_id, holders
+
+    def sends(self) -> list[Send]:
+        self._asked = [s for s in sorted(self._more) if not self._in_hand(s)]
+        return [Send(s, EXPORT, [self._export_id, "next"], self._holders[s]) for s in self._asked]
+
+    def feed(self, replies: list[Any]) -> None:
+        for shard, reply in zip(self._asked, replies, strict=True):
+            _raise_if_error(reply)
+            _, items, more = reply
+            self._take_page(shard, items, more)
+
+    def ends(self) -> list[Send]:
+        """What drops the exports not read to their end (the limit came first, or an error)."""
+        return [Send(s, EXPORT, [self._export_id, "end"], self._holders[s]) for s in sorted(self._more)]
+
+
 def read_pass(
     key_range: KeyRange, shards: list[int], limit: int | None, page_bytes: int = SCAN_PAGE_BYTES,
     deleted: bool = True, keep: list[Send] | None = None, keep_every: float = 0.0,
@@ -273,30 +304,50 @@ def scan_rounds(
     Passes over every shard first (each a page per shard at a time: read_pass), until two
     in a row agree (ScanPasses; cheap while the range is quiet). When the range changed
     under each of ``passes_before_locking`` passes (writers keep writing there), it is
-    locked: ``request`` (no keys, the range) is PREPAREd on every shard, each shard its own
-    coordinator, so that recovery releases a lock whose client vanished. From then on
-    writes into the range are refused (KeyLocked, which writers retry), and a page waits
-    for the prepared writers already in its part of the range, so one more pass reads a
-    range that does not change until the lock is released with FINISH(abort) on every
-    shard. While that pass runs, the lock is PREPAREd again every ``renew_every`` seconds
-    (Round.keep), which keeps recovery away from a scanner that is alive however long the
-    range. Every shard's range was then frozen from the moment all were locked and their
-    earlier writers done until the last page: the pass is the range at that moment,
-    provided each release answers that the lock was still held (else TransactionConflict:
-    scan again). Raises Timeout/Unavailable when a shard does not answer, and ScanTooLarge
-    when a pass holds more than ``max_bytes``.
+    read from exports instead (export_scan): ``request`` (no keys, the range) is PREPAREd on
+    every shard, each shard its own coordinator (so that recovery releases a lock whose
+    client vanished), which refuses writes into the range (KeyLocked, which writers retry);
+    each shard begins a copy-on-write view of the range once the writers prepared before
+    are done; the lock is released with FINISH(abort), answered None by each shard that
+    still held it (else TransactionConflict: scan again). The views are then read a page at
+    a time while writers go on: the range as of the moment all were locked. Writers wait
+    for the lock rounds only, not for the pages. Raises Timeout/Unavailable when a shard
+    does not answer, TransactionConflict when an export is lost (its node restarted), and
+    ScanTooLarge when a pass holds more than ``max_bytes``.
     """
     key_range = request.ranges[0]
     passes = ScanPasses()
     for _ in range(passes_before_locking):
-        if passes.feed((yield from read_pass(key_range, shards, limit, page_bytes, max_bytes=max_bytes))):
+        items = yield from read_pass(key_range, shards, limit, page_bytes, max_bytes=max_bytes)
+        if passes.feed(items):
             return passes.result
-    lock = [Send(s, PREPARE, [request.to_wire(), s, shards]) for s in shards]
-    items = yield from _locked_pass(
-        request.txid, lock,
-        lambda keep: read_pass(key_range, shards, limit, page_bytes, True, keep, renew_every, max_bytes),
-    )
-    return first_live(items, None, deleted=False)
+        if sum(map(item_bytes, items)) > EXPORT_PAST_BYTES:
+            break  # another pass costs more than the export's lock rounds
+    return (yield from export_scan(request, shards, limit, renew_every, max_bytes))
+
+
+def export_scan(
+    request: CommitRequest, shards: list[int], limit: int | None, renew_every: float = LOCK_RENEW_EVERY,
+    max_bytes: int = MAX_SCAN_BYTES,
+) -> Generator[Round, Any, ScanItems]:
+    """The live items of ``request.ranges[0]`` (at most ``limit``) as of one moment, read
+    from exports of the range: the range locked on every shard only while they begin
+    (export_rounds), then their pages (ExportPass). Exports not read to their end are
+    dropped. ScanTooLarge past ``max_bytes``; TransactionConflict when an export is lost."""
+    key_range = request.ranges[0]
+    begun = yield from export_rounds(request, shards, renew_every, "lock")
+    paged = ExportPass(request.txid, {s: reply[0] for s, reply in zip(shards, begun, strict=True)}, key_range, limit)
+    held = HeldPass(key_range, max_bytes)
+    try:
+        while not paged.done:
+            paged.feed((yield Round("export pages", paged.sends())))
+            held.take(paged.ready())
+    except Exception:
+        yield Round("end exports", paged.ends(), wait=False)
+        raise
+    if paged.ends():
+        yield Round("end exports", paged.ends(), wait=False)
+    return held.items
 
 
 def snapshot_rounds(
@@ -335,10 +386,11 @@ def snapshot_rounds(
 
 
 def export_rounds(
-    request: CommitRequest, shards: list[int], renew_every: float = LOCK_RENEW_EVERY,
+    request: CommitRequest, shards: list[int], renew_every: float = LOCK_RENEW_EVERY, name: str = "lock all",
 ) -> Generator[Round, Any, list]:
-    """The rounds that begin a backup's export of every shard at one moment (the exports:
-    pykv.replica.imaging). ``request``: the lock to take, on the whole key range.
+    """The rounds that begin a reader's export of a range on every shard at one moment (the
+    exports: pykv.replica.imaging). ``request``: the lock to take, on the range to export
+    (``request.ranges[0]``; a backup's is every key); ``name``: the lock round's.
 
     The range is locked on every shard as a consistent scan locks it (PREPAREd, each shard
     its own coordinator), so writers are refused meanwhile (KeyLocked, which they retry);
@@ -352,13 +404,13 @@ def export_rounds(
     lock = [Send(s, PREPARE, [request.to_wire(), s, shards]) for s in shards]
 
     def begin(keep: list[Send]) -> Generator[Round, Any, list]:
-        begins = [Send(s, EXPORT, [request.txid, "begin"]) for s in shards]
+        begins = [Send(s, EXPORT, [request.txid, "begin", *request.ranges[0]]) for s in shards]
         replies = yield Round("export", begins, keep=keep, keep_every=renew_every, timeout=EXPORT_BEGIN_TIMEOUT)
         for reply in replies:
             _raise_if_error(reply)
         return replies
 
-    return (yield from _locked_pass(request.txid, lock, begin, "lock all", EXPORT_BEGIN_TIMEOUT))
+    return (yield from _locked_pass(request.txid, lock, begin, name, EXPORT_BEGIN_TIMEOUT))
 
 
 def read_batches(keys: list[str], shard_of: Callable[[str], int]) -> list[tuple[int, list[str]]]:

@@ -56,6 +56,8 @@ from pykv.replica.failpoints import failpoint
 from pykv.replica.shard import ShardState, encode_command
 from pykv.txn.model import KeyRange
 
+_EVERY_KEY = KeyRange("")
+
 # The Raft change behind each membership step (a transfer is not one).
 _CONF_KINDS = {
     StepKind.ADD_LEARNER: ConfChangeKind.ADD_LEARNER,
@@ -407,16 +409,18 @@ class ReplicaHost:
             return False, None
         return True, fn(group.state)
 
-    def export(self, gid: int, export_id: int, step: str, page_bytes: int, done: Done) -> None:
-        """A backup's EXPORT of the group's shard (pykv.replica.imaging.Exports), answered
-        with ``done([this node's id, page, more?] or None, error)``: "begin" as a
-        linearizable read of the whole shard, once no prepared transaction holds a key of it
-        (the backup holds a lock on every key meanwhile), so every shard's view is of the
-        same moment; "next" and "end" on this node's replica, which holds the view."""
+    def export(self, gid: int, export_id: int, step: str, page_bytes: int, done: Done,
+               key_range: KeyRange = _EVERY_KEY) -> None:
+        """A reader's EXPORT of ``key_range`` of the group's shard (a backup's, or a consistent
+        scan's: pykv.replica.imaging.Exports), answered with ``done([this node's id, page,
+        more?] or None, error)``: "begin" as a linearizable read of the range, once no
+        prepared transaction holds a key of it (the reader holds a lock on the range
+        meanwhile), so every shard's view is of the same moment; "next" and "end" on this
+        node's replica, which holds the view."""
         node_id = self.node_id
         if step == "begin":
-            self.read(gid, lambda state: [node_id, *state.begin_export(export_id, page_bytes)],
-                      KeyRange("", None, None), done)
+            self.read(gid, lambda state: [node_id, *state.begin_export(export_id, page_bytes, key_range)],
+                      key_range, done)
             return
         group = self.groups.get(gid)
         try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pykv.errors import InvalidOperation, TransactionConflict
-from pykv.txn.model import KeyUpdate, Versioned, item_bytes
+from pykv.txn.model import KeyRange, KeyUpdate, Versioned, item_bytes
 
 # An export nobody asked a page of for this long is dropped (its client is gone).
 EXPORT_IDLE_S = 30.0
@@ -38,15 +38,16 @@ class Imaging:
     of every key written since that the walk had not passed yet (None: the key did not
     exist then)."""
 
-    def __init__(self) -> None:
+    def __init__(self, key_range: KeyRange | None = None) -> None:
         self.passed: str | None = None  # the last key the walk took
         self.kept: dict[str, Versioned | None] = {}
+        self._range = key_range  # the keys the view walks (None: all)
 
     def keep(self, state: _Versions, updates: list[KeyUpdate]) -> None:
-        kept, passed = self.kept, self.passed
+        kept, passed, key_range = self.kept, self.passed, self._range
         for u in updates:
             key = u.key
-            if (passed is None or key > passed) and key not in kept:
+            if (passed is None or key > passed) and key not in kept and (key_range is None or key_range.holds(key)):
                 version = state.get(key)
                 kept[key] = version if version.clock else None  # no clock: never written
 
@@ -95,10 +96,11 @@ class Exports:
             export.imaging.keep(state, updates)
 
     def begin(self, export_id: int, live: Callable[[], Iterator[tuple[str, Versioned]]],
-              now: float, page_bytes: int) -> list:
-        """Start export ``export_id`` of the versions as they are now (``live()`` walks
-        them). Returns [no items, more]: the pages are read later, with ``page`` (a backup
-        keeps writers out while its exports begin, and reading is what takes time)."""
+              now: float, page_bytes: int, key_range: KeyRange) -> list:
+        """Start export ``export_id`` of the versions of ``key_range`` as they are now
+        (``live()`` walks them). Returns [no items, more]: the pages are read later, with
+        ``page`` (a reader keeps writers out while its exports begin, and reading is what
+        takes time)."""
         self._drop_idle(now)
         if export_id in self._by_id:
             raise InvalidOperation(f"shard {self.shard}: export {export_id} is under way already")
@@ -107,7 +109,7 @@ class Exports:
                 f"shard {self.shard}: {MAX_EXPORTS} exports (backups) are under way on this replica; "
                 "wait for one to end"
             )
-        imaging = Imaging()
+        imaging = Imaging(key_range)
         items = (item for item in imaging.walk(live()) if item[1].exists)
         self._by_id[export_id] = _Export(imaging, items, page_bytes, now)
         return [[], True]

@@ -99,6 +99,7 @@ IMAGE_RUN = 1_000
 IMAGE_RUN_BYTES = 1 << 20
 IMAGE_END = "end"
 _WALK_BATCH = 1_000  # keys per step of a walk over the versions (_all_versions)
+_EVERY_KEY = KeyRange("")
 
 T = TypeVar("T")
 
@@ -296,15 +297,19 @@ class ShardState:
     def key_count(self) -> int:
         return len(self.versions)
 
-    def _all_versions(self) -> Iterator[tuple[str, Versioned]]:
-        """Every stored version in key order, a batch of keys at a time, so that writes may
-        come between two steps (an image made between other work: snapshot_parts)."""
+    def _all_versions(self, key_range: KeyRange | None = None) -> Iterator[tuple[str, Versioned]]:
+        """Every stored version (of ``key_range``, None: all) in key order, a batch of keys
+        at a time, so that writes may come between two steps (an image or an export made
+        between other work: snapshot_parts, begin_export)."""
         versions = self.versions
-        low, inclusive = None, True
+        prefix, start, end = key_range or _EVERY_KEY
+        low, inclusive = (prefix if start is None or start < prefix else start) or None, True
         while batch := list(itertools.islice(
-            versions.irange(low, None, inclusive=(inclusive, True)), _WALK_BATCH
+            versions.irange(low, end, inclusive=(inclusive, False)), _WALK_BATCH
         )):
             for key in batch:
+                if not key.startswith(prefix):
+                    return
                 version = versions.get(key)
                 if version is not None:
                     yield key, version
@@ -319,10 +324,12 @@ class ShardState:
         self._imaging = None
         self.exports.clear()
 
-    def begin_export(self, export_id: int, page_bytes: int) -> list:
-        """Start an export (pykv.replica.imaging.Exports) of the live versions as they are
-        now: [[], True] (its pages come with export_page)."""
-        return self.exports.begin(export_id, self._all_versions, self.clock(), page_bytes)
+    def begin_export(self, export_id: int, page_bytes: int, key_range: KeyRange = _EVERY_KEY) -> list:
+        """Start an export (pykv.replica.imaging.Exports) of the live versions of
+        ``key_range`` as they are now: [[], True] (its pages come with export_page)."""
+        return self.exports.begin(
+            export_id, lambda: self._all_versions(key_range), self.clock(), page_bytes, key_range
+        )
 
     def export_page(self, export_id: int) -> list:
         return self.exports.page(export_id, self.clock())

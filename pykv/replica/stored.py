@@ -49,7 +49,7 @@ from pykv.replica.shard import (
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
 from pykv.storage.store import CheckReport, Storage, StoredVersion, Update
-from pykv.txn.model import ABSENT, MISSING, KeyUpdate, Versioned, first_live
+from pykv.txn.model import ABSENT, MISSING, KeyRange, KeyUpdate, Versioned, first_live
 
 _META = b"\xff"
 # A deleted key is stored as this value (encode_value never makes empty bytes) rather than
@@ -100,6 +100,10 @@ def _record_bytes(txid: int, record: Prepared | Unfinished) -> bytes:
     if isinstance(record, Prepared):
         return pack(_prepared_wire(record))
     return pack(_unfinished_wire(txid, record))
+
+
+def _encoded_bound(bound: str | None) -> bytes | None:
+    return None if bound is None else bound.encode("utf-8")
 
 
 def _versioned(stored: StoredVersion) -> Versioned:
@@ -300,15 +304,16 @@ class StoredShardState(ShardState):
         meta += 1 if self._watermarks_stored else 0
         return max(0, self.store.stats()["keys"] - meta)
 
-    def _user_keys(self) -> Iterator[tuple[bytes, StoredVersion]]:
-        for raw, stored in self.store.scan():
+    def _user_keys(self, key_range: KeyRange | None = None) -> Iterator[tuple[bytes, StoredVersion]]:
+        prefix, start, end = key_range or KeyRange("")
+        for raw, stored in self.store.scan(prefix.encode("utf-8"), _encoded_bound(start), _encoded_bound(end)):
             if raw.startswith(_META):
                 return
             yield raw, stored
 
-    def _all_versions(self) -> Iterator[tuple[str, Versioned]]:
+    def _all_versions(self, key_range: KeyRange | None = None) -> Iterator[tuple[str, Versioned]]:
         self.flush()
-        for raw, stored in self._user_keys():
+        for raw, stored in self._user_keys(key_range):
             yield raw.decode("utf-8"), _versioned(stored)
 
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:

@@ -694,7 +694,8 @@ class TxnWorld:
                 else:  # a linearizable read, as the node's READ without its optimistic flag
                     host.read(call.group, versions, keys, done)
             elif call.kind == EXPORT:  # as the node's EXPORT
-                host.export(call.group, call.args[0], call.args[1], self.p.scan_page_bytes, done)
+                key_range = KeyRange(*call.args[2:5]) if len(call.args) > 2 else KeyRange("")
+                host.export(call.group, call.args[0], call.args[1], self.p.scan_page_bytes, done, key_range)
             elif call.kind == SCAN:  # as the node's SCAN: after the locks in the range
                 args, page_bytes = call.args, self.p.scan_page_bytes
                 host.read(call.group, lambda state: scan_reply(state, args, page_bytes), KeyRange(*args[:3]), done)
@@ -842,9 +843,10 @@ class TxnWorld:
                 if not more:
                     break
                 status, value = yield Call(node, shard, EXPORT, [export_id, "next"])
-                if status != "ok":
-                    raise TransactionConflict(f"export of shard {shard} on node {node}: {status} {value}")
-                _, page, more = value
+                reply = _export_reply(shard, node, status, value)
+                if isinstance(reply, Error):
+                    raise reply
+                _, page, more = reply
         return items
 
     def _read_and_record(self, txid: int, reading: Task, keys: list[str], events: tuple[str, str]) -> Task:
@@ -937,8 +939,12 @@ class TxnWorld:
                 try:
                     results = []
                     for send in round_.sends:
-                        status, value = yield from self._call(send.shard, send.command, send.args, round_.timeout)
-                        results.append(_result(send.command, status, value))
+                        if send.node is None:
+                            status, value = yield from self._call(send.shard, send.command, send.args, round_.timeout)
+                            results.append(_result(send.command, status, value))
+                        else:  # to the node that holds an export: once, as the client asks it
+                            reply = yield Call(send.node, send.shard, send.command, send.args)
+                            results.append(_export_reply(send.shard, send.node, *reply))
                 finally:
                     waiting[0] = False
         finally:
@@ -1166,6 +1172,15 @@ def _refusal(error: BaseException) -> tuple[str, Any]:
     if isinstance(error, NotLeader):
         return ("redirect", error.leader_hint)
     return ("unavailable", str(error))
+
+
+def _export_reply(shard: int, node: int, status: str, value: Any) -> Any:
+    """A reply of the node that holds an export, as the client takes it: [node, page,
+    more?], or TransactionConflict when it did not answer or the export is gone (the reader
+    reads again)."""
+    if status != "ok":
+        return TransactionConflict(f"export of shard {shard} on node {node}: {status} {value}")
+    return value
 
 
 def _result(command: str, status: str, value: Any) -> Any:

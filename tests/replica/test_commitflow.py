@@ -171,36 +171,43 @@ def test_a_paged_pass_stops_at_the_limit_of_live_keys():
     assert [k for k, _ in out] == ["a", "b", "c"]
 
 
-def test_a_locked_scan_renews_its_lock_while_each_page_is_awaited():
-    """After the passes differ, the lock round PREPAREs every shard; each round of the
-    locked pass carries that lock to send again while it waits (Round.keep); FINISH(abort)
-    releases it, and a release that finds the lock gone makes the scan fail."""
+def test_a_busy_scan_locks_the_range_only_while_its_exports_begin():
+    """After the passes differ, the range is locked on every shard (PREPARE), each shard
+    begins an export of it (carrying the lock to send again while it waits: Round.keep),
+    the lock is released (FINISH abort), and only then are the exports' pages read, from
+    the nodes that hold them. A release that finds the lock gone makes the scan fail."""
     request = CommitRequest(7, 0, {}, (), ranges=(KeyRange("k"),))
     versions = iter(range(100))
+    holders = {0: 2, 1: 3}
 
     def answer(round_: Round) -> list:
         if round_.name == "scan":  # every pass differs: a new version each time
             return [[[["k1", [b"v%d" % next(versions), 1, 1]]] if s.shard == 0 else [], None] for s in round_.sends]
+        if round_.name == "export":
+            return [[holders[s.shard], [], True] for s in round_.sends]
+        if round_.name == "export pages":
+            return [[s.node, [["k1", [b"c", 1, "one"]]] if s.shard == 0 else [], False] for s in round_.sends]
         return [None] * len(round_.sends)
 
-    for released, expected in ((None, [("k1", 1)]), (["TransactionConflict", "aborted"], None)):
+    for released, expected in ((None, [("k1", "one")]), (["TransactionConflict", "aborted"], None)):
         flow = scan_rounds(request, [0, 1], None, 3, 1234, 0.4)
         rounds, results = [], None
         try:
             while True:
                 round_ = flow.send(results)
                 rounds.append(round_)
-                if round_.name == "release":
-                    results = [released, None]
-                else:
-                    results = answer(round_)
+                results = [released, None] if round_.name == "release" else answer(round_)
         except StopIteration as done:
             assert [(k, v.value) for k, v in done.value] == expected
         except TransactionConflict:
             assert expected is None
         names = [r.name for r in rounds]
-        assert names == ["scan", "scan", "scan", "lock", "scan", "release"]
-        lock, locked_pass = rounds[3], rounds[4]
+        lock, begin = rounds[3], rounds[4]
+        assert names[:6] == ["scan", "scan", "scan", "lock", "export", "release"]
+        assert names[6:] == (["export pages"] if expected else [])
         assert [s.command for s in lock.sends] == [PREPARE, PREPARE]
-        assert locked_pass.keep == lock.sends and locked_pass.keep_every == 0.4
+        assert [s.args for s in begin.sends] == [[7, "begin", "k", None, None]] * 2
+        assert begin.keep == lock.sends and begin.keep_every == 0.4
         assert all(not r.keep for r in rounds[:3])
+        if expected:
+            assert [(s.shard, s.node, s.args) for s in rounds[6].sends] == [(0, 2, [7, "next"]), (1, 3, [7, "next"])]

@@ -150,7 +150,7 @@ def test_the_check_catches_a_late_drop_that_deletes_a_member(monkeypatch):
 
     monkeypatch.setattr(TxnWorld, "_confirm_membership", at_once_on_drop)
     kinds = []
-    for seed in range(7):
+    for seed in range(15):
         kinds.append(run_txn_seed(seed, TXN_MIXES["moves"]).kind)
         if kinds[-1] == "replicas not placed":
             break
@@ -223,8 +223,12 @@ def test_a_scan_whose_lock_recovery_took_fails_rather_than_returns(monkeypatch):
         return None if txid >> 32 == scanner else outcome
 
     monkeypatch.setattr(shard.ShardState, "_finish", always_released)
-    results = [run_txn_seed(seed, unrenewed) for seed in range(4)]
-    assert any(r.kind == "not serializable" for r in results), [r.kind for r in results]
+    kinds = []
+    for seed in range(10):  # the lock is held only while the exports begin: a short window
+        kinds.append(run_txn_seed(seed, unrenewed).kind)
+        if kinds[-1] == "not serializable":
+            break
+    assert kinds[-1] == "not serializable", kinds
 
 
 def test_a_scanner_renewing_its_lock_keeps_it_however_long_its_pass_waits(monkeypatch):
