@@ -24,8 +24,9 @@ from pykv.txn.model import KeyRange, KeyUpdate, Versioned, item_bytes
 
 # An export nobody asked a page of for this long is dropped (its client is gone).
 EXPORT_IDLE_S = 30.0
-# Exports under way at once on one replica (each keeps aside what is written meanwhile).
-MAX_EXPORTS = 4
+# Exports under way at once on one replica: each keeps aside what is written meanwhile, and
+# every write pays for each (consistent scans of busy ranges and backups take them).
+MAX_EXPORTS = 32
 EXPORT_PAGE_ITEMS = 10_000
 
 
@@ -105,9 +106,9 @@ class Exports:
         if export_id in self._by_id:
             raise InvalidOperation(f"shard {self.shard}: export {export_id} is under way already")
         if len(self._by_id) >= MAX_EXPORTS:
-            raise InvalidOperation(
-                f"shard {self.shard}: {MAX_EXPORTS} exports (backups) are under way on this replica; "
-                "wait for one to end"
+            raise TransactionConflict(  # (the reader tries again: another ends soon)
+                f"shard {self.shard}: {MAX_EXPORTS} exports (consistent scans, backups) are under "
+                "way on this replica; read again"
             )
         imaging = Imaging(key_range)
         items = (item for item in imaging.walk(live()) if item[1].exists)

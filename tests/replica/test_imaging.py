@@ -114,7 +114,7 @@ def test_a_replica_serves_a_bounded_number_of_exports_at_once():
     log.run(COMMIT, put(2, "b", 2).to_wire())
     for export_id in range(imaging.MAX_EXPORTS):
         log.state.begin_export(export_id, 1)
-    with pytest.raises(InvalidOperation, match="exports .* are under way"):
+    with pytest.raises(TransactionConflict, match="exports .* are under way"):
         log.state.begin_export(99, 1)
     with pytest.raises(InvalidOperation, match="under way already"):
         log.state.exports.end(0) or log.state.begin_export(1, 1)
