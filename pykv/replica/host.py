@@ -427,7 +427,7 @@ class ReplicaHost:
             if group is None or group.restoring is not None:  # (restoring: the state is the
                 # restore thread's until it ends, and it replaces what the export viewed)
                 raise TransactionConflict(f"shard {gid}: node {node_id} no longer hosts it or is "
-                                          "replacing it by a snapshot; its export is gone: take the backup again")
+                                          "replacing it by a snapshot; its export is gone: read again")
             if step == "next":
                 done([node_id, *group.state.export_page(export_id)], None)
             elif step == "end":

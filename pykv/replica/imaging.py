@@ -1,13 +1,14 @@
 """Views of a shard's versions as they were at one moment, read a part at a time while the
-shard goes on committing (copy on write): Raft snapshot images and exports (backups).
+shard goes on committing (copy on write): Raft snapshot images and exports (backups, busy scans).
 
 A view walks the versions in key order. A key written after the view began, and not yet
 passed by the walk, has its version of then kept aside (``Imaging.keep``), so the walk sees
 every key as it was when the view began. What is kept is bounded by the keys written
 while the view is read.
 
-An export (``Exports``) is such a view that a client reads over the network a page at a
-time (a cluster backup: pykv.client.cluster). It lives on the replica that began it, in
+An export (``Exports``) is such a view of a key range that a client reads over the network
+a page at a time (a cluster backup, or a consistent scan of a busy range: pykv.client.cluster,
+pykv.replica.commitflow.export_rounds). It lives on the replica that began it, in
 memory only: a restart, or a state replaced by a snapshot, ends it, and so does a client
 that asks for no page for ``EXPORT_IDLE_S``. Its pages hold live keys only.
 """
@@ -83,7 +84,7 @@ class _Export:
 
 
 class Exports:
-    """The exports under way on one replica, by id (the client's: its backup's txid)."""
+    """The exports under way on one replica, by id (the reader's: the txid of its lock)."""
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -124,7 +125,7 @@ class Exports:
             raise TransactionConflict(
                 f"shard {self.shard}: export {export_id} is gone (no page asked for "
                 f"{EXPORT_IDLE_S:g} s, the replica restarted or its state was replaced); "
-                "take the backup again"
+                "read again"
             )
         export.used = now
         page: list = []
@@ -141,7 +142,7 @@ class Exports:
         self._by_id.pop(export_id, None)
 
     def clear(self) -> None:
-        """The state the exports view was replaced (a snapshot installed, a wipe)."""
+        """Drop every export: the state they view was replaced (a snapshot installed, a wipe)."""
         self._by_id.clear()
 
     def _drop_idle(self, now: float) -> None:
