@@ -1,13 +1,15 @@
-"""Consistent scans of a range that writers keep writing: how many return, and what writers feel.
+"""Consistent scans (or backups) of a range that writers keep writing: how many return, and what writers feel.
 
 A 3-node cluster (real processes, 16 partitions) holds ``--keys`` keys under one prefix;
 ``--writers`` threads put random keys of that range without pause while one thread takes
-consistent scans of the whole range for ``--duration`` seconds. Reported, never asserted:
-scans returned and given up, how many had to lock the range (passes kept differing), the
-scan latency, and the writers' puts per second against the same writers with no scanner
-(the baseline, same run): what the range locks cost them.
+consistent scans of the whole range (``--read backup``: backups of the cluster, each into a
+new embedded store, opened and counted) for ``--duration`` seconds. Reported, never
+asserted: reads returned and given up, how many had to lock the range (scans whose passes
+kept differing; every backup), their latency, and the writers' puts per second against the
+same writers with no reader (the baseline, same run): what the locks cost them.
 
     python3 benchmarks/bench_scan.py --writers 16
+    python3 benchmarks/bench_scan.py --writers 16 --keys 100000 --read backup
     python3 -m pytest benchmarks/bench_scan.py --benchmark-only -s      # 4 writers, 5 s
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -54,7 +57,23 @@ def _writes_per_second(db, keys: int, writers: int, seconds: float, during=None)
     return sum(done) / (time.monotonic() - started)
 
 
-def bench_scan(keys: int, writers: int, duration: float, base: int = 28600) -> dict:
+def _scan_count(db, tmp: Path, n: int) -> int:
+    return sum(1 for _ in db.scan("scan/"))
+
+
+def _backup_count(db, tmp: Path, n: int) -> int:
+    target = tmp / f"backup{n}"
+    db.backup(target)
+    with pykv.open(target) as copy:
+        count = copy.backend.stats()["keys"]
+    shutil.rmtree(target)
+    return count
+
+
+READS = {"scan": _scan_count, "backup": _backup_count}
+
+
+def bench_scan(keys: int, writers: int, duration: float, base: int = 28600, read: str = "scan") -> dict:
     with tempfile.TemporaryDirectory(prefix="pykv-bench-scan-") as tmp:
         data = Path(tmp)
         try:
@@ -67,13 +86,13 @@ def bench_scan(keys: int, writers: int, duration: float, base: int = 28600) -> d
                 baseline = _writes_per_second(db, keys, writers, duration)
                 scans: list[float] = []
                 given_up = [0]
-                locks_before = db.backend.core.rounds["lock"]
+                locks_before = db.backend.core.rounds["lock"] + db.backend.core.rounds["lock all"]
 
                 def scan_until(deadline: float) -> None:
                     while time.monotonic() < deadline:
                         started = time.monotonic()
                         try:
-                            count = sum(1 for _ in db.scan("scan/"))
+                            count = READS[read](db, data, len(scans))
                         except pykv.TransactionConflict:
                             given_up[0] += 1
                             continue
@@ -81,16 +100,16 @@ def bench_scan(keys: int, writers: int, duration: float, base: int = 28600) -> d
                         scans.append(time.monotonic() - started)
 
                 with_scans = _writes_per_second(db, keys, writers, duration, during=scan_until)
-                locked = db.backend.core.rounds["lock"] - locks_before
+                locked = db.backend.core.rounds["lock"] + db.backend.core.rounds["lock all"] - locks_before
         finally:
             cluster_down(data)
     scans.sort()
     return {
-        "keys": keys, "writers": writers, "duration_s": duration,
-        "scans": len(scans), "given_up": given_up[0], "locked": locked,
-        "scan_p50_ms": round(percentile(scans, 50) * 1000, 1) if scans else None,
-        "scan_max_ms": round(scans[-1] * 1000, 1) if scans else None,
-        "puts_per_s_alone": round(baseline), "puts_per_s_while_scanning": round(with_scans),
+        "read": read, "keys": keys, "writers": writers, "duration_s": duration,
+        "reads": len(scans), "given_up": given_up[0], "locked": locked,
+        "read_p50_ms": round(percentile(scans, 50) * 1000, 1) if scans else None,
+        "read_max_ms": round(scans[-1] * 1000, 1) if scans else None,
+        "puts_per_s_alone": round(baseline), "puts_per_s_while_reading": round(with_scans),
     }
 
 
@@ -105,5 +124,6 @@ if __name__ == "__main__":
     parser.add_argument("--keys", type=int, default=1000, help="keys in the scanned range")
     parser.add_argument("--writers", type=int, default=8, help="threads putting keys of the range")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of each phase")
+    parser.add_argument("--read", choices=sorted(READS), default="scan", help="what the reader takes")
     args = parser.parse_args()
-    print(json.dumps(bench_scan(args.keys, args.writers, args.duration), indent=2))
+    print(json.dumps(bench_scan(args.keys, args.writers, args.duration, read=args.read), indent=2))
