@@ -347,9 +347,15 @@ class AsyncCluster:
         ))
         return dict(zip(at, replies, strict=True))
 
-    async def end_export(self, export_id: int, shards: list[int]) -> None:
-        """Drop a backup's exports (a backup that failed): their views stop keeping versions."""
-        await settled([self.router.call(s, EXPORT, [s, export_id, "end"]) for s in shards])
+    async def end_export(self, export_id: int, shards: list[int] | dict[int, int]) -> None:
+        """Drop a backup's exports (a backup that failed), so that their views stop keeping
+        versions: asked of the node that holds each (``shards``: shard -> node id), or of
+        each shard's leader, which began it (a list of shards)."""
+        await settled([
+            self._export_call(shards[s], s, [export_id, "end"]) if isinstance(shards, dict)
+            else self.router.call(s, EXPORT, [s, export_id, "end"])
+            for s in shards
+        ])
 
     async def wipe(self) -> None:
         """Forget every key, resolver and remembered outcome on every shard (for tests)."""
@@ -411,7 +417,7 @@ def _copy_once(run: Callable[[Coroutine[Any, Any, Any]], Any], core: AsyncCluste
         except BaseException:
             if at:
                 with contextlib.suppress(Exception):
-                    run(core.end_export(export_id, list(at)))
+                    run(core.end_export(export_id, dict(at)))
             raise
 
 

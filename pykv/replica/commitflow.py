@@ -62,15 +62,17 @@ SCAN = "scan"
 # A Send's command for a linearizable read of some keys of one shard: args [keys]; the
 # reply is their versions (Versioned.to_wire), in order, as the node's READ answers.
 READ = "read"
-# A Send's command that begins a backup's export of one shard: args [export id, "begin"];
-# the reply is [node id, [], True]: the node holds the export, read later (export_rounds).
+# A Send's command about an export of one shard: args [export id, "begin", prefix, start,
+# end] (the reply is [node id, [], True]: that node holds the export, read later: see
+# export_rounds), [export id, "next"] (its next page: [node id, page, more?]) or [export id,
+# "end"], the last two sent to the node that holds it (Send.node).
 EXPORT = "export"
 # A consistent scan whose pass disagreed with the one before and held more than this reads
 # the range from exports at once, rather than in another pass.
 EXPORT_PAST_BYTES = 1 << 20
-# Seconds a backup's lock round and export round may take each: every writer waits
-# meanwhile, so a shard without a leader fails the backup (taken again later) rather than
-# holding them for the client's whole timeout.
+# Seconds the lock round and the export round of a backup or a busy scan may take each:
+# writers into the range wait meanwhile, so a shard without a leader fails the read (taken
+# again) rather than holding them for the client's whole timeout.
 EXPORT_BEGIN_TIMEOUT = 1.0
 # Keys per READ request of a snapshot: replies of values at the size limit still fit in a
 # frame (pykv.net.framing.DEFAULT_MAX_FRAME, the client's).
@@ -279,16 +281,20 @@ class ExportPass(PagedPass):
 
 def read_pass(
     key_range: KeyRange, shards: list[int], limit: int | None, page_bytes: int = SCAN_PAGE_BYTES,
-    deleted: bool = True, keep: list[Send] | None = None, keep_every: float = 0.0,
-    max_bytes: int = MAX_SCAN_BYTES,
+    deleted: bool = True, max_bytes: int = MAX_SCAN_BYTES,
 ) -> Generator[Round, Any, ScanItems]:
     """The rounds of one pass (PagedPass): every item at once, tombstones too unless not
-    ``deleted``; each round sends ``keep`` again while it waits (Round.keep). Raises the
-    first error among a round's replies, and ScanTooLarge once the items pass ``max_bytes``."""
-    paged = PagedPass(key_range, shards, limit, deleted, page_bytes)
+    ``deleted``. Raises the first error among a round's replies, and ScanTooLarge once the
+    items pass ``max_bytes``."""
+    return (yield from _held(PagedPass(key_range, shards, limit, deleted, page_bytes), key_range, max_bytes, "scan"))
+
+
+def _held(paged: PagedPass, key_range: KeyRange, max_bytes: int, name: str) -> Generator[Round, Any, ScanItems]:
+    """Every item of ``paged``, a round (named ``name``) of pages at a time, held until the
+    end: ScanTooLarge once they pass ``max_bytes``."""
     held = HeldPass(key_range, max_bytes)
     while not paged.done:
-        paged.feed((yield Round("scan", paged.sends(), keep=keep or [], keep_every=keep_every)))
+        paged.feed((yield Round(name, paged.sends())))
         held.take(paged.ready())
     return held.items
 
@@ -337,17 +343,14 @@ def export_scan(
     key_range = request.ranges[0]
     begun = yield from export_rounds(request, shards, renew_every, "lock")
     paged = ExportPass(request.txid, {s: reply[0] for s, reply in zip(shards, begun, strict=True)}, key_range, limit)
-    held = HeldPass(key_range, max_bytes)
     try:
-        while not paged.done:
-            paged.feed((yield Round("export pages", paged.sends())))
-            held.take(paged.ready())
+        items = yield from _held(paged, key_range, max_bytes, "export pages")
     except Exception:
         yield Round("end exports", paged.ends(), wait=False)
         raise
     if paged.ends():
         yield Round("end exports", paged.ends(), wait=False)
-    return held.items
+    return items
 
 
 def snapshot_rounds(
@@ -398,8 +401,8 @@ def export_rounds(
     the transactions prepared before the lock to finish); then the lock is released
     (_locked_pass). Every export is then a view of the same moment. Writers wait only for
     this, not while the pages are read. Returns each shard's [node id, [], True] (the node
-    that holds its export), in the order of ``shards``; TransactionConflict when a shard no longer held the lock
-    when it was released (begin again).
+    that holds its export), in the order of ``shards``; TransactionConflict when a shard no
+    longer held the lock when it was released (begin again).
     """
     lock = [Send(s, PREPARE, [request.to_wire(), s, shards]) for s in shards]
 

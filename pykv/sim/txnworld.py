@@ -927,7 +927,8 @@ class TxnWorld:
                     self.events[_NOTED_ROUNDS[round_.name]] += 1
                 if not round_.wait:
                     for send in round_.sends:
-                        self.spawn(self._call(send.shard, send.command, send.args))
+                        self.spawn(self._call(send.shard, send.command, send.args) if send.node is None
+                                   else self._once(Call(send.node, send.shard, send.command, send.args)))
                     results = None
                     continue
                 if round_.pause:
@@ -949,6 +950,11 @@ class TxnWorld:
                     waiting[0] = False
         finally:
             flow.close()
+
+    @staticmethod
+    def _once(call: Call) -> Task:
+        """Send ``call`` once, its reply unused."""
+        yield call
 
     def _keep(self, round_: Round, waiting: list[bool]) -> Task:
         """Send ``round_.keep`` again every ``round_.keep_every`` while the round waits (the

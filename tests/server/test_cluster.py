@@ -222,7 +222,7 @@ def test_a_backup_whose_export_was_dropped_is_refused_then_taken_again(db, clust
     core = db.backend.core
     export_id, begun = db.backend._run(core.begin_export())
     at = {shard: node for shard, (node, _, more) in enumerate(begun)}
-    db.backend._run(core.end_export(export_id, list(at)))
+    db.backend._run(core.end_export(export_id, at))
     with pytest.raises(TransactionConflict, match="export .* is gone"):
         db.backend._run(core.export_pages(export_id, at))
     db.put("bk-after", 1)
