@@ -344,6 +344,9 @@ def test_pykv_backup_copies_a_closed_store_and_points_a_live_one_to_db_backup(tm
         assert [copy.get(f"k{i}") for i in range(100)] == list(range(100))
     code, said = backup("copy")
     assert code == 2 and "is not empty: backup writes a new store" in said
+    run = run_python("-m", "pykv.server.cli", "backup", str(tmp_path / "db"), "/proc/pykv-no-copy-here")
+    said = " ".join(run.stderr.split())
+    assert run.returncode == 2 and "cannot back up" in said and "Traceback" not in said
     with pykv.open(tmp_path / "db"):
         code, said = backup("other")
     assert code == 2 and "backs it up itself, while it serves: db.backup(path)" in said

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]{exc}.[/red] A process that has the store open backs it up itself, "
                       "while it serves: db.backup(path)")
         return 2
-    except Error as exc:
+    except (Error, OSError) as exc:  # OSError: a path that cannot be written or read
         console.print(f"[red]cannot back up {source}: {type(exc).__name__}: {exc}[/red]")
         return 2
     console.print(f"{target}: a copy of {source} holding {keys:,} keys; it opens")

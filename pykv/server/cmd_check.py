@@ -58,7 +58,7 @@ def open_and_check(path: Path, console: Console, *, quiet: bool) -> CheckReport 
         if (path / "shards").is_dir():
             return _check_node(path, console, quiet=quiet)
         db = pykv.open(path)
-    except Error as exc:
+    except (Error, OSError) as exc:  # OSError: a path that cannot be written or read
         console.print(f"[red]cannot open {path}: {type(exc).__name__}: {exc}[/red]")
         return None
     try:

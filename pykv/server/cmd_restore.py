@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             restored = with_progress(
                 "keys restored", lambda report: restore(backup, cluster, report), console, total=total
             )
-    except Error as exc:
+    except (Error, OSError) as exc:  # OSError: a path that cannot be written or read
         console.print(f"[red]cannot restore {args.path}: {type(exc).__name__}: {exc}[/red]")
         return 2
     console.print(f"restored {restored:,} keys of {args.path} into the cluster at {source}")

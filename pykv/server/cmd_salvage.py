@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = with_progress("salvaging", lambda progress: salvage(args.path, args.target, progress),
                                console, quiet=args.json)
-    except Error as exc:
+    except (Error, OSError) as exc:  # OSError: a path that cannot be written or read
         console.print(f"[red]cannot salvage {args.path}: {type(exc).__name__}: {exc}[/red]")
         return 2
     check = open_and_check(args.target, console, quiet=args.json)
