@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pykv
 from pykv.server.cli import main
@@ -46,3 +50,20 @@ def test_a_store_that_cannot_be_opened_is_an_error_not_a_traceback(tmp_path, cap
         assert "cannot open the store" in capsys.readouterr().err
     assert main(["bench", "--data-dir", str(tmp_path / "notes.txt"), "--duration", "0.1"]) == 2
     assert "is a file, not a store's directory" in " ".join(capsys.readouterr().err.split())
+
+
+def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(tmp_path):
+    """SIGINT (Ctrl-C) to a running `pykv bench` process."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pykv.server.cli", "bench", "--embedded", "--duration", "60",
+         "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "data").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the workload
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "pykv bench: interrupted" in err and "Traceback" not in err
