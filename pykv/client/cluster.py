@@ -35,7 +35,6 @@ replicas remember each transaction id's outcome (a retried commit never applies 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections import Counter
@@ -68,11 +67,15 @@ from pykv.net.protocol import new_event_loop
 from pykv.replica import commitflow
 from pykv.replica import shard as cmd
 from pykv.replica.commitflow import (
+    EXPORT_CALL_ATTEMPTS,
+    ExportPass,
     PagedPass,
     Round,
     Send,
     commit_rounds,
+    export_pages,
     export_rounds,
+    holders,
     read_batches,
     read_pass,
     scan_rounds,
@@ -95,6 +98,7 @@ _KINDS = {cmd.COMMIT: COMMIT, cmd.PREPARE: PREPARE, cmd.COMMIT_DECIDE: COMMIT_DE
 # Backups begun again after their exports were lost (a node restarted, an idle export dropped).
 BACKUP_ATTEMPTS = 3
 BACKUP_PAUSE = 1.0  # seconds between two attempts
+
 
 
 class AsyncCluster:
@@ -207,16 +211,27 @@ class AsyncCluster:
         ]
 
     async def _export_call(self, node: int, shard: int, args: list) -> Any:
-        """An EXPORT request to the node that holds the export: TransactionConflict when it
-        does not answer or left the cluster (the export is lost with it)."""
+        """An EXPORT request to the node that holds the export, asked up to
+        EXPORT_CALL_ATTEMPTS times within the client's timeout (a page asked again is
+        answered again): TransactionConflict when it does not answer or left the cluster
+        (the export is lost with it)."""
         address = (await self.router.ensure_map()).nodes.get(node)
         if address is None:
             raise TransactionConflict(f"node {node} left the cluster with shard {shard}'s export; read again")
-        try:
-            return await self.router.call_address(address, EXPORT, [shard, *args], self.timeout)
-        except (Unavailable, Timeout) as exc:
-            raise TransactionConflict(f"node {node}, which holds shard {shard}'s export, did "
-                                      f"not answer ({exc}); read again") from exc
+        for attempt in range(EXPORT_CALL_ATTEMPTS):
+            try:
+                return await self.router.call_address(
+                    address, EXPORT, [shard, *args], self.timeout / EXPORT_CALL_ATTEMPTS
+                )
+            except (Unavailable, Timeout) as exc:
+                if attempt == EXPORT_CALL_ATTEMPTS - 1:
+                    raise TransactionConflict(f"node {node}, which holds shard {shard}'s export, "
+                                              f"did not answer ({exc}); read again") from exc
+        raise AssertionError("unreachable")
+
+    async def round(self, sends: list[Send]) -> list[Any]:
+        """The results of one round of requests (each its reply or the error it raised)."""
+        return await settled(self._calls(sends))
 
     async def _keeping(self, round_: Round, results: Coroutine[Any, Any, list[Any]]) -> list[Any]:
         """``results``, sending ``round_.keep`` again every ``round_.keep_every`` seconds
@@ -322,7 +337,7 @@ class AsyncCluster:
     async def begin_export(self) -> tuple[int, list[list]]:
         """Begin a backup: every shard's export at one moment (commitflow.export_rounds).
         Returns the exports' id and each shard's [node id, [], True] (the node that holds
-        its export: export_pages reads it)."""
+        its export: an ExportPass reads it)."""
         view = await self.router.ensure_map()
         shards = list(range(view.partitions))
         tried: list[int] = []
@@ -339,23 +354,10 @@ class AsyncCluster:
         self._in_background([self.end_export(txid, shards) for txid in tried[:-1]])
         return tried[-1], begun
 
-    async def export_pages(self, export_id: int, at: dict[int, int]) -> dict[int, list]:
-        """The next page of each shard's export from the node that holds it (``at``: shard ->
-        node id): shard -> [node id, page, more?]."""
-        replies = await asyncio.gather(*(
-            self._export_call(node, shard, [export_id, "next"]) for shard, node in at.items()
-        ))
-        return dict(zip(at, replies, strict=True))
-
-    async def end_export(self, export_id: int, shards: list[int] | dict[int, int]) -> None:
-        """Drop a backup's exports (a backup that failed), so that their views stop keeping
-        versions: asked of the node that holds each (``shards``: shard -> node id), or of
-        each shard's leader, which began it (a list of shards)."""
-        await settled([
-            self._export_call(shards[s], s, [export_id, "end"]) if isinstance(shards, dict)
-            else self.router.call(s, EXPORT, [s, export_id, "end"])
-            for s in shards
-        ])
+    async def end_export(self, export_id: int, shards: list[int]) -> None:
+        """Drop the exports a failed begin may have left (asked of each shard's leader, which
+        began it), so that their views stop keeping versions."""
+        await settled([self.router.call(s, EXPORT, [s, export_id, "end"]) for s in shards])
 
     async def wipe(self) -> None:
         """Forget every key, resolver and remembered outcome on every shard (for tests)."""
@@ -400,25 +402,21 @@ def _copy_once(run: Callable[[Coroutine[Any, Any, Any]], Any], core: AsyncCluste
                progress: Callable[[int, int], None] | None) -> None:
     with store_loader(target, "backup") as loader:
         export_id, begun = run(core.begin_export())
-        shards = len(begun)
-        at: dict[int, int] = {}
-        try:
-            replies = dict(enumerate(begun))
-            while replies:
-                for shard, (node, page, more) in replies.items():
-                    loader.add([(key, Versioned.from_wire(wire)) for key, wire in page])
-                    if more:
-                        at[shard] = node
-                    else:
-                        at.pop(shard, None)
-                if progress is not None:
-                    progress(shards - len(at), shards)
-                replies = run(core.export_pages(export_id, at)) if at else {}
-        except BaseException:
-            if at:
-                with contextlib.suppress(Exception):
-                    run(core.end_export(export_id, dict(at)))
-            raise
+        paged = ExportPass(export_id, holders(list(range(len(begun))), begun), KeyRange(""), None, ordered=False)
+
+        def take(items: ScanItems) -> None:
+            loader.add(items)
+            if progress is not None:
+                progress(paged.shards_done, len(begun))
+
+        flow = export_pages(paged, take)  # its rounds run one by one, the pages written here
+        results: list[Any] | None = None
+        while True:
+            try:
+                round_ = flow.send(results)
+            except StopIteration:
+                return
+            results = run(core.round(round_.sends))
 
 
 async def settled(calls: list[Coroutine[Any, Any, T]]) -> list[T | Exception]:

@@ -41,10 +41,11 @@ WIPE = 32  # [shard] -> outcome: forget every key, resolver and outcome of the s
 LEAVE = 33  # [META_GROUP, node id] -> map version: take a node out of the shard map
 PING = 34  # None -> None: the node's loop is alive (the metadata leader's liveness probe)
 SNAPSHOT_CHUNK = 35  # one-way: a piece of an InstallSnapshot image (pykv.server.snapshots)
-EXPORT = 36  # [shard, export id, "begin" | "next" | "end"(, prefix, start, end)] -> [node id,
-# [[key, version wire]...], more?]: a reader's view of the live keys of a range (all: a
-# backup's) from the moment it began, a page at a time ("begin" goes to the leader,
-# linearizable, and answers no keys; the rest to the node that answered it)
+EXPORT = 36  # [shard, export id, "begin", prefix, start, end | "next", page number | "end"] ->
+# [node id, [[key, version wire]...], more?]: a reader's view of the live keys of a range (all:
+# a backup's) from the moment it began, a page at a time ("begin" goes to the leader,
+# linearizable, and answers no keys; the rest to the node that answered it; the last page
+# served is answered again when asked again)
 
 META_GROUP = 1 << 20  # the Raft group id of the metadata group (shard groups are 0..Q-1)
 

@@ -64,9 +64,13 @@ SCAN = "scan"
 READ = "read"
 # A Send's command about an export of one shard: args [export id, "begin", prefix, start,
 # end] (the reply is [node id, [], True]: that node holds the export, read later: see
-# export_rounds), [export id, "next"] (its next page: [node id, page, more?]) or [export id,
-# "end"], the last two sent to the node that holds it (Send.node).
+# export_rounds), [export id, "next", page number] ([node id, page, more?]; the last page
+# again when asked again) or [export id, "end"], the last two sent to the node that holds it
+# (Send.node).
 EXPORT = "export"
+# Times a request about an export is sent to the node that holds it before the export counts
+# as lost (a page asked again is answered again).
+EXPORT_CALL_ATTEMPTS = 3
 # A consistent scan whose pass disagreed with the one before and held more than this reads
 # the range from exports at once, rather than in another pass.
 EXPORT_PAST_BYTES = 1 << 20
@@ -257,21 +261,41 @@ _key = operator.itemgetter(0)
 
 class ExportPass(PagedPass):
     """A pass over the exports of a range that a reader began (export_rounds), merged in
-    key order as PagedPass merges pages: each shard's next page is asked of the node that
-    holds its export, and holds live keys only."""
+    key order as PagedPass merges pages (unless not ``ordered``): each shard's next page is
+    asked of the node that holds its export, and holds live keys only."""
 
-    def __init__(self, export_id: int, holders: dict[int, int], key_range: KeyRange, limit: int | None) -> None:
+    def __init__(self, export_id: int, holders: dict[int, int], key_range: KeyRange, limit: int | None,
+                 ordered: bool = True) -> None:
         super().__init__(key_range, sorted(holders), limit, deleted=False)
         self._export_id, self._holders = export_id, holders
+        self._read = dict.fromkeys(holders, 0)  # pages read of each shard's export
+        # Unordered (a backup): every page is taken as it comes, so that every round asks
+        # each shard that has more, rather than only those whose pages the merge used up.
+        self._ordered = ordered
+
+    def ready(self) -> ScanItems:
+        if self._ordered:
+            return super().ready()
+        out: ScanItems = []
+        for shard, page in self._pages.items():
+            out += page[self._taken[shard]:]
+            self._taken[shard] = len(page)
+        return self._counted(out)
+
+    @property
+    def shards_done(self) -> int:
+        """Shards whose export was read to its end."""
+        return len(self._holders) - len(self._more)
 
     def sends(self) -> list[Send]:
         self._asked = [s for s in sorted(self._more) if not self._in_hand(s)]
-        return [Send(s, EXPORT, [self._export_id, "next"], self._holders[s]) for s in self._asked]
+        return [Send(s, EXPORT, [self._export_id, "next", self._read[s]], self._holders[s]) for s in self._asked]
 
     def feed(self, replies: list[Any]) -> None:
         for shard, reply in zip(self._asked, replies, strict=True):
             _raise_if_error(reply)
             _, items, more = reply
+            self._read[shard] += 1
             self._take_page(shard, items, more)
 
     def ends(self) -> list[Send]:
@@ -286,15 +310,10 @@ def read_pass(
     """The rounds of one pass (PagedPass): every item at once, tombstones too unless not
     ``deleted``. Raises the first error among a round's replies, and ScanTooLarge once the
     items pass ``max_bytes``."""
-    return (yield from _held(PagedPass(key_range, shards, limit, deleted, page_bytes), key_range, max_bytes, "scan"))
-
-
-def _held(paged: PagedPass, key_range: KeyRange, max_bytes: int, name: str) -> Generator[Round, Any, ScanItems]:
-    """Every item of ``paged``, a round (named ``name``) of pages at a time, held until the
-    end: ScanTooLarge once they pass ``max_bytes``."""
+    paged = PagedPass(key_range, shards, limit, deleted, page_bytes)
     held = HeldPass(key_range, max_bytes)
     while not paged.done:
-        paged.feed((yield Round(name, paged.sends())))
+        paged.feed((yield Round("scan", paged.sends())))
         held.take(paged.ready())
     return held.items
 
@@ -342,15 +361,30 @@ def export_scan(
     dropped. ScanTooLarge past ``max_bytes``; TransactionConflict when an export is lost."""
     key_range = request.ranges[0]
     begun = yield from export_rounds(request, shards, renew_every, "lock")
-    paged = ExportPass(request.txid, {s: reply[0] for s, reply in zip(shards, begun, strict=True)}, key_range, limit)
+    paged = ExportPass(request.txid, holders(shards, begun), key_range, limit)
+    held = HeldPass(key_range, max_bytes)
+    yield from export_pages(paged, held.take)
+    return held.items
+
+
+def holders(shards: list[int], begun: list) -> dict[int, int]:
+    """Each shard's node that holds its export, from the replies to the begins (export_rounds)."""
+    return {shard: reply[0] for shard, reply in zip(shards, begun, strict=True)}
+
+
+def export_pages(paged: ExportPass, take: Callable[[ScanItems], Any]) -> Generator[Round, Any, None]:
+    """The rounds that read ``paged`` to its end, ``take`` getting the items as they are
+    ready; then (or on an error, raised after) the exports not read to their end (a limit,
+    an error) are dropped."""
     try:
-        items = yield from _held(paged, key_range, max_bytes, "export pages")
+        while not paged.done:
+            paged.feed((yield Round("export pages", paged.sends())))
+            take(paged.ready())
     except Exception:
         yield Round("end exports", paged.ends(), wait=False)
         raise
     if paged.ends():
         yield Round("end exports", paged.ends(), wait=False)
-    return items
 
 
 def snapshot_rounds(
@@ -402,7 +436,8 @@ def export_rounds(
     (_locked_pass). Every export is then a view of the same moment. Writers wait only for
     this, not while the pages are read. Returns each shard's [node id, [], True] (the node
     that holds its export), in the order of ``shards``; TransactionConflict when a shard no
-    longer held the lock when it was released (begin again).
+    longer held the lock when it was released, or did not lock or begin within
+    EXPORT_BEGIN_TIMEOUT (begin again).
     """
     lock = [Send(s, PREPARE, [request.to_wire(), s, shards]) for s in shards]
 
@@ -413,7 +448,11 @@ def export_rounds(
             _raise_if_error(reply)
         return replies
 
-    return (yield from _locked_pass(request.txid, lock, begin, name, EXPORT_BEGIN_TIMEOUT))
+    try:
+        return (yield from _locked_pass(request.txid, lock, begin, name, EXPORT_BEGIN_TIMEOUT))
+    except (Timeout, Unavailable) as exc:  # a shard without a leader for now: the reader retries
+        raise TransactionConflict(f"read {request.txid}: a shard did not lock the range or begin its "
+                                  f"export within {EXPORT_BEGIN_TIMEOUT:g} s ({exc}); read again") from exc
 
 
 def read_batches(keys: list[str], shard_of: Callable[[str], int]) -> list[tuple[int, list[str]]]:

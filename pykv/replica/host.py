@@ -410,13 +410,13 @@ class ReplicaHost:
         return True, fn(group.state)
 
     def export(self, gid: int, export_id: int, step: str, page_bytes: int, done: Done,
-               key_range: KeyRange = _EVERY_KEY) -> None:
+               key_range: KeyRange = _EVERY_KEY, page: int = 0) -> None:
         """A reader's EXPORT of ``key_range`` of the group's shard (a backup's, or a consistent
         scan's: pykv.replica.imaging.Exports), answered with ``done([this node's id, page,
         more?] or None, error)``: "begin" as a linearizable read of the range, once no
         prepared transaction holds a key of it (the reader holds a lock on the range
         meanwhile), so every shard's view is of the same moment; "next" and "end" on this
-        node's replica, which holds the view."""
+        node's replica, which holds the view ("next" asks for page number ``page``)."""
         node_id = self.node_id
         if step == "begin":
             self.read(gid, lambda state: [node_id, *state.begin_export(export_id, page_bytes, key_range)],
@@ -429,7 +429,7 @@ class ReplicaHost:
                 raise TransactionConflict(f"shard {gid}: node {node_id} no longer hosts it or is "
                                           "replacing it by a snapshot; its export is gone: read again")
             if step == "next":
-                done([node_id, *group.state.export_page(export_id)], None)
+                done([node_id, *group.state.export_page(export_id, page)], None)
             elif step == "end":
                 group.state.exports.end(export_id)
                 done(None, None)

@@ -29,6 +29,8 @@ EXPORT_IDLE_S = 30.0
 # every write pays for each (consistent scans of busy ranges and backups take them).
 MAX_EXPORTS = 32
 EXPORT_PAGE_ITEMS = 10_000
+# Seconds a finished export keeps its last page, for a reader whose answer was lost.
+FINISHED_KEEP_S = 5.0
 
 
 class _Versions(Protocol):
@@ -81,10 +83,23 @@ class _Export:
     items: Iterator[tuple[str, Versioned]]
     page_bytes: int
     used: float  # when a page was last asked for
+    served: int = 0  # pages served so far
+    last: list | None = None  # the last page served, for a reader whose answer was lost
+
+    @property
+    def finished(self) -> bool:
+        return self.last is not None and not self.last[1]
+
+    def expired(self, now: float) -> bool:
+        return now - self.used > (FINISHED_KEEP_S if self.finished else EXPORT_IDLE_S)
 
 
 class Exports:
-    """The exports under way on one replica, by id (the reader's: the txid of its lock)."""
+    """The exports under way on one replica, by id (the reader's: the txid of its lock).
+
+    Pages are numbered, and the last one served is answered again when asked again (its
+    answer was lost: the reader asks once more), so a reader may retry a page. A finished
+    export keeps its last page for FINISHED_KEEP_S, and no versions."""
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -95,7 +110,8 @@ class Exports:
 
     def keep(self, state: _Versions, updates: list[KeyUpdate]) -> None:
         for export in self._by_id.values():
-            export.imaging.keep(state, updates)
+            if not export.finished:
+                export.imaging.keep(state, updates)
 
     def begin(self, export_id: int, live: Callable[[], Iterator[tuple[str, Versioned]]],
               now: float, page_bytes: int, key_range: KeyRange) -> list:
@@ -106,7 +122,7 @@ class Exports:
         self._drop_idle(now)
         if export_id in self._by_id:
             raise InvalidOperation(f"shard {self.shard}: export {export_id} is under way already")
-        if len(self._by_id) >= MAX_EXPORTS:
+        if sum(not e.finished for e in self._by_id.values()) >= MAX_EXPORTS:
             raise TransactionConflict(  # (the reader tries again: another ends soon)
                 f"shard {self.shard}: {MAX_EXPORTS} exports (consistent scans, backups) are under "
                 "way on this replica; read again"
@@ -116,11 +132,12 @@ class Exports:
         self._by_id[export_id] = _Export(imaging, items, page_bytes, now)
         return [[], True]
 
-    def page(self, export_id: int, now: float) -> list:
-        """The next page of the export: [[[key, version wire], ...] of about ``page_bytes``,
-        whether more pages follow]. The last page ends the export."""
+    def page(self, export_id: int, now: float, number: int) -> list:
+        """Page ``number`` (0, 1, ...) of the export: [[[key, version wire], ...] of about
+        ``page_bytes``, whether more pages follow]. The last page served is answered again;
+        any other but the next is refused."""
         export = self._by_id.get(export_id)
-        if export is None or now - export.used > EXPORT_IDLE_S:
+        if export is None or export.expired(now):
             self._by_id.pop(export_id, None)
             raise TransactionConflict(
                 f"shard {self.shard}: export {export_id} is gone (no page asked for "
@@ -128,6 +145,19 @@ class Exports:
                 "read again"
             )
         export.used = now
+        if number == export.served - 1:
+            return export.last  # type: ignore[return-value] - served - 1 >= 0: one was served
+        if number != export.served or export.finished:
+            raise TransactionConflict(f"shard {self.shard}: export {export_id} has served {export.served} "
+                                      f"pages; page {number} cannot be next: read again")
+        export.last = self._next_page(export)
+        export.served += 1
+        if export.finished:
+            export.items, export.imaging = iter(()), Imaging()  # nothing more to keep aside
+        return export.last
+
+    @staticmethod
+    def _next_page(export: _Export) -> list:
         page: list = []
         size = 0
         for item in export.items:
@@ -135,7 +165,6 @@ class Exports:
             size += item_bytes(item)
             if size >= export.page_bytes or len(page) == EXPORT_PAGE_ITEMS:
                 return [page, True]
-        del self._by_id[export_id]
         return [page, False]
 
     def end(self, export_id: int) -> None:
@@ -146,5 +175,6 @@ class Exports:
         self._by_id.clear()
 
     def _drop_idle(self, now: float) -> None:
-        for export_id in [i for i, e in self._by_id.items() if now - e.used > EXPORT_IDLE_S]:
-            del self._by_id[export_id]
+        for export_id, export in list(self._by_id.items()):
+            if export.expired(now):
+                del self._by_id[export_id]

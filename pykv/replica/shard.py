@@ -331,8 +331,8 @@ class ShardState:
             export_id, lambda: self._all_versions(key_range), self.clock(), page_bytes, key_range
         )
 
-    def export_page(self, export_id: int) -> list:
-        return self.exports.page(export_id, self.clock())
+    def export_page(self, export_id: int, number: int) -> list:
+        return self.exports.page(export_id, self.clock(), number)
 
     def _remember(self, txid: int, outcome: Outcome, timestamp: int) -> Outcome:
         """Record a transaction's outcome; the first one recorded stands (a retry gets it).

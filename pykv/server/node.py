@@ -750,12 +750,14 @@ class Node:
         elif kind == SCAN:  # [shard, prefix, start, end, limit(, deleted, page bytes)]
             deleted = len(body) > 5 and body[5] is True
             self._scan(shard, [*body[1:5], deleted, body[6] if len(body) > 6 else None], respond)
-        elif kind == EXPORT:  # [shard, export id, "begin" | "next" | "end"(, key range)]
+        elif kind == EXPORT:  # [shard, export id, "begin", prefix, start, end | "next", page | "end"]
             host = self.host
             assert host is not None
             done = _answer(lambda reply: [OK, reply], respond)
-            key_range = KeyRange.from_wire(body[3:6]) if len(body) > 3 else KeyRange("")
-            host.export(shard, int(body[1]), str(body[2]), self.config.scan_page_bytes, done, key_range)
+            step = str(body[2])
+            key_range = KeyRange.from_wire(body[3:6]) if step == "begin" else KeyRange("")
+            page = int(body[3]) if step == "next" else 0
+            host.export(shard, int(body[1]), step, self.config.scan_page_bytes, done, key_range, page)
             self._wakeup()
         elif kind == JOIN:
             self._join(int(body[1]), str(body[2]), respond)

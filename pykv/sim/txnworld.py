@@ -56,11 +56,16 @@ from pykv.raft.log import cut_from, cut_through
 from pykv.raft.messages import HardState, PersistentState, Snapshot
 from pykv.replica.commitflow import (
     EXPORT,
+    EXPORT_CALL_ATTEMPTS,
     READ,
     SCAN,
+    ExportPass,
     Round,
+    Send,
     commit_rounds,
+    export_pages,
     export_rounds,
+    holders,
     read_batches,
     scan_rounds,
     snapshot_rounds,
@@ -694,8 +699,10 @@ class TxnWorld:
                 else:  # a linearizable read, as the node's READ without its optimistic flag
                     host.read(call.group, versions, keys, done)
             elif call.kind == EXPORT:  # as the node's EXPORT
-                key_range = KeyRange(*call.args[2:5]) if len(call.args) > 2 else KeyRange("")
-                host.export(call.group, call.args[0], call.args[1], self.p.scan_page_bytes, done, key_range)
+                export_id, step = call.args[:2]
+                key_range = KeyRange(*call.args[2:5]) if step == "begin" else KeyRange("")
+                page = call.args[2] if step == "next" else 0
+                host.export(call.group, export_id, step, self.p.scan_page_bytes, done, key_range, page)
             elif call.kind == SCAN:  # as the node's SCAN: after the locks in the range
                 args, page_bytes = call.args, self.p.scan_page_bytes
                 host.read(call.group, lambda state: scan_reply(state, args, page_bytes), KeyRange(*args[:3]), done)
@@ -830,23 +837,15 @@ class TxnWorld:
         yield from self._read_and_record(txid, self._exported(txid, begin, rng), lists, ("backups", "backups failed"))
 
     def _exported(self, export_id: int, begin: Generator[Round, Any, list], rng: random.Random) -> Task:
-        """The items of every shard's export: ``begin`` driven as the client does, then the
-        pages asked of the nodes holding the exports. Raises TransactionConflict when one
-        does not answer (a crash ended it: the client would begin again)."""
+        """The items of every shard's export: ``begin`` driven as the client drives it, then
+        the exports' pages (commitflow.export_pages, unordered as a backup reads them)."""
         begun = yield from self._drive(begin, rng)
         if begun is VANISHED:
             return VANISHED
+        shards = list(range(self.p.shards))
         items: list = []
-        for shard, (node, page, more) in enumerate(begun):
-            while True:
-                items += [(key, Versioned.from_wire(wire)) for key, wire in page]
-                if not more:
-                    break
-                status, value = yield Call(node, shard, EXPORT, [export_id, "next"])
-                reply = _export_reply(shard, node, status, value)
-                if isinstance(reply, Error):
-                    raise reply
-                _, page, more = reply
+        paged = ExportPass(export_id, holders(shards, begun), KeyRange(""), None, ordered=False)
+        yield from self._drive(export_pages(paged, items.extend), rng)
         return items
 
     def _read_and_record(self, txid: int, reading: Task, keys: list[str], events: tuple[str, str]) -> Task:
@@ -928,7 +927,7 @@ class TxnWorld:
                 if not round_.wait:
                     for send in round_.sends:
                         self.spawn(self._call(send.shard, send.command, send.args) if send.node is None
-                                   else self._once(Call(send.node, send.shard, send.command, send.args)))
+                                   else self._call_node(send))
                     results = None
                     continue
                 if round_.pause:
@@ -943,18 +942,22 @@ class TxnWorld:
                         if send.node is None:
                             status, value = yield from self._call(send.shard, send.command, send.args, round_.timeout)
                             results.append(_result(send.command, status, value))
-                        else:  # to the node that holds an export: once, as the client asks it
-                            reply = yield Call(send.node, send.shard, send.command, send.args)
+                        else:  # to the node that holds an export, as the client asks it
+                            reply = yield from self._call_node(send)
                             results.append(_export_reply(send.shard, send.node, *reply))
                 finally:
                     waiting[0] = False
         finally:
             flow.close()
 
-    @staticmethod
-    def _once(call: Call) -> Task:
-        """Send ``call`` once, its reply unused."""
-        yield call
+    def _call_node(self, send: Send) -> Task:
+        """A request to the node ``send`` names (an export's holder), asked up to
+        EXPORT_CALL_ATTEMPTS times as the client asks it: its last reply."""
+        for _ in range(EXPORT_CALL_ATTEMPTS):
+            reply = yield Call(send.node, send.shard, send.command, send.args)
+            if reply[0] == "ok":
+                break
+        return reply
 
     def _keep(self, round_: Round, waiting: list[bool]) -> Task:
         """Send ``round_.keep`` again every ``round_.keep_every`` while the round waits (the

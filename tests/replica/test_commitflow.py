@@ -210,4 +210,4 @@ def test_a_busy_scan_locks_the_range_only_while_its_exports_begin():
         assert begin.keep == lock.sends and begin.keep_every == 0.4
         assert all(not r.keep for r in rounds[:3])
         if expected:
-            assert [(s.shard, s.node, s.args) for s in rounds[6].sends] == [(0, 2, [7, "next"]), (1, 3, [7, "next"])]
+            assert [(s.shard, s.node, s.args) for s in rounds[6].sends] == [(0, 2, [7, "next", 0]), (1, 3, [7, "next", 0])]

@@ -34,16 +34,16 @@ def test_a_backup_survives_the_loss_of_a_node_holding_an_export(tmp_path, fault)
                     for i in range(start, start + 200):
                         tx.put(f"blob{i:05d}", VALUE)
             core = db.backend.core
-            paging = core.export_pages
+            send_round = core.round
             hit: list[int] = []
 
-            async def pages_then_fault(export_id, at):
-                if not hit:  # the first page round: take away a node that holds an export
-                    hit.append(next(iter(at.values())))
+            async def pages_then_fault(sends):
+                if not hit:  # the first round of pages: take away a node that holds an export
+                    hit.append(sends[0].node)
                     cluster.signal(hit[0], getattr(signal, fault))
-                return await paging(export_id, at)
+                return await send_round(sends)
 
-            core.export_pages = pages_then_fault
+            core.round = pages_then_fault
             try:
                 with pykv.connect(cluster.addresses) as movers, Transfers(movers, accounts) as moving:
                     db.backup(tmp_path / "copy")  # its client gives up on a silent node after 3 s
