@@ -409,6 +409,10 @@ class ReplicaHost:
             return False, None
         return True, fn(group.state)
 
+    def exports_under_way(self) -> int:
+        """Exports (of backups and busy scans) begun on this node's replicas and not yet read."""
+        return sum(g.state.exports.under_way for g in self.groups.values() if g.restoring is None)
+
     def export(self, gid: int, export_id: int, step: str, page_bytes: int, done: Done,
                key_range: KeyRange = _EVERY_KEY, page: int = 0) -> None:
         """A reader's EXPORT of ``key_range`` of the group's shard (a backup's, or a consistent

@@ -108,6 +108,11 @@ class Exports:
     def __bool__(self) -> bool:
         return bool(self._by_id)
 
+    @property
+    def under_way(self) -> int:
+        """Exports begun and not read to their end (those that keep versions aside)."""
+        return sum(not e.finished for e in self._by_id.values())
+
     def keep(self, state: _Versions, updates: list[KeyUpdate]) -> None:
         for export in self._by_id.values():
             if not export.finished:
@@ -122,7 +127,7 @@ class Exports:
         self._drop_idle(now)
         if export_id in self._by_id:
             raise InvalidOperation(f"shard {self.shard}: export {export_id} is under way already")
-        if sum(not e.finished for e in self._by_id.values()) >= MAX_EXPORTS:
+        if self.under_way >= MAX_EXPORTS:
             raise TransactionConflict(  # (the reader tries again: another ends soon)
                 f"shard {self.shard}: {MAX_EXPORTS} exports (consistent scans, backups) are under "
                 "way on this replica; read again"

@@ -98,14 +98,15 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
 
 def build_node_table(statuses: dict[str, dict | str]) -> Table:
     """One row per node that answered: its memory, what its WAL holds, its read cache, its
-    snapshots, and how long its driver held the event loop (every request waits meanwhile)."""
+    snapshots, the exports being read from it (backups, busy scans), and how long its driver
+    held the event loop (every request waits meanwhile)."""
     clusters = sorted({str(s.get("cluster_id")) for s in statuses.values() if isinstance(s, dict)})
     title = "pykv nodes" + (f" of cluster {clusters[0]}" if len(clusters) == 1 else "")
     if len(clusters) > 1:  # addresses of two clusters given together
         title += f" [red]of {len(clusters)} different clusters: {', '.join(clusters)}[/red]"
     table = Table(title=title)
     columns = ("node", "address", "pid", "map", "RSS MB", "WAL MB", "WAL segments", "cache MB",
-               "cache hits", "snapshots sent", "snapshots received", "longest step ms",
+               "cache hits", "snapshots sent", "snapshots received", "exports", "longest step ms",
                "steps > 50 ms")
     for column in columns:
         table.add_column(column, justify="left" if column == "address" else "right")
@@ -127,7 +128,7 @@ def build_node_table(statuses: dict[str, dict | str]) -> Table:
             str(status["node_id"]), address, str(status.get("pid", "-")), str(status.get("map_version", "-")),
             "-" if rss is None else f"{rss / 1e6:.0f}",
             f"{wal.get('bytes', 0) / 1e6:.1f}", str(wal.get("segments", "-")), cache_mb, hits,
-            str(snapshots.get("sent", 0)), str(snapshots.get("received", 0)),
+            str(snapshots.get("sent", 0)), str(snapshots.get("received", 0)), str(status.get("exports", "-")),
             str(driver.get("max_ms", "-")), str(driver.get("over_50ms", "-")),
         )
     return table

@@ -1018,6 +1018,7 @@ class Node:
             "counters": dict(self.counters),
             # InstallSnapshot images streamed to peers to the end, and received whole.
             "snapshots": {"sent": self.snapshots_out.sent, "received": self.snapshots_in.received},
+            "exports": host.exports_under_way(),  # views that backups and busy scans are reading
             "reads": self.config.reads,
             # The read cache of the shards' values (state "storage"; None in memory).
             "cache": None if self._cache is None else self._cache.stats(),

@@ -223,13 +223,20 @@ def test_a_backup_whose_export_was_dropped_is_refused_then_taken_again(db, clust
     it with TransactionConflict, and a new backup succeeds. A page asked again (its answer
     lost) is answered again, the same."""
     core, run = db.backend.core, db.backend._run
+
+    def exports_under_way() -> int:  # as `pykv status` shows them
+        return sum(fetch_status(address, 5)["exports"] for address in cluster.addresses)
+
     db.put("bk-page", "p")
+    before = exports_under_way()
     export_id, begun = run(core.begin_export())
+    assert exports_under_way() == before + len(begun)
     paged = ExportPass(export_id, {s: reply[0] for s, reply in enumerate(begun)}, KeyRange(""), None)
     sends = paged.sends()
     first = run(core.round(sends))
     assert run(core.round(sends)) == first and any(page for _, page, _ in first)
     run(core.round(paged.ends()))
+    assert exports_under_way() == before
     with pytest.raises(TransactionConflict, match="export .* is gone"):
         paged.feed(run(core.round(sends)))
     db.put("bk-after", 1)
