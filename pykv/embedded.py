@@ -314,7 +314,6 @@ class StoreLoader:
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
-        self.keys = 0
 
     def add(self, items: list[tuple[str, Versioned]]) -> None:
         """Write live versions (a page of an export)."""
@@ -322,7 +321,6 @@ class StoreLoader:
                  for key, version in items]
         if batch:
             self._storage.submit(batch)
-            self.keys += len(batch)
 
 
 @contextlib.contextmanager

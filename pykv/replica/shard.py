@@ -219,7 +219,7 @@ class ShardState:
         self.applied_index = 0
         self.clock = lambda: 0.0  # node-local time source for Prepared.since (set by the host)
         self._imaging: Imaging | None = None  # the image under way (snapshot_parts), if any
-        self.exports = Exports(shard)  # backups reading this replica a page at a time
+        self.exports = Exports(shard)  # views that backups and busy scans read a page at a time
 
     # --- StateView --------------------------------------------------------------------------
 

@@ -75,14 +75,7 @@ from pykv.client.transport import (
 )
 from pykv.cluster.liveness import Removal, decide_removal
 from pykv.cluster.shardmap import ShardMap, Step, StepKind, next_step
-from pykv.errors import (
-    CorruptData,
-    Error,
-    InvalidArgument,
-    ProtocolError,
-    Timeout,
-    Unavailable,
-)
+from pykv.errors import CorruptData, Error, InvalidArgument, ProtocolError, Timeout, Unavailable
 from pykv.net.framing import CLUSTER_MAX_FRAME, RESPONSE, encode_frame
 from pykv.net.protocol import Connection, ServerProtocol, parse_address
 from pykv.raft.errors import NotLeader
