@@ -47,7 +47,6 @@ from pykv.txn.model import (
     ScanItems,
     ScanPasses,
     Versioned,
-    item_bytes,
     same_cut,
 )
 from pykv.types import MAX_SCAN_BYTES, MAX_VALUE_BYTES
@@ -310,12 +309,19 @@ def read_pass(
     """The rounds of one pass (PagedPass): every item at once, tombstones too unless not
     ``deleted``. Raises the first error among a round's replies, and ScanTooLarge once the
     items pass ``max_bytes``."""
+    return (yield from _held_pass(key_range, shards, limit, page_bytes, deleted, max_bytes)).items
+
+
+def _held_pass(
+    key_range: KeyRange, shards: list[int], limit: int | None, page_bytes: int, deleted: bool, max_bytes: int,
+) -> Generator[Round, Any, HeldPass]:
+    """read_pass's rounds; the pass as held (its items, and their size)."""
     paged = PagedPass(key_range, shards, limit, deleted, page_bytes)
     held = HeldPass(key_range, max_bytes)
     while not paged.done:
         paged.feed((yield Round("scan", paged.sends())))
         held.take(paged.ready())
-    return held.items
+    return held
 
 
 def scan_rounds(
@@ -343,10 +349,10 @@ def scan_rounds(
     key_range = request.ranges[0]
     passes = ScanPasses()
     for _ in range(passes_before_locking):
-        items = yield from read_pass(key_range, shards, limit, page_bytes, max_bytes=max_bytes)
-        if passes.feed(items):
+        held = yield from _held_pass(key_range, shards, limit, page_bytes, True, max_bytes)
+        if passes.feed(held.items):
             return passes.result
-        if sum(map(item_bytes, items)) > EXPORT_PAST_BYTES:
+        if held.bytes > EXPORT_PAST_BYTES:
             break  # another pass costs more than the export's lock rounds
     return (yield from export_scan(request, shards, limit, renew_every, max_bytes))
 

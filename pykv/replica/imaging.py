@@ -146,8 +146,8 @@ class Exports:
             self._by_id.pop(export_id, None)
             raise TransactionConflict(
                 f"shard {self.shard}: export {export_id} is gone (no page asked for "
-                f"{EXPORT_IDLE_S:g} s, the replica restarted or its state was replaced); "
-                "read again"
+                f"{EXPORT_IDLE_S:g} s, {FINISHED_KEEP_S:g} s once read to its end, the replica "
+                "restarted or its state was replaced); read again"
             )
         export.used = now
         if number == export.served - 1:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import pykv
 from pykv.api import KeyValueStore, Transaction
 from pykv.codec import size_bound
 from pykv.errors import Error
+from pykv.replica.shard import bounded_runs
 from pykv.server.cmd_kv import trailing_positional
 from pykv.server.progressbar import Report, with_progress
 
@@ -72,7 +72,7 @@ def restore(backup: KeyValueStore, cluster: KeyValueStore, report: Report | None
     IN_FLIGHT at once); ``report(keys done)`` as they commit. Returns the keys written."""
     done = 0
     with ThreadPoolExecutor(IN_FLIGHT) as pool:
-        batches = _batches(backup.scan(consistent=False))
+        batches = bounded_runs(backup.scan(consistent=False), _item_size, BATCH_KEYS, BATCH_BYTES)
         while wave := list(itertools.islice(batches, IN_FLIGHT)):
             for written in pool.map(lambda batch: _write(cluster, batch), wave):
                 done += written
@@ -90,14 +90,5 @@ def _write(cluster: KeyValueStore, batch: list[tuple[str, Any]]) -> int:
     return len(batch)
 
 
-def _batches(items: Iterator[tuple[str, Any]]) -> Iterator[list[tuple[str, Any]]]:
-    batch: list[tuple[str, Any]] = []
-    size = 0
-    for key, value in items:
-        batch.append((key, value))
-        size += len(key) + size_bound(value)
-        if len(batch) == BATCH_KEYS or size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+def _item_size(item: tuple[str, Any]) -> int:
+    return len(item[0]) + size_bound(item[1])

@@ -833,16 +833,16 @@ class TxnWorld:
         lock = CommitRequest(txid, 1, {}, (), timestamp=int(self.now * 1000), ranges=(KeyRange(""),))
         shards = list(range(self.p.shards))
         lists = [f"list{i}" for i in range(self.p.lists)]
-        begin = export_rounds(lock, shards, self._renew_every)
-        yield from self._read_and_record(txid, self._exported(txid, begin, rng), lists, ("backups", "backups failed"))
+        yield from self._read_and_record(txid, self._exported(lock, shards, rng), lists, ("backups", "backups failed"))
 
-    def _exported(self, export_id: int, begin: Generator[Round, Any, list], rng: random.Random) -> Task:
-        """The items of every shard's export: ``begin`` driven as the client drives it, then
-        the exports' pages (commitflow.export_pages, unordered as a backup reads them)."""
-        begun = yield from self._drive(begin, rng)
+    def _exported(self, lock: CommitRequest, shards: list[int], rng: random.Random) -> Task:
+        """The items of every shard's export: begun as the client begins them
+        (commitflow.export_rounds, under ``lock``), then their pages (commitflow.export_pages,
+        unordered as a backup reads them)."""
+        begun = yield from self._drive(export_rounds(lock, shards, self._renew_every), rng)
         if begun is VANISHED:
             return VANISHED
-        shards = list(range(self.p.shards))
+        export_id = lock.txid
         items: list = []
         paged = ExportPass(export_id, holders(shards, begun), KeyRange(""), None, ordered=False)
         yield from self._drive(export_pages(paged, items.extend), rng)

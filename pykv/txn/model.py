@@ -189,6 +189,11 @@ class HeldPass:
             self.items.append(item)
         return self.items
 
+    @property
+    def bytes(self) -> int:
+        """About how many bytes the items held take (item_bytes)."""
+        return self._bytes
+
 
 def same_cut(first: ScanItems, second: ScanItems) -> bool:
     """Whether two passes of a scan saw the same version of every key (see above)."""
