@@ -23,6 +23,7 @@ from pykv.codec import check_value_fits, size_bound
 from pykv.errors import (
     InvalidArgument,
     InvalidValue,
+    ReadOnlyStore,
     StoreClosed,
     TransactionAborted,
     TransactionConflict,
@@ -482,6 +483,11 @@ class Transaction:
         """Buffer one write; ``size``: size_bound(arg) when the caller computed it already."""
         with self._lock:
             self._ensure_open()
+            if self._store.read_only:
+                raise ReadOnlyStore(
+                    f"cannot write {key!r}: the store was opened with read_only=True "
+                    "(open it without read_only to write)"
+                )
             check_key(key)
             clock = None if context is None else _clock_bytes(context)
             pending = self._writes.get(key)
@@ -659,6 +665,7 @@ class KeyValueStore:
         max_value_bytes: int = MAX_VALUE_BYTES,
         max_scan_bytes: int = MAX_SCAN_BYTES,
         max_txn_bytes: int = MAX_TXN_BYTES,
+        read_only: bool = False,
     ) -> None:
         if max_txn_ops < 1:
             raise InvalidArgument(f"max_txn_ops must be at least 1, not {max_txn_ops}")
@@ -673,6 +680,7 @@ class KeyValueStore:
         self.max_value_bytes = max_value_bytes
         self.max_scan_bytes = max_scan_bytes
         self.max_txn_bytes = max_txn_bytes
+        self.read_only = read_only  # pykv.open(path, read_only=True): every write refused
         self._ids = TxnIdSource()
         self._clock = HybridClock()
         self._lock = threading.Lock()

@@ -344,9 +344,15 @@ def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3
     max_value_bytes: int = MAX_VALUE_BYTES,
     max_scan_bytes: int = MAX_SCAN_BYTES,
     max_txn_bytes: int = MAX_TXN_BYTES,
+    read_only: bool = False,
     **storage_options: Any,
 ) -> KeyValueStore:
     """Open (creating if needed) the embedded store in directory ``path``.
+
+    ``read_only=True`` opens an existing store without changing any of its files (a backup, a
+    copy on read-only media): reads, scans and backups work, every write raises
+    ReadOnlyStore, and other processes may open it read-only at the same time (but not to
+    write: StoreLocked either way).
 
     Options: ``cache_bytes`` (read cache size, default 64 MiB), ``fsync`` ("always": a commit
     returns only once fsync'd), ``segment_bytes`` (value-log file size), ``compaction``
@@ -356,13 +362,14 @@ def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3
     """
     unknown = sorted(set(storage_options) - set(_STORAGE_OPTIONS))
     if unknown:
-        known = ", ".join(("max_txn_ops", "max_txn_bytes", "max_value_bytes", "max_scan_bytes", *_STORAGE_OPTIONS))
+        known = ", ".join(("max_txn_ops", "max_txn_bytes", "max_value_bytes", "max_scan_bytes",
+                           "read_only", *_STORAGE_OPTIONS))
         raise InvalidArgument(f"unknown option(s) {', '.join(unknown)} for pykv.open; known: {known}")
     fsync = storage_options.get("fsync", "always")
     if fsync not in FSYNC_POLICIES:
         raise InvalidArgument(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
     try:
-        storage = Storage.open(str(path), **storage_options)
+        storage = Storage.open(str(path), read_only=read_only, **storage_options)
     except CorruptData as exc:
         raise CorruptData(f"{exc}. To copy the store without its damaged records (losing their "
                           f"transactions, keeping the rest): pykv salvage {path} NEW_DIR") from None
@@ -370,7 +377,8 @@ def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3
         backend = EmbeddedBackend(storage, max_value_bytes=max_value_bytes,
                                   max_txn_ops=max_txn_ops)
         return KeyValueStore(backend, max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes,
-                             max_scan_bytes=max_scan_bytes, max_txn_bytes=max_txn_bytes)
+                             max_scan_bytes=max_scan_bytes, max_txn_bytes=max_txn_bytes,
+                             read_only=read_only)
     except BaseException:
         storage.close()
         raise

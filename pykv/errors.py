@@ -91,6 +91,11 @@ class StoreLocked(Error):
     """Another process holds the data directory open."""
 
 
+class ReadOnlyStore(Error):
+    """A write to a store opened with ``pykv.open(path, read_only=True)``: open it without
+    ``read_only`` to write (nothing of the transaction was written)."""
+
+
 class CorruptData(Error):
     """Durable state failed a checksum or format check outside a recoverable torn tail."""
 

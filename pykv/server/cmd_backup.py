@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             _copy_cluster(args.addresses, target, console)
         else:
             _copy(args.paths[0], target, console)
-        with pykv.open(target) as copy:
+        with pykv.open(target, read_only=True) as copy:
             keys = copy.backend.stats()["keys"]
     except StoreLocked as exc:
         console.print(f"[red]{exc}.[/red] A process that has the store open backs it up itself, "
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _copy(path: Path, target: Path, console: Console) -> None:
-    with pykv.open(path) as db:
+    with pykv.open(path, read_only=True) as db:  # the source stays as it is
         with_progress("copying", lambda progress: db.backup(target, progress), console, in_bytes=True)
 
 

@@ -57,7 +57,7 @@ def open_and_check(path: Path, console: Console, *, quiet: bool) -> CheckReport 
     try:
         if (path / "shards").is_dir():
             return _check_node(path, console, quiet=quiet)
-        db = pykv.open(path)
+        db = pykv.open(path, read_only=True)  # a check changes nothing, not even a torn tail
     except (Error, OSError) as exc:  # OSError: a path that cannot be written or read
         console.print(f"[red]cannot open {path}: {type(exc).__name__}: {exc}[/red]")
         return None

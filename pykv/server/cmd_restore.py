@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     source = " ".join(args.addresses)
     try:
-        with pykv.open(args.path) as backup, pykv.connect(args.addresses) as cluster:
+        with pykv.open(args.path, read_only=True) as backup, pykv.connect(args.addresses) as cluster:
             held = next(iter(cluster.scan(limit=1, consistent=False)), None)
             if held is not None and not args.overwrite:
                 console.print(f"[red]the cluster at {source} holds keys ({held[0]!r}, ...)[/red]: "

@@ -127,8 +127,9 @@ _COPY_CHUNK = 1 << 20
 
 
 class DirectoryLock:
-    """An exclusive flock on ``<dir>/LOCK``, held while a Storage (or a cluster node) has the
-    directory open.
+    """A flock on ``<dir>/LOCK``, held while a Storage (or a cluster node) has the directory
+    open: exclusive for a writer, shared (``shared=True``) for read-only opens, so that many
+    readers may share a directory no writer has open.
 
     flock locks belong to the open file description, so a second open in the same process
     conflicts too, and the kernel drops the lock when the process dies (no stale lock files).
@@ -136,29 +137,63 @@ class DirectoryLock:
     would outlive the parent's close for as long as the child runs.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, *, shared: bool = False) -> None:
         self.path = os.path.join(directory, "LOCK")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open(shared)
+        if fd is None:
+            self._fd: int | None = None  # read-only media: no writer can be there either
+            return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            holders = _lock_holders(fd)
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise StoreLocked(
-                    f"{directory} is already open (lock {self.path} held by pid {holder}); "
+                    f"{directory} is already open (lock {self.path} held by {holders}); "
                     "close the other store (or stop the other node) or use another directory"
                 ) from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd: int | None = fd
+        if not shared:  # a reader leaves the file as it is: it may be on read-only media
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
         _HELD.add(self)
+
+    def _open(self, shared: bool) -> int | None:
+        """The LOCK file's descriptor; None for a reader that cannot create a missing one."""
+        if shared and os.path.exists(self.path):
+            return os.open(self.path, os.O_RDONLY)  # flock needs no write access
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if shared and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return None
+            raise
 
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)  # closing the last descriptor drops the flock
+
+
+def _lock_holders(fd: int) -> str:
+    """Who holds the flock on fd's file, as a message says it: from /proc/locks (Linux),
+    else the pid the last writer left in the file."""
+    inode = os.fstat(fd).st_ino
+    writers, readers = [], []
+    with contextlib.suppress(OSError):
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()  # 1: FLOCK ADVISORY WRITE 1234 08:01:5678 0 EOF
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+                    (writers if fields[3] == "WRITE" else readers).append(fields[4])
+    if readers and not writers:
+        readers = list(dict.fromkeys(readers))
+        return f"pid{'s' if len(readers) > 1 else ''} {', '.join(readers)} (opened read-only)"
+    if writers:
+        return f"pid {writers[0]}"
+    return f"pid {os.pread(fd, 64, 0).decode('ascii', 'replace').strip() or 'unknown'}"
 
 
 _HELD: weakref.WeakSet[DirectoryLock] = weakref.WeakSet()
@@ -175,14 +210,21 @@ os.register_at_fork(after_in_child=_let_go_after_fork)
 
 def load_or_create_node_id(directory: str) -> int:
     """A stable random 63-bit node id, created at the first open and kept in ``NODE_ID``."""
+    node_id = load_node_id(directory)
+    if node_id is None:
+        node_id = secrets.randbits(63) | 1  # never 0: 0 reads as "no node" in clocks
+        replace_atomically(os.path.join(directory, "NODE_ID"), f"{node_id}\n".encode())
+    return node_id
+
+
+def load_node_id(directory: str) -> int | None:
+    """The node id kept in ``directory/NODE_ID``; None when there is none yet."""
     path = os.path.join(directory, "NODE_ID")
     try:
         with open(path, "rb") as f:
             text = f.read().decode("ascii", "replace").strip()
     except FileNotFoundError:
-        node_id = secrets.randbits(63) | 1  # never 0: 0 reads as "no node" in clocks
-        replace_atomically(path, f"{node_id}\n".encode())
-        return node_id
+        return None
     if not text.isdigit() or int(text) <= 0:
         raise CorruptData(f"{path} does not hold a node id: {text[:40]!r}")
     return int(text)

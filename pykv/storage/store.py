@@ -39,6 +39,7 @@ record gone), which raises CorruptData instead of opening a store that silently 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
@@ -53,10 +54,12 @@ from pykv._engine.keydir import KeyDir
 from pykv._engine.wal import WalWriter, crc32c, read_wal, segment_path
 from pykv.errors import (
     CorruptData,
+    InvalidArgument,
     InvalidKey,
     InvalidValue,
     KeyTooLarge,
     LimitError,
+    ReadOnlyStore,
     StoreClosed,
 )
 from pykv.storage import record
@@ -66,10 +69,12 @@ from pykv.storage.failpoints import failpoint
 from pykv.storage.files import (
     DirectoryLock,
     copy_durably,
+    load_node_id,
     load_or_create_node_id,
     make_dirs_durably,
     new_store_directory,
 )
+from pykv.storage.frozen import FrozenLog
 from pykv.storage.hint import read_hint, write_hint
 from pykv.storage.maintenance import Maintainer
 from pykv.storage.segfiles import SegmentFiles
@@ -144,12 +149,14 @@ class Storage:
     def __init__(self, path: str, dir_lock: DirectoryLock, *, cache: ByteLRU, fsync: str,
                  segment_bytes: int, compaction: bool, compaction_interval: float,
                  compaction_min_dead_ratio: float, maintainer: Maintainer | None,
-                 checkpoint_bytes: int | None = None) -> None:
+                 checkpoint_bytes: int | None = None, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self._wal_dir = os.path.join(path, "wal")
         self._hint_path = os.path.join(path, "hint")
         self._dir_lock = dir_lock
-        self._node_id = load_or_create_node_id(path)
+        # A read-only store never commits, so never stamps a clock: a missing id stays 0.
+        self._node_id = (load_node_id(path) or 0) if read_only else load_or_create_node_id(path)
         self._fsync = fsync
         self._segment_bytes = segment_bytes
         # WAL bytes after which the background work writes a checkpoint: what a reopen replays.
@@ -178,7 +185,7 @@ class Storage:
         self._compactions = 0
         self._background_error: BaseException | None = None
         self._closed = False
-        self._wal: WalWriter | None = None
+        self._wal: WalWriter | FrozenLog | None = None
         self._compaction_interval = compaction_interval
         self._compaction_min_dead_ratio = compaction_min_dead_ratio
         self._stop = threading.Event()
@@ -197,7 +204,8 @@ class Storage:
              segment_bytes: int = 64 << 20, compaction: bool = True,
              progress: Progress | None = None, compaction_interval: float = 1.0,
              compaction_min_dead_ratio: float = 0.5, cache: SharedCache | None = None,
-             maintainer: Maintainer | None = None, checkpoint_bytes: int | None = None) -> Storage:
+             maintainer: Maintainer | None = None, checkpoint_bytes: int | None = None,
+             read_only: bool = False) -> Storage:
         """Open (creating if needed) the store at path, recovering from the hint and the WAL.
 
         Takes an exclusive lock on ``path/LOCK`` (StoreLocked if another Storage holds it),
@@ -209,18 +217,27 @@ class Storage:
         the other stores that use it (a node's shards); likewise compaction runs on a thread of
         its own, or on a shared ``maintainer``'s. It writes a checkpoint every
         ``checkpoint_bytes`` of WAL (default: ``segment_bytes``), which bounds what a reopen replays.
+
+        ``read_only=True`` opens an existing store without changing a byte of it (a backup, a
+        store on read-only media, one being inspected): a shared lock, so other read-only
+        opens may share it but no writer, no compaction, no checkpoint, a torn tail left in
+        place, and every write refused with ReadOnlyStore.
         """
         if fsync not in ("always", "interval", "off"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'off', not {fsync!r}")
-        make_dirs_durably(path)
-        dir_lock = DirectoryLock(path)
+        if read_only:
+            _refuse_unless_store(path)
+        else:
+            make_dirs_durably(path)
+        dir_lock = DirectoryLock(path, shared=read_only)
         try:
             view = ByteLRU(cache_bytes) if cache is None else cache.view()
             store = cls(path, dir_lock, cache=view, fsync=fsync,
-                        segment_bytes=segment_bytes, compaction=compaction,
+                        segment_bytes=segment_bytes, compaction=compaction and not read_only,
                         compaction_interval=compaction_interval,
                         compaction_min_dead_ratio=compaction_min_dead_ratio,
-                        maintainer=maintainer, checkpoint_bytes=checkpoint_bytes)
+                        maintainer=maintainer, checkpoint_bytes=checkpoint_bytes,
+                        read_only=read_only)
             store._progress = progress
             store._recover(progress)
         except BaseException:
@@ -233,23 +250,21 @@ class Storage:
         return store
 
     def _recover(self, progress: Progress | None) -> None:
-        make_dirs_durably(self._wal_dir)
-        try:  # a checkpoint that crashed before its rename; the hint it would replace is intact
-            os.unlink(self._hint_path + ".tmp")
-        except FileNotFoundError:
-            pass
+        if not self.read_only:
+            make_dirs_durably(self._wal_dir)
+            # a checkpoint that crashed before its rename; the hint it would replace is intact
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._hint_path + ".tmp")
         hint = read_hint(self._hint_path)
         if hint is not None:
             self._checkpoint_lsn, entries = hint
             self._load_hint_entries(entries, progress)
         self._replay(self._checkpoint_lsn, progress)
         next_lsn = max(self._checkpoint_lsn, self._replayed_lsn) + 1
-        try:
-            self._wal = WalWriter(self._wal_dir, segment_bytes=self._segment_bytes,
-                                  fsync=self._fsync, start_lsn=next_lsn,
-                                  preallocate=self._fsync == "always")
-        except ValueError as exc:  # the log does not continue where the hint + replay ended
-            raise CorruptData(f"{self._wal_dir}: {exc}") from exc
+        if self.read_only:
+            self._wal = FrozenLog(self._wal_dir, next_lsn - 1, self._replayed_tail)
+        else:
+            self._wal = self._writer(next_lsn)
         if self._wal.last_lsn < self._checkpoint_lsn:
             raise CorruptData(f"the WAL ends at lsn {self._wal.last_lsn} but the hint covers "
                               f"up to {self._checkpoint_lsn}: acknowledged records are missing")
@@ -258,6 +273,15 @@ class Storage:
         if missing:
             raise CorruptData(f"live values point into missing WAL segments {missing}")
         self._seg_total.update(self._wal.segment_sizes())
+
+    def _writer(self, next_lsn: int) -> WalWriter:
+        """The WAL writer, which cuts a torn tail and goes on at ``next_lsn``."""
+        try:
+            return WalWriter(self._wal_dir, segment_bytes=self._segment_bytes,
+                             fsync=self._fsync, start_lsn=next_lsn,
+                             preallocate=self._fsync == "always")
+        except ValueError as exc:  # the log does not continue where the hint + replay ended
+            raise CorruptData(f"{self._wal_dir}: {exc}") from exc
 
     def _load_hint_entries(self, entries, progress: Progress | None) -> None:
         keys = []
@@ -286,10 +310,12 @@ class Storage:
         """
         expected = max(checkpoint_lsn, 1)
         done = 0
+        self._replayed_tail: tuple[int, int] | None = None  # just past the last whole record
         for rec in read_wal(self._wal_dir, repair=False, from_lsn=expected):
             if rec.lsn != expected:
                 raise CorruptData(f"WAL replay expected lsn {expected} but found {rec.lsn}")
             expected += 1
+            self._replayed_tail = (rec.segment_id, rec.offset + len(rec.payload))
             if rec.lsn <= checkpoint_lsn:
                 continue  # the hint already holds it
             kind, entries = record.decode(rec.payload)
@@ -601,6 +627,7 @@ class Storage:
         records the lsn at the START, so replay from there fixes whatever changed during the
         copy (applying records is idempotent in lsn order).
         """
+        self._refuse_if_read_only("checkpoint")
         with self._maintenance:
             self._open_wal()
             self._write_checkpoint()
@@ -676,7 +703,8 @@ class Storage:
         """
         new_store_directory(target, "backup")
         with self._maintenance:
-            self._write_checkpoint()
+            if not self.read_only:  # read-only: the hint found and every whole record after it
+                self._write_checkpoint()
             wal = self._open_wal()
             tail_segment, tail_bytes = wal.tail()
             wal.sync()  # the records before tail_bytes are written, whole
@@ -698,6 +726,7 @@ class Storage:
         them only to keys still at the copied version), segments are deleted only after a
         hint that no longer points into them is durable.
         """
+        self._refuse_if_read_only("compact")
         with self._maintenance:
             with self._lock:
                 segments = sorted(self._open_wal().segments())
@@ -853,7 +882,8 @@ class Storage:
             self._thread.join()
         try:
             with self._maintenance:
-                if checkpoint and self._wal is not None and not self._closed and self._bytes_since_checkpoint:
+                if (checkpoint and self._wal is not None and not self._closed
+                        and self._bytes_since_checkpoint and not self.read_only):
                     self._write_checkpoint()
         finally:
             with self._lock:
@@ -869,11 +899,22 @@ class Storage:
             finally:
                 self._dir_lock.release()  # so that this process can open the store again
 
+    def _refuse_if_read_only(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyStore(f"{self.path} was opened with read_only=True: it cannot {what}")
+
     def __enter__(self) -> Storage:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _refuse_unless_store(path: str) -> None:
+    """InvalidArgument unless path holds a store (a read-only open creates nothing)."""
+    if not os.path.isdir(os.path.join(path, "wal")):
+        raise InvalidArgument(f"{path} is not a pykv store (it has no wal directory): "
+                              "read_only=True opens an existing store, and creates none")
 
 
 def _check_update(update: Update) -> tuple[bytes, bytes | None, bytes, int]:
