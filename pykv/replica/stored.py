@@ -460,14 +460,11 @@ class _Runs:
 def check_shards(shards_dir: Path, progress: Callable[[int], None] | None = None) -> CheckReport:
     """`pykv check` of a stopped node: read and decode every value of each shard replica in
     ``shards_dir`` (the node's ``shards/``); a damaged key is named "shard N: key".
-    ``progress(keys read so far)``. Nothing is written (no checkpoint at close)."""
+    ``progress(keys read so far)``. Nothing is written: each is opened read-only."""
     report = CheckReport()
     for path in sorted(shards_dir.glob("g*"), key=lambda p: int(p.name[1:])):
-        storage = Storage.open(str(path), fsync="off", compaction=False)
-        try:
+        with Storage.open(str(path), read_only=True) as storage:
             found = storage.check(_versioned, _offset(progress, report.keys), reserved=_META)
-        finally:
-            storage.close(checkpoint=False)
         report.keys += found.keys
         report.damaged += [(f"shard {path.name[1:]}: {key}", why) for key, why in found.damaged]
     return report
