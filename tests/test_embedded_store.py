@@ -507,3 +507,33 @@ def test_a_scan_gate_keeps_out_only_the_commits_that_write_into_its_range():
     scanned.set()
     assert into_range.wait(10)
     scanner.join()
+
+
+def test_the_shell_commands_work_on_an_embedded_store_and_reads_change_nothing(tmp_path):
+    path = str(tmp_path / "db")
+
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        return run_python("-m", "pykv.server.cli", *argv, "--data-dir", path)
+
+    assert cli("put", "user:1", "alice").returncode == 0  # creates the store
+    assert cli("put", "n", "5", "--type", "int").returncode == 0
+    txn = cli("txn", "get:user:1", "incr:n=2", "append:log=x")
+    assert (txn.returncode, json.loads(txn.stdout)) == (0, {"0:user:1": "alice"}), txn.stderr
+    before = {name: os.stat(os.path.join(root, name)).st_mtime_ns
+              for root, _, names in os.walk(path) for name in names}
+    assert json.loads(cli("get", "n").stdout) == 7
+    assert cli("get", "absent").returncode == 1
+    scanned = [json.loads(line) for line in cli("scan").stdout.splitlines()]
+    assert scanned == [{"key": "log", "value": ["x"]}, {"key": "n", "value": 7},
+                       {"key": "user:1", "value": "alice"}]
+    assert json.loads(cli("txn", "get:n", "get:log").stdout) == {"0:n": 7, "1:log": ["x"]}
+    after = {name: os.stat(os.path.join(root, name)).st_mtime_ns
+             for root, _, names in os.walk(path) for name in names}
+    assert after == before  # reads open the store read-only
+    with pykv.open(path):  # while a process has it open, the shell is told who
+        locked = cli("get", "n")
+        assert locked.returncode == 2 and "StoreLocked" in locked.stderr
+        assert str(os.getpid()) in locked.stderr
+    missing = run_python("-m", "pykv.server.cli", "get", "k", "--data-dir", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "is not a pykv store" in missing.stderr
+    assert not (tmp_path / "none").exists()

@@ -5,6 +5,10 @@
     pykv txn --addresses 127.0.0.1:7401 get:a put:b=2 incr:c=5 append:log=x delete:d
     pykv scan user: --addresses 127.0.0.1:7401                (--start, --end, --limit, --plain)
 
+Each takes ``--data-dir DIR`` instead of ``--addresses`` to use an embedded store (one that
+no process has open): ``get``, ``scan`` and a ``txn`` of only gets open it read-only, so
+they change nothing and may run side by side.
+
 Values print as JSON (strings too, so that "1" and 1 differ); bytes as base64 in
 {"base64": ...}. ``get`` of an absent key prints nothing and exits 1. ``txn`` runs all its
 operations in one transaction (reads see the transaction's own writes) and prints one
@@ -21,6 +25,8 @@ import json
 import sys
 from typing import Any
 
+import pykv
+from pykv.api import KeyValueStore
 from pykv.client import connect
 from pykv.errors import Error, InvalidValue
 
@@ -28,8 +34,18 @@ _MISSING = object()
 
 
 def _connect_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--addresses", nargs="+", required=True, metavar="HOST:PORT")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--addresses", nargs="+", metavar="HOST:PORT", help="a cluster's nodes")
+    where.add_argument("--data-dir", metavar="DIR", help="an embedded store's directory")
     parser.add_argument("--timeout", type=float, default=10.0)
+
+
+def _store(args: argparse.Namespace, *, writes: bool) -> KeyValueStore:
+    """The cluster at --addresses, or the embedded store in --data-dir (read-only unless
+    the command ``writes``)."""
+    if args.data_dir is not None:
+        return pykv.open(args.data_dir, read_only=not writes)
+    return connect(args.addresses, timeout=args.timeout)
 
 
 def _is_address(item: str) -> bool:
@@ -51,6 +67,9 @@ def _reclaim(args: argparse.Namespace, names: tuple[str, ...], usage: str) -> st
     item reads as HOST:PORT is taken only when it is required (``names`` without a "?"
     suffix), and at least one address stays. Returns an error message, or None."""
     missing = [name for name in names if getattr(args, name.rstrip("?")) is None]
+    if args.addresses is None:  # --data-dir: argparse gave every positional its place
+        required = [name for name in missing if not name.endswith("?")]
+        return f"needs {usage}" if required else None
     for name in reversed(missing):
         optional = name.endswith("?")
         if len(args.addresses) < 2 or (optional and _is_address(args.addresses[-1])):
@@ -105,7 +124,7 @@ def run_get(args: argparse.Namespace) -> int:
     if (problem := _reclaim(args, ("key",), "KEY")) is not None:
         return _usage_error("get", problem)
     try:
-        with connect(args.addresses, timeout=args.timeout) as db:
+        with _store(args, writes=False) as db:
             value = db.get(args.key, _MISSING)
     except Error as exc:
         return _fail(exc)
@@ -130,7 +149,7 @@ def run_put(args: argparse.Namespace) -> int:
         return _usage_error("put", problem)
     try:
         value = parse_value(args.value, args.type)
-        with connect(args.addresses, timeout=args.timeout) as db:
+        with _store(args, writes=True) as db:
             db.put(args.key, value)
     except Error as exc:
         return _fail(exc)
@@ -167,17 +186,17 @@ def run_txn(args: argparse.Namespace) -> int:
     # `--addresses A B get:x` makes argparse hand the operations to --addresses: take them back.
     ops = list(args.ops)
     addresses = []
-    for item in args.addresses:
+    for item in args.addresses or []:
         if item.partition(":")[0] in OPS:
             ops.append(parse_op(item))
         else:
             addresses.append(item)
-    if not ops or not addresses:
+    if not ops or not (addresses or args.data_dir):
         return _usage_error("txn", "needs at least one OP:KEY[=VALUE] and one address")
-    args.ops, args.addresses = ops, addresses
+    args.ops, args.addresses = ops, addresses or None
     results: dict[str, Any] = {}
     try:
-        with connect(args.addresses, timeout=args.timeout) as db:
+        with _store(args, writes=any(op != "get" for op, _, _ in ops)) as db:
             with db.transaction(args.isolation) as tx:
                 for position, (op, key, raw) in enumerate(args.ops):
                     if op == "get":
@@ -215,7 +234,7 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
 def run_scan(args: argparse.Namespace) -> int:
     _reclaim(args, ("prefix?",), "PREFIX")  # optional: never an error
     try:
-        with connect(args.addresses, timeout=args.timeout) as db:
+        with _store(args, writes=False) as db:
             items = db.scan(args.prefix or "", start=args.start, end=args.end, limit=args.limit,
                             consistent=not args.plain)
             for key, value in items:

@@ -913,8 +913,8 @@ class Storage:
 def _refuse_unless_store(path: str) -> None:
     """InvalidArgument unless path holds a store (a read-only open creates nothing)."""
     if not os.path.isdir(os.path.join(path, "wal")):
-        raise InvalidArgument(f"{path} is not a pykv store (it has no wal directory): "
-                              "read_only=True opens an existing store, and creates none")
+        raise InvalidArgument(f"{path} is not a pykv store (it has no wal directory); a "
+                              "read-only open creates none")
 
 
 def _check_update(update: Update) -> tuple[bytes, bytes | None, bytes, int]:
