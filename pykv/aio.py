@@ -358,15 +358,43 @@ class AsyncKeyValueStore:
 
     async def scan_iter(
         self, prefix: str = "", *, start: str | None = None, end: str | None = None,
-        limit: int | None = None,
+        limit: int | None = None, consistent: bool = False,
     ) -> AsyncIterator[tuple[str, Any]]:
-        """``scan(consistent=False)`` read as the caller iterates (``async for``): the
-        shards send a page (about 1 MiB) at a time, so a range of any size fits in memory."""
+        """``scan`` read as the caller iterates (``async for``), so a range of any size fits
+        in memory. By default one pass, the shards sending a page (about 1 MiB) at a time,
+        as ``scan(consistent=False)``. With ``consistent=True``, one snapshot of the range as
+        the synchronous client's scan takes it: held up to ``max_scan_bytes``, then read on
+        from the shards' exports of that moment (an export lost after that, with its node,
+        raises TransactionConflict from the iteration: scan again)."""
         self._check_scan(prefix, start, end)
+        if consistent:
+            async for item in self._consistent_iter(prefix, start, end, limit):
+                yield item
+            return
         paged = await self._core.paged_scan(prefix, start, end, limit)
         while not paged.done:
             for key, version in await self._core.scan_pages(paged):
                 yield key, version.value
+
+    async def _consistent_iter(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+    ) -> AsyncIterator[tuple[str, Any]]:
+        core = self._core
+        scanned = await core.stream_consistent_scan(prefix, start, end, limit, self._local.max_scan_bytes)
+        rest = scanned.rest
+        if rest is None:
+            for key, version in scanned.items:
+                yield key, version.value
+            return
+        try:
+            for key, version in scanned.items:
+                yield key, version.value
+            while not rest.done:
+                for key, version in await core.export_step(rest):
+                    yield key, version.value
+        finally:
+            if not rest.done:
+                core.end_exports(rest)
 
     def _check_scan(self, prefix: str, start: str | None, end: str | None) -> None:
         self._ensure_open()

@@ -808,8 +808,8 @@ class KeyValueStore:
 
         Embedded: read while no commit holds one of the keys. On a cluster: reads of every
         key at once (a request per shard), until two such passes agree; when writers keep
-        changing the keys, they are locked against writers for one more pass, as a
-        consistent scan does (pykv.replica.commitflow.snapshot_rounds). So it never fails
+        changing the keys, they are locked against writers for one more pass
+        (pykv.replica.commitflow.snapshot_rounds). So it never fails
         with a conflict, however busy the keys.
         """
         self._ensure_open()
@@ -872,13 +872,16 @@ class KeyValueStore:
         ``consistent`` (the default): one snapshot of the range, across every shard. Each
         value is the one its key held at a single moment, and no key that existed then is
         missing. It costs at least two passes over the range (pykv.txn.model.ScanPasses).
-        When writers changed the range under 3 passes, embedded, every writing commit waits
-        for one more pass; on a cluster, every shard begins a copy-on-write export of the
+        When writers changed the range under 3 passes, embedded, the range is read from a
+        copy-on-write view begun while writing commits into it wait a moment; on a cluster,
+        every shard begins a copy-on-write export of the
         range at one moment and the exports are read (writes into the range are refused,
         KeyLocked, which commits retry for a few milliseconds, only while they begin), see
-        pykv.replica.commitflow.scan_rounds. The snapshot is held in memory until it is
-        returned: past ``max_scan_bytes`` (given to open or connect, 256 MiB by default) of
-        keys and values, ScanTooLarge is raised instead.
+        pykv.replica.commitflow.scan_rounds. At most ``max_scan_bytes`` (given to open or
+        connect, 256 MiB by default) of keys and values are held: past that the rest is read
+        as the caller iterates, from a copy-on-write view of the same moment (an embedded
+        store's view, begun while no commit writes into the range; a cluster's exports, of
+        which one lost with its node then raises TransactionConflict from the iteration).
         ``consistent=False``: one pass, read as the caller iterates (on a cluster a page of
         about 1 MiB per shard at a time, so any range fits in memory). Each value is a
         committed, durable version, but keys (on a cluster, keys of different pages) may be

@@ -33,13 +33,14 @@ from typing import Any
 from pykv._engine.locks import LockTable
 from pykv.api import KeyValueStore
 from pykv.codec import decode_value, encode_value
-from pykv.errors import CorruptData, InvalidArgument
+from pykv.errors import CorruptData, InvalidArgument, ScanTooLarge
 from pykv.storage.files import building_directory
 from pykv.storage.store import CheckReport, Storage, StoredVersion, Update
 from pykv.txn import model
 from pykv.txn.model import MISSING, CommitRequest, Versioned, live_items
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
+from pykv.txn.views import Imaging
 from pykv.types import MAX_SCAN_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
 
 _STORAGE_OPTIONS = (
@@ -130,7 +131,8 @@ class _KeyLocks:
 
 
 class _ScanGate:
-    """Lets a consistent scan keep writers out of its range for one pass (consistent_scan).
+    """Lets a consistent scan keep writers out of its range while its view begins
+    (consistent_scan).
 
     Writing commits pass through it (``enter``/``leave``) around validate-and-submit, with
     the keys they write; ``closed(key_range)`` waits until no commit inside writes a key
@@ -178,6 +180,50 @@ def _writes_into(written: list[str], ranges: list[model.KeyRange]) -> bool:
     return any(r.holds(key) for r in ranges for key in written)
 
 
+class _Views:
+    """The copy-on-write views (pykv.txn.views.Imaging) that consistent scans are reading.
+
+    A commit calls ``keep`` with its updates before it submits them, so each view keeps the
+    version of then of a key it has not passed yet. One lock orders that against the
+    readers' steps, which may run in other threads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._views: list[Imaging] = []
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def keep(self, state: _CurrentState, updates: list) -> None:
+        if self._views:  # (a view added meanwhile began after the caller's gate: not its keys)
+            with self._lock:
+                for view in self._views:
+                    view.keep(state, updates)
+
+    def add(self, key_range: model.KeyRange) -> Imaging:
+        view = Imaging(key_range)
+        with self._lock:
+            self._views.append(view)
+        return view
+
+    def read(self, view: Imaging, live: Iterator[tuple[str, Versioned]]) -> Iterator[tuple[str, Versioned]]:
+        """The view's versions (deleted keys left out), a step at a time under the lock; the
+        view ends with the iteration (read to its end, or closed)."""
+        walk = view.walk(live)
+        try:
+            while True:
+                with self._lock:
+                    item = next(walk, None)
+                if item is None:
+                    return
+                if item[1].exists:
+                    yield item
+        finally:
+            with self._lock:
+                self._views.remove(view)
+
+
 class EmbeddedBackend:
     """The Backend of pykv.api over one local Storage directory."""
 
@@ -188,6 +234,7 @@ class EmbeddedBackend:
         self._state = _CurrentState(storage)
         self._locks = _KeyLocks()
         self._gate = _ScanGate()
+        self._views = _Views()
         self._max_value_bytes = max_value_bytes
         self.node_id: int = clock_node_id(storage.node_id())
         self.resolvers = ResolverRegistry()
@@ -252,6 +299,7 @@ class EmbeddedBackend:
 
     def _validate_and_submit(self, request: CommitRequest) -> int:
         updates = validate(request, self._state, self.resolvers, max_ops=self._max_txn_ops)
+        self._views.keep(self._state, updates)  # (an update that fails below changes nothing)
         # Encode everything before submitting anything: a value that breaks a limit
         # (e.g. an append that grows a list past 1 MiB) fails the whole transaction.
         limit = self._max_value_bytes
@@ -282,19 +330,34 @@ class EmbeddedBackend:
     def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
         max_bytes: int = MAX_SCAN_BYTES,
-    ) -> model.ScanItems:
-        """Passes until two agree; after PASSES_BEFORE_LOCKING that differ, one pass with
-        the commits that write into the range kept out (_ScanGate): no version of it can
-        then be submitted, and each one it finds is returned once durable, so the pass is
-        the range at one moment."""
+    ) -> Iterator[tuple[str, Versioned]]:
+        """Passes until two agree, each held up to ``max_bytes``; after PASSES_BEFORE_LOCKING
+        that differ, or one too large to hold, the range is read as the caller iterates
+        from a copy-on-write view (_Views) begun while no commit writes into the range
+        (_ScanGate) and all it shows is durable: the range at that moment."""
         key_range = model.KeyRange(prefix, start, end)
         passes = model.ScanPasses()
         for _ in range(model.PASSES_BEFORE_LOCKING):
             held = model.HeldPass(key_range, max_bytes)
-            if passes.feed(held.take(self.scan(prefix, start, end, limit, True))):
-                return passes.result
+            try:
+                held.take(self.scan(prefix, start, end, limit, True))
+            except ScanTooLarge:
+                break
+            if passes.feed(held.items):
+                return iter(passes.result)
+        return live_items(self._viewed(key_range), limit, deleted=False)
+
+    def _viewed(self, key_range: model.KeyRange) -> Iterator[tuple[str, Versioned]]:
         with self._gate.closed(key_range):
-            return model.HeldPass(key_range, max_bytes).take(self.scan(prefix, start, end, limit))
+            self._storage.wait_durable(self._storage.last_lsn)
+            view = self._views.add(key_range)
+        yield from self._views.read(view, self._every_version(key_range))
+
+    def _every_version(self, key_range: model.KeyRange) -> Iterator[tuple[str, Versioned]]:
+        """The current version of every key of the range, deleted ones (tombstones) too."""
+        prefix, start, end = (None if bound is None else bound.encode("utf-8") for bound in key_range)
+        for raw in self._storage.keys(prefix or b"", start, end):
+            yield raw.decode("utf-8"), _versioned(self._storage.get(raw))
 
     def stats(self) -> dict[str, Any]:
         return self._storage.stats()

@@ -26,8 +26,9 @@ class TransactionTooLarge(LimitError):
 
 
 class ScanTooLarge(LimitError):
-    """A scan that returns its whole range at once (a consistent one) would hold more than
-    ``max_scan_bytes`` (256 MiB by default); ``scan(consistent=False)`` streams any range."""
+    """A scan that returns its whole range at once (the asyncio client's ``scan()``, a list)
+    would hold more than ``max_scan_bytes`` (256 MiB by default); ``scan_iter`` streams any
+    range, as the synchronous ``scan`` does."""
 
 
 class InvalidArgument(Error, ValueError):

@@ -71,6 +71,7 @@ from pykv.replica.commitflow import (
     ExportPass,
     PagedPass,
     Round,
+    Scanned,
     Send,
     commit_rounds,
     export_pages,
@@ -80,6 +81,7 @@ from pykv.replica.commitflow import (
     read_pass,
     scan_rounds,
     snapshot_rounds,
+    stream_scan_rounds,
 )
 from pykv.replica.failpoints import failpoint
 from pykv.txn.model import CommitRequest, KeyRange, ScanItems, Versioned
@@ -317,6 +319,31 @@ class AsyncCluster:
             (KeyRange(prefix, start, end),), lambda lock: scan_rounds(lock, shards, limit, max_bytes=max_bytes)
         )
 
+    async def stream_consistent_scan(
+        self, prefix: str, start: str | None, end: str | None, limit: int | None,
+        max_bytes: int = MAX_SCAN_BYTES,
+    ) -> Scanned:
+        """consistent_scan for a caller that iterates (commitflow.stream_scan_rounds): past
+        ``max_bytes`` held, what is held and the exports left to read (Scanned.rest), which
+        ``export_step`` reads on; taken again as consistent_scan is until it returns."""
+        view = await self.router.ensure_map()
+        shards = list(range(view.partitions))
+        return await self._locking(
+            (KeyRange(prefix, start, end),),
+            lambda lock: stream_scan_rounds(lock, shards, limit, max_bytes=max_bytes),
+        )
+
+    async def export_step(self, rest: ExportPass) -> ScanItems:
+        """The next items of a streamed scan's exports: their next pages (one round), in
+        order. TransactionConflict when an export is lost (its node restarted or stopped
+        answering, or nobody asked a page of it for imaging.EXPORT_IDLE_S)."""
+        rest.feed(await self.round(rest.sends()))
+        return rest.ready()
+
+    def end_exports(self, rest: ExportPass) -> None:
+        """Drop the exports of a streamed scan its caller stopped reading (in the background)."""
+        self._in_background(self._calls(rest.ends()))
+
     async def _locking(
         self, ranges: tuple[KeyRange, ...], flow_of: Callable[[CommitRequest], Generator[Round, Any, T]]
     ) -> T:
@@ -525,8 +552,21 @@ class ClusterBackend:
     def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
         max_bytes: int = MAX_SCAN_BYTES,
-    ) -> ScanItems:
-        return self._run(self.core.consistent_scan(prefix, start, end, limit, max_bytes))
+    ) -> Iterator[tuple[str, Versioned]]:
+        """One snapshot of the range; past ``max_bytes`` held, read on from its exports as the
+        caller iterates (AsyncCluster.stream_consistent_scan)."""
+        scanned = self._run(self.core.stream_consistent_scan(prefix, start, end, limit, max_bytes))
+        rest = scanned.rest
+        if rest is None:
+            yield from scanned.items
+            return
+        try:
+            yield from scanned.items
+            while not rest.done:  # a page per shard at a time, as the caller iterates
+                yield from self._run(self.core.export_step(rest))
+        finally:
+            if not rest.done and not self._closed:
+                self._loop.call_soon_threadsafe(self.core.end_exports, rest)
 
     def backup(self, target: str, progress: Callable[[int, int], None] | None = None) -> None:
         copy_cluster(self._run, self.core, target, progress)

@@ -15,8 +15,10 @@ protocol rather than a copy of it.
   coordinator shard, which then records abort).
 
 A consistent scan runs here too (``scan_rounds``): passes over every shard until two agree,
-and, when the range keeps changing, a lock on the range (a PREPARE that holds the range
-against writers) for one last pass.
+and, when the range keeps changing or is large, exports of the range begun at one moment
+under a lock on it (a PREPARE that holds the range against writers while they begin).
+``stream_scan_rounds`` hands what it holds to the caller past a budget, with the exports
+left to read as the caller iterates (``Scanned.rest``).
 
 A COMMIT or PREPARE refused because a key is locked (KeyLocked: a prepared transaction not
 finished yet, typically one whose FINISH is a few milliseconds away) changed nothing on its
@@ -35,7 +37,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from pykv.errors import KeyLocked, Timeout, TransactionConflict, Unavailable, by_name
+from pykv.errors import KeyLocked, ScanTooLarge, Timeout, TransactionConflict, Unavailable, by_name
 from pykv.replica.shard import ALREADY_COMMITTED, COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE
 from pykv.txn.model import (
     MISSING,
@@ -47,6 +49,7 @@ from pykv.txn.model import (
     ScanItems,
     ScanPasses,
     Versioned,
+    item_bytes,
     same_cut,
 )
 from pykv.types import MAX_SCAN_BYTES, MAX_VALUE_BYTES
@@ -116,6 +119,16 @@ class Round:
 
 
 CommitFlow = Generator[Round, "list[Any] | None", None]
+
+
+@dataclass(slots=True)
+class Scanned:
+    """What a streamed consistent scan read before it returned (stream_scan_rounds): the
+    items, then, when the range passed the budget, the exports still to read (``rest``: feed
+    its rounds until done; every item it gives follows ``items`` in key order), else None."""
+
+    items: ScanItems
+    rest: ExportPass | None = None
 
 
 def placement(request: CommitRequest, shard_of: Callable[[str], int]) -> dict[int, set[str]]:
@@ -334,43 +347,86 @@ def scan_rounds(
 
     Passes over every shard first (each a page per shard at a time: read_pass), until two
     in a row agree (ScanPasses; cheap while the range is quiet). When the range changed
-    under each of ``passes_before_locking`` passes (writers keep writing there), it is
-    read from exports instead (export_scan): ``request`` (no keys, the range) is PREPAREd on
-    every shard, each shard its own coordinator (so that recovery releases a lock whose
-    client vanished), which refuses writes into the range (KeyLocked, which writers retry);
-    each shard begins a copy-on-write view of the range once the writers prepared before
-    are done; the lock is released with FINISH(abort), answered None by each shard that
-    still held it (else TransactionConflict: scan again). The views are then read a page at
-    a time while writers go on: the range as of the moment all were locked. Writers wait
-    for the lock rounds only, not for the pages. Raises Timeout/Unavailable when a shard
-    does not answer, TransactionConflict when an export is lost (its node restarted), and
+    under each of ``passes_before_locking`` passes (writers keep writing there), or a pass
+    held more than EXPORT_PAST_BYTES, it is read from exports instead (_export_scan):
+    ``request`` (no keys, the range) is PREPAREd on every shard, each shard its own
+    coordinator (so that recovery releases a lock whose client vanished), which refuses
+    writes into the range (KeyLocked, which writers retry); each shard begins a
+    copy-on-write view of the range once the writers prepared before are done; the lock is
+    released with FINISH(abort), answered None by each shard that still held it (else
+    TransactionConflict: scan again). The views are then read a page at a time while
+    writers go on: the range as of the moment all were locked. Writers wait for the lock
+    rounds only, not for the pages. Raises Timeout/Unavailable when a shard does not
+    answer, TransactionConflict when an export is lost (its node restarted), and
     ScanTooLarge when a pass holds more than ``max_bytes``.
     """
+    scanned = yield from _scan(request, shards, limit, passes_before_locking, page_bytes,
+                               renew_every, max_bytes, stream=False)
+    return scanned.items
+
+
+def stream_scan_rounds(
+    request: CommitRequest, shards: list[int], limit: int | None,
+    passes_before_locking: int = PASSES_BEFORE_LOCKING, page_bytes: int = SCAN_PAGE_BYTES,
+    renew_every: float = LOCK_RENEW_EVERY, max_bytes: int = MAX_SCAN_BYTES,
+) -> Generator[Round, Any, Scanned]:
+    """scan_rounds for a caller that iterates: instead of ScanTooLarge, a pass that would
+    hold more than ``max_bytes`` goes to exports, and once the exports' pages held pass
+    ``max_bytes`` the flow returns them with the exports still to read (Scanned.rest),
+    which the caller reads a page per shard at a time (ExportPass, export_pages) and ends
+    if it stops early. Until it returns, a lost export makes the flow fail (its caller
+    scans again, nothing handed out yet); after, it fails the caller's reading."""
+    return (yield from _scan(request, shards, limit, passes_before_locking, page_bytes,
+                             renew_every, max_bytes, stream=True))
+
+
+def _scan(
+    request: CommitRequest, shards: list[int], limit: int | None, passes_before_locking: int,
+    page_bytes: int, renew_every: float, max_bytes: int, stream: bool,
+) -> Generator[Round, Any, Scanned]:
     key_range = request.ranges[0]
     passes = ScanPasses()
     for _ in range(passes_before_locking):
-        held = yield from _held_pass(key_range, shards, limit, page_bytes, True, max_bytes)
+        try:
+            held = yield from _held_pass(key_range, shards, limit, page_bytes, True, max_bytes)
+        except ScanTooLarge:
+            if not stream:
+                raise
+            break  # too large to hold: the exports stream it
         if passes.feed(held.items):
-            return passes.result
+            return Scanned(passes.result)
         if held.bytes > EXPORT_PAST_BYTES:
             break  # another pass costs more than the export's lock rounds
-    return (yield from export_scan(request, shards, limit, renew_every, max_bytes))
+    return (yield from _export_scan(request, shards, limit, renew_every, max_bytes, stream))
 
 
-def export_scan(
-    request: CommitRequest, shards: list[int], limit: int | None, renew_every: float = LOCK_RENEW_EVERY,
-    max_bytes: int = MAX_SCAN_BYTES,
-) -> Generator[Round, Any, ScanItems]:
+def _export_scan(
+    request: CommitRequest, shards: list[int], limit: int | None, renew_every: float,
+    max_bytes: int, stream: bool,
+) -> Generator[Round, Any, Scanned]:
     """The live items of ``request.ranges[0]`` (at most ``limit``) as of one moment, read
     from exports of the range: the range locked on every shard only while they begin
     (export_rounds), then their pages (ExportPass). Exports not read to their end are
-    dropped. ScanTooLarge past ``max_bytes``; TransactionConflict when an export is lost."""
+    dropped. TransactionConflict when an export is lost; past ``max_bytes`` held,
+    ScanTooLarge, or with ``stream`` the exports left to read (Scanned.rest)."""
     key_range = request.ranges[0]
     begun = yield from export_rounds(request, shards, renew_every, "lock")
     paged = ExportPass(request.txid, holders(shards, begun), key_range, limit)
-    held = HeldPass(key_range, max_bytes)
-    yield from export_pages(paged, held.take)
-    return held.items
+    if not stream:
+        held = HeldPass(key_range, max_bytes)
+        yield from export_pages(paged, held.take)
+        return Scanned(held.items)
+    items: ScanItems = []
+    size = 0
+
+    def take(ready: ScanItems) -> bool:
+        nonlocal size
+        items.extend(ready)
+        size += sum(map(item_bytes, ready))
+        return size > max_bytes  # enough held: the caller reads the rest as it iterates
+
+    full = yield from export_pages(paged, take)
+    return Scanned(items, paged if full else None)
 
 
 def holders(shards: list[int], begun: list) -> dict[int, int]:
@@ -378,19 +434,23 @@ def holders(shards: list[int], begun: list) -> dict[int, int]:
     return {shard: reply[0] for shard, reply in zip(shards, begun, strict=True)}
 
 
-def export_pages(paged: ExportPass, take: Callable[[ScanItems], Any]) -> Generator[Round, Any, None]:
+def export_pages(paged: ExportPass, take: Callable[[ScanItems], Any]) -> Generator[Round, Any, bool]:
     """The rounds that read ``paged`` to its end, ``take`` getting the items as they are
     ready; then (or on an error, raised after) the exports not read to their end (a limit,
-    an error) are dropped."""
+    an error) are dropped. A ``take`` that returns True stops the reading before the end:
+    the exports stay for the caller to read on (or end: ``paged.ends()``), and the flow
+    returns True."""
     try:
         while not paged.done:
             paged.feed((yield Round("export pages", paged.sends())))
-            take(paged.ready())
+            if take(paged.ready()) is True and not paged.done:
+                return True
     except Exception:
         yield Round("end exports", paged.ends(), wait=False)
         raise
     if paged.ends():
         yield Round("end exports", paged.ends(), wait=False)
+    return False
 
 
 def snapshot_rounds(

@@ -1,10 +1,5 @@
-"""Views of a shard's versions as they were at one moment, read a part at a time while the
-shard goes on committing (copy on write): Raft snapshot images and exports (backups, busy scans).
-
-A view walks the versions in key order. A key written after the view began, and not yet
-passed by the walk, has its version of then kept aside (``Imaging.keep``), so the walk sees
-every key as it was when the view began. What is kept is bounded by the keys written
-while the view is read.
+"""Exports: views of a shard's versions as they were at one moment (pykv.txn.views.Imaging,
+also what Raft snapshot images are read through), read a page at a time over the network.
 
 An export (``Exports``) is such a view of a key range that a client reads over the network
 a page at a time (a cluster backup, or a consistent scan of a busy range: pykv.client.cluster,
@@ -15,13 +10,12 @@ that asks for no page for ``EXPORT_IDLE_S``. Its pages hold live keys only.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 from pykv.errors import InvalidOperation, TransactionConflict
 from pykv.txn.model import KeyRange, KeyUpdate, Versioned, item_bytes
+from pykv.txn.views import Imaging, VersionSource
 
 # An export nobody asked a page of for this long is dropped (its client is gone).
 EXPORT_IDLE_S = 30.0
@@ -31,50 +25,6 @@ MAX_EXPORTS = 32
 EXPORT_PAGE_ITEMS = 10_000
 # Seconds a finished export keeps its last page, for a reader whose answer was lost.
 FINISHED_KEEP_S = 5.0
-
-
-class _Versions(Protocol):
-    def get(self, key: str) -> Versioned: ...
-
-
-class Imaging:
-    """Copy on write for a view read between other work: the version, as the view began,
-    of every key written since that the walk had not passed yet (None: the key did not
-    exist then)."""
-
-    def __init__(self, key_range: KeyRange | None = None) -> None:
-        self.passed: str | None = None  # the last key the walk took
-        self.kept: dict[str, Versioned | None] = {}
-        self._range = key_range  # the keys the view walks (None: all)
-
-    def keep(self, state: _Versions, updates: list[KeyUpdate]) -> None:
-        kept, passed, key_range = self.kept, self.passed, self._range
-        for u in updates:
-            key = u.key
-            if (passed is None or key > passed) and key not in kept and (key_range is None or key_range.holds(key)):
-                version = state.get(key)
-                kept[key] = version if version.clock else None  # no clock: never written
-
-    def walk(self, live: Iterator[tuple[str, Versioned]]) -> Iterator[tuple[str, Versioned]]:
-        """Every version as it was when the view began, in key order, given the live walk
-        of the versions (which may see writes made since): marks each key taken as passed."""
-        for key, version in itertools.chain(self._versions(live), self._rest()):
-            self.passed = key
-            yield key, version
-
-    def _versions(self, live: Iterator[tuple[str, Versioned]]) -> Iterator[tuple[str, Versioned]]:
-        kept = self.kept
-        for key, version in live:
-            if key in kept:
-                if kept[key] is None:
-                    continue  # written since, and not there before (the mark stays)
-                version = kept.pop(key)  # type: ignore[assignment]
-            yield key, version
-
-    def _rest(self) -> Iterator[tuple[str, Versioned]]:
-        """Kept keys the live walk no longer found (it went on without them)."""
-        for key in sorted(k for k, v in self.kept.items() if v is not None):
-            yield key, self.kept[key]  # type: ignore[misc]
 
 
 @dataclass
@@ -113,7 +63,7 @@ class Exports:
         """Exports begun and not read to their end (those that keep versions aside)."""
         return sum(not e.finished for e in self._by_id.values())
 
-    def keep(self, state: _Versions, updates: list[KeyUpdate]) -> None:
+    def keep(self, state: VersionSource, updates: list[KeyUpdate]) -> None:
         for export in self._by_id.values():
             if not export.finished:
                 export.imaging.keep(state, updates)

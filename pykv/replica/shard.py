@@ -70,7 +70,7 @@ from sortedcontainers import SortedDict
 from pykv import errors
 from pykv.codec import pack, unpack, unpack_stream
 from pykv.errors import CorruptData, ProtocolError, TransactionConflict
-from pykv.replica.imaging import Exports, Imaging
+from pykv.replica.imaging import Exports
 from pykv.txn.model import (
     ABSENT,
     CommitRequest,
@@ -82,6 +82,7 @@ from pykv.txn.model import (
 )
 from pykv.txn.occ import validate
 from pykv.txn.resolvers import ResolverRegistry
+from pykv.txn.views import Imaging
 from pykv.types import OpKind
 
 REMEMBERED_TXIDS = 200_000  # per shard and table, unless the node says (remembered_per_shard)

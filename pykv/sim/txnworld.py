@@ -61,6 +61,7 @@ from pykv.replica.commitflow import (
     SCAN,
     ExportPass,
     Round,
+    Scanned,
     Send,
     commit_rounds,
     export_pages,
@@ -69,6 +70,7 @@ from pykv.replica.commitflow import (
     read_batches,
     scan_rounds,
     snapshot_rounds,
+    stream_scan_rounds,
 )
 from pykv.replica.durable import GroupWork
 from pykv.replica.finishing import FinishTracker, Orphans, orphans_to_settle, sweep
@@ -812,9 +814,27 @@ class TxnWorld:
         passes, so that both ways run often."""
         lock = CommitRequest(txid, 1, {}, (), timestamp=int(self.now * 1000), ranges=(KeyRange("list"),))
         passes = rng.choice((0, PASSES_BEFORE_LOCKING, PASSES_BEFORE_LOCKING))
-        flow = scan_rounds(lock, list(range(self.p.shards)), None, passes, self.p.scan_page_bytes, self._renew_every)
         lists = [f"list{i}" for i in range(self.p.lists)]
-        yield from self._read_and_record(txid, self._drive(flow, rng), lists, ("consistent scans", "scans failed"))
+        shards = list(range(self.p.shards))
+        if rng.random() < 0.5:
+            flow = scan_rounds(lock, shards, None, passes, self.p.scan_page_bytes, self._renew_every)
+            reading = self._drive(flow, rng)
+        else:  # as a caller iterates a scan past a tiny budget: the exports' pages read after
+            reading = self._streamed(
+                stream_scan_rounds(lock, shards, None, passes, self.p.scan_page_bytes, self._renew_every,
+                                   max_bytes=rng.choice((1, self.p.scan_page_bytes))), rng)
+        yield from self._read_and_record(txid, reading, lists, ("consistent scans", "scans failed"))
+
+    def _streamed(self, flow: Generator[Round, Any, Scanned], rng: random.Random) -> Task:
+        """A streamed scan's items (commitflow.stream_scan_rounds): what its flow held, then
+        the rest of its exports, a page per shard at a time, as the client reads them on."""
+        scanned = yield from self._drive(flow, rng)
+        if scanned is VANISHED or scanned.rest is None:
+            return scanned if scanned is VANISHED else scanned.items
+        self.events["scans streamed"] += 1
+        items = list(scanned.items)
+        yield from self._drive(export_pages(scanned.rest, items.extend), rng)
+        return items
 
     def _snapshot(self, txid: int, rng: random.Random) -> Task:
         """A snapshot of 2 or more lists, as the client takes it (commitflow.snapshot_rounds):

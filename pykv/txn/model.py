@@ -79,11 +79,13 @@ ABSENT: Final = Versioned(MISSING, b"", 0)
 # held at once at any moment between the two passes. (Without the tombstones, a key created
 # and deleted between the passes would go unseen.) Each pass must be linearizable per shard.
 # Passes never agree while writers keep writing the range, so after PASSES_BEFORE_LOCKING
-# passes the stores keep writers out for one last pass instead (the embedded store stops
-# every writing commit; a cluster locks the range on every shard: commitflow.scan_rounds).
+# passes the stores read a copy-on-write view of the range begun at one moment instead
+# (pykv.txn.views: the embedded store begins it while it keeps writers out of the range a
+# moment; a cluster's shards begin exports under a lock on the range: commitflow.scan_rounds).
+# get_many locks its keys for one last pass instead.
 
 PASSES_BEFORE_LOCKING: Final = 3
-"""Differing passes after which a consistent scan locks writers out for one last pass."""
+"""Differing passes after which a consistent read stops passing and takes one moment."""
 
 ScanItems = list[tuple[str, Versioned]]
 
@@ -184,7 +186,7 @@ class HeldPass:
                 raise ScanTooLarge(
                     f"a scan of prefix {prefix!r} from {start!r} to {end!r} would hold more than "
                     f"max_scan_bytes ({self._max_bytes} bytes) at once: read it as you iterate "
-                    "(scan(consistent=False); scan_iter on asyncio), or narrow the range or the limit"
+                    "(scan_iter on asyncio, scan on the synchronous client), or narrow the range or the limit"
                 )
             self.items.append(item)
         return self.items

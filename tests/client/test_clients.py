@@ -153,7 +153,8 @@ def test_asyncio_client_offers_the_same_api(cluster):
 
 def test_asyncio_scans_that_return_a_range_at_once_hold_at_most_max_scan_bytes(cluster):
     """An asyncio scan returns a list, consistent or not: past max_scan_bytes it raises
-    ScanTooLarge; scan_iter streams the same range a page at a time."""
+    ScanTooLarge; scan_iter streams the same range a page at a time, one snapshot of it
+    with consistent=True."""
     async def main() -> None:
         db = await pykv.aio.connect(cluster.addresses, max_scan_bytes=2048)
         try:
@@ -165,6 +166,7 @@ def test_asyncio_scans_that_return_a_range_at_once_hold_at_most_max_scan_bytes(c
                 with pytest.raises(ScanTooLarge, match="max_scan_bytes"):
                     await db.scan("aiobig/", consistent=consistent)
             assert [k async for k, _ in db.scan_iter("aiobig/")] == keys
+            assert [k async for k, _ in db.scan_iter("aiobig/", consistent=True)] == keys
             assert [k for k, _ in await db.scan("aiobig/", limit=5)] == keys[:5]
         finally:
             await db.close()

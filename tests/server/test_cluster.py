@@ -525,3 +525,37 @@ def test_bench_drives_the_cluster_and_prints_one_json_object(cluster_addresses, 
     assert report["clients"] == 8 and report["target"] == "cluster"
     with pykv.client.connect(cluster_addresses) as db:  # the preload and the workload's writes landed
         assert len(list(db.scan("bench/"))) == 500
+
+
+def test_a_consistent_scan_past_its_budget_reads_exports_as_it_iterates_and_ends_them(cluster):
+    """With max_scan_bytes below the range, a consistent scan returns its first items
+    while the shards' exports of its moment are still under way (`pykv status` counts
+    them), and writes made after that moment are not in it; read to its end, or left
+    half-read (closed), no export stays under way."""
+    def exports_under_way() -> int:
+        return sum(fetch_status(address, 5)["exports"] for address in cluster.addresses)
+
+    with pykv.client.connect(cluster.addresses, max_scan_bytes=4096) as db:
+        keys = [f"stream/{i:03d}" for i in range(200)]
+        value = "v" * 60_000  # 12 MB in all: more than a page (1 MiB) of every shard
+        for batch in range(0, len(keys), 20):
+            with db.transaction() as tx:
+                for key in keys[batch:batch + 20]:
+                    tx[key] = value
+        before = exports_under_way()
+        scan = db.scan("stream/")
+        first = next(scan)
+        assert first == (keys[0], value) and exports_under_way() > before
+        db.put(keys[-1], "changed after the scan's moment")
+        db.put("stream/zzz-new", "created after it")
+        rest = list(scan)
+        assert [k for k, _ in [first, *rest]] == keys and rest[-1][1] == value
+        assert exports_under_way() == before
+        half = db.scan("stream/")
+        next(half)
+        assert exports_under_way() > before
+        half.close()
+        deadline = time.monotonic() + 5
+        while exports_under_way() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert exports_under_way() == before
