@@ -881,7 +881,8 @@ class KeyValueStore:
         connect, 256 MiB by default) of keys and values are held: past that the rest is read
         as the caller iterates, from a copy-on-write view of the same moment (an embedded
         store's view, begun while no commit writes into the range; a cluster's exports, of
-        which one lost with its node then raises TransactionConflict from the iteration).
+        which one lost with its node, or not read for 30 s, then raises TransactionConflict
+        from the iteration).
         ``consistent=False``: one pass, read as the caller iterates (on a cluster a page of
         about 1 MiB per shard at a time, so any range fits in memory). Each value is a
         committed, durable version, but keys (on a cluster, keys of different pages) may be

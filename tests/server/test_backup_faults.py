@@ -1,5 +1,7 @@
-"""A cluster backup (db.backup) while the node holding a shard's export is SIGKILLed or
-SIGSTOPped: real processes. The backup begins again, and its copy is whole and of one moment."""
+"""A cluster backup (db.backup), and a consistent scan read past its budget, while the node
+holding a shard's export is SIGKILLed or SIGSTOPped: real processes. The backup begins again,
+and its copy is whole and of one moment; the scan, which handed out items already, fails
+its reader with TransactionConflict, and a scan taken again is whole."""
 
 from __future__ import annotations
 
@@ -26,13 +28,7 @@ def test_a_backup_survives_the_loss_of_a_node_holding_an_export(tmp_path, fault)
     with local_cluster(tmp_path, nodes=3, partitions=8) as cluster:
         accounts = [f"acct{i:02d}" for i in range(24)]
         with pykv.connect(cluster.addresses, timeout=3) as db:
-            with db.transaction() as tx:
-                for account in accounts:
-                    tx.put(account, 100)
-            for start in range(0, 2_400, 200):
-                with db.transaction() as tx:
-                    for i in range(start, start + 200):
-                        tx.put(f"blob{i:05d}", VALUE)
+            _load(db, accounts)
             core = db.backend.core
             send_round = core.round
             hit: list[int] = []
@@ -58,3 +54,40 @@ def test_a_backup_survives_the_loss_of_a_node_holding_an_export(tmp_path, fault)
                 f"blob{i:05d}": VALUE for i in range(2_400)
             }
         assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_a_streamed_scan_whose_export_is_lost_fails_its_reader_and_a_new_one_is_whole(tmp_path):
+    with local_cluster(tmp_path, nodes=3, partitions=8) as cluster:
+        accounts = [f"acct{i:02d}" for i in range(24)]
+        with pykv.connect(cluster.addresses, timeout=3, max_scan_bytes=1 << 20) as db:
+            _load(db, accounts)
+            core = db.backend.core
+            step = core.export_step
+            killed: list[int] = []
+
+            async def kill_then_step(rest):
+                if not killed:  # the caller has items already: the rest of an export is lost
+                    killed.append(rest.sends()[0].node)
+                    cluster.signal(killed[0], signal.SIGKILL)
+                return await step(rest)
+
+            core.export_step = kill_then_step
+            scan = db.scan("blob")
+            assert next(scan) == ("blob00000", VALUE)
+            with pytest.raises(pykv.TransactionConflict, match="did not answer"):
+                for _ in scan:
+                    pass
+            assert killed
+            core.export_step = step
+            assert [k for k, _ in db.scan("blob")] == [f"blob{i:05d}" for i in range(2_400)]
+
+
+def _load(db, accounts: list[str]) -> None:
+    """100 in each account, and 2,400 blobs of VALUE (24 MB: 3 pages of each shard)."""
+    with db.transaction() as tx:
+        for account in accounts:
+            tx.put(account, 100)
+    for start in range(0, 2_400, 200):
+        with db.transaction() as tx:
+            for i in range(start, start + 200):
+                tx.put(f"blob{i:05d}", VALUE)
