@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from pykv.errors import KeyLocked, Timeout, TransactionConflict
-from pykv.replica.commitflow import LOCK_PAUSES, PagedPass, Round, Send, commit_rounds, scan_rounds
+from pykv.errors import KeyLocked, ScanTooLarge, Timeout, TransactionConflict
+from pykv.replica.commitflow import (
+    LOCK_PAUSES,
+    PagedPass,
+    Round,
+    Send,
+    commit_rounds,
+    export_pages,
+    scan_rounds,
+    stream_scan_rounds,
+)
 from pykv.replica.shard import COMMIT, COMMIT_DECIDE, DECIDE, FINISH, PREPARE
 from pykv.txn.model import CommitRequest, KeyRange, Versioned, WriteOp
 from pykv.types import OpKind
@@ -211,3 +220,42 @@ def test_a_busy_scan_locks_the_range_only_while_its_exports_begin():
         assert all(not r.keep for r in rounds[:3])
         if expected:
             assert [(s.shard, s.node, s.args) for s in rounds[6].sends] == [(0, 2, [7, "next", 0]), (1, 3, [7, "next", 0])]
+
+
+def test_a_streamed_scan_past_its_budget_returns_the_exports_left_to_read():
+    """A pass too large for the budget goes to exports at once (no ScanTooLarge); once the
+    pages held pass the budget, the flow returns them with the exports still to read
+    (Scanned.rest), ending none; the rest's pages follow in key order. scan_rounds, with
+    the same budget, raises ScanTooLarge."""
+    request = CommitRequest(9, 0, {}, (), ranges=(KeyRange("k"),))
+    pages = {0: [["k1", "k3"], ["k5"]], 1: [["k2", "k4"], ["k6"]]}
+
+    def answer(round_: Round) -> list:
+        if round_.name == "scan":
+            return [[[[k, [b"v", 1, 1]] for k in ("k1", "k2", "k3")], None] for _ in round_.sends]
+        if round_.name == "export":
+            return [[s.shard + 2, [], True] for s in round_.sends]
+        if round_.name == "export pages":
+            return [[s.node, [[k, [b"c", 1, k.upper()]] for k in pages[s.shard][s.args[2]]],
+                     s.args[2] == 0] for s in round_.sends]
+        return [None] * len(round_.sends)
+
+    def run(flow):
+        names, results = [], None
+        try:
+            while True:
+                round_ = flow.send(results)
+                names.append(round_.name)
+                results = answer(round_)
+        except StopIteration as done:
+            return names, done.value
+
+    names, scanned = run(stream_scan_rounds(request, [0, 1], None, 3, 1234, 0.4, max_bytes=40))
+    assert names == ["scan", "lock", "export", "release", "export pages"]  # no "end exports"
+    assert [(k, v.value) for k, v in scanned.items] == [("k1", "K1"), ("k2", "K2"), ("k3", "K3")]
+    rest = scanned.rest
+    names, _ = run(export_pages(rest, (more := []).extend))
+    assert set(names) == {"export pages"} and rest.done  # a page per shard per round
+    assert [k for k, _ in more] == ["k4", "k5", "k6"]
+    with pytest.raises(ScanTooLarge):
+        run(scan_rounds(request, [0, 1], None, 3, 1234, 0.4, max_bytes=40))
