@@ -5,8 +5,11 @@ processes, 16 partitions) and into an embedded store; each is then read back who
 ``scan(consistent=False)`` (a page of about 1 MiB per shard at a time on the cluster) and
 with a consistent scan (two passes that agree, on a quiet range). Reported, never
 asserted: MB/s of each, the cluster's as a ratio of the embedded store's (same run, same
-machine), and the peak of the memory Python allocated during a plain scan (tracemalloc)
-against the range's size: a lazy scan holds a page per shard, not the range.
+machine), and the peak of the memory Python allocated during each scan (tracemalloc)
+against the range's size: a lazy scan holds a page per shard, not the range; a consistent
+scan holds up to ``max_scan_bytes`` (256 MiB by default: here the whole range, in its two
+passes), then streams from a copy-on-write view (``--budget-mb``, 1 by default: the
+"streamed" figures).
 
     python3 benchmarks/bench_scan_size.py --keys 40000 --value-bytes 1000
     python3 -m pytest benchmarks/bench_scan_size.py --benchmark-only -s      # 10,000 keys
@@ -35,40 +38,51 @@ def _fill(db, keys: int, value_bytes: int) -> None:
                 tx.put(f"big/{i:07d}", rng.randbytes(value_bytes))
 
 
-def _read_back(db, keys: int, range_mb: float) -> dict:
-    """MB/s of a plain and of a consistent scan, and a plain scan's allocation peak."""
+def _read_back(db, keys: int, range_mb: float, kinds=(("plain", False), ("consistent", True))) -> dict:
+    """MB/s of each kind of scan (name, consistent), and its allocation peak."""
     out = {}
-    for name, consistent in (("plain", False), ("consistent", True)):
+    for name, consistent in kinds:
         started = time.monotonic()
         count = sum(1 for _ in db.scan("big/", consistent=consistent))
         assert count == keys
         out[f"{name}_mb_per_s"] = round(range_mb / (time.monotonic() - started), 1)
-    tracemalloc.start()
-    try:
-        count = sum(1 for _ in db.scan("big/", consistent=False))
-        out["plain_peak_mb"] = round(tracemalloc.get_traced_memory()[1] / 1e6, 1)
-    finally:
-        tracemalloc.stop()
-    assert count == keys
+    for name, consistent in kinds:
+        tracemalloc.start()
+        try:
+            count = sum(1 for _ in db.scan("big/", consistent=consistent))
+            out[f"{name}_peak_mb"] = round(tracemalloc.get_traced_memory()[1] / 1e6, 1)
+        finally:
+            tracemalloc.stop()
+        assert count == keys
     return out
 
 
-def bench_scan_size(keys: int, value_bytes: int, base: int = 28700) -> dict:
+STREAMED = (("streamed", True),)
+
+
+def bench_scan_size(keys: int, value_bytes: int, base: int = 28700, budget_mb: float = 1.0) -> dict:
     range_mb = keys * value_bytes / 1e6
-    result: dict = {"keys": keys, "value_bytes": value_bytes, "range_mb": round(range_mb, 1)}
+    budget = int(budget_mb * (1 << 20))
+    result: dict = {"keys": keys, "value_bytes": value_bytes, "range_mb": round(range_mb, 1),
+                    "budget_mb": budget_mb}
     with tempfile.TemporaryDirectory(prefix="pykv-bench-scan-size-") as tmp:
         data = Path(tmp)
         with pykv.open(data / "embedded") as db:
             _fill(db, keys, value_bytes)
             result["embedded"] = _read_back(db, keys, range_mb)
+        with pykv.open(data / "embedded", max_scan_bytes=budget) as db:
+            result["embedded"].update(_read_back(db, keys, range_mb, STREAMED))
         try:
             cluster_up(data / "cluster", 3, base)
-            with pykv.client.connect([f"127.0.0.1:{base}"], timeout=60) as db:
+            address = [f"127.0.0.1:{base}"]
+            with pykv.client.connect(address, timeout=60) as db:
                 _fill(db, keys, value_bytes)
                 result["cluster"] = _read_back(db, keys, range_mb)
+            with pykv.client.connect(address, timeout=60, max_scan_bytes=budget) as db:
+                result["cluster"].update(_read_back(db, keys, range_mb, STREAMED))
         finally:
             cluster_down(data / "cluster")
-    for kind in ("plain", "consistent"):
+    for kind in ("plain", "consistent", "streamed"):
         key = f"{kind}_mb_per_s"
         result[f"cluster_vs_embedded_{kind}"] = round(result["cluster"][key] / result["embedded"][key], 2)
     return result
@@ -84,5 +98,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=40_000, help="keys in the range")
     parser.add_argument("--value-bytes", type=int, default=1000, help="bytes of each value")
+    parser.add_argument("--budget-mb", type=float, default=1.0,
+                        help="max_scan_bytes of the streamed consistent scans, in MiB")
     args = parser.parse_args()
-    print(json.dumps(bench_scan_size(args.keys, args.value_bytes), indent=2))
+    print(json.dumps(bench_scan_size(args.keys, args.value_bytes, budget_mb=args.budget_mb), indent=2))
