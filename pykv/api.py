@@ -871,18 +871,16 @@ class KeyValueStore:
 
         ``consistent`` (the default): one snapshot of the range, across every shard. Each
         value is the one its key held at a single moment, and no key that existed then is
-        missing. It costs at least two passes over the range (pykv.txn.model.ScanPasses).
-        When writers changed the range under 3 passes, embedded, the range is read from a
-        copy-on-write view begun while writing commits into it wait a moment; on a cluster,
-        every shard begins a copy-on-write export of the
+        missing. Embedded, the range is read once, as the caller iterates, from a
+        copy-on-write view begun while writing commits into it wait a moment. On a cluster
+        it costs at least two passes over the range (pykv.txn.model.ScanPasses); when
+        writers changed the range under 3 passes, every shard begins a copy-on-write export of the
         range at one moment and the exports are read (writes into the range are refused,
         KeyLocked, which commits retry for a few milliseconds, only while they begin), see
         pykv.replica.commitflow.scan_rounds. At most ``max_scan_bytes`` (given to open or
-        connect, 256 MiB by default) of keys and values are held: past that the rest is read
-        as the caller iterates, from a copy-on-write view of the same moment (an embedded
-        store's view, begun while no commit writes into the range; a cluster's exports, of
-        which one lost with its node, or not read for 30 s, then raises TransactionConflict
-        from the iteration).
+        connect, 256 MiB by default) of keys and values are held there: past that the rest is read
+        as the caller iterates, from the exports (one lost with its node, or not read for
+        30 s, then raises TransactionConflict from the iteration).
         ``consistent=False``: one pass, read as the caller iterates (on a cluster a page of
         about 1 MiB per shard at a time, so any range fits in memory). Each value is a
         committed, durable version, but keys (on a cluster, keys of different pages) may be

@@ -33,7 +33,7 @@ from typing import Any
 from pykv._engine.locks import LockTable
 from pykv.api import KeyValueStore
 from pykv.codec import decode_value, encode_value
-from pykv.errors import CorruptData, InvalidArgument, ScanTooLarge
+from pykv.errors import CorruptData, InvalidArgument
 from pykv.storage.files import building_directory
 from pykv.storage.store import CheckReport, Storage, StoredVersion, Update
 from pykv.txn import model
@@ -331,21 +331,13 @@ class EmbeddedBackend:
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
         max_bytes: int = MAX_SCAN_BYTES,
     ) -> Iterator[tuple[str, Versioned]]:
-        """Passes until two agree, each held up to ``max_bytes``; after PASSES_BEFORE_LOCKING
-        that differ, or one too large to hold, the range is read as the caller iterates
-        from a copy-on-write view (_Views) begun while no commit writes into the range
-        (_ScanGate) and all it shows is durable: the range at that moment."""
-        key_range = model.KeyRange(prefix, start, end)
-        passes = model.ScanPasses()
-        for _ in range(model.PASSES_BEFORE_LOCKING):
-            held = model.HeldPass(key_range, max_bytes)
-            try:
-                held.take(self.scan(prefix, start, end, limit, True))
-            except ScanTooLarge:
-                break
-            if passes.feed(held.items):
-                return iter(passes.result)
-        return live_items(self._viewed(key_range), limit, deleted=False)
+        """The range as the caller iterates, from a copy-on-write view (_Views) begun while no
+        commit writes into the range (_ScanGate) and all it shows is durable: the range at
+        that moment, in one pass, holding nothing (``max_bytes`` is not needed). Cheaper
+        than passes that agree (a cluster's way, where a view costs lock rounds): one read
+        of the range instead of two or more, while writers into the range keep the version
+        of each key it has not passed yet."""
+        return live_items(self._viewed(model.KeyRange(prefix, start, end)), limit, deleted=False)
 
     def _viewed(self, key_range: model.KeyRange) -> Iterator[tuple[str, Versioned]]:
         with self._gate.closed(key_range):
@@ -420,8 +412,9 @@ def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3
     Options: ``cache_bytes`` (read cache size, default 64 MiB), ``fsync`` ("always": a commit
     returns only once fsync'd), ``segment_bytes`` (value-log file size), ``compaction``
     (background compaction on/off), ``progress`` (callback during recovery), ``max_txn_ops``,
-    ``max_txn_bytes``, ``max_value_bytes`` and ``max_scan_bytes`` (limits). Raises StoreLocked when another
-    process has it open.
+    ``max_txn_bytes`` and ``max_value_bytes`` (limits), and ``max_scan_bytes``, which a
+    cluster's consistent scans hold at most (the embedded store's hold nothing: accepted so
+    that the same options fit both). Raises StoreLocked when another process has it open.
     """
     unknown = sorted(set(storage_options) - set(_STORAGE_OPTIONS))
     if unknown:

@@ -1018,6 +1018,26 @@ def test_a_consistent_scan_larger_than_max_scan_bytes_streams_one_snapshot(store
         store_factory(max_scan_bytes=0)
 
 
+def test_a_loop_over_a_consistent_scan_may_write_the_range_it_reads(store):
+    """Writes made while iterating a consistent scan (the same thread, between items) are
+    not seen by it: every key once, with its value of the scan's moment, a deleted key
+    included, a created one not; the writes all land."""
+    keys = [f"loop/{i:03d}" for i in range(300)]
+    with store.transaction() as tx:
+        for key in keys:
+            tx[key] = 1
+    seen = []
+    for key, value in store.scan("loop/"):
+        seen.append((key, value))
+        store.put(key, value + 1)  # the key just read
+        if key == "loop/100":
+            store.delete("loop/200")  # a key not read yet
+            store.put("loop/150-new", 1)  # a key created ahead of the reader
+    assert seen == [(key, 1) for key in keys]
+    after = dict(store.scan("loop/"))  # (loop/200, deleted, was put again when read)
+    assert after == {**{key: 2 for key in keys}, "loop/150-new": 1}
+
+
 @pytest.mark.parametrize("reader", ["scan", "get_many"])
 def test_a_snapshot_never_sees_a_transfer_half_done(store, reader):
     """Money moves between 12 accounts (spread over the shards of a cluster) as fast as one
