@@ -202,6 +202,9 @@ class RaftNode:
         self.votes: dict[int, bool] = {}
         self.prs: dict[int, Progress] = {}
         self.lead_transferee: int | None = None
+        # Leader: followers found holding less than they acknowledged, as (follower, index it
+        # acknowledged, index its log ends at now), noticed since the driver last took them.
+        self.lost_acks: list[tuple[int, int, int]] = []
         self.pending_conf_index = 0
         self._reads: list[_ReadRequest] = []  # leader: reads awaiting a heartbeat quorum
         self._reads_waiting_commit: list[tuple[Any, int]] = []  # until our term commits
@@ -802,6 +805,15 @@ class RaftNode:
                 hint = m.hint
                 if m.log_term > 0:
                     hint = self.log.find_conflict_by_term(m.hint, m.log_term)
+                if m.index >= pr.match > m.hint:
+                    # The follower refuses what follows an entry it acknowledged, its log
+                    # ending before it: it lost written entries (a directory restored from an
+                    # older copy, a disk that dropped writes). Its match no longer holds, and
+                    # appends after it would be refused forever: probe it from scratch.
+                    self.lost_acks.append((m.frm, pr.match, m.hint))
+                    pr.forget_match(hint)
+                    self._send_append(m.frm)
+                    return
                 if pr.maybe_decr_to(m.index, hint):
                     if pr.state == ProgressState.REPLICATE:
                         pr.become_probe()

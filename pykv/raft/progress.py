@@ -64,6 +64,13 @@ class Progress:
         self._reset_state(ProgressState.SNAPSHOT)
         self.pending_snapshot = snapshot_index
 
+    def forget_match(self, follower_end: int) -> None:
+        """The follower lost entries it had acknowledged: none of its log is known to match
+        ours any more; probe from where its log now ends (``follower_end``) down."""
+        self._reset_state(ProgressState.PROBE)
+        self.match = 0
+        self.next = follower_end + 1
+
     def maybe_update(self, index: int) -> bool:
         """The follower acknowledged ``index``; False if that is old news."""
         updated = False

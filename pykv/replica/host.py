@@ -214,6 +214,9 @@ class ReplicaHost:
         self.liveness = NodeLiveness(node_id, self.raft_config.election_ticks)
         self._keepalives: list[Message] = []
         self.on_role_change: Callable[[int, Role, int | None], None] | None = None
+        # Called with (group, follower, index it acknowledged, index its log ends at now)
+        # when a leader here finds a follower that lost entries it had acknowledged.
+        self.on_lost_ack: Callable[[int, int, int, int], None] | None = None
         # Restoring a snapshot's image takes seconds per GB. With this hook the host hands
         # it over: ``restore_in_background(gid, work, then)`` runs ``work()`` elsewhere (a
         # thread), then calls ``then(error)`` back on the host's own thread; the node's
@@ -484,6 +487,8 @@ class ReplicaHost:
         dirty, self._dirty = self._dirty, set()
         for gid in dirty:
             group = self.groups.get(gid)
+            if group is not None and group.raft.lost_acks:
+                self._report_lost_acks(gid, group.raft.lost_acks)
             if group is None or group.restoring is not None or not group.raft.has_ready():
                 continue
             rd = group.raft.ready()
@@ -499,6 +504,12 @@ class ReplicaHost:
             else:
                 batch.late.extend(messages)
         return batch
+
+    def _report_lost_acks(self, gid: int, lost: list[tuple[int, int, int]]) -> None:
+        for follower, acknowledged, ends in lost:
+            if self.on_lost_ack is not None:
+                self.on_lost_ack(gid, follower, acknowledged, ends)
+        lost.clear()
 
     def snapshot_sending(self, gid: int, to: int, sending: bool) -> None:
         """A snapshot of group ``gid`` started (or stopped) travelling to node ``to``.

@@ -437,6 +437,7 @@ class Node:
             state_factory=self._state_factory(),
         )
         self.host.on_role_change = self._role_changed
+        self.host.on_lost_ack = self._lost_ack
         self.host.restore_in_background = self._restore_in_background
         recovered = set(self.nodelog.groups())
         fresh = not recovered and not self.nodelog.dropped
@@ -647,6 +648,15 @@ class Node:
     def _role_changed(self, gid: int, role: Role, leader: int | None) -> None:
         if role != Role.LEADER:
             self.snapshots_out.cancel_group(gid)  # the new leader sends its own
+
+    def _lost_ack(self, gid: int, follower: int, acknowledged: int, ends: int) -> None:
+        self.counters["followers_behind_their_acks"] += 1
+        log.warning(
+            "event=follower_lost_entries group=%d follower=%d acknowledged=%d log_ends=%d: the "
+            "follower no longer holds entries it acknowledged (its data directory restored from "
+            "an older copy, or a disk that lost written data); it is caught up again from this "
+            "leader, but it may have voted twice in a term meanwhile", gid, follower, acknowledged, ends,
+        )
 
     def _snapshot_sending(self, gid: int, to: int, active: bool) -> None:
         if self.host is not None:

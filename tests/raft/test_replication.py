@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -255,3 +256,32 @@ def test_a_restart_recovers_term_vote_log_and_commit_from_durable_state():
     assert node.role == Role.FOLLOWER and node.commit_index >= 2
     h.tick(n=2)
     assert h.applied_data(2) == [bytes([i]) for i in range(5)]
+
+
+def test_a_follower_restored_from_an_older_copy_is_reported_and_caught_up():
+    """Node 3's durable state is put back to an older copy after it acknowledged more. Its
+    leader finds it refusing what follows an entry it acknowledged: it reports the follower
+    (lost_acks), forgets its match, and catches it up. Before, the leader kept sending the
+    entries after the acknowledged one, one more append per heartbeat, and the group never
+    settled."""
+    h = Harness([1, 2, 3])
+    leader = h.elect(1)
+    for i in range(5):
+        leader.propose(f"a{i}".encode())
+    h.settle()
+    older = copy.deepcopy(h.disks[3])
+    for i in range(5):
+        leader.propose(f"b{i}".encode())
+    h.settle()
+    acknowledged = leader.prs[3].match
+    h.crash(3)
+    h.disks[3] = older
+    h.restart(3)
+    for i in range(3):
+        leader.propose(f"c{i}".encode())
+    h.settle()
+    h.tick(n=5)
+    assert [(f, a) for f, a, _ in leader.lost_acks] == [(3, acknowledged)]
+    assert leader.lost_acks[0][2] < acknowledged
+    assert h.nodes[3].log.last_index() == leader.log.last_index() == leader.prs[3].match
+    assert h.applied_data(3)[-3:] == [b"c0", b"c1", b"c2"]

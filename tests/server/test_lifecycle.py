@@ -127,9 +127,14 @@ def test_a_config_saved_before_formed_existed_counts_as_formed_once_a_node_ran(t
 
 
 def _replicas(address: str) -> dict[str, dict]:
+    return _status(address)["groups"]
+
+
+def _status(address: str) -> dict:
+    """The node at ``address`` as `pykv status --json` shows it."""
     out = _pykv("status", "--json", "--addresses", address)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)[address]["groups"]
+    return json.loads(out.stdout)[address]
 
 
 def test_a_node_that_lost_its_data_rejoins_its_groups_as_a_new_replica(tmp_path):
@@ -184,6 +189,59 @@ def test_a_node_that_lost_its_data_rejoins_its_groups_as_a_new_replica(tmp_path)
             time.sleep(0.5)
         assert caught_up, {gid: (mine.get(gid), leaders[gid]) for gid in leaders}
         assert sum(g["keys"] for gid, g in mine.items() if gid != "meta") == 300
+        with pykv.client.connect([f"127.0.0.1:{base + 2}"]) as db:
+            assert [db.get(f"k{i}") for i in range(300)] == list(range(300))
+    finally:
+        _pykv("cluster", "down", "--data-dir", str(data))
+
+
+def test_a_node_restored_from_an_older_copy_of_its_directory_is_reported_and_caught_up(tmp_path):
+    """Node 3's directory is copied while it is stopped; it runs on and acknowledges more
+    entries; then it is stopped and the old copy put back. Each leader finds it refusing
+    what follows entries it had acknowledged: it says so in its log (and `pykv status`
+    counts it), forgets what it knew of that follower, and catches it up. (Before, every
+    leader kept sending it the entries after what it had acknowledged, which it refused,
+    more of them at every heartbeat, and it never caught up.)"""
+    data = tmp_path / "c"
+    base = free_port_range(3)
+    up = ("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base))
+    try:
+        # No snapshot in between: the leaders still hold every entry node 3 lacks, so they
+        # send it appends (a leader that compacted them sends a snapshot, which heals it).
+        assert _pykv(*up, "--partitions", "4", "--snapshot-every", "100000").returncode == 0
+        with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
+            for i in range(100):
+                db.put(f"k{i}", i)
+            subprocess.run(["kill", "-9", str(read_pid(data, 3))], check=True)
+            time.sleep(0.5)
+            shutil.copytree(data / "node-3", tmp_path / "node-3-copy")
+            assert _pykv(*up).returncode == 0
+            for i in range(100, 200):
+                db.put(f"k{i}", i)  # node 3 acknowledges these, then loses them
+            subprocess.run(["kill", "-9", str(read_pid(data, 3))], check=True)
+            time.sleep(0.5)
+            shutil.rmtree(data / "node-3")
+            shutil.copytree(tmp_path / "node-3-copy", data / "node-3")
+            assert _pykv(*up).returncode == 0
+            for i in range(200, 300):
+                db.put(f"k{i}", i)
+        deadline = time.monotonic() + 30
+        while True:
+            statuses = {n: _status(f"127.0.0.1:{base + n - 1}") for n in (1, 2, 3)}
+            groups = {n: st["groups"] for n, st in statuses.items()}
+            leaders = {gid: g for n in (1, 2, 3) for gid, g in groups[n].items() if g["role"].startswith("leader")}
+            mine = groups[3]
+            caught_up = all(
+                gid in mine and (mine[gid]["applied"], mine[gid]["keys"]) == (g["applied"], g["keys"])
+                for gid, g in leaders.items()
+            )
+            if caught_up or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert caught_up, {gid: (mine.get(gid), leaders[gid]) for gid in leaders}
+        reported = sum(st["counters"].get("followers_behind_their_acks", 0) for st in statuses.values())
+        logs = "".join((data / f"node-{n}.log").read_text() for n in (1, 2))
+        assert reported >= 1 and "event=follower_lost_entries" in logs and "follower=3" in logs
         with pykv.client.connect([f"127.0.0.1:{base + 2}"]) as db:
             assert [db.get(f"k{i}") for i in range(300)] == list(range(300))
     finally:
