@@ -807,11 +807,13 @@ class RaftNode:
                     hint = self.log.find_conflict_by_term(m.hint, m.log_term)
                 if m.index >= pr.match > m.hint:
                     # The follower refuses what follows an entry it acknowledged, its log
-                    # ending before it: it lost written entries (a directory restored from an
-                    # older copy, a disk that dropped writes). Its match no longer holds, and
-                    # appends after it would be refused forever: probe it from scratch.
-                    self.lost_acks.append((m.frm, pr.match, m.hint))
-                    pr.forget_match(hint)
+                    # ending before it. Asked again, if it still does, it lost written entries
+                    # (a directory restored from an older copy, a disk that dropped writes):
+                    # its match no longer holds, and appends after it would be refused for
+                    # ever, so it is probed from scratch.
+                    if pr.doubt_match():
+                        self.lost_acks.append((m.frm, pr.match, m.hint))
+                        pr.forget_match(hint)
                     self._send_append(m.frm)
                     return
                 if pr.maybe_decr_to(m.index, hint):

@@ -20,7 +20,7 @@ class Progress:
 
     __slots__ = (
         "match", "next", "state", "probe_sent", "pending_snapshot", "recent_active",
-        "inflights", "max_inflight", "snapshot_elapsed",
+        "inflights", "max_inflight", "snapshot_elapsed", "match_doubted",
     )
 
     def __init__(self, next_index: int, max_inflight: int, match: int = 0) -> None:
@@ -33,6 +33,9 @@ class Progress:
         self.inflights: deque[int] = deque()  # last index of each append in flight
         self.max_inflight = max_inflight
         self.snapshot_elapsed = 0
+        # The follower refused what follows ``match`` once: probed again at ``match`` to
+        # tell a refusal delivered late (after the ack) from a follower that lost entries.
+        self.match_doubted = False
 
     def __repr__(self) -> str:
         return (
@@ -64,16 +67,30 @@ class Progress:
         self._reset_state(ProgressState.SNAPSHOT)
         self.pending_snapshot = snapshot_index
 
+    def doubt_match(self) -> bool:
+        """The follower refused what follows ``match``, an entry it acknowledged, its log
+        ending before it. The first time, probe it at ``match`` again (a refusal sent before
+        the ack and delivered after it says nothing) and return False; the second time in a
+        row it lost the entries: return True (forget_match)."""
+        if self.match_doubted:
+            return True
+        self.become_probe()
+        self.match_doubted = True
+        return False
+
     def forget_match(self, follower_end: int) -> None:
         """The follower lost entries it had acknowledged: none of its log is known to match
         ours any more; probe from where its log now ends (``follower_end``) down."""
         self._reset_state(ProgressState.PROBE)
         self.match = 0
         self.next = follower_end + 1
+        self.match_doubted = False
 
     def maybe_update(self, index: int) -> bool:
         """The follower acknowledged ``index``; False if that is old news."""
         updated = False
+        if index >= self.match:
+            self.match_doubted = False  # it holds what it acknowledged
         if self.match < index:
             self.match = index
             updated = True

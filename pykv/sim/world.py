@@ -438,6 +438,8 @@ class World:
     # ===== network =========================================================================
     def _send(self, frm: int, to: int, payload: Any) -> None:
         self.messages_sent += 1
+        if isinstance(payload, Message) and frm in self.nodes:
+            self._check_durable_when_sent(self.nodes[frm], payload)
         if (frm, to) in self.cut:
             return
         f = self.faults
@@ -450,6 +452,23 @@ class World:
         self.at(self.now + delay, self._deliver, frm, to, payload)
         if net_faults and f.duplicate and self.rng.random() < f.duplicate:
             self.at(self.now + delay + self.rng.uniform(0, 0.05), self._deliver, frm, to, payload)
+
+    @staticmethod
+    def _check_durable_when_sent(node: SimNode, m: Message) -> None:
+        """The Ready contract as the network sees it: a node acknowledges only entries on its
+        disk, and grants only a vote its disk records (a leader learns no other way that a
+        follower lost what it acknowledged, so this is where a driver that sends first shows)."""
+        disk = node.disk
+        if m.type == MsgType.APP_RESP and not m.reject:
+            durable = disk.entries[-1].index if disk.entries else (disk.snapshot.meta.index if disk.snapshot else 0)
+            if m.index > durable:
+                raise SimViolation("durability", f"n{node.id} acknowledged entry {m.index} "
+                                                 f"with only {durable} on its disk")
+        elif m.type == MsgType.VOTE_RESP and not m.reject:
+            recorded = (disk.hard_state.term, disk.hard_state.vote)
+            if recorded != (m.term, m.to):
+                raise SimViolation("election safety", f"n{node.id} granted its vote in term {m.term} "
+                                                      f"to n{m.to} with {recorded} on its disk")
 
     def _deliver(self, frm: int, to: int, payload: Any) -> None:
         if to >= CLIENT_BASE:
