@@ -260,8 +260,9 @@ def test_a_restart_recovers_term_vote_log_and_commit_from_durable_state():
 
 def test_a_follower_restored_from_an_older_copy_is_reported_and_caught_up():
     """Node 3's durable state is put back to an older copy after it acknowledged more. Its
-    leader finds it refusing what follows an entry it acknowledged: it reports the follower
-    (lost_acks), forgets its match, and catches it up. Before, the leader kept sending the
+    leader finds it refusing what follows an entry it acknowledged, twice (once could be a
+    refusal delivered after the ack): it reports the follower (lost_acks), forgets its
+    match, and catches it up. Before, the leader kept sending the
     entries after the acknowledged one, one more append per heartbeat, and the group never
     settled."""
     h = Harness([1, 2, 3])
