@@ -126,10 +126,6 @@ def test_a_config_saved_before_formed_existed_counts_as_formed_once_a_node_ran(t
     assert not load_config(tmp_path).formed  # a config that says so is believed
 
 
-def _replicas(address: str) -> dict[str, dict]:
-    return _status(address)["groups"]
-
-
 def _status(address: str) -> dict:
     """The node at ``address`` as `pykv status --json` shows it."""
     out = _pykv("status", "--json", "--addresses", address)
@@ -153,9 +149,7 @@ def test_a_node_that_lost_its_data_rejoins_its_groups_as_a_new_replica(tmp_path)
         with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
             for i in range(200):
                 db.put(f"k{i}", i)
-        subprocess.run(["kill", "-9", str(read_pid(data, 3))], check=True)
-        time.sleep(0.5)
-        shutil.copytree(data / "node-3", tmp_path / "node-3-copy")
+        _kill_node_3(data, copy_to=tmp_path / "node-3-copy")
         for lost, complaint in (("wal", "lost its Raft log"), ("shards", "behind its snapshot")):
             shutil.rmtree(data / "node-3")
             shutil.copytree(tmp_path / "node-3-copy", data / "node-3")
@@ -172,22 +166,7 @@ def test_a_node_that_lost_its_data_rejoins_its_groups_as_a_new_replica(tmp_path)
         assert again.returncode == 0, again.stderr
         log = (data / "node-3.log").read_text()
         assert "event=lost_data" in log and "left the group" in log
-        deadline = time.monotonic() + 60
-        while True:
-            leaders = {}
-            for n in (1, 2, 3):
-                for gid, g in _replicas(f"127.0.0.1:{base + n - 1}").items():
-                    if g["role"].startswith("leader"):
-                        leaders[gid] = g
-            mine = _replicas(f"127.0.0.1:{base + 2}")
-            caught_up = sorted(mine) == sorted(leaders) and all(
-                (mine[gid]["applied"], mine[gid]["keys"]) == (leaders[gid]["applied"], leaders[gid]["keys"])
-                for gid in leaders
-            )
-            if caught_up or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        assert caught_up, {gid: (mine.get(gid), leaders[gid]) for gid in leaders}
+        mine = _node_3_caught_up(base, 60)[3]["groups"]
         assert sum(g["keys"] for gid, g in mine.items() if gid != "meta") == 300
         with pykv.client.connect([f"127.0.0.1:{base + 2}"]) as db:
             assert [db.get(f"k{i}") for i in range(300)] == list(range(300))
@@ -212,33 +191,17 @@ def test_a_node_restored_from_an_older_copy_of_its_directory_is_reported_and_cau
         with pykv.client.connect([f"127.0.0.1:{base}"]) as db:
             for i in range(100):
                 db.put(f"k{i}", i)
-            subprocess.run(["kill", "-9", str(read_pid(data, 3))], check=True)
-            time.sleep(0.5)
-            shutil.copytree(data / "node-3", tmp_path / "node-3-copy")
+            _kill_node_3(data, copy_to=tmp_path / "node-3-copy")
             assert _pykv(*up).returncode == 0
             for i in range(100, 200):
                 db.put(f"k{i}", i)  # node 3 acknowledges these, then loses them
-            subprocess.run(["kill", "-9", str(read_pid(data, 3))], check=True)
-            time.sleep(0.5)
+            _kill_node_3(data)
             shutil.rmtree(data / "node-3")
             shutil.copytree(tmp_path / "node-3-copy", data / "node-3")
             assert _pykv(*up).returncode == 0
             for i in range(200, 300):
                 db.put(f"k{i}", i)
-        deadline = time.monotonic() + 30
-        while True:
-            statuses = {n: _status(f"127.0.0.1:{base + n - 1}") for n in (1, 2, 3)}
-            groups = {n: st["groups"] for n, st in statuses.items()}
-            leaders = {gid: g for n in (1, 2, 3) for gid, g in groups[n].items() if g["role"].startswith("leader")}
-            mine = groups[3]
-            caught_up = all(
-                gid in mine and (mine[gid]["applied"], mine[gid]["keys"]) == (g["applied"], g["keys"])
-                for gid, g in leaders.items()
-            )
-            if caught_up or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        assert caught_up, {gid: (mine.get(gid), leaders[gid]) for gid in leaders}
+        statuses = _node_3_caught_up(base, 30)
         reported = sum(st["counters"].get("followers_behind_their_acks", 0) for st in statuses.values())
         logs = "".join((data / f"node-{n}.log").read_text() for n in (1, 2))
         assert reported >= 1 and "event=follower_lost_entries" in logs and "follower=3" in logs
@@ -246,6 +209,32 @@ def test_a_node_restored_from_an_older_copy_of_its_directory_is_reported_and_cau
             assert [db.get(f"k{i}") for i in range(300)] == list(range(300))
     finally:
         _pykv("cluster", "down", "--data-dir", str(data))
+
+
+def _kill_node_3(data: Path, copy_to: Path | None = None) -> None:
+    """SIGKILL node 3 of the cluster in ``data``; then copy its directory to ``copy_to``."""
+    subprocess.run(["kill", "-9", str(read_pid(data, 3))], check=True)
+    time.sleep(0.5)
+    if copy_to is not None:
+        shutil.copytree(data / "node-3", copy_to)
+
+
+def _node_3_caught_up(base: int, seconds: float) -> dict[int, dict]:
+    """Wait until every replica node 3 hosts has its leader's applied index and keys (else
+    fail, showing them); each node's status then."""
+    deadline = time.monotonic() + seconds
+    while True:
+        statuses = {n: _status(f"127.0.0.1:{base + n - 1}") for n in (1, 2, 3)}
+        leaders = {gid: g for st in statuses.values() for gid, g in st["groups"].items()
+                   if g["role"].startswith("leader")}
+        mine = statuses[3]["groups"]
+        caught_up = sorted(mine) == sorted(leaders) and all(
+            (mine[gid]["applied"], mine[gid]["keys"]) == (g["applied"], g["keys"]) for gid, g in leaders.items()
+        )
+        if caught_up:
+            return statuses
+        assert time.monotonic() < deadline, {gid: (mine.get(gid), leaders[gid]) for gid in leaders}
+        time.sleep(0.5)
 
 
 def test_remove_below_the_replica_count_says_what_is_left(tmp_path):
