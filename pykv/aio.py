@@ -382,18 +382,14 @@ class AsyncKeyValueStore:
         core = self._core
         scanned = await core.stream_consistent_scan(prefix, start, end, limit, self._local.max_scan_bytes)
         rest = scanned.rest
-        if rest is None:
-            for key, version in scanned.items:
-                yield key, version.value
-            return
         try:
             for key, version in scanned.items:
                 yield key, version.value
-            while not rest.done:
+            while rest is not None and not rest.done:
                 for key, version in await core.export_step(rest):
                     yield key, version.value
         finally:
-            if not rest.done:
+            if rest is not None and not rest.done:
                 core.end_exports(rest)
 
     def _check_scan(self, prefix: str, start: str | None, end: str | None) -> None:

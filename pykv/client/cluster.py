@@ -557,15 +557,12 @@ class ClusterBackend:
         caller iterates (AsyncCluster.stream_consistent_scan)."""
         scanned = self._run(self.core.stream_consistent_scan(prefix, start, end, limit, max_bytes))
         rest = scanned.rest
-        if rest is None:
-            yield from scanned.items
-            return
         try:
             yield from scanned.items
-            while not rest.done:  # a page per shard at a time, as the caller iterates
+            while rest is not None and not rest.done:  # a page per shard at a time
                 yield from self._run(self.core.export_step(rest))
         finally:
-            if not rest.done and not self._closed:
+            if rest is not None and not rest.done and not self._closed:
                 self._loop.call_soon_threadsafe(self.core.end_exports, rest)
 
     def backup(self, target: str, progress: Callable[[int, int], None] | None = None) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import operator
+import sys
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -49,7 +50,6 @@ from pykv.txn.model import (
     ScanItems,
     ScanPasses,
     Versioned,
-    item_bytes,
     same_cut,
 )
 from pykv.types import MAX_SCAN_BYTES, MAX_VALUE_BYTES
@@ -412,21 +412,15 @@ def _export_scan(
     key_range = request.ranges[0]
     begun = yield from export_rounds(request, shards, renew_every, "lock")
     paged = ExportPass(request.txid, holders(shards, begun), key_range, limit)
-    if not stream:
-        held = HeldPass(key_range, max_bytes)
-        yield from export_pages(paged, held.take)
-        return Scanned(held.items)
-    items: ScanItems = []
-    size = 0
+    # Streamed, the pages are held only until they pass max_bytes (then the caller reads on).
+    held = HeldPass(key_range, sys.maxsize if stream else max_bytes)
 
     def take(ready: ScanItems) -> bool:
-        nonlocal size
-        items.extend(ready)
-        size += sum(map(item_bytes, ready))
-        return size > max_bytes  # enough held: the caller reads the rest as it iterates
+        held.take(ready)
+        return stream and held.bytes > max_bytes
 
     full = yield from export_pages(paged, take)
-    return Scanned(items, paged if full else None)
+    return Scanned(held.items, paged if full else None)
 
 
 def holders(shards: list[int], begun: list) -> dict[int, int]:

@@ -192,7 +192,7 @@ def run_txn(args: argparse.Namespace) -> int:
         else:
             addresses.append(item)
     if not ops or not (addresses or args.data_dir):
-        return _usage_error("txn", "needs at least one OP:KEY[=VALUE] and one address")
+        return _usage_error("txn", "needs at least one OP:KEY[=VALUE] and one address (or --data-dir)")
     args.ops, args.addresses = ops, addresses or None
     results: dict[str, Any] = {}
     try:
