@@ -23,8 +23,11 @@ durable, so is everything it saw.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import itertools
+import json
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +37,7 @@ from pykv._engine.locks import LockTable
 from pykv.api import KeyValueStore
 from pykv.codec import decode_value, encode_value
 from pykv.errors import CorruptData, InvalidArgument
-from pykv.storage.files import building_directory
+from pykv.storage.files import RESOLVERS_FILE, building_directory, replace_atomically
 from pykv.storage.store import CheckReport, Storage, StoredVersion, Update
 from pykv.txn import model
 from pykv.txn.model import MISSING, CommitRequest, Versioned, live_items
@@ -370,6 +373,13 @@ class StoreLoader:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
 
+    def keep_resolvers(self, names: dict[str, str]) -> None:
+        """Keep the cluster's resolvers ({prefix: built-in name}) beside the keys, for
+        `pykv restore` to register again (an embedded store keeps no registrations: its
+        users register them each time they open it)."""
+        replace_atomically(os.path.join(self._storage.path, RESOLVERS_FILE),
+                           json.dumps(names, sort_keys=True).encode())
+
     def add(self, items: list[tuple[str, Versioned]]) -> None:
         """Write live versions (a page of an export)."""
         batch = [Update(key.encode("utf-8"), encode_value(version.value), version.clock, version.timestamp)
@@ -390,6 +400,21 @@ def store_loader(path: str, what: str) -> Iterator[StoreLoader]:
             storage.sync()
         finally:
             storage.close()
+
+
+def backup_resolvers(path: str | Path) -> dict[str, str]:
+    """The resolvers a cluster backup in ``path`` kept ({prefix: built-in name}); {} for a
+    store that has none (a backup of an embedded store, of a cluster before this release)."""
+    try:
+        with builtins.open(os.path.join(path, RESOLVERS_FILE), "rb") as f:
+            names = json.loads(f.read())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise CorruptData(f"{os.path.join(path, RESOLVERS_FILE)} does not hold resolvers: {exc}") from None
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise CorruptData(f"{os.path.join(path, RESOLVERS_FILE)} does not hold {{prefix: name}}")
+    return names
 
 
 def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3.connect/lmdb.open

@@ -79,6 +79,7 @@ from pykv.replica.commitflow import (
     holders,
     read_batches,
     read_pass,
+    resolvers_of,
     scan_rounds,
     snapshot_rounds,
     stream_scan_rounds,
@@ -429,6 +430,7 @@ def _copy_once(run: Callable[[Coroutine[Any, Any, Any]], Any], core: AsyncCluste
                progress: Callable[[int, int], None] | None) -> None:
     with store_loader(target, "backup") as loader:
         export_id, begun = run(core.begin_export())
+        loader.keep_resolvers(resolvers_of(begun))
         paged = ExportPass(export_id, holders(list(range(len(begun))), begun), KeyRange(""), None, ordered=False)
 
         def take(items: ScanItems) -> None:

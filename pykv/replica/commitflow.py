@@ -428,6 +428,16 @@ def holders(shards: list[int], begun: list) -> dict[int, int]:
     return {shard: reply[0] for shard, reply in zip(shards, begun, strict=True)}
 
 
+def resolvers_of(begun: list) -> dict[str, str]:
+    """The resolvers registered on the shards ({prefix: built-in name}) when their exports
+    began, from the replies to the begins (a node of an older release sends none)."""
+    names: dict[str, str] = {}
+    for reply in begun:
+        if len(reply) > 3 and isinstance(reply[3], dict):
+            names.update({str(prefix): str(name) for prefix, name in reply[3].items()})
+    return names
+
+
 def export_pages(paged: ExportPass, take: Callable[[ScanItems], Any]) -> Generator[Round, Any, bool]:
     """The rounds that read ``paged`` to its end, ``take`` getting the items as they are
     ready; then (or on an error, raised after) the exports not read to their end (a limit,

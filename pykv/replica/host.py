@@ -422,12 +422,14 @@ class ReplicaHost:
         scan's: pykv.replica.imaging.Exports), answered with ``done([this node's id, page,
         more?] or None, error)``: "begin" as a linearizable read of the range, once no
         prepared transaction holds a key of it (the reader holds a lock on the range
-        meanwhile), so every shard's view is of the same moment; "next" and "end" on this
-        node's replica, which holds the view ("next" asks for page number ``page``)."""
+        meanwhile), so every shard's view is of the same moment, answered [this node's id,
+        [], True, the shard's resolvers {prefix: built-in name} then] (what a backup keeps of
+        them); "next" and "end" on this node's replica, which holds the view ("next" asks for
+        page number ``page``)."""
         node_id = self.node_id
         if step == "begin":
-            self.read(gid, lambda state: [node_id, *state.begin_export(export_id, page_bytes, key_range)],
-                      key_range, done)
+            self.read(gid, lambda state: [node_id, *state.begin_export(export_id, page_bytes, key_range),
+                                          dict(state.resolver_names)], key_range, done)
             return
         group = self.groups.get(gid)
         try:

@@ -5,7 +5,8 @@ into the cluster by transactions of blind puts, several at once, in key order, u
 progress bar. The cluster must hold no key, unless ``--overwrite``: then the backup's keys
 replace the cluster's and its other keys stay (that is how a restore that stopped part way
 is finished). Values are restored; their vector clocks start anew in the cluster, as any
-write's do. Exit status: 0 once every key is written, 2 otherwise.
+write's do. The resolvers a cluster backup kept (RESOLVERS) are registered first. Exit
+status: 0 once every key is written, 2 otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rich.console import Console
 import pykv
 from pykv.api import KeyValueStore, Transaction
 from pykv.codec import size_bound
+from pykv.embedded import backup_resolvers
 from pykv.errors import Error
 from pykv.replica.shard import bounded_runs
 from pykv.server.cmd_kv import trailing_positional
@@ -56,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
                               "restore loads a backup into an empty cluster; --overwrite writes "
                               "the backup's keys over the cluster's and keeps its others")
                 return 2
+            resolvers = backup_resolvers(args.path)
+            for prefix, name in sorted(resolvers.items()):
+                cluster.register_resolver(prefix, name)
             total = backup.backend.stats()["keys"]
             restored = with_progress(
                 "keys restored", lambda report: restore(backup, cluster, report), console, total=total
@@ -63,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     except (Error, OSError) as exc:  # OSError: a path that cannot be written or read
         console.print(f"[red]cannot restore {args.path}: {type(exc).__name__}: {exc}[/red]")
         return 2
-    console.print(f"restored {restored:,} keys of {args.path} into the cluster at {source}")
+    registered = ", ".join(f"{prefix!r}: {name}" for prefix, name in sorted(resolvers.items()))
+    console.print(f"restored {restored:,} keys of {args.path} into the cluster at {source}"
+                  + (f", and its resolvers ({registered})" if resolvers else ""))
     return 0
 
 

@@ -125,6 +125,10 @@ def copy_durably(copies: list[tuple[str, str, int | None]],
 
 _COPY_CHUNK = 1 << 20
 
+# The file of a store's directory where a cluster backup keeps the resolvers registered on
+# the cluster (JSON, {prefix: built-in name}), which `pykv restore` registers again.
+RESOLVERS_FILE = "RESOLVERS"
+
 
 class DirectoryLock:
     """A flock on ``<dir>/LOCK``, held while a Storage (or a cluster node) has the directory

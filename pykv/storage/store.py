@@ -67,6 +67,7 @@ from pykv.storage.cache import ByteLRU, SharedCache
 from pykv.storage.compaction import CompactionStats, SegmentUsage, choose_prefix
 from pykv.storage.failpoints import failpoint
 from pykv.storage.files import (
+    RESOLVERS_FILE,
     DirectoryLock,
     copy_durably,
     load_node_id,
@@ -712,7 +713,8 @@ class Storage:
                 segments = sorted(s for s in wal.segments() if s <= tail_segment)
             make_dirs_durably(os.path.join(target, "wal"))
             copies = [(os.path.join(self.path, name), os.path.join(target, name), None)
-                      for name in ("NODE_ID", "hint") if os.path.exists(os.path.join(self.path, name))]
+                      for name in ("NODE_ID", "hint", RESOLVERS_FILE)
+                      if os.path.exists(os.path.join(self.path, name))]
             copies += [(segment_path(self._wal_dir, s), segment_path(os.path.join(target, "wal"), s),
                         tail_bytes if s == tail_segment else None) for s in segments]
             return copy_durably(copies, progress)

@@ -472,15 +472,19 @@ def test_a_truncated_frame_is_logged_and_harms_nothing(cluster, db):
 
 def test_a_backup_restores_into_an_empty_cluster_and_overwrite_finishes_one(cluster_addresses, tmp_path):
     """`pykv backup` then `pykv restore` into the wiped cluster: every key and value back,
-    deleted keys absent. A cluster that holds keys is refused, nothing written, unless
-    --overwrite (the backup's keys replace the cluster's, its others stay)."""
+    deleted keys absent, and the resolvers registered on the cluster (a wipe forgets them):
+    a merge that needs one merges. A cluster that holds keys is refused, nothing written,
+    unless --overwrite (the backup's keys replace the cluster's, its others stay)."""
     from cluster_harness import wipe_cluster
 
     wipe_cluster(cluster_addresses)
     address = cluster_addresses[0]
     expected = {f"rs{i:04d}": (i if i % 3 else [f"item{i}", i, b"b"]) for i in range(1_200)}
     expected["rs-big"] = b"z" * 300_000
+    expected["rs-count/n"] = 5
     with pykv.connect([address]) as db:
+        db.register_resolver("rs-count/", "counter")
+        db.register_resolver("rs-set/", "union")
         for start in range(0, len(expected), 400):
             with db.transaction() as tx:
                 for key in list(expected)[start:start + 400]:
@@ -492,9 +496,16 @@ def test_a_backup_restores_into_an_empty_cluster_and_overwrite_finishes_one(clus
 
     run = _cli("restore", str(tmp_path / "bk"), "--addresses", address)
     assert run.returncode == 0, run.stderr
-    assert f"restored {len(expected):,} keys" in " ".join(run.stderr.split())
+    said = " ".join(run.stderr.split())
+    assert f"restored {len(expected):,} keys" in said and "'rs-count/': counter, 'rs-set/': union" in said
     with pykv.connect([address]) as db:
         assert dict(db.scan(consistent=False)) == expected
+        tx = db.transaction(isolation="merge")
+        tx["rs-count/n"] = tx["rs-count/n"] + 1  # 5 -> 6, while another writer makes it 7
+        db.put("rs-count/n", 7)
+        tx.commit()  # the counter resolver: 7 + 6 - 5 (without it: TransactionConflict)
+        assert db.get("rs-count/n") == 8
+        db.put("rs-count/n", 5)
         db.put("rs0001", "changed")
         db.put("rs-extra", "kept")
     run = _cli("restore", str(tmp_path / "bk"), "--addresses", address)
