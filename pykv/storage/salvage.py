@@ -83,7 +83,7 @@ def salvage(source: str | Path, target: str | Path,
     if not (source / "wal").is_dir():
         raise InvalidArgument(f"{source} is not a store's directory (it has no wal/)")
     new_store_directory(str(target), "salvage")
-    lock = DirectoryLock(str(source))  # nobody writes the source while it is copied
+    lock = DirectoryLock(str(source), shared=True)  # nobody writes the source while it is copied
     try:
         _copy_store(source, target)
     finally:
