@@ -37,7 +37,12 @@ from pykv._engine.locks import LockTable
 from pykv.api import KeyValueStore
 from pykv.codec import decode_value, encode_value
 from pykv.errors import CorruptData, InvalidArgument
-from pykv.storage.files import RESOLVERS_FILE, building_directory, replace_atomically
+from pykv.storage.files import (
+    RESOLVERS_FILE,
+    building_directory,
+    refuse_node_directory,
+    replace_atomically,
+)
 from pykv.storage.store import CheckReport, Storage, StoredVersion, Update
 from pykv.txn import model
 from pykv.txn.model import MISSING, CommitRequest, Versioned, live_items
@@ -449,6 +454,7 @@ def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3
     fsync = storage_options.get("fsync", "always")
     if fsync not in FSYNC_POLICIES:
         raise InvalidArgument(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
+    refuse_node_directory(str(path))
     try:
         storage = Storage.open(str(path), read_only=read_only, **storage_options)
     except CorruptData as exc:

@@ -70,6 +70,17 @@ def new_store_directory(path: str, what: str) -> None:
     make_dirs_durably(path)
 
 
+def refuse_node_directory(path: str) -> None:
+    """InvalidArgument for a cluster node's data directory where a store's is expected: its
+    log is a node's, not a store's, and opening it as one would read it as damaged."""
+    if os.path.exists(os.path.join(path, "IDENTITY")) or os.path.isdir(os.path.join(path, "shards")):
+        raise InvalidArgument(
+            f"{path} is a cluster node's data directory, not an embedded store: reach its keys "
+            "through the cluster (pykv.connect, pykv get --addresses), or check it, stopped, "
+            f"with pykv check {path}"
+        )
+
+
 def _refuse_unless_new(path: str, what: str) -> None:
     if os.path.isdir(path) and os.listdir(path):
         raise InvalidArgument(f"{path} is not empty: {what} writes a new store")

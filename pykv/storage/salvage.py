@@ -37,6 +37,7 @@ from pykv.storage.files import (
     fsync_dir,
     make_dirs_durably,
     new_store_directory,
+    refuse_node_directory,
 )
 from pykv.storage.hint import read_hint
 from pykv.storage.record import FILLER_PAYLOAD
@@ -82,6 +83,7 @@ def salvage(source: str | Path, target: str | Path,
     source, target = Path(source), Path(target)
     if not (source / "wal").is_dir():
         raise InvalidArgument(f"{source} is not a store's directory (it has no wal/)")
+    refuse_node_directory(str(source))
     new_store_directory(str(target), "salvage")
     lock = DirectoryLock(str(source), shared=True)  # nobody writes the source while it is copied
     try:
