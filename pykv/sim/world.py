@@ -456,8 +456,9 @@ class World:
     @staticmethod
     def _check_durable_when_sent(node: SimNode, m: Message) -> None:
         """The Ready contract as the network sees it: a node acknowledges only entries on its
-        disk, and grants only a vote its disk records (a leader learns no other way that a
-        follower lost what it acknowledged, so this is where a driver that sends first shows)."""
+        disk, and grants only a vote its disk records. (A leader learns only later, if at all,
+        that a follower lost what it acknowledged and catches it up: this sees a driver that
+        sends first when it does.)"""
         disk = node.disk
         if m.type == MsgType.APP_RESP and not m.reject:
             durable = disk.entries[-1].index if disk.entries else (disk.snapshot.meta.index if disk.snapshot else 0)
