@@ -144,4 +144,23 @@ def run(args: argparse.Namespace) -> int:
             console = Console(width=160)
         console.print(build_table(statuses))
         console.print(build_node_table(statuses))
+        for warning in warnings(statuses):
+            console.print(f"[bold red]{warning}[/bold red]")
     return 0 if all(isinstance(s, dict) for s in statuses.values()) else 1
+
+
+def warnings(statuses: dict[str, dict | str]) -> list[str]:
+    """What an operator must act on, one line each: followers a leader on some node found
+    holding less than they had acknowledged (a node restored from an older copy of its
+    directory, a disk that lost writes)."""
+    said = []
+    for address, status in statuses.items():
+        lost = status.get("counters", {}).get("followers_behind_their_acks", 0) if isinstance(status, dict) else 0
+        if lost:
+            said.append(
+                f"node {status['node_id']} ({address}) found {lost} time(s) a follower holding less than it "
+                "had acknowledged (event=follower_lost_entries in its log: which node, which shard); "
+                "such a node may have voted twice in a term: to be sure, stop it, remove its data "
+                "directory and start it again (it rejoins as a new replica)"
+            )
+    return said

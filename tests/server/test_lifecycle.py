@@ -205,6 +205,8 @@ def test_a_node_restored_from_an_older_copy_of_its_directory_is_reported_and_cau
         reported = sum(st["counters"].get("followers_behind_their_acks", 0) for st in statuses.values())
         logs = "".join((data / f"node-{n}.log").read_text() for n in (1, 2))
         assert reported >= 1 and "event=follower_lost_entries" in logs and "follower=3" in logs
+        shown = " ".join(_pykv("status", "--addresses", f"127.0.0.1:{base}").stdout.split())
+        assert "a follower holding less than it had acknowledged" in shown
         with pykv.client.connect([f"127.0.0.1:{base + 2}"]) as db:
             assert [db.get(f"k{i}") for i in range(300)] == list(range(300))
     finally:
