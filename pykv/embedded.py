@@ -188,48 +188,61 @@ def _writes_into(written: list[str], ranges: list[model.KeyRange]) -> bool:
     return any(r.holds(key) for r in ranges for key in written)
 
 
+class _View:
+    """One consistent scan's copy-on-write view, and the lock that orders the commits
+    keeping versions for it against its reader's steps (other threads)."""
+
+    __slots__ = ("imaging", "key_range", "lock")
+
+    def __init__(self, key_range: model.KeyRange) -> None:
+        self.imaging = Imaging(key_range)
+        self.key_range = key_range
+        self.lock = threading.Lock()
+
+
 class _Views:
     """The copy-on-write views (pykv.txn.views.Imaging) that consistent scans are reading.
 
-    A commit calls ``keep`` with its updates before it submits them, so each view keeps the
-    version of then of a key it has not passed yet. One lock orders that against the
-    readers' steps, which may run in other threads.
+    A commit calls ``keep`` with its updates before it submits them, so each view whose
+    range they write into keeps the version of then of a key it has not passed yet; commits
+    writing elsewhere, and the readers of other views, never wait for a view's lock.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._views: list[Imaging] = []
+        self._views: list[_View] = []  # replaced, never changed in place: keep() reads it unlocked
+        self._changing = threading.Lock()  # one add or removal at a time
 
     def __len__(self) -> int:
         return len(self._views)
 
     def keep(self, state: _CurrentState, updates: list) -> None:
-        if self._views:  # (a view added meanwhile began after the caller's gate: not its keys)
-            with self._lock:
-                for view in self._views:
-                    view.keep(state, updates)
+        # (A view added after this read began after the caller's gate: none of its keys.)
+        for view in self._views:
+            if any(view.key_range.holds(u.key) for u in updates):
+                with view.lock:
+                    view.imaging.keep(state, updates)
 
-    def add(self, key_range: model.KeyRange) -> Imaging:
-        view = Imaging(key_range)
-        with self._lock:
-            self._views.append(view)
+    def add(self, key_range: model.KeyRange) -> _View:
+        view = _View(key_range)
+        with self._changing:
+            self._views = [*self._views, view]
         return view
 
-    def read(self, view: Imaging, live: Iterator[tuple[str, Versioned]]) -> Iterator[tuple[str, Versioned]]:
-        """The view's versions (deleted keys left out), a step at a time under the lock; the
+    def read(self, view: _View, live: Iterator[tuple[str, Versioned]]) -> Iterator[tuple[str, Versioned]]:
+        """The view's versions (deleted keys left out), a step at a time under its lock; the
         view ends with the iteration (read to its end, or closed)."""
-        walk = view.walk(live)
+        walk = view.imaging.walk(live)
         try:
             while True:
-                with self._lock:
+                with view.lock:
                     item = next(walk, None)
                 if item is None:
                     return
                 if item[1].exists:
                     yield item
         finally:
-            with self._lock:
-                self._views.remove(view)
+            with self._changing:
+                self._views = [v for v in self._views if v is not view]
 
 
 class EmbeddedBackend:
