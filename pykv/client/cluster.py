@@ -67,6 +67,8 @@ from pykv.net.protocol import new_event_loop
 from pykv.replica import commitflow
 from pykv.replica import shard as cmd
 from pykv.replica.commitflow import (
+    BACKUP_ATTEMPTS,
+    BACKUP_PAUSE,
     EXPORT_CALL_ATTEMPTS,
     ExportPass,
     PagedPass,
@@ -98,9 +100,6 @@ SCAN_ATTEMPTS = 3
 _KINDS = {cmd.COMMIT: COMMIT, cmd.PREPARE: PREPARE, cmd.COMMIT_DECIDE: COMMIT_DECIDE,
           cmd.DECIDE: DECIDE, cmd.FINISH: FINISH, commitflow.SCAN: SCAN, commitflow.READ: READ,
           commitflow.EXPORT: EXPORT}
-# Backups begun again after their exports were lost (a node restarted, an idle export dropped).
-BACKUP_ATTEMPTS = 3
-BACKUP_PAUSE = 1.0  # seconds between two attempts
 
 
 

@@ -73,6 +73,11 @@ EXPORT = "export"
 # Times a request about an export is sent to the node that holds it before the export counts
 # as lost (a page asked again is answered again).
 EXPORT_CALL_ATTEMPTS = 3
+# Backups begun again after their exports were lost (a node restarted, an idle export
+# dropped) or a shard had no leader to begin one, and the seconds between two attempts
+# (pykv.client.cluster.copy_cluster; the simulator's backups too).
+BACKUP_ATTEMPTS = 3
+BACKUP_PAUSE = 1.0
 # A consistent scan whose pass disagreed with the one before and held more than this reads
 # the range from exports at once, rather than in another pass.
 EXPORT_PAST_BYTES = 1 << 20

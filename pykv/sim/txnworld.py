@@ -55,6 +55,8 @@ from pykv.raft.errors import NotLeader
 from pykv.raft.log import cut_from, cut_through
 from pykv.raft.messages import HardState, PersistentState, Snapshot
 from pykv.replica.commitflow import (
+    BACKUP_ATTEMPTS,
+    BACKUP_PAUSE,
     EXPORT,
     EXPORT_CALL_ATTEMPTS,
     READ,
@@ -850,10 +852,25 @@ class TxnWorld:
         """A backup of every shard, as the client takes it (pykv.client.cluster.copy_cluster:
         commitflow.export_rounds, then each shard's export read a page at a time from the
         node that holds it); recorded as a read of every list, which must be one snapshot."""
-        lock = CommitRequest(txid, 1, {}, (), timestamp=int(self.now * 1000), ranges=(KeyRange(""),))
-        shards = list(range(self.p.shards))
         lists = [f"list{i}" for i in range(self.p.lists)]
-        yield from self._read_and_record(txid, self._exported(lock, shards, rng), lists, ("backups", "backups failed"))
+        yield from self._read_and_record(txid, self._backed_up(txid, rng), lists, ("backups", "backups failed"))
+
+    def _backed_up(self, txid: int, rng: random.Random) -> Task:
+        """A backup's items, begun again as the client begins it again (copy_cluster: up to
+        BACKUP_ATTEMPTS, BACKUP_PAUSE apart) when an export was lost or a shard had no leader
+        to begin one; each attempt under a lock of its own."""
+        shards = list(range(self.p.shards))
+        for attempt in range(BACKUP_ATTEMPTS):
+            lock = CommitRequest(txid | attempt << 56, 1, {}, (), timestamp=int(self.now * 1000),
+                                 ranges=(KeyRange(""),))
+            try:
+                return (yield from self._exported(lock, shards, rng))
+            except (TransactionConflict, Timeout, Unavailable):
+                if attempt == BACKUP_ATTEMPTS - 1:
+                    raise
+                self.events["backups begun again"] += 1
+                yield Sleep(BACKUP_PAUSE)
+        raise AssertionError("unreachable")
 
     def _exported(self, lock: CommitRequest, shards: list[int], rng: random.Random) -> Task:
         """The items of every shard's export: begun as the client begins them

@@ -84,11 +84,11 @@ def test_a_participant_never_finds_its_commit_forgotten(monkeypatch):
     """In the "forgetful" mix (shards remember 2 txids, recovery waits 3 s, a crash every
     0.6 s), a participant whose FINISH died with its coordinator's node asks for the
     decision long after the commit, the coordinator shard having decided many transactions
-    since; about one seed in eight has it. With commits forgotten like any decision, such a
+    since; 3 of the first 80 such seeds have it. With commits forgotten like any decision, such a
     participant records abort and the history breaks; the coordinator shard keeps a commit
     until every participant applied it (ShardState.unfinished), and the same seed passes."""
     commit_decide = shard.ShardState._commit_decide
-    forgetful = [s for s in range(400) if txnworld.txn_params_for(s)[0] == "forgetful"][:40]
+    forgetful = [s for s in range(1000) if txnworld.txn_params_for(s)[0] == "forgetful"][:80]
     with monkeypatch.context() as patch:
         patch.setattr(
             shard.ShardState, "_commit_decide",
