@@ -423,15 +423,16 @@ def store_loader(path: str, what: str) -> Iterator[StoreLoader]:
 def backup_resolvers(path: str | Path) -> dict[str, str]:
     """The resolvers a cluster backup in ``path`` kept ({prefix: built-in name}); {} for a
     store that has none (a backup of an embedded store, of a cluster before this release)."""
+    file = os.path.join(path, RESOLVERS_FILE)
     try:
-        with builtins.open(os.path.join(path, RESOLVERS_FILE), "rb") as f:
+        with builtins.open(file, "rb") as f:
             names = json.loads(f.read())
     except FileNotFoundError:
         return {}
     except ValueError as exc:
-        raise CorruptData(f"{os.path.join(path, RESOLVERS_FILE)} does not hold resolvers: {exc}") from None
+        raise CorruptData(f"{file} does not hold resolvers: {exc}") from None
     if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
-        raise CorruptData(f"{os.path.join(path, RESOLVERS_FILE)} does not hold {{prefix: name}}")
+        raise CorruptData(f"{file} does not hold {{prefix: name}}")
     return names
 
 

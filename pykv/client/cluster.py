@@ -69,6 +69,7 @@ from pykv.replica import shard as cmd
 from pykv.replica.commitflow import (
     BACKUP_ATTEMPTS,
     BACKUP_PAUSE,
+    BACKUP_RETRIED,
     EXPORT_CALL_ATTEMPTS,
     ExportPass,
     PagedPass,
@@ -87,7 +88,7 @@ from pykv.replica.commitflow import (
     stream_scan_rounds,
 )
 from pykv.replica.failpoints import failpoint
-from pykv.txn.model import CommitRequest, KeyRange, ScanItems, Versioned
+from pykv.txn.model import EVERY_KEY, CommitRequest, KeyRange, ScanItems, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 from pykv.types import MAX_SCAN_BYTES, TxnIdSource
 
@@ -100,7 +101,6 @@ SCAN_ATTEMPTS = 3
 _KINDS = {cmd.COMMIT: COMMIT, cmd.PREPARE: PREPARE, cmd.COMMIT_DECIDE: COMMIT_DECIDE,
           cmd.DECIDE: DECIDE, cmd.FINISH: FINISH, commitflow.SCAN: SCAN, commitflow.READ: READ,
           commitflow.EXPORT: EXPORT}
-
 
 
 class AsyncCluster:
@@ -363,8 +363,8 @@ class AsyncCluster:
 
     async def begin_export(self) -> tuple[int, list[list]]:
         """Begin a backup: every shard's export at one moment (commitflow.export_rounds).
-        Returns the exports' id and each shard's [node id, [], True] (the node that holds
-        its export: an ExportPass reads it)."""
+        Returns the exports' id and each shard's [node id, [], True, its resolvers] (the
+        node that holds its export: an ExportPass reads it)."""
         view = await self.router.ensure_map()
         shards = list(range(view.partitions))
         tried: list[int] = []
@@ -374,7 +374,7 @@ class AsyncCluster:
             return export_rounds(lock, shards)
 
         try:
-            begun = await self._locking((KeyRange("", None, None),), flow_of)
+            begun = await self._locking((EVERY_KEY,), flow_of)
         except BaseException:
             self._in_background([self.end_export(txid, shards) for txid in tried])
             raise
@@ -419,7 +419,7 @@ def copy_cluster(run: Callable[[Coroutine[Any, Any, T]], T], core: AsyncCluster,
         try:
             _copy_once(run, core, target, progress)
             return
-        except (TransactionConflict, Timeout, Unavailable):
+        except BACKUP_RETRIED:
             if not attempts:
                 raise
             time.sleep(BACKUP_PAUSE)
@@ -430,7 +430,7 @@ def _copy_once(run: Callable[[Coroutine[Any, Any, Any]], Any], core: AsyncCluste
     with store_loader(target, "backup") as loader:
         export_id, begun = run(core.begin_export())
         loader.keep_resolvers(resolvers_of(begun))
-        paged = ExportPass(export_id, holders(list(range(len(begun))), begun), KeyRange(""), None, ordered=False)
+        paged = ExportPass(export_id, holders(list(range(len(begun))), begun), EVERY_KEY, None, ordered=False)
 
         def take(items: ScanItems) -> None:
             loader.add(items)

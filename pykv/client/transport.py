@@ -44,8 +44,9 @@ SNAPSHOT_CHUNK = 35  # one-way: a piece of an InstallSnapshot image (pykv.server
 EXPORT = 36  # [shard, export id, "begin", prefix, start, end | "next", page number | "end"] ->
 # [node id, [[key, version wire]...], more?]: a reader's view of the live keys of a range (all:
 # a backup's) from the moment it began, a page at a time ("begin" goes to the leader,
-# linearizable, and answers no keys; the rest to the node that answered it; the last page
-# served is answered again when asked again)
+# linearizable, and answers no keys, with the shard's resolvers {prefix: name} as a fourth
+# item; the rest to the node that answered it; the last page served is answered again when
+# asked again)
 
 META_GROUP = 1 << 20  # the Raft group id of the metadata group (shard groups are 0..Q-1)
 

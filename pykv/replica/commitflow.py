@@ -65,8 +65,8 @@ SCAN = "scan"
 # reply is their versions (Versioned.to_wire), in order, as the node's READ answers.
 READ = "read"
 # A Send's command about an export of one shard: args [export id, "begin", prefix, start,
-# end] (the reply is [node id, [], True]: that node holds the export, read later: see
-# export_rounds), [export id, "next", page number] ([node id, page, more?]; the last page
+# end] (the reply is [node id, [], True, the shard's resolvers]: that node holds the export,
+# read later: see export_rounds), [export id, "next", page number] ([node id, page, more?]; the last page
 # again when asked again) or [export id, "end"], the last two sent to the node that holds it
 # (Send.node).
 EXPORT = "export"
@@ -74,10 +74,11 @@ EXPORT = "export"
 # as lost (a page asked again is answered again).
 EXPORT_CALL_ATTEMPTS = 3
 # Backups begun again after their exports were lost (a node restarted, an idle export
-# dropped) or a shard had no leader to begin one, and the seconds between two attempts
-# (pykv.client.cluster.copy_cluster; the simulator's backups too).
+# dropped) or a shard had no leader to begin one (the errors that says), and the seconds
+# between two attempts (pykv.client.cluster.copy_cluster; the simulator's backups too).
 BACKUP_ATTEMPTS = 3
 BACKUP_PAUSE = 1.0
+BACKUP_RETRIED = (TransactionConflict, Timeout, Unavailable)
 # A consistent scan whose pass disagreed with the one before and held more than this reads
 # the range from exports at once, rather than in another pass.
 EXPORT_PAST_BYTES = 1 << 20
@@ -509,8 +510,8 @@ def export_rounds(
     then every shard begins its export (EXPORT "begin", a linearizable read that waits for
     the transactions prepared before the lock to finish); then the lock is released
     (_locked_pass). Every export is then a view of the same moment. Writers wait only for
-    this, not while the pages are read. Returns each shard's [node id, [], True] (the node
-    that holds its export), in the order of ``shards``; TransactionConflict when a shard no
+    this, not while the pages are read. Returns each shard's [node id, [], True, its
+    resolvers] (the node that holds its export: holders; resolvers_of), in the order of ``shards``; TransactionConflict when a shard no
     longer held the lock when it was released, or did not lock or begin within
     EXPORT_BEGIN_TIMEOUT (begin again).
     """

@@ -54,9 +54,7 @@ from pykv.raft.quiescence import NodeLiveness
 from pykv.replica.durable import GroupWork, NodeLog, open_image, snapshot_data
 from pykv.replica.failpoints import failpoint
 from pykv.replica.shard import ShardState, encode_command
-from pykv.txn.model import KeyRange
-
-_EVERY_KEY = KeyRange("")
+from pykv.txn.model import EVERY_KEY, KeyRange
 
 # The Raft change behind each membership step (a transfer is not one).
 _CONF_KINDS = {
@@ -417,7 +415,7 @@ class ReplicaHost:
         return sum(g.state.exports.under_way for g in self.groups.values() if g.restoring is None)
 
     def export(self, gid: int, export_id: int, step: str, page_bytes: int, done: Done,
-               key_range: KeyRange = _EVERY_KEY, page: int = 0) -> None:
+               key_range: KeyRange = EVERY_KEY, page: int = 0) -> None:
         """A reader's EXPORT of ``key_range`` of the group's shard (a backup's, or a consistent
         scan's: pykv.replica.imaging.Exports), answered with ``done([this node's id, page,
         more?] or None, error)``: "begin" as a linearizable read of the range, once no

@@ -73,6 +73,7 @@ from pykv.errors import CorruptData, ProtocolError, TransactionConflict
 from pykv.replica.imaging import Exports
 from pykv.txn.model import (
     ABSENT,
+    EVERY_KEY,
     CommitRequest,
     KeyRange,
     KeyUpdate,
@@ -100,7 +101,6 @@ IMAGE_RUN = 1_000
 IMAGE_RUN_BYTES = 1 << 20
 IMAGE_END = "end"
 _WALK_BATCH = 1_000  # keys per step of a walk over the versions (_all_versions)
-_EVERY_KEY = KeyRange("")
 
 T = TypeVar("T")
 
@@ -303,7 +303,7 @@ class ShardState:
         at a time, so that writes may come between two steps (an image or an export made
         between other work: snapshot_parts, begin_export)."""
         versions = self.versions
-        prefix, start, end = key_range or _EVERY_KEY
+        prefix, start, end = key_range or EVERY_KEY
         low, inclusive = (prefix if start is None or start < prefix else start) or None, True
         while batch := list(itertools.islice(
             versions.irange(low, end, inclusive=(inclusive, False)), _WALK_BATCH
@@ -325,7 +325,7 @@ class ShardState:
         self._imaging = None
         self.exports.clear()
 
-    def begin_export(self, export_id: int, page_bytes: int, key_range: KeyRange = _EVERY_KEY) -> list:
+    def begin_export(self, export_id: int, page_bytes: int, key_range: KeyRange = EVERY_KEY) -> list:
         """Start an export (pykv.replica.imaging.Exports) of the live versions of
         ``key_range`` as they are now: [[], True] (its pages come with export_page)."""
         return self.exports.begin(

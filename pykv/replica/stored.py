@@ -49,7 +49,7 @@ from pykv.replica.shard import (
 from pykv.storage.cache import SharedCache
 from pykv.storage.maintenance import Maintainer
 from pykv.storage.store import CheckReport, Storage, StoredVersion, Update
-from pykv.txn.model import ABSENT, MISSING, KeyRange, KeyUpdate, Versioned, first_live
+from pykv.txn.model import ABSENT, EVERY_KEY, MISSING, KeyRange, KeyUpdate, Versioned, first_live
 
 _META = b"\xff"
 # A deleted key is stored as this value (encode_value never makes empty bytes) rather than
@@ -305,7 +305,7 @@ class StoredShardState(ShardState):
         return max(0, self.store.stats()["keys"] - meta)
 
     def _user_keys(self, key_range: KeyRange | None = None) -> Iterator[tuple[bytes, StoredVersion]]:
-        prefix, start, end = key_range or KeyRange("")
+        prefix, start, end = key_range or EVERY_KEY
         for raw, stored in self.store.scan(prefix.encode("utf-8"), _encoded_bound(start), _encoded_bound(end)):
             if raw.startswith(_META):
                 return

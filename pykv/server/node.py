@@ -108,7 +108,7 @@ from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender,
 from pykv.storage.cache import SharedCache
 from pykv.storage.files import DirectoryLock, make_dirs_durably
 from pykv.storage.maintenance import Maintainer
-from pykv.txn.model import SCAN_PAGE_BYTES, CommitRequest, KeyRange
+from pykv.txn.model import EVERY_KEY, SCAN_PAGE_BYTES, CommitRequest, KeyRange
 
 log = logging.getLogger("pykv.node")
 # The loop's clock and timers run in whole milliseconds (libuv): a timer may fire up to 1 ms
@@ -758,7 +758,7 @@ class Node:
             assert host is not None
             done = _answer(lambda reply: [OK, reply], respond)
             step = str(body[2])
-            key_range = KeyRange.from_wire(body[3:6]) if step == "begin" else KeyRange("")
+            key_range = KeyRange.from_wire(body[3:6]) if step == "begin" else EVERY_KEY
             page = int(body[3]) if step == "next" else 0
             host.export(shard, int(body[1]), step, self.config.scan_page_bytes, done, key_range, page)
             self._wakeup()

@@ -57,6 +57,7 @@ from pykv.raft.messages import HardState, PersistentState, Snapshot
 from pykv.replica.commitflow import (
     BACKUP_ATTEMPTS,
     BACKUP_PAUSE,
+    BACKUP_RETRIED,
     EXPORT,
     EXPORT_CALL_ATTEMPTS,
     READ,
@@ -92,7 +93,14 @@ from pykv.replica.shard import (
 )
 from pykv.replica.stored import StoredShardState
 from pykv.sim.listappend import Txn, check_serializable
-from pykv.txn.model import PASSES_BEFORE_LOCKING, CommitRequest, KeyRange, Versioned, WriteOp
+from pykv.txn.model import (
+    EVERY_KEY,
+    PASSES_BEFORE_LOCKING,
+    CommitRequest,
+    KeyRange,
+    Versioned,
+    WriteOp,
+)
 from pykv.types import OpKind
 
 TICK = 0.01  # virtual seconds per Raft tick
@@ -704,7 +712,7 @@ class TxnWorld:
                     host.read(call.group, versions, keys, done)
             elif call.kind == EXPORT:  # as the node's EXPORT
                 export_id, step = call.args[:2]
-                key_range = KeyRange(*call.args[2:5]) if step == "begin" else KeyRange("")
+                key_range = KeyRange(*call.args[2:5]) if step == "begin" else EVERY_KEY
                 page = call.args[2] if step == "next" else 0
                 host.export(call.group, export_id, step, self.p.scan_page_bytes, done, key_range, page)
             elif call.kind == SCAN:  # as the node's SCAN: after the locks in the range
@@ -862,10 +870,10 @@ class TxnWorld:
         shards = list(range(self.p.shards))
         for attempt in range(BACKUP_ATTEMPTS):
             lock = CommitRequest(txid | attempt << 56, 1, {}, (), timestamp=int(self.now * 1000),
-                                 ranges=(KeyRange(""),))
+                                 ranges=(EVERY_KEY,))
             try:
                 return (yield from self._exported(lock, shards, rng))
-            except (TransactionConflict, Timeout, Unavailable):
+            except BACKUP_RETRIED:
                 if attempt == BACKUP_ATTEMPTS - 1:
                     raise
                 self.events["backups begun again"] += 1
@@ -881,7 +889,7 @@ class TxnWorld:
             return VANISHED
         export_id = lock.txid
         items: list = []
-        paged = ExportPass(export_id, holders(shards, begun), KeyRange(""), None, ordered=False)
+        paged = ExportPass(export_id, holders(shards, begun), EVERY_KEY, None, ordered=False)
         yield from self._drive(export_pages(paged, items.extend), rng)
         return items
 

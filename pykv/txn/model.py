@@ -79,10 +79,10 @@ ABSENT: Final = Versioned(MISSING, b"", 0)
 # held at once at any moment between the two passes. (Without the tombstones, a key created
 # and deleted between the passes would go unseen.) Each pass must be linearizable per shard.
 # Passes never agree while writers keep writing the range, so after PASSES_BEFORE_LOCKING
-# passes the stores read a copy-on-write view of the range begun at one moment instead
-# (pykv.txn.views: the embedded store begins it while it keeps writers out of the range a
-# moment; a cluster's shards begin exports under a lock on the range: commitflow.scan_rounds).
-# get_many locks its keys for one last pass instead.
+# passes a cluster's shards begin copy-on-write exports of the range at one moment, under a
+# lock on it, and read those instead (pykv.txn.views, commitflow.scan_rounds); get_many locks
+# its keys for one last pass. (The embedded store takes no passes: it reads such a view at
+# once, begun while it keeps writers out of the range a moment.)
 
 PASSES_BEFORE_LOCKING: Final = 3
 """Differing passes after which a consistent read stops passing and takes one moment."""
@@ -113,6 +113,10 @@ class KeyRange(NamedTuple):
             raise ProtocolError("a key range must be [prefix, start or None, end or None]")
         return cls(*data)
 
+
+
+EVERY_KEY: Final = KeyRange("")
+"""The range of every key (a backup's, a Raft image's)."""
 
 def live_items(
     items: Iterable[tuple[str, Versioned]], limit: int | None, deleted: bool = True
