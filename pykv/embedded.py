@@ -338,15 +338,14 @@ class EmbeddedBackend:
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
         deleted: bool = False,
     ) -> Iterator[tuple[str, Versioned]]:
-        every = (
-            (raw.decode("utf-8"), self._durable(stored))
-            for raw, stored in self._storage.scan(
-                prefix=prefix.encode("utf-8"),
-                start=None if start is None else start.encode("utf-8"),
-                end=None if end is None else end.encode("utf-8"),
-            )
-        )
+        every = ((key, self._durable(stored)) for key, stored in self._stored(model.KeyRange(prefix, start, end)))
         return live_items(every, limit, deleted)  # lazy: the storage walks its index a batch at a time
+
+    def _stored(self, key_range: model.KeyRange, deleted: bool = False) -> Iterator[tuple[str, StoredVersion]]:
+        """Storage.scan of ``key_range`` (keys decoded), tombstones too with ``deleted``."""
+        prefix, start, end = (None if bound is None else bound.encode("utf-8") for bound in key_range)
+        for raw, stored in self._storage.scan(prefix or b"", start, end, deleted=deleted):
+            yield raw.decode("utf-8"), stored
 
     def consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
@@ -364,13 +363,9 @@ class EmbeddedBackend:
         with self._gate.closed(key_range):
             self._storage.wait_durable(self._storage.last_lsn)
             view = self._views.add(key_range)
-        yield from self._views.read(view, self._every_version(key_range))
-
-    def _every_version(self, key_range: model.KeyRange) -> Iterator[tuple[str, Versioned]]:
-        """The current version of every key of the range, deleted ones (tombstones) too."""
-        prefix, start, end = (None if bound is None else bound.encode("utf-8") for bound in key_range)
-        for raw in self._storage.keys(prefix or b"", start, end):
-            yield raw.decode("utf-8"), _versioned(self._storage.get(raw))
+        # Deleted keys too: a key deleted since the view began comes in its place in key order.
+        every = ((key, _versioned(stored)) for key, stored in self._stored(key_range, deleted=True))
+        yield from self._views.read(view, every)
 
     def stats(self) -> dict[str, Any]:
         return self._storage.stats()

@@ -577,8 +577,9 @@ class Storage:
         return value
 
     def scan(self, prefix: bytes = b"", start: bytes | None = None, end: bytes | None = None,
-             limit: int | None = None) -> Iterator[tuple[bytes, StoredVersion]]:
-        """Live keys with the prefix, in key order, from start (inclusive) to end (exclusive).
+             limit: int | None = None, *, deleted: bool = False) -> Iterator[tuple[bytes, StoredVersion]]:
+        """Live keys with the prefix, in key order, from start (inclusive) to end (exclusive);
+        with ``deleted`` the deleted ones too, value None (not counted towards ``limit``).
 
         Walks the sorted key index a batch at a time, so concurrent commits proceed; a key
         written during the scan may or may not appear (no snapshot isolation here).
@@ -589,6 +590,8 @@ class Storage:
         for key in self.keys(prefix, start, end):
             version = self.get(key)
             if version.value is None:
+                if deleted:
+                    yield key, version
                 continue  # a deleted key (its tombstone is indexed), or deleted meanwhile
             yield key, version
             produced += 1
