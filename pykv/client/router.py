@@ -113,6 +113,7 @@ class Router:
         self._conns: dict[str, Connection] = {}
         self._connecting: dict[str, asyncio.Future] = {}
         self._map_lock: asyncio.Lock | None = None
+        self.map_fetches = 0  # shard maps fetched (refresh_map): calls waiting on one share it
         self.closed = False
 
     # --- connections ------------------------------------------------------------------------
@@ -179,16 +180,20 @@ class Router:
     # --- the shard map ------------------------------------------------------------------------
 
     async def refresh_map(self, timeout: float | None = None) -> ShardMapView:
-        """Fetch the shard map from the first address that answers (seeds, then known nodes),
-        within ``timeout`` seconds in all (a call's deadline; by default the client's)."""
+        """Fetch the shard map from the first address that answers (seeds, then known nodes,
+        nodes under suspicion last), within ``timeout`` seconds in all (a call's deadline; by
+        default the client's). Calls that wait while another fetches take its map."""
         if self._map_lock is None:
             self._map_lock = asyncio.Lock()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout if timeout is None else timeout)
+        fetches = self.map_fetches
         async with self._map_lock:
-            candidates = list(dict.fromkeys(
-                self.seeds + (list(self.map.nodes.values()) if self.map else [])
-            ))
+            if self.map_fetches != fetches and self.map is not None:
+                # Fetched while this call waited: asking again would only make every call
+                # that failed at once wait in turn on the same silent node.
+                return self.map
+            candidates = self._map_sources()
             errors = []
             wrong = 0  # nodes of another cluster
             for address in candidates:
@@ -202,8 +207,11 @@ class Router:
                 except (Unavailable, Timeout, OSError, WrongCluster) as exc:
                     errors.append(f"{address}: {exc}")
                     wrong += isinstance(exc, WrongCluster)
+                    if isinstance(exc, Timeout):
+                        self._timed_out(self._node_at(address))
                     continue
                 view = ShardMapView.from_wire(raw)
+                self.map_fetches += 1
                 if self.map is None or view.version >= self.map.version:
                     self.map = view
                     self._ring = view.ring_for_keys()
@@ -213,6 +221,22 @@ class Router:
                 return self.map
             why = "no node answered for the shard map: " + "; ".join(errors)
             raise WrongCluster(why) if wrong == len(candidates) else Unavailable(why)
+
+    def _map_sources(self) -> list[str]:
+        """Where to ask for the shard map: the seeds, then every node of the map, those under
+        suspicion last (a frozen first seed would otherwise cost every refresh its wait)."""
+        addresses = list(dict.fromkeys(self.seeds + (list(self.map.nodes.values()) if self.map else [])))
+        if not self._suspects:
+            return addresses
+        return sorted(addresses, key=lambda address: self._suspected(self._node_at(address)))
+
+    def _node_at(self, address: str) -> int | None:
+        """The id of the node the map places at ``address`` (None: not in the map)."""
+        if self.map is not None:
+            for node, node_address in self.map.nodes.items():
+                if node_address == address:
+                    return node
+        return None
 
     async def ensure_map(self) -> ShardMapView:
         return self.map if self.map is not None else await self.refresh_map()
@@ -253,8 +277,8 @@ class Router:
             return trusted or replicas
         return replicas
 
-    def _suspected(self, node: int) -> bool:
-        until = self._suspects.get(node)
+    def _suspected(self, node: int | None) -> bool:
+        until = self._suspects.get(node)  # type: ignore[arg-type] - None is never a suspect
         if until is None:
             return False
         if asyncio.get_running_loop().time() < until:
@@ -262,8 +286,11 @@ class Router:
         del self._suspects[node]
         return False
 
-    def _suspect(self, node: int) -> None:
-        self._suspects[node] = asyncio.get_running_loop().time() + self.suspect_for
+    def _timed_out(self, node: int | None) -> None:
+        """An attempt on ``node`` got no reply in time: count it and pass the node over."""
+        if node is not None:
+            self._suspects[node] = asyncio.get_running_loop().time() + self.suspect_for
+            self.timeouts[node] += 1
 
     async def call(self, shard: int, kind: int, body: Any, *, timeout: float | None = None) -> Any:
         """Send ``body`` to the leader of ``shard``, following redirects until the deadline.
@@ -308,6 +335,11 @@ class Router:
                 reply = unwrap(await conn.request(kind, body, min(remaining, self.attempt_timeout)))
                 if self._suspects:
                     self._suspects.pop(node, None)
+                if leader != node and kind != EXPORT:  # (an export's later steps: its holder)
+                    # It answered, so it leads: ask it first next time. (Without this, a call
+                    # after the suspicion of a frozen old leader ran out went back to it, the
+                    # first replica, and waited a whole attempt timeout again.)
+                    self._leaders[shard] = node
                 return reply
             except Redirect as exc:
                 last_error = exc
@@ -336,8 +368,7 @@ class Router:
             except Timeout as exc:
                 last_error = exc
                 maybe_applied = True
-                self._suspect(node)
-                self.timeouts[node] += 1
+                self._timed_out(node)
                 if self._leaders.get(shard) == node:
                     del self._leaders[shard]
             attempt += 1

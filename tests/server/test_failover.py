@@ -8,10 +8,12 @@ catches up. The longest pause clients saw is printed (measured, not asserted).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,78 @@ def test_repeated_kills_and_pauses_of_random_nodes_lose_nothing(tmp_path):
         check_history(load)
         for node_id in cluster.config.nodes:
             wait_caught_up(cluster, node_id)
+
+
+def _key_per_shard(core, shards: int) -> dict[int, str]:
+    keys: dict[int, str] = {}
+    i = 0
+    while len(keys) < shards:
+        keys.setdefault(core.shard_of(f"k{i}"), f"k{i}")
+        i += 1
+    return keys
+
+
+@pytest.mark.slow
+def test_a_client_stays_with_the_new_leaders_once_a_frozen_leader_is_passed_over(tmp_path):
+    """A SIGSTOPped node is passed over for one attempt timeout only (it may have been slow,
+    not frozen). Once another replica of its shards answered as their leader, the client
+    must ask that one first, not go back to the frozen node (the first replica) each time its
+    suspicion runs out and wait a whole attempt timeout on it again."""
+    with local_cluster(tmp_path, nodes=3, partitions=16, state="memory") as cluster:
+        with pykv.client.connect(cluster.addresses, timeout=15) as db:
+            core = db.backend.core
+            keys = _key_per_shard(core, 16)
+            for key in keys.values():
+                db.put(key, 0)
+            view = core.router.map
+            # The node that leads the most shards whose first replica it is: without a hint,
+            # that is where the client turns first.
+            first_and_leader = Counter(view.shards[s][0] for s in keys if cluster.leader_of(s) == view.shards[s][0])
+            assert first_and_leader, "no shard is led by its first replica"
+            victim = first_and_leader.most_common(1)[0][0]
+            router = core.router
+            cluster.signal(victim, signal.SIGSTOP)
+            try:
+                for key in keys.values():  # the failover: some attempts time out on the victim
+                    db.put(key, 1)
+                time.sleep(2 * router.suspect_for)  # the suspicion of the victim has run out
+                before = router.timeouts[victim]
+                for n in range(2, 12):
+                    for key in keys.values():
+                        assert db.get(key) == n - 1
+                        db.put(key, n)
+                    time.sleep(router.suspect_for / 4)
+            finally:
+                cluster.signal(victim, signal.SIGCONT)
+            assert router.timeouts[victim] == before
+
+
+@pytest.mark.slow
+def test_calls_that_refresh_the_map_at_once_share_one_fetch_and_pass_over_a_frozen_seed(tmp_path):
+    """Calls that all failed at once refresh the shard map at once: one fetch serves them
+    all, and it asks a node under suspicion (here the first seed, frozen) last. Before,
+    each call in turn waited the connect timeout (2 s) on the frozen seed."""
+    with local_cluster(tmp_path, nodes=3, partitions=4, state="memory") as cluster:
+        victim = cluster.leader_of(0)
+        assert victim is not None
+        seeds = [cluster.address(victim)] + [a for a in cluster.addresses if a != cluster.address(victim)]
+        with pykv.client.connect(seeds, timeout=15) as db:
+            core = db.backend.core
+            router = core.router
+            key = next(f"k{i}" for i in range(1000) if core.shard_of(f"k{i}") == 0)
+            router.suspect_for = 30.0  # suspected for the whole test once it timed out
+            cluster.signal(victim, signal.SIGSTOP)
+            try:
+                db.put(key, "frozen leader")  # times out on the victim, the shard's leader, first
+                assert router.timeouts[victim] == 1
+                fetches = router.map_fetches
+
+                async def refresh_at_once():
+                    return await asyncio.gather(*(router.refresh_map() for _ in range(4)))
+
+                maps = db.backend._run(refresh_at_once())
+            finally:
+                cluster.signal(victim, signal.SIGCONT)
+            assert all(m is maps[0] for m in maps)
+            assert router.map_fetches == fetches + 1
+            assert router.timeouts[victim] == 1
