@@ -27,6 +27,8 @@ from pykv.net.protocol import Connection
 _READS = frozenset((READ, SCAN, EXPORT))  # request kinds that change nothing on the shard
 # Seconds before connecting again to an address where a node of another cluster answered.
 WRONG_CLUSTER_RECHECK = 5.0
+# Seconds a map request waits for an answer before the next address is asked as well.
+MAP_ASK_STAGGER = 0.25
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Router:
         self._connecting: dict[str, asyncio.Future] = {}
         self._map_lock: asyncio.Lock | None = None
         self.map_fetches = 0  # shard maps fetched (refresh_map): calls waiting on one share it
+        self._asking: set[asyncio.Future] = set()  # map requests of a fetch that ended without them
         self.closed = False
 
     # --- connections ------------------------------------------------------------------------
@@ -194,33 +197,66 @@ class Router:
                 # that failed at once wait in turn on the same silent node.
                 return self.map
             candidates = self._map_sources()
-            errors = []
-            wrong = 0  # nodes of another cluster
-            for address in candidates:
-                wait = min(self.connect_timeout, deadline - loop.time())
-                if wait <= 0:
-                    errors.append(f"{address}: not asked (out of time)")
-                    continue
-                try:
-                    raw = await self.call_address(address, SHARD_MAP, None, wait)
-                    self._learn_cluster(address, raw.get("cluster"))
-                except (Unavailable, Timeout, OSError, WrongCluster) as exc:
-                    errors.append(f"{address}: {exc}")
-                    wrong += isinstance(exc, WrongCluster)
-                    if isinstance(exc, Timeout):
-                        self._timed_out(self._node_at(address))
-                    continue
-                view = ShardMapView.from_wire(raw)
-                self.map_fetches += 1
-                if self.map is None or view.version >= self.map.version:
-                    self.map = view
-                    self._ring = view.ring_for_keys()
-                    for shard, leader in enumerate(view.leaders):
-                        if leader is not None:
-                            self._leaders.setdefault(shard, leader)
-                return self.map
-            why = "no node answered for the shard map: " + "; ".join(errors)
-            raise WrongCluster(why) if wrong == len(candidates) else Unavailable(why)
+            raw, errors, wrong = await self._ask_for_map(candidates, deadline)
+            if raw is None:
+                why = "no node answered for the shard map: " + "; ".join(errors)
+                raise WrongCluster(why) if wrong == len(candidates) else Unavailable(why)
+            view = ShardMapView.from_wire(raw)
+            self.map_fetches += 1
+            if self.map is None or view.version >= self.map.version:
+                self.map = view
+                self._ring = view.ring_for_keys()
+                for shard, leader in enumerate(view.leaders):
+                    if leader is not None:
+                        self._leaders.setdefault(shard, leader)
+            return self.map
+
+    async def _ask_for_map(self, addresses: list[str], deadline: float) -> tuple[Any, list[str], int]:
+        """The first shard map that ``addresses`` answer: asked in turn, the next as soon as
+        one fails or MAP_ASK_STAGGER passes without an answer (a frozen node answers nothing
+        until its connect timeout), each within connect_timeout and the deadline. Returns
+        (the map or None, the errors, how many of them were nodes of another cluster)."""
+        loop = asyncio.get_running_loop()
+        waiting = list(addresses)
+        asking: dict[asyncio.Future, str] = {}
+        errors: list[str] = []
+        wrong = 0
+        try:
+            while waiting or asking:
+                if waiting:
+                    address = waiting.pop(0)
+                    wait = min(self.connect_timeout, deadline - loop.time())
+                    if wait <= 0:
+                        errors.append(f"{address}: not asked (out of time)")
+                        continue
+                    asking[asyncio.ensure_future(self.call_address(address, SHARD_MAP, None, wait))] = address
+                done, _ = await asyncio.wait(
+                    asking, timeout=MAP_ASK_STAGGER if waiting else None, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    address = asking.pop(task)
+                    try:
+                        raw = task.result()
+                        self._learn_cluster(address, raw.get("cluster"))
+                    except (Unavailable, Timeout, OSError, WrongCluster) as exc:
+                        errors.append(f"{address}: {exc}")
+                        wrong += isinstance(exc, WrongCluster)
+                        if isinstance(exc, Timeout):
+                            self._timed_out(self._node_at(address))
+                        continue
+                    return raw, errors, wrong
+            return None, errors, wrong
+        finally:
+            for task in asking:  # left to end by their own timeouts (a cancelled connect
+                # would fail every other call waiting on it); close() cancels them
+                self._asking.add(task)
+                task.add_done_callback(self._asked)
+
+    def _asked(self, task: asyncio.Future) -> None:
+        """A map request no longer waited for has ended: its outcome is not needed."""
+        self._asking.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved, so that asyncio does not log it
 
     def _map_sources(self) -> list[str]:
         """Where to ask for the shard map: the seeds, then every node of the map, those under
@@ -388,6 +424,11 @@ class Router:
 
     async def close(self) -> None:
         self.closed = True
+        asking, self._asking = self._asking, set()
+        for task in asking:
+            task.cancel()
+        await asyncio.gather(*asking, return_exceptions=True)
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
+

@@ -198,3 +198,21 @@ def test_calls_that_refresh_the_map_at_once_share_one_fetch_and_pass_over_a_froz
             assert all(m is maps[0] for m in maps)
             assert router.map_fetches == fetches + 1
             assert router.timeouts[victim] == 1
+
+
+@pytest.mark.slow
+def test_a_client_whose_first_seed_is_frozen_connects_without_waiting_for_it(tmp_path):
+    """The shard map is asked of the next seed as well once the first has not answered for
+    a moment (router.MAP_ASK_STAGGER). A frozen node (SIGSTOP) accepts connections and
+    answers nothing: before, connect waited its whole connect timeout (2 s) on the first."""
+    with local_cluster(tmp_path, nodes=3, partitions=4, state="memory") as cluster:
+        cluster.signal(1, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pykv.client.connect(cluster.addresses, timeout=15) as db:
+                connected = time.monotonic() - started
+                db.put("k", "while node 1 is frozen")
+                assert db.get("k") == "while node 1 is frozen"
+                assert connected < db.backend.core.router.connect_timeout
+        finally:
+            cluster.signal(1, signal.SIGCONT)
