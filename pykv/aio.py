@@ -36,6 +36,7 @@ from pykv.api import (
     many_values,
 )
 from pykv.client.cluster import AsyncCluster, copy_cluster
+from pykv.client.router import seed_addresses
 from pykv.errors import InvalidOperation, StoreClosed, TransactionConflict
 from pykv.txn.model import CommitRequest, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
@@ -444,9 +445,7 @@ async def connect(
     max_txn_bytes: int = MAX_TXN_BYTES,
 ) -> AsyncKeyValueStore:
     """Connect to a cluster through any subset of its node addresses (see pykv.client.connect)."""
-    if isinstance(addresses, str):
-        addresses = [addresses]
-    core = AsyncCluster(list(addresses), timeout=timeout)
+    core = AsyncCluster(seed_addresses(addresses), timeout=timeout)
     try:
         await core.start()
     except BaseException:

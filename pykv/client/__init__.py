@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pykv.api import KeyValueStore
 from pykv.client.cluster import AsyncCluster, ClusterBackend
+from pykv.client.router import seed_addresses
 from pykv.types import MAX_SCAN_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
 
 
@@ -23,9 +24,7 @@ def connect(
     past it the call raises Timeout (outcome unknown) or Unavailable (no node reachable).
     The limits are those of pykv.open.
     """
-    if isinstance(addresses, str):
-        addresses = [addresses]
-    backend = ClusterBackend(list(addresses), timeout=timeout)
+    backend = ClusterBackend(seed_addresses(addresses), timeout=timeout)
     try:
         return KeyValueStore(backend, max_txn_ops=max_txn_ops, max_value_bytes=max_value_bytes,
                              max_scan_bytes=max_scan_bytes, max_txn_bytes=max_txn_bytes)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from pykv.client.transport import EXPORT, META_GROUP, READ, SCAN, SHARD_MAP, Red
 from pykv.cluster.ring import HashRing
 from pykv.errors import InvalidArgument, OutcomeUnknown, Timeout, Unavailable, WrongCluster
 from pykv.net.framing import CLUSTER_MAX_FRAME
-from pykv.net.protocol import Connection
+from pykv.net.protocol import Connection, parse_address
 
 _READS = frozenset((READ, SCAN, EXPORT))  # request kinds that change nothing on the shard
 # Seconds before connecting again to an address where a node of another cluster answered.
@@ -62,6 +63,26 @@ class ShardMapView:
     def ring_for_keys(self) -> HashRing:
         """A ring that maps keys to partitions (placement of partitions comes from ``shards``)."""
         return HashRing([0], partitions=self.partitions, vnodes=1, replicas=1)
+
+
+def split_addresses(addresses: str | Iterable[str]) -> list[str]:
+    """Addresses given as a list, one string, or strings of addresses separated by commas
+    (as etcd's --endpoints takes them): one flat list, unchecked."""
+    given = [addresses] if isinstance(addresses, str) else list(addresses)
+    if not all(isinstance(a, str) for a in given):
+        raise InvalidArgument(f"addresses must be 'HOST:PORT' strings, not {addresses!r}")
+    return [a.strip() for text in given for a in text.split(",") if a.strip()]
+
+
+def seed_addresses(addresses: str | Iterable[str]) -> list[str]:
+    """The addresses a client is given (split_addresses), each checked as "HOST:PORT".
+    InvalidArgument for none, or for one that is not HOST:PORT."""
+    seeds = split_addresses(addresses)
+    if not seeds:
+        raise InvalidArgument("connect needs at least one address")
+    for address in seeds:
+        parse_address(address)
+    return seeds
 
 
 def check_timeout(timeout: float) -> None:

@@ -6,6 +6,9 @@ import argparse
 import importlib
 import sys
 
+from pykv.client.router import split_addresses
+from pykv.errors import InvalidArgument
+
 # name -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pykv.server.cmd_bench", "run a transactional workload and print tps and latency"),
@@ -22,6 +25,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "restore": ("pykv.server.cmd_restore", "load a backup (an embedded store) into a cluster"),
     "salvage": ("pykv.server.cmd_salvage", "copy an embedded store damaged mid-WAL into one that opens"),
 }
+
+
+class _Addresses(argparse.Action):
+    """--addresses A B, or A,B: one flat list (checked as HOST:PORT when used: `--addresses
+    A B key` hands its trailing positional to the option, and the command takes it back)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        try:
+            setattr(namespace, self.dest, split_addresses(values))
+        except InvalidArgument as exc:
+            parser.error(f"{option_string}: {exc}")
+
+
+def add_addresses_argument(parser, *, required: bool = False, help: str | None = None) -> None:  # noqa: A002, ANN001
+    """The --addresses option of the commands that talk to a cluster."""
+    parser.add_argument("--addresses", nargs="+", action=_Addresses, required=required,
+                        metavar="HOST:PORT", help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:

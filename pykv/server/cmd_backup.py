@@ -17,6 +17,7 @@ from rich.console import Console
 
 import pykv
 from pykv.errors import Error, StoreLocked
+from pykv.server.cli import add_addresses_argument
 from pykv.server.cmd_kv import trailing_positional
 from pykv.server.progressbar import with_progress
 
@@ -25,8 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", type=Path, nargs="*", metavar="DIR",
                         help="the store's directory, then a new (or empty) directory for the copy "
                              "(with --addresses: only the new one)")
-    parser.add_argument("--addresses", nargs="+", metavar="HOST:PORT",
-                        help="back up the cluster at these addresses (any of its nodes)")
+    add_addresses_argument(parser, help="back up the cluster at these addresses (any of its nodes)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from pykv.api import KeyValueStore
+from pykv.server.cli import add_addresses_argument
 from pykv.server.workload import (
     WorkloadConfig,
     WorkloadResult,
@@ -28,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--embedded", action="store_true",
                         help="benchmark the embedded store (pykv.open); the default")
-    target.add_argument("--addresses", nargs="+", metavar="HOST:PORT",
-                        help="benchmark a running cluster through pykv.connect")
+    add_addresses_argument(target, help="benchmark a running cluster through pykv.connect")
     parser.add_argument("--threads", type=int, default=8,
                         help="concurrent clients for --embedded, one transaction each (default 8)")
     parser.add_argument("--clients", type=int, default=None,

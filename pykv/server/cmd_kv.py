@@ -29,13 +29,14 @@ import pykv
 from pykv.api import KeyValueStore
 from pykv.client import connect
 from pykv.errors import Error, InvalidValue
+from pykv.server.cli import add_addresses_argument
 
 _MISSING = object()
 
 
 def _connect_args(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--addresses", nargs="+", metavar="HOST:PORT", help="a cluster's nodes")
+    add_addresses_argument(where, help="a cluster's nodes")
     where.add_argument("--data-dir", metavar="DIR", help="an embedded store's directory")
     parser.add_argument("--timeout", type=float, default=10.0)
 

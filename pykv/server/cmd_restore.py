@@ -25,6 +25,7 @@ from pykv.codec import size_bound
 from pykv.embedded import backup_resolvers
 from pykv.errors import Error
 from pykv.replica.shard import bounded_runs
+from pykv.server.cli import add_addresses_argument
 from pykv.server.cmd_kv import trailing_positional
 from pykv.server.progressbar import Report, with_progress
 
@@ -36,7 +37,7 @@ IN_FLIGHT = 4
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", type=Path, nargs="?", help="the backup: an embedded store's directory")
-    parser.add_argument("--addresses", nargs="+", required=True, metavar="HOST:PORT")
+    add_addresses_argument(parser, required=True)
     parser.add_argument("--overwrite", action="store_true",
                         help="load into a cluster that holds keys (finish a restore that stopped)")
 

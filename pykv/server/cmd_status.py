@@ -11,10 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pykv.client.admin import fetch_shard_map, fetch_status
+from pykv.server.cli import add_addresses_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--addresses", nargs="+", required=True, metavar="HOST:PORT")
+    add_addresses_argument(parser, required=True)
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--json", action="store_true", help="print the raw status as JSON")
 

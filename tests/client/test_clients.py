@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -510,6 +512,41 @@ def test_no_reachable_node_raises_unavailable():
     with pytest.raises(Unavailable):
         pykv.client.connect([f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"], timeout=2)
     assert time.monotonic() - start < 30
+
+
+def test_addresses_may_be_given_as_one_comma_separated_string(cluster):
+    """As etcd's --endpoints takes them: pykv.connect, pykv.aio.connect and every command's
+    --addresses (here `pykv status`, whose JSON names each node it reached)."""
+    joined = ",".join(cluster.addresses)
+    with pykv.client.connect(joined) as db:
+        db.put("comma", "separated")
+    assert asyncio.run(_aio_get(joined, "comma")) == "separated"
+    status = subprocess.run(
+        [sys.executable, "-m", "pykv.server.cli", "status", "--json", "--addresses", joined],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    nodes = json.loads(status.stdout)  # address -> its status, or why it could not be had
+    assert sorted(nodes) == sorted(cluster.addresses)
+    assert all(isinstance(node, dict) for node in nodes.values())
+
+
+async def _aio_get(addresses: str, key: str):
+    db = await pykv.aio.connect(addresses)
+    try:
+        return await db.get(key)
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("addresses", ["localhost", "127.0.0.1:99999", " , ", ["127.0.0.1:1", 5]])
+def test_an_address_that_is_not_host_port_is_refused_before_connecting(addresses):
+    with pytest.raises(pykv.InvalidArgument, match="HOST:PORT|host:port|at least one address"):
+        pykv.client.connect(addresses)
+    got = subprocess.run(
+        [sys.executable, "-m", "pykv.server.cli", "get", "k", "--addresses", "127.0.0.1:1,localhost"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert got.returncode == 2 and "address 'localhost' is not 'host:port'" in got.stderr
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("nan")])
