@@ -452,4 +452,3 @@ class Router:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
-

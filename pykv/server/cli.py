@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 from pykv.client.router import split_addresses
-from pykv.errors import InvalidArgument
 
 # name -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,15 +31,14 @@ class _Addresses(argparse.Action):
     """--addresses A B, or A,B: one flat list (checked as HOST:PORT when used: `--addresses
     A B key` hands its trailing positional to the option, and the command takes it back)."""
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
-        try:
-            setattr(namespace, self.dest, split_addresses(values))
-        except InvalidArgument as exc:
-            parser.error(f"{option_string}: {exc}")
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, split_addresses(values))
 
 
-def add_addresses_argument(parser, *, required: bool = False, help: str | None = None) -> None:  # noqa: A002, ANN001
-    """The --addresses option of the commands that talk to a cluster."""
+def add_addresses_argument(parser: Any, *, required: bool = False, help: str | None = None) -> None:  # noqa: A002 - argparse's name
+    """The --addresses option of the commands that talk to a cluster (``parser``: a parser
+    or an argument group)."""
     parser.add_argument("--addresses", nargs="+", action=_Addresses, required=required,
                         metavar="HOST:PORT", help=help)
 
