@@ -1,11 +1,12 @@
 """Routing requests to shard leaders: the shard map, leader hints, redirects and safe retries.
 
 ``Router`` is asyncio code shared by the clients and by nodes (a node asks a coordinator
-shard for a 2PC decision through one). It learns the shard map from any reachable address,
-then sends each request to the node it believes leads the shard. A ``[REDIRECT, hint]``
-reply updates the belief and the request goes again; an unreachable node or a redirect
-without a hint makes it try the shard's other replicas, with a short backoff, until the
-deadline. Retrying is safe because every command is idempotent by transaction id on the
+shard for a 2PC decision through one). It learns the shard map from any reachable address
+(asking the next when one is silent for a moment), then sends each request to the node it
+believes leads the shard: the last that answered for it, or a ``[REDIRECT, hint]``'s. An
+unreachable node or a redirect without a hint makes it try the shard's other replicas,
+with a short backoff, until the deadline; a node that let an attempt time out (frozen, or
+cut off) is passed over for a while. Retrying is safe because every command is idempotent by transaction id on the
 replicas (pykv.replica.shard): a commit that did apply returns its first outcome again.
 """
 
