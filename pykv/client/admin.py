@@ -27,6 +27,37 @@ def fetch_shard_map(address: str, timeout: float = 2.0) -> dict:
     return asyncio.run(_call(address, SHARD_MAP, timeout))
 
 
+def fetch_statuses(addresses: list[str], timeout: float = 2.0) -> dict[str, dict | Exception]:
+    """Every address's status, asked at once (so that silent nodes cost one timeout in all,
+    not one each): address -> the status, or the error that came instead."""
+
+    async def ask_all() -> list[dict | Exception]:
+        return await asyncio.gather(*(_call(a, STATUS, timeout) for a in addresses), return_exceptions=True)
+
+    return dict(zip(addresses, asyncio.run(ask_all()), strict=True))
+
+
+def fetch_any_shard_map(addresses: list[str], timeout: float = 2.0) -> dict | None:
+    """The shard map of whichever address answers first, all asked at once; None when none
+    does within ``timeout``."""
+
+    async def first() -> dict | None:
+        asking = [asyncio.ensure_future(_call(a, SHARD_MAP, timeout)) for a in addresses]
+        try:
+            for answer in asyncio.as_completed(asking):
+                try:
+                    return await answer
+                except Exception:  # noqa: BLE001, S112 - another address may answer
+                    continue
+            return None
+        finally:
+            for task in asking:
+                task.cancel()
+            await asyncio.gather(*asking, return_exceptions=True)
+
+    return asyncio.run(first())
+
+
 async def _leave(addresses: list[str], node_id: int, timeout: float) -> int:
     router = Router(addresses, timeout=timeout)
     try:

@@ -10,7 +10,7 @@ import re
 from rich.console import Console
 from rich.table import Table
 
-from pykv.client.admin import fetch_shard_map, fetch_status
+from pykv.client.admin import fetch_any_shard_map, fetch_statuses
 from pykv.server.cli import add_addresses_argument
 
 
@@ -25,28 +25,26 @@ def discover(addresses: list[str], timeout: float) -> dict[str, int | None]:
     one names (not nodes taken out), so that `pykv status --addresses ONE` shows the whole
     cluster: address -> node id (None for an address the map does not name)."""
     everyone: dict[str, int | None] = dict.fromkeys(addresses)
-    for address in addresses:
-        try:
-            shard_map = fetch_shard_map(address, timeout=timeout)
-        except Exception:  # noqa: BLE001 - try the next address; collect() reports it down
-            continue
+    shard_map = fetch_any_shard_map(addresses, timeout=timeout)  # none: collect() reports them down
+    if shard_map is not None:
         members = {str(n) for n in shard_map.get("members", shard_map["nodes"])}  # not removed ones
         nodes = {n: a for n, a in shard_map["nodes"].items() if n in members}
         everyone.update((a, int(n)) for n, a in sorted(nodes.items(), key=lambda kv: int(kv[0])))
-        break
     return everyone
 
 
 def collect(addresses: list[str], timeout: float) -> dict[str, dict | str]:
     """address -> the node's status, or the error text when it did not answer (its node id
-    first, when the shard map names it: "node 2: Unavailable: ...")."""
+    first, when the shard map names it: "node 2: Unavailable: ..."). Every node is asked at
+    once: a paused or cut-off node costs the timeout once."""
     found: dict[str, dict | str] = {}
-    for address, node_id in discover(addresses, timeout).items():
-        try:
-            found[address] = fetch_status(address, timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - a down node is a row, not a crash
-            said = f"{type(exc).__name__}: {exc}"
-            found[address] = said if node_id is None else f"node {node_id}: {said}"
+    known = discover(addresses, timeout)
+    for address, status in fetch_statuses(list(known), timeout=timeout).items():
+        if isinstance(status, dict):
+            found[address] = status
+            continue
+        said = f"{type(status).__name__}: {status}"
+        found[address] = said if known[address] is None else f"node {known[address]}: {said}"
     return found
 
 

@@ -9,8 +9,10 @@ catches up. The longest pause clients saw is printed (measured, not asserted).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -216,3 +218,32 @@ def test_a_client_whose_first_seed_is_frozen_connects_without_waiting_for_it(tmp
                 assert connected < db.backend.core.router.connect_timeout
         finally:
             cluster.signal(1, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_status_names_the_paused_nodes_and_shows_the_others(tmp_path):
+    """`pykv status` with two of three nodes SIGSTOPped, given a paused node's address
+    first: it finds the cluster through the node that answers, names each paused node with
+    why it did not answer, and shows the live node's groups. Every node is asked at once:
+    before, each silent node cost its own timeout, one after the other."""
+    with local_cluster(tmp_path, nodes=3, partitions=4, state="memory") as cluster:
+        for node in (1, 2):
+            cluster.signal(node, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            shown = subprocess.run(
+                [sys.executable, "-m", "pykv.server.cli", "status", "--json", "--timeout", "3",
+                 "--addresses", cluster.address(1), cluster.address(3)],
+                capture_output=True, text=True, timeout=60,
+            )
+            took = time.monotonic() - started
+        finally:
+            for node in (1, 2):
+                cluster.signal(node, signal.SIGCONT)
+        statuses = json.loads(shown.stdout)
+        assert sorted(statuses) == sorted(cluster.addresses)
+        for node in (1, 2):
+            assert statuses[cluster.address(node)].startswith(f"node {node}: Unavailable")
+            assert "no HELLO within 3" in statuses[cluster.address(node)]
+        assert sorted(statuses[cluster.address(3)]["groups"], key=int) == ["0", "1", "2", "3"]
+        assert took < 2 * 3  # one timeout of 3 s in all (one after the other: 9 s)
