@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import signal
 import statistics
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,45 +28,10 @@ import pykv
 import pykv.client
 from pykv.server.cmd_cluster import cluster_down, cluster_up, read_pid
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from transfers import Transfers  # noqa: E402 - the tests' transfers, timed
+
 ACCOUNTS = [f"acct{i:02d}" for i in range(24)]
-
-
-class _Transfers:
-    """Threads moving 1 between random accounts; each transaction's (end time, seconds)."""
-
-    def __init__(self, db, threads: int) -> None:
-        self.db = db
-        self.done: list[tuple[float, float]] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
-
-    def _run(self, seed: int) -> None:
-        rng = random.Random(seed)
-        while not self._stop.is_set():
-            src, dst = rng.sample(ACCOUNTS, 2)
-            started = time.monotonic()
-            try:
-                with self.db.transaction() as tx:
-                    tx.put(src, tx.get(src) - 1)
-                    tx.put(dst, tx.get(dst) + 1)
-            except pykv.TransactionConflict:
-                continue
-            except pykv.Error as exc:
-                self.errors.append(repr(exc))
-                continue
-            now = time.monotonic()
-            self.done.append((now, now - started))
-
-    def __enter__(self) -> _Transfers:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
 
 
 def _figures(seconds: list[float]) -> dict:
@@ -89,7 +53,7 @@ def bench_frozen_node(pause: float, threads: int = 4, base: int = 28760) -> dict
                 with db.transaction() as tx:
                     for account in ACCOUNTS:
                         tx.put(account, 100)
-                with _Transfers(db, threads) as moving:
+                with Transfers(db, ACCOUNTS, threads, keep_going=True) as moving:
                     time.sleep(1.0)
                     stopped = time.monotonic()
                     pid = read_pid(data, 1)
@@ -110,7 +74,7 @@ def bench_frozen_node(pause: float, threads: int = 4, base: int = 28760) -> dict
     return {
         "pause_s": pause, "threads": threads, "before": before, "during_and_after": during,
         "longest_vs_baseline_p99": round(during["longest_ms"] / before["p99_ms"], 1),
-        "timeouts_per_node": timeouts, "errors": moving.errors[:3], "total_kept": total == 100 * len(ACCOUNTS),
+        "timeouts_per_node": timeouts, "errors": [repr(e) for e in moving.errors[:3]], "total_kept": total == 100 * len(ACCOUNTS),
     }
 
 

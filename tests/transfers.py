@@ -1,11 +1,13 @@
-"""Threads that move money between accounts without pause, for tests of consistent scans.
+"""Threads that move money between accounts without pause, for tests of consistent scans
+(and benchmarks/bench_frozen_node.py).
 
     with Transfers(db, accounts, threads=4) as moving:
         ...scan...
     assert moving.errors == [] and moving.moved > 0
 
 Each transfer is one transaction moving 1 from one random account to another, so the total
-never changes; a conflict is retried, any other error stops that thread and is kept.
+never changes; a conflict is retried, any other error is kept and stops that thread (unless
+``keep_going``). ``done``: each transfer's (monotonic end time, seconds it took).
 """
 
 from __future__ import annotations
@@ -18,27 +20,35 @@ import pykv
 
 
 class Transfers:
-    def __init__(self, db, accounts: list[str], threads: int = 4) -> None:
-        self.db, self.accounts = db, accounts
-        self.moved = 0
+    def __init__(self, db, accounts: list[str], threads: int = 4, keep_going: bool = False) -> None:
+        self.db, self.accounts, self.keep_going = db, accounts, keep_going
+        self.done: list[tuple[float, float]] = []
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    @property
+    def moved(self) -> int:
+        return len(self.done)
 
     def _run(self, seed: int) -> None:
         rng = random.Random(seed)
         while not self._stop.is_set():
             src, dst = rng.sample(self.accounts, 2)
+            started = time.monotonic()
             try:
                 with self.db.transaction() as tx:
                     tx.put(src, tx.get(src) - 1)
                     tx.put(dst, tx.get(dst) + 1)
-                self.moved += 1
             except pykv.TransactionConflict:
                 continue
             except Exception as exc:  # noqa: BLE001 - kept for the test's assertion
                 self.errors.append(exc)
+                if self.keep_going:
+                    continue
                 return
+            now = time.monotonic()
+            self.done.append((now, now - started))
 
     def __enter__(self) -> Transfers:
         for t in self._threads:
