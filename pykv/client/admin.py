@@ -38,22 +38,16 @@ def fetch_statuses(addresses: list[str], timeout: float = 2.0) -> dict[str, dict
 
 
 def fetch_any_shard_map(addresses: list[str], timeout: float = 2.0) -> dict | None:
-    """The shard map of whichever address answers first, all asked at once; None when none
-    does within ``timeout``."""
+    """The shard map of the first address to answer (Router.ask_for_map: the next is asked
+    as well whenever one is silent for a moment); None when none does within ``timeout``."""
 
     async def first() -> dict | None:
-        asking = [asyncio.ensure_future(_call(a, SHARD_MAP, timeout)) for a in addresses]
+        router = Router(addresses, timeout=timeout, connect_timeout=timeout)
         try:
-            for answer in asyncio.as_completed(asking):
-                try:
-                    return await answer
-                except Exception:  # noqa: BLE001, S112 - another address may answer
-                    continue
-            return None
+            shard_map, _, _ = await router.ask_for_map(addresses, asyncio.get_running_loop().time() + timeout)
+            return shard_map
         finally:
-            for task in asking:
-                task.cancel()
-            await asyncio.gather(*asking, return_exceptions=True)
+            await router.close()
 
     return asyncio.run(first())
 

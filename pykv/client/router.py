@@ -219,7 +219,7 @@ class Router:
                 # that failed at once wait in turn on the same silent node.
                 return self.map
             candidates = self._map_sources()
-            raw, errors, wrong = await self._ask_for_map(candidates, deadline)
+            raw, errors, wrong = await self.ask_for_map(candidates, deadline)
             if raw is None:
                 why = "no node answered for the shard map: " + "; ".join(errors)
                 raise WrongCluster(why) if wrong == len(candidates) else Unavailable(why)
@@ -233,11 +233,12 @@ class Router:
                         self._leaders.setdefault(shard, leader)
             return self.map
 
-    async def _ask_for_map(self, addresses: list[str], deadline: float) -> tuple[Any, list[str], int]:
-        """The first shard map that ``addresses`` answer: asked in turn, the next as soon as
-        one fails or MAP_ASK_STAGGER passes without an answer (a frozen node answers nothing
-        until its connect timeout), each within connect_timeout and the deadline. Returns
-        (the map or None, the errors, how many of them were nodes of another cluster)."""
+    async def ask_for_map(self, addresses: list[str], deadline: float) -> tuple[Any, list[str], int]:
+        """The first shard map (as the wire has it) that ``addresses`` answer: asked in turn,
+        the next as soon as one fails or MAP_ASK_STAGGER passes without an answer (a frozen
+        node answers nothing until its connect timeout), each within connect_timeout and the
+        deadline (loop time). Returns (the map or None, the errors, how many of them were
+        nodes of another cluster). An address that is not HOST:PORT is one more error."""
         loop = asyncio.get_running_loop()
         waiting = list(addresses)
         asking: dict[asyncio.Future, str] = {}
@@ -260,7 +261,7 @@ class Router:
                     try:
                         raw = task.result()
                         self._learn_cluster(address, raw.get("cluster"))
-                    except (Unavailable, Timeout, OSError, WrongCluster) as exc:
+                    except (Unavailable, Timeout, OSError, WrongCluster, InvalidArgument) as exc:
                         errors.append(f"{address}: {exc}")
                         wrong += isinstance(exc, WrongCluster)
                         if isinstance(exc, Timeout):
