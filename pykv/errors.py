@@ -75,6 +75,11 @@ class Unavailable(Error):
     """No quorum (or no reachable node) for the shard that owns a key."""
 
 
+class NotAnswering(Unavailable):
+    """A node took the connection but did not greet within the timeout: it is paused
+    (SIGSTOP), overloaded or cut off mid-way, not down (a down node refuses the connection)."""
+
+
 class Timeout(Error):
     """An operation did not finish within its deadline; its outcome may be unknown."""
 

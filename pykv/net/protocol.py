@@ -9,7 +9,7 @@ import socket
 from typing import Any
 
 from pykv import errors
-from pykv.errors import ProtocolError, Timeout, Unavailable, WrongCluster
+from pykv.errors import NotAnswering, ProtocolError, Timeout, Unavailable, WrongCluster
 from pykv.net.framing import (
     DEFAULT_MAX_FRAME,
     ERROR,
@@ -347,7 +347,7 @@ class Connection(FramedProtocol):
             await asyncio.wait_for(asyncio.shield(conn._greeting), timeout)
         except asyncio.TimeoutError:
             conn.close()
-            raise Unavailable(f"cannot connect to {address}: no HELLO within {timeout}s") from None
+            raise NotAnswering(f"cannot connect to {address}: no HELLO within {timeout}s") from None
         return conn
 
     @property

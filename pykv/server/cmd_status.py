@@ -56,10 +56,17 @@ def _groups(status: dict) -> list[tuple[str, dict]]:
     return rows
 
 
-def _down_node(status: str) -> tuple[str, str]:
-    """(node id or "?", error) of a node that did not answer, from collect()'s text."""
+# Errors of a node that took the connection and then said nothing: paused, overloaded or cut
+# off, and likely back soon; any other error (a refused connection) means the node is down.
+SILENT_ERRORS = ("NotAnswering", "Timeout")
+
+
+def _down_node(status: str) -> tuple[str, str, str]:
+    """(node id or "?", state, error) of a node that did not answer, from collect()'s text;
+    state is "not answering" (it took the connection) or "down"."""
     match = re.fullmatch(r"node (\d+): (.*)", status, re.DOTALL)
-    return (match[1], match[2]) if match else ("?", status)
+    node, said = (match[1], match[2]) if match else ("?", status)
+    return node, "not answering" if said.startswith(SILENT_ERRORS) else "down", said
 
 
 def build_table(statuses: dict[str, dict | str]) -> Table:
@@ -78,8 +85,8 @@ def build_table(statuses: dict[str, dict | str]) -> Table:
         table.add_column(column, justify="right" if column not in ("address", "role") else "left")
     for address, status in statuses.items():
         if not isinstance(status, dict):
-            node, said = _down_node(status)
-            table.add_row(node, address, "-", f"[red]down[/red] ({said})", *["-"] * (len(columns) - 4))
+            node, state, said = _down_node(status)
+            table.add_row(node, address, "-", f"[red]{state}[/red] ({said})", *["-"] * (len(columns) - 4))
             continue
         for shard, group in _groups(status):
             role = group["role"] + (" (quiesced)" if group.get("quiesced") else "")

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,6 +27,7 @@ from cluster_harness import local_cluster  # noqa: E402
 from fault_load import check_history, run_with_fault, wait_caught_up  # noqa: E402
 
 import pykv.client  # noqa: E402
+from pykv.server import cmd_status  # noqa: E402
 
 
 @pytest.mark.slow
@@ -243,7 +245,13 @@ def test_status_names_the_paused_nodes_and_shows_the_others(tmp_path):
         statuses = json.loads(shown.stdout)
         assert sorted(statuses) == sorted(cluster.addresses)
         for node in (1, 2):
-            assert statuses[cluster.address(node)].startswith(f"node {node}: Unavailable")
+            assert statuses[cluster.address(node)].startswith(f"node {node}: NotAnswering")
             assert "no HELLO within 3" in statuses[cluster.address(node)]
         assert sorted(statuses[cluster.address(3)]["groups"], key=int) == ["0", "1", "2", "3"]
         assert took < 2 * 3  # one timeout of 3 s in all (one after the other: 9 s)
+        # The table calls them "not answering" (likely back soon), not "down" (refused).
+        console = Console(width=400, record=True)
+        console.print(cmd_status.build_table(statuses))
+        rows = {line.split("│")[2].strip(): line for line in console.export_text().splitlines() if "│" in line}
+        for node in (1, 2):
+            assert "│ not answering (NotAnswering: cannot connect" in rows[cluster.address(node)]

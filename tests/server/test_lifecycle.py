@@ -47,6 +47,8 @@ def test_up_down_up_keeps_data_and_restarts_only_missing_nodes(tmp_path):
         subprocess.run(["kill", "-9", str(pids[2])], check=True)
         down_row = json.loads(_pykv("status", "--json", "--addresses", f"127.0.0.1:{base}").stdout)
         assert down_row[f"127.0.0.1:{base + 1}"].startswith("node 2: Unavailable: cannot connect")
+        table = _pykv("status", "--addresses", f"127.0.0.1:{base}").stdout.splitlines()
+        assert any(f"│ 127.0.0.1:{base + 1} │ - │ down (Unavailable: cannot" in " ".join(row.split()) for row in table)
         again = _pykv("cluster", "up", "--nodes", "3", "--data-dir", str(data), "--base-port", str(base))
         assert again.returncode == 0, again.stderr
         now = running_nodes(config, data)
