@@ -5,8 +5,8 @@ shard for a 2PC decision through one). It learns the shard map from any reachabl
 (asking the next when one is silent for a moment), then sends each request to the node it
 believes leads the shard: the last that answered for it, or a ``[REDIRECT, hint]``'s. An
 unreachable node or a redirect without a hint makes it try the shard's other replicas,
-with a short backoff, until the deadline; a node that let an attempt time out (frozen, or
-cut off) is passed over for a while. Retrying is safe because every command is idempotent by transaction id on the
+with a short backoff, until the deadline; a node that falls silent during an attempt (frozen,
+or cut off; one that answers a PING is only slow, and waited for) is passed over for a while. Retrying is safe because every command is idempotent by transaction id on the
 replicas (pykv.replica.shard): a commit that did apply returns its first outcome again.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pykv.client.transport import EXPORT, META_GROUP, READ, SCAN, SHARD_MAP, Redirect, unwrap
+from pykv.client.transport import EXPORT, META_GROUP, PING, READ, SCAN, SHARD_MAP, Redirect, unwrap
 from pykv.cluster.ring import HashRing
 from pykv.errors import InvalidArgument, OutcomeUnknown, Timeout, Unavailable, WrongCluster
 from pykv.net.framing import CLUSTER_MAX_FRAME
@@ -120,17 +120,20 @@ class Router:
         # Addresses where a node of another cluster answered: asked again only after
         # WRONG_CLUSTER_RECHECK seconds (each refusal is logged at both ends), with the time.
         self._wrong: dict[str, tuple[float, WrongCluster]] = {}
-        # One attempt waits at most this long before trying another replica: a leader that
-        # is frozen (SIGSTOP, a long GC pause) keeps its connections open but answers
-        # nothing, and waiting the whole deadline on it would stall the client that long.
+        # An attempt ends once its node has said nothing at all for this long (asked with a
+        # PING meanwhile), and another replica is tried: a leader that is frozen (SIGSTOP, a
+        # long GC pause) keeps its connections open but answers nothing, and waiting the
+        # whole deadline on it would stall the client that long. A node that answers the
+        # PING is waited for: its request is only slow (a read waiting on the keys of a
+        # transaction being settled), and passing it over would only make the wait longer.
         self.attempt_timeout = attempt_timeout
-        # Nodes that let an attempt time out, and until when to pass them over. Followers keep
+        # Nodes that fell silent during an attempt, and until when to pass them over. Followers keep
         # naming a frozen leader in redirects until they elect another, and following such a
         # hint costs another whole attempt timeout. One attempt timeout is about when an
         # election is over; a leader that was only slow is back in line after it.
         self.suspect_for = attempt_timeout
         self._suspects: dict[int, float] = {}
-        self.timeouts: Counter[int] = Counter()  # attempts that timed out, per node
+        self.timeouts: Counter[int] = Counter()  # attempts that timed out (node silent), per node
         self.map: ShardMapView | None = None
         self._ring: HashRing | None = None
         self._leaders: dict[int, int] = {}
@@ -346,7 +349,8 @@ class Router:
         return False
 
     def _timed_out(self, node: int | None) -> None:
-        """An attempt on ``node`` got no reply in time: count it and pass the node over."""
+        """An attempt on ``node`` got no reply, nor any word from it: count it and pass the
+        node over."""
         if node is not None:
             self._suspects[node] = asyncio.get_running_loop().time() + self.suspect_for
             self.timeouts[node] += 1
@@ -391,7 +395,7 @@ class Router:
                 conn = self._conns.get(address)
                 if conn is None or conn.closed:
                     conn = await self.connection(address, remaining)
-                reply = unwrap(await conn.request(kind, body, min(remaining, self.attempt_timeout)))
+                reply = unwrap(await conn.request(kind, body, remaining, silence=self.attempt_timeout, probe=PING))
                 if self._suspects:
                     self._suspects.pop(node, None)
                 if leader != node and kind != EXPORT:  # (an export's later steps: its holder)

@@ -326,6 +326,8 @@ class Connection(FramedProtocol):
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._greeting: asyncio.Future[None] = self._loop.create_future()
+        self.heard = 0.0  # loop time of the last frame from the peer
+        self._probing = False  # a probe (request(..., probe=KIND)) is waiting for its reply
 
     @classmethod
     async def open(
@@ -367,25 +369,47 @@ class Connection(FramedProtocol):
         self.write(frame)
         return request_id, future
 
-    async def request(self, kind: int, body: Any, timeout: float) -> Any:
+    async def request(
+        self, kind: int, body: Any, timeout: float, *, silence: float | None = None, probe: int | None = None
+    ) -> Any:
         """Send a request and wait for its reply body. Raises Timeout (a command's outcome is
         then unknown: the caller, who knows the kind, says so), Unavailable if the connection
-        is or gets closed, the error of an ERROR reply."""
+        is or gets closed, the error of an ERROR reply.
+
+        ``silence``: raise Timeout sooner, once the peer has sent nothing at all on this
+        connection for that long (a frozen or cut-off node), asking it meanwhile with a
+        ``probe`` request (a kind it answers at once) whether it is there. A peer that goes
+        on talking is waited for up to ``timeout``: its request is slow (it waits on locks),
+        and asking another node would not make it faster."""
         request_id, future = self._send_request(kind, body)
         # A timer on the reply future, not asyncio.wait_for: that wraps every request in a
         # task of its own, which costs the client more CPU than the request.
-        timer = self._loop.call_later(timeout, self._expire, request_id, timeout)
+        if silence is None or silence >= timeout:
+            timer = self._loop.call_later(timeout, self._expire, request_id, timeout)
+        else:
+            timer = _SilenceWatch(self, request_id, timeout, silence, probe)
         try:
             return await future
         finally:
             timer.cancel()
 
-    def _expire(self, request_id: int, timeout: float) -> None:
+    def _expire(self, request_id: int, timeout: float, why: str = "") -> None:
         future = self._waiting.pop(request_id, None)
         if future is not None and not future.done():
-            future.set_exception(Timeout(
-                f"no reply from {self.address} within {timeout:.3g}s"
-            ))
+            future.set_exception(Timeout(f"no reply from {self.address} within {timeout:.3g}s{why}"))
+
+    def _probe(self, kind: int) -> None:
+        """Ask the peer for a sign of life (one probe at a time); its reply sets ``heard``."""
+        if self._probing or self.closed:
+            return
+        self._probing = True
+        _, future = self._send_request(kind, None)
+        future.add_done_callback(self._probed)
+
+    def _probed(self, future: asyncio.Future[Any]) -> None:
+        self._probing = False
+        if not future.cancelled():
+            future.exception()  # retrieved: a probe's outcome is only that it came
 
     def send(self, kind: int, body: Any) -> None:
         """Send a one-way message (no reply); dropped silently when the connection is down.
@@ -397,6 +421,7 @@ class Connection(FramedProtocol):
     # --- frames from the server ---------------------------------------------------------------
 
     def frames_received(self, frames: list[Frame]) -> None:
+        self.heard = self._loop.time()
         waiting = self._waiting
         for frame in frames:
             if frame.kind != RESPONSE:
@@ -443,3 +468,46 @@ class Connection(FramedProtocol):
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _SilenceWatch:
+    """The timer of a request given a ``silence`` (Connection.request): every half of it, a
+    check of whether the peer said anything since the last; after a half without a word, a
+    probe; after a whole one, Timeout. The request's own timeout ends it in any case."""
+
+    __slots__ = ("conn", "request_id", "timeout", "deadline", "silence", "probe", "since", "probed", "timer")
+
+    def __init__(self, conn: Connection, request_id: int, timeout: float, silence: float, probe: int | None) -> None:
+        self.conn = conn
+        self.request_id = request_id
+        self.timeout = timeout
+        self.silence = silence
+        self.probe = probe
+        loop = conn._loop
+        self.since = loop.time()
+        self.deadline = self.since + timeout
+        self.probed = False
+        self.timer = loop.call_at(min(self.since + silence / 2, self.deadline), self._check)
+
+    def _check(self) -> None:
+        conn = self.conn
+        now = conn._loop.time()
+        if now >= self.deadline:
+            conn._expire(self.request_id, self.timeout)
+            return
+        if conn.heard >= self.since:  # it spoke: alive; watch the next stretch
+            self.since, self.probed = now, False
+            follow = now + self.silence / 2
+        elif not self.probed and self.probe is not None:
+            conn._probe(self.probe)
+            self.probed = True
+            follow = self.since + self.silence
+        elif now >= self.since + self.silence:
+            conn._expire(self.request_id, self.silence, ", nor anything else")
+            return
+        else:
+            follow = self.since + self.silence
+        self.timer = conn._loop.call_at(min(follow, self.deadline), self._check)
+
+    def cancel(self) -> None:
+        self.timer.cancel()

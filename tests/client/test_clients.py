@@ -41,8 +41,8 @@ from pykv.errors import (  # noqa: E402
 )
 from pykv.replica import shard as cmd  # noqa: E402
 from pykv.replica.commitflow import LOCK_RENEW_EVERY, Round, Send  # noqa: E402
-from pykv.txn.model import CommitRequest, KeyRange  # noqa: E402
-from pykv.types import TxnIdSource  # noqa: E402
+from pykv.txn.model import CommitRequest, KeyRange, WriteOp  # noqa: E402
+from pykv.types import OpKind, TxnIdSource  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -476,6 +476,33 @@ def test_a_range_lock_left_by_a_vanished_scanner_is_released_by_recovery(cluster
                 time.sleep(0.1)
         print(f"\nreleased by recovery after {time.monotonic() - started:.1f}s")
         assert db.get("orphan/a") == 2
+    finally:
+        db.close()
+
+
+def test_a_read_that_waits_on_a_prepared_transaction_stays_with_its_live_leader(cluster):
+    """A read of a key that a prepared transaction holds waits on the shard's leader until
+    the transaction is settled (here recovery aborts it, after recovery_after, 2 s). The
+    leader answers the client's PING meanwhile, so the client goes on waiting on it: before,
+    it took the leader for a frozen node once the attempt timeout (0.75 s) passed, passed it
+    over for as long again, and asked followers that could only send it back."""
+    db = pykv.client.connect(cluster.addresses)
+    try:
+        db.put("held/a", "before")
+        router = db.backend.core.router
+        shard = router.shard_of("held/a")
+        holder = CommitRequest(
+            TxnIdSource().next_id(), 0, {}, (WriteOp("held/a", OpKind.PUT, "never"),),
+            timestamp=HybridClock().now(),
+        )
+        # The prepare of a 2PC whose client then vanished: no decision ever comes from it.
+        assert db.backend._run(router.call(shard, PREPARE, [shard, holder.to_wire(), shard, [shard]])) is None
+        started = time.monotonic()
+        assert db.get("held/a") == "before"
+        waited = time.monotonic() - started
+        print(f"\nthe read waited {waited:.2f}s; attempts that timed out: {dict(router.timeouts)}")
+        assert waited > router.attempt_timeout  # it did wait on the lock past an attempt's time
+        assert not router.timeouts  # and no node was taken for a silent one
     finally:
         db.close()
 
