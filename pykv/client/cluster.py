@@ -49,6 +49,7 @@ from pykv.client.transport import (
     DECIDE,
     EXPORT,
     FINISH,
+    LOAD,
     PREPARE,
     READ,
     RESOLVER,
@@ -58,6 +59,7 @@ from pykv.client.transport import (
 from pykv.embedded import store_loader
 from pykv.errors import (
     InvalidOperation,
+    KeyLocked,
     StoreClosed,
     Timeout,
     TransactionConflict,
@@ -88,7 +90,7 @@ from pykv.replica.commitflow import (
     stream_scan_rounds,
 )
 from pykv.replica.failpoints import failpoint
-from pykv.txn.model import EVERY_KEY, CommitRequest, KeyRange, ScanItems, Versioned
+from pykv.txn.model import EVERY_KEY, CommitRequest, KeyRange, KeyUpdate, ScanItems, Versioned
 from pykv.txn.resolvers import BUILTIN, ResolverRegistry
 from pykv.types import MAX_SCAN_BYTES, TxnIdSource
 
@@ -96,6 +98,8 @@ T = TypeVar("T")
 
 # Consistent scans taken again after their range lock was released under them.
 SCAN_ATTEMPTS = 3
+# Seconds before a load that a prepared transaction's lock refused is sent again (doubling).
+LOAD_PAUSE = 0.01
 
 # The request kind that carries each command of a commit or scan (pykv.replica.commitflow).
 _KINDS = {cmd.COMMIT: COMMIT, cmd.PREPARE: PREPARE, cmd.COMMIT_DECIDE: COMMIT_DECIDE,
@@ -398,6 +402,33 @@ class AsyncCluster:
             *(self.router.call(s, RESOLVER, [s, prefix, name]) for s in range(view.partitions))
         )
 
+    async def load(self, items: list[tuple[str, Versioned]]) -> None:
+        """Store versions another store committed, their clocks and timestamps kept (pykv
+        restore; ShardState._load says what a key the cluster holds gets), every shard's part
+        at once. A part that a prepared transaction holds a key of is sent again after a
+        pause, until the client's timeout; a part loaded twice is loaded once."""
+        router = self.router
+        await router.ensure_map()
+        parts: dict[int, list[list]] = {}
+        for key, version in items:
+            update = KeyUpdate(key, version.value, version.clock, version.timestamp)
+            parts.setdefault(router.shard_of(key), []).append(update.to_wire())
+        await asyncio.gather(*(self._load_part(shard, part) for shard, part in parts.items()))
+
+    async def _load_part(self, shard: int, part: list[list]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        pause = LOAD_PAUSE
+        while True:
+            try:
+                await self.router.call(shard, LOAD, [shard, part], timeout=max(0.001, deadline - loop.time()))
+                return
+            except KeyLocked:
+                if loop.time() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 20 * LOAD_PAUSE)
+
     async def close(self) -> None:
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.timeout)
@@ -541,6 +572,10 @@ class ClusterBackend:
 
     def commit(self, request: CommitRequest) -> None:
         self._run(self.core.commit(request))
+
+    def load(self, items: list[tuple[str, Versioned]]) -> None:
+        """Store versions another store committed, clocks and timestamps kept (AsyncCluster.load)."""
+        self._run(self.core.load(items))
 
     def scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,

@@ -47,6 +47,8 @@ EXPORT = 36  # [shard, export id, "begin", prefix, start, end | "next", page num
 # linearizable, and answers no keys, with the shard's resolvers {prefix: name} as a fourth
 # item; the rest to the node that answered it; the last page served is answered again when
 # asked again)
+LOAD = 37  # [shard, [key update wire...]] -> outcome: store versions made elsewhere, clocks and
+# timestamps kept (pykv restore); a key the shard holds a version of gets a clock after both
 
 META_GROUP = 1 << 20  # the Raft group id of the metadata group (shard groups are 0..Q-1)
 
@@ -77,7 +79,7 @@ def unwrap(reply: Any) -> Any:
 
 __all__ = [
     "COMMIT", "COMMIT_DECIDE", "CONF", "DROP", "HOST", "JOIN",
-    "LEAVE", "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PING", "PREPARE", "RAFT", "READ",
+    "LEAVE", "LOAD", "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PING", "PREPARE", "RAFT", "READ",
     "REDIRECT", "RESOLVER", "Redirect", "SCAN", "SHARD_MAP", "SNAPSHOT_CHUNK", "STATUS",
     "unwrap",
 ]

@@ -81,7 +81,7 @@ from pykv.txn.model import (
     first_live,
     scan_page,
 )
-from pykv.txn.occ import validate
+from pykv.txn.occ import next_clock, validate
 from pykv.txn.resolvers import ResolverRegistry
 from pykv.txn.views import Imaging
 from pykv.types import OpKind
@@ -116,6 +116,7 @@ COMMIT, PREPARE, DECIDE, FINISH, RESOLVER, NOOP = "c", "p", "d", "f", "r", "n"
 WIPE = "w"
 COMMIT_DECIDE = "x"
 RELEASE = "l"  # [txids]: every other participant finished these commits (see Unfinished)
+LOAD = "o"  # [key updates, coordinator]: versions a backup kept, stored as they are (_load)
 ALREADY_COMMITTED = "Committed"  # a prepare's vote when a retry finds the txn committed
 
 Outcome = list | None
@@ -265,6 +266,8 @@ class ShardState:
             return proposal, self._register(cmd[2], cmd[3])
         if tag == WIPE:
             return proposal, self._wipe()
+        if tag == LOAD:
+            return proposal, self._load([KeyUpdate.from_wire(u) for u in cmd[2]], int(cmd[3]))
         if tag == NOOP:
             return proposal, None
         raise ProtocolError(f"unknown shard command {tag!r}")
@@ -583,6 +586,30 @@ class ShardState:
         self.outcomes.clear()
         self.decisions.clear()
         self.unfinished = {}
+        return None
+
+    def _load(self, updates: list[KeyUpdate], coordinator: int) -> Outcome:
+        """Store versions another store committed (a restore), all or none: KeyLocked while a
+        prepared transaction or a scan holds one of their keys. A key the shard holds no
+        version of gets the loaded one as it is, so that the clocks clients kept from before
+        the backup still match it; one it holds (an overwrite) gets a clock after both, as a
+        commit's, so that nobody's context from either side matches a value it did not see.
+        Loading the same version again changes nothing: a retried load is harmless."""
+        keys = [u.key for u in updates]
+        busy = self._locked_keys(0, keys, [])
+        busy += [k for k in keys for ranges in self.range_locks.values() if any(r.holds(k) for r in ranges)]
+        if busy:
+            return error_outcome(errors.KeyLocked(f"key {busy[0]!r} is locked by a prepared transaction"))
+        stored = []
+        for update in updates:
+            current = self.get(update.key)
+            if current == update.version:
+                continue
+            if current.clock:
+                update = KeyUpdate(update.key, update.value, next_clock(current.clock, update.clock, coordinator),
+                                   update.timestamp)
+            stored.append(update)
+        self._store(stored)
         return None
 
     def _register(self, prefix: str, name: str | None) -> Outcome:

@@ -1,12 +1,14 @@
 """`pykv restore BACKUP_DIR --addresses HOST:PORT`: load a backup (an embedded store) into a cluster.
 
-Every live key of the backup (what `pykv backup` writes, or any embedded store) is written
-into the cluster by transactions of blind puts, several at once, in key order, under a
-progress bar. The cluster must hold no key, unless ``--overwrite``: then the backup's keys
-replace the cluster's and its other keys stay (that is how a restore that stopped part way
-is finished). Values are restored; their vector clocks start anew in the cluster, as any
-write's do. The resolvers a cluster backup kept (RESOLVERS) are registered first. Exit
-status: 0 once every key is written, 2 otherwise.
+Every live key of the backup (what `pykv backup` writes, or any embedded store) is loaded
+into the cluster with its vector clock and timestamp (AsyncCluster.load), several batches at
+once, in key order, under a progress bar: the clocks clients kept from before the backup
+(``get_versioned``, ``put(..., context=clock)``) still match the restored versions. The
+cluster must hold no key, unless ``--overwrite``: then the backup's keys replace the
+cluster's (with clocks after both, so that no context from before matches them) and its
+other keys stay (that is how a restore that stopped part way is finished; a batch loaded
+twice is loaded once). The resolvers a cluster backup kept (RESOLVERS) are registered
+first. Exit status: 0 once every key is written, 2 otherwise.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ import argparse
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 import pykv
-from pykv.api import KeyValueStore, Transaction
+from pykv.api import KeyValueStore
 from pykv.codec import size_bound
 from pykv.embedded import backup_resolvers
 from pykv.errors import Error
@@ -28,6 +29,7 @@ from pykv.replica.shard import bounded_runs
 from pykv.server.cli import add_addresses_argument
 from pykv.server.cmd_kv import trailing_positional
 from pykv.server.progressbar import Report, with_progress
+from pykv.txn.model import Versioned
 
 # Keys per transaction, and transactions in flight at once.
 BATCH_KEYS = 500
@@ -76,27 +78,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def restore(backup: KeyValueStore, cluster: KeyValueStore, report: Report | None = None) -> int:
-    """Write every live key of ``backup`` into ``cluster`` (transactions of blind puts,
-    IN_FLIGHT at once); ``report(keys done)`` as they commit. Returns the keys written."""
+    """Load every live key of ``backup`` into ``cluster``, clocks and timestamps kept (batches
+    of versions, IN_FLIGHT at once); ``report(keys done)`` as they land. Returns the keys loaded."""
     done = 0
     with ThreadPoolExecutor(IN_FLIGHT) as pool:
-        batches = bounded_runs(backup.scan(consistent=False), _item_size, BATCH_KEYS, BATCH_BYTES)
+        versions = backup.backend.scan("", None, None, None)
+        batches = bounded_runs(versions, _item_size, BATCH_KEYS, BATCH_BYTES)
         while wave := list(itertools.islice(batches, IN_FLIGHT)):
-            for written in pool.map(lambda batch: _write(cluster, batch), wave):
-                done += written
+            list(pool.map(cluster.backend.load, wave))  # (raises the first batch's error)
+            done += sum(len(batch) for batch in wave)
             if report is not None:
                 report(done)
     return done
 
 
-def _write(cluster: KeyValueStore, batch: list[tuple[str, Any]]) -> int:
-    def put_all(tx: Transaction) -> None:
-        for key, value in batch:
-            tx.put(key, value)
-
-    cluster.transact(put_all)
-    return len(batch)
-
-
-def _item_size(item: tuple[str, Any]) -> int:
-    return len(item[0]) + size_bound(item[1])
+def _item_size(item: tuple[str, Versioned]) -> int:
+    return len(item[0]) + len(item[1].clock) + size_bound(item[1].value)

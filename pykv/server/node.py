@@ -58,6 +58,7 @@ from pykv.client.transport import (
     HOST,
     JOIN,
     LEAVE,
+    LOAD,
     MEMBERS,
     META_GROUP,
     OK,
@@ -89,6 +90,7 @@ from pykv.replica.shard import COMMIT as CMD_COMMIT
 from pykv.replica.shard import COMMIT_DECIDE as CMD_COMMIT_DECIDE
 from pykv.replica.shard import DECIDE as CMD_DECIDE
 from pykv.replica.shard import FINISH as CMD_FINISH
+from pykv.replica.shard import LOAD as CMD_LOAD
 from pykv.replica.shard import PREPARE as CMD_PREPARE
 from pykv.replica.shard import RELEASE as CMD_RELEASE
 from pykv.replica.shard import RESOLVER as CMD_RESOLVER
@@ -108,7 +110,7 @@ from pykv.server.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender,
 from pykv.storage.cache import SharedCache
 from pykv.storage.files import DirectoryLock, make_dirs_durably
 from pykv.storage.maintenance import Maintainer
-from pykv.txn.model import EVERY_KEY, SCAN_PAGE_BYTES, CommitRequest, KeyRange
+from pykv.txn.model import EVERY_KEY, SCAN_PAGE_BYTES, CommitRequest, KeyRange, KeyUpdate
 
 log = logging.getLogger("pykv.node")
 # The loop's clock and timers run in whole milliseconds (libuv): a timer may fire up to 1 ms
@@ -787,6 +789,10 @@ class Node:
             self._propose_to(shard, CMD_RESOLVER, [str(body[1]), name], done)
         elif kind == WIPE:
             self._propose_to(shard, CMD_WIPE, [], _answer(_outcome_reply, respond))
+        elif kind == LOAD:  # [shard, [key update wire...]]: this node coordinates its clocks
+            updates = [KeyUpdate.from_wire(u).to_wire() for u in body[1]]  # ProtocolError if malformed
+            done = _answer(_outcome_reply, respond)
+            self._propose_to(shard, CMD_LOAD, [updates, self.config.node_id], done, [u[0] for u in updates])
         else:
             raise ProtocolError(f"unknown request kind {kind}")
 

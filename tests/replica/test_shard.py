@@ -9,12 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pykv._engine.vclock import BEFORE, VClock
 from pykv.codec import pack
 from pykv.replica.shard import (
     COMMIT,
     COMMIT_DECIDE,
     DECIDE,
     FINISH,
+    LOAD,
     MIN_REMEMBERED,
     PREPARE,
     RELEASE,
@@ -28,7 +30,16 @@ from pykv.replica.shard import (
     scan_reply,
 )
 from pykv.replica.stored import StoredShardState
-from pykv.txn.model import CommitRequest, Isolation, KeyRange, Versioned, WriteOp, item_bytes
+from pykv.txn.model import (
+    MISSING,
+    CommitRequest,
+    Isolation,
+    KeyRange,
+    KeyUpdate,
+    Versioned,
+    WriteOp,
+    item_bytes,
+)
 from pykv.types import OpKind
 
 
@@ -535,3 +546,30 @@ def test_a_scan_lock_travels_in_snapshots():
     assert again.run(COMMIT, put(2, "u/a", 1).to_wire())[0] == "KeyLocked"
     assert again.run(FINISH, 1, False) is None
     assert copy.range_locks == {}
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_a_load_keeps_clocks_of_new_keys_and_gives_held_keys_a_clock_after_both(stored, tmp_path):
+    """LOAD (pykv restore) stores versions made elsewhere: a key the shard has no version of
+    gets the loaded one as it is (a client's context from before the backup still matches);
+    a key it holds gets the value with a clock after both, so no context matches it; the
+    same load again changes nothing; a key a prepared transaction holds refuses the whole
+    load, nothing of it stored."""
+    log = Log(StoredShardState(0, tmp_path / "s") if stored else ShardState(0))
+    backed_up = VClock({7: 3, 9: 1}).encode()
+    assert log.run(COMMIT, put(1, "held", "cluster's").to_wire()) is None
+    held = log.state.get("held")
+    load = [KeyUpdate("fresh", [b"x", 1], backed_up, 1234).to_wire(),
+            KeyUpdate("held", "backup's", backed_up, 1235).to_wire()]
+    assert log.run(LOAD, load, 2) is None
+    assert log.state.get("fresh") == Versioned([b"x", 1], backed_up, 1234)
+    loaded = log.state.get("held")
+    assert loaded.value == "backup's" and loaded.timestamp == 1235
+    after = VClock.decode(loaded.clock)
+    for before in (VClock.decode(held.clock), VClock.decode(backed_up)):
+        assert before.compare(after) == BEFORE
+    assert log.run(LOAD, load[:1], 2) is None and log.state.get("fresh").clock == backed_up
+    assert log.run(PREPARE, put(5, "fresh", "locked").to_wire(), 0, [0, 1]) is None
+    refused = log.run(LOAD, [KeyUpdate("other", 1, backed_up, 1).to_wire(), load[0]], 2)
+    assert refused[0] == "KeyLocked"
+    assert log.state.get("other").value is MISSING

@@ -472,9 +472,11 @@ def test_a_truncated_frame_is_logged_and_harms_nothing(cluster, db):
 
 def test_a_backup_restores_into_an_empty_cluster_and_overwrite_finishes_one(cluster_addresses, tmp_path):
     """`pykv backup` then `pykv restore` into the wiped cluster: every key and value back,
-    deleted keys absent, and the resolvers registered on the cluster (a wipe forgets them):
-    a merge that needs one merges. A cluster that holds keys is refused, nothing written,
-    unless --overwrite (the backup's keys replace the cluster's, its others stay)."""
+    with its clock (a context a client kept from before the backup still matches), deleted
+    keys absent, and the resolvers registered on the cluster (a wipe forgets them): a merge
+    that needs one merges. A cluster that holds keys is refused, nothing written, unless
+    --overwrite (the backup's keys replace the cluster's, with clocks no earlier context
+    matches; its other keys stay)."""
     from cluster_harness import wipe_cluster
 
     wipe_cluster(cluster_addresses)
@@ -491,6 +493,7 @@ def test_a_backup_restores_into_an_empty_cluster_and_overwrite_finishes_one(clus
                     tx.put(key, expected[key])
         db.put("rs-deleted", 1)
         db.delete("rs-deleted")
+        kept = {key: db.get_versioned(key)[1] for key in ("rs0001", "rs0002", "rs-big")}
     assert _cli("backup", str(tmp_path / "bk"), "--addresses", address).returncode == 0
     wipe_cluster(cluster_addresses)
 
@@ -500,6 +503,8 @@ def test_a_backup_restores_into_an_empty_cluster_and_overwrite_finishes_one(clus
     assert f"restored {len(expected):,} keys" in said and "'rs-count/': counter, 'rs-set/': union" in said
     with pykv.connect([address]) as db:
         assert dict(db.scan(consistent=False)) == expected
+        assert {key: db.get_versioned(key)[1] for key in kept} == kept
+        db.put("rs0002", "after the restore", context=kept["rs0002"])  # the old context matches
         tx = db.transaction(isolation="merge")
         tx["rs-count/n"] = tx["rs-count/n"] + 1  # 5 -> 6, while another writer makes it 7
         db.put("rs-count/n", 7)
@@ -507,6 +512,7 @@ def test_a_backup_restores_into_an_empty_cluster_and_overwrite_finishes_one(clus
         assert db.get("rs-count/n") == 8
         db.put("rs-count/n", 5)
         db.put("rs0001", "changed")
+        kept["changed"] = db.get_versioned("rs0001")[1]
         db.put("rs-extra", "kept")
     run = _cli("restore", str(tmp_path / "bk"), "--addresses", address)
     assert run.returncode == 2 and "holds keys" in " ".join(run.stderr.split())
@@ -515,6 +521,11 @@ def test_a_backup_restores_into_an_empty_cluster_and_overwrite_finishes_one(clus
     assert _cli("restore", str(tmp_path / "bk"), "--addresses", address, "--overwrite").returncode == 0
     with pykv.connect([address]) as db:
         assert db.get("rs0001") == 1 and db.get("rs-extra") == "kept"
+        assert db.get("rs0002") == 2 and db.get("rs-big") == expected["rs-big"]
+        for context in (kept["rs0001"], kept["changed"]):  # neither saw the value now there
+            with pytest.raises(TransactionConflict):
+                db.put("rs0001", "stale", context=context)
+        assert db.get_versioned("rs-big")[1] == kept["rs-big"]  # unchanged since: loaded as it was
 
 
 def test_bench_drives_the_cluster_and_prints_one_json_object(cluster_addresses, capsys):

@@ -26,6 +26,7 @@ from pykv.client.transport import (  # noqa: E402
     HOST,
     JOIN,
     LEAVE,
+    LOAD,
     MEMBERS,
     META_GROUP,
     OK,
@@ -64,6 +65,7 @@ def _shard_requests(shard: int) -> dict[str, tuple[int, list]]:
         "CONF": (CONF, [shard, "promote", 2]),
         "RESOLVER": (RESOLVER, [shard, "r", None]),
         "WIPE": (WIPE, [shard]),
+        "LOAD": (LOAD, [shard, [["k", b"", 1, 1]]]),
     }
 
 
@@ -92,6 +94,8 @@ async def _replies(tmp_path: Path) -> dict[str, list]:
         got["unknown kind"] = _serve(node, 63, [0])
         got["no shard"] = _serve(node, READ, None)
         got["malformed COMMIT"] = _serve(node, COMMIT, [0, "junk"])
+        got["malformed LOAD"] = _serve(node, LOAD, [0, [["k"]]])
+        got["LOAD of no list"] = _serve(node, LOAD, [0, 7])
         # Only COMMIT_DECIDE may record a commit (it names the participants to wait for).
         got["DECIDE commit"] = _serve(node, DECIDE, [0, 1, True])
         return got
@@ -108,6 +112,6 @@ def test_every_request_kind_is_answered_through_respond_exactly_once(tmp_path):
     assert got["JOIN"] == got["LEAVE"] == [[REDIRECT, None]]  # metadata proposals
     assert got["LEAVE of a non-member"] == [[OK, 1]]  # nothing to do: the map's version
     assert got["PING"] == got["HOST"] == [[OK, None]]
-    for name in ("unknown kind", "no shard", "malformed COMMIT", "DECIDE commit"):
+    for name in ("unknown kind", "no shard", "malformed COMMIT", "malformed LOAD", "LOAD of no list", "DECIDE commit"):
         (reply,) = got[name]
         assert reply[:2] == [FAILED, "ProtocolError"], name
