@@ -907,7 +907,10 @@ class KeyValueStore:
     def register_resolver(
         self, prefix: str, resolver: str | Callable[[Versioned, Versioned, Versioned], Value]
     ) -> None:
-        """Use resolver (a built-in name or a pure function) for keys starting with prefix."""
+        """Use resolver (a built-in name or a pure function) for keys starting with prefix.
+        A built-in name is kept with the data (in the store's files, or on every shard of a
+        cluster), so the store applies it after a restart; a function lasts as long as this
+        handle (an embedded store only: a cluster refuses it)."""
         self._ensure_open()
         self._backend.resolvers.register(prefix, resolver)
 

@@ -36,7 +36,7 @@ from typing import Any
 from pykv._engine.locks import LockTable
 from pykv.api import KeyValueStore
 from pykv.codec import decode_value, encode_value
-from pykv.errors import CorruptData, InvalidArgument
+from pykv.errors import CorruptData, InvalidArgument, InvalidOperation
 from pykv.storage.files import (
     RESOLVERS_FILE,
     building_directory,
@@ -47,7 +47,7 @@ from pykv.storage.store import CheckReport, Storage, StoredVersion, Update
 from pykv.txn import model
 from pykv.txn.model import MISSING, CommitRequest, Versioned, live_items
 from pykv.txn.occ import validate
-from pykv.txn.resolvers import ResolverRegistry
+from pykv.txn.resolvers import Resolver, ResolverRegistry
 from pykv.txn.views import Imaging
 from pykv.types import MAX_SCAN_BYTES, MAX_TXN_BYTES, MAX_TXN_OPS, MAX_VALUE_BYTES
 
@@ -245,6 +245,45 @@ class _Views:
                 self._views = [v for v in self._views if v is not view]
 
 
+class StoredResolvers(ResolverRegistry):
+    """The resolvers of an embedded store: built-in names are kept in the store's RESOLVERS
+    file ({prefix: name}, replaced atomically), so that the store applies them again when
+    opened (as a cluster keeps them in its shards); a function lasts as long as the handle
+    that registered it. A cluster backup keeps the cluster's in the same file."""
+
+    def __init__(self, storage: Storage) -> None:
+        super().__init__()
+        self._storage = storage
+        self._names = backup_resolvers(storage.path)  # CorruptData for a damaged file
+        self._saving = threading.Lock()
+        for prefix, name in self._names.items():
+            try:
+                super().register(prefix, name)
+            except InvalidOperation as exc:  # a name this release does not know
+                raise CorruptData(f"{os.path.join(storage.path, RESOLVERS_FILE)}: {exc}{_RESOLVERS_FIX}") from None
+
+    def register(self, prefix: str, resolver: str | Resolver) -> None:
+        super().register(prefix, resolver)  # validates the prefix and the name
+        if isinstance(resolver, str):
+            self._save(prefix, resolver)
+        else:
+            self._save(prefix, None)  # the function replaces a kept name, after a restart too
+
+    def unregister(self, prefix: str) -> None:
+        super().unregister(prefix)
+        self._save(prefix, None)
+
+    def _save(self, prefix: str, name: str | None) -> None:
+        with self._saving:
+            if self._names.get(prefix) == name or self._storage.read_only:
+                return  # (read-only: registered for this handle only; the files stay as they are)
+            names = {**self._names, prefix: name} if name is not None else {
+                p: n for p, n in self._names.items() if p != prefix}
+            replace_atomically(os.path.join(self._storage.path, RESOLVERS_FILE),
+                               json.dumps(names, sort_keys=True).encode())
+            self._names = names
+
+
 class EmbeddedBackend:
     """The Backend of pykv.api over one local Storage directory."""
 
@@ -258,7 +297,7 @@ class EmbeddedBackend:
         self._views = _Views()
         self._max_value_bytes = max_value_bytes
         self.node_id: int = clock_node_id(storage.node_id())
-        self.resolvers = ResolverRegistry()
+        self.resolvers = StoredResolvers(storage)
 
     @property
     def storage(self) -> Storage:
@@ -387,9 +426,9 @@ class StoreLoader:
         self._storage = storage
 
     def keep_resolvers(self, names: dict[str, str]) -> None:
-        """Keep the cluster's resolvers ({prefix: built-in name}) beside the keys, for
-        `pykv restore` to register again (an embedded store keeps no registrations: its
-        users register them each time they open it)."""
+        """Keep the cluster's resolvers ({prefix: built-in name}) beside the keys: the
+        store opened with pykv.open applies them (StoredResolvers), `pykv restore` registers
+        them again on the cluster it loads."""
         replace_atomically(os.path.join(self._storage.path, RESOLVERS_FILE),
                            json.dumps(names, sort_keys=True).encode())
 
@@ -416,8 +455,8 @@ def store_loader(path: str, what: str) -> Iterator[StoreLoader]:
 
 
 def backup_resolvers(path: str | Path) -> dict[str, str]:
-    """The resolvers a cluster backup in ``path`` kept ({prefix: built-in name}); {} for a
-    store that has none (a backup of an embedded store, of a cluster before this release)."""
+    """The resolvers the store (or cluster backup) in ``path`` keeps ({prefix: built-in
+    name}); {} for one that has none."""
     file = os.path.join(path, RESOLVERS_FILE)
     try:
         with builtins.open(file, "rb") as f:
@@ -425,10 +464,14 @@ def backup_resolvers(path: str | Path) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except ValueError as exc:
-        raise CorruptData(f"{file} does not hold resolvers: {exc}") from None
+        raise CorruptData(f"{file} does not hold resolvers: {exc}{_RESOLVERS_FIX}") from None
     if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
-        raise CorruptData(f"{file} does not hold {{prefix: name}}")
+        raise CorruptData(f"{file} does not hold {{prefix: name}}{_RESOLVERS_FIX}")
     return names
+
+
+_RESOLVERS_FIX = (" (a JSON object of key prefixes and built-in resolver names; without the file"
+                  " the store opens with no resolver registered)")
 
 
 def open(  # noqa: A001 - pykv.open mirrors the builtin on purpose, like sqlite3.connect/lmdb.open

@@ -715,6 +715,28 @@ def test_rule2_non_resolvable_conflict_aborts_the_whole_transaction(store):
     assert store.get("counter") is None
 
 
+def _merged_counter(db) -> int:
+    """A merge-isolation conflict on "ctr/x" (10, +1 against +5): the counter resolver
+    makes it 16; without a resolver the commit raises TransactionConflict."""
+    db.put("ctr/x", 10)
+    t1, t2 = db.transaction(isolation="merge"), db.transaction(isolation="merge")
+    t1.put("ctr/x", t1.get("ctr/x") + 1)
+    t2.put("ctr/x", t2.get("ctr/x") + 5)
+    t2.commit()
+    t1.commit()
+    return db.get("ctr/x")
+
+
+def test_a_registered_built_in_resolver_outlives_the_handle(store_factory):
+    """A built-in name is kept with the data: a store opened again (embedded) or a new
+    client (cluster) merges with it, the last registration of a prefix standing."""
+    with store_factory() as db:
+        db.register_resolver("ctr/", "lww")
+        db.register_resolver("ctr/", "counter")
+    with store_factory() as db:
+        assert _merged_counter(db) == 16
+
+
 @pytest.mark.parametrize("store_factory", ["cluster"], indirect=True)
 def test_a_cluster_refuses_a_function_resolver_with_a_clear_error(store):
     with pytest.raises(pykv.InvalidOperation, match="built-in name"):

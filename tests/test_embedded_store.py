@@ -537,3 +537,42 @@ def test_the_shell_commands_work_on_an_embedded_store_and_reads_change_nothing(t
     missing = run_python("-m", "pykv.server.cli", "get", "k", "--data-dir", str(tmp_path / "none"))
     assert missing.returncode == 2 and "is not a pykv store" in missing.stderr
     assert not (tmp_path / "none").exists()
+
+
+def test_a_store_keeps_built_in_resolvers_and_forgets_functions_when_reopened(tmp_path):
+    """Built-in names are kept in the store's RESOLVERS file, so the store, its backups and
+    read-only opens apply them; a function lasts as long as its handle, and replaces a kept
+    name for its prefix (after a reopen: the default, abort). A read-only handle registers
+    for itself only."""
+
+    def conflict(db, key):  # a merge-isolation write-write conflict on key (ints)
+        db.put(key, 10)
+        t1 = db.transaction(isolation="merge")
+        t1.put(key, t1.get(key) + 1)
+        db.put(key, 15)
+        t1.commit()
+        return db.get(key)
+
+    path = tmp_path / "db"
+    with pykv.open(path) as db:
+        db.register_resolver("ctr/", "counter")
+        db.register_resolver("hi/", "max")
+        db.register_resolver("fn/", "min")
+        db.register_resolver("fn/", lambda base, current, mine: 99)
+        assert conflict(db, "fn/x") == 99
+        db.backup(tmp_path / "copy")
+    for reopened in (path, tmp_path / "copy"):
+        with pykv.open(reopened) as db:
+            assert conflict(db, "ctr/x") == 16 and conflict(db, "hi/x") == 15
+            with pytest.raises(pykv.TransactionConflict):
+                conflict(db, "fn/x")
+    with pykv.open(path, read_only=True) as db:
+        assert db.backend.resolvers.name_for("ctr/x") == "counter"
+        db.register_resolver("ro/", "max")
+        assert db.backend.resolvers.name_for("ro/x") == "max"
+    with pykv.open(path) as db:
+        assert db.backend.resolvers.name_for("ro/x") == "abort"
+    for damaged in (b"{not json", b'{"ctr/": "no-such-resolver"}'):
+        (path / "RESOLVERS").write_bytes(damaged)
+        with pytest.raises(pykv.CorruptData, match="RESOLVERS.*without the file the store opens"):
+            pykv.open(path)
