@@ -254,7 +254,7 @@ class StoredResolvers(ResolverRegistry):
     def __init__(self, storage: Storage) -> None:
         super().__init__()
         self._storage = storage
-        self._names = backup_resolvers(storage.path)  # CorruptData for a damaged file
+        self._names = kept_resolvers(storage.path)  # CorruptData for a damaged file
         self._saving = threading.Lock()
         for prefix, name in self._names.items():
             try:
@@ -454,7 +454,7 @@ def store_loader(path: str, what: str) -> Iterator[StoreLoader]:
             storage.close()
 
 
-def backup_resolvers(path: str | Path) -> dict[str, str]:
+def kept_resolvers(path: str | Path) -> dict[str, str]:
     """The resolvers the store (or cluster backup) in ``path`` keeps ({prefix: built-in
     name}); {} for one that has none."""
     file = os.path.join(path, RESOLVERS_FILE)

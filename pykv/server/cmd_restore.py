@@ -23,7 +23,7 @@ from rich.console import Console
 import pykv
 from pykv.api import KeyValueStore
 from pykv.codec import size_bound
-from pykv.embedded import backup_resolvers
+from pykv.embedded import kept_resolvers
 from pykv.errors import Error
 from pykv.replica.shard import bounded_runs
 from pykv.server.cli import add_addresses_argument
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                               "restore loads a backup into an empty cluster; --overwrite writes "
                               "the backup's keys over the cluster's and keeps its others")
                 return 2
-            resolvers = backup_resolvers(args.path)
+            resolvers = kept_resolvers(args.path)
             for prefix, name in sorted(resolvers.items()):
                 cluster.register_resolver(prefix, name)
             total = backup.backend.stats()["keys"]
