@@ -592,8 +592,9 @@ class ShardState:
         """Store versions another store committed (a restore), all or none: KeyLocked while a
         prepared transaction or a scan holds one of their keys. A key the shard holds no
         version of gets the loaded one as it is, so that the clocks clients kept from before
-        the backup still match it; one it holds (an overwrite) gets a clock after both, as a
-        commit's, so that nobody's context from either side matches a value it did not see.
+        the backup still match it; one it holds (an overwrite) gets a clock after both and the
+        later timestamp, as a commit's, so that nobody's context from either side matches a
+        value it did not see.
         Loading the same version again changes nothing: a retried load is harmless."""
         keys = [u.key for u in updates]
         busy = self._locked_keys(0, keys, [])
@@ -606,8 +607,8 @@ class ShardState:
             if current == update.version:
                 continue
             if current.clock:
-                update = KeyUpdate(update.key, update.value, next_clock(current.clock, update.clock, coordinator),
-                                   update.timestamp)
+                clock = next_clock(current.clock, update.clock, coordinator)
+                update = KeyUpdate(update.key, update.value, clock, max(current.timestamp, update.timestamp))
             stored.append(update)
         self._store(stored)
         return None

@@ -111,6 +111,8 @@ from pykv.storage.cache import SharedCache
 from pykv.storage.files import DirectoryLock, make_dirs_durably
 from pykv.storage.maintenance import Maintainer
 from pykv.txn.model import EVERY_KEY, SCAN_PAGE_BYTES, CommitRequest, KeyRange, KeyUpdate
+from pykv.txn.occ import check_fits
+from pykv.types import check_key
 
 log = logging.getLogger("pykv.node")
 # The loop's clock and timers run in whole milliseconds (libuv): a timer may fire up to 1 ms
@@ -285,6 +287,14 @@ class _ServerProtocol(ServerProtocol):
 
     def refusal(self, request_id: int, exc: ProtocolError) -> bytes:
         return encode_frame(RESPONSE, [FAILED, "ProtocolError", str(exc)], request_id=request_id)
+
+
+def _loadable(update: KeyUpdate) -> KeyUpdate:
+    """A LOAD's key update, once its key and value are within the limits a commit's are
+    (KeyTooLarge, InvalidKey, ValueTooLarge); ProtocolError was raised for a malformed one."""
+    check_key(update.key)
+    check_fits(update.value)
+    return update
 
 
 def _answer(convert: Callable[[Any], Any], respond: Callable[[Any], None]) -> Done:
@@ -790,7 +800,7 @@ class Node:
         elif kind == WIPE:
             self._propose_to(shard, CMD_WIPE, [], _answer(_outcome_reply, respond))
         elif kind == LOAD:  # [shard, [key update wire...]]: this node coordinates its clocks
-            updates = [KeyUpdate.from_wire(u).to_wire() for u in body[1]]  # ProtocolError if malformed
+            updates = [_loadable(KeyUpdate.from_wire(u)).to_wire() for u in body[1]]
             done = _answer(_outcome_reply, respond)
             self._propose_to(shard, CMD_LOAD, [updates, self.config.node_id], done, [u[0] for u in updates])
         else:

@@ -166,7 +166,7 @@ def _update_key(
                 f"key {key!r} was written concurrently since the transaction observed it"
             )
         clock = next_clock(current.clock, observed.clock, coordinator)
-    _check_fits(value)
+    check_fits(value)
     return KeyUpdate(key, value, clock, max(current.timestamp, request.timestamp))
 
 
@@ -221,7 +221,7 @@ def _check_key(key: str) -> None:
         check_key(key)
 
 
-def _check_fits(value: Value | _Missing) -> None:
+def check_fits(value: Value | _Missing) -> None:
     """Raise ValueTooLarge when value would encode past the limit (exact only when close)."""
     if type(value) is str and len(value) <= _SAFE_STR_CHARS:
         return

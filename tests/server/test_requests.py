@@ -96,6 +96,8 @@ async def _replies(tmp_path: Path) -> dict[str, list]:
         got["malformed COMMIT"] = _serve(node, COMMIT, [0, "junk"])
         got["malformed LOAD"] = _serve(node, LOAD, [0, [["k"]]])
         got["LOAD of no list"] = _serve(node, LOAD, [0, 7])
+        got["LOAD of a key too long"] = _serve(node, LOAD, [0, [["k" * 257, b"", 1, 1]]])
+        got["LOAD of a value too large"] = _serve(node, LOAD, [0, [["k", b"", 1, b"v" * (2 << 20)]]])
         # Only COMMIT_DECIDE may record a commit (it names the participants to wait for).
         got["DECIDE commit"] = _serve(node, DECIDE, [0, 1, True])
         return got
@@ -112,6 +114,8 @@ def test_every_request_kind_is_answered_through_respond_exactly_once(tmp_path):
     assert got["JOIN"] == got["LEAVE"] == [[REDIRECT, None]]  # metadata proposals
     assert got["LEAVE of a non-member"] == [[OK, 1]]  # nothing to do: the map's version
     assert got["PING"] == got["HOST"] == [[OK, None]]
+    assert got["LOAD of a key too long"][0][:2] == [FAILED, "KeyTooLarge"]
+    assert got["LOAD of a value too large"][0][:2] == [FAILED, "ValueTooLarge"]
     for name in ("unknown kind", "no shard", "malformed COMMIT", "malformed LOAD", "LOAD of no list", "DECIDE commit"):
         (reply,) = got[name]
         assert reply[:2] == [FAILED, "ProtocolError"], name
