@@ -421,6 +421,11 @@ class AsyncKeyValueStore:
             )
         await self._core.register_resolver(prefix, resolver)
 
+    async def unregister_resolver(self, prefix: str) -> None:
+        """Forget the resolver registered for exactly ``prefix``, on every replica."""
+        self._ensure_open()
+        await self._core.register_resolver(prefix, None)
+
     async def close(self) -> None:
         if self._closed:
             return

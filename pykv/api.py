@@ -914,6 +914,13 @@ class KeyValueStore:
         self._ensure_open()
         self._backend.resolvers.register(prefix, resolver)
 
+    def unregister_resolver(self, prefix: str) -> None:
+        """Forget the resolver registered for exactly ``prefix`` (kept ones too): its keys go
+        back to a shorter registered prefix's resolver, or the default ``abort``. A prefix
+        with none registered is left as it is."""
+        self._ensure_open()
+        self._backend.resolvers.unregister(prefix)
+
     # --- lifetime -----------------------------------------------------------------------
 
     def backup(self, path: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> None:

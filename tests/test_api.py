@@ -729,12 +729,18 @@ def _merged_counter(db) -> int:
 
 def test_a_registered_built_in_resolver_outlives_the_handle(store_factory):
     """A built-in name is kept with the data: a store opened again (embedded) or a new
-    client (cluster) merges with it, the last registration of a prefix standing."""
+    client (cluster) merges with it, the last registration of a prefix standing, until
+    unregister_resolver forgets it."""
     with store_factory() as db:
         db.register_resolver("ctr/", "lww")
         db.register_resolver("ctr/", "counter")
     with store_factory() as db:
         assert _merged_counter(db) == 16
+        db.unregister_resolver("ctr/")
+        db.unregister_resolver("never-registered/")
+    with store_factory() as db:  # forgotten for good: the default, abort
+        with pytest.raises(pykv.TransactionConflict):
+            _merged_counter(db)
 
 
 @pytest.mark.parametrize("store_factory", ["cluster"], indirect=True)

@@ -147,6 +147,20 @@ def test_asyncio_client_offers_the_same_api(cluster):
                 await db.get("")
             with pytest.raises(InvalidOperation):
                 await db.register_resolver("x", "no-such-resolver")
+
+            async def merged_max() -> int:  # a merge conflict on "aio-max/k": 5 +1 against 9
+                await db.put("aio-max/k", 5)
+                tx = db.transaction(isolation="merge")
+                tx["aio-max/k"] = await tx.get("aio-max/k") + 1
+                await db.put("aio-max/k", 9)
+                await tx.commit()
+                return await db.get("aio-max/k")
+
+            await db.register_resolver("aio-max/", "max")
+            assert await merged_max() == 9
+            await db.unregister_resolver("aio-max/")
+            with pytest.raises(TransactionConflict):
+                await merged_max()
         finally:
             await db.close()
 
