@@ -59,10 +59,13 @@ class _Prefetched:
         self.versions: dict[str, Versioned] = {}
         self.request: CommitRequest | None = None
 
-    def read(self, key: str, *, optimistic: bool = False) -> Versioned:
+    def mark(self) -> None:
+        return None  # a cluster's: see ClusterBackend.mark
+
+    def read(self, key: str, *, optimistic: bool = False, mark: None = None) -> Versioned:
         return self.versions[key]
 
-    def read_many(self, keys: list[str], *, optimistic: bool = False) -> dict[str, Versioned]:
+    def read_many(self, keys: list[str], *, optimistic: bool = False, mark: None = None) -> dict[str, Versioned]:
         return {key: self.versions[key] for key in keys}
 
     def commit(self, request: CommitRequest) -> None:

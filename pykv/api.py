@@ -16,6 +16,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from pykv._engine.vclock import VClock
@@ -154,6 +155,18 @@ class OpenTransactions(Generic[Tx]):
             self._outcomes.popitem(last=False)
 
 
+@dataclass(slots=True)
+class ReadMark:
+    """The moment a transaction's reads began, as the backend's sequence number then
+    (``horizon``), and whether every version read since is at or before it (``before``).
+    If so, each of them was current at that moment, which lies inside the transaction: a
+    transaction that wrote nothing then read one snapshot of that moment, and its commit
+    needs no validation (however busy the keys were meanwhile)."""
+
+    horizon: int
+    before: bool = True
+
+
 class Backend(Protocol):
     """What a KeyValueStore needs from the store behind it (embedded storage or a cluster)."""
 
@@ -163,14 +176,22 @@ class Backend(Protocol):
     # answers from its state without a leadership round): the commit validates such reads.
     optimistic_reads: bool
 
-    def read(self, key: str, *, optimistic: bool = False) -> Versioned:
+    def mark(self) -> ReadMark | None:
+        """A ReadMark of this moment for a transaction's reads to note against; None when
+        the backend has no one sequence of versions (a cluster: a log per shard)."""
+        ...
+
+    def read(self, key: str, *, optimistic: bool = False, mark: ReadMark | None = None) -> Versioned:
         """The latest committed and durable version of key (a linearizable read).
 
         ``optimistic``: a transaction's read, which its commit validates, so it may be an
-        older version where that is cheaper (see ``optimistic_reads``)."""
+        older version where that is cheaper (see ``optimistic_reads``). ``mark``: cleared
+        (``before = False``) when the version is newer than its horizon."""
         ...
 
-    def read_many(self, keys: list[str], *, optimistic: bool = False) -> dict[str, Versioned]:
+    def read_many(
+        self, keys: list[str], *, optimistic: bool = False, mark: ReadMark | None = None
+    ) -> dict[str, Versioned]:
         """``read`` of every key, fetched together (on a cluster, one request per shard, all
         at once); not one snapshot: each key is read as ``read`` would."""
         ...
@@ -341,6 +362,7 @@ class Transaction:
         # rerun of a read-only function): reads of these keys need no validation.
         self._snapshot: dict[str, Versioned] = {}
         self._beyond_snapshot = False  # a read went to the store itself
+        self._mark: ReadMark | None = None  # taken at the first read that went to the store
 
     # --- state ----------------------------------------------------------------------------
 
@@ -399,7 +421,7 @@ class Transaction:
             seen = self._snapshot.get(key)
             if seen is None:
                 try:
-                    seen = self._backend.read(key, optimistic=True)
+                    seen = self._backend.read(key, optimistic=True, mark=self._read_mark())
                 except BaseException:
                     self._ops -= 1
                     raise
@@ -416,10 +438,21 @@ class Transaction:
         self._check_room(len(wanted))
         fetch = [key for key in wanted if key not in self._snapshot]
         if fetch:
-            self._reads.update(self._backend.read_many(fetch, optimistic=True))
+            self._reads.update(self._backend.read_many(fetch, optimistic=True, mark=self._read_mark()))
             self._beyond_snapshot = True
         self._reads.update((key, self._snapshot[key]) for key in wanted if key in self._snapshot)
         self._ops += len(wanted)
+
+    def _read_mark(self) -> ReadMark | None:
+        """The mark the store's reads note against, taken before the first of them."""
+        if not self._beyond_snapshot:
+            self._mark = self._backend.mark()
+        return self._mark
+
+    def _one_moment(self) -> bool:
+        """Whether every read went to the store and found a version already current when the
+        first began (ReadMark): the reads are one snapshot of that moment."""
+        return self._mark is not None and self._mark.before and not self._snapshot
 
     def _overwritten(self, key: str) -> bool:
         """Whether this transaction put or deleted key: its value no longer needs a read."""
@@ -596,9 +629,10 @@ class Transaction:
         outcome = _ABORTED
         try:
             # A transaction with no writes needs no validation when it read one snapshot
-            # only (one moment, inside its lifetime), or at most one key without optimism
-            # (it is linearized at that read); every other transaction goes to the backend.
-            reads = self._reads if self._beyond_snapshot else ()
+            # only (one moment, inside its lifetime: transact's, or versions all current
+            # when its first read began), or at most one key without optimism (it is
+            # linearized at that read); every other transaction goes to the backend.
+            reads = self._reads if self._beyond_snapshot and not self._one_moment() else ()
             backend = self._backend
             if self._writes or len(reads) > 1 or (reads and backend.optimistic_reads):
                 backend.commit(self._request())

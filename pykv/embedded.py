@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pykv._engine.locks import LockTable
-from pykv.api import KeyValueStore
+from pykv.api import KeyValueStore, ReadMark
 from pykv.codec import decode_value, encode_value
 from pykv.errors import CorruptData, InvalidArgument, InvalidOperation
 from pykv.storage.files import (
@@ -305,11 +305,26 @@ class EmbeddedBackend:
 
     optimistic_reads = False  # every read is of the latest durable version
 
-    def read(self, key: str, *, optimistic: bool = False) -> Versioned:
-        return self._durable(self._storage.get(key.encode("utf-8")))
+    def mark(self) -> ReadMark:
+        """The last lsn assigned as the horizon. Each record is assigned its lsn and applied
+        in one hold of the storage lock, so by the time a read takes that lock every record
+        up to the horizon is applied: a version a read returns at or before it was current
+        then (and it was taken after the transaction began)."""
+        return ReadMark(self._storage.last_lsn)
 
-    def read_many(self, keys: list[str], *, optimistic: bool = False) -> dict[str, Versioned]:
-        return self._all_durable({key: self._storage.get(key.encode("utf-8")) for key in keys})
+    def read(self, key: str, *, optimistic: bool = False, mark: ReadMark | None = None) -> Versioned:
+        stored = self._storage.get(key.encode("utf-8"))
+        if mark is not None and stored.lsn > mark.horizon:
+            mark.before = False
+        return self._durable(stored)
+
+    def read_many(
+        self, keys: list[str], *, optimistic: bool = False, mark: ReadMark | None = None
+    ) -> dict[str, Versioned]:
+        stored = {key: self._storage.get(key.encode("utf-8")) for key in keys}
+        if mark is not None and any(version.lsn > mark.horizon for version in stored.values()):
+            mark.before = False
+        return self._all_durable(stored)
 
     def snapshot(self, keys: list[str]) -> dict[str, Versioned]:
         """One snapshot of keys: read while no commit holds any of them (shared locks, as a

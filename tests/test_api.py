@@ -204,21 +204,26 @@ def test_transact_reruns_a_read_only_function_from_one_snapshot_of_what_it_read(
     seen = []
 
     def total(tx):
-        seen.append((tx.get("a"), tx.get("b")))
-        if len(seen) == 1:
-            store.put("b", 2)  # after the first attempt read a: its reads are not one moment
-        elif len(seen) == 2:
-            store.put("a", 5)  # after the snapshot: this attempt still saw one moment
-        return sum(seen[-1])
+        a = tx.get("a")
+        if not seen:
+            store.put("b", 2)  # between the first attempt's reads: they are not one moment,
+        b = tx.get("b")
+        if not seen:
+            store.put("a", 5)  # and then a key it read changes: a conflict
+        elif len(seen) == 1:
+            store.put("a", 7)  # after the snapshot: this attempt still saw one moment
+        seen.append((a, b))
+        return a + b
 
-    assert store.transact(total, retries=1) == 3  # a=1, b=2: the snapshot's moment
-    assert seen == [(1, 1), (1, 2)]
+    assert store.transact(total, retries=1) == 7  # a=5, b=2: the snapshot's moment
+    assert seen == [(1, 2), (5, 2)]
 
     def wider(tx):  # the second attempt reads a key beyond its snapshot, which is validated
         seen.append(tx.get("a"))
         if len(seen) == 3:
-            tx.get("b")
             store.put("b", 3)
+            tx.get("b")
+            store.put("b", 4)
         elif len(seen) == 4:
             tx.get("c")
             store.put("c", 2)
@@ -226,8 +231,35 @@ def test_transact_reruns_a_read_only_function_from_one_snapshot_of_what_it_read(
             tx.get("c")
         return seen[-1]
 
-    assert store.transact(wider, retries=2) == 5
+    assert store.transact(wider, retries=2) == 7
     assert len(seen) == 5  # conflicted twice, then committed from a snapshot of {a, c}
+
+
+def test_a_read_only_transaction_whose_reads_are_one_moment_commits_however_busy_the_keys(store_factory):
+    """Embedded: a transaction that wrote nothing and found every key it read as it was when
+    its first read began read one snapshot of that moment: it commits, though the keys it
+    read changed since. One that found a key changed after its first read began is
+    validated, and conflicts when a key it read changed since. (A cluster validates both.)"""
+    db = store_factory()
+    db.put("ro/a", 1)
+    db.put("ro/b", 1)
+    tx = db.transaction()
+    assert (tx.get("ro/a"), tx.get("ro/b")) == (1, 1)
+    db.put("ro/a", 2)
+    db.put("ro/b", 2)
+    cluster = db.backend.mark() is None
+    if cluster:
+        with pytest.raises(pykv.TransactionConflict):
+            tx.commit()
+    else:
+        tx.commit()  # one moment: a=1, b=1 were both current when its first read began
+    tx = db.transaction()
+    assert tx.get("ro/a") == 2
+    db.put("ro/b", 3)  # after the first read began: the reads are not of one moment
+    assert tx.get("ro/b") == 3
+    db.put("ro/a", 3)  # and a key read before it changes
+    with pytest.raises(pykv.TransactionConflict):
+        tx.commit()
 
 
 def test_transact_of_a_read_only_function_commits_under_steady_transfers(store):

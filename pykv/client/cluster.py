@@ -556,10 +556,13 @@ class ClusterBackend:
 
     optimistic_reads = True  # a transaction's reads skip the leadership round
 
-    def read(self, key: str, *, optimistic: bool = False) -> Versioned:
+    def mark(self) -> None:
+        return None  # a log per shard: no one sequence for a transaction's reads to note against
+
+    def read(self, key: str, *, optimistic: bool = False, mark: None = None) -> Versioned:
         return self._run(self.core.read(key, optimistic=optimistic))
 
-    def read_many(self, keys: list[str], *, optimistic: bool = False) -> dict[str, Versioned]:
+    def read_many(self, keys: list[str], *, optimistic: bool = False, mark: None = None) -> dict[str, Versioned]:
         return self._run(self.core.read_many(keys, optimistic=optimistic))
 
     def snapshot(self, keys: list[str]) -> dict[str, Versioned]:
