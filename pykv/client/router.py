@@ -431,7 +431,8 @@ class Router:
             except Timeout as exc:
                 last_error = exc
                 maybe_applied = True
-                self._timed_out(node)
+                if loop.time() - conn.heard >= self.attempt_timeout:  # silent, not only slow
+                    self._timed_out(node)
                 if self._leaders.get(shard) == node:
                     del self._leaders[shard]
             attempt += 1
