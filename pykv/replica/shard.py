@@ -68,6 +68,7 @@ import msgpack
 from sortedcontainers import SortedDict
 
 from pykv import errors
+from pykv._engine.vclock import BEFORE, EQUAL, compare_encoded
 from pykv.codec import pack, unpack, unpack_stream
 from pykv.errors import CorruptData, ProtocolError, TransactionConflict
 from pykv.replica.imaging import Exports
@@ -595,7 +596,8 @@ class ShardState:
         the backup still match it; one it holds (an overwrite) gets a clock after both and the
         later timestamp, as a commit's, so that nobody's context from either side matches a
         value it did not see.
-        Loading the same version again changes nothing: a retried load is harmless."""
+        A key that holds the loaded value with the loaded clock or a later one is left as
+        it is, so a retried load changes nothing."""
         keys = [u.key for u in updates]
         busy = self._locked_keys(0, keys, [])
         busy += [k for k in keys for ranges in self.range_locks.values() if any(r.holds(k) for r in ranges)]
@@ -604,8 +606,8 @@ class ShardState:
         stored = []
         for update in updates:
             current = self.get(update.key)
-            if current == update.version:
-                continue
+            if current.value == update.value and compare_encoded(update.clock, current.clock) in (BEFORE, EQUAL):
+                continue  # it holds this value already, as of the loaded version or after it
             if current.clock:
                 clock = next_clock(current.clock, update.clock, coordinator)
                 update = KeyUpdate(update.key, update.value, clock, max(current.timestamp, update.timestamp))
