@@ -1,7 +1,8 @@
 """A cluster backup (db.backup), and a consistent scan read past its budget, while the node
 holding a shard's export is SIGKILLed or SIGSTOPped: real processes. The backup begins again,
 and its copy is whole and of one moment; the scan, which handed out items already, fails
-its reader with TransactionConflict, and a scan taken again is whole."""
+its reader with TransactionConflict, and a scan taken again is whole. A restore while a
+shard leader is SIGKILLed or SIGSTOPped loads every version, clocks kept."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from cluster_harness import local_cluster  # noqa: E402
 from transfers import Transfers  # noqa: E402
 
 import pykv  # noqa: E402
+from pykv.server.cmd_restore import restore  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +93,43 @@ def _load(db, accounts: list[str]) -> None:
         with db.transaction() as tx:
             for i in range(start, start + 200):
                 tx.put(f"blob{i:05d}", VALUE)
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_restore_survives_the_loss_of_a_shard_leader(tmp_path, fault):
+    """pykv restore's loads go on while the leader of shard 0 is SIGKILLed or SIGSTOPped
+    after the first batch: the router sends them to the new leaders, a load that may have
+    applied is sent again (loading what a key holds already changes nothing), and the
+    cluster ends with every version of the backup, its clock and timestamp kept."""
+    source = tmp_path / "source"
+    with pykv.open(source) as db:
+        for start in range(0, 6_000, 1_000):
+            with db.transaction() as tx:
+                for i in range(start, start + 1_000):
+                    tx.put(f"rs{i:05d}", f"value {i} " * 20)
+        expected = dict(db.backend.scan("", None, None, None))
+    with local_cluster(tmp_path / "cluster", nodes=3, partitions=8) as cluster:
+        with pykv.open(source, read_only=True) as backup, pykv.connect(cluster.addresses) as db:
+            load = db.backend.load
+            batches: list[int] = []
+            victim: list[int] = []
+
+            def load_then_fault(batch):
+                batches.append(len(batch))
+                if len(batches) == 2:  # every later wave of 4 batches has keys of shard 0
+                    victim.append(cluster.leader_of(0))
+                    cluster.signal(victim[0], getattr(signal, fault))
+                return load(batch)
+
+            db.backend.load = load_then_fault
+            try:
+                assert restore(backup, db) == len(expected)
+            finally:
+                if fault == "SIGSTOP":
+                    cluster.signal(victim[0], signal.SIGCONT)
+            assert len(batches) == 12
+            if fault == "SIGSTOP":  # the loads waited on it, then went to the new leader
+                assert db.backend.core.router.timeouts[victim[0]] >= 1
+            else:
+                assert victim[0] not in cluster.alive()
+            assert dict(db.backend.scan("", None, None, None)) == expected
