@@ -386,7 +386,7 @@ class EmbeddedBackend:
         ]
         if not batch:
             return 0  # a read-only transaction: validated, nothing to make durable
-        return self._storage.submit(batch)
+        return self._storage.submit(batch, wake=False)  # commit() waits for it next
 
     def scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,

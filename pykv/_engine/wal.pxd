@@ -82,6 +82,7 @@ cdef class WalWriter:
     cdef double last_sync_time
     cdef bint sync_requested
     cdef bint writer_idle             # the writer waits on work_cv: submitters must signal
+    cdef bint writing                 # a thread (the writer's, or a waiting submitter) writes a batch
     cdef bint closing
     cdef bint closed
     cdef int error                    # errno of a failed write/fsync: the log is then unusable
@@ -119,6 +120,8 @@ cdef class WalWriter:
     cdef int _wait_for_room(self, uint64_t total) except -1
     cdef int _wait(self, uint64_t lsn) except -1
     cdef void _loop(self) noexcept nogil
+    cdef bint _writer_has_work(self) noexcept nogil
+    cdef void _write_round(self) noexcept nogil
     cdef void _timed_wait(self, double deadline) noexcept nogil
     cdef void _failpoint(self, int point) noexcept nogil
     cdef int _write_batch(self, batch* b) noexcept nogil
