@@ -424,6 +424,11 @@ class AsyncKeyValueStore:
             )
         await self._core.register_resolver(prefix, resolver)
 
+    async def resolvers(self) -> dict[str, str]:
+        """The cluster's registered resolvers, {prefix: built-in name} in prefix order."""
+        self._ensure_open()
+        return await self._core.resolver_names()
+
     async def unregister_resolver(self, prefix: str) -> None:
         """Forget the resolver registered for exactly ``prefix``, on every replica."""
         self._ensure_open()

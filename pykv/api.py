@@ -948,6 +948,12 @@ class KeyValueStore:
         self._ensure_open()
         self._backend.resolvers.register(prefix, resolver)
 
+    def resolvers(self) -> dict[str, str]:
+        """The registered resolvers, {prefix: name} in prefix order: a built-in's name, or
+        (embedded) a function's qualified name. A cluster's, as its shards keep them."""
+        self._ensure_open()
+        return self._backend.resolvers.names()
+
     def unregister_resolver(self, prefix: str) -> None:
         """Forget the resolver registered for exactly ``prefix`` (kept ones too): its keys go
         back to a shorter registered prefix's resolver, or the default ``abort``. A prefix

@@ -761,16 +761,19 @@ def _merged_counter(db) -> int:
 
 def test_a_registered_built_in_resolver_outlives_the_handle(store_factory):
     """A built-in name is kept with the data: a store opened again (embedded) or a new
-    client (cluster) merges with it, the last registration of a prefix standing, until
-    unregister_resolver forgets it."""
+    client (cluster) merges with it and lists it (resolvers()), the last registration of a
+    prefix standing, until unregister_resolver forgets it."""
     with store_factory() as db:
         db.register_resolver("ctr/", "lww")
         db.register_resolver("ctr/", "counter")
+        db.register_resolver("big/", "max")
     with store_factory() as db:
+        assert db.resolvers() == {"big/": "max", "ctr/": "counter"}
         assert _merged_counter(db) == 16
         db.unregister_resolver("ctr/")
         db.unregister_resolver("never-registered/")
     with store_factory() as db:  # forgotten for good: the default, abort
+        assert db.resolvers() == {"big/": "max"}
         with pytest.raises(pykv.TransactionConflict):
             _merged_counter(db)
 

@@ -560,6 +560,8 @@ def test_a_store_keeps_built_in_resolvers_and_forgets_functions_when_reopened(tm
         db.register_resolver("fn/", "min")
         db.register_resolver("fn/", lambda base, current, mine: 99)
         assert conflict(db, "fn/x") == 99
+        assert db.resolvers() == {"ctr/": "counter", "fn/": "test_a_store_keeps_built_in_resolvers_"
+                                  "and_forgets_functions_when_reopened.<locals>.<lambda>", "hi/": "max"}
         db.backup(tmp_path / "copy")
     for reopened in (path, tmp_path / "copy"):
         with pykv.open(reopened) as db:

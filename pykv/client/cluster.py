@@ -53,6 +53,7 @@ from pykv.client.transport import (
     PREPARE,
     READ,
     RESOLVER,
+    RESOLVERS,
     SCAN,
     WIPE,
 )
@@ -429,6 +430,13 @@ class AsyncCluster:
             await asyncio.sleep(pause)
             pause = min(2 * pause, 20 * LOAD_PAUSE)
 
+    async def resolver_names(self) -> dict[str, str]:
+        """{prefix: built-in name} as shard 0 keeps them (a linearizable read on its leader;
+        register_resolver registers a name on every shard)."""
+        await self.router.ensure_map()
+        names = await self.router.call(0, RESOLVERS, [0])
+        return {prefix: names[prefix] for prefix in sorted(names)}
+
     async def close(self) -> None:
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.timeout)
@@ -521,6 +529,10 @@ class ClusterResolvers(ResolverRegistry):
     def unregister(self, prefix: str) -> None:
         super().unregister(prefix)
         self._backend._run(self._backend.core.register_resolver(prefix, None))
+
+    def names(self) -> dict[str, str]:
+        """The cluster's registrations (every shard keeps the same), not only this client's."""
+        return self._backend._run(self._backend.core.resolver_names())
 
 
 class ClusterBackend:

@@ -49,6 +49,7 @@ EXPORT = 36  # [shard, export id, "begin", prefix, start, end | "next", page num
 # asked again)
 LOAD = 37  # [shard, [key update wire...]] -> outcome: store versions made elsewhere, clocks and
 # timestamps kept (pykv restore); a key the shard holds a version of gets a clock after both
+RESOLVERS = 38  # [shard] -> {prefix: built-in name}: the resolvers registered on the shard
 
 META_GROUP = 1 << 20  # the Raft group id of the metadata group (shard groups are 0..Q-1)
 
@@ -80,6 +81,6 @@ def unwrap(reply: Any) -> Any:
 __all__ = [
     "COMMIT", "COMMIT_DECIDE", "CONF", "DROP", "HOST", "JOIN",
     "LEAVE", "LOAD", "MEMBERS", "META_GROUP", "WIPE", "DECIDE", "FAILED", "FINISH", "OK", "PING", "PREPARE", "RAFT", "READ",
-    "REDIRECT", "RESOLVER", "Redirect", "SCAN", "SHARD_MAP", "SNAPSHOT_CHUNK", "STATUS",
+    "REDIRECT", "RESOLVER", "RESOLVERS", "Redirect", "SCAN", "SHARD_MAP", "SNAPSHOT_CHUNK", "STATUS",
     "unwrap",
 ]

@@ -68,6 +68,7 @@ from pykv.client.transport import (
     READ,
     REDIRECT,
     RESOLVER,
+    RESOLVERS,
     SCAN,
     SHARD_MAP,
     SNAPSHOT_CHUNK,
@@ -797,6 +798,11 @@ class Node:
             name = None if body[2] is None else str(body[2])
             done = _answer(_outcome_reply, respond)
             self._propose_to(shard, CMD_RESOLVER, [str(body[1]), name], done)
+        elif kind == RESOLVERS:
+            host = self.host
+            assert host is not None
+            host.read(shard, lambda state: dict(state.resolver_names), (), _answer(lambda names: [OK, names], respond))
+            self._wakeup()
         elif kind == WIPE:
             self._propose_to(shard, CMD_WIPE, [], _answer(_outcome_reply, respond))
         elif kind == LOAD:  # [shard, [key update wire...]]: this node coordinates its clocks

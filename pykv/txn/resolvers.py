@@ -221,12 +221,21 @@ class ResolverRegistry:
 
     def name_for(self, key: str) -> str:
         """A readable name of the resolver ``key`` gets (for errors and diagnostics)."""
-        resolver = self.resolver_for(key)
-        for name, builtin in BUILTIN.items():
-            if builtin is resolver:
-                return name
-        return getattr(resolver, "__qualname__", repr(resolver))
+        return _name_of(self.resolver_for(key))
 
     def registrations(self) -> dict[str, Resolver]:
         """A copy of prefix -> resolver."""
         return dict(self._by_prefix)
+
+    def names(self) -> dict[str, str]:
+        """prefix -> the registered resolver's name (a built-in's, or a function's qualified
+        name), in prefix order."""
+        return {prefix: _name_of(self._by_prefix[prefix]) for prefix in sorted(self._by_prefix)}
+
+
+def _name_of(resolver: Resolver) -> str:
+    """A built-in resolver's name, else the function's qualified name."""
+    for name, builtin in BUILTIN.items():
+        if builtin is resolver:
+            return name
+    return getattr(resolver, "__qualname__", repr(resolver))

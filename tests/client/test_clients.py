@@ -157,8 +157,10 @@ def test_asyncio_client_offers_the_same_api(cluster):
                 return await db.get("aio-max/k")
 
             await db.register_resolver("aio-max/", "max")
+            assert (await db.resolvers())["aio-max/"] == "max"
             assert await merged_max() == 9
             await db.unregister_resolver("aio-max/")
+            assert "aio-max/" not in await db.resolvers()
             with pytest.raises(TransactionConflict):
                 await merged_max()
         finally:

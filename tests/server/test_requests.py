@@ -35,6 +35,7 @@ from pykv.client.transport import (  # noqa: E402
     READ,
     REDIRECT,
     RESOLVER,
+    RESOLVERS,
     SCAN,
     WIPE,
 )
@@ -64,6 +65,7 @@ def _shard_requests(shard: int) -> dict[str, tuple[int, list]]:
         "MEMBERS": (MEMBERS, [shard]),
         "CONF": (CONF, [shard, "promote", 2]),
         "RESOLVER": (RESOLVER, [shard, "r", None]),
+        "RESOLVERS": (RESOLVERS, [shard]),
         "WIPE": (WIPE, [shard]),
         "LOAD": (LOAD, [shard, [["k", b"", 1, 1]]]),
     }
