@@ -279,8 +279,7 @@ class StoredResolvers(ResolverRegistry):
                 return  # (read-only: registered for this handle only; the files stay as they are)
             names = {**self._names, prefix: name} if name is not None else {
                 p: n for p, n in self._names.items() if p != prefix}
-            replace_atomically(os.path.join(self._storage.path, RESOLVERS_FILE),
-                               json.dumps(names, sort_keys=True).encode())
+            keep_resolvers(self._storage.path, names)
             self._names = names
 
 
@@ -444,8 +443,7 @@ class StoreLoader:
         """Keep the cluster's resolvers ({prefix: built-in name}) beside the keys: the
         store opened with pykv.open applies them (StoredResolvers), `pykv restore` registers
         them again on the cluster it loads."""
-        replace_atomically(os.path.join(self._storage.path, RESOLVERS_FILE),
-                           json.dumps(names, sort_keys=True).encode())
+        keep_resolvers(self._storage.path, names)
 
     def add(self, items: list[tuple[str, Versioned]]) -> None:
         """Write live versions (a page of an export)."""
@@ -467,6 +465,11 @@ def store_loader(path: str, what: str) -> Iterator[StoreLoader]:
             storage.sync()
         finally:
             storage.close()
+
+
+def keep_resolvers(path: str | Path, names: dict[str, str]) -> None:
+    """Replace the resolvers the store in ``path`` keeps ({prefix: built-in name}), atomically."""
+    replace_atomically(os.path.join(path, RESOLVERS_FILE), json.dumps(names, sort_keys=True).encode())
 
 
 def kept_resolvers(path: str | Path) -> dict[str, str]:
