@@ -25,7 +25,7 @@ from pathlib import Path
 import pykv
 from pykv.replica.shard import bounded_runs
 from pykv.server.cmd_cluster import cluster_down, cluster_up
-from pykv.server.cmd_restore import BATCH_BYTES, BATCH_KEYS, IN_FLIGHT, _item_size, restore
+from pykv.server.cmd_restore import BATCH_BYTES, BATCH_KEYS, IN_FLIGHT, item_bytes, restore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cluster_harness import wipe_cluster  # noqa: E402 - the tests' way to empty a cluster
@@ -41,7 +41,7 @@ def _put_batches(backup: pykv.KeyValueStore, cluster: pykv.KeyValueStore) -> int
 
     done = 0
     with ThreadPoolExecutor(IN_FLIGHT) as pool:
-        batches = bounded_runs(backup.backend.scan("", None, None, None), _item_size, BATCH_KEYS, BATCH_BYTES)
+        batches = bounded_runs(backup.backend.scan("", None, None, None), item_bytes, BATCH_KEYS, BATCH_BYTES)
         while wave := list(itertools.islice(batches, IN_FLIGHT)):
             list(pool.map(put_all, wave))
             done += sum(len(batch) for batch in wave)

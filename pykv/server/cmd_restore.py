@@ -83,7 +83,7 @@ def restore(backup: KeyValueStore, cluster: KeyValueStore, report: Report | None
     done = 0
     with ThreadPoolExecutor(IN_FLIGHT) as pool:
         versions = backup.backend.scan("", None, None, None)
-        batches = bounded_runs(versions, _item_size, BATCH_KEYS, BATCH_BYTES)
+        batches = bounded_runs(versions, item_bytes, BATCH_KEYS, BATCH_BYTES)
         while wave := list(itertools.islice(batches, IN_FLIGHT)):
             list(pool.map(cluster.backend.load, wave))  # (raises the first batch's error)
             done += sum(len(batch) for batch in wave)
@@ -92,5 +92,6 @@ def restore(backup: KeyValueStore, cluster: KeyValueStore, report: Report | None
     return done
 
 
-def _item_size(item: tuple[str, Versioned]) -> int:
+def item_bytes(item: tuple[str, Versioned]) -> int:
+    """About what one version takes in a batch (key, clock and value), for BATCH_BYTES."""
     return len(item[0]) + len(item[1].clock) + size_bound(item[1].value)
