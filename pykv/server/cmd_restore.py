@@ -31,7 +31,7 @@ from pykv.server.cmd_kv import trailing_positional
 from pykv.server.progressbar import Report, with_progress
 from pykv.txn.model import Versioned
 
-# Keys per transaction, and transactions in flight at once.
+# Keys (and bytes, about) per batch of versions loaded, and batches in flight at once.
 BATCH_KEYS = 500
 BATCH_BYTES = 4 << 20
 IN_FLIGHT = 4
