@@ -527,9 +527,17 @@ def test_the_shell_commands_work_on_an_embedded_store_and_reads_change_nothing(t
     assert scanned == [{"key": "log", "value": ["x"]}, {"key": "n", "value": 7},
                        {"key": "user:1", "value": "alice"}]
     assert json.loads(cli("txn", "get:n", "get:log").stdout) == {"0:n": 7, "1:log": ["x"]}
+    assert json.loads(cli("resolvers").stdout) == {}
     after = {name: os.stat(os.path.join(root, name)).st_mtime_ns
              for root, _, names in os.walk(path) for name in names}
     assert after == before  # reads open the store read-only
+    assert json.loads(cli("resolvers", "--set", "n", "max").stdout) == {"n": "max"}
+    assert json.loads(cli("resolvers", "--set", "log", "union").stdout) == {"log": "union", "n": "max"}
+    assert json.loads(cli("resolvers", "--unset", "log").stdout) == {"n": "max"}
+    unknown = cli("resolvers", "--set", "x", "no-such")
+    assert unknown.returncode == 2 and "no built-in resolver 'no-such'" in unknown.stderr
+    with pykv.open(path) as db:
+        assert db.resolvers() == {"n": "max"}
     with pykv.open(path):  # while a process has it open, the shell is told who
         locked = cli("get", "n")
         assert locked.returncode == 2 and "StoreLocked" in locked.stderr

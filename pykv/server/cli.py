@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "put": ("pykv.server.cmd_kv", "write a key"),
     "txn": ("pykv.server.cmd_kv", "run a transaction of reads and writes"),
     "scan": ("pykv.server.cmd_kv", "print the keys of a range and their values, in key order"),
+    "resolvers": ("pykv.server.cmd_kv", "list, register (--set) or forget (--unset) conflict resolvers"),
     "check": ("pykv.server.cmd_check", "read every value of an embedded store; list the damaged"),
     "backup": ("pykv.server.cmd_backup", "copy an embedded store no process has open, or a cluster, verified"),
     "restore": ("pykv.server.cmd_restore", "load a backup (an embedded store) into a cluster"),

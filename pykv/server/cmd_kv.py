@@ -1,9 +1,11 @@
-"""`pykv get|put|txn|scan`: read, write, run small transactions and list keys from the shell.
+"""`pykv get|put|txn|scan|resolvers`: read, write, run small transactions, list keys and
+manage conflict resolvers from the shell.
 
     pykv get user:1 --addresses 127.0.0.1:7401
     pykv put user:1 alice --addresses 127.0.0.1:7401          (--type int|str|json)
     pykv txn --addresses 127.0.0.1:7401 get:a put:b=2 incr:c=5 append:log=x delete:d
     pykv scan user: --addresses 127.0.0.1:7401                (--start, --end, --limit, --plain)
+    pykv resolvers --addresses 127.0.0.1:7401                 (--set PREFIX NAME, --unset PREFIX)
 
 Each takes ``--data-dir DIR`` instead of ``--addresses`` to use an embedded store (one that
 no process has open): ``get``, ``scan`` and a ``txn`` of only gets open it read-only, so
@@ -14,7 +16,8 @@ Values print as JSON (strings too, so that "1" and 1 differ); bytes as base64 in
 operations in one transaction (reads see the transaction's own writes) and prints one
 JSON object: the value each ``get`` saw, keyed by position and key. ``scan`` prints one JSON
 object per key, ``{"key": ..., "value": ...}``, in key order: one snapshot of the range, or
-with ``--plain`` one pass printed as the pages come (any size, no snapshot).
+with ``--plain`` one pass printed as the pages come (any size, no snapshot). ``resolvers``
+prints the registered resolvers, ``{prefix: name}``, after registering or forgetting one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pykv.api import KeyValueStore
 from pykv.client import connect
 from pykv.errors import Error, InvalidValue
 from pykv.server.cli import add_addresses_argument
+from pykv.txn.resolvers import BUILTIN
 
 _MISSING = object()
 
@@ -240,6 +244,32 @@ def run_scan(args: argparse.Namespace) -> int:
                             consistent=not args.plain)
             for key, value in items:
                 print(json.dumps({"key": key, "value": _to_json(value)}))
+    except Error as exc:
+        return _fail(exc)
+    return 0
+
+
+# --- resolvers -------------------------------------------------------------------------------
+
+
+def add_resolvers_arguments(parser: argparse.ArgumentParser) -> None:
+    change = parser.add_mutually_exclusive_group()
+    change.add_argument("--set", nargs=2, metavar=("PREFIX", "NAME"),
+                        help=f"use the built-in resolver NAME ({', '.join(sorted(BUILTIN))}) for keys starting with PREFIX")
+    change.add_argument("--unset", metavar="PREFIX", help="forget the resolver registered for exactly PREFIX")
+    _connect_args(parser)
+
+
+def run_resolvers(args: argparse.Namespace) -> int:
+    """Print the registered resolvers as one JSON object {prefix: name}, after --set or
+    --unset if given (they are kept with the data: see KeyValueStore.register_resolver)."""
+    try:
+        with _store(args, writes=args.set is not None or args.unset is not None) as db:
+            if args.set is not None:
+                db.register_resolver(*args.set)
+            elif args.unset is not None:
+                db.unregister_resolver(args.unset)
+            print(json.dumps(db.resolvers()))
     except Error as exc:
         return _fail(exc)
     return 0

@@ -499,6 +499,8 @@ def test_a_backup_restores_into_an_empty_cluster_and_overwrite_finishes_one(clus
 
     run = _cli("restore", str(tmp_path / "bk"), "--addresses", address)
     assert run.returncode == 0, run.stderr
+    listed = _cli("resolvers", "--addresses", address)
+    assert json.loads(listed.stdout) == {"rs-count/": "counter", "rs-set/": "union"}, listed.stderr
     said = " ".join(run.stderr.split())
     assert f"restored {len(expected):,} keys" in said and "'rs-count/': counter, 'rs-set/': union" in said
     with pykv.connect([address]) as db:
@@ -526,6 +528,8 @@ def test_a_backup_restores_into_an_empty_cluster_and_overwrite_finishes_one(clus
             with pytest.raises(TransactionConflict):
                 db.put("rs0001", "stale", context=context)
         assert db.get_versioned("rs-big")[1] == kept["rs-big"]  # unchanged since: loaded as it was
+    forgot = _cli("resolvers", "--unset", "rs-set/", "--addresses", address)
+    assert json.loads(forgot.stdout) == {"rs-count/": "counter"}, forgot.stderr
 
 
 def test_bench_drives_the_cluster_and_prints_one_json_object(cluster_addresses, capsys):
