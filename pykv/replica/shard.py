@@ -392,10 +392,24 @@ class ShardState:
         busy += [k for k in shared if locks.get(k, txid) != txid]
         return busy
 
-    def _in_locked_ranges(self, request: CommitRequest) -> list[str]:
-        """The keys the request writes in a range another transaction's scan holds."""
-        held = [r for txid, ranges in self.range_locks.items() if txid != request.txid for r in ranges]
-        return [op.key for op in request.writes if any(r.holds(op.key) for r in held)]
+    def _in_locked_ranges(self, txid: int, written: Iterable[str]) -> list[str]:
+        """The written keys in a range another transaction's scan holds."""
+        held = [r for holder, ranges in self.range_locks.items() if holder != txid for r in ranges]
+        return [key for key in written if any(r.holds(key) for r in held)]
+
+    def _lock_refusal(
+        self, txid: int, modes: tuple[list[str], list[str]], written: Iterable[str]
+    ) -> Outcome:
+        """KeyLocked (an outcome) when a prepared transaction other than txid holds one of
+        the keys in a conflicting mode (``modes``: exclusive keys, shared keys), or a scan
+        holds a range one of the ``written`` keys is in; else None."""
+        busy = self._locked_keys(txid, *modes)
+        if busy:
+            return error_outcome(errors.KeyLocked(f"key {busy[0]!r} is locked by a prepared transaction"))
+        scanned = self._in_locked_ranges(txid, written) if self.range_locks else None
+        if scanned:
+            return error_outcome(errors.KeyLocked(f"key {scanned[0]!r} is in a range a consistent scan holds"))
+        return None
 
     def _validated(
         self, request: CommitRequest, modes: tuple[list[str], list[str]]
@@ -407,14 +421,9 @@ class ShardState:
         failed validation is remembered: it finishes the transaction here, so a later commit
         or prepare of it must not succeed.
         """
-        busy = self._locked_keys(request.txid, *modes)
-        if busy:
-            conflict = errors.KeyLocked(f"key {busy[0]!r} is locked by a prepared transaction")
-            return None, error_outcome(conflict)
-        scanned = self._in_locked_ranges(request) if self.range_locks else None
-        if scanned:
-            conflict = errors.KeyLocked(f"key {scanned[0]!r} is in a range a consistent scan holds")
-            return None, error_outcome(conflict)
+        refused = self._lock_refusal(request.txid, modes, (op.key for op in request.writes))
+        if refused is not None:
+            return None, refused
         try:
             return validate(request, self, self.resolvers), None
         except errors.Error as exc:
@@ -599,10 +608,9 @@ class ShardState:
         A key that holds the loaded value with the loaded clock or a later one is left as
         it is, so a retried load changes nothing."""
         keys = [u.key for u in updates]
-        busy = self._locked_keys(0, keys, [])
-        busy += [k for k in keys for ranges in self.range_locks.values() if any(r.holds(k) for r in ranges)]
-        if busy:
-            return error_outcome(errors.KeyLocked(f"key {busy[0]!r} is locked by a prepared transaction"))
+        refused = self._lock_refusal(0, (keys, []), keys)  # (0: no transaction's own locks)
+        if refused is not None:
+            return refused
         stored = []
         for update in updates:
             current = self.get(update.key)

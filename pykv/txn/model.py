@@ -114,9 +114,9 @@ class KeyRange(NamedTuple):
         return cls(*data)
 
 
-
 EVERY_KEY: Final = KeyRange("")
 """The range of every key (a backup's, a Raft image's)."""
+
 
 def live_items(
     items: Iterable[tuple[str, Versioned]], limit: int | None, deleted: bool = True

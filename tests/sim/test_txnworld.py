@@ -179,7 +179,7 @@ def test_scans_lock_the_range_and_the_check_catches_writers_that_ignore_it(monke
         seen.update(run_txn_seed(seed, TXN_MIXES["base"]).events)
     assert seen["scans that locked the range"] >= 4 and seen["consistent scans"] >= 4, seen
 
-    monkeypatch.setattr(shard.ShardState, "_in_locked_ranges", lambda self, request: [])
+    monkeypatch.setattr(shard.ShardState, "_in_locked_ranges", lambda self, txid, written: [])
     results = [run_txn_seed(seed, TXN_MIXES["base"]) for seed in range(4)]
     assert any(r.kind == "not serializable" for r in results), [r.kind for r in results]
 
