@@ -305,11 +305,10 @@ class EmbeddedBackend:
     optimistic_reads = False  # every read is of the latest durable version
 
     def mark(self) -> ReadMark:
-        """The last lsn assigned as the horizon. Each record is assigned its lsn and applied
-        in one hold of the storage lock, so by the time a read takes that lock every record
-        up to the horizon is applied: a version a read returns at or before it was current
+        """The last lsn applied as the horizon (Storage.applied_lsn): every record up to it
+        is seen by every later read, so a version a read returns at or before it was current
         then (and it was taken after the transaction began)."""
-        return ReadMark(self._storage.last_lsn)
+        return ReadMark(self._storage.applied_lsn)
 
     def read(self, key: str, *, optimistic: bool = False, mark: ReadMark | None = None) -> Versioned:
         stored = self._storage.get(key.encode("utf-8"))

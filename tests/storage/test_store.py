@@ -384,3 +384,54 @@ def test_deleting_everything_then_checkpointing_reopens_empty(tmp_path: Path) ->
         lsn = store.commit([Update(b"again", b"v", b"", 0)])
     with Storage.open(path, compaction=False) as store:
         assert store.get(b"again").lsn == lsn
+
+
+def test_reads_beside_commits_and_compaction_see_every_version_whole(tmp_path: Path) -> None:
+    """get() takes no lock when the value is pending or cached: a reader racing writers, a
+    cache too small for the values and compactions moving them must still never pair a
+    value with another version's clock or timestamp, nor see a key go back in time."""
+    writers, readers, keys, rounds = 2, 3, 16, 300
+    with Storage.open(str(tmp_path / "db"), cache_bytes=16 << 10, segment_bytes=32 << 10,
+                      compaction=False) as store:
+        done = threading.Event()
+        problems: list[str] = []
+
+        def write(w: int) -> None:
+            for n in range(w + 1, rounds * writers, writers):
+                key = b"k%d" % (n % keys)
+                value = None if n % 7 == 0 else b"%d." % n * 60  # some deletes leave tombstones
+                store.commit([Update(key, value, b"c%d" % n, n)])
+
+        def read() -> None:
+            newest: dict[bytes, int] = {}
+            while not done.is_set():
+                for i in range(keys):
+                    key = b"k%d" % i
+                    version = store.get(key)
+                    if version == ABSENT:
+                        whole = key not in newest
+                    else:
+                        n = version.timestamp
+                        whole = version.clock == b"c%d" % n and version.value in (None, b"%d." % n * 60)
+                        whole = whole and version.lsn >= newest.get(key, 0)
+                        newest[key] = version.lsn
+                    if not whole:
+                        problems.append(f"{key!r}: {version}")
+
+        def compact() -> None:
+            while not done.is_set():
+                store.maintain()
+
+        pool = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+        background = [threading.Thread(target=read) for _ in range(readers)]
+        background.append(threading.Thread(target=compact))
+        for thread in pool + background:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        done.set()
+        for thread in background:
+            thread.join()
+        assert problems == []
+        stats = store.stats()
+        assert stats["cache_misses"] > 0 and stats["compactions"] > 0, stats
