@@ -135,6 +135,11 @@ META_FIXED = record.META_FIXED_BYTES
 _timestamp_of = struct.Struct("<Q").unpack_from  # the timestamp at the start of meta
 
 
+def _stored(value: bytes | None, meta: bytes, lsn: int) -> StoredVersion:
+    """The version of a key directory entry's metadata, with its value (None: deleted)."""
+    return StoredVersion(value, meta[META_FIXED:], _timestamp_of(meta)[0], lsn)
+
+
 def _wake_writer(wal: WalWriter | None) -> None:
     """Wake the WAL writer for records appended under _lock (after letting go of it)."""
     if wal is not None:
@@ -545,19 +550,13 @@ class Storage:
         """
         self._open_wal()
         entry = self._keydir.get(key)
-        if entry is None:
-            return ABSENT
-        seg, _, _, meta, lsn = entry
-        if seg == TOMBSTONE_SEGMENT:
-            return StoredVersion(None, meta[META_FIXED:], _timestamp_of(meta)[0], lsn)
-        held = self._pending.get(key)
-        if held is not None and held[0] == lsn:
-            value = held[1]
-        else:
-            value = self._cache.get(key, lsn)
-            if value is None:
-                return self._get_from_file(key, lsn)
-        return StoredVersion(value, meta[META_FIXED:], _timestamp_of(meta)[0], lsn)
+        found = self._in_memory(key, entry)
+        if found is not None:
+            return found
+        value = self._cache.get(key, entry[4])
+        if value is None:
+            return self._get_from_file(key, entry[4])
+        return _stored(value, entry[3], entry[4])
 
     def _get_from_file(self, key: bytes, missed_lsn: int) -> StoredVersion:
         """get(), under the lock, after the cache missed the version at ``missed_lsn``: the
@@ -565,22 +564,30 @@ class Storage:
         with self._lock:
             self._open_wal()
             entry = self._keydir.get(key)
-            if entry is None:
-                return ABSENT
+            found = self._in_memory(key, entry)
+            if found is not None:
+                return found
             seg, off, size, meta, lsn = entry
-            if seg == TOMBSTONE_SEGMENT:
-                return StoredVersion(None, meta[META_FIXED:], _timestamp_of(meta)[0], lsn)
-            held = self._pending.get(key)
-            if held is not None and held[0] == lsn:
-                value = held[1]
-            else:
-                # Not pending: its record is written. At missed_lsn the cache was just asked.
-                value = None if lsn == missed_lsn else self._cache.get(key, lsn)
+            # Not pending: its record is written. At missed_lsn the cache was just asked.
+            value = None if lsn == missed_lsn else self._cache.get(key, lsn)
             if value is None:
                 fd = self._acquire_value_file(seg, size)
         if value is None:
             value = self._read_value(fd, seg, off, size, meta, key=key, lsn=lsn)
-        return StoredVersion(value, meta[META_FIXED:], _timestamp_of(meta)[0], lsn)
+        return _stored(value, meta, lsn)
+
+    def _in_memory(self, key: bytes, entry: tuple | None) -> StoredVersion | None:
+        """The version a key directory entry gives when no value is to be read: none, a
+        tombstone, or a value still pending; None when its value is in the cache or a file."""
+        if entry is None:
+            return ABSENT
+        seg, _, _, meta, lsn = entry
+        if seg == TOMBSTONE_SEGMENT:
+            return _stored(None, meta, lsn)
+        held = self._pending.get(key)
+        if held is not None and held[0] == lsn:
+            return _stored(held[1], meta, lsn)
+        return None
 
     def stamp_of(self, key: bytes) -> tuple[bytes, int]:
         """(clock, timestamp) of key's current version (a deleted key's too); (b"", 0) when it
