@@ -42,6 +42,7 @@ from collections.abc import Callable, Coroutine, Generator, Iterator
 from typing import Any, TypeVar
 
 from pykv.api import HybridClock
+from pykv.client.bridge import LoopBridge
 from pykv.client.router import Router, check_timeout
 from pykv.client.transport import (
     COMMIT,
@@ -543,6 +544,7 @@ class ClusterBackend:
         self.timeout = timeout
         self.node_id = 0  # the node that proposes a commit stamps its own id as coordinator
         self._loop = new_event_loop()
+        self._bridge = LoopBridge(self._loop)
         self._thread = threading.Thread(target=self._loop.run_forever, name="pykv-client", daemon=True)
         self._thread.start()
         self._closed = False
@@ -558,12 +560,10 @@ class ClusterBackend:
         if self._closed:
             coro.close()
             raise StoreClosed("the cluster client is closed")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             # The coroutine has its own deadline; this one only guards against a stuck loop.
-            return future.result(self.timeout * 3 + 5)
+            return self._bridge.run(coro, self.timeout * 3 + 5)
         except TimeoutError:
-            future.cancel()
             raise Timeout(f"the cluster did not answer within {self.timeout}s") from None
 
     optimistic_reads = True  # a transaction's reads skip the leadership round

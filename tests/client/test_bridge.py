@@ -1,0 +1,76 @@
+"""LoopBridge: blocking callers in many threads get their own coroutine's result or error."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from pykv.client.bridge import LoopBridge
+from pykv.net.protocol import new_event_loop
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def test_each_thread_gets_its_own_result(loop: asyncio.AbstractEventLoop) -> None:
+    bridge = LoopBridge(loop)
+
+    async def echo(value: tuple[int, int]) -> tuple[int, int]:
+        await asyncio.sleep(0.001 * (value[1] % 3))  # out of order
+        return value
+
+    wrong: list[tuple] = []
+
+    def caller(thread: int) -> None:
+        for i in range(200):
+            got = bridge.run(echo((thread, i)), timeout=10)
+            if got != (thread, i):
+                wrong.append((thread, i, got))
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_an_error_reaches_its_caller(loop: asyncio.AbstractEventLoop) -> None:
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("gone")
+
+    with pytest.raises(KeyError, match="gone"):
+        LoopBridge(loop).run(fail(), timeout=10)
+
+
+def test_a_call_past_its_timeout_is_cancelled_on_the_loop(loop: asyncio.AbstractEventLoop) -> None:
+    cancelled = threading.Event()
+
+    async def hang() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    bridge = LoopBridge(loop)
+    with pytest.raises(TimeoutError):
+        bridge.run(hang(), timeout=0.2)
+    assert cancelled.wait(5)
+
+    async def answer() -> int:
+        return 42
+
+    assert bridge.run(answer(), timeout=10) == 42  # the bridge serves on
