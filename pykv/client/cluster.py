@@ -319,11 +319,7 @@ class AsyncCluster:
         scan_rounds). A scan whose lock was taken away before the exports began (it outlived
         the shards' recovery time), or whose export was lost, is taken again, up to
         SCAN_ATTEMPTS times."""
-        view = await self.router.ensure_map()
-        shards = list(range(view.partitions))
-        return await self._locking(
-            (KeyRange(prefix, start, end),), lambda lock: scan_rounds(lock, shards, limit, max_bytes=max_bytes)
-        )
+        return await self._scan_with(scan_rounds, KeyRange(prefix, start, end), limit, max_bytes)
 
     async def stream_consistent_scan(
         self, prefix: str, start: str | None, end: str | None, limit: int | None,
@@ -332,12 +328,17 @@ class AsyncCluster:
         """consistent_scan for a caller that iterates (commitflow.stream_scan_rounds): past
         ``max_bytes`` held, what is held and the exports left to read (Scanned.rest), which
         ``export_step`` reads on; taken again as consistent_scan is until it returns."""
+        return await self._scan_with(stream_scan_rounds, KeyRange(prefix, start, end), limit, max_bytes)
+
+    async def _scan_with(
+        self, rounds: Callable[..., Generator[Round, Any, T]], key_range: KeyRange, limit: int | None,
+        max_bytes: int,
+    ) -> T:
+        """Drive a consistent scan's ``rounds`` (scan_rounds or stream_scan_rounds) of
+        ``key_range`` over every shard, under _locking's retries."""
         view = await self.router.ensure_map()
         shards = list(range(view.partitions))
-        return await self._locking(
-            (KeyRange(prefix, start, end),),
-            lambda lock: stream_scan_rounds(lock, shards, limit, max_bytes=max_bytes),
-        )
+        return await self._locking((key_range,), lambda lock: rounds(lock, shards, limit, max_bytes=max_bytes))
 
     async def export_step(self, rest: ExportPass) -> ScanItems:
         """The next items of a streamed scan's exports: their next pages (one round), in
