@@ -72,6 +72,7 @@ from pykv._engine.vclock import BEFORE, EQUAL, compare_encoded
 from pykv.codec import pack, unpack, unpack_stream
 from pykv.errors import CorruptData, ProtocolError, TransactionConflict
 from pykv.replica.imaging import Exports
+from pykv.storage.walk import key_batches
 from pykv.txn.model import (
     ABSENT,
     EVERY_KEY,
@@ -308,17 +309,14 @@ class ShardState:
         between other work: snapshot_parts, begin_export)."""
         versions = self.versions
         prefix, start, end = key_range or EVERY_KEY
-        low, inclusive = (prefix if start is None or start < prefix else start) or None, True
-        while batch := list(itertools.islice(
-            versions.irange(low, end, inclusive=(inclusive, False)), _WALK_BATCH
-        )):
-            for key in batch:
-                if not key.startswith(prefix):
-                    return
-                version = versions.get(key)
-                if version is not None:
-                    yield key, version
-            low, inclusive = batch[-1], False
+
+        def take(low: str, inclusive: bool) -> list[str]:
+            return list(itertools.islice(versions.irange(low, end, inclusive=(inclusive, False)), _WALK_BATCH))
+
+        for key in key_batches(take, prefix, start):
+            version = versions.get(key)
+            if version is not None:
+                yield key, version
 
     def _replace_versions(self, items: Iterator[tuple[str, Versioned]]) -> None:
         self._drop_views()

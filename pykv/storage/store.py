@@ -79,6 +79,7 @@ from pykv.storage.frozen import FrozenLog
 from pykv.storage.hint import read_hint, write_hint
 from pykv.storage.maintenance import Maintainer
 from pykv.storage.segfiles import SegmentFiles
+from pykv.storage.walk import key_batches
 from pykv.types import MAX_KEY_BYTES
 
 Progress = Callable[[str, int, int], None]
@@ -651,20 +652,12 @@ class Storage:
         """The keys of scan()'s range in key order (deleted keys with a tombstone too),
         without reading a value: the sorted key index a batch at a time, so concurrent
         commits proceed."""
-        low = prefix if start is None or start < prefix else start
-        include_low = True
-        while True:
+        def take(low: bytes, inclusive: bool) -> list[bytes]:
             with self._lock:
                 self._open_wal()
-                batch = list(islice(self._keys.irange(low, end, inclusive=(include_low, False)),
-                                    SCAN_BATCH))
-            if not batch:
-                return
-            for key in batch:
-                if not key.startswith(prefix):
-                    return
-                yield key
-            low, include_low = batch[-1], False
+                return list(islice(self._keys.irange(low, end, inclusive=(inclusive, False)), SCAN_BATCH))
+
+        return key_batches(take, prefix, start)
 
     def node_id(self) -> int:
         """A stable random id made at the first open (``path/NODE_ID``): this node's clock entry."""
