@@ -13,6 +13,7 @@ with this; a call from 64 threads 20 us of CPU against 30).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections import deque
 from collections.abc import Coroutine
@@ -35,8 +36,8 @@ class _Call(Generic[T]):
         self.task: asyncio.Task | None = None
 
     def finished(self, task: asyncio.Task) -> None:
-        if task.cancelled():
-            self.error = asyncio.CancelledError()
+        if task.cancelled():  # as run_coroutine_threadsafe's future says it: an Exception
+            self.error = concurrent.futures.CancelledError()
         else:
             self.error = task.exception()
             if self.error is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Iterator
 
@@ -74,3 +75,14 @@ def test_a_call_past_its_timeout_is_cancelled_on_the_loop(loop: asyncio.Abstract
         return 42
 
     assert bridge.run(answer(), timeout=10) == 42  # the bridge serves on
+
+
+def test_a_coroutine_cancelled_on_the_loop_fails_its_caller_with_an_exception(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    async def cancelled_there() -> None:
+        asyncio.current_task().cancel()  # as a closing client cancels what it runs
+        await asyncio.sleep(0)
+
+    with pytest.raises(concurrent.futures.CancelledError):  # an Exception, not a BaseException
+        LoopBridge(loop).run(cancelled_there(), timeout=10)
