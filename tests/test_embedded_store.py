@@ -509,6 +509,47 @@ def test_a_scan_gate_keeps_out_only_the_commits_that_write_into_its_range():
     scanner.join()
 
 
+def test_no_commit_is_inside_a_scan_gate_range_while_the_scan_holds_it():
+    """Commits enter the gate without its lock (a scan adds its range, then looks for
+    commits inside; a commit counts itself in, then looks for scans): with thread switches
+    as frequent as the interpreter allows, no commit writing into the range is ever inside
+    while a scan holds it."""
+    gate = _ScanGate()
+    inside, seen, stop = [0], [], threading.Event()
+
+    def commit(key: str) -> None:
+        while not stop.is_set():
+            ticket = gate.enter([key])
+            inside[0] += 1
+            time.sleep(0)  # as a commit does work in between
+            inside[0] -= 1
+            gate.leave(ticket)
+
+    def scan() -> None:
+        for _ in range(500):
+            with gate.closed(KeyRange("a/")):
+                for _ in range(5):
+                    seen.append(inside[0])
+                    time.sleep(0)  # the writers run meanwhile
+            time.sleep(0)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    writers = [threading.Thread(target=commit, args=(f"a/{i}",), daemon=True) for i in range(3)]
+    scanner = threading.Thread(target=scan, daemon=True)
+    try:
+        for thread in [*writers, scanner]:
+            thread.start()
+        scanner.join(30)  # a scan waiting keeps new commits out: it cannot starve
+        assert not scanner.is_alive()
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+    for thread in writers:
+        thread.join()
+    assert len(seen) == 500 * 5 and set(seen) == {0}
+
+
 def test_the_shell_commands_work_on_an_embedded_store_and_reads_change_nothing(tmp_path):
     path = str(tmp_path / "db")
 
