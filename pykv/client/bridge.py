@@ -16,16 +16,18 @@ import asyncio
 import concurrent.futures
 import threading
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+# Seconds close() waits for the cancelled coroutines to end (they unwind at their next await).
+CLOSE_WAIT_S = 2.0
 
 
 class _Call(Generic[T]):
     """One coroutine to run, and what its caller waits on: ``ended`` is held until it ends."""
 
-    __slots__ = ("coro", "ended", "result", "error", "task")
+    __slots__ = ("coro", "ended", "result", "error", "task", "settled")
 
     def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
         self.coro = coro
@@ -34,15 +36,21 @@ class _Call(Generic[T]):
         self.result: T | None = None
         self.error: BaseException | None = None
         self.task: asyncio.Task | None = None
+        self.settled = False  # the caller was given its answer (on the loop thread only)
+
+    def settle(self, result: T | None, error: BaseException | None) -> None:
+        if not self.settled:
+            self.settled = True
+            self.result, self.error = result, error
+            self.ended.release()
 
     def finished(self, task: asyncio.Task) -> None:
         if task.cancelled():  # as run_coroutine_threadsafe's future says it: an Exception
-            self.error = concurrent.futures.CancelledError()
+            self.settle(None, concurrent.futures.CancelledError())
+        elif task.exception() is not None:
+            self.settle(None, task.exception())
         else:
-            self.error = task.exception()
-            if self.error is None:
-                self.result = task.result()
-        self.ended.release()
+            self.settle(task.result(), None)
 
 
 class LoopBridge:
@@ -56,10 +64,15 @@ class LoopBridge:
         # that finds it set queued its call before the loop clears it, hence before the loop
         # takes the queue (the GIL orders these steps), so no call waits unseen.
         self._wake_pending = False
+        self._running: set[_Call] = set()  # started, not ended (on the loop thread only)
+        self._closed: Callable[[], BaseException] | None = None  # the error of calls after close
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """The coroutine's result (or exception); TimeoutError, with the coroutine cancelled,
         when it has not ended within ``timeout`` seconds."""
+        if self._closed is not None:
+            coro.close()
+            raise self._closed()
         call: _Call[T] = _Call(coro)
         self._queue.append(call)
         if not self._wake_pending:
@@ -74,11 +87,30 @@ class LoopBridge:
 
     def _start_queued(self) -> None:
         self._wake_pending = False
-        queue, loop = self._queue, self._loop
+        queue, loop, running = self._queue, self._loop, self._running
         while queue:
             call = queue.popleft()
+            if self._closed is not None:
+                call.coro.close()
+                call.settle(None, self._closed())
+                continue
             call.task = loop.create_task(call.coro)
+            running.add(call)
             call.task.add_done_callback(call.finished)
+            call.task.add_done_callback(lambda _, call=call: running.discard(call))
+
+    async def close(self, error: Callable[[], BaseException]) -> None:
+        """(On the loop) Answer every call queued or under way with ``error()`` at once, and
+        every later one; then cancel the coroutines under way and wait for them to end (a
+        stopped loop would leave them pending)."""
+        self._closed = error
+        self._start_queued()
+        calls = list(self._running)
+        for call in calls:
+            call.settle(None, error())
+            call.task.cancel()
+        if calls:
+            await asyncio.wait([call.task for call in calls], timeout=CLOSE_WAIT_S)
 
     def _cancel(self, call: _Call) -> None:
         if call.task is None:  # not started yet: it never will be

@@ -621,14 +621,19 @@ class ClusterBackend:
         copy_cluster(self._run, self.core, target, progress)
 
     def close(self) -> None:
+        """Close the connections; a call other threads have under way fails at once with
+        StoreClosed (it may have committed, as after a Timeout), as does any call after."""
         if self._closed:
             return
+        self._closed = True
+        closing = [self._bridge.close(lambda: StoreClosed("the cluster client was closed during the call"))]
         if hasattr(self, "core"):
+            closing.append(self.core.close())
+        for coro in closing:
             try:
-                asyncio.run_coroutine_threadsafe(self.core.close(), self._loop).result(5)
+                asyncio.run_coroutine_threadsafe(coro, self._loop).result(5)
             except Exception:  # noqa: BLE001 - closing anyway
                 pass
-        self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -86,3 +87,39 @@ def test_a_coroutine_cancelled_on_the_loop_fails_its_caller_with_an_exception(
 
     with pytest.raises(concurrent.futures.CancelledError):  # an Exception, not a BaseException
         LoopBridge(loop).run(cancelled_there(), timeout=10)
+
+
+def test_close_answers_the_calls_under_way_and_later_ones_and_ends_their_coroutines(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    bridge = LoopBridge(loop)
+    cancelled = threading.Event()
+
+    async def hang() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    got: list[BaseException] = []
+
+    def caller() -> None:
+        try:
+            bridge.run(hang(), timeout=30)
+        except BaseException as exc:  # noqa: BLE001 - what the caller got
+            got.append(exc)
+
+    waiting = threading.Thread(target=caller)
+    waiting.start()
+    time.sleep(0.2)
+    asyncio.run_coroutine_threadsafe(bridge.close(lambda: LookupError("closed")), loop).result(10)
+    waiting.join(5)
+    assert not waiting.is_alive() and [type(e) for e in got] == [LookupError]
+    assert cancelled.is_set()  # its coroutine was cancelled, and ended, before close returned
+
+    async def answer() -> int:
+        return 42
+
+    with pytest.raises(LookupError, match="closed"):
+        bridge.run(answer(), timeout=10)

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -521,6 +522,39 @@ def test_a_read_that_waits_on_a_prepared_transaction_stays_with_its_live_leader(
         assert not router.timeouts  # and no node was taken for a silent one
     finally:
         db.close()
+
+
+def test_closing_a_client_fails_the_calls_other_threads_have_under_way_at_once(cluster):
+    """A thread in the middle of a call when another closes the client gets StoreClosed at
+    once (before: it waited the client's last-resort deadline, timeout * 3 + 5 s, 35 s)."""
+    db = pykv.client.connect(cluster.addresses)
+    db.put("held/b", "before")
+    router = db.backend.core.router
+    shard = router.shard_of("held/b")
+    holder = CommitRequest(
+        TxnIdSource().next_id(), 0, {}, (WriteOp("held/b", OpKind.PUT, "never"),),
+        timestamp=HybridClock().now(),
+    )
+    # A read of a key a prepared transaction holds waits until recovery settles it (2 s).
+    assert db.backend._run(router.call(shard, PREPARE, [shard, holder.to_wire(), shard, [shard]])) is None
+    outcome: list[BaseException | str] = []
+
+    def read() -> None:
+        try:
+            outcome.append(db.get("held/b"))
+        except BaseException as exc:  # noqa: BLE001 - what the caller got
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.5)  # the read waits on the lock
+    started = time.monotonic()
+    db.close()
+    reader.join(10)
+    assert not reader.is_alive() and time.monotonic() - started < 1.5
+    assert len(outcome) == 1 and isinstance(outcome[0], pykv.StoreClosed), outcome
+    with pytest.raises(pykv.StoreClosed):
+        db.get("held/b")
 
 
 def test_sync_client_serves_many_threads(cluster):
