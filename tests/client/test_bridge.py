@@ -25,6 +25,15 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
+async def _hang(cancelled: threading.Event) -> None:
+    """Wait for a minute, unless cancelled: then set ``cancelled``."""
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+
+
 def test_each_thread_gets_its_own_result(loop: asyncio.AbstractEventLoop) -> None:
     bridge = LoopBridge(loop)
 
@@ -60,16 +69,9 @@ def test_an_error_reaches_its_caller(loop: asyncio.AbstractEventLoop) -> None:
 def test_a_call_past_its_timeout_is_cancelled_on_the_loop(loop: asyncio.AbstractEventLoop) -> None:
     cancelled = threading.Event()
 
-    async def hang() -> None:
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
     bridge = LoopBridge(loop)
     with pytest.raises(TimeoutError):
-        bridge.run(hang(), timeout=0.2)
+        bridge.run(_hang(cancelled), timeout=0.2)
     assert cancelled.wait(5)
 
     async def answer() -> int:
@@ -95,18 +97,11 @@ def test_close_answers_the_calls_under_way_and_later_ones_and_ends_their_corouti
     bridge = LoopBridge(loop)
     cancelled = threading.Event()
 
-    async def hang() -> None:
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
     got: list[BaseException] = []
 
     def caller() -> None:
         try:
-            bridge.run(hang(), timeout=30)
+            bridge.run(_hang(cancelled), timeout=30)
         except BaseException as exc:  # noqa: BLE001 - what the caller got
             got.append(exc)
 

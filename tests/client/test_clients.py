@@ -497,6 +497,17 @@ def test_a_range_lock_left_by_a_vanished_scanner_is_released_by_recovery(cluster
         db.close()
 
 
+def _hold_with_an_orphan_prepare(db: pykv.KeyValueStore, key: str) -> None:
+    """Lock ``key`` with the prepare of a 2PC whose client then vanished: no decision ever
+    comes from it, so the shard's recovery aborts it after recovery_after (2 s)."""
+    router = db.backend.core.router
+    shard = router.shard_of(key)
+    holder = CommitRequest(
+        TxnIdSource().next_id(), 0, {}, (WriteOp(key, OpKind.PUT, "never"),), timestamp=HybridClock().now(),
+    )
+    assert db.backend._run(router.call(shard, PREPARE, [shard, holder.to_wire(), shard, [shard]])) is None
+
+
 def test_a_read_that_waits_on_a_prepared_transaction_stays_with_its_live_leader(cluster):
     """A read of a key that a prepared transaction holds waits on the shard's leader until
     the transaction is settled (here recovery aborts it, after recovery_after, 2 s). The
@@ -507,13 +518,7 @@ def test_a_read_that_waits_on_a_prepared_transaction_stays_with_its_live_leader(
     try:
         db.put("held/a", "before")
         router = db.backend.core.router
-        shard = router.shard_of("held/a")
-        holder = CommitRequest(
-            TxnIdSource().next_id(), 0, {}, (WriteOp("held/a", OpKind.PUT, "never"),),
-            timestamp=HybridClock().now(),
-        )
-        # The prepare of a 2PC whose client then vanished: no decision ever comes from it.
-        assert db.backend._run(router.call(shard, PREPARE, [shard, holder.to_wire(), shard, [shard]])) is None
+        _hold_with_an_orphan_prepare(db, "held/a")
         started = time.monotonic()
         assert db.get("held/a") == "before"
         waited = time.monotonic() - started
@@ -529,14 +534,7 @@ def test_closing_a_client_fails_the_calls_other_threads_have_under_way_at_once(c
     once (before: it waited the client's last-resort deadline, timeout * 3 + 5 s, 35 s)."""
     db = pykv.client.connect(cluster.addresses)
     db.put("held/b", "before")
-    router = db.backend.core.router
-    shard = router.shard_of("held/b")
-    holder = CommitRequest(
-        TxnIdSource().next_id(), 0, {}, (WriteOp("held/b", OpKind.PUT, "never"),),
-        timestamp=HybridClock().now(),
-    )
-    # A read of a key a prepared transaction holds waits until recovery settles it (2 s).
-    assert db.backend._run(router.call(shard, PREPARE, [shard, holder.to_wire(), shard, [shard]])) is None
+    _hold_with_an_orphan_prepare(db, "held/b")  # a read of it waits 2 s, until recovery
     outcome: list[BaseException | str] = []
 
     def read() -> None:
