@@ -22,7 +22,14 @@ from typing import Any
 
 from pykv.client.transport import EXPORT, META_GROUP, PING, READ, SCAN, SHARD_MAP, Redirect, unwrap
 from pykv.cluster.ring import HashRing
-from pykv.errors import InvalidArgument, OutcomeUnknown, Timeout, Unavailable, WrongCluster
+from pykv.errors import (
+    InvalidArgument,
+    OutcomeUnknown,
+    StoreClosed,
+    Timeout,
+    Unavailable,
+    WrongCluster,
+)
 from pykv.net.framing import CLUSTER_MAX_FRAME
 from pykv.net.protocol import Connection, parse_address
 
@@ -148,7 +155,11 @@ class Router:
 
     async def connection(self, address: str, timeout: float | None = None) -> Connection:
         """The open connection to ``address``, or a new one (Unavailable when it is not up
-        within ``timeout``, at most connect_timeout: a call's deadline bounds it)."""
+        within ``timeout``, at most connect_timeout: a call's deadline bounds it).
+        StoreClosed once the router is closed: a call under way then ends rather than
+        connect again, leaving a connection that nothing would close."""
+        if self.closed:
+            raise StoreClosed("the cluster client is closed")
         conn = self._conns.get(address)
         if conn is not None and not conn.closed:
             return conn
@@ -169,6 +180,9 @@ class Router:
             raise
         finally:
             self._connecting.pop(address, None)
+        if self.closed:  # closed while this connection was being opened
+            conn.close()
+            raise StoreClosed("the cluster client is closed")
         self._conns[address] = conn
         fut.set_result(conn)
         return conn

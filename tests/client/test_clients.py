@@ -555,6 +555,34 @@ def test_closing_a_client_fails_the_calls_other_threads_have_under_way_at_once(c
         db.get("held/b")
 
 
+def test_closing_an_asyncio_client_ends_its_calls_under_way_without_connecting_again(cluster):
+    """A call under way when its asyncio client closes ends with StoreClosed, rather than
+    connecting again (a connection nothing would close) and waiting on: before, a read
+    waiting on a held key went on over a new connection and returned 2 s after close."""
+    holder = pykv.client.connect(cluster.addresses)  # holds the lock: its connections stay
+    try:
+        holder.put("held/c", "before")
+        _hold_with_an_orphan_prepare(holder, "held/c")
+
+        async def main() -> tuple[object, float, int]:
+            db = await pykv.aio.connect(cluster.addresses)
+            read = asyncio.ensure_future(db.get("held/c"))
+            await asyncio.sleep(0.3)  # the read waits on the lock
+            started = asyncio.get_running_loop().time()
+            await db.close()
+            try:
+                outcome: object = await read
+            except pykv.StoreClosed as exc:
+                outcome = exc
+            return outcome, asyncio.get_running_loop().time() - started, len(db._core.router._conns)
+
+        outcome, waited, connections = asyncio.run(main())
+        assert isinstance(outcome, pykv.StoreClosed) and waited < 1.0, (outcome, waited)
+        assert connections == 0
+    finally:
+        holder.close()
+
+
 def test_sync_client_serves_many_threads(cluster):
     import threading
 
