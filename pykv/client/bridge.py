@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -96,8 +97,11 @@ class LoopBridge:
                 continue
             call.task = loop.create_task(call.coro)
             running.add(call)
-            call.task.add_done_callback(call.finished)
-            call.task.add_done_callback(lambda _, call=call: running.discard(call))
+            call.task.add_done_callback(functools.partial(self._ended, call))
+
+    def _ended(self, call: _Call, task: asyncio.Task) -> None:
+        self._running.discard(call)
+        call.finished(task)
 
     async def close(self, error: Callable[[], BaseException]) -> None:
         """(On the loop) Answer every call queued or under way with ``error()`` at once, and
@@ -113,8 +117,8 @@ class LoopBridge:
             await asyncio.wait([call.task for call in calls], timeout=CLOSE_WAIT_S)
 
     def _cancel(self, call: _Call) -> None:
-        if call.task is None:  # not started yet: it never will be
+        if call.task is not None:
+            call.task.cancel()
+        elif call in self._queue:  # not started yet (nor answered by close): it never will be
             self._queue.remove(call)
             call.coro.close()
-        else:
-            call.task.cancel()
